@@ -1,0 +1,134 @@
+from moe.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training", "auth")
+    EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    expert_uid: str
+    inputs: _tensor_pb2.Tensor
+    call_id: str
+    step: int
+    training: bool
+    auth: _tensor_pb2.RequestAuth
+    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _tensor_pb2.Tensor
+    def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "auth")
+    EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    expert_uid: str
+    call_id: str
+    step: int
+    grad_outputs: _tensor_pb2.Tensor
+    inputs: _tensor_pb2.Tensor
+    auth: _tensor_pb2.RequestAuth
+    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_inputs",)
+    GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    grad_inputs: _tensor_pb2.Tensor
+    def __init__(self, grad_inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GradNormRequest(_message.Message):
+    __slots__ = ("expert_uid", "step", "auth")
+    EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    expert_uid: str
+    step: int
+    auth: _tensor_pb2.RequestAuth
+    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+
+class GradNormResponse(_message.Message):
+    __slots__ = ("sq_norm", "backward_calls")
+    SQ_NORM_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
+    sq_norm: float
+    backward_calls: int
+    def __init__(self, sq_norm: _Optional[float] = ..., backward_calls: _Optional[int] = ...) -> None: ...
+
+class ApplyStepRequest(_message.Message):
+    __slots__ = ("expert_uid", "step", "lr", "grad_scale", "weight_decay", "beta1", "beta2", "eps", "auth")
+    EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    GRAD_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    expert_uid: str
+    step: int
+    lr: float
+    grad_scale: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    auth: _tensor_pb2.RequestAuth
+    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., grad_scale: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+
+class ApplyStepResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertInfo(_message.Message):
+    __slots__ = ("uid", "dim", "inter_dim", "param_dtype", "version", "queued_tokens")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INTER_DIM_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    dim: int
+    inter_dim: int
+    param_dtype: _tensor_pb2.DType
+    version: int
+    queued_tokens: int
+    def __init__(self, uid: _Optional[str] = ..., dim: _Optional[int] = ..., inter_dim: _Optional[int] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., version: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("experts", "wire_dtypes", "max_tokens", "max_message_bytes", "device", "server_version")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
+    wire_dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
+    max_tokens: int
+    max_message_bytes: int
+    device: str
+    server_version: str
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., wire_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...

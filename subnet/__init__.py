@@ -1,0 +1,1 @@
+"""What several services share: tensor codec, registry, config from the environment, telemetry."""
