@@ -18,11 +18,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moe.experts import SwiGLU
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW settings the trainer shares with experts that own their optimizer state."""
+
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
 
 
 class ExpertGroup(ABC):
@@ -34,6 +45,19 @@ class ExpertGroup(ABC):
     @abstractmethod
     def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
         """Run each expert on its token batch (see the module docstring for the contract)."""
+
+    # Training hooks for experts whose parameters live outside this process (remote
+    # experts own their optimizer). The local reference keeps the defaults: its parameters
+    # are in the trainer's own optimizer, so there is nothing external to do.
+    def begin_step(self, step: int) -> None:
+        """Called before the forward pass of training step `step`."""
+
+    def external_grad_sq_norm(self) -> float:
+        """Squared L2 norm of the gradients accumulated outside this process this step."""
+        return 0.0
+
+    def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
+        """Apply the optimizer step outside this process (grads scaled by `grad_scale` first)."""
 
 
 class LocalExperts(nn.Module, ExpertGroup):
