@@ -1,0 +1,129 @@
+"""The MoE feed-forward layer: gate, dispatch to an expert group, combine.
+
+    moe = MoE(dim=512, n_experts=8, n_activated_experts=2, moe_inter_dim=1024)
+    y, aux_loss = moe(x)          # x: (..., dim)
+
+Dispatch is vectorized: token-to-expert assignments are sorted by expert, each expert
+runs once on all of its tokens, and the outputs are scattered back with index_add_.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moe.boundary import ExpertGroup, LocalExperts
+from moe.config import MoEConfig
+from moe.experts import SwiGLU
+from moe.gating import Gate, load_balance_loss, router_z_loss
+
+
+@dataclass
+class LayerStats:
+    """What the last forward pass routed; read by metrics and plots."""
+
+    expert_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    balance_loss: float = 0.0          # raw load-balance loss, 1.0 = balanced
+    z_loss: float = 0.0                # raw router z-loss
+    dropped: int = 0                   # assignments dropped by capacity
+    masked_experts: tuple[int, ...] = ()   # experts that did not answer (remote only)
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN returning `(y, aux_loss)`.
+
+    `aux_loss` is already weighted: aux_loss_coef * balance + z_loss_coef * z; add it to the
+    training loss. Pass `experts=` to reach the routed experts some other way (remote);
+    by default they live in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
+    """
+
+    def __init__(self, dim: int, n_experts: int, n_activated_experts: int, moe_inter_dim: int,
+                 n_shared_experts: int = 0, capacity_factor: float = 0.0, overflow: str = "drop",
+                 jitter: float = 0.0, aux_loss_coef: float = 0.01, z_loss_coef: float = 1e-3,
+                 experts: ExpertGroup | None = None):
+        super().__init__()
+        self.cfg = MoEConfig(dim, n_experts, n_activated_experts, moe_inter_dim, n_shared_experts,
+                             capacity_factor, overflow, jitter, aux_loss_coef, z_loss_coef)
+        self.dim, self.n_experts, self.k = dim, n_experts, n_activated_experts
+        self.gate = Gate(dim, n_experts, n_activated_experts, capacity_factor, overflow, jitter)
+        if experts is None:
+            experts = LocalExperts(n_experts, dim, moe_inter_dim)
+        elif experts.n_experts != n_experts or experts.dim != dim:
+            raise ValueError(f"expert group has n_experts={experts.n_experts}, dim={experts.dim}; "
+                             f"layer needs n_experts={n_experts}, dim={dim}")
+        self.experts = experts
+        # Shared experts see every token; one wider SwiGLU is the same function as n of them summed.
+        self.shared_experts = (SwiGLU(dim, n_shared_experts * moe_inter_dim) if n_shared_experts else None)
+        self.last_stats = LayerStats()
+
+    @classmethod
+    def from_config(cls, cfg: MoEConfig, experts: ExpertGroup | None = None) -> "MoE":
+        return cls(cfg.dim, cfg.n_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.n_shared_experts,
+                   cfg.capacity_factor, cfg.overflow, cfg.jitter, cfg.aux_loss_coef, cfg.z_loss_coef, experts)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"MoE input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE input must be floating point, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE input must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        if self.training and not torch.isfinite(x).all():
+            raise ValueError("MoE training input contains NaN or Inf")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
+        shape = x.shape
+        x = x.reshape(-1, self.dim)                                 # (N, dim)
+        n = x.shape[0]
+        routing = self.gate(x)
+
+        # Sort the kept (token, slot) assignments by expert: each expert then owns one
+        # contiguous run of rows, and runs once on all of them.
+        flat_expert = routing.experts.flatten()                     # (N*k,)
+        flat_token = torch.arange(n, device=x.device).repeat_interleave(self.k)
+        kept = routing.kept.flatten()
+        if not bool(kept.all()):
+            flat_expert, flat_token = flat_expert[kept], flat_token[kept]
+            flat_weight = routing.weights.flatten()[kept]
+        else:
+            flat_weight = routing.weights.flatten()
+        order = torch.argsort(flat_expert, stable=True)
+        token_of_row = flat_token[order]                            # (M,)
+        weight_of_row = flat_weight[order]
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        rows = x.index_select(0, token_of_row)                      # (M, dim)
+        chunks = rows.split(counts.tolist())
+        batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
+
+        outputs = self.experts.run(batches)
+        masked = tuple(sorted(e for e, out in outputs.items() if out is None))
+        if masked:
+            weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)
+        parts = [outputs[e] if outputs[e] is not None else torch.zeros_like(batches[e])
+                 for e in sorted(batches)]
+        expert_out = torch.cat(parts) if parts else rows            # (M, dim)
+        y = torch.zeros_like(x).index_add_(0, token_of_row, expert_out * weight_of_row[:, None])
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+
+        balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
+        z = router_z_loss(routing.logits)
+        aux_loss = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z
+        self.last_stats = LayerStats(expert_counts=counts.detach(), balance_loss=float(balance.detach()),
+                                     z_loss=float(z.detach()), dropped=int((~kept).sum()), masked_experts=masked)
+        return y.reshape(shape), aux_loss
+
+    def _mask_weights(self, weight_of_row: torch.Tensor, token_of_row: torch.Tensor, counts: torch.Tensor,
+                      masked: tuple[int, ...], n_tokens: int) -> torch.Tensor:
+        """Drop the gate weight of experts that did not answer and renormalize per token.
+
+        A token whose every expert was masked keeps zero weights (residual pass-through).
+        """
+        expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=counts.device), counts)
+        alive = ~torch.isin(expert_of_row, torch.tensor(masked, device=counts.device))
+        w = weight_of_row * alive
+        per_token = torch.zeros(n_tokens, dtype=w.dtype, device=w.device).index_add_(0, token_of_row, w)
+        return w / per_token[token_of_row].clamp_min(torch.finfo(w.dtype).tiny)
