@@ -1,0 +1,193 @@
+"""The MoE layer against a naive per-token reference, plus its options and its errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import MoE, SwiGLU
+from moe.boundary import LocalExperts
+from moe.gating import expert_capacity, load_balance_loss, router_z_loss
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, straight from the definition, using the layer's own weights."""
+    outs = []
+    for t in range(x.shape[0]):
+        probs = F.softmax(moe.gate.weight @ x[t], dim=-1)
+        top_p, top_e = probs.topk(moe.k)
+        w = top_p / top_p.sum()
+        y = sum(w[j] * moe.experts[int(top_e[j])](x[t:t + 1])[0] for j in range(moe.k))
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(x[t:t + 1])[0]
+        outs.append(y)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_output_and_gradients_match_naive_reference(n_shared):
+    torch.manual_seed(0)
+    moe = MoE(dim=24, n_experts=6, n_activated_experts=2, moe_inter_dim=40, n_shared_experts=n_shared)
+    x = torch.randn(4, 9, 24, requires_grad=True)
+    y, _ = moe(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = naive_moe(moe, x_ref.reshape(-1, 24)).reshape(4, 9, 24)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+    probe = torch.randn_like(y)
+    grads = torch.autograd.grad((y * probe).sum(), [x, *moe.parameters()])
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x_ref, *moe.parameters()], allow_unused=True)
+    for name, g, g_ref in zip(["input", *(n for n, _ in moe.named_parameters())], grads, grads_ref):
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_single_expert_equals_plain_swiglu():
+    torch.manual_seed(1)
+    moe = MoE(dim=16, n_experts=1, n_activated_experts=1, moe_inter_dim=32)
+    ffn = SwiGLU(16, 32)
+    ffn.load_state_dict(moe.experts[0].state_dict())
+    x = torch.randn(7, 16)
+    torch.testing.assert_close(moe(x)[0], ffn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_familiar_names_and_shapes():
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=12)
+    assert moe.gate.weight.shape == (4, 8)
+    assert moe.experts[3].w1.weight.shape == (12, 8)
+    assert moe.experts[3].w3.weight.shape == (12, 8)
+    assert moe.experts[3].w2.weight.shape == (8, 12)
+
+
+def test_balance_loss_is_one_when_balanced_and_grows_with_collapse():
+    n_experts = 4
+    # Token i is a one-hot on expert i % 4 and the gate is the identity: by symmetry every
+    # expert gets 1/4 of the assignments and 1/4 of the mean probability.
+    x = torch.eye(n_experts).repeat(8, 1) * 3.0
+    probs = (x @ torch.eye(n_experts)).softmax(-1)
+    top = probs.topk(1, dim=-1).indices
+    assert load_balance_loss(probs, top, n_experts).item() == pytest.approx(1.0, abs=1e-6)
+
+    losses = []
+    for sharpness in [0.0, 1.0, 3.0, 10.0]:
+        logits = torch.zeros(32, n_experts)
+        logits[:, 0] = sharpness          # every token leans to expert 0, more and more
+        p = logits.softmax(-1)
+        losses.append(load_balance_loss(p, torch.zeros(32, 1, dtype=torch.long), n_experts).item())
+    assert losses == sorted(losses) and losses[-1] == pytest.approx(n_experts, rel=1e-3)
+
+
+def test_z_loss_matches_its_formula_and_layer_reports_both():
+    logits = torch.randn(10, 5)
+    expected = torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in logits]).mean()
+    torch.testing.assert_close(router_z_loss(logits), expected)
+
+    torch.manual_seed(2)
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8, aux_loss_coef=0.5, z_loss_coef=0.25)
+    x = torch.randn(16, 8)
+    _, aux = moe(x)
+    s = moe.last_stats
+    logits = x @ moe.gate.weight.T
+    assert s.z_loss == pytest.approx(router_z_loss(logits).item(), rel=1e-5)
+    assert aux.item() == pytest.approx(0.5 * s.balance_loss + 0.25 * s.z_loss, rel=1e-5)
+    assert int(s.expert_counts.sum()) == 16 * 2
+
+
+def test_capacity_drop_limits_load_and_zeroes_dropped_slots():
+    torch.manual_seed(3)
+    dropless = MoE(dim=16, n_experts=4, n_activated_experts=2, moe_inter_dim=16)
+    capped = MoE(dim=16, n_experts=4, n_activated_experts=2, moe_inter_dim=16, capacity_factor=0.75)
+    capped.load_state_dict(dropless.state_dict())
+    with torch.no_grad():
+        capped.gate.weight[0] += 2.0       # crowd expert 0 so that capacity binds
+    dropless.load_state_dict(capped.state_dict())
+    x = torch.randn(64, 16).abs()
+    routing = capped.gate(x)
+    cap = expert_capacity(64, 4, 2, 0.75)
+    y, _ = capped(x)
+    counts = capped.last_stats.expert_counts
+    assert int(counts.max()) <= cap and capped.last_stats.dropped > 0
+    assert torch.all(routing.weights[~routing.kept] == 0)
+    # Tokens that lost no slot get exactly the dropless output.
+    intact = routing.kept.all(dim=1)
+    assert intact.any()
+    torch.testing.assert_close(y[intact], dropless(x)[0][intact], rtol=1e-5, atol=1e-6)
+    # First choices are served before second choices: an expert that turned a first choice
+    # away holds no second choice.
+    for e in range(4):
+        first_dropped = ((routing.experts[:, 0] == e) & ~routing.kept[:, 0]).any()
+        second_kept = ((routing.experts[:, 1] == e) & routing.kept[:, 1]).any()
+        assert not (first_dropped and second_kept)
+
+
+def test_capacity_reroute_moves_overflow_to_next_best_expert_with_room():
+    gate_w = torch.eye(4) * 5.0
+    moe = MoE(dim=4, n_experts=4, n_activated_experts=1, moe_inter_dim=8, capacity_factor=1.0, overflow="reroute")
+    with torch.no_grad():
+        moe.gate.weight.copy_(gate_w)
+    # 4 tokens all prefer expert 0; their second preferences are experts 1, 2, 3, 1.
+    x = torch.tensor([[1.0, 0.5, 0.0, 0.0], [1.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.5], [1.0, 0.5, 0.0, 0.0]])
+    routing = moe.gate(x)
+    assert routing.kept.all()                          # capacity 1 each, 4 slots, nothing lost
+    assert routing.experts[:, 0].tolist() == [0, 2, 3, 1]
+    torch.testing.assert_close(routing.weights, torch.ones(4, 1))
+
+    dropper = MoE(dim=4, n_experts=4, n_activated_experts=1, moe_inter_dim=8, capacity_factor=1.0, overflow="drop")
+    with torch.no_grad():
+        dropper.gate.weight.copy_(gate_w)
+    assert dropper.gate(x).kept[:, 0].tolist() == [True, False, False, False]
+
+
+def test_jitter_only_in_training():
+    torch.manual_seed(4)
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8, jitter=0.5)
+    x = torch.randn(32, 8)
+    moe.eval()
+    torch.testing.assert_close(moe(x)[0], moe(x)[0])
+    moe.train()
+    assert not torch.equal(moe.gate(x).logits, moe.gate(x).logits)
+
+
+class MaskingExperts(LocalExperts):
+    """The in-process experts, except that some report themselves unavailable (as a dead server would)."""
+
+    def __init__(self, *args, dead=()):
+        super().__init__(*args)
+        self.dead = set(dead)
+
+    def run(self, batches):
+        return {i: (None if i in self.dead else self.experts[i](x)) for i, x in batches.items()}
+
+
+def test_masked_expert_weight_dropped_and_rest_renormalized():
+    torch.manual_seed(5)
+    group = MaskingExperts(4, 8, 16, dead={1})
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=group)
+    x = torch.randn(20, 8)
+    y, _ = moe(x)
+    assert moe.last_stats.masked_experts == (1,)
+    routing = moe.gate(x)
+    for t in range(20):
+        alive = [(int(e), float(w)) for e, w in zip(routing.experts[t], routing.weights[t].detach()) if int(e) != 1]
+        total = sum(w for _, w in alive)
+        expected = sum(w / total * group[e](x[t:t + 1])[0] for e, w in alive) if alive else torch.zeros(8)
+        torch.testing.assert_close(y[t], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda m: m(torch.randn(3, 7)), "shape"),
+    (lambda m: m(torch.ones(3, 8, dtype=torch.long)), "floating point"),
+    (lambda m: m(torch.full((3, 8), float("nan"))), "NaN"),
+])
+def test_bad_input_gets_clear_error(make, message):
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8)
+    with pytest.raises(ValueError, match=message):
+        make(moe)
+
+
+def test_bad_configuration_gets_clear_error():
+    with pytest.raises(ValueError, match="n_activated_experts"):
+        MoE(dim=8, n_experts=2, n_activated_experts=3, moe_inter_dim=8)
+    with pytest.raises(ValueError, match="overflow"):
+        MoE(dim=8, n_experts=2, n_activated_experts=1, moe_inter_dim=8, capacity_factor=1.0, overflow="spill")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoE(dim=8, n_experts=2, n_activated_experts=1, moe_inter_dim=8, capacity_factor=-1.0)
