@@ -1,0 +1,42 @@
+"""Run every benchmark and write bench/results/latest.{json,md}.
+
+    python -m bench [--rounds N] [--only moe_layer,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each part is a module with run(rounds) -> dict (or -> dict of sections when it returns several).
+PARTS = {"moe_layer": "bench.moe_layer"}
+MULTI_SECTION = set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per measurement")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {sorted(PARTS)}")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    chosen = [p for p in args.only.split(",") if p] or list(PARTS)
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {sorted(PARTS)}")
+
+    from bench import report
+    sections: dict[str, dict] = {}
+    for name in chosen:
+        print(f"[bench] {name} ...", flush=True)
+        result = importlib.import_module(PARTS[name]).run(rounds=args.rounds)
+        sections.update(result if name in MULTI_SECTION else {name: result})
+    path = report.write(sections)
+    print(report.to_markdown({"meta": {}, **sections}))
+    print(f"[bench] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
