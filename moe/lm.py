@@ -11,7 +11,7 @@ RMSNorm -> MoE FFN (or dense SwiGLU) -> residual] -> RMSNorm -> head tied to the
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -208,13 +208,20 @@ class MoELM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
-                 on_token=None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T). temperature 0 = greedy.
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to idx (B, T). temperature 0 = greedy."""
+        pieces = [idx] + [tok[:, None] for tok in self.stream(idx, max_new_tokens, temperature, top_k,
+                                                               use_cache, generator)]
+        return torch.cat(pieces, dim=1)
+
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, use_cache: bool = True,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield one (B,) tensor of sampled token ids per step (what `generate` and streaming RPCs use).
 
         With the cache, the prompt is encoded once and each step feeds one token; when the
         context reaches block_size the cache restarts from the last block_size/2 tokens.
-        `on_token(token_ids (B,))` is called after every step (streaming).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -222,25 +229,27 @@ class MoELM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and top_k <= 0:
             raise ValueError(f"top_k must be positive or None, got {top_k}")
+        self._check_tokens(idx[:, -self.cfg.block_size:])
         was_training = self.training
         self.eval()
-        cache = None
-        feed = idx[:, -self.cfg.block_size:]
-        for _ in range(max_new_tokens):
-            if use_cache:
-                if cache is None or cache.length + feed.shape[1] > self.cfg.block_size:
-                    cache = self.new_cache(idx.shape[0])
-                    feed = idx[:, -(self.cfg.block_size // 2):] if idx.shape[1] > self.cfg.block_size // 2 else idx
-                logits, _ = self(feed, cache=cache)
-            else:
-                logits, _ = self(idx[:, -self.cfg.block_size:])
-            next_tok = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            idx = torch.cat((idx, next_tok), dim=1)
-            feed = next_tok
-            if on_token is not None:
-                on_token(next_tok[:, 0])
-        self.train(was_training)
-        return idx
+        try:
+            with torch.no_grad():
+                cache = None
+                feed = idx[:, -self.cfg.block_size:]
+                for _ in range(max_new_tokens):
+                    if use_cache:
+                        if cache is None or cache.length + feed.shape[1] > self.cfg.block_size:
+                            cache = self.new_cache(idx.shape[0])
+                            feed = idx[:, -(self.cfg.block_size // 2):]
+                        logits, _ = self(feed, cache=cache)
+                    else:
+                        logits, _ = self(idx[:, -self.cfg.block_size:])
+                    next_tok = sample_next(logits[:, -1, :], temperature, top_k, generator)
+                    idx = torch.cat((idx, next_tok), dim=1)
+                    feed = next_tok
+                    yield next_tok[:, 0]
+        finally:
+            self.train(was_training)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
