@@ -1,0 +1,48 @@
+"""Configuration of the router service, from environment variables only.
+
+`python -m services.router --env-table` prints the table as markdown (for the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.router.replicas import POLICIES
+from subnet.envconfig import env
+from subnet.tensor_codec import WIRE_DTYPES
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything `services.router` reads from the environment; checked at construction."""
+
+    host: str = env("ROUTER_HOST", "127.0.0.1", "address the gRPC and metrics servers bind; `0.0.0.0` in containers")
+    port: int = env("ROUTER_PORT", 50050, "gRPC port of moe.v1.Router; 0 = any free port")
+    redis_url: str = env("REDIS_URL", "redis://127.0.0.1:6379/0", "the expert registry")
+    checkpoint: str = env("ROUTER_CHECKPOINT", "",
+                          "run or checkpoint directory (from `moe train`) with the trunk weights, "
+                          "LM config and tokenizer; required by `serve`")
+    wire_dtype: str = env("ROUTER_WIRE_DTYPE", "fp32", "dtype of activations on the wire: fp32 (exact), bf16, fp16")
+    expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
+                                  "deadline of all expert calls of one layer; a late expert is masked")
+    retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")
+    replica_policy: str = env("ROUTER_REPLICA_POLICY", "least_loaded", "least_loaded or round_robin")
+    registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0, "how often the registry snapshot is re-read")
+    metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
+    max_new_tokens: int = env("ROUTER_MAX_NEW_TOKENS", 512, "upper limit of Generate's max_new_tokens")
+    max_message_mb: float = env("ROUTER_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
+    threads: int = env("ROUTER_THREADS", 0, "torch intra-op threads; 0 = torch's default")
+    log_level: str = env("ROUTER_LOG_LEVEL", "INFO", "Python logging level")
+
+    def __post_init__(self):
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"ROUTER_WIRE_DTYPE={self.wire_dtype!r}: choose one of {sorted(WIRE_DTYPES)}")
+        if self.replica_policy not in POLICIES:
+            raise ValueError(f"ROUTER_REPLICA_POLICY={self.replica_policy!r}: choose one of {list(POLICIES)}")
+        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
+            raise ValueError("ROUTER_PORT and ROUTER_METRICS_PORT must be in 0..65535")
+        if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:
+            raise ValueError("ROUTER_EXPERT_TIMEOUT_S and ROUTER_REGISTRY_REFRESH_S must be positive")
+        if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:
+            raise ValueError("ROUTER_RETRIES and ROUTER_THREADS must be >= 0; ROUTER_MAX_NEW_TOKENS and "
+                             "ROUTER_MAX_MESSAGE_MB must be positive")

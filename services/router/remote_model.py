@@ -1,0 +1,101 @@
+"""Build the LM whose routed experts are remote, and move weights between the two layouts.
+
+    parts = RemoteParts.connect(config)                 # registry, replica set, channels, metrics
+    model = build_remote_lm(lm_config, parts, config)   # MoELM with a RemoteExpertGroup per MoE block
+    load_trunk(model, "runs/demo")                      # everything but the routed experts
+
+The in-process model and the remote one share every parameter name except the routed
+experts (`blocks.<L>.ffn.experts.experts.<i>.w*.weight` in process, `<L>.<i>.w*.weight` in
+an expert weight file), so one checkpoint serves both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from safetensors.torch import load_model
+
+from moe import MoELM
+from moe.config import LMConfig
+from moe.experts import expert_uid
+from moe.train.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
+from services.expert.checkpoint import save_expert_weights
+from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
+from services.router.remote_experts import RemoteExpertGroup
+from services.router.replicas import ReplicaSet
+from services.router.tracing import ExpertCallTracer
+from subnet.expert_client import ChannelSettings, ExpertClientPool
+from subnet.registry import ExpertRegistry
+
+_LOCAL_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")
+
+
+@dataclass
+class RemoteParts:
+    """What every RemoteExpertGroup of one router shares: one registry view, one channel pool."""
+
+    registry: ExpertRegistry
+    replicas: ReplicaSet
+    clients: ExpertClientPool
+    metrics: RouterMetrics
+    tracer: ExpertCallTracer
+
+    @classmethod
+    def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None) -> "RemoteParts":
+        registry = ExpertRegistry(redis.Redis.from_url(config.redis_url))
+        replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s)
+        clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)))
+        metrics = metrics or RouterMetrics()
+        if config.metrics_port:
+            metrics.serve(config.metrics_port, addr=config.host)
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer())
+
+    def close(self) -> None:
+        self.clients.close()
+
+
+def build_remote_lm(cfg: LMConfig, parts: RemoteParts, config: RouterConfig) -> MoELM:
+    """An MoELM whose every MoE block reaches its routed experts through the registry."""
+    groups = {layer: RemoteExpertGroup(layer, cfg.n_experts, cfg.dim, parts.replicas,
+                                       wire_dtype=config.wire_dtype, timeout_s=config.expert_timeout_s,
+                                       retries=config.retries, metrics=parts.metrics, clients=parts.clients,
+                                       tracer=parts.tracer)
+              for layer in cfg.moe_layers()}
+    return MoELM(cfg, expert_groups=groups)
+
+
+def required_expert_uids(cfg: LMConfig) -> list[str]:
+    return [expert_uid(layer, i) for layer in cfg.moe_layers() for i in range(cfg.n_experts)]
+
+
+def load_trunk(model: MoELM, checkpoint: str | Path) -> Path:
+    """Load every local parameter of `model` from a checkpoint; routed-expert weights in it are skipped.
+
+    Raises CheckpointError when a trunk parameter is missing or something else does not fit.
+    """
+    ckpt = resolve_checkpoint(checkpoint)
+    missing, unexpected = load_model(model, str(ckpt / WEIGHTS_FILE), strict=False)
+    unexpected = [k for k in unexpected if not _LOCAL_EXPERT_KEY.match(k)]
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {ckpt} do not fit the router's model: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    return ckpt
+
+
+def export_expert_weights(model: MoELM, path: str | Path) -> list[str]:
+    """Write the in-process routed experts of `model` as an expert weight file; returns the uids."""
+    experts = {}
+    for layer, block in enumerate(model.blocks):
+        if block.is_moe:
+            for i, module in enumerate(block.ffn.experts):
+                experts[expert_uid(layer, i)] = module
+    if not experts:
+        raise ValueError("the model has no in-process routed experts to export")
+    tmp = Path(path).with_suffix(".tmp")
+    save_expert_weights(tmp, experts)
+    tmp.replace(path)
+    return sorted(experts)

@@ -1,0 +1,50 @@
+"""The router's gRPC server: moe.v1.Router plus grpc.health.v1, with a start/stop lifecycle."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moe.v1 import router_pb2_grpc
+from services.router.servicer import RouterServicer
+
+log = logging.getLogger(__name__)
+ROUTER_SERVICE = "moe.v1.Router"
+
+
+class RouterServer:
+    """Serves a RouterServicer. Health says SERVING only once `start` has a model to serve."""
+
+    def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float, workers: int = 8):
+        max_bytes = int(max_message_mb * 1024 * 1024)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                                   options=[("grpc.max_send_message_length", max_bytes),
+                                            ("grpc.max_receive_message_length", max_bytes)])
+        router_pb2_grpc.add_RouterServicer_to_server(servicer, self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the router to {host}:{port} (port in use?); set ROUTER_PORT to a free port")
+        self.endpoint = f"{host}:{self.port}"
+
+    def _set_health(self, status) -> None:
+        for name in ("", ROUTER_SERVICE):
+            self._health.set(name, status)
+
+    def start(self) -> "RouterServer":
+        self._server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("router serving on %s", self.endpoint)
+        return self
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server.stop(grace_s).wait()
