@@ -1,0 +1,227 @@
+"""The local stack: embedded Redis, expert services and the router, as local processes.
+
+    python -m services.stack demo     # train with remote experts, Generate once, summary, plots, stop
+    python -m services.stack serve    # serve the demo's model until Ctrl-C
+    python -m services.stack --env-table
+
+`demo` writes a step-0 checkpoint of the whole model, gives the routed experts to the expert
+services (dealt round robin) and the trunk to the router, trains through the network for
+STACK_TRAIN_MINUTES, asks the router for one Generate, prints a summary and stops every
+process (also on Ctrl-C). The experts save their weights on shutdown, so `serve` can
+bring the same model back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from subnet.envconfig import ConfigError, from_env, markdown_table
+
+MARKER = ".stack-run"          # a run directory the stack made and may clear
+EXPERTS_FINAL = "experts.safetensors"
+
+
+def _say(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def _prepare_run_dir(run: Path) -> None:
+    if run.exists() and any(run.iterdir()):
+        if not (run / MARKER).exists():
+            raise RuntimeError(f"STACK_RUN_DIR={run} exists and was not made by the stack; choose another directory")
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / MARKER).write_text("made by python -m services.stack\n")
+
+
+def _deal_experts(layers: list[int], n_experts: int, n_services: int) -> list[list[str]]:
+    """Expert uids per service: index i of every layer goes to service i % n_services."""
+    return [[f"{layer}.{i}" for layer in layers for i in range(n_experts) if i % n_services == s]
+            for s in range(n_services)]
+
+
+def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path) -> list[str]:
+    from services.stack.processes import wait_serving
+
+    endpoints = []
+    deals = _deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, len(cfg.ports))
+    for s, (port, uids) in enumerate(zip(cfg.ports, deals)):
+        env = {"EXPERT_UIDS": ",".join(uids), "EXPERT_DIM": str(lm_cfg.dim),
+               "EXPERT_INTER_DIM": str(lm_cfg.moe_inter_dim), "EXPERT_PORT": str(port),
+               "REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(checkpoint),
+               "EXPERT_SAVE_PATH": str(run / f"experts-{s}.safetensors"),
+               "EXPERT_THREADS": str(cfg.expert_threads), "EXPERT_METRICS_PORT": str(cfg.metrics_port(1 + s)),
+               "EXPERT_HOTKEY": f"local-expert-{s}"}
+        group.start(f"expert-{s}", ["-m", "services.expert"], env)
+        endpoints.append(f"127.0.0.1:{port}")
+        _say(f"expert service {s} on 127.0.0.1:{port} hosts {len(uids)} experts ({uids[0]} ... {uids[-1]})")
+    for s, endpoint in enumerate(endpoints):
+        wait_serving(endpoint, group, timeout_s=120, what=f"expert service {s}")
+    return endpoints
+
+
+def _router_env(cfg, redis_url: str) -> dict[str, str]:
+    return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
+            "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
+            "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s)}
+
+
+def _generate(endpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, int, float]:
+    from moe.v1 import router_pb2, router_pb2_grpc
+
+    pieces, masked = [], 0
+    started = time.perf_counter()
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        request = router_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8,
+                                             top_k=50, seed=1)
+        for reply in stub.Generate(request, timeout=300):
+            pieces.append(reply.text)
+            masked += reply.masked_calls
+    return "".join(pieces), masked, time.perf_counter() - started
+
+
+def _merge_expert_files(run: Path, n_services: int) -> Path | None:
+    """One file with every expert, from the files the services wrote when they stopped."""
+    from services.expert.checkpoint import load_expert_weights
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for s in range(n_services):
+        path = run / f"experts-{s}.safetensors"
+        if not path.exists():
+            return None
+        for uid, state in load_expert_weights(path).items():
+            tensors.update({f"{uid}.{name}": t.contiguous() for name, t in state.items()})
+    final = run / EXPERTS_FINAL
+    save_file(tensors, str(final), metadata={"format": "moe-expert-weights/v1"})
+    return final
+
+
+def _summary(run: Path, text: str, masked_generate: int, gen_s: float, n_tokens: int) -> None:
+    from moe.train.metrics_log import METRICS_FILE, read_metrics
+
+    rows = read_metrics(run / METRICS_FILE)
+    last = rows[-1]
+    first = rows[0]
+    masked_train = sum(r.get("masked_calls") or 0 for r in rows)
+    tok_s = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    print("\n" + "=" * 72)
+    print(f"sample ({n_tokens} tokens in {gen_s:.1f}s):\n{text}")
+    print("-" * 72)
+    print(f"steps {last['step']}, {last['tokens']:,} tokens, {last['elapsed_s']:.0f}s")
+    print(f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} nats/token, "
+          f"val bpb {first['val_bpb']:.3f} -> {last['val_bpb']:.3f}")
+    domains = [k[len('val_bpb_'):] for k in last if k.startswith("val_bpb_")]
+    print("val bpb by domain: " + ", ".join(f"{d} {last['val_bpb_' + d]:.3f}" for d in domains))
+    if tok_s:
+        print(f"training throughput: {sum(tok_s) / len(tok_s):,.0f} tokens/s (mean over evaluation intervals)")
+    print(f"masked expert calls: {masked_train} in training, {masked_generate} while generating")
+    print("expert load per MoE layer (share of validation token assignments):")
+    for layer, shares in enumerate(last.get("expert_load") or []):
+        print(f"  layer {layer}: " + " ".join(f"{s:.2f}" for s in shares))
+    print(f"plots: {run / 'plots'}   metrics: {run / METRICS_FILE}")
+    print("=" * 72)
+
+
+def run_stack(mode: str, cfg) -> int:
+    from moe.config import LMConfig
+    from moe.data import CorpusConfig
+    from moe.train import PRESET_TRAIN_DEFAULTS, TrainConfig
+    from moe.train.checkpoint import read_config, resolve_checkpoint
+    from services.router.train import prepare_initial_checkpoint
+    from services.stack.processes import ProcessGroup, check_ports_free, wait_serving
+    from subnet.redis_server import RedisServer
+
+    run = Path(cfg.run_dir)
+    ports = {"redis": cfg.redis_port, "router": cfg.router_port,
+             **{f"expert {i}": p for i, p in enumerate(cfg.ports)},
+             **({f"metrics {i}": cfg.metrics_port(i) for i in range(1 + len(cfg.ports))} if cfg.metrics_base_port else {})}
+    check_ports_free(ports)
+    if mode == "demo":
+        _prepare_run_dir(run)
+        defaults = PRESET_TRAIN_DEFAULTS[cfg.preset]
+        train_cfg = TrainConfig(minutes=cfg.train_minutes, batch_size=defaults["batch_size"], lr=defaults["lr"],
+                                warmup_steps=defaults["warmup_steps"], eval_every=50)
+        _say("building the corpus and the initial model (the tokenizer is cached after the first run)")
+        ckpt, experts_file, lm_cfg = prepare_initial_checkpoint(run / "init", cfg.preset, train_cfg, CorpusConfig(),
+                                                                progress=lambda m: _say(m))
+    else:
+        experts_file = run / EXPERTS_FINAL
+        if not experts_file.exists():
+            raise RuntimeError(f"{experts_file} not found: run `make demo` first (it trains the model to serve)")
+        ckpt = resolve_checkpoint(run)
+        lm_cfg = LMConfig.from_dict(read_config(ckpt)["lm_config"])
+
+    group = ProcessGroup(run / "logs")
+    redis = RedisServer(port=cfg.redis_port)
+    try:
+        redis.start()
+        _say(f"redis on {redis.url}")
+        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run)
+        router_endpoint = f"127.0.0.1:{cfg.router_port}"
+        if mode == "demo":
+            _say(f"router: training {cfg.preset} with remote experts for {cfg.train_minutes:g} minutes")
+            group.start("router", ["-m", "services.router", "train", "--init", str(ckpt), "--out", str(run),
+                                   "--serve"], _router_env(cfg, redis.url), show_output=True)
+            wait_serving(router_endpoint, group, timeout_s=cfg.train_minutes * 60 + 600, what="router")
+            text, masked, gen_s = _generate(router_endpoint, cfg.prompt, cfg.max_new_tokens)
+            _summary(run, cfg.prompt + text, masked, gen_s, cfg.max_new_tokens)
+        else:
+            group.start("router", ["-m", "services.router", "serve"],
+                        {**_router_env(cfg, redis.url), "ROUTER_CHECKPOINT": str(ckpt)})
+            wait_serving(router_endpoint, group, timeout_s=300, what="router")
+            _say(f"serving moe.v1.Router on {router_endpoint}; metrics on :{cfg.metrics_base_port or 'off'}; "
+                 f"Ctrl-C stops everything")
+            while True:
+                group.check_alive()
+                time.sleep(1.0)
+        return 0
+    except KeyboardInterrupt:
+        _say("interrupted; stopping every process")
+        return 130
+    finally:
+        group.stop()
+        redis.stop()
+        if mode == "demo":
+            merged = _merge_expert_files(run, len(cfg.ports))
+            if merged:
+                _say(f"expert weights saved to {merged}; `make serve` serves this model")
+        _say("all processes stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from services.stack.config import StackConfig
+
+    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", choices=["demo", "serve"])
+    parser.add_argument("--env-table", action="store_true", help="print the environment variables as markdown")
+    args = parser.parse_args(argv)
+    if args.env_table:
+        print(markdown_table(StackConfig), end="")
+        return 0
+    if args.mode is None:
+        parser.print_usage(sys.stderr)
+        return 2
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return run_stack(args.mode, from_env(StackConfig))
+    except (ConfigError, RuntimeError, ValueError, OSError) as e:
+        print(f"[stack] error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Settings of the local stack, from environment variables (`python -m services.stack --env-table`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from subnet.envconfig import env
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    run_dir: str = env("STACK_RUN_DIR", "runs/demo", "where the run's checkpoints, metrics, plots and logs go")
+    preset: str = env("STACK_PRESET", "small", "model preset: tiny, small or base")
+    train_minutes: float = env("STACK_TRAIN_MINUTES", 5.0, "training budget of `demo` (wall clock)")
+    redis_port: int = env("STACK_REDIS_PORT", 6399, "embedded Redis port")
+    router_port: int = env("STACK_ROUTER_PORT", 50050, "router gRPC port")
+    expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("50061", "50062"),
+                                        "one port per expert service; the experts of every layer are "
+                                        "dealt round robin across the services")
+    metrics_base_port: int = env("STACK_METRICS_BASE_PORT", 9100,
+                                 "router metrics here, expert services on the next ports; 0 = off")
+    wire_dtype: str = env("STACK_WIRE_DTYPE", "fp32", "activations on the wire: fp32, bf16 or fp16")
+    expert_timeout_s: float = env("STACK_EXPERT_TIMEOUT_S", 10.0, "router's deadline per layer of expert calls")
+    router_threads: int = env("STACK_ROUTER_THREADS", 2, "torch threads of the router process")
+    expert_threads: int = env("STACK_EXPERT_THREADS", 1, "torch threads of each expert process")
+    prompt: str = env("STACK_PROMPT", "ROMEO:", "prompt of the demo's Generate request")
+    max_new_tokens: int = env("STACK_MAX_NEW_TOKENS", 80, "tokens the demo's Generate request asks for")
+
+    def __post_init__(self):
+        if self.preset not in ("tiny", "small", "base"):
+            raise ValueError(f"STACK_PRESET={self.preset!r}: choose tiny, small or base")
+        if not self.expert_ports:
+            raise ValueError("STACK_EXPERT_PORTS is empty: give at least one port, e.g. 50061,50062")
+        try:
+            ports = [int(p) for p in self.expert_ports]
+        except ValueError:
+            raise ValueError(f"STACK_EXPERT_PORTS={','.join(self.expert_ports)!r} must be comma-separated "
+                             "integers") from None
+        everything = [self.redis_port, self.router_port, *ports]
+        if len(set(everything)) != len(everything) or not all(0 < p < 65536 for p in everything):
+            raise ValueError(f"stack ports must be distinct and in 1..65535, got {everything}")
+        if self.train_minutes <= 0 or self.max_new_tokens <= 0:
+            raise ValueError("STACK_TRAIN_MINUTES and STACK_MAX_NEW_TOKENS must be positive")
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(p) for p in self.expert_ports]
+
+    def metrics_port(self, index: int) -> int:
+        """0 = router, 1.. = expert services."""
+        return self.metrics_base_port + index if self.metrics_base_port else 0
