@@ -1,0 +1,417 @@
+"""The experts of one MoE layer behind gRPC: `RemoteExpertGroup` implements `moe.boundary.ExpertGroup`.
+
+    replicas = ReplicaSet(ExpertRegistry(redis.Redis.from_url(url)))
+    group = RemoteExpertGroup(layer=0, n_experts=8, dim=256, replicas=replicas, timeout_s=2.0)
+    outputs = group.run({3: x3, 5: x5})      # {3: y3, 5: None} when expert 5 is down
+
+One `run` sends one Forward per expert that has tokens, all in flight at once (sync stubs
+with `.future()`, see `subnet.expert_client`), and waits at most `timeout_s` for the lot:
+- a call that fails fast (service gone, overloaded, bad answer) is sent again to another
+  replica of the same expert, up to `retries` times, within what is left of the budget;
+- a call that misses the deadline has used the budget: it is masked, never waited for;
+- a masked expert comes back as None, is counted (`router_masked_calls`) and logged with
+  its uid, endpoint and status, and its endpoint is skipped for a short while.
+
+Training (grad enabled and some input requires grad): the outputs hang off one
+`torch.autograd.Function`, whose backward sends every expert's `grad_output` at once to
+the replica that served its Forward (it holds the activations; on FAILED_PRECONDITION
+the inputs go along so it recomputes them). Backward is never sent twice on a transport
+error: it accumulates gradients on the server, so a duplicate would double them. A
+failed Backward gives zero gradient to that expert's tokens and is counted as masked;
+training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` then
+drive the experts' own optimizers (GradNorm, ApplyStep) for the replicas that received a
+Backward this step.
+
+This class does not gate, sort or combine tokens (the MoE layer does), and does not
+choose replicas itself (`ReplicaSet` does).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from moe.boundary import ExpertGroup, OptimizerSettings
+from moe.experts import expert_uid
+from services.router.metrics import RouterMetrics
+from services.router.replicas import ReplicaSet
+from services.router.tracing import ExpertCallTracer
+from subnet.expert_client import ExpertClient, ExpertClientPool
+from subnet.tensor_codec import WIRE_DTYPES, TensorError, decode, encode
+
+log = logging.getLogger(__name__)
+
+MIN_ATTEMPT_S = 0.005  # a retry with less budget left than this cannot succeed: mask instead
+GRACE_S = 0.5          # gRPC enforces the deadline itself; this only guards against a lost callback
+# Statuses that say nothing bad about the endpoint, so it is not made suspect.
+_ENDPOINT_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+
+
+class _Call:
+    """One logical RPC to one expert. The engine (`RemoteExpertGroup._gather`) sends it,
+    perhaps again, until it succeeds (`accept`) or is given up (`failed` stays set)."""
+
+    rpc = ""
+
+    def __init__(self, uid: str, tokens: int, endpoint: str | None = None):
+        self.uid = uid
+        self.tokens = tokens
+        self.endpoint = endpoint
+        self.attempts = 0
+        self.failed: tuple[str, str] | None = None  # (reason, details) once given up
+
+    def target(self, replicas: ReplicaSet) -> str | None:
+        """Endpoint of the next attempt; None = nowhere to send it."""
+        return self.endpoint if self.attempts == 0 else None
+
+    def send(self, client: ExpertClient, timeout_s: float, metadata) -> grpc.Future:
+        raise NotImplementedError
+
+    def accept(self, response) -> None:
+        """Take the response; raises TensorError when it cannot be used."""
+
+    def again(self, code: grpc.StatusCode) -> bool:
+        """Whether to send another attempt after this status."""
+        return False
+
+
+class _Forward(_Call):
+    rpc = "Forward"
+
+    def __init__(self, uid: str, inputs, tokens: int, dim: int, call_id: str, step: int, training: bool,
+                 retries: int):
+        super().__init__(uid, tokens)
+        self.inputs, self.dim, self.call_id, self.step, self.training = inputs, dim, call_id, step, training
+        self.retries = retries
+        self.tried: set[str] = set()
+        self.outputs: torch.Tensor | None = None
+
+    def target(self, replicas: ReplicaSet) -> str | None:
+        replica = replicas.choose(self.uid, exclude=self.tried)
+        return None if replica is None else replica.endpoint
+
+    def send(self, client, timeout_s, metadata):
+        self.tried.add(client.endpoint)
+        # A new call id per attempt: an abandoned attempt may still hold activations under the old one.
+        return client.forward(self.uid, self.inputs, call_id=f"{self.call_id}/{self.attempts}", step=self.step,
+                              training=self.training, timeout_s=timeout_s, metadata=metadata)
+
+    @property
+    def served_call_id(self) -> str:
+        return f"{self.call_id}/{self.attempts}"  # the last attempt sent is the one that succeeded
+
+    def accept(self, response):
+        out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
+                     name="outputs")
+        if out.shape[0] != self.tokens:
+            raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
+        self.outputs = out
+
+    def again(self, code):
+        # INVALID_ARGUMENT: the request is wrong, every replica would say the same.
+        return code is not grpc.StatusCode.INVALID_ARGUMENT and self.attempts <= self.retries
+
+
+class _Backward(_Call):
+    rpc = "Backward"
+
+    def __init__(self, forward: _Forward, grad_outputs):
+        super().__init__(forward.uid, forward.tokens, forward.endpoint)
+        self.forward, self.grad_outputs = forward, grad_outputs
+        self.with_inputs = False
+        self.grad_inputs: torch.Tensor | None = None
+
+    def target(self, replicas):
+        return self.endpoint  # only the replica that served the Forward holds its activations
+
+    def send(self, client, timeout_s, metadata):
+        f = self.forward
+        return client.backward(self.uid, self.grad_outputs, call_id=f.served_call_id, step=f.step,
+                               inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
+                               metadata=metadata)
+
+    def accept(self, response):
+        grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
+                      max_elements=self.tokens * self.forward.dim, name="grad_inputs")
+        if grad.shape[0] != self.tokens:
+            raise TensorError(grpc.StatusCode.INTERNAL, f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
+        self.grad_inputs = grad
+
+    def again(self, code):
+        if code is grpc.StatusCode.FAILED_PRECONDITION and not self.with_inputs:
+            self.with_inputs = True  # the expert lost the activations: send the inputs to recompute
+            return True
+        return False
+
+
+class _GradNorm(_Call):
+    rpc = "GradNorm"
+
+    def __init__(self, uid: str, endpoint: str, step: int):
+        super().__init__(uid, 0, endpoint)
+        self.step = step
+        self.sq_norm = 0.0
+
+    def send(self, client, timeout_s, metadata):
+        return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, metadata=metadata)
+
+    def accept(self, response):
+        self.sq_norm = float(response.sq_norm)
+
+
+class _ApplyStep(_Call):
+    rpc = "ApplyStep"
+
+    def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
+                 settings: OptimizerSettings):
+        super().__init__(uid, 0, endpoint)
+        self.step, self.lr, self.grad_scale, self.settings = step, lr, grad_scale, settings
+
+    def send(self, client, timeout_s, metadata):
+        s = self.settings
+        return client.apply_step(self.uid, step=self.step, lr=self.lr, grad_scale=self.grad_scale,
+                                 weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2, eps=s.eps,
+                                 timeout_s=timeout_s, metadata=metadata)
+
+
+@dataclass
+class _Attempt:
+    call: _Call
+    endpoint: str
+    future: grpc.Future | None = None
+
+
+@dataclass
+class _TrainingPass:
+    """What backward needs from one training `run`: the Forward calls and the input layouts."""
+
+    group: RemoteExpertGroup
+    forwards: list[_Forward]
+    outputs: list[torch.Tensor] | None
+
+
+class _RemoteExperts(torch.autograd.Function):
+    """Links the remote outputs to the inputs: backward = one Backward RPC per expert, all at once."""
+
+    @staticmethod
+    def forward(ctx, training_pass: _TrainingPass, *inputs):
+        ctx.training_pass = training_pass
+        ctx.layouts = [(x.dtype, x.device) for x in inputs]
+        ctx.set_materialize_grads(False)  # an unused output gets no Backward call
+        outputs, training_pass.outputs = training_pass.outputs, None  # no reference cycle through ctx
+        # copy=True: decoded fp32 shares the read-only response bytes; autograd may write in place.
+        return tuple(out.to(dtype=x.dtype, device=x.device, copy=True) for out, x in zip(outputs, inputs))
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        training_pass = ctx.training_pass
+        grads = training_pass.group._backward(training_pass.forwards, grad_outputs)
+        out = []
+        for grad, (dtype, device), needed in zip(grads, ctx.layouts, ctx.needs_input_grad[1:]):
+            out.append(grad.to(dtype=dtype, device=device, copy=True) if needed and grad is not None else None)
+        return (None, *out)
+
+
+class RemoteExpertGroup(ExpertGroup):
+    """The routed experts of MoE layer `layer`, reached over gRPC. Reusable across steps; thread-safe
+    for one `run` at a time per group (the MoE layer calls it synchronously)."""
+
+    def __init__(self, layer: int, n_experts: int, dim: int, replicas: ReplicaSet, wire_dtype: str = "fp32",
+                 timeout_s: float = 5.0, retries: int = 1, metrics: RouterMetrics | None = None, *,
+                 clients: ExpertClientPool | None = None, tracer: ExpertCallTracer | None = None,
+                 step_timeout_s: float | None = None):
+        """`clients`: the router's shared channel pool (one per process; a private one if None).
+        `timeout_s`: budget of one run (all Forward calls) and of one backward (all Backward calls).
+        `step_timeout_s`: budget of GradNorm and ApplyStep (default `timeout_s`)."""
+        if n_experts <= 0 or dim <= 0:
+            raise ValueError(f"n_experts and dim must be positive, got {n_experts}, {dim}")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if timeout_s <= 0 or retries < 0:
+            raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
+        self.layer, self.n_experts, self.dim = layer, n_experts, dim
+        self.replicas = replicas
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.step_timeout_s = step_timeout_s if step_timeout_s is not None else timeout_s
+        self.retries = retries
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self.tracer = tracer if tracer is not None else ExpertCallTracer()
+        self._owns_clients = clients is None
+        self.clients = clients if clients is not None else ExpertClientPool()
+        self._session = uuid.uuid4().hex[:12]
+        self._call_numbers = itertools.count()
+        self._step = 0
+        self._lock = threading.Lock()
+        self._stepped: set[tuple[str, str]] = set()  # (uid, endpoint) that received Backward this step
+
+    # ---- ExpertGroup -------------------------------------------------------------------------
+
+    def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
+        for i, x in batches.items():
+            if not 0 <= i < self.n_experts:
+                raise ValueError(f"expert index {i} out of range for layer {self.layer} ({self.n_experts} experts)")
+            if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
+                raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
+        training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
+        forwards = {i: _Forward(expert_uid(self.layer, i), encode(x, self.wire_dtype), x.shape[0], self.dim,
+                                f"{self._session}:{next(self._call_numbers)}", self._step, training,
+                                self.retries)
+                    for i, x in batches.items()}
+        self._gather(list(forwards.values()), self.timeout_s)
+        self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
+
+        result: dict[int, torch.Tensor | None] = {i: None for i in batches}
+        served = [i for i in batches if forwards[i].outputs is not None]
+        if training and served:
+            training_pass = _TrainingPass(self, [forwards[i] for i in served], [forwards[i].outputs for i in served])
+            outputs = _RemoteExperts.apply(training_pass, *(batches[i] for i in served))
+            result.update(zip(served, outputs))
+        else:
+            for i in served:
+                x = batches[i]
+                result[i] = forwards[i].outputs.to(dtype=x.dtype, device=x.device, copy=True)
+        return result
+
+    def begin_step(self, step: int) -> None:
+        with self._lock:
+            self._step = step
+            self._stepped.clear()
+
+    def external_grad_sq_norm(self) -> float:
+        calls = [_GradNorm(uid, endpoint, self._step) for uid, endpoint in self._participants()]
+        self._gather(calls, self.step_timeout_s)
+        return sum(c.sq_norm for c in calls if c.failed is None)
+
+    def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
+        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings)
+                 for uid, endpoint in self._participants()]
+        self._gather(calls, self.step_timeout_s)
+        with self._lock:
+            self._stepped.clear()  # applied: a second call in the same step must not step again
+
+    def close(self) -> None:
+        """Close the channel pool if this group created it."""
+        if self._owns_clients:
+            self.clients.close()
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _participants(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(self._stepped)
+
+    def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
+        """Backward for one training pass; zero gradient for an expert whose call fails."""
+        calls = [None if g is None else _Backward(f, encode(g, self.wire_dtype))
+                 for f, g in zip(forwards, grad_outputs)]
+        self._gather([c for c in calls if c is not None], self.timeout_s)
+        grads = []
+        for call, forward in zip(calls, forwards):
+            if call is None:
+                grads.append(None)
+            elif call.grad_inputs is None:
+                grads.append(torch.zeros(forward.tokens, self.dim))
+            else:
+                with self._lock:
+                    self._stepped.add((call.uid, call.endpoint))
+                grads.append(call.grad_inputs)
+        return grads
+
+    def _gather(self, calls: Sequence[_Call], timeout_s: float) -> None:
+        """Send every call at once and collect them; retries and give-ups happen here. Returns by
+        the deadline (+ GRACE_S at worst); afterwards each call has succeeded or has `failed` set."""
+        deadline = time.monotonic() + timeout_s
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        in_flight: set[int] = set()
+        attempts: dict[int, _Attempt] = {}
+
+        def launch(call: _Call) -> bool:
+            endpoint = call.target(self.replicas)
+            remaining = deadline - time.monotonic()
+            if endpoint is None or remaining < MIN_ATTEMPT_S:
+                return False
+            attempt = _Attempt(call, endpoint)
+            span, metadata = self.tracer.start(call.rpc, layer=self.layer, uid=call.uid, endpoint=endpoint,
+                                               tokens=call.tokens or None)
+            call.endpoint = endpoint
+            call.attempts += 1
+            started = time.perf_counter()
+            self.replicas.begin_call(endpoint, call.tokens)
+            attempt.future = call.send(self.clients.get(endpoint), remaining, metadata)
+            key = id(attempt)
+            attempts[key] = attempt
+            in_flight.add(key)
+            attempt.future.add_done_callback(lambda f: self._finished(f, attempt, key, span, started, done))
+            return True
+
+        for call in calls:
+            if not launch(call):
+                self._give_up(call, "no_replica", "no replica to call (none registered, or all failed "
+                                                  "within the suspect cooldown)")
+        while in_flight:
+            try:
+                key, response, code, details = done.get(timeout=max(0.0, deadline - time.monotonic()) + GRACE_S)
+            except queue.Empty:
+                for key in list(in_flight):
+                    attempts[key].future.cancel()
+                    self._give_up(attempts[key].call, "deadline_exceeded", "no answer by the deadline")
+                break
+            in_flight.discard(key)
+            call = attempts[key].call
+            reason = code.name.lower()
+            if code is grpc.StatusCode.OK:
+                try:
+                    call.accept(response)
+                    continue
+                except TensorError as e:  # a wrong answer is the replica's fault, like a crash
+                    code, details, reason = grpc.StatusCode.INTERNAL, f"unusable response: {e.message}", "bad_response"
+            endpoint = attempts[key].endpoint
+            if code not in _ENDPOINT_OK or reason == "bad_response":
+                self.replicas.mark_failed(endpoint)
+            if call.again(code) and launch(call):
+                self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
+                log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s", self.layer, call.uid,
+                         call.rpc, endpoint, code.name, details, call.endpoint)
+                continue
+            call.endpoint = endpoint
+            self._give_up(call, reason, details)
+
+    def _finished(self, future: grpc.Future, attempt: _Attempt, key: int, span, started: float,
+                  done: queue.SimpleQueue) -> None:
+        """gRPC callback thread: book-keeping of one attempt, then hand it to the waiting thread."""
+        elapsed = time.perf_counter() - started
+        self.replicas.end_call(attempt.endpoint, attempt.call.tokens)
+        response, details = None, ""
+        if future.cancelled():
+            code = grpc.StatusCode.CANCELLED
+        else:
+            error = future.exception()
+            if error is None:
+                code, response = grpc.StatusCode.OK, future.result()
+            elif isinstance(error, grpc.RpcError):
+                code, details = error.code(), error.details() or ""
+            else:
+                code, details = grpc.StatusCode.UNKNOWN, repr(error)
+        rpc = attempt.call.rpc.lower()
+        self.metrics.expert_call_seconds.labels(str(self.layer), rpc).observe(elapsed)
+        self.metrics.expert_calls.labels(str(self.layer), rpc, code.name).inc()
+        self.tracer.end(span, code, details)
+        done.put((key, response, code, details))
+
+    def _give_up(self, call: _Call, reason: str, details: str) -> None:
+        call.failed = (reason, details)
+        self.metrics.masked_calls.labels(str(self.layer), call.uid, call.rpc.lower(), reason).inc()
+        consequence = {"Forward": "masked", "Backward": "zero gradient for its tokens"}.get(call.rpc, "skipped")
+        log.warning("layer %d expert %s %s: %s at %s gave up with %s: %s", self.layer, call.uid, consequence,
+                    call.rpc, call.endpoint or "-", reason.upper(), details)

@@ -1,0 +1,127 @@
+"""Which replica of an expert the router calls next.
+
+The router keeps a snapshot of the Redis registry (`subnet.registry.ExpertRegistry`),
+refreshed when it is older than `refresh_s` at the moment of a choice, never once per
+call. Each choice skips endpoints that failed within the last `suspect_s` (so a dead or
+slow service does not cost a deadline on every step) and the caller's `exclude` set (the
+endpoints a retry already tried).
+
+Policies:
+- `least_loaded`: smallest registry load (tokens queued at its last heartbeat) + the tokens
+  of this router's calls in flight to the endpoint; ties rotate so equal replicas share
+  the work.
+- `round_robin`: the available replicas of a uid in turn.
+
+This class only chooses. It makes no RPC; the caller reports `begin_call`/`end_call` and
+`mark_failed`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from subnet.registry import Replica
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("least_loaded", "round_robin")
+
+
+class ReplicaSource(Protocol):
+    """What the choice needs from the registry (ExpertRegistry has it)."""
+
+    def all_replicas(self) -> Mapping[str, Sequence[Replica]]: ...
+
+
+class ReplicaSet:
+    """Replica choice per expert uid from a periodically refreshed registry snapshot. Thread-safe."""
+
+    def __init__(self, registry: ReplicaSource, *, policy: str = "least_loaded", refresh_s: float = 2.0,
+                 suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        if policy not in POLICIES:
+            raise ValueError(f"replica policy must be one of {POLICIES}, got {policy!r}")
+        if refresh_s < 0 or suspect_s < 0:
+            raise ValueError(f"refresh_s and suspect_s must be >= 0, got {refresh_s}, {suspect_s}")
+        self.policy = policy
+        self._registry = registry
+        self._refresh_s = refresh_s
+        self._suspect_s = suspect_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, list[Replica]] = {}
+        self._refreshed_at: float | None = None
+        self._in_flight: dict[str, int] = defaultdict(int)
+        self._suspect_until: dict[str, float] = {}
+        self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+
+    def refresh(self) -> None:
+        """Read the registry now. On error keep the last snapshot and try again after `refresh_s`."""
+        now = self._clock()
+        try:
+            snapshot = {uid: sorted(reps, key=lambda r: r.endpoint)
+                        for uid, reps in self._registry.all_replicas().items()}
+        except Exception:  # the registry is another process; its failure must not stop the router
+            log.warning("registry refresh failed; keeping %d known experts", len(self._snapshot), exc_info=True)
+            with self._lock:
+                self._refreshed_at = now
+            return
+        with self._lock:
+            self._snapshot = snapshot
+            self._refreshed_at = now
+
+    def _refresh_if_stale(self) -> None:
+        with self._lock:
+            stale = self._refreshed_at is None or self._clock() - self._refreshed_at >= self._refresh_s
+        if stale:
+            self.refresh()
+
+    def replicas(self, uid: str) -> list[Replica]:
+        """The replicas of `uid` in the current snapshot (suspects included)."""
+        self._refresh_if_stale()
+        with self._lock:
+            return list(self._snapshot.get(uid, ()))
+
+    def choose(self, uid: str, exclude: Collection[str] = ()) -> Replica | None:
+        """A replica of `uid` that is not excluded and not suspect; None when there is none."""
+        self._refresh_if_stale()
+        now = self._clock()
+        with self._lock:
+            candidates = [r for r in self._snapshot.get(uid, ())
+                          if r.endpoint not in exclude and self._suspect_until.get(r.endpoint, 0.0) <= now]
+            if not candidates:
+                return None
+            turn = next(self._turns[uid])
+            if self.policy == "round_robin":
+                return candidates[turn % len(candidates)]
+            loads = [float(r.load) + self._in_flight[r.endpoint] for r in candidates]
+            lightest = [r for r, load in zip(candidates, loads) if load == min(loads)]
+            return lightest[turn % len(lightest)]
+
+    def begin_call(self, endpoint: str, tokens: int = 1) -> None:
+        """Count a call in flight to `endpoint`, weighted by its tokens (the registry's load unit)."""
+        with self._lock:
+            self._in_flight[endpoint] += tokens
+
+    def end_call(self, endpoint: str, tokens: int = 1) -> None:
+        with self._lock:
+            self._in_flight[endpoint] = max(0, self._in_flight[endpoint] - tokens)
+
+    def in_flight(self, endpoint: str) -> int:
+        with self._lock:
+            return self._in_flight[endpoint]
+
+    def mark_failed(self, endpoint: str) -> None:
+        """Skip `endpoint` for `suspect_s` (it just failed or missed a deadline)."""
+        with self._lock:
+            self._suspect_until[endpoint] = self._clock() + self._suspect_s
+
+    def is_suspect(self, endpoint: str) -> bool:
+        with self._lock:
+            return self._suspect_until.get(endpoint, 0.0) > self._clock()

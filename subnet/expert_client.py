@@ -1,0 +1,131 @@
+"""Client side of `moe.v1.Expert`: one pooled channel per endpoint, a deadline on every call.
+
+    pool = ExpertClientPool()
+    client = pool.get("127.0.0.1:50051")
+    future = client.forward("0.3", encode(x), call_id="c1", step=0, training=False, timeout_s=2.0)
+    outputs = decode(future.result().outputs, expected_dim=x.shape[1])
+
+Concurrency model: sync stubs with `.future()`. Every call returns at once with a
+`grpc.Future`; gRPC's own completion-queue threads carry the calls, so the caller puts
+the N calls of one MoE layer in flight from the thread that runs autograd and then waits
+on the futures. There is no event-loop thread to keep alive, no hand-off of torch tensors
+between threads, and the same code works when autograd runs backward on a worker thread.
+
+This module only turns arguments into requests and requests into futures. It does not
+choose replicas, retry, or decode tensors (see `services.router.remote_experts`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Self
+
+import grpc
+
+from moe.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
+
+Metadata = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """gRPC channel options shared by every expert channel."""
+
+    max_message_mb: int = 64               # one micro-batch of one expert; 64 MB = 16M fp32 values
+    keepalive_time_s: float = 30.0         # ping a connection that carries a call this long without data
+    keepalive_timeout_s: float = 10.0      # a ping unanswered this long closes the connection
+    initial_reconnect_backoff_s: float = 0.2  # a restarted expert is reachable again quickly
+    max_reconnect_backoff_s: float = 2.0   # gRPC's default (120 s) would hide a restarted expert for minutes
+
+    def options(self) -> list[tuple[str, int]]:
+        max_bytes = self.max_message_mb * 1024 * 1024
+        return [
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            # Pings only while calls are in flight: servers answer idle pings with GOAWAY.
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
+        ]
+
+
+class ExpertClient:
+    """The RPCs of one expert endpoint. Every method needs `timeout_s`: no call without a deadline."""
+
+    def __init__(self, endpoint: str, channel: grpc.Channel):
+        self.endpoint = endpoint
+        self._stub = expert_pb2_grpc.ExpertStub(channel)
+
+    def forward(self, uid: str, inputs: tensor_pb2.Tensor, *, call_id: str, step: int, training: bool,
+                timeout_s: float, metadata: Metadata = ()) -> grpc.Future:
+        request = expert_pb2.ForwardRequest(expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
+                                            training=training)
+        return self._stub.Forward.future(request, timeout=timeout_s, metadata=metadata)
+
+    def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor, *, call_id: str, step: int,
+                 timeout_s: float, inputs: tensor_pb2.Tensor | None = None,
+                 metadata: Metadata = ()) -> grpc.Future:
+        """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
+        request = expert_pb2.BackwardRequest(expert_uid=uid, call_id=call_id, step=step,
+                                             grad_outputs=grad_outputs, inputs=inputs)
+        return self._stub.Backward.future(request, timeout=timeout_s, metadata=metadata)
+
+    def grad_norm(self, uid: str, *, step: int, timeout_s: float, metadata: Metadata = ()) -> grpc.Future:
+        request = expert_pb2.GradNormRequest(expert_uid=uid, step=step)
+        return self._stub.GradNorm.future(request, timeout=timeout_s, metadata=metadata)
+
+    def apply_step(self, uid: str, *, step: int, lr: float, grad_scale: float, weight_decay: float,
+                   beta1: float, beta2: float, eps: float, timeout_s: float,
+                   metadata: Metadata = ()) -> grpc.Future:
+        request = expert_pb2.ApplyStepRequest(expert_uid=uid, step=step, lr=lr, grad_scale=grad_scale,
+                                              weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps)
+        return self._stub.ApplyStep.future(request, timeout=timeout_s, metadata=metadata)
+
+    def info(self, *, timeout_s: float, metadata: Metadata = ()) -> expert_pb2.InfoResponse:
+        """Blocking: Info is for probes and start-up checks, not the hot path."""
+        return self._stub.Info(expert_pb2.InfoRequest(), timeout=timeout_s, metadata=metadata)
+
+
+class ExpertClientPool:
+    """One channel per endpoint, created on first use and reused by every call and every layer.
+
+    Thread-safe. A channel reconnects by itself when its server comes back, so a failed
+    endpoint keeps its channel; `close()` closes them all.
+    """
+
+    def __init__(self, settings: ChannelSettings = ChannelSettings()):
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self._clients: dict[str, ExpertClient] = {}
+
+    def get(self, endpoint: str) -> ExpertClient:
+        with self._lock:
+            client = self._clients.get(endpoint)
+            if client is None:
+                channel = grpc.insecure_channel(endpoint, options=self._settings.options())
+                self._channels[endpoint] = channel
+                client = self._clients[endpoint] = ExpertClient(endpoint, channel)
+            return client
+
+    def endpoints(self) -> list[str]:
+        with self._lock:
+            return sorted(self._channels)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels, self._clients = list(self._channels.values()), {}, {}
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,304 @@
+"""RemoteExpertGroup against real expert service processes, checked against LocalExperts.
+
+The services load the same weights as the in-process reference, so remote forward,
+input gradients, gradient norm and the AdamW step must equal local ones (fp32, 1e-5).
+Faults are real too: SIGKILLed processes, an injected delay past the deadline, a restart.
+
+Each test uses its own MoE layer number and reads the (session-wide) registry only for
+its own endpoints, so services of other tests never answer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import redis
+import torch
+
+from moe.boundary import LocalExperts, OptimizerSettings
+from moe.experts import expert_uid
+from services.expert.checkpoint import save_expert_weights
+from services.router.metrics import RouterMetrics
+from services.router.remote_experts import RemoteExpertGroup
+from services.router.replicas import ReplicaSet
+from services.router.tracing import ExpertCallTracer
+from subnet.registry import ExpertRegistry
+
+pytestmark = pytest.mark.integration
+torch.set_num_threads(1)
+
+DIM, INTER, N_EXPERTS = 32, 64, 4
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+class OwnEndpoints:
+    """The registry as seen by one test: only replicas on the endpoints it started."""
+
+    def __init__(self, registry: ExpertRegistry, endpoints: set[str]):
+        self.registry, self.endpoints = registry, endpoints
+
+    def all_replicas(self):
+        mine = {uid: [r for r in reps if r.endpoint in self.endpoints]
+                for uid, reps in self.registry.all_replicas().items()}
+        return {uid: reps for uid, reps in mine.items() if reps}
+
+
+@pytest.fixture
+def registry(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    yield ExpertRegistry(client)
+    client.close()
+
+
+def reference(layer: int, tmp_path, seed: int = 0) -> tuple[LocalExperts, str]:
+    """In-process experts and a weight file with the same weights under layer `layer`'s uids."""
+    torch.manual_seed(seed)
+    local = LocalExperts(N_EXPERTS, DIM, INTER)
+    path = tmp_path / f"experts-{layer}.safetensors"
+    save_expert_weights(path, {expert_uid(layer, i): local[i] for i in range(N_EXPERTS)})
+    return local, str(path)
+
+
+def start(factory, layer: int, indices, ckpt: str, **env):
+    return factory([expert_uid(layer, i) for i in indices], DIM, INTER,
+                   env={"EXPERT_CHECKPOINT": ckpt, "EXPERT_BATCH_WAIT_MS": "0", **env})
+
+
+def wait_registered(registry: ExpertRegistry, services_and_indices, layer: int, timeout_s: float = 10.0):
+    want = {(expert_uid(layer, i), s.endpoint) for s, indices in services_and_indices for i in indices}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = {(r.uid, r.endpoint) for reps in registry.all_replicas().values() for r in reps}
+        if want <= have:
+            return
+        assert time.monotonic() < deadline, f"not registered: {sorted(want - have)}"
+        time.sleep(0.05)
+
+
+def make_group(registry, endpoints, layer, **kw) -> RemoteExpertGroup:
+    replicas = ReplicaSet(OwnEndpoints(registry, set(endpoints)), policy=kw.pop("policy", "least_loaded"),
+                          refresh_s=kw.pop("refresh_s", 0.2), suspect_s=kw.pop("suspect_s", 2.0))
+    kw.setdefault("timeout_s", 3.0)
+    return RemoteExpertGroup(layer, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), **kw)
+
+
+def inputs(sizes: dict[int, int], seed: int = 1) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {i: torch.randn(n, DIM, generator=gen) for i, n in sizes.items()}
+
+
+def train_pass(experts, xs: dict[int, torch.Tensor], weights: dict[int, torch.Tensor]):
+    """Forward + backward of sum(out * w) through `experts`; returns (outputs, input grads)."""
+    leaves = {i: x.clone().requires_grad_() for i, x in xs.items()}
+    outs = experts.run(leaves)
+    loss = sum((outs[i] * weights[i]).sum() for i in outs if outs[i] is not None)
+    loss.backward()
+    return outs, {i: leaves[i].grad for i in leaves}
+
+
+def counter(metrics: RouterMetrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(f"router_{name}_total", labels) or 0.0
+
+
+def masked_total(metrics: RouterMetrics, rpc: str) -> float:
+    return sum(s.value for m in metrics.masked_calls.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels["rpc"] == rpc)
+
+
+def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_factory, registry, tmp_path):
+    layer = 1
+    local, ckpt = reference(layer, tmp_path)
+    a = start(expert_service_factory, layer, [0, 1], ckpt)  # two services share the layer's experts
+    b = start(expert_service_factory, layer, [2, 3], ckpt)
+    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    group = make_group(registry, {a.endpoint, b.endpoint}, layer, tracer=ExpertCallTracer(provider))
+
+    # Inference: one Forward per expert with tokens; expert 2 gets none this time.
+    xs = inputs({0: 5, 1: 3, 3: 7})
+    with torch.no_grad():
+        got, want = group.run(xs), local.run(xs)
+    assert set(got) == {0, 1, 3}
+    for i in xs:
+        torch.testing.assert_close(got[i], want[i], **TOL)
+    forward_spans = [s for s in spans.get_finished_spans() if s.name == "moe.v1.Expert/Forward"]
+    assert sorted(s.attributes["moe.expert_uid"] for s in forward_spans) == [f"{layer}.0", f"{layer}.1", f"{layer}.3"]
+
+    # Training: outputs and input gradients through autograd, then GradNorm and ApplyStep.
+    group.begin_step(7)
+    xs = inputs({0: 6, 1: 2, 2: 4, 3: 9}, seed=2)
+    w = inputs({0: 6, 1: 2, 2: 4, 3: 9}, seed=3)
+    got, got_grads = train_pass(group, xs, w)
+    want, want_grads = train_pass(local, xs, w)
+    for i in xs:
+        torch.testing.assert_close(got[i], want[i], **TOL)
+        torch.testing.assert_close(got_grads[i], want_grads[i], **TOL)
+    # Each Backward reached the replica that served its Forward (no recompute resend needed).
+    assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="backward") == 0
+    assert masked_total(group.metrics, "forward") == masked_total(group.metrics, "backward") == 0
+
+    local_sq = sum(float(p.grad.pow(2).sum()) for p in local.parameters())
+    assert group.external_grad_sq_norm() == pytest.approx(local_sq, rel=1e-5)
+
+    lr, grad_scale = 1e-2, 0.5
+    settings = OptimizerSettings(weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    probe = inputs({i: 8 for i in range(N_EXPERTS)}, seed=4)
+    with torch.no_grad():
+        before = local.run(probe)
+    group.apply_external_step(lr, grad_scale, settings)
+    for p in local.parameters():
+        p.grad.mul_(grad_scale)
+    torch.optim.AdamW(local.parameters(), lr=lr, betas=(settings.beta1, settings.beta2), eps=settings.eps,
+                      weight_decay=settings.weight_decay).step()
+    with torch.no_grad():
+        got, want = group.run(probe), local.run(probe)
+    for i in range(N_EXPERTS):
+        assert (want[i] - before[i]).abs().max() > 1e-3  # the step really moved the weights
+        torch.testing.assert_close(got[i], want[i], **TOL)
+
+    # Throughput wire dtypes: cast on the wire, fp32 at both ends.
+    for wire in ("bf16", "fp16"):
+        low = make_group(registry, {a.endpoint, b.endpoint}, layer, wire_dtype=wire)
+        with torch.no_grad():
+            got = low.run(probe)
+        for i in range(N_EXPERTS):
+            assert got[i].dtype == torch.float32
+            torch.testing.assert_close(got[i], want[i], atol=3e-2, rtol=3e-2)
+        low.close()
+    group.close()
+
+
+def test_killed_service_is_masked_and_the_rest_keeps_working(expert_service_factory, registry, tmp_path):
+    layer = 2
+    local, ckpt = reference(layer, tmp_path)
+    a = start(expert_service_factory, layer, [0, 1], ckpt)
+    b = start(expert_service_factory, layer, [2, 3], ckpt)
+    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    group = make_group(registry, {a.endpoint, b.endpoint}, layer, timeout_s=2.0)
+    sizes = {0: 4, 1: 4, 2: 4, 3: 4}
+    xs, w = inputs(sizes), inputs(sizes, seed=5)
+
+    # Killed between forward and backward: its experts' tokens get zero gradient, the rest is exact.
+    group.begin_step(1)
+    leaves = {i: x.clone().requires_grad_() for i, x in xs.items()}
+    outs = group.run(leaves)
+    assert all(outs[i] is not None for i in sizes)
+    b.kill()
+    sum((outs[i] * w[i]).sum() for i in outs).backward()
+    _, want_grads = train_pass(local, xs, w)
+    for i in (0, 1):
+        torch.testing.assert_close(leaves[i].grad, want_grads[i], **TOL)
+    for i in (2, 3):
+        assert torch.equal(leaves[i].grad, torch.zeros(4, DIM))
+        assert group.metrics.masked_count(layer, expert_uid(layer, i), "backward") == 1
+    assert group.external_grad_sq_norm() > 0  # from the live service only
+    group.apply_external_step(1e-3, 1.0, OptimizerSettings())
+
+    # Then a forward: the dead service's experts come back None within the deadline.
+    started = time.monotonic()
+    with torch.no_grad():
+        got = group.run(xs)
+    assert time.monotonic() - started < 2.0 + 1.0
+    assert got[2] is None and got[3] is None
+    assert got[0] is not None and got[1] is not None
+    for i in (2, 3):
+        assert group.metrics.masked_count(layer, expert_uid(layer, i), "forward") == 1
+    group.close()
+
+
+def test_slow_expert_is_masked_not_waited_for(expert_service_factory, registry, tmp_path):
+    layer = 3
+    local, ckpt = reference(layer, tmp_path)
+    fast = start(expert_service_factory, layer, [0], ckpt)
+    slow = start(expert_service_factory, layer, [1], ckpt, EXPERT_INJECT_DELAY_MS="6000", EXPERT_GRACE_S="0")
+    wait_registered(registry, [(fast, [0]), (slow, [1])], layer)
+    group = make_group(registry, {fast.endpoint, slow.endpoint}, layer, timeout_s=1.0)
+    xs = inputs({0: 5, 1: 5})
+
+    with torch.no_grad():
+        started = time.monotonic()
+        got = group.run(xs)
+        elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"run waited {elapsed:.1f} s for an expert delayed 6 s past a 1 s deadline"
+    assert got[1] is None
+    torch.testing.assert_close(got[0], local.run({0: xs[0]})[0], **TOL)
+    assert counter(group.metrics, "masked_calls", layer=str(layer), uid=expert_uid(layer, 1), rpc="forward",
+                   reason="deadline_exceeded") == 1
+    group.close()
+
+
+def test_replica_failover_masks_nothing(expert_service_factory, registry, tmp_path):
+    layer = 4
+    local, ckpt = reference(layer, tmp_path)
+    r1 = start(expert_service_factory, layer, [0, 1], ckpt)
+    r2 = start(expert_service_factory, layer, [0, 1], ckpt)
+    wait_registered(registry, [(r1, [0, 1]), (r2, [0, 1])], layer)
+    group = make_group(registry, {r1.endpoint, r2.endpoint}, layer, policy="round_robin", suspect_s=30.0)
+    sizes = {0: 3, 1: 5}
+    xs, w = inputs(sizes), inputs(sizes, seed=6)
+    with torch.no_grad():
+        assert all(v is not None for v in group.run(xs).values())
+
+    r1.kill()
+    for step in range(3):  # round robin sends some first attempt to the dead replica
+        group.begin_step(step)
+        got, got_grads = train_pass(group, xs, w)
+        local.zero_grad()
+        want, want_grads = train_pass(local, xs, w)
+        for i in sizes:
+            torch.testing.assert_close(got[i], want[i], **TOL)
+            torch.testing.assert_close(got_grads[i], want_grads[i], **TOL)
+    assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="forward") >= 1
+    assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="backward") == 0
+    assert masked_total(group.metrics, "forward") == masked_total(group.metrics, "backward") == 0
+    group.close()
+
+
+def test_restarted_service_is_used_again_after_registry_refresh(expert_service_factory, registry, tmp_path):
+    layer = 5
+    local, ckpt = reference(layer, tmp_path)
+    a = start(expert_service_factory, layer, [0], ckpt)
+    wait_registered(registry, [(a, [0])], layer)
+    group = make_group(registry, {a.endpoint}, layer, timeout_s=1.0, suspect_s=0.5, refresh_s=0.2)
+    xs = inputs({0: 4})
+    want = local.run(xs)[0].detach()
+    with torch.no_grad():
+        torch.testing.assert_close(group.run(xs)[0], want, **TOL)
+
+    a.kill()
+    with torch.no_grad():
+        assert group.run(xs)[0] is None
+    a.restart()  # same port; waits for SERVING
+    wait_registered(registry, [(a, [0])], layer)
+    deadline = time.monotonic() + 10.0
+    while True:
+        with torch.no_grad():
+            out = group.run(xs)[0]
+        if out is not None:
+            break
+        assert time.monotonic() < deadline, "restarted service never used again"
+        time.sleep(0.1)
+    torch.testing.assert_close(out, want, **TOL)
+    group.close()
+
+
+def test_trace_context_goes_out_as_w3c_traceparent():
+    from opentelemetry.sdk.trace import TracerProvider
+    tracer = ExpertCallTracer(TracerProvider())
+    span, metadata = tracer.start("Forward", layer=0, uid="0.1", endpoint="127.0.0.1:1", tokens=3)
+    headers = dict(metadata)
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    version, sent_trace_id, parent_id, flags = headers["traceparent"].split("-")
+    assert (version, sent_trace_id) == ("00", trace_id)
+    assert re.fullmatch("[0-9a-f]{16}", parent_id) and int(flags, 16) & 1  # sampled
+    span.end()
+    span, metadata = ExpertCallTracer().start("Forward", layer=0, uid="0.1", endpoint="x:1")
+    assert "traceparent" not in dict(metadata)  # no provider: no-op span, nothing sent

@@ -1,0 +1,120 @@
+"""Replica choice policy (services.router.replicas) against an in-memory registry: no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.replicas import ReplicaSet
+from subnet.registry import Replica
+
+
+class FakeRegistry:
+    """In-memory stand-in for ExpertRegistry: `entries` is what Redis would hold now."""
+
+    def __init__(self, entries: dict[str, list[Replica]]):
+        self.entries = entries
+        self.reads = 0
+        self.fail = False
+
+    def all_replicas(self):
+        self.reads += 1
+        if self.fail:
+            raise ConnectionError("redis is down")
+        return {uid: list(reps) for uid, reps in self.entries.items()}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rep(uid: str, endpoint: str, load: int = 0) -> Replica:
+    return Replica(uid=uid, endpoint=endpoint, hotkey="hk", load=load, version=0, updated_ms=0)
+
+
+def make(entries, **kw):
+    registry, clock = FakeRegistry(entries), Clock()
+    kw.setdefault("refresh_s", 2.0)
+    kw.setdefault("suspect_s", 5.0)
+    return ReplicaSet(registry, clock=clock, **kw), registry, clock
+
+
+def test_least_loaded_prefers_lowest_registry_load():
+    replicas, _, _ = make({"0.1": [rep("0.1", "a:1", load=50), rep("0.1", "b:1", load=3), rep("0.1", "c:1", load=9)]})
+    assert {replicas.choose("0.1").endpoint for _ in range(5)} == {"b:1"}
+
+
+def test_least_loaded_counts_this_routers_tokens_in_flight():
+    replicas, _, _ = make({"0.1": [rep("0.1", "a:1", load=0), rep("0.1", "b:1", load=10)]})
+    replicas.begin_call("a:1", tokens=32)
+    assert replicas.choose("0.1").endpoint == "b:1"
+    replicas.end_call("a:1", tokens=32)
+    assert replicas.in_flight("a:1") == 0
+    assert replicas.choose("0.1").endpoint == "a:1"
+
+
+def test_least_loaded_rotates_between_equal_replicas():
+    replicas, _, _ = make({"0.1": [rep("0.1", "a:1"), rep("0.1", "b:1")]})
+    chosen = [replicas.choose("0.1").endpoint for _ in range(4)]
+    assert chosen.count("a:1") == 2 and chosen.count("b:1") == 2
+
+
+def test_round_robin_visits_every_replica_in_turn_regardless_of_load():
+    replicas, _, _ = make({"0.1": [rep("0.1", "c:1", 0), rep("0.1", "a:1", 99), rep("0.1", "b:1", 5)]},
+                          policy="round_robin")
+    assert [replicas.choose("0.1").endpoint for _ in range(6)] == ["a:1", "b:1", "c:1"] * 2
+
+
+def test_exclude_skips_tried_endpoints_and_none_when_nothing_is_left():
+    replicas, _, _ = make({"0.1": [rep("0.1", "a:1"), rep("0.1", "b:1", load=7)]})
+    assert replicas.choose("0.1", exclude={"a:1"}).endpoint == "b:1"
+    assert replicas.choose("0.1", exclude={"a:1", "b:1"}) is None
+    assert replicas.choose("9.9") is None  # unknown expert
+
+
+def test_suspect_endpoint_is_skipped_until_its_cooldown_ends():
+    replicas, _, clock = make({"0.1": [rep("0.1", "a:1"), rep("0.1", "b:1", load=7)],
+                               "0.2": [rep("0.2", "a:1")]})
+    replicas.mark_failed("a:1")
+    assert replicas.is_suspect("a:1")
+    assert replicas.choose("0.1").endpoint == "b:1"
+    assert replicas.choose("0.2") is None  # its only replica is suspect: mask rather than wait on it
+    clock.now += 5.0
+    assert not replicas.is_suspect("a:1")
+    assert replicas.choose("0.1").endpoint == "a:1"
+    assert replicas.choose("0.2").endpoint == "a:1"
+
+
+def test_registry_is_read_once_per_refresh_period_not_per_choice():
+    replicas, registry, clock = make({"0.1": [rep("0.1", "a:1")]}, refresh_s=2.0)
+    for _ in range(10):
+        replicas.choose("0.1")
+    assert registry.reads == 1
+    registry.entries = {"0.1": [rep("0.1", "b:1")]}  # a:1 died, b:1 registered
+    clock.now += 1.9
+    assert replicas.choose("0.1").endpoint == "a:1"  # still the old snapshot
+    clock.now += 0.1
+    assert replicas.choose("0.1").endpoint == "b:1"
+    assert registry.reads == 2
+
+
+def test_registry_failure_keeps_the_last_snapshot_and_backs_off():
+    replicas, registry, clock = make({"0.1": [rep("0.1", "a:1")]}, refresh_s=2.0)
+    assert replicas.choose("0.1").endpoint == "a:1"
+    registry.fail = True
+    clock.now += 2.0
+    assert replicas.choose("0.1").endpoint == "a:1"
+    assert replicas.choose("0.1").endpoint == "a:1"
+    assert registry.reads == 2  # failed once, not again within the period
+    registry.fail = False
+    registry.entries = {}
+    clock.now += 2.0
+    assert replicas.choose("0.1") is None
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="least_loaded"):
+        make({}, policy="random")
