@@ -1,0 +1,158 @@
+"""Remote experts are the same model: training through real expert services on loopback
+equals in-process training, the router's Logits equal in-process logits, and training
+survives a killed expert service."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+import pytest
+import torch
+
+from moe.data import CorpusConfig, build_corpus
+from moe.train import TrainConfig
+from moe.train.checkpoint import load_lm
+from moe.train.trainer import Trainer
+from moe.v1 import router_pb2, router_pb2_grpc
+from services.router.config import RouterConfig
+from services.router.remote_model import RemoteParts
+from services.router.server import RouterServer
+from services.router.servicer import RouterServicer
+from services.router.train import build_remote_trainer, prepare_initial_checkpoint
+from subnet.tensor_codec import decode
+
+pytestmark = pytest.mark.integration
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus_cfg(tmp_path_factory):
+    cfg = CorpusConfig(vocab_size=512, max_bytes_per_domain=150_000, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    build_corpus(cfg)
+    return cfg
+
+
+def _init(tmp_path, corpus_cfg, steps=STEPS):
+    train_cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=steps, eval_batches=2,
+                            grad_clip=0.5)   # a low clip, so clipping (with remote grad norms) really happens
+    ckpt, experts, lm_cfg = prepare_initial_checkpoint(tmp_path / "init", "tiny", train_cfg, corpus_cfg, seed=0)
+    return ckpt, experts, lm_cfg, train_cfg
+
+
+def _services(factory, redis_url, lm_cfg, experts, n_services=2):
+    """Expert services that share the experts of every layer (index i -> service i % n)."""
+    handles = []
+    for s in range(n_services):
+        uids = [f"{layer}.{i}" for layer in lm_cfg.moe_layers() for i in range(lm_cfg.n_experts) if i % n_services == s]
+        handles.append(factory(uids, lm_cfg.dim, lm_cfg.moe_inter_dim,
+                               env={"REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(experts)}))
+    return handles
+
+
+def _private_db(redis_server, db: int) -> str:
+    # Each test its own Redis database: the session's server also holds other tests' replicas.
+    return redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def _router_config(redis_url: str, timeout_s: float = 30.0) -> RouterConfig:
+    return RouterConfig(redis_url=redis_url, wire_dtype="fp32", expert_timeout_s=timeout_s, registry_refresh_s=0.5)
+
+
+def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_factory, redis_server):
+    torch.set_num_threads(1)
+    ckpt, experts, lm_cfg, train_cfg = _init(tmp_path, corpus_cfg)
+    redis_url = _private_db(redis_server, 3)
+    _services(expert_service_factory, redis_url, lm_cfg, experts)
+
+    remote, parts, corpus = build_remote_trainer(ckpt, tmp_path / "remote", _router_config(redis_url), progress=False)
+    local_model, _ = load_lm(ckpt)
+    local = Trainer(local_model, corpus, train_cfg, tmp_path / "local", progress=False)
+    remote.train()
+    local.train()
+
+    assert len(remote.step_losses) == len(local.step_losses) == STEPS
+    for step, (r, loc) in enumerate(zip(remote.step_losses, local.step_losses)):
+        assert abs(r - loc) <= 1e-4 * abs(loc), f"step {step}: remote loss {r} vs in-process {loc}"
+    assert local.step_losses[-1] < local.step_losses[0]         # it really trained
+    assert remote.last_row["masked_calls"] == 0
+
+    # Trunk parameters: compared directly.
+    remote_state = remote.model.state_dict()
+    for name, value in local_model.state_dict().items():
+        if ".ffn.experts." in name:
+            continue
+        torch.testing.assert_close(remote_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # Expert parameters live in the services: compare what they compute on probe tokens.
+    probe = torch.randn(16, lm_cfg.dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for layer, (r_moe, l_moe) in enumerate(zip(remote.model.moe_layers(), local_model.moe_layers())):
+            batches = {i: probe for i in range(lm_cfg.n_experts)}
+            got, want = r_moe.experts.run(batches), l_moe.experts.run(batches)
+            for i in range(lm_cfg.n_experts):
+                torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-5, msg=f"expert {layer}.{i}")
+
+    # The router's Logits RPC answers with the in-process model's logits.
+    servicer = RouterServicer(remote.model, corpus, parts.replicas, parts.metrics, max_new_tokens=16)
+    server = RouterServer(servicer, "127.0.0.1", 0, max_message_mb=16).start()
+    try:
+        tokens = corpus.encode("ROMEO: what light through yonder window breaks")[:lm_cfg.block_size]
+        with grpc.insecure_channel(server.endpoint) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            reply = stub.Logits(router_pb2.LogitsRequest(tokens=tokens), timeout=30)
+            streamed = list(stub.Generate(router_pb2.GenerateRequest(prompt_tokens=tokens, max_new_tokens=5,
+                                                                     temperature=0), timeout=30))
+            with pytest.raises(grpc.RpcError) as bad:
+                stub.Logits(router_pb2.LogitsRequest(tokens=[lm_cfg.vocab_size + 5]), timeout=30)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with torch.no_grad():
+            want, _ = local_model.eval()(torch.tensor([tokens]))
+        torch.testing.assert_close(decode(reply.logits), want[0], rtol=1e-4, atol=1e-4)
+        greedy = local_model.generate(torch.tensor([tokens]), 5, temperature=0)[0, len(tokens):].tolist()
+        assert [m.token for m in streamed] == greedy
+    finally:
+        server.stop(grace_s=1)
+        parts.close()
+
+
+def test_training_survives_a_killed_expert_service(tmp_path, corpus_cfg, expert_service_factory, redis_server):
+    torch.set_num_threads(1)
+    ckpt, experts, lm_cfg, _ = _init(tmp_path, corpus_cfg, steps=100)
+    redis_url = _private_db(redis_server, 4)
+    survivor, victim = _services(expert_service_factory, redis_url, lm_cfg, experts)
+    timeout_s = 3.0
+    trainer, parts, _ = build_remote_trainer(ckpt, tmp_path / "run", _router_config(redis_url, timeout_s),
+                                             progress=False)
+    trainer.model.train()
+    for _ in range(2):
+        trainer.train_step()
+        trainer.step += 1
+        assert trainer.model.last_stats["masked_calls"] == 0
+
+    victim.kill()
+    started = time.monotonic()
+    loss = trainer.train_step()            # this step loses half of every layer's experts
+    trainer.step += 1
+    elapsed = time.monotonic() - started
+    assert math.isfinite(loss)
+    assert trainer.model.last_stats["masked_calls"] > 0
+    # Forward, backward, grad norm and apply step each have one deadline; no call waits longer.
+    assert elapsed < 4 * timeout_s + 5
+
+    loss = trainer.train_step()            # training goes on without the dead service
+    trainer.step += 1
+    assert math.isfinite(loss)
+
+    victim.restart()                       # it re-registers, and the router uses it again
+    deadline = time.monotonic() + 30
+    while True:
+        parts.replicas.refresh()
+        time.sleep(0.6)                    # past the 'suspect' cool-down of a failed endpoint
+        trainer.train_step()
+        trainer.step += 1
+        if trainer.model.last_stats["masked_calls"] == 0:
+            break
+        assert time.monotonic() < deadline, "the restarted expert service was never used again"
+    parts.close()
