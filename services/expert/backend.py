@@ -1,0 +1,302 @@
+"""The compute side of an expert service: SwiGLU modules, their AdamW state, the activations
+kept between a training Forward and its Backward. No gRPC, no asyncio, no batching policy.
+
+Not thread-safe by design: the service calls every method from one worker thread, which
+also orders forwards, backwards and optimizer steps. (The activation cache alone is
+locked, because the server's janitor sweeps it from another thread.)
+
+Backward is written by hand instead of replaying autograd: the Forward keeps x, a = x W1^T
+and b = x W3^T, so the Backward does no forward matmul again and holds no autograd graph
+(which would pin every intermediate of every call until its Backward).
+
+    y  = W2 h,   h = silu(a) * b
+    dW2 = g^T h                 dh = g W2
+    db  = dh * silu(a)          da = dh * b * silu'(a),  silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)
+    dW1 = da^T x                dW3 = db^T x             dx = da W1 + db W3
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moe.experts import SwiGLU
+
+
+class ExpertError(Exception):
+    """Base of the errors a request can cause; the servicer maps each class to a status code."""
+
+
+class UnknownExpert(ExpertError):
+    pass
+
+
+class ActivationsMissing(ExpertError):
+    pass
+
+
+class StepConflict(ExpertError):
+    pass
+
+
+class DuplicateBackward(ExpertError):
+    pass
+
+
+class BadRequest(ExpertError):
+    pass
+
+
+@dataclass
+class _Saved:
+    x: torch.Tensor   # (N, dim)
+    a: torch.Tensor   # (N, inter)  x W1^T
+    b: torch.Tensor   # (N, inter)  x W3^T
+    nbytes: int
+    created: float
+
+
+class ActivationCache:
+    """Activations of training Forwards, keyed by (uid, call_id), until their Backward.
+
+    Bounded twice: entries older than `ttl_s` expire, and when the total would pass
+    `max_bytes` the oldest entries are evicted. So a router that dies mid-step costs at
+    most `max_bytes`, and nothing after `ttl_s`. An entry larger than `max_bytes` is not
+    kept at all (its Backward then needs the inputs resent).
+    """
+
+    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.nbytes = 0
+        self.evicted = 0
+        self.expired = 0
+        self._entries: OrderedDict[tuple[str, str], _Saved] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, key: tuple[str, str], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+        nbytes = sum(t.numel() * t.element_size() for t in (x, a, b))
+        with self._lock:
+            self._sweep_locked()
+            self._remove_locked(key)
+            if nbytes > self.max_bytes:
+                return False
+            while self.nbytes + nbytes > self.max_bytes:
+                self._remove_locked(next(iter(self._entries)))
+                self.evicted += 1
+            self._entries[key] = _Saved(x, a, b, nbytes, self.clock())
+            self.nbytes += nbytes
+            return True
+
+    def peek(self, key: tuple[str, str]) -> _Saved | None:
+        with self._lock:
+            self._sweep_locked()
+            return self._entries.get(key)
+
+    def pop(self, key: tuple[str, str]) -> _Saved | None:
+        with self._lock:
+            return self._remove_locked(key)
+
+    def sweep(self) -> int:
+        """Drop expired entries now; returns how many. The server calls it periodically so an
+        idle service frees memory too."""
+        with self._lock:
+            return self._sweep_locked()
+
+    def _sweep_locked(self) -> int:
+        cutoff = self.clock() - self.ttl_s
+        n = 0
+        while self._entries:
+            key, saved = next(iter(self._entries.items()))
+            if saved.created > cutoff:
+                break
+            self._remove_locked(key)
+            n += 1
+        self.expired += n
+        return n
+
+    def _remove_locked(self, key: tuple[str, str]) -> _Saved | None:
+        saved = self._entries.pop(key, None)
+        if saved is not None:
+            self.nbytes -= saved.nbytes
+        return saved
+
+
+@dataclass
+class _Expert:
+    module: SwiGLU
+    optimizer: torch.optim.AdamW
+    version: int = 0                      # optimizer steps applied
+    grad_step: int | None = None          # the step the accumulated gradients belong to
+    grad_calls: set[str] = field(default_factory=set)  # call_ids that contributed to them
+
+
+class ExpertBackend:
+    """Owns the hosted experts and their optimizers; forward, backward, grad norm, step."""
+
+    def __init__(self, experts: Mapping[str, SwiGLU], device: str | torch.device = "cpu",
+                 activation_ttl_s: float = 60.0, activation_cache_mb: float = 512.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if not experts:
+            raise ValueError("an expert backend needs at least one expert")
+        shapes = {(m.dim, m.inter_dim) for m in experts.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"all hosted experts must share (dim, inter_dim); got {sorted(shapes)}")
+        self.dim, self.inter_dim = shapes.pop()
+        self.device = torch.device(device)
+        self._experts: dict[str, _Expert] = {}
+        for uid, module in experts.items():
+            module = module.to(self.device, torch.float32)
+            module.requires_grad_(False)  # gradients are computed by hand, never by autograd
+            # Hyperparameters are placeholders: every ApplyStep sets them from the request.
+            optimizer = torch.optim.AdamW(module.parameters(), lr=0.0)
+            self._experts[uid] = _Expert(module, optimizer)
+        self.cache = ActivationCache(int(activation_cache_mb * 1024 * 1024), activation_ttl_s, clock)
+
+    @property
+    def uids(self) -> list[str]:
+        return list(self._experts)
+
+    def module(self, uid: str) -> SwiGLU:
+        return self._get(uid).module
+
+    def version(self, uid: str) -> int:
+        return self._get(uid).version
+
+    def _get(self, uid: str) -> _Expert:
+        try:
+            return self._experts[uid]
+        except KeyError:
+            raise UnknownExpert(f"expert {uid!r} is not hosted here; hosted: {', '.join(self._experts)}") from None
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, uid: str, x: torch.Tensor, call_id: str | None = None) -> torch.Tensor:
+        """One request; `call_id` set = training (keep activations for its Backward)."""
+        return self.forward_batch(uid, [x], [call_id])[0]
+
+    def forward_batch(self, uid: str, xs: Sequence[torch.Tensor],
+                      call_ids: Sequence[str | None]) -> list[torch.Tensor]:
+        """Several requests for one expert as one computation; outputs split back, on the CPU."""
+        m = self._get(uid).module
+        sizes = [x.shape[0] for x in xs]
+        x = (xs[0] if len(xs) == 1 else torch.cat(list(xs))).to(self.device, torch.float32)  # (N, dim)
+        with torch.no_grad():
+            a = F.linear(x, m.w1.weight)                  # (N, inter)
+            b = F.linear(x, m.w3.weight)                  # (N, inter)
+            y = F.linear(F.silu(a) * b, m.w2.weight)      # (N, dim), the same ops as SwiGLU.forward
+        if any(c is not None for c in call_ids):
+            start = 0
+            for n, x_i, call_id in zip(sizes, xs, call_ids):
+                if call_id is not None:
+                    if len(xs) == 1:
+                        self.cache.put((uid, call_id), x, a, b)
+                    else:  # copies, so one entry never pins the whole batch's memory
+                        self.cache.put((uid, call_id), x_i.to(self.device, torch.float32),
+                                       a[start:start + n].clone(), b[start:start + n].clone())
+                start += n
+        y = y.cpu()
+        return list(torch.split(y, sizes)) if len(xs) > 1 else [y]
+
+    # -- backward ---------------------------------------------------------------------------
+
+    def backward(self, uid: str, call_id: str, step: int, grad_out: torch.Tensor,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """grad w.r.t. the inputs of training Forward `call_id`; accumulates parameter grads
+        under `step`. Raises ActivationsMissing when the activations are gone and no `inputs`
+        were given, StepConflict for a step older than the one being accumulated,
+        DuplicateBackward when `call_id` already contributed to this step."""
+        e = self._get(uid)
+        if e.grad_step is not None and step < e.grad_step:
+            raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
+                               f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
+        if e.grad_step == step and call_id in e.grad_calls:
+            raise DuplicateBackward(f"call_id {call_id!r} already contributed gradients to step {step} "
+                                    f"of expert {uid}; a Forward is backpropagated once")
+        key = (uid, call_id)
+        saved = self.cache.peek(key)
+        n_rows = saved.x.shape[0] if saved is not None else (inputs.shape[0] if inputs is not None else None)
+        if n_rows is None:
+            raise ActivationsMissing(f"expert {uid} no longer holds the activations of call_id {call_id!r} "
+                                     f"(expired or evicted); resend the Backward with `inputs` set to the "
+                                     f"Forward's inputs")
+        if grad_out.shape[0] != n_rows:
+            raise BadRequest(f"grad_outputs has {grad_out.shape[0]} tokens but the Forward of call_id "
+                             f"{call_id!r} had {n_rows}")
+        m = e.module
+        if saved is not None:
+            self.cache.pop(key)
+            x, a, b = saved.x, saved.a, saved.b
+        else:  # recompute path: the router resent the inputs
+            x = inputs.to(self.device, torch.float32)
+            with torch.no_grad():
+                a = F.linear(x, m.w1.weight)
+                b = F.linear(x, m.w3.weight)
+        if e.grad_step is None or step > e.grad_step:  # a new step; older grads are stale
+            self._clear_grads(e)
+            e.grad_step = step
+        g = grad_out.to(self.device, torch.float32)             # (N, dim)
+        with torch.no_grad():
+            s = F.silu(a)                                       # (N, inter)
+            sig = torch.sigmoid(a)
+            dh = g @ m.w2.weight                                # (N, inter)
+            db = dh * s
+            da = dh * b * (sig * (1 + a * (1 - sig)))
+            grads = {m.w2.weight: g.t() @ (s * b),              # (dim, inter)
+                     m.w1.weight: da.t() @ x,                   # (inter, dim)
+                     m.w3.weight: db.t() @ x}
+            for p, d in grads.items():
+                if p.grad is None:
+                    p.grad = d
+                else:
+                    p.grad.add_(d)
+            dx = da @ m.w1.weight + db @ m.w3.weight            # (N, dim)
+        e.grad_calls.add(call_id)
+        return dx.cpu()
+
+    # -- optimizer --------------------------------------------------------------------------
+
+    def grad_sq_norm(self, uid: str, step: int) -> tuple[float, int]:
+        """(sum of squared gradient entries, Backward calls) for `step`; (0, 0) when this expert
+        holds no gradients for `step`."""
+        e = self._get(uid)
+        if e.grad_step != step:
+            return 0.0, 0
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in e.module.parameters() if p.grad is not None)
+        return sq, len(e.grad_calls)
+
+    def apply_step(self, uid: str, step: int, lr: float, grad_scale: float = 0.0, weight_decay: float = 0.0,
+                   beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> int:
+        """AdamW on the gradients accumulated for `step` (scaled by `grad_scale`, 0 = 1), then
+        clear them; returns the version. No gradients at all (the expert got no tokens this
+        step) is a no-op, as for an in-process parameter whose .grad is None."""
+        e = self._get(uid)
+        if e.grad_step is None:
+            return e.version
+        if e.grad_step != step:
+            raise StepConflict(f"expert {uid} holds gradients for step {e.grad_step}, not {step}; "
+                               f"nothing applied")
+        params = list(e.module.parameters())
+        if grad_scale not in (0.0, 1.0):
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
+        group = e.optimizer.param_groups[0]
+        group.update(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
+        e.optimizer.step()
+        self._clear_grads(e)
+        e.version += 1
+        return e.version
+
+    def _clear_grads(self, e: _Expert) -> None:
+        e.optimizer.zero_grad(set_to_none=True)
+        e.grad_step = None
+        e.grad_calls.clear()

@@ -1,0 +1,201 @@
+"""Dynamic batching (hivemind's task pool, in asyncio) and the one compute thread.
+
+`Batcher.forward` queues a request for one expert and awaits its output. One asyncio task
+per expert takes the queue's head, waits up to `batch_wait_ms` for more requests (or until
+`max_batch_tokens` are queued), runs them as one `backend.forward_batch` on the
+`ComputeWorker`, and hands every request its own rows back. While a batch computes, the
+next one gathers, so batches grow by themselves under load.
+
+`ComputeWorker` is a single thread: the event loop never runs torch, and forwards,
+backwards and optimizer steps are ordered, so they never see half-updated weights.
+
+Backward is not batched; it goes straight to the worker. Its cost is the parameter-gradient
+matmuls over the call's own tokens, which merging would not shrink; synchronous training
+sends one Backward per expert per micro-batch, so there is rarely anything to merge; and
+accumulating call by call keeps the gradient sums in the order in-process autograd uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from services.expert.backend import ExpertBackend
+from services.expert.metrics import ExpertMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The expert's queue is full; the caller should try another replica (RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped before the request ran (UNAVAILABLE)."""
+
+
+class ComputeWorker:
+    """One thread that runs every torch call of the service, in submission order."""
+
+    def __init__(self, threads: int = 0):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-compute",
+                                        initializer=partial(_set_threads, threads))
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class _Task:
+    x: torch.Tensor             # (n, dim)
+    call_id: str | None         # set = training Forward
+    future: asyncio.Future
+    enqueued: float             # loop time
+
+    @property
+    def tokens(self) -> int:
+        return self.x.shape[0]
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.tasks: deque[_Task] = deque()
+        self.waiting_tokens = 0
+        self.running_tokens = 0
+        self.changed = asyncio.Event()
+
+
+class Batcher:
+    """Groups concurrent Forward requests per expert into one computation. Does not validate
+    requests (the servicer did) and does not run Backward (see `ExpertServicer.Backward`)."""
+
+    def __init__(self, backend: ExpertBackend, worker: ComputeWorker, max_batch_tokens: int,
+                 batch_wait_ms: float, max_queue_tokens: int = 0, metrics: ExpertMetrics | None = None):
+        self.backend = backend
+        self.worker = worker
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait_s = batch_wait_ms / 1000
+        self.max_queue_tokens = max_queue_tokens
+        self.metrics = metrics
+        self._queues: dict[str, _Queue] = {}
+        self._loops: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        for uid in self.backend.uids:
+            self._queues[uid] = _Queue()
+            self._loops.append(asyncio.create_task(self._run(uid), name=f"batcher-{uid}"))
+
+    def queued_tokens(self, uid: str) -> int:
+        """Tokens accepted for `uid` and not yet answered (waiting or computing): the load."""
+        q = self._queues.get(uid)
+        return 0 if q is None else q.waiting_tokens + q.running_tokens
+
+    async def forward(self, uid: str, x: torch.Tensor, call_id: str | None = None) -> torch.Tensor:
+        q = self._queues.get(uid)
+        if q is None:
+            raise ShuttingDown(f"the batcher is not running for expert {uid!r}")
+        load = self.queued_tokens(uid)
+        if self.max_queue_tokens and load and load + x.shape[0] > self.max_queue_tokens:
+            raise Overloaded(f"expert {uid} has {load} tokens queued (limit {self.max_queue_tokens}); "
+                             f"retry later or on another replica")
+        loop = asyncio.get_running_loop()
+        task = _Task(x, call_id, loop.create_future(), loop.time())
+        q.tasks.append(task)
+        q.waiting_tokens += task.tokens
+        self._report(uid)
+        q.changed.set()
+        return await task.future
+
+    async def _run(self, uid: str) -> None:
+        q = self._queues[uid]
+        loop = asyncio.get_running_loop()
+        while True:
+            while not q.tasks:
+                q.changed.clear()
+                await q.changed.wait()
+            deadline = q.tasks[0].enqueued + self.batch_wait_s
+            while q.waiting_tokens < self.max_batch_tokens and (remaining := deadline - loop.time()) > 0:
+                q.changed.clear()
+                try:
+                    await asyncio.wait_for(q.changed.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(q)
+            if batch:
+                await self._compute(uid, q, batch)
+
+    def _take(self, q: _Queue) -> list[_Task]:
+        """The head of the queue up to max_batch_tokens (always at least one request)."""
+        batch: list[_Task] = []
+        tokens = 0
+        while q.tasks:
+            task = q.tasks[0]
+            if batch and tokens + task.tokens > self.max_batch_tokens:
+                break
+            q.tasks.popleft()
+            q.waiting_tokens -= task.tokens
+            if task.future.done():  # the caller gave up (deadline, cancel): skip its work
+                continue
+            batch.append(task)
+            tokens += task.tokens
+        return batch
+
+    async def _compute(self, uid: str, q: _Queue, batch: list[_Task]) -> None:
+        tokens = sum(t.tokens for t in batch)
+        q.running_tokens += tokens
+        self._report(uid)
+        if self.metrics is not None:
+            self.metrics.observe_batch(uid, len(batch), tokens)
+        try:
+            outputs = await self.worker.run(self.backend.forward_batch, uid, [t.x for t in batch],
+                                            [t.call_id for t in batch])
+        except asyncio.CancelledError:
+            for t in batch:
+                if not t.future.done():
+                    t.future.set_exception(ShuttingDown(f"expert {uid} is shutting down"))
+            raise
+        except Exception as e:  # every waiting caller gets the failure
+            log.exception("forward batch of %d requests for expert %s failed", len(batch), uid)
+            for t in batch:
+                if not t.future.done():
+                    t.future.set_exception(e)
+        else:
+            for t, y in zip(batch, outputs):
+                if not t.future.done():
+                    t.future.set_result(y)
+        finally:
+            q.running_tokens -= tokens
+            self._report(uid)
+
+    def _report(self, uid: str) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_tokens.labels(expert=uid).set(self.queued_tokens(uid))
+
+    async def stop(self) -> None:
+        """Stop batching; requests still queued fail with ShuttingDown."""
+        for t in self._loops:
+            t.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        for uid, q in self._queues.items():
+            for task in q.tasks:
+                if not task.future.done():
+                    task.future.set_exception(ShuttingDown(f"expert {uid} is shutting down"))
+            q.tasks.clear()
+        self._queues.clear()

@@ -1,0 +1,106 @@
+"""Configuration of the expert service, from environment variables only.
+
+    EXPERT_UIDS=0.0,0.1 EXPERT_DIM=64 EXPERT_INTER_DIM=128 python -m services.expert
+
+`python -m services.expert --env-table` prints the table below as markdown (for the README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe.config import LMConfig
+from moe.experts import parse_expert_uid
+from subnet.envconfig import REQUIRED, env
+from subnet.tensor_codec import parse_wire_dtypes
+
+_LM = LMConfig()
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Everything `services.expert` reads from the environment; checked at construction."""
+
+    uids: tuple[str, ...] = env("EXPERT_UIDS", REQUIRED,
+                                "comma-separated expert uids this service hosts, `<layer>.<index>`, "
+                                "e.g. `0.0,0.1,1.0`")
+    dim: int = env("EXPERT_DIM", _LM.dim, "model width (the LM's `dim`)")
+    inter_dim: int = env("EXPERT_INTER_DIM", _LM.moe_inter_dim, "hidden width of each expert")
+    host: str = env("EXPERT_HOST", "127.0.0.1", "address the gRPC and metrics servers bind; "
+                                                "`0.0.0.0` in containers")
+    port: int = env("EXPERT_PORT", 50051, "gRPC port; 0 = any free port")
+    advertise_endpoint: str = env("EXPERT_ADVERTISE_ENDPOINT", "",
+                                  "`host:port` routers should dial, written to the registry; "
+                                  "empty = `EXPERT_HOST:port` (set it when binding 0.0.0.0)")
+    device: str = env("EXPERT_DEVICE", "cpu", "torch device of the weights: `cpu`, `cuda`, `cuda:1`")
+    wire_dtypes: str = env("EXPERT_WIRE_DTYPES", "fp32,bf16,fp16", "wire dtypes accepted in requests")
+    max_batch_tokens: int = env("EXPERT_MAX_BATCH_TOKENS", 8192,
+                                "dynamic batching merges requests up to this many tokens per computation")
+    batch_wait_ms: float = env("EXPERT_BATCH_WAIT_MS", 2.0,
+                               "how long the first request of a batch waits for others to join")
+    max_request_tokens: int = env("EXPERT_MAX_REQUEST_TOKENS", 4096,
+                                  "tokens per request; more is RESOURCE_EXHAUSTED")
+    max_queue_tokens: int = env("EXPERT_MAX_QUEUE_TOKENS", 65536,
+                                "tokens waiting per expert; more is RESOURCE_EXHAUSTED (overload); 0 = no limit")
+    max_message_mb: float = env("EXPERT_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
+    activation_ttl_s: float = env("EXPERT_ACTIVATION_TTL_S", 60.0,
+                                  "training activations kept for Backward at most this long")
+    activation_cache_mb: float = env("EXPERT_ACTIVATION_CACHE_MB", 512.0,
+                                     "memory bound of the activation cache; oldest entries are evicted")
+    redis_url: str = env("REDIS_URL", "", "registry Redis, e.g. `redis://127.0.0.1:6379/0`; empty = do not register")
+    registry_ttl_s: float = env("EXPERT_REGISTRY_TTL_S", 10.0,
+                                "registry entry TTL; refreshed every TTL/3, gone this long after a crash")
+    metrics_port: int = env("EXPERT_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
+    checkpoint: str = env("EXPERT_CHECKPOINT", "",
+                          "safetensors file with `<uid>.w1.weight` etc. (see checkpoint.py); "
+                          "empty = initialize from EXPERT_SEED")
+    seed: int = env("EXPERT_SEED", 0, "initialization seed; each expert's weights depend on (seed, uid)")
+    hotkey: str = env("EXPERT_HOTKEY", "", "the miner's hotkey, written to the registry")
+    threads: int = env("EXPERT_THREADS", 0, "torch intra-op threads; 0 = torch's default")
+    grace_s: float = env("EXPERT_GRACE_S", 5.0, "on SIGTERM, in-flight requests get this long to finish")
+    inject_delay_ms: float = env("EXPERT_INJECT_DELAY_MS", 0.0,
+                                 "fault injection for tests: delay every Forward/Backward answer")
+    log_level: str = env("EXPERT_LOG_LEVEL", "INFO", "Python logging level")
+
+    def __post_init__(self):
+        if not self.uids:
+            raise ValueError("EXPERT_UIDS is empty: list the expert uids to host, e.g. 0.0,0.1")
+        for uid in self.uids:
+            try:
+                parse_expert_uid(uid)
+            except ValueError as e:
+                raise ValueError(f"EXPERT_UIDS: {e}") from None
+        if len(set(self.uids)) != len(self.uids):
+            raise ValueError(f"EXPERT_UIDS lists an expert twice: {','.join(self.uids)}")
+        positive = {"EXPERT_DIM": self.dim, "EXPERT_INTER_DIM": self.inter_dim,
+                    "EXPERT_MAX_BATCH_TOKENS": self.max_batch_tokens,
+                    "EXPERT_MAX_REQUEST_TOKENS": self.max_request_tokens,
+                    "EXPERT_MAX_MESSAGE_MB": self.max_message_mb,
+                    "EXPERT_ACTIVATION_TTL_S": self.activation_ttl_s,
+                    "EXPERT_REGISTRY_TTL_S": self.registry_ttl_s}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        non_negative = {"EXPERT_PORT": self.port, "EXPERT_METRICS_PORT": self.metrics_port,
+                        "EXPERT_BATCH_WAIT_MS": self.batch_wait_ms,
+                        "EXPERT_MAX_QUEUE_TOKENS": self.max_queue_tokens,
+                        "EXPERT_ACTIVATION_CACHE_MB": self.activation_cache_mb,
+                        "EXPERT_THREADS": self.threads, "EXPERT_GRACE_S": self.grace_s,
+                        "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
+        if self.port > 65535 or self.metrics_port > 65535:
+            raise ValueError("EXPERT_PORT and EXPERT_METRICS_PORT must be below 65536")
+        try:
+            parse_wire_dtypes(self.wire_dtypes)
+        except ValueError as e:
+            raise ValueError(f"EXPERT_WIRE_DTYPES={self.wire_dtypes!r}: {e}") from None
+
+    @property
+    def allowed_dtypes(self) -> tuple[int, ...]:
+        return parse_wire_dtypes(self.wire_dtypes)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)

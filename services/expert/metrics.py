@@ -1,0 +1,64 @@
+"""Prometheus metrics of one expert service, on their own HTTP port.
+
+Each `ExpertMetrics` has its own CollectorRegistry (not the process-global one), so several
+servers in one test process do not collide.
+
+    expert_rpc_latency_seconds{rpc}         histogram, every RPC, errors included
+    expert_rpc_errors_total{rpc,code}       answers with a non-OK status
+    expert_tokens_total{expert,rpc}         tokens processed (Forward, Backward)
+    expert_batch_tokens{expert}             histogram, tokens per forward computation
+    expert_batch_requests{expert}           histogram, requests merged per forward computation
+    expert_queue_tokens{expert}             tokens accepted and not yet answered (the load)
+    expert_version{expert}                  optimizer steps applied
+    expert_activation_cache_bytes           memory held for pending Backwards
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ExpertMetrics:
+    """The metric objects plus the HTTP server that exposes them (`serve` / `stop`)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpc_latency = Histogram("expert_rpc_latency_seconds", "RPC latency", ["rpc"],
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.rpc_errors = Counter("expert_rpc_errors", "RPCs answered with a non-OK status",
+                                  ["rpc", "code"], registry=r)
+        self.tokens = Counter("expert_tokens", "tokens processed", ["expert", "rpc"], registry=r)
+        self.batch_tokens = Histogram("expert_batch_tokens", "tokens per forward computation", ["expert"],
+                                      buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_requests = Histogram("expert_batch_requests", "requests merged per forward computation",
+                                        ["expert"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.queue_tokens = Gauge("expert_queue_tokens", "tokens accepted and not yet answered",
+                                  ["expert"], registry=r)
+        self.version = Gauge("expert_version", "optimizer steps applied", ["expert"], registry=r)
+        self.activation_cache_bytes = Gauge("expert_activation_cache_bytes",
+                                            "bytes of activations held for pending Backwards", registry=r)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe_batch(self, uid: str, requests: int, tokens: int) -> None:
+        self.batch_requests.labels(expert=uid).observe(requests)
+        self.batch_tokens.labels(expert=uid).observe(tokens)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (/metrics); returns the bound port. OSError if it is taken."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,229 @@
+"""The expert service: wires config, weights, backend, batcher, servicer, health, metrics
+and the registry heartbeat together, and owns their lifecycle.
+
+    EXPERT_UIDS=0.0,0.1 EXPERT_DIM=64 EXPERT_INTER_DIM=128 python -m services.expert
+
+In a test, in-process:
+
+    server = ExpertServer(config)
+    await server.start(); await server.wait_ready()
+    ...  # dial server.endpoint
+    await server.stop()
+
+Start-up order: bind ports (fail fast when taken), start gRPC with health NOT_SERVING
+(Expert RPCs answer UNAVAILABLE), load weights, register in Redis, then SERVING.
+Stop order: deregister, NOT_SERVING, drain in-flight RPCs for `grace_s`, stop compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Mapping
+
+import grpc
+import redis
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from moe.experts import SwiGLU
+from moe.v1 import expert_pb2, expert_pb2_grpc
+from services.expert.backend import ExpertBackend
+from services.expert.batcher import Batcher, ComputeWorker
+from services.expert.checkpoint import CheckpointError, experts_from_checkpoint, init_expert
+from services.expert.config import ExpertConfig
+from services.expert.metrics import ExpertMetrics
+from services.expert.servicer import ExpertServicer
+from subnet.redis_server import port_in_use
+from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (port taken, bad checkpoint, device missing); one-line message."""
+
+
+class _Deferred(expert_pb2_grpc.ExpertServicer):
+    """Stands in for the ExpertServicer until the weights are loaded: answers UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.target: ExpertServicer | None = None
+
+    async def _call(self, name: str, request, context):
+        if self.target is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the expert service is still loading its weights")
+        return await getattr(self.target, name)(request, context)
+
+    async def Forward(self, request, context):
+        return await self._call("Forward", request, context)
+
+    async def Backward(self, request, context):
+        return await self._call("Backward", request, context)
+
+    async def GradNorm(self, request, context):
+        return await self._call("GradNorm", request, context)
+
+    async def ApplyStep(self, request, context):
+        return await self._call("ApplyStep", request, context)
+
+    async def Info(self, request, context):
+        return await self._call("Info", request, context)
+
+
+class ExpertServer:
+    """One expert service. `experts` overrides the weights (tests); else checkpoint or seed."""
+
+    def __init__(self, config: ExpertConfig, experts: Mapping[str, SwiGLU] | None = None):
+        self.config = config
+        self._given_experts = experts
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics = ExpertMetrics()
+        self.health = health_aio.HealthServicer()
+        self.backend: ExpertBackend | None = None
+        self.batcher: Batcher | None = None
+        self.worker: ComputeWorker | None = None
+        self.heartbeat: Heartbeat | None = None
+        self._redis: redis.Redis | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._deferred = _Deferred()
+        self._janitor: asyncio.Task | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def endpoint(self) -> str:
+        """The `host:port` routers dial (and the registry advertises)."""
+        c = self.config
+        if c.advertise_endpoint:
+            return c.advertise_endpoint
+        host = c.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind, serve health (NOT_SERVING), load weights, then SERVING and register."""
+        c = self.config
+        if c.threads > 0:
+            torch.set_num_threads(c.threads)
+        if c.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+            except OSError as e:
+                raise StartupError(f"metrics port {c.metrics_port} on {c.host} is not available "
+                                   f"({e.strerror}); set EXPERT_METRICS_PORT to a free port or 0") from None
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ])
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, _NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        expert_pb2_grpc.add_ExpertServicer_to_server(self._deferred, self._grpc)
+        self.port = self._bind(c.host, c.port)
+        await self._grpc.start()
+
+        self.worker = ComputeWorker(c.threads)
+        experts = await self.worker.run(self._load_experts)
+        self.backend = ExpertBackend(experts, c.device, c.activation_ttl_s, c.activation_cache_mb)
+        self.batcher = Batcher(self.backend, self.worker, c.max_batch_tokens, c.batch_wait_ms,
+                               c.max_queue_tokens, self.metrics)
+        await self.batcher.start()
+        self._deferred.target = ExpertServicer(
+            self.backend, self.batcher, self.worker, allowed_dtypes=c.allowed_dtypes,
+            max_request_tokens=c.max_request_tokens, max_message_bytes=c.max_message_bytes,
+            device=str(self.backend.device), metrics=self.metrics, inject_delay_ms=c.inject_delay_ms)
+        self._janitor = asyncio.create_task(self._sweep_forever(), name="activation-janitor")
+        if c.redis_url:  # before SERVING, so that "SERVING" also means "routers can find it"
+            await self._register()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, _SERVING)
+        self._ready.set()
+        log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s%s",
+                 self.endpoint, ",".join(c.uids), c.dim, c.inter_dim, self.backend.device,
+                 f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+
+    def _bind(self, host: str, port: int) -> int:
+        if port and port_in_use(port, host):
+            raise StartupError(f"port {port} on {host} is in use; set EXPERT_PORT to a free port "
+                               f"(or 0 for any free port)")
+        try:
+            bound = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {host}:{port}: {e}") from None
+        if bound == 0:  # older grpcio reports a failed bind this way
+            raise StartupError(f"cannot listen on {host}:{port}; set EXPERT_PORT to a free port")
+        return bound
+
+    def _load_experts(self) -> dict[str, SwiGLU]:
+        c = self.config
+        if c.device.startswith("cuda") and not torch.cuda.is_available():
+            raise StartupError(f"EXPERT_DEVICE={c.device} but torch sees no CUDA device")
+        if self._given_experts is not None:
+            return dict(self._given_experts)
+        if c.checkpoint:
+            try:
+                experts = experts_from_checkpoint(c.checkpoint, c.uids, c.dim, c.inter_dim)
+            except CheckpointError as e:
+                raise StartupError(str(e)) from None
+            log.info("loaded %d experts from %s", len(experts), c.checkpoint)
+            return experts
+        return {uid: init_expert(uid, c.dim, c.inter_dim, c.seed) for uid in c.uids}
+
+    async def _register(self) -> None:
+        c = self.config
+        self._redis = redis.Redis.from_url(c.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        registry = ExpertRegistry(self._redis, ttl_s=c.registry_ttl_s)
+        endpoint = self.endpoint
+        entries = [HeartbeatEntry(uid, endpoint, load=lambda u=uid: self.batcher.queued_tokens(u),
+                                  version=lambda u=uid: self.backend.version(u))
+                   for uid in c.uids]
+        self.heartbeat = Heartbeat(registry, entries, hotkey=c.hotkey)
+        await self.heartbeat.start()
+
+    async def _sweep_forever(self) -> None:
+        interval = min(self.config.activation_ttl_s / 2, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            n = self.backend.cache.sweep()
+            self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
+            if n:
+                log.info("expired %d unused training activations (no Backward within %.0f s)",
+                         n, self.config.activation_ttl_s)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+
+    async def wait_for_termination(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Deregister, NOT_SERVING, let in-flight RPCs finish (up to `grace_s`), release everything."""
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+            self.heartbeat = None
+        await self.health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+            self._grpc = None
+        if self._janitor is not None:
+            self._janitor.cancel()
+            self._janitor = None
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.shutdown)
+            self.worker = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        self.metrics.stop()

@@ -1,0 +1,211 @@
+"""`moe.v1.Expert` over grpc.aio: validate every request, hand it to the batcher or the
+compute worker, encode the answer in the request's wire dtype. No compute happens here.
+
+Every failure becomes a status code with a message a person can act on; an unexpected
+exception becomes INTERNAL and is logged. Either way the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from importlib import metadata
+from typing import Any
+
+import grpc
+import torch
+
+from moe.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
+from services.expert import backend as be
+from services.expert.batcher import Batcher, ComputeWorker, Overloaded, ShuttingDown
+from services.expert.metrics import ExpertMetrics
+from subnet.tensor_codec import TensorError, decode, encode, wire_dtype_name
+
+log = logging.getLogger(__name__)
+Code = grpc.StatusCode
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    be.UnknownExpert: Code.NOT_FOUND,
+    be.ActivationsMissing: Code.FAILED_PRECONDITION,
+    be.StepConflict: Code.FAILED_PRECONDITION,
+    be.DuplicateBackward: Code.ALREADY_EXISTS,
+    be.BadRequest: Code.INVALID_ARGUMENT,
+    Overloaded: Code.RESOURCE_EXHAUSTED,
+    ShuttingDown: Code.UNAVAILABLE,
+}
+# Decoding/encoding a tensor this big takes long enough to stall the event loop: use a thread.
+_OFFLOAD_ELEMENTS = 1 << 20
+
+try:
+    SERVER_VERSION = f"moe-subnet {metadata.version('moe-subnet')}"
+except metadata.PackageNotFoundError:
+    SERVER_VERSION = "moe-subnet (not installed)"
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ExpertServicer(expert_pb2_grpc.ExpertServicer):
+    """Turns RPCs into backend/batcher calls. Holds no model state of its own."""
+
+    def __init__(self, backend: be.ExpertBackend, batcher: Batcher, worker: ComputeWorker, *,
+                 allowed_dtypes: tuple[int, ...], max_request_tokens: int, max_message_bytes: int,
+                 device: str, metrics: ExpertMetrics | None = None, inject_delay_ms: float = 0.0):
+        self.backend = backend
+        self.batcher = batcher
+        self.worker = worker
+        self.allowed_dtypes = allowed_dtypes
+        self.max_request_tokens = max_request_tokens
+        self.max_message_bytes = max_message_bytes
+        self.device = device
+        self.metrics = metrics
+        self.inject_delay_s = inject_delay_ms / 1000
+
+    # -- RPCs -------------------------------------------------------------------------------
+
+    async def Forward(self, request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardResponse:
+        async def run():
+            uid = self._uid(request.expert_uid)
+            _check_step(request.step)
+            if request.training and not request.call_id:
+                raise RpcError(Code.INVALID_ARGUMENT, "call_id is required when training is true "
+                                                      "(it keys the activations kept for Backward)")
+            x = await self._tensor(request, "inputs")
+            await self._delay()
+            y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
+            self._count(uid, "Forward", x.shape[0])
+            return expert_pb2.ForwardResponse(outputs=await self._encode(y, request.inputs.dtype))
+        return await self._handle("Forward", context, run)
+
+    async def Backward(self, request: expert_pb2.BackwardRequest, context) -> expert_pb2.BackwardResponse:
+        async def run():
+            uid = self._uid(request.expert_uid)
+            _check_step(request.step)
+            if not request.call_id:
+                raise RpcError(Code.INVALID_ARGUMENT, "call_id is required: the call_id of the training Forward")
+            g = await self._tensor(request, "grad_outputs")
+            x = await self._tensor(request, "inputs") if request.HasField("inputs") else None
+            await self._delay()
+            dx = await self.worker.run(self.backend.backward, uid, request.call_id, request.step, g, x)
+            self._count(uid, "Backward", g.shape[0])
+            return expert_pb2.BackwardResponse(grad_inputs=await self._encode(dx, request.grad_outputs.dtype))
+        return await self._handle("Backward", context, run)
+
+    async def GradNorm(self, request: expert_pb2.GradNormRequest, context) -> expert_pb2.GradNormResponse:
+        async def run():
+            uid = self._uid(request.expert_uid)
+            _check_step(request.step)
+            sq, calls = await self.worker.run(self.backend.grad_sq_norm, uid, request.step)
+            return expert_pb2.GradNormResponse(sq_norm=sq, backward_calls=calls)
+        return await self._handle("GradNorm", context, run)
+
+    async def ApplyStep(self, request: expert_pb2.ApplyStepRequest, context) -> expert_pb2.ApplyStepResponse:
+        async def run():
+            uid = self._uid(request.expert_uid)
+            _check_step(request.step)
+            r = request
+            _check_hyper("lr", r.lr, r.lr >= 0, ">= 0")
+            _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
+            _check_hyper("weight_decay", r.weight_decay, r.weight_decay >= 0, ">= 0")
+            _check_hyper("beta1", r.beta1, 0 <= r.beta1 < 1, "in [0, 1)")
+            _check_hyper("beta2", r.beta2, 0 <= r.beta2 < 1, "in [0, 1)")
+            _check_hyper("eps", r.eps, r.eps > 0, "> 0 (0 usually means the field was not set)")
+            version = await self.worker.run(self.backend.apply_step, uid, r.step, r.lr, r.grad_scale,
+                                            r.weight_decay, r.beta1, r.beta2, r.eps)
+            if self.metrics is not None:
+                self.metrics.version.labels(expert=uid).set(version)
+            return expert_pb2.ApplyStepResponse(version=version)
+        return await self._handle("ApplyStep", context, run)
+
+    async def Info(self, request: expert_pb2.InfoRequest, context) -> expert_pb2.InfoResponse:
+        async def run():
+            b = self.backend
+            experts = [expert_pb2.ExpertInfo(uid=uid, dim=b.dim, inter_dim=b.inter_dim,
+                                             param_dtype=tensor_pb2.DTYPE_FLOAT32, version=b.version(uid),
+                                             queued_tokens=self.batcher.queued_tokens(uid))
+                       for uid in b.uids]
+            return expert_pb2.InfoResponse(experts=experts, wire_dtypes=self.allowed_dtypes,
+                                           max_tokens=self.max_request_tokens,
+                                           max_message_bytes=self.max_message_bytes,
+                                           device=self.device, server_version=SERVER_VERSION)
+        return await self._handle("Info", context, run)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _handle(self, rpc: str, context, run: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one RPC body: time it, turn every failure into a status code, count errors."""
+        start = time.perf_counter()
+        code, message = Code.OK, ""
+        try:
+            return await run()
+        except (RpcError, TensorError) as e:
+            code, message = e.code, e.message
+        except tuple(_STATUS) as e:
+            code, message = _STATUS[type(e)], str(e)
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            raise
+        except Exception:  # a bug must not take the server down
+            log.exception("%s failed", rpc)
+            code, message = Code.INTERNAL, f"{rpc} failed inside the expert service; see its log"
+        finally:
+            if self.metrics is not None:
+                self.metrics.rpc_latency.labels(rpc=rpc).observe(time.perf_counter() - start)
+                if code != Code.OK:
+                    self.metrics.rpc_errors.labels(rpc=rpc, code=code.name).inc()
+        await context.abort(code, message)
+
+    def _uid(self, uid: str) -> str:
+        if not uid:
+            raise RpcError(Code.INVALID_ARGUMENT, f"expert_uid is required; this service hosts "
+                                                  f"{', '.join(self.backend.uids)}")
+        if uid not in self.backend.uids:
+            raise RpcError(Code.NOT_FOUND, f"expert {uid!r} is not hosted here; hosted: "
+                                           f"{', '.join(self.backend.uids)}")
+        return uid
+
+    async def _tensor(self, request: Any, field: str) -> torch.Tensor:
+        if not request.HasField(field):
+            raise RpcError(Code.INVALID_ARGUMENT, f"{field} is required: a (tokens, {self.backend.dim}) tensor")
+        msg = getattr(request, field)
+        if len(msg.shape) == 2 and msg.shape[0] > self.max_request_tokens:
+            raise RpcError(Code.RESOURCE_EXHAUSTED,
+                           f"{field} has {msg.shape[0]} tokens; this service accepts at most "
+                           f"{self.max_request_tokens} per request; split the batch")
+        kwargs = {"expected_dim": self.backend.dim, "max_elements": self.max_request_tokens * self.backend.dim,
+                  "allowed": self.allowed_dtypes, "name": field}
+        if abs(math.prod(msg.shape)) >= _OFFLOAD_ELEMENTS:  # not len(msg.data): upb copies on access
+            return await asyncio.to_thread(decode, msg, **kwargs)
+        return decode(msg, **kwargs)
+
+    async def _encode(self, t: torch.Tensor, dtype: int):
+        name = wire_dtype_name(dtype)
+        if t.numel() >= _OFFLOAD_ELEMENTS:
+            return await asyncio.to_thread(encode, t, name)
+        return encode(t, name)
+
+    async def _delay(self) -> None:
+        if self.inject_delay_s > 0:
+            await asyncio.sleep(self.inject_delay_s)
+
+    def _count(self, uid: str, rpc: str, tokens: int) -> None:
+        if self.metrics is not None:
+            self.metrics.tokens.labels(expert=uid, rpc=rpc).inc(tokens)
+            self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
+
+
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise RpcError(Code.INVALID_ARGUMENT, f"step must be >= 0, got {step}")
+
+
+def _check_hyper(name: str, value: float, ok: bool, rule: str) -> None:
+    if not math.isfinite(value) or not ok:
+        raise RpcError(Code.INVALID_ARGUMENT, f"{name}={value} must be {rule}")

@@ -1,0 +1,187 @@
+"""The expert registry in Redis: which replica of which expert lives where, and how busy it is.
+
+One hash per replica, `moe:expert:<uid>:<endpoint>`, fields endpoint, uid, hotkey, load
+(tokens queued), version (optimizer steps applied) and updated_ms. Every key carries a TTL;
+a live expert service refreshes it (`Heartbeat`), so a dead one disappears by itself.
+
+Readers (the router) call `replicas(uid)` or `all_replicas()`; they use SCAN, never KEYS,
+so a big registry does not block Redis. The client is the synchronous `redis.Redis`;
+async callers run it in a thread (as `Heartbeat` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "moe:expert:"
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One running copy of one expert, as last reported by its service."""
+
+    uid: str
+    endpoint: str
+    hotkey: str
+    load: int
+    version: int
+    updated_ms: int
+
+
+def replica_key(uid: str, endpoint: str, prefix: str = KEY_PREFIX) -> str:
+    return f"{prefix}{uid}:{endpoint}"
+
+
+class ExpertRegistry:
+    """Register, refresh, remove and list expert replicas. Holds no state besides the client."""
+
+    def __init__(self, redis_client: redis.Redis, ttl_s: float = 10.0, prefix: str = KEY_PREFIX):
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        self.redis = redis_client
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+
+    def register(self, uid: str, endpoint: str, hotkey: str = "", load: int = 0, version: int = 0) -> None:
+        """Create or refresh the replica's hash and reset its TTL (one round trip)."""
+        key = replica_key(uid, endpoint, self.prefix)
+        fields = {"endpoint": endpoint, "uid": uid, "hotkey": hotkey, "load": int(load),
+                  "version": int(version), "updated_ms": int(time.time() * 1000)}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, int(self.ttl_s * 1000))
+        pipe.execute()
+
+    def deregister(self, uid: str, endpoint: str) -> None:
+        self.redis.delete(replica_key(uid, endpoint, self.prefix))
+
+    def replicas(self, uid: str) -> list[Replica]:
+        """The live replicas of `uid`, least loaded first."""
+        pattern = f"{self.prefix}{uid.translate(_GLOB_SPECIAL)}:*"
+        return sorted(self._read(pattern), key=lambda r: (r.load, r.endpoint))
+
+    def all_replicas(self) -> dict[str, list[Replica]]:
+        """Every live replica, grouped by expert uid, each list least loaded first."""
+        out: dict[str, list[Replica]] = {}
+        for r in self._read(f"{self.prefix}*"):
+            out.setdefault(r.uid, []).append(r)
+        for replicas in out.values():
+            replicas.sort(key=lambda r: (r.load, r.endpoint))
+        return out
+
+    def _read(self, pattern: str) -> list[Replica]:
+        keys = list(self.redis.scan_iter(match=pattern, count=500))
+        if not keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        out = []
+        for key, raw in zip(keys, pipe.execute()):
+            if not raw:  # expired between SCAN and HGETALL
+                continue
+            replica = _parse(raw)
+            if replica is None:
+                log.warning("ignoring malformed registry entry %r: %r", key, raw)
+            else:
+                out.append(replica)
+        return out
+
+
+def _parse(raw: dict) -> Replica | None:
+    h = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+         for k, v in raw.items()}
+    try:
+        return Replica(uid=h["uid"], endpoint=h["endpoint"], hotkey=h.get("hotkey", ""),
+                       load=int(h.get("load", 0)), version=int(h.get("version", 0)),
+                       updated_ms=int(h.get("updated_ms", 0)))
+    except (KeyError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class HeartbeatEntry:
+    """One replica a service keeps alive; `load`/`version` are read at every beat."""
+
+    uid: str
+    endpoint: str
+    load: Callable[[], int] = lambda: 0
+    version: Callable[[], int] = lambda: 0
+
+
+class Heartbeat:
+    """An asyncio task that re-registers a set of replicas every `interval_s` (default TTL/3).
+
+    A Redis outage is logged and retried at the next beat; it never stops the service.
+    `stop(deregister=True)` removes the replicas, so routers stop choosing them at once.
+    """
+
+    def __init__(self, registry: ExpertRegistry,
+                 entries: Iterable[HeartbeatEntry | tuple[str, str, Callable[[], int]]],
+                 hotkey: str = "", interval_s: float | None = None):
+        self.registry = registry
+        self.entries = [e if isinstance(e, HeartbeatEntry) else HeartbeatEntry(*e) for e in entries]
+        self.hotkey = hotkey
+        self.interval_s = interval_s if interval_s is not None else registry.ttl_s / 3
+        self.beats = 0
+        self._task: asyncio.Task | None = None
+        # A cancelled beat may still be running in its thread; the lock and flag keep it from
+        # re-registering after `stop` deregistered.
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Register every entry once, then keep refreshing. Redis being down at start-up is
+        logged, not raised: the service is healthy, and the next beat registers it."""
+        try:
+            await asyncio.to_thread(self._beat)
+        except (redis.exceptions.RedisError, OSError) as e:
+            log.warning("registry unreachable, retrying every %.1f s: %s", self.interval_s, e)
+        self._task = asyncio.create_task(self._run(), name="registry-heartbeat")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self._beat)
+            except (redis.exceptions.RedisError, OSError) as e:
+                log.warning("registry heartbeat failed (retrying in %.1f s): %s", self.interval_s, e)
+
+    def _beat(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            for e in self.entries:
+                self.registry.register(e.uid, e.endpoint, hotkey=self.hotkey, load=e.load(),
+                                       version=e.version())
+            self.beats += 1
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        try:
+            await asyncio.to_thread(self._finish, deregister)
+        except (redis.exceptions.RedisError, OSError) as e:
+            log.warning("could not deregister from the registry (the TTL will expire it): %s", e)
+
+    def _finish(self, deregister: bool) -> None:
+        with self._lock:  # waits for a beat still running in its thread
+            self._stopped = True
+            if deregister:
+                for e in self.entries:
+                    self.registry.deregister(e.uid, e.endpoint)

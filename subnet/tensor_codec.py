@@ -1,0 +1,153 @@
+"""torch <-> `moe.v1.Tensor`: the one place that turns tensors into wire bytes and back.
+
+    msg = encode(x, "bf16")                      # sender
+    x = decode(msg, expected_dim=256, max_elements=4096 * 256, name="inputs")   # receiver
+
+`encode` casts, makes the tensor contiguous and writes little-endian raw bytes.
+`decode` checks everything a hostile or buggy sender can get wrong *before* touching the
+bytes (dtype, rank, shape, size limits, byte length), then views the bytes as a tensor
+(`torch.frombuffer`, no copy for fp32; one upcast copy for bf16/fp16) and rejects NaN/Inf.
+Errors are `TensorError(code, message)` with a `grpc.StatusCode`, so a servicer can pass
+them straight to `context.abort`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Iterable
+
+import grpc
+import numpy as np
+import torch
+
+from moe.v1 import tensor_pb2
+
+WIRE_DTYPES: dict[str, int] = {
+    "fp32": tensor_pb2.DTYPE_FLOAT32,
+    "bf16": tensor_pb2.DTYPE_BFLOAT16,
+    "fp16": tensor_pb2.DTYPE_FLOAT16,
+}
+DTYPE_NAMES: dict[int, str] = {v: k for k, v in WIRE_DTYPES.items()}
+_TORCH_DTYPES: dict[int, torch.dtype] = {
+    tensor_pb2.DTYPE_FLOAT32: torch.float32,
+    tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    tensor_pb2.DTYPE_FLOAT16: torch.float16,
+}
+# numpy has no bfloat16: bf16 travels through numpy as its int16 bit pattern.
+_NUMPY_VIEW: dict[int, tuple[torch.dtype, str]] = {
+    tensor_pb2.DTYPE_FLOAT32: (torch.float32, "<f4"),
+    tensor_pb2.DTYPE_BFLOAT16: (torch.int16, "<i2"),
+    tensor_pb2.DTYPE_FLOAT16: (torch.float16, "<f2"),
+}
+ITEMSIZE: dict[int, int] = {
+    tensor_pb2.DTYPE_FLOAT32: 4,
+    tensor_pb2.DTYPE_BFLOAT16: 2,
+    tensor_pb2.DTYPE_FLOAT16: 2,
+}
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+class TensorError(Exception):
+    """A tensor message that cannot be used; `code` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def wire_dtype_name(dtype: int) -> str:
+    """"fp32" for DTYPE_FLOAT32 etc.; a readable placeholder for anything else."""
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if dtype == tensor_pb2.DTYPE_UNSPECIFIED:
+        return "DTYPE_UNSPECIFIED"
+    return f"unknown dtype {dtype}"
+
+
+def parse_wire_dtypes(text: str) -> tuple[int, ...]:
+    """"fp32,bf16" -> (DTYPE_FLOAT32, DTYPE_BFLOAT16); ValueError naming the bad entry."""
+    out = []
+    for name in (part.strip() for part in text.split(",")):
+        if name not in WIRE_DTYPES:
+            raise ValueError(f"unknown wire dtype {name!r}; choose from {', '.join(WIRE_DTYPES)}")
+        out.append(WIRE_DTYPES[name])
+    return tuple(dict.fromkeys(out))
+
+
+def encode(t: torch.Tensor, wire_dtype: str = "fp32") -> tensor_pb2.Tensor:
+    """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16" or "fp16")."""
+    if wire_dtype not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {', '.join(WIRE_DTYPES)}")
+    enum = WIRE_DTYPES[wire_dtype]
+    view_dtype, np_dtype = _NUMPY_VIEW[enum]
+    t = t.detach().to(device="cpu", dtype=_TORCH_DTYPES[enum]).contiguous()
+    array = t.view(view_dtype).numpy()
+    if not _LITTLE_ENDIAN_HOST:
+        array = array.astype(np_dtype)
+    return tensor_pb2.Tensor(dtype=enum, shape=list(t.shape), data=array.tobytes())
+
+
+def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_elements: int | None = None,
+           allowed: Iterable[int] | None = None, name: str = "tensor") -> torch.Tensor:
+    """The float32 tensor in `msg`, after checking it; raises `TensorError`.
+
+    expected_dim: the tensor must be 2-D `(tokens, expected_dim)` with tokens >= 1.
+    max_elements: more elements than this is RESOURCE_EXHAUSTED.
+    allowed: the wire dtypes this receiver accepts (default: all of WIRE_DTYPES).
+    name: the field name used in error messages ("inputs", "grad_outputs").
+
+    fp32 shares memory with `msg.data` (read-only: do not modify the result in place).
+    """
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    dtype = msg.dtype
+    if dtype not in ITEMSIZE:
+        raise TensorError(bad, f"{name} has dtype {wire_dtype_name(dtype)}; "
+                               f"set it to one of {', '.join(WIRE_DTYPES)}")
+    allowed_set = set(WIRE_DTYPES.values()) if allowed is None else set(allowed)
+    if dtype not in allowed_set:
+        accepted = ", ".join(wire_dtype_name(d) for d in sorted(allowed_set))
+        raise TensorError(bad, f"{name} has dtype {wire_dtype_name(dtype)}, which this receiver does not "
+                               f"accept; send one of: {accepted}")
+    shape = list(msg.shape)
+    if expected_dim is not None and (len(shape) != 2 or shape[1] != expected_dim):
+        raise TensorError(bad, f"{name} has shape {shape}; expected (tokens, {expected_dim})")
+    if not shape:
+        raise TensorError(bad, f"{name} has no shape; a tensor needs at least one dimension")
+    if any(d < 0 for d in shape):
+        raise TensorError(bad, f"{name} has negative sizes in shape {shape}")
+    numel = math.prod(shape)
+    if numel == 0:
+        raise TensorError(bad, f"{name} is empty (shape {shape}); send at least one token")
+    if max_elements is not None and numel > max_elements:
+        raise TensorError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
+                          f"{max_elements}; split it into smaller requests")
+    itemsize = ITEMSIZE[dtype]
+    data = msg.data
+    if len(data) != numel * itemsize:
+        raise TensorError(bad, f"{name} has {len(data)} bytes but shape {shape} with dtype "
+                               f"{wire_dtype_name(dtype)} needs {numel * itemsize} "
+                               f"({numel} x {itemsize} bytes); the data does not match the shape")
+    t = _view(data, dtype).reshape(shape)
+    if t.dtype != torch.float32:
+        t = t.float()  # the one copy for bf16/fp16
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise TensorError(bad, f"{name} contains {n_bad} NaN or Inf values; send finite numbers")
+    return t
+
+
+def _view(data: bytes | bytearray | memoryview, dtype: int) -> torch.Tensor:
+    """The bytes as a 1-D tensor of the wire dtype, without a copy on little-endian hosts."""
+    view_dtype, np_dtype = _NUMPY_VIEW[dtype]
+    if not _LITTLE_ENDIAN_HOST:
+        swapped = np.frombuffer(data, dtype=np_dtype).astype(np_dtype[1:])
+        return torch.from_numpy(swapped).view(_TORCH_DTYPES[dtype])
+    with warnings.catch_warnings():
+        # `bytes` is read-only; torch warns that writing would be undefined. We never write.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        t = torch.frombuffer(data, dtype=view_dtype)
+    return t.view(_TORCH_DTYPES[dtype])

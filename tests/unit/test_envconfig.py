@@ -1,0 +1,57 @@
+"""subnet.envconfig and the expert service's config built on it."""
+
+from dataclasses import FrozenInstanceError, dataclass
+
+import pytest
+
+from services.expert.config import ExpertConfig
+from subnet.envconfig import REQUIRED, ConfigError, env, from_env, markdown_table
+
+
+@dataclass(frozen=True)
+class Demo:
+    name: str = env("DEMO_NAME", REQUIRED, "who")
+    port: int = env("DEMO_PORT", 8080, "a port")
+    wait_ms: float = env("DEMO_WAIT_MS", 1.5, "how long")
+    verbose: bool = env("DEMO_VERBOSE", False, "chatty")
+    tags: tuple[str, ...] = env("DEMO_TAGS", (), "labels")
+
+
+def test_values_are_parsed_by_type_and_defaults_fill_the_rest():
+    c = from_env(Demo, {"DEMO_NAME": "x", "DEMO_PORT": " 9 ", "DEMO_VERBOSE": "true", "DEMO_TAGS": "a, b,"})
+    assert c == Demo(name="x", port=9, wait_ms=1.5, verbose=True, tags=("a", "b"))
+    with pytest.raises(FrozenInstanceError):
+        c.port = 1
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({}, "DEMO_NAME is required but not set: who"),
+    ({"DEMO_NAME": "  "}, "DEMO_NAME is required"),
+    ({"DEMO_NAME": "x", "DEMO_PORT": "abc"}, "DEMO_PORT='abc' is not an int"),
+    ({"DEMO_NAME": "x", "DEMO_WAIT_MS": "soon"}, "DEMO_WAIT_MS='soon' is not a float"),
+    ({"DEMO_NAME": "x", "DEMO_VERBOSE": "maybe"}, "DEMO_VERBOSE='maybe' is not a bool"),
+])
+def test_bad_values_fail_with_the_variable_name(environ, message):
+    with pytest.raises(ConfigError) as info:
+        from_env(Demo, environ)
+    assert message in str(info.value)
+
+
+def test_markdown_table_lists_every_variable():
+    table = markdown_table(Demo)
+    assert "| `DEMO_NAME` | str | **required** | who |" in table
+    assert "| `DEMO_PORT` | int | `8080` | a port |" in table
+    assert table.count("\n") == 2 + 5
+
+
+def test_expert_config_requires_uids_and_checks_them():
+    with pytest.raises(ConfigError, match="EXPERT_UIDS is required"):
+        from_env(ExpertConfig, {})
+    with pytest.raises(ConfigError, match="EXPERT_UIDS: expert uid must look like"):
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0,zero"})
+    with pytest.raises(ConfigError, match="EXPERT_DIM=0 must be positive"):
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_DIM": "0"})
+    with pytest.raises(ConfigError, match="EXPERT_WIRE_DTYPES"):
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_WIRE_DTYPES": "fp32,fp64"})
+    c = from_env(ExpertConfig, {"EXPERT_UIDS": "0.0,1.2", "EXPERT_MAX_MESSAGE_MB": "2"})
+    assert c.uids == ("0.0", "1.2") and c.max_message_bytes == 2 * 1024 * 1024

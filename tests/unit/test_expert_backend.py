@@ -1,0 +1,225 @@
+"""services.expert.backend against the in-process reference: SwiGLU + autograd + torch AdamW."""
+
+import copy
+
+import pytest
+import torch
+
+from moe.experts import SwiGLU
+from services.expert.backend import (
+    ActivationCache,
+    ActivationsMissing,
+    DuplicateBackward,
+    ExpertBackend,
+    StepConflict,
+    UnknownExpert,
+)
+
+torch.set_num_threads(1)
+DIM, INTER = 16, 32
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _make(n_experts=1, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ref = {f"0.{i}": SwiGLU(DIM, INTER) for i in range(n_experts)}
+    backend = ExpertBackend({uid: copy.deepcopy(m) for uid, m in ref.items()}, **kwargs)
+    return ref, backend
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _autograd(module, x, g):
+    """Reference: output, input grad; parameter grads accumulate in module's .grad."""
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def _assert_param_grads(ref: SwiGLU, got: SwiGLU, rtol=1e-5, atol=1e-6):
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got.get_parameter(name).grad, p.grad, rtol=rtol, atol=atol, msg=name)
+
+
+def test_forward_equals_swiglu():
+    ref, backend = _make()
+    x = _randn(9, DIM, seed=1)
+    torch.testing.assert_close(backend.forward("0.0", x), ref["0.0"](x).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_batched_forward_splits_back_per_request():
+    ref, backend = _make()
+    xs = [_randn(n, DIM, seed=n) for n in (1, 5, 3)]
+    outs = backend.forward_batch("0.0", xs, [None, None, None])
+    assert [o.shape[0] for o in outs] == [1, 5, 3]
+    for x, y in zip(xs, outs):
+        torch.testing.assert_close(y, ref["0.0"](x).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_backward_matches_autograd_and_accumulates_over_calls():
+    ref, backend = _make()
+    module = ref["0.0"]
+    for i in range(3):  # three micro-batches of one step
+        x, g = _randn(6 + i, DIM, seed=10 + i), _randn(6 + i, DIM, seed=20 + i)
+        y = backend.forward("0.0", x, call_id=f"c{i}")
+        dx = backend.backward("0.0", f"c{i}", step=0, grad_out=g)
+        y_ref, dx_ref = _autograd(module, x, g)
+        torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    _assert_param_grads(module, backend.module("0.0"))
+    sq, calls = backend.grad_sq_norm("0.0", step=0)
+    assert calls == 3
+    assert sq == pytest.approx(sum(float(p.grad.double().pow(2).sum()) for p in module.parameters()), rel=1e-6)
+    assert backend.grad_sq_norm("0.0", step=1) == (0.0, 0)
+    assert len(backend.cache) == 0  # a Backward releases its activations
+
+
+def test_backward_of_a_batched_training_forward():
+    ref, backend = _make()
+    xs = [_randn(n, DIM, seed=n) for n in (2, 7, 4)]
+    gs = [_randn(n, DIM, seed=100 + n) for n in (2, 7, 4)]
+    backend.forward_batch("0.0", xs, ["a", None, "c"])  # the middle one is inference
+    assert len(backend.cache) == 2
+    for call_id, x, g in (("c", xs[2], gs[2]), ("a", xs[0], gs[0])):  # any order
+        dx = backend.backward("0.0", call_id, step=3, grad_out=g)
+        torch.testing.assert_close(dx, _autograd(ref["0.0"], x, g)[1], rtol=1e-5, atol=1e-6)
+    _assert_param_grads(ref["0.0"], backend.module("0.0"))
+
+
+def test_recompute_path_when_activations_are_gone():
+    ref, backend = _make()
+    x, g = _randn(5, DIM, seed=1), _randn(5, DIM, seed=2)
+    with pytest.raises(ActivationsMissing, match="resend the Backward with `inputs`"):
+        backend.backward("0.0", "never-forwarded", step=0, grad_out=g)
+    dx = backend.backward("0.0", "never-forwarded", step=0, grad_out=g, inputs=x)
+    torch.testing.assert_close(dx, _autograd(ref["0.0"], x, g)[1], rtol=1e-5, atol=1e-6)
+    _assert_param_grads(ref["0.0"], backend.module("0.0"))
+
+
+def test_newer_step_discards_stale_grads_and_older_step_is_refused():
+    ref, backend = _make()
+    x1, g1 = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
+    x2, g2 = _randn(3, DIM, seed=3), _randn(3, DIM, seed=4)
+    backend.forward("0.0", x1, call_id="old")
+    backend.backward("0.0", "old", step=5, grad_out=g1)  # the router died after this
+    backend.forward("0.0", x2, call_id="new")
+    backend.backward("0.0", "new", step=6, grad_out=g2)
+    _autograd(ref["0.0"], x2, g2)  # only step 6's gradient survives
+    _assert_param_grads(ref["0.0"], backend.module("0.0"))
+    assert backend.grad_sq_norm("0.0", 6)[1] == 1
+    with pytest.raises(StepConflict, match="step 5"):
+        backend.backward("0.0", "late", step=5, grad_out=g1, inputs=x1)
+    with pytest.raises(StepConflict):
+        backend.apply_step("0.0", step=5, lr=0.1)
+
+
+def test_a_forward_is_backpropagated_once():
+    _, backend = _make()
+    x, g = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
+    backend.forward("0.0", x, call_id="c")
+    backend.backward("0.0", "c", step=0, grad_out=g)
+    with pytest.raises(DuplicateBackward):
+        backend.backward("0.0", "c", step=0, grad_out=g, inputs=x)
+
+
+def test_grad_rows_must_match_the_forward():
+    _, backend = _make()
+    backend.forward("0.0", _randn(4, DIM, seed=1), call_id="c")
+    with pytest.raises(Exception, match="has 3 tokens but the Forward"):
+        backend.backward("0.0", "c", step=0, grad_out=_randn(3, DIM, seed=2))
+    assert len(backend.cache) == 1  # a bad request does not destroy the activations
+
+
+def test_apply_step_equals_torch_adamw_in_process():
+    ref, backend = _make(n_experts=2)
+    ref_opts = {uid: torch.optim.AdamW(m.parameters(), lr=0.0) for uid, m in ref.items()}
+    hyper = {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    for step, (lr, scale) in enumerate([(1e-2, 0.0), (5e-3, 0.5), (2e-3, 1.0), (1e-3, 0.25)]):
+        for k, uid in enumerate(ref):
+            x, g = _randn(5, DIM, seed=step * 10 + k), _randn(5, DIM, seed=step * 10 + k + 5)
+            backend.forward(uid, x, call_id=f"{step}-{k}")
+            backend.backward(uid, f"{step}-{k}", step=step, grad_out=g)
+            _autograd(ref[uid], x, g)
+            opt = ref_opts[uid]
+            if scale:
+                for p in ref[uid].parameters():
+                    p.grad.mul_(scale)
+            for group in opt.param_groups:
+                group.update(lr=lr, weight_decay=hyper["weight_decay"], betas=(hyper["beta1"], hyper["beta2"]),
+                             eps=hyper["eps"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            version = backend.apply_step(uid, step=step, lr=lr, grad_scale=scale, **hyper)
+            assert version == step + 1
+    for uid, module in ref.items():
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(backend.module(uid).get_parameter(name), p.detach(),
+                                       rtol=1e-5, atol=1e-7, msg=f"{uid}.{name}")
+            assert backend.module(uid).get_parameter(name).grad is None
+    assert backend.grad_sq_norm("0.0", 3) == (0.0, 0)
+
+
+def test_apply_step_without_grads_is_a_noop():
+    _, backend = _make()
+    before = {n: p.clone() for n, p in backend.module("0.0").named_parameters()}
+    assert backend.apply_step("0.0", step=0, lr=0.1, weight_decay=0.1) == 0
+    for n, p in backend.module("0.0").named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_unknown_expert_names_the_hosted_ones():
+    _, backend = _make(n_experts=2)
+    with pytest.raises(UnknownExpert, match="0.0, 0.1"):
+        backend.forward("3.3", _randn(1, DIM, seed=0))
+
+
+def test_activation_cache_expires_entries_after_ttl():
+    clock = FakeClock()
+    cache = ActivationCache(max_bytes=10**6, ttl_s=5.0, clock=clock)
+    t = torch.zeros(4, 4)
+    cache.put(("0.0", "a"), t, t, t)
+    clock.now = 3.0
+    cache.put(("0.0", "b"), t, t, t)
+    clock.now = 5.5
+    assert cache.sweep() == 1 and cache.expired == 1
+    assert cache.peek(("0.0", "a")) is None
+    assert cache.peek(("0.0", "b")) is not None
+    clock.now = 8.5
+    assert cache.peek(("0.0", "b")) is None  # lookups expire too
+    assert cache.nbytes == 0 and len(cache) == 0
+
+
+def test_activation_cache_evicts_oldest_to_stay_under_its_bound():
+    t = torch.zeros(10, 10)  # 400 bytes; an entry is 3 of them
+    cache = ActivationCache(max_bytes=3000, ttl_s=100.0)
+    for i in range(10):
+        assert cache.put(("0.0", str(i)), t, t, t)
+        assert cache.nbytes <= 3000
+    assert len(cache) == 2 and cache.evicted == 8
+    assert cache.peek(("0.0", "9")) is not None and cache.peek(("0.0", "0")) is None
+    big = torch.zeros(40, 40)
+    assert not cache.put(("0.0", "big"), big, big, big)  # larger than the whole cache: not kept
+    assert cache.nbytes <= 3000
+
+
+def test_backend_memory_stays_bounded_when_backwards_never_come():
+    clock = FakeClock()
+    _, backend = _make(activation_cache_mb=0.05, activation_ttl_s=10.0, clock=clock)
+    for i in range(200):  # a router that died: forwards, never a backward
+        backend.forward("0.0", _randn(8, DIM, seed=i), call_id=str(i))
+        assert backend.cache.nbytes <= 0.05 * 1024 * 1024
+    clock.now = 11.0
+    backend.cache.sweep()
+    assert backend.cache.nbytes == 0
+    with pytest.raises(ActivationsMissing):
+        backend.backward("0.0", "199", step=0, grad_out=_randn(8, DIM, seed=0))
