@@ -54,6 +54,9 @@ class ExpertConfig:
     checkpoint: str = env("EXPERT_CHECKPOINT", "",
                           "safetensors file with `<uid>.w1.weight` etc. (see checkpoint.py); "
                           "empty = initialize from EXPERT_SEED")
+    save_path: str = env("EXPERT_SAVE_PATH", "",
+                         "on shutdown, write the hosted experts' current weights here (same format as "
+                         "EXPERT_CHECKPOINT, written atomically); empty = don't save")
     seed: int = env("EXPERT_SEED", 0, "initialization seed; each expert's weights depend on (seed, uid)")
     hotkey: str = env("EXPERT_HOTKEY", "", "the miner's hotkey, written to the registry")
     threads: int = env("EXPERT_THREADS", 0, "torch intra-op threads; 0 = torch's default")

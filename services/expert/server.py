@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Mapping
 
@@ -32,7 +33,7 @@ from moe.experts import SwiGLU
 from moe.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
-from services.expert.checkpoint import CheckpointError, experts_from_checkpoint, init_expert
+from services.expert.checkpoint import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.servicer import ExpertServicer
@@ -198,6 +199,13 @@ class ExpertServer:
                 log.info("expired %d unused training activations (no Backward within %.0f s)",
                          n, self.config.activation_ttl_s)
 
+    def _save_weights(self, path: str) -> None:
+        """Persist what training made of the hosted experts (after the last request finished)."""
+        tmp = f"{path}.tmp"
+        save_expert_weights(tmp, {uid: self.backend.module(uid) for uid in self.backend.uids})
+        os.replace(tmp, path)
+        log.info("saved %d experts to %s", len(self.backend.uids), path)
+
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
@@ -223,6 +231,8 @@ class ExpertServer:
         if self.worker is not None:
             await asyncio.to_thread(self.worker.shutdown)
             self.worker = None
+        if self.config.save_path and self.backend is not None:
+            self._save_weights(self.config.save_path)
         if self._redis is not None:
             self._redis.close()
             self._redis = None
