@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=sorted(PRESETS), help="model size (required unless --resume)")
     t.add_argument("--steps", type=_positive_int, help="optimizer steps (the schedule's length)")
     t.add_argument("--minutes", type=_positive_float,
-                   help="wall-clock budget; alone it sets the schedule from measured speed, with --steps it caps it")
+                   help="training wall-clock budget (evaluations included, corpus building not); alone it sets "
+                        "the schedule length from the measured speed, with --steps it only caps the run")
     t.add_argument("--data", nargs="+", metavar="PATH", help="extra .txt/.jsonl files or folders (domain 'user')")
     t.add_argument("--batch-size", type=_positive_int, help="sequences per step (default: per preset)")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per preset)")

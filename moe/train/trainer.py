@@ -41,7 +41,7 @@ from moe.train.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from moe.train.rng import capture_rng_state, restore_rng_state
 from moe.train.schedule import lr_at
 
-CALIBRATION_STEPS = 10        # in a time-budgeted run, steps timed (after the first, slower one) before the first horizon
+CALIBRATION_STEPS = 10        # time-budgeted run: steps timed before the first horizon, and between re-estimates
 _UNKNOWN_HORIZON = 10**12     # schedule horizon until calibration: warmup, then (nearly) the peak
 
 
@@ -144,8 +144,8 @@ class Trainer:
     def _calibrate_horizon(self, sec_per_step: float) -> None:
         """Time-budgeted run: choose the step count that fits the remaining time, evaluations included.
 
-        Called after the first few steps and again at every evaluation with the speed measured so
-        far, so a machine that slows down (or speeds up) still ends its schedule near the budget."""
+        Called after the first few steps and again every few steps with the speed measured so far,
+        so a machine that slows down (or speeds up) still ends its schedule near the budget."""
         remaining = self.cfg.minutes * 60 - self._elapsed() - self.eval_s   # the final evaluation
         per_step = sec_per_step + self.eval_s / self.cfg.eval_every
         first = self.horizon is None
@@ -230,8 +230,9 @@ class Trainer:
                 evaluate_now = self.step % self.cfg.eval_every == 0
                 if evaluate_now:
                     self._evaluate_and_save()
-                if not self.cfg.steps and timed and (self.horizon is None or evaluate_now):
-                    times = self._step_times[1:]                 # the first step pays one-off costs
+                recalibrate = self.horizon is None or self.step % CALIBRATION_STEPS == 0 or evaluate_now
+                if not self.cfg.steps and timed and recalibrate:
+                    times = self._step_times[1:][-100:]          # recent speed; the first step pays one-off costs
                     self._calibrate_horizon(sum(times) / len(times))
                     bar.total = self.horizon
                     bar.refresh()
