@@ -39,6 +39,7 @@ def evaluate(model, val_sampler, corpus, max_batches: int) -> dict:
     was_training = model.training
     model.eval()
     n_layers, n_experts = len(model.cfg.moe_layers()), model.cfg.n_experts
+    device = next(model.parameters()).device
     all_counts = torch.zeros(n_layers, n_experts, dtype=torch.long)
     domain_share: list[dict[str, list[float]]] = [{} for _ in range(n_layers)]
     out: dict = {}
@@ -49,7 +50,7 @@ def evaluate(model, val_sampler, corpus, max_batches: int) -> dict:
                 nats, tokens = 0.0, 0
                 counts = torch.zeros(n_layers, n_experts, dtype=torch.long)
                 for x, y in val_sampler.eval_batches(domain, max_batches):
-                    model(x, y)
+                    model(x.to(device), y.to(device))
                     stats = model.last_stats
                     nats += stats["ce_loss"] * y.numel()      # ce_loss is a mean; weight by batch size
                     tokens += y.numel()

@@ -110,6 +110,7 @@ class Trainer:
         self.val_sampler = BatchSampler(corpus, "val", block, cfg.batch_size, cfg.seed)
         self.metrics = MetricsLog(self.out_dir / METRICS_FILE)
         self.n_moe_layers = len(model.cfg.moe_layers())
+        self.device = next(model.parameters()).device     # batches follow the model
         self.step = 0                  # optimizer steps done
         self.tokens = 0                # training tokens consumed
         self.elapsed_s = 0.0           # wall time of the run so far, evaluations included, over resumes
@@ -178,6 +179,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, _domains = self.sampler.next()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         _, loss = self.model(x, y)
         value = float(loss.detach())
