@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the LM on the bundled corpus (and --data files)")
     t.add_argument("--preset", choices=sorted(PRESETS), help="model size (required unless --resume)")
-    t.add_argument("--steps", type=_positive_int, help="optimizer steps (the schedule's length)")
+    t.add_argument("--steps", type=_positive_int,
+                   help="optimizer steps (the schedule's length); with neither --steps nor --minutes: "
+                        "tiny 1000 steps, small 10 minutes, base 20000 steps")
     t.add_argument("--minutes", type=_positive_float,
                    help="training wall-clock budget (evaluations included, corpus building not); alone it sets "
                         "the schedule length from the measured speed, with --steps it only caps the run")
