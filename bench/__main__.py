@@ -10,8 +10,9 @@ import importlib
 import sys
 
 # Each part is a module with run(rounds) -> dict (or -> dict of sections when it returns several).
-PARTS = {"moe_layer": "bench.moe_layer"}
-MULTI_SECTION = set()
+PARTS = {"moe_layer": "bench.moe_layer", "remote_moe_layer": "bench.remote_layer", "wire": "bench.wire",
+         "latency": "bench.latency"}
+MULTI_SECTION = {"remote_moe_layer"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""Part 2c: latency of one decode step through the router, remote experts against in-process ones.
+
+One decode step = batch 1, one new token, with a KV cache: `model(token, cache=cache)`
+on the `small` preset (4 MoE blocks, 8 experts, top-2), so every step makes one round of
+expert calls per block, one after the other. The in-process model is built first; its
+experts are exported (`export_expert_weights`) and served by N expert services (1 torch
+thread each, index i of every layer on service i % N, as `services.stack` deals them); the
+remote model is `build_remote_lm` with the same trunk weights loaded. The thread layout
+is part 2a's: N torch threads for the in-process model, ROUTER_THREADS for the router.
+
+Both models decode the same fixed token sequence, one step each in turn (the order
+alternates, so neither always runs right after the other), WARMUP_STEPS untimed, then
+STEPS timed. Logits of the two are compared at every step; fp32 on the wire must agree to
+float rounding or the part fails.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from bench.remote_layer import ROUTER_THREADS
+from bench.stack import BenchStack, deal
+from bench.timing import percentiles
+from moe import expert_uid, preset
+from moe.lm import MoELM
+from services.router.config import RouterConfig
+from services.router.remote_model import build_remote_lm, export_expert_weights
+
+PRESET = "small"
+PROMPT_TOKENS, WARMUP_STEPS, STEPS = 8, 10, 100   # 118 positions: fits block_size 128 without a cache reset
+CALL_TIMEOUT_S = 60.0
+TOLERANCE = 1e-4    # max |logits remote - in process| / max |logits in process|
+# Each remote variant gets its own Redis and services. EXPERT_BATCH_WAIT_MS (default 2) holds
+# every lone request that long for company: the second variant shows what that costs here.
+REMOTE_VARIANTS = {"remote": {}, "remote_batch_wait_0": {"EXPERT_BATCH_WAIT_MS": "0"}}
+
+
+def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side give the percentiles
+    n_threads = torch.get_num_threads()
+    cfg = preset(PRESET)
+    torch.manual_seed(0)
+    local = MoELM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS + WARMUP_STEPS + STEPS))
+    if cfg.n_experts % n_threads:
+        raise ValueError(f"{cfg.n_experts} experts per layer do not deal evenly onto {n_threads} services")
+    uids = [expert_uid(layer, i) for layer in cfg.moe_layers() for i in range(cfg.n_experts)]
+    deals = deal(uids, n_threads)   # flat position % N = expert index % N, since N divides n_experts
+    try:
+        with tempfile.TemporaryDirectory(prefix="moe-bench-weights-") as tmp, ExitStack() as exits:
+            checkpoint = Path(tmp) / "experts.safetensors"
+            export_expert_weights(local, checkpoint)
+            stacks = {name: exits.enter_context(BenchStack()) for name in REMOTE_VARIANTS}
+            for name, env in REMOTE_VARIANTS.items():   # all services start side by side
+                stacks[name].spawn_experts(deals, cfg.dim, cfg.moe_inter_dim, checkpoint, threads=1, env=env)
+            models = {"inproc": (local, n_threads)}
+            for name, stack in stacks.items():
+                stack.wait_experts()
+                router_cfg = RouterConfig(wire_dtype="fp32", expert_timeout_s=CALL_TIMEOUT_S, retries=0)
+                remote = build_remote_lm(cfg, stack.remote_parts(), router_cfg).eval()
+                missing, unexpected = remote.load_state_dict(local.state_dict(), strict=False)
+                unexpected = [k for k in unexpected if ".ffn.experts.experts." not in k]
+                if missing or unexpected:
+                    raise RuntimeError(f"trunk does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                models[name] = (remote, ROUTER_THREADS)
+            return _measure(models, tokens, n_threads, len(deals))
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threads: int, n_services: int) -> dict:
+    """Decode step latencies of every model, interleaved; the first model is the reference."""
+    names = list(models)
+    caches = {name: m.new_cache(1) for name, (m, _) in models.items()}
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    worst = 0.0
+    with torch.no_grad():
+        for name, (model, threads) in models.items():
+            torch.set_num_threads(threads)
+            model(tokens[:, :PROMPT_TOKENS], cache=caches[name])
+        for step in range(WARMUP_STEPS + STEPS):
+            pos = PROMPT_TOKENS + step
+            token = tokens[:, pos:pos + 1]
+            logits = {}
+            shift = step % len(names)   # rotate who goes first
+            for name in names[shift:] + names[:shift]:
+                model, threads = models[name]
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                logits[name], _ = model(token, cache=caches[name])
+                elapsed = time.perf_counter() - start
+                if step >= WARMUP_STEPS:
+                    samples[name].append(elapsed)
+                if model.last_stats["masked_calls"]:
+                    raise RuntimeError(f"{name}, step {step}: {model.last_stats['masked_calls']} expert calls masked")
+            ref = logits[names[0]]
+            for name in names[1:]:
+                worst = max(worst, float((logits[name] - ref).abs().max()) / float(ref.abs().max()))
+    torch.set_num_threads(n_threads)
+    if worst > TOLERANCE:
+        raise RuntimeError(f"remote logits differ from in-process ones: relative {worst:.3g} > {TOLERANCE:g}")
+    ms = {name: {k: v * 1e3 for k, v in percentiles(s, (50, 90, 99)).items()} for name, s in samples.items()}
+    cfg = models[names[0]][0].cfg
+    out = {"model": f"preset {PRESET}: {cfg.n_layer} MoE blocks, dim {cfg.dim}, {cfg.n_experts} experts "
+                    f"top-{cfg.n_activated_experts}, batch 1, one token per step with a KV cache",
+           "steps": STEPS}
+    for name in names:
+        out[f"{name}_p50_ms"] = ms[name]["p50"]
+        out[f"{name}_p99_ms"] = ms[name]["p99"]
+    for name in names[1:]:
+        out[f"{name}_p50_ratio"] = ms[name]["p50"] / ms[names[0]]["p50"]
+    out.update({f"{name}_ms": ms[name] for name in names})
+    out["threads"] = {"inproc": n_threads, "router": ROUTER_THREADS, "expert_services": n_services,
+                      "threads_per_service": 1}
+    out["remote_variants"] = {name: " ".join(f"{k}={v}" for k, v in env.items()) or "service defaults"
+                              for name, env in REMOTE_VARIANTS.items()}
+    out["logits_max_rel_diff"] = worst
+    out["load_avg_1m"] = os.getloadavg()[0]
+    return out

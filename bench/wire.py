@@ -1,0 +1,247 @@
+"""Part 2b: what the gRPC tensor path costs against raw loopback TCP, per payload size.
+
+    python -m bench --only wire
+    python -m bench.wire serve GRPC_PORT SOCKET_PORT     # the echo server (started by the part)
+
+gRPC round trip (`grpc`, the path an expert call takes, without the expert): the client
+encodes a float32 tensor with `subnet.tensor_codec.encode`, a unary call through a sync
+stub's `.future()` (as `subnet.expert_client` does) carries the `moe.v1.Tensor` to a
+grpc.aio server in another process, which decodes it (`decode`: checks,
+`torch.frombuffer`, finite check), encodes it again and answers; the client decodes the reply.
+
+Socket round trip (`socket`, the floor): the same payload bytes, with an 8-byte length
+prefix, over one loopback TCP connection to the same server process, which reads them into
+a buffer and writes them back; the client reads them into a buffer.
+
+`grpc_bytes` (for the analysis, not in `ratio`): the same gRPC call with the payload as
+raw bytes in and out, no protobuf and no codec: the transport's share of the cost.
+`codec_ms_64MiB` times each codec step alone on one 64 MiB tensor.
+
+The server is a generic handler (`grpc.method_handlers_generic_handler`, service
+`bench.Echo`) rather than the real Expert service: the service would add batching and an
+expert computation, and it refuses requests above EXPERT_MAX_REQUEST_TOKENS. Message limits
+are MAX_MESSAGE_MB on both sides: a 64 MiB tensor plus its protobuf header does not fit in
+a 64 MiB limit. Client and server use one torch thread: the codec's work is copies and one
+reduction, and idle OpenMP workers spinning after each decode would take the other core
+from the server (measured: 2 client threads took 2-8x the CPU time per 1 MiB round trip).
+
+GB/s = payload bytes x 2 (both directions) / round-trip seconds, with GB = 1e9 bytes.
+Each size's round trip is the best of interleaved rounds (bench.timing); one timed call
+repeats it until at least MIN_BYTES_PER_CALL went each way, so small payloads are not
+timed one millisecond at a time. The overall `grpc_gbps` / `socket_gbps` are all bytes
+moved over all round-trip time across the sizes (one sweep), and `ratio` = grpc / socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+
+import grpc
+import torch
+
+from bench.timing import best_times
+from moe.v1 import tensor_pb2
+from subnet.tensor_codec import decode, encode
+
+SIZES_MIB = (1, 4, 16, 64)
+MAX_MESSAGE_MB = 80
+SERVICE = "bench.Echo"   # methods Tensor (moe.v1.Tensor, through the codec) and Bytes (raw)
+MIN_BYTES_PER_CALL = 16 << 20
+_HEADER = struct.Struct("<Q")
+_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_MB << 20),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_MB << 20)]
+
+
+# ---- server (the child process) ---------------------------------------------------------------
+
+async def _echo_tensor(request: tensor_pb2.Tensor, context) -> tensor_pb2.Tensor:
+    return encode(decode(request), "fp32")
+
+
+async def _echo_bytes(request: bytes, context) -> bytes:
+    return request
+
+
+async def _serve_grpc(port: int) -> None:
+    server = grpc.aio.server(options=_OPTIONS)
+    tensor = grpc.unary_unary_rpc_method_handler(_echo_tensor, request_deserializer=tensor_pb2.Tensor.FromString,
+                                                 response_serializer=tensor_pb2.Tensor.SerializeToString)
+    raw = grpc.unary_unary_rpc_method_handler(_echo_bytes)   # no (de)serializer: bytes in, bytes out
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE,
+                                                                          {"Tensor": tensor, "Bytes": raw})])
+    if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _serve_socket(listener: socket.socket) -> None:
+    buf = bytearray()
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                header = _recv_exact(conn, memoryview(bytearray(_HEADER.size)))
+                if header is None:
+                    break
+                (n,) = _HEADER.unpack(header)
+                if len(buf) < n:
+                    buf = bytearray(n)
+                view = memoryview(buf)[:n]
+                if _recv_exact(conn, view) is None:
+                    break
+                conn.sendall(view)
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
+    """Fill `view` from `conn`; None when the peer closed first."""
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return view
+
+
+def serve(grpc_port: int, socket_port: int) -> None:
+    torch.set_num_threads(1)
+    listener = socket.create_server(("127.0.0.1", socket_port))
+    threading.Thread(target=_serve_socket, args=(listener,), daemon=True, name="socket-echo").start()
+    asyncio.run(_serve_grpc(grpc_port))   # listening on the gRPC port = ready (the part waits for it)
+
+
+# ---- client (the benchmark) -------------------------------------------------------------------
+
+class _SocketEcho:
+    def __init__(self, port: int):
+        self.conn = socket.create_connection(("127.0.0.1", port))
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reply = bytearray()
+
+    def round_trip(self, payload: bytes) -> None:
+        if len(self.reply) != len(payload):
+            self.reply = bytearray(len(payload))
+        self.conn.sendall(_HEADER.pack(len(payload)))
+        self.conn.sendall(payload)
+        if _recv_exact(self.conn, memoryview(self.reply)) is None:
+            raise ConnectionError("the socket echo server closed the connection")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run(rounds: int = 5) -> dict:
+    from bench.stack import BenchStack
+    from subnet.redis_server import free_port
+
+    grpc_port, socket_port = free_port(), free_port()
+    with BenchStack() as stack:
+        stack.start_python("wire-echo", ["-m", "bench.wire", "serve", str(grpc_port), str(socket_port)], grpc_port,
+                           env={"OMP_NUM_THREADS": "1"})
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=_OPTIONS)
+        echo = _SocketEcho(socket_port)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # see the module docstring
+        try:
+            return _measure(channel, echo, rounds)
+        finally:
+            torch.set_num_threads(threads)
+            echo.close()
+            channel.close()
+
+
+def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
+    tensor_call = channel.unary_unary(f"/{SERVICE}/Tensor", request_serializer=tensor_pb2.Tensor.SerializeToString,
+                                      response_deserializer=tensor_pb2.Tensor.FromString)
+    bytes_call = channel.unary_unary(f"/{SERVICE}/Bytes")
+    per_size = {f"{mib}MiB": _round_trips(tensor_call, bytes_call, echo, mib << 20, rounds) for mib in SIZES_MIB}
+    paths = ("grpc", "grpc_bytes", "socket")
+    total = {path: sum(rt[path] for rt in per_size.values()) for path in paths}
+    moved = sum(2 * (mib << 20) for mib in SIZES_MIB)
+    gbps = {path: moved / total[path] / 1e9 for path in paths}
+    by_size = {f"{path}_gbps_by_size": {size: 2 * (int(size[:-3]) << 20) / rt[path] / 1e9
+                                        for size, rt in per_size.items()} for path in paths}
+    ratios = {size: rt["socket"] / rt["grpc"] for size, rt in per_size.items()}
+    return {
+        "grpc_gbps": gbps["grpc"],
+        "socket_gbps": gbps["socket"],
+        "ratio": gbps["grpc"] / gbps["socket"],
+        "ratio_by_size": ratios,
+        "ratio_geomean": math.prod(ratios.values()) ** (1 / len(ratios)),
+        **by_size,
+        "grpc_bytes_ratio": gbps["grpc_bytes"] / gbps["socket"],
+        "codec_ms_64MiB": codec_stages(64 << 20),
+        "definition": "GB/s = payload bytes x 2 (both directions) / round-trip s, GB = 1e9 B; overall = all bytes / "
+                      "all round-trip time over the sizes; ratio = grpc / socket; grpc_bytes = the same gRPC call "
+                      "with raw bytes in and out (no protobuf, no codec)",
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def _round_trips(tensor_call, bytes_call, echo: _SocketEcho, nbytes: int, rounds: int) -> dict[str, float]:
+    """Seconds of one round trip of `nbytes` on each path (best of `rounds` interleaved rounds)."""
+    x = torch.randn(nbytes // 4 // 1024, 1024)
+    payload = x.numpy().tobytes()
+    reps = max(1, MIN_BYTES_PER_CALL // nbytes)
+
+    def grpc_round_trips():
+        for _ in range(reps):
+            decode(tensor_call.future(encode(x, "fp32"), timeout=60.0).result())
+
+    def bytes_round_trips():
+        for _ in range(reps):
+            bytes_call.future(payload, timeout=60.0).result()
+
+    def socket_round_trips():
+        for _ in range(reps):
+            echo.round_trip(payload)
+
+    mib = nbytes >> 20
+    if not torch.equal(decode(tensor_call(encode(x, "fp32"), timeout=60.0)), x):
+        raise RuntimeError(f"the gRPC echo of {mib} MiB changed the tensor")
+    if bytes_call(payload, timeout=60.0) != payload:
+        raise RuntimeError(f"the gRPC bytes echo of {mib} MiB changed the bytes")
+    echo.round_trip(payload)
+    if echo.reply != payload:
+        raise RuntimeError(f"the socket echo of {mib} MiB changed the bytes")
+    times = best_times({"grpc": grpc_round_trips, "grpc_bytes": bytes_round_trips, "socket": socket_round_trips},
+                       rounds=rounds)
+    return {path: t / reps for path, t in times.items()}
+
+
+def codec_stages(nbytes: int, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds of each step one side of the gRPC path runs on a tensor of `nbytes` (best of `repeats`),
+    in this process: where the time goes besides the transport."""
+    x = torch.randn(nbytes // 4 // 1024, 1024)
+    msg = encode(x, "fp32")
+    wire = msg.SerializeToString()
+    parsed = tensor_pb2.Tensor.FromString(wire)
+    view = torch.frombuffer(bytearray(parsed.data), dtype=torch.float32)
+    stages = {"encode": lambda: encode(x, "fp32"),                         # tobytes + copy into the message
+              "serialize": msg.SerializeToString,
+              "parse": lambda: tensor_pb2.Tensor.FromString(wire),
+              "decode": lambda: decode(parsed),
+              "decode_data_copy": lambda: parsed.data,                      # upb copies the field on access
+              "decode_finite_check": lambda: bool(torch.isfinite(view).all())}
+    return {name: min(_seconds(fn) for _ in range(repeats)) * 1e3 for name, fn in stages.items()}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m bench.wire serve GRPC_PORT SOCKET_PORT")
+    serve(int(sys.argv[2]), int(sys.argv[3]))
