@@ -49,14 +49,14 @@ class ExpertGroup(ABC):
     # Training hooks for experts whose parameters live outside this process (remote
     # experts own their optimizer). The local reference keeps the defaults: its parameters
     # are in the trainer's own optimizer, so there is nothing external to do.
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int) -> None:  # noqa: B027 (a no-op default, on purpose)
         """Called before the forward pass of training step `step`."""
 
     def external_grad_sq_norm(self) -> float:
         """Squared L2 norm of the gradients accumulated outside this process this step."""
         return 0.0
 
-    def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
+    def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:  # noqa: B027
         """Apply the optimizer step outside this process (grads scaled by `grad_scale` first)."""
 
 

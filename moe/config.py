@@ -94,14 +94,14 @@ class LMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LMConfig":
+    def from_dict(cls, data: dict) -> LMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown LMConfig fields: {sorted(unknown)}")
         return cls(**data)
 
-    def with_(self, **changes) -> "LMConfig":
+    def with_(self, **changes) -> LMConfig:
         return replace(self, **changes)
 
 

@@ -59,7 +59,7 @@ class MoE(nn.Module):
         self.last_stats = LayerStats()
 
     @classmethod
-    def from_config(cls, cfg: MoEConfig, experts: ExpertGroup | None = None) -> "MoE":
+    def from_config(cls, cfg: MoEConfig, experts: ExpertGroup | None = None) -> MoE:
         return cls(cfg.dim, cfg.n_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.n_shared_experts,
                    cfg.capacity_factor, cfg.overflow, cfg.jitter, cfg.aux_loss_coef, cfg.z_loss_coef, experts)
 

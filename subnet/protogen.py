@@ -19,8 +19,8 @@ OUT_PACKAGE = ROOT / "moe" / "v1"
 
 def generate(out_root: Path) -> list[Path]:
     """Run protoc over every .proto under protos/; returns the generated files."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")

@@ -127,7 +127,8 @@ def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike) -> None:
 def load_train_state(ckpt: str | os.PathLike) -> dict:
     path = Path(ckpt) / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it was saved without training state, so it cannot be resumed")
+        raise CheckpointError(f"{ckpt} has no {STATE_FILE}: it was saved without training state, "
+                              "so it cannot be resumed")
     return torch.load(path, weights_only=True)
 
 

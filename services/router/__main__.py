@@ -90,8 +90,8 @@ def cmd_train(args, config) -> int:
 
 
 def cmd_serve(args, config) -> int:
-    from moe.train.checkpoint import load_tokenizer, read_config, resolve_checkpoint
     from moe.config import LMConfig
+    from moe.train.checkpoint import load_tokenizer, read_config, resolve_checkpoint
     from services.router.remote_model import RemoteParts, build_remote_lm, load_trunk, required_expert_uids
     from services.router.train import wait_for_experts
 

@@ -45,7 +45,7 @@ class RemoteParts:
     tracer: ExpertCallTracer
 
     @classmethod
-    def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None) -> "RemoteParts":
+    def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None) -> RemoteParts:
         registry = ExpertRegistry(redis.Redis.from_url(config.redis_url))
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s)
         clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)))

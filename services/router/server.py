@@ -36,7 +36,7 @@ class RouterServer:
         for name in ("", ROUTER_SERVICE):
             self._health.set(name, status)
 
-    def start(self) -> "RouterServer":
+    def start(self) -> RouterServer:
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("router serving on %s", self.endpoint)

@@ -25,8 +25,13 @@ from moe.train import TrainConfig
 from moe.train.checkpoint import read_config, resolve_checkpoint, save_checkpoint
 from moe.train.trainer import Trainer
 from services.router.config import RouterConfig
-from services.router.remote_model import (RemoteParts, build_remote_lm, export_expert_weights, load_trunk,
-                                          required_expert_uids)
+from services.router.remote_model import (
+    RemoteParts,
+    build_remote_lm,
+    export_expert_weights,
+    load_trunk,
+    required_expert_uids,
+)
 
 log = logging.getLogger(__name__)
 EXPERTS_FILE = "experts.safetensors"
@@ -86,8 +91,9 @@ class RemoteTrainer(Trainer):
         return loss
 
 
-def build_remote_trainer(init: str | Path, out: str | Path, config: RouterConfig, *, train_cfg: TrainConfig | None = None,
-                         wait_s: float = 60.0, progress: bool = True, parts: RemoteParts | None = None):
+def build_remote_trainer(init: str | Path, out: str | Path, config: RouterConfig, *,
+                         train_cfg: TrainConfig | None = None, wait_s: float = 60.0, progress: bool = True,
+                         parts: RemoteParts | None = None):
     """(trainer, parts, corpus) for a run whose experts are remote, starting from `init`."""
     ckpt = resolve_checkpoint(init)
     saved = read_config(ckpt)

@@ -14,7 +14,6 @@ bring the same model back.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import sys
@@ -91,8 +90,9 @@ def _generate(endpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, int
 
 def _merge_expert_files(run: Path, n_services: int) -> Path | None:
     """One file with every expert, from the files the services wrote when they stopped."""
-    from services.expert.checkpoint import load_expert_weights
     from safetensors.torch import save_file
+
+    from services.expert.checkpoint import load_expert_weights
 
     tensors = {}
     for s in range(n_services):
@@ -144,7 +144,7 @@ def run_stack(mode: str, cfg) -> int:
     run = Path(cfg.run_dir)
     ports = {"redis": cfg.redis_port, "router": cfg.router_port,
              **{f"expert {i}": p for i, p in enumerate(cfg.ports)},
-             **({f"metrics {i}": cfg.metrics_port(i) for i in range(1 + len(cfg.ports))} if cfg.metrics_base_port else {})}
+             **{f"metrics {i}": cfg.metrics_port(i) for i in range(1 + len(cfg.ports)) if cfg.metrics_base_port}}
     check_ports_free(ports)
     if mode == "demo":
         _prepare_run_dir(run)

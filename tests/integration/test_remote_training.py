@@ -17,7 +17,6 @@ from moe.train.checkpoint import load_lm
 from moe.train.trainer import Trainer
 from moe.v1 import router_pb2, router_pb2_grpc
 from services.router.config import RouterConfig
-from services.router.remote_model import RemoteParts
 from services.router.server import RouterServer
 from services.router.servicer import RouterServicer
 from services.router.train import build_remote_trainer, prepare_initial_checkpoint

@@ -111,7 +111,8 @@ def test_input_errors_exit_2_with_one_line(run_dir, cache_dir, tmp_path, capsys)
     out = tmp_path / "out"
     assert_one_line_error(capsys, main(train_args(out, cache_dir, "--steps", "5", "--resume", str(empty))),
                           "not a checkpoint")
-    assert_one_line_error(capsys, main(train_args(out, cache_dir, "--steps", "5", "--data", str(tmp_path / "nope.txt"))),
+    missing = str(tmp_path / "nope.txt")
+    assert_one_line_error(capsys, main(train_args(out, cache_dir, "--steps", "5", "--data", missing)),
                           "does not exist")
     assert_one_line_error(capsys, main(train_args(run_dir, cache_dir, "--steps", "5")), "already holds")
     assert_one_line_error(capsys, main(["generate", "--ckpt", str(empty), "--prompt", "x"]), "not a checkpoint")
