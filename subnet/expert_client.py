@@ -96,7 +96,7 @@ class ExpertClientPool:
     """One channel per endpoint, created on first use and reused by every call and every layer.
 
     Thread-safe. A channel reconnects by itself when its server comes back, so a failed
-    endpoint keeps its channel; `close()` closes them all.
+    endpoint keeps its channel. `close()` closes them all; a later `get` opens a fresh one.
     """
 
     def __init__(self, settings: ChannelSettings = ChannelSettings()):

@@ -103,8 +103,8 @@ class _Forward(_Call):
     def send(self, client, timeout_s, metadata):
         self.tried.add(client.endpoint)
         # A new call id per attempt: an abandoned attempt may still hold activations under the old one.
-        return client.forward(self.uid, self.inputs, call_id=f"{self.call_id}/{self.attempts}", step=self.step,
-                              training=self.training, timeout_s=timeout_s, metadata=metadata)
+        return client.forward(self.uid, self.inputs, call_id=f"{self.call_id}/{self.attempts}",
+                              step=self.step, training=self.training, timeout_s=timeout_s, metadata=metadata)
 
     @property
     def served_call_id(self) -> str:
@@ -114,7 +114,8 @@ class _Forward(_Call):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
                      name="outputs")
         if out.shape[0] != self.tokens:
-            raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
+            raise TensorError(grpc.StatusCode.INTERNAL,
+                              f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         self.outputs = out
 
     def again(self, code):
@@ -144,7 +145,8 @@ class _Backward(_Call):
         grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
                       max_elements=self.tokens * self.forward.dim, name="grad_inputs")
         if grad.shape[0] != self.tokens:
-            raise TensorError(grpc.StatusCode.INTERNAL, f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
+            raise TensorError(grpc.StatusCode.INTERNAL,
+                              f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
         self.grad_inputs = grad
 
     def again(self, code):
@@ -218,7 +220,8 @@ class _RemoteExperts(torch.autograd.Function):
         grads = training_pass.group._backward(training_pass.forwards, grad_outputs)
         out = []
         for grad, (dtype, device), needed in zip(grads, ctx.layouts, ctx.needs_input_grad[1:]):
-            out.append(grad.to(dtype=dtype, device=device, copy=True) if needed and grad is not None else None)
+            keep = needed and grad is not None
+            out.append(grad.to(dtype=dtype, device=device, copy=True) if keep else None)
         return (None, *out)
 
 
@@ -260,7 +263,8 @@ class RemoteExpertGroup(ExpertGroup):
     def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
         for i, x in batches.items():
             if not 0 <= i < self.n_experts:
-                raise ValueError(f"expert index {i} out of range for layer {self.layer} ({self.n_experts} experts)")
+                raise ValueError(f"expert index {i} out of range for layer {self.layer} "
+                                 f"({self.n_experts} experts)")
             if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
                 raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
@@ -274,7 +278,8 @@ class RemoteExpertGroup(ExpertGroup):
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
         served = [i for i in batches if forwards[i].outputs is not None]
         if training and served:
-            training_pass = _TrainingPass(self, [forwards[i] for i in served], [forwards[i].outputs for i in served])
+            training_pass = _TrainingPass(self, [forwards[i] for i in served],
+                                          [forwards[i].outputs for i in served])
             outputs = _RemoteExperts.apply(training_pass, *(batches[i] for i in served))
             result.update(zip(served, outputs))
         else:
@@ -348,7 +353,12 @@ class RemoteExpertGroup(ExpertGroup):
             call.attempts += 1
             started = time.perf_counter()
             self.replicas.begin_call(endpoint, call.tokens)
-            attempt.future = call.send(self.clients.get(endpoint), remaining, metadata)
+            try:
+                attempt.future = call.send(self.clients.get(endpoint), remaining, metadata)
+            except Exception:  # e.g. the pool was closed: a lifecycle bug, raised, but counters stay right
+                self.replicas.end_call(endpoint, call.tokens)
+                self.tracer.end(span, grpc.StatusCode.UNKNOWN, "not sent")
+                raise
             key = id(attempt)
             attempts[key] = attempt
             in_flight.add(key)
@@ -361,7 +371,8 @@ class RemoteExpertGroup(ExpertGroup):
                                                   "within the suspect cooldown)")
         while in_flight:
             try:
-                key, response, code, details = done.get(timeout=max(0.0, deadline - time.monotonic()) + GRACE_S)
+                wait_s = max(0.0, deadline - time.monotonic()) + GRACE_S
+                key, response, code, details = done.get(timeout=wait_s)
             except queue.Empty:
                 for key in list(in_flight):
                     attempts[key].future.cancel()
@@ -375,14 +386,15 @@ class RemoteExpertGroup(ExpertGroup):
                     call.accept(response)
                     continue
                 except TensorError as e:  # a wrong answer is the replica's fault, like a crash
-                    code, details, reason = grpc.StatusCode.INTERNAL, f"unusable response: {e.message}", "bad_response"
+                    code, reason = grpc.StatusCode.INTERNAL, "bad_response"
+                    details = f"unusable response: {e.message}"
             endpoint = attempts[key].endpoint
             if code not in _ENDPOINT_OK or reason == "bad_response":
                 self.replicas.mark_failed(endpoint)
             if call.again(code) and launch(call):
                 self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
-                log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s", self.layer, call.uid,
-                         call.rpc, endpoint, code.name, details, call.endpoint)
+                log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",
+                         self.layer, call.uid, call.rpc, endpoint, code.name, details, call.endpoint)
                 continue
             call.endpoint = endpoint
             self._give_up(call, reason, details)
@@ -412,6 +424,7 @@ class RemoteExpertGroup(ExpertGroup):
     def _give_up(self, call: _Call, reason: str, details: str) -> None:
         call.failed = (reason, details)
         self.metrics.masked_calls.labels(str(self.layer), call.uid, call.rpc.lower(), reason).inc()
-        consequence = {"Forward": "masked", "Backward": "zero gradient for its tokens"}.get(call.rpc, "skipped")
+        consequence = {"Forward": "masked", "Backward": "zero gradient for its tokens"}.get(
+            call.rpc, "skipped")
         log.warning("layer %d expert %s %s: %s at %s gave up with %s: %s", self.layer, call.uid, consequence,
                     call.rpc, call.endpoint or "-", reason.upper(), details)

@@ -68,7 +68,8 @@ class ReplicaSet:
             snapshot = {uid: sorted(reps, key=lambda r: r.endpoint)
                         for uid, reps in self._registry.all_replicas().items()}
         except Exception:  # the registry is another process; its failure must not stop the router
-            log.warning("registry refresh failed; keeping %d known experts", len(self._snapshot), exc_info=True)
+            log.warning("registry refresh failed; keeping %d known experts", len(self._snapshot),
+                        exc_info=True)
             with self._lock:
                 self._refreshed_at = now
             return

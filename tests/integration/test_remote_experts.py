@@ -77,11 +77,22 @@ def wait_registered(registry: ExpertRegistry, services_and_indices, layer: int, 
         time.sleep(0.05)
 
 
-def make_group(registry, endpoints, layer, **kw) -> RemoteExpertGroup:
-    replicas = ReplicaSet(OwnEndpoints(registry, set(endpoints)), policy=kw.pop("policy", "least_loaded"),
-                          refresh_s=kw.pop("refresh_s", 0.2), suspect_s=kw.pop("suspect_s", 2.0))
-    kw.setdefault("timeout_s", 3.0)
-    return RemoteExpertGroup(layer, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), **kw)
+@pytest.fixture
+def make_group(registry):
+    """`make_group(endpoints, layer, **kw)`: a RemoteExpertGroup over the test's endpoints;
+    closed after the test."""
+    groups = []
+
+    def make(endpoints, layer, **kw) -> RemoteExpertGroup:
+        replicas = ReplicaSet(OwnEndpoints(registry, set(endpoints)), policy=kw.pop("policy", "least_loaded"),
+                              refresh_s=kw.pop("refresh_s", 0.2), suspect_s=kw.pop("suspect_s", 2.0))
+        kw.setdefault("timeout_s", 3.0)
+        groups.append(RemoteExpertGroup(layer, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), **kw))
+        return groups[-1]
+
+    yield make
+    for group in groups:
+        group.close()
 
 
 def inputs(sizes: dict[int, int], seed: int = 1) -> dict[int, torch.Tensor]:
@@ -107,11 +118,24 @@ def masked_total(metrics: RouterMetrics, rpc: str) -> float:
                if s.name.endswith("_total") and s.labels["rpc"] == rpc)
 
 
-def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_factory, registry, tmp_path):
+def finished(exporter, rpc: str):
+    return [s for s in exporter.get_finished_spans() if s.name == f"moe.v1.Expert/{rpc}"]
+
+
+def assert_in_flight_together(spans):
+    """Every call started before any of them ended: they were in flight at the same time."""
+    assert len(spans) > 1
+    assert max(s.start_time for s in spans) < min(s.end_time for s in spans)
+
+
+def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_factory, registry, make_group,
+                                                            tmp_path):
     layer = 1
     local, ckpt = reference(layer, tmp_path)
-    a = start(expert_service_factory, layer, [0, 1], ckpt)  # two services share the layer's experts
-    b = start(expert_service_factory, layer, [2, 3], ckpt)
+    # Two services share the layer's experts. Every answer is delayed a little, so calls that are
+    # in flight together show as overlapping spans.
+    a = start(expert_service_factory, layer, [0, 1], ckpt, EXPERT_INJECT_DELAY_MS="150")
+    b = start(expert_service_factory, layer, [2, 3], ckpt, EXPERT_INJECT_DELAY_MS="150")
     wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
 
     from opentelemetry.sdk.trace import TracerProvider
@@ -120,7 +144,7 @@ def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_fact
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    group = make_group(registry, {a.endpoint, b.endpoint}, layer, tracer=ExpertCallTracer(provider))
+    group = make_group({a.endpoint, b.endpoint}, layer, tracer=ExpertCallTracer(provider))
 
     # Inference: one Forward per expert with tokens; expert 2 gets none this time.
     xs = inputs({0: 5, 1: 3, 3: 7})
@@ -129,18 +153,23 @@ def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_fact
     assert set(got) == {0, 1, 3}
     for i in xs:
         torch.testing.assert_close(got[i], want[i], **TOL)
-    forward_spans = [s for s in spans.get_finished_spans() if s.name == "moe.v1.Expert/Forward"]
-    assert sorted(s.attributes["moe.expert_uid"] for s in forward_spans) == [f"{layer}.0", f"{layer}.1", f"{layer}.3"]
+    forward_spans = finished(spans, "Forward")
+    uids = sorted(s.attributes["moe.expert_uid"] for s in forward_spans)
+    assert uids == [expert_uid(layer, i) for i in (0, 1, 3)]
+    assert_in_flight_together(forward_spans)
 
     # Training: outputs and input gradients through autograd, then GradNorm and ApplyStep.
     group.begin_step(7)
     xs = inputs({0: 6, 1: 2, 2: 4, 3: 9}, seed=2)
     w = inputs({0: 6, 1: 2, 2: 4, 3: 9}, seed=3)
+    spans.clear()
     got, got_grads = train_pass(group, xs, w)
     want, want_grads = train_pass(local, xs, w)
     for i in xs:
         torch.testing.assert_close(got[i], want[i], **TOL)
         torch.testing.assert_close(got_grads[i], want_grads[i], **TOL)
+    assert len(finished(spans, "Backward")) == 4
+    assert_in_flight_together(finished(spans, "Backward"))
     # Each Backward reached the replica that served its Forward (no recompute resend needed).
     assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="backward") == 0
     assert masked_total(group.metrics, "forward") == masked_total(group.metrics, "backward") == 0
@@ -166,23 +195,22 @@ def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_fact
 
     # Throughput wire dtypes: cast on the wire, fp32 at both ends.
     for wire in ("bf16", "fp16"):
-        low = make_group(registry, {a.endpoint, b.endpoint}, layer, wire_dtype=wire)
+        low = make_group({a.endpoint, b.endpoint}, layer, wire_dtype=wire)
         with torch.no_grad():
             got = low.run(probe)
         for i in range(N_EXPERTS):
             assert got[i].dtype == torch.float32
             torch.testing.assert_close(got[i], want[i], atol=3e-2, rtol=3e-2)
-        low.close()
-    group.close()
 
 
-def test_killed_service_is_masked_and_the_rest_keeps_working(expert_service_factory, registry, tmp_path):
+def test_killed_service_is_masked_and_the_rest_keeps_working(expert_service_factory, registry, make_group,
+                                                             tmp_path):
     layer = 2
     local, ckpt = reference(layer, tmp_path)
     a = start(expert_service_factory, layer, [0, 1], ckpt)
     b = start(expert_service_factory, layer, [2, 3], ckpt)
     wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
-    group = make_group(registry, {a.endpoint, b.endpoint}, layer, timeout_s=2.0)
+    group = make_group({a.endpoint, b.endpoint}, layer, timeout_s=2.0)
     sizes = {0: 4, 1: 4, 2: 4, 3: 4}
     xs, w = inputs(sizes), inputs(sizes, seed=5)
 
@@ -211,16 +239,15 @@ def test_killed_service_is_masked_and_the_rest_keeps_working(expert_service_fact
     assert got[0] is not None and got[1] is not None
     for i in (2, 3):
         assert group.metrics.masked_count(layer, expert_uid(layer, i), "forward") == 1
-    group.close()
 
 
-def test_slow_expert_is_masked_not_waited_for(expert_service_factory, registry, tmp_path):
+def test_slow_expert_is_masked_not_waited_for(expert_service_factory, registry, make_group, tmp_path):
     layer = 3
     local, ckpt = reference(layer, tmp_path)
     fast = start(expert_service_factory, layer, [0], ckpt)
     slow = start(expert_service_factory, layer, [1], ckpt, EXPERT_INJECT_DELAY_MS="6000", EXPERT_GRACE_S="0")
     wait_registered(registry, [(fast, [0]), (slow, [1])], layer)
-    group = make_group(registry, {fast.endpoint, slow.endpoint}, layer, timeout_s=1.0)
+    group = make_group({fast.endpoint, slow.endpoint}, layer, timeout_s=1.0)
     xs = inputs({0: 5, 1: 5})
 
     with torch.no_grad():
@@ -232,16 +259,15 @@ def test_slow_expert_is_masked_not_waited_for(expert_service_factory, registry, 
     torch.testing.assert_close(got[0], local.run({0: xs[0]})[0], **TOL)
     assert counter(group.metrics, "masked_calls", layer=str(layer), uid=expert_uid(layer, 1), rpc="forward",
                    reason="deadline_exceeded") == 1
-    group.close()
 
 
-def test_replica_failover_masks_nothing(expert_service_factory, registry, tmp_path):
+def test_replica_failover_masks_nothing(expert_service_factory, registry, make_group, tmp_path):
     layer = 4
     local, ckpt = reference(layer, tmp_path)
     r1 = start(expert_service_factory, layer, [0, 1], ckpt)
     r2 = start(expert_service_factory, layer, [0, 1], ckpt)
     wait_registered(registry, [(r1, [0, 1]), (r2, [0, 1])], layer)
-    group = make_group(registry, {r1.endpoint, r2.endpoint}, layer, policy="round_robin", suspect_s=30.0)
+    group = make_group({r1.endpoint, r2.endpoint}, layer, policy="round_robin", suspect_s=30.0)
     sizes = {0: 3, 1: 5}
     xs, w = inputs(sizes), inputs(sizes, seed=6)
     with torch.no_grad():
@@ -259,15 +285,15 @@ def test_replica_failover_masks_nothing(expert_service_factory, registry, tmp_pa
     assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="forward") >= 1
     assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="backward") == 0
     assert masked_total(group.metrics, "forward") == masked_total(group.metrics, "backward") == 0
-    group.close()
 
 
-def test_restarted_service_is_used_again_after_registry_refresh(expert_service_factory, registry, tmp_path):
+def test_restarted_service_is_used_again_and_lost_activations_are_recomputed(expert_service_factory, registry,
+                                                                             make_group, tmp_path):
     layer = 5
     local, ckpt = reference(layer, tmp_path)
-    a = start(expert_service_factory, layer, [0], ckpt)
+    a = start(expert_service_factory, layer, [0], ckpt, EXPERT_ACTIVATION_TTL_S="0.5")
     wait_registered(registry, [(a, [0])], layer)
-    group = make_group(registry, {a.endpoint}, layer, timeout_s=1.0, suspect_s=0.5, refresh_s=0.2)
+    group = make_group({a.endpoint}, layer, timeout_s=1.0, suspect_s=0.5, refresh_s=0.2)
     xs = inputs({0: 4})
     want = local.run(xs)[0].detach()
     with torch.no_grad():
@@ -276,6 +302,10 @@ def test_restarted_service_is_used_again_after_registry_refresh(expert_service_f
     a.kill()
     with torch.no_grad():
         assert group.run(xs)[0] is None
+    # Fork (the restart's Popen) only while this process has no live gRPC connection: a fork
+    # during gRPC's reconnect attempts can hang in its fork handlers (grpc/grpc#37259). The
+    # pool opens a fresh channel on the next call.
+    group.clients.close()
     a.restart()  # same port; waits for SERVING
     wait_registered(registry, [(a, [0])], layer)
     deadline = time.monotonic() + 10.0
@@ -287,7 +317,20 @@ def test_restarted_service_is_used_again_after_registry_refresh(expert_service_f
         assert time.monotonic() < deadline, "restarted service never used again"
         time.sleep(0.1)
     torch.testing.assert_close(out, want, **TOL)
-    group.close()
+
+    # The expert dropped the activations before Backward came: FAILED_PRECONDITION, then the
+    # same replica gets the inputs along and recomputes; the gradient is still exact.
+    group.begin_step(1)
+    w = inputs({0: 4}, seed=7)
+    leaf = xs[0].clone().requires_grad_()
+    out = group.run({0: leaf})[0]
+    time.sleep(1.0)
+    (out * w[0]).sum().backward()
+    _, want_grads = train_pass(local, xs, w)
+    torch.testing.assert_close(leaf.grad, want_grads[0], **TOL)
+    assert counter(group.metrics, "expert_retries", layer=str(layer), rpc="backward") == 1
+    local_sq = sum(float(p.grad.pow(2).sum()) for p in local[0].parameters())
+    assert group.external_grad_sq_norm() == pytest.approx(local_sq, rel=1e-5)
 
 
 def test_trace_context_goes_out_as_w3c_traceparent():

@@ -43,7 +43,8 @@ def make(entries, **kw):
 
 
 def test_least_loaded_prefers_lowest_registry_load():
-    replicas, _, _ = make({"0.1": [rep("0.1", "a:1", load=50), rep("0.1", "b:1", load=3), rep("0.1", "c:1", load=9)]})
+    replicas, _, _ = make({"0.1": [rep("0.1", "a:1", load=50), rep("0.1", "b:1", load=3),
+                                   rep("0.1", "c:1", load=9)]})
     assert {replicas.choose("0.1").endpoint for _ in range(5)} == {"b:1"}
 
 
