@@ -14,7 +14,6 @@ checkpoint) prints one error line and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import sys
 from contextlib import contextmanager
@@ -97,13 +96,6 @@ _RESUME_IGNORES = ("preset", "batch_size", "lr", "eval_every", "seed", "vocab_si
                    "warmup_steps", "grad_clip")
 
 
-def _corpus_config_from_dict(data: dict):
-    from moe.data import CorpusConfig
-
-    known = {f.name for f in dataclasses.fields(CorpusConfig)}
-    return CorpusConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
-
-
 def _seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -168,7 +160,7 @@ def _prepare_train(args):
         train_cfg = TrainConfig.from_dict(config["train_config"])
         if args.steps or args.minutes:          # a new budget replaces the old one
             train_cfg = train_cfg.with_(steps=args.steps or 0, minutes=args.minutes or 0.0)
-        corpus_cfg = _corpus_config_from_dict(config["corpus_config"])
+        corpus_cfg = CorpusConfig.from_dict(config["corpus_config"])
         lm_cfg = LMConfig.from_dict(config["lm_config"])
 
     corpus = build_corpus(corpus_cfg, progress=_say)

@@ -37,11 +37,6 @@ log = logging.getLogger(__name__)
 EXPERTS_FILE = "experts.safetensors"
 
 
-def corpus_config_from_dict(data: dict) -> CorpusConfig:
-    known = {f.name for f in dataclasses.fields(CorpusConfig)}
-    return CorpusConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
-
-
 def prepare_initial_checkpoint(out: str | Path, preset_name: str, train_cfg: TrainConfig, corpus_cfg: CorpusConfig,
                                seed: int = 0, progress=None, **lm_overrides) -> tuple[Path, Path, LMConfig]:
     """Write a step-0 checkpoint of a freshly initialized model, and its routed experts as an
@@ -98,7 +93,7 @@ def build_remote_trainer(init: str | Path, out: str | Path, config: RouterConfig
     ckpt = resolve_checkpoint(init)
     saved = read_config(ckpt)
     lm_cfg = LMConfig.from_dict(saved["lm_config"])
-    corpus_cfg = corpus_config_from_dict(saved["corpus_config"])
+    corpus_cfg = CorpusConfig.from_dict(saved["corpus_config"])
     train_cfg = train_cfg or TrainConfig.from_dict(saved["train_config"])
     corpus = build_corpus(corpus_cfg)
     parts = parts or RemoteParts.connect(config)
