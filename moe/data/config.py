@@ -83,13 +83,13 @@ class CorpusConfig:
             fail("no data: domains is empty and no user_paths were given")
         object.__setattr__(self, "domains", domains)
 
-    @property
     @classmethod
     def from_dict(cls, data: dict) -> CorpusConfig:
         """Inverse of dataclasses.asdict after a JSON round trip (lists back to tuples; unknown keys ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
 
+    @property
     def all_domains(self) -> list[str]:
         """The corpus domains in order: the built-in ones, then ``user`` when user_paths is set."""
         return list(self.domains) + ([USER_DOMAIN] if self.user_paths else [])
