@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Benchmarks fork expert services while gRPC threads run (see tests/conftest.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 # Each part is a module with run(rounds) -> dict (or -> dict of sections when it returns several).
 PARTS = {"moe_layer": "bench.moe_layer", "remote_moe_layer": "bench.remote_layer", "wire": "bench.wire",

@@ -14,13 +14,18 @@ bring the same model back.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 
-import grpc
+# The stack forks children (preexec_fn) while gRPC threads run; gRPC's fork handlers can
+# deadlock there and the children exec at once, so they are turned off before grpc loads.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+import grpc  # noqa: E402
 
 from subnet.envconfig import ConfigError, from_env, markdown_table
 
