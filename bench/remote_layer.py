@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,13 +66,16 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
 
 
 def cpu_per_call(calls: dict[str, Callable[[], None]], router_pid: int, expert_pids: list[int]) -> dict[str, float]:
-    """CPU seconds one call of each variant costs: the router (all its threads), the expert
-    services (all threads), and the services' busiest threads (their compute threads)."""
+    """Wall seconds of one call of each variant and the CPU seconds it costs: the router (all its
+    threads), the expert services (all threads), and the services' busiest threads (their compute
+    threads). On 2 cores, CPU beyond the compute threads' is what the remote variant pays extra."""
     out = {}
     for name, fn in calls.items():
         pids = [router_pid, *expert_pids]
         before = {pid: thread_cpu_s(pid) for pid in pids}
+        start = time.perf_counter()
         fn()
+        out[f"{name}_wall_s"] = time.perf_counter() - start
         deltas = {pid: [t - before[pid].get(tid, 0.0) for tid, t in thread_cpu_s(pid).items()] for pid in pids}
         out[f"{name}_router_s"] = sum(deltas[router_pid])
         out[f"{name}_experts_s"] = sum(sum(deltas[pid]) for pid in expert_pids)
@@ -191,7 +195,7 @@ def _measure(layer: MoE, remotes: dict[str, MoE], groups: dict[str, RemoteExpert
     cpu = cpu_per_call({name: variants[name] for name in ("inproc_fwd", f"{first}_fwd", "inproc_fwdbwd",
                                                           f"{first}_fwdbwd")}, os.getpid(), expert_pids)
     torch.set_num_threads(n_threads)
-    for dt, remote in remotes.items():
+    for remote in remotes.values():
         if remote.last_stats.masked_experts:
             raise RuntimeError(f"remote experts {remote.last_stats.masked_experts} were masked while timing")
 
@@ -211,7 +215,8 @@ def _measure(layer: MoE, remotes: dict[str, MoE], groups: dict[str, RemoteExpert
             "fwdbwd_ratio": times["inproc_fwdbwd"] / fb,
             "fwd_s": f,
             "fwdbwd_s": fb,
-            "experts_per_process": EXPERTS // len(deals),
+            "experts_per_process": (len(deals[0]) if len({len(d) for d in deals}) == 1
+                                    else [len(d) for d in deals]),
             "wire_dtype": dt,
             "inproc": inproc,
             "threads": {"inproc": f"1 process x {n_threads} torch threads",

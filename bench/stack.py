@@ -117,7 +117,7 @@ class BenchStack:
         """Wait until every spawned service is SERVING and registered; their endpoints, in spawn order."""
         pending, self._pending = self._pending, []
         endpoints = []
-        for uids, env_i, child, endpoint in pending:
+        for _, env_i, child, endpoint in pending:
             for attempt in range(PORT_RETRIES):
                 try:
                     self._wait_serving(child, endpoint)
