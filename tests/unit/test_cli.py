@@ -7,25 +7,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moe.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small shared test machine: torch's tiny ops run faster on one thread than fighting over two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "moe-data-cache")      # shared with test_train.py
+def cache_dir(shared_cache_dir):
+    return shared_cache_dir
 
 
 def train_args(out, cache_dir, *extra):

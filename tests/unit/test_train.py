@@ -20,20 +20,12 @@ from moe.train.trainer import Trainer
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine is small and shared: with two threads, torch's tiny ops mostly wait on each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus_cfg(tmp_path_factory):
-    # One cache for every test module in the session: the second build is a cache hit.
-    return CorpusConfig(vocab_size=VOCAB, max_bytes_per_domain=300_000,
-                        cache_dir=str(tmp_path_factory.getbasetemp() / "moe-data-cache"))
+def corpus_cfg(shared_cache_dir):
+    return CorpusConfig(vocab_size=VOCAB, max_bytes_per_domain=300_000, cache_dir=shared_cache_dir)
 
 
 @pytest.fixture(scope="module")
