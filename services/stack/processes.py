@@ -13,9 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from subnet import health
 from subnet.redis_server import die_with_parent, port_in_use
 
 
@@ -75,18 +73,8 @@ def check_ports_free(ports: dict[str, int]) -> None:
 
 
 def wait_serving(endpoint: str, group: ProcessGroup, timeout_s: float, what: str) -> None:
-    """Poll grpc.health.v1 until SERVING; RuntimeError if a child dies or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            group.check_alive()
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} at {endpoint} did not become SERVING within {timeout_s:.0f}s")
-            time.sleep(0.25)
+    """Health SERVING at `endpoint`, or RuntimeError when a child of `group` dies first."""
+    try:
+        health.wait_serving(endpoint, timeout_s, check_alive=group.check_alive, what=what, poll_s=0.25)
+    except TimeoutError as e:
+        raise RuntimeError(str(e)) from None

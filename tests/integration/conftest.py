@@ -33,14 +33,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from subnet.health import wait_serving
 from subnet.redis_server import RedisServer, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,24 +82,15 @@ class ExpertServiceHandle:
         return self
 
     def _wait_serving(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        with grpc.insecure_channel(self.endpoint) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"expert service exited with code {self.process.returncode} "
-                                       f"during start-up:\n{self.log()[-2000:]}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise TimeoutError(f"expert service not SERVING after {START_TIMEOUT_S} s:\n"
-                                       f"{self.log()[-2000:]}")
-                time.sleep(0.1)
+        def check_alive():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"expert service exited with code {self.process.returncode} "
+                                   f"during start-up:\n{self.log()[-2000:]}")
+        try:
+            wait_serving(self.endpoint, START_TIMEOUT_S, check_alive, what="expert service")
+        except TimeoutError as e:
+            self.kill()
+            raise TimeoutError(f"{e}:\n{self.log()[-2000:]}") from None
 
     def terminate(self, timeout_s: float = 10.0) -> int:
         """SIGTERM and wait; SIGKILL if it does not exit in time. Returns the exit code."""
