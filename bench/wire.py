@@ -140,6 +140,7 @@ class _SocketEcho:
 
 
 def run(rounds: int = 5) -> dict:
+    # Imported here: the echo server runs this module too and needs none of the router's imports.
     from bench.stack import BenchStack
     from subnet.redis_server import free_port
 
