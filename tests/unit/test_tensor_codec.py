@@ -122,3 +122,14 @@ def test_size_limit_is_checked_before_the_bytes():
     with pytest.raises(TensorError) as info:
         decode(huge, expected_dim=1024, max_elements=4096 * 1024)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_finite_values_whose_sum_overflows_are_accepted_and_nan_among_them_is_not():
+    big = torch.full((4, 8), 3e38)                 # every value finite, the sum is +inf
+    torch.testing.assert_close(decode(encode(big)), big)
+    big[2, 5] = float("nan")
+    with pytest.raises(TensorError, match="1 NaN or Inf"):
+        decode(encode(big))
+    mixed = torch.tensor([[float("inf"), -float("inf")]])   # the sum is NaN
+    with pytest.raises(TensorError, match="2 NaN or Inf"):
+        decode(encode(mixed))
