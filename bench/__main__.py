@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} ...", flush=True)
         result = importlib.import_module(PARTS[name]).run(rounds=args.rounds)
         sections.update(result if name in MULTI_SECTION else {name: result})
-    path = report.write(sections)
+    path = report.write(sections, merge=bool(args.only))
     print(report.to_markdown({"meta": {}, **sections}))
     print(f"[bench] wrote {path}")
     return 0

@@ -1,4 +1,8 @@
-"""Write bench results: latest.json (merged by section) and latest.md (a table)."""
+"""Write bench results: latest.json and latest.md (a table of the same numbers).
+
+A full run replaces the file; a partial run (`--only`) replaces only its own sections and
+keeps the others, each section carrying the time it was measured.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,20 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def write(sections: dict[str, dict], results_dir: Path = RESULTS_DIR) -> Path:
+def write(sections: dict[str, dict], results_dir: Path = RESULTS_DIR, merge: bool = False) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
-                    "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                    "machine": platform.machine()}, **sections}
     path = results_dir / "latest.json"
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    previous = {}
+    if merge and path.exists():
+        try:
+            previous = {k: v for k, v in json.loads(path.read_text()).items() if k != "meta"}
+        except json.JSONDecodeError:
+            previous = {}                       # a damaged file is replaced, not merged
+    fresh = {name: {**values, "measured_at": now} for name, values in sections.items()}
+    doc = {"meta": {"time": now, "python": platform.python_version(),
+                    "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+                    "machine": platform.machine()}, **previous, **fresh}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)

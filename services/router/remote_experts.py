@@ -88,10 +88,11 @@ class _Call:
 class _Forward(_Call):
     rpc = "Forward"
 
-    def __init__(self, uid: str, inputs, tokens: int, dim: int, call_id: str, step: int, training: bool,
-                 retries: int):
-        super().__init__(uid, tokens)
-        self.inputs, self.dim, self.call_id, self.step, self.training = inputs, dim, call_id, step, training
+    def __init__(self, uid: str, x: torch.Tensor, wire_dtype: str, dim: int, call_id: str, step: int,
+                 training: bool, retries: int):
+        super().__init__(uid, x.shape[0])
+        self._x, self._wire_dtype, self._encoded = x, wire_dtype, None
+        self.dim, self.call_id, self.step, self.training = dim, call_id, step, training
         self.retries = retries
         self.tried: set[str] = set()
         self.outputs: torch.Tensor | None = None
@@ -99,6 +100,14 @@ class _Forward(_Call):
     def target(self, replicas: ReplicaSet) -> str | None:
         replica = replicas.choose(self.uid, exclude=self.tried)
         return None if replica is None else replica.endpoint
+
+    @property
+    def inputs(self):
+        # Encoded when first sent, not up front: the first expert starts computing while the
+        # router still encodes the tensors of the others.
+        if self._encoded is None:
+            self._encoded = encode(self._x, self._wire_dtype)
+        return self._encoded
 
     def send(self, client, timeout_s, metadata):
         self.tried.add(client.endpoint)
@@ -268,7 +277,7 @@ class RemoteExpertGroup(ExpertGroup):
             if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
                 raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
-        forwards = {i: _Forward(expert_uid(self.layer, i), encode(x, self.wire_dtype), x.shape[0], self.dim,
+        forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
                                 f"{self._session}:{next(self._call_numbers)}", self._step, training,
                                 self.retries)
                     for i, x in batches.items()}
