@@ -14,7 +14,11 @@ def wait_serving(endpoint: str, timeout_s: float, check_alive: Callable[[], None
     """Poll health until SERVING. `check_alive` raises when the process behind it died (so a crash
     is reported at once, not after the timeout); TimeoutError when time runs out."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(endpoint) as channel:
+    # gRPC backs off reconnecting up to 2 minutes by default; a service that comes up after a
+    # long wait (the router trains first) must be seen within a second.
+    options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
+    with grpc.insecure_channel(endpoint, options=options) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if check_alive is not None:
