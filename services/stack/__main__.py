@@ -30,7 +30,20 @@ import grpc  # noqa: E402
 from subnet.envconfig import ConfigError, from_env, markdown_table
 
 MARKER = ".stack-run"          # a run directory the stack made and may clear
+# Set by Ctrl-C / SIGTERM. A terminal's Ctrl-C reaches every child too, so a child may be seen
+# exiting before this process handles its own signal: that is a stop, not a crash.
+_interrupted = False
 EXPERTS_FINAL = "experts.safetensors"
+
+
+def _note_signal(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+
+
+def _interrupt(signum, frame) -> None:
+    _note_signal(signum, frame)
+    raise KeyboardInterrupt
 
 
 def _say(message: str) -> None:
@@ -194,6 +207,9 @@ def run_stack(mode: str, cfg) -> int:
         _say("interrupted; stopping every process")
         return 130
     finally:
+        # From here on a signal only takes note: raising inside the clean-up would leave it half done.
+        signal.signal(signal.SIGINT, _note_signal)
+        signal.signal(signal.SIGTERM, _note_signal)
         group.stop()
         redis.stop()
         if mode == "demo":
@@ -218,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return 2
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         return run_stack(args.mode, from_env(StackConfig))
     except (ConfigError, RuntimeError, ValueError, OSError) as e:
+        if _interrupted:
+            _say("interrupted; every process stopped")
+            return 130
         print(f"[stack] error: {e}", file=sys.stderr)
         return 2
 
