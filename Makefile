@@ -32,6 +32,9 @@ test: $(STAMP)  ## unit + integration tests (real gRPC and Redis on loopback)
 test-unit: $(STAMP)  ## unit tests only (no sockets)
 	$(BIN)/python -m pytest -q tests/unit
 
+test-integration: $(STAMP)  ## integration tests only (real servers on loopback)
+	$(BIN)/python -m pytest -q tests/integration
+
 bench: $(STAMP)  ## benchmarks -> bench/results/latest.json and latest.md
 	$(BIN)/python -m bench
 
