@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from bench.remote_layer import ROUTER_THREADS
-from bench.stack import BenchStack, deal
+from bench.stack import BenchStack
 from bench.timing import percentiles
-from moe import expert_uid, preset
+from moe import preset
 from moe.lm import MoELM
 from services.router.config import RouterConfig
 from services.router.remote_model import build_remote_lm, export_expert_weights
+from services.stack.placement import deal_experts
 
 PRESET = "small"
 PROMPT_TOKENS, WARMUP_STEPS, STEPS = 8, 10, 100   # 118 positions: fits block_size 128 without a cache reset
@@ -47,10 +48,7 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
     torch.manual_seed(0)
     local = MoELM(cfg).eval()
     tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS + WARMUP_STEPS + STEPS))
-    if cfg.n_experts % n_threads:
-        raise ValueError(f"{cfg.n_experts} experts per layer do not deal evenly onto {n_threads} services")
-    uids = [expert_uid(layer, i) for layer in cfg.moe_layers() for i in range(cfg.n_experts)]
-    deals = deal(uids, n_threads)   # flat position % N = expert index % N, since N divides n_experts
+    deals = deal_experts(cfg.moe_layers(), cfg.n_experts, n_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="moe-bench-weights-") as tmp, ExitStack() as exits:
             checkpoint = Path(tmp) / "experts.safetensors"

@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 from bench.moe_layer import DIM, EXPERTS, INTER, TOKENS, TOP_K, standard_layer
-from bench.stack import BenchStack, deal
+from bench.stack import BenchStack
 from bench.timing import best_times
 from moe import MoE, expert_uid
 from services.expert.checkpoint import save_expert_weights
 from services.router.remote_experts import RemoteExpertGroup
+from services.stack.placement import deal_experts
 
 ROUTER_THREADS = 1               # see the module docstring
 WIRE_DTYPES = ("fp32", "bf16")   # the first is the `remote_moe_layer` section, the others get a suffix
@@ -143,12 +144,11 @@ def run(rounds: int = 5) -> dict:
     n_threads = torch.get_num_threads()
     layer = standard_layer()
     x = torch.randn(TOKENS, DIM)   # the same input as part 1 (same seed, same order)
-    uids = [expert_uid(0, i) for i in range(EXPERTS)]
-    deals = deal(uids, n_threads)
+    deals = deal_experts([0], EXPERTS, n_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="moe-bench-weights-") as tmp, BenchStack() as stack:
             checkpoint = Path(tmp) / "experts.safetensors"
-            save_expert_weights(checkpoint, {uid: layer.experts[i] for i, uid in enumerate(uids)})
+            save_expert_weights(checkpoint, {expert_uid(0, i): layer.experts[i] for i in range(EXPERTS)})
             stack.start_experts(deals, DIM, INTER, checkpoint, threads=1)
             groups = {dt: RemoteExpertGroup(0, EXPERTS, DIM, stack.replicas, wire_dtype=dt, timeout_s=CALL_TIMEOUT_S,
                                             retries=0, clients=stack.clients) for dt in WIRE_DTYPES}

@@ -1,7 +1,7 @@
 """Redis and expert services as child processes of a benchmark, and nothing left behind.
 
     with BenchStack() as stack:
-        endpoints = stack.start_experts(deal(uids, 2), dim=1024, inter_dim=2816,
+        endpoints = stack.start_experts(deal_experts([0], 8, 2),   # services.stack.placement dim=1024, inter_dim=2816,
                                         checkpoint=path, threads=1)
         group = RemoteExpertGroup(0, 8, 1024, stack.replicas, clients=stack.clients, ...)
 
@@ -37,13 +37,6 @@ from subnet.registry import ExpertRegistry
 
 START_TIMEOUT_S = 120.0   # torch import in each child on two busy cores
 PORT_RETRIES = 3          # a port picked by free_port() may be taken before the child binds it
-
-
-def deal(uids: Sequence[str], n_services: int) -> list[list[str]]:
-    """Experts dealt round robin: uid i goes to service i % n_services (as `services.stack` does)."""
-    if n_services < 1:
-        raise ValueError(f"n_services must be >= 1, got {n_services}")
-    return [list(uids[s::n_services]) for s in range(n_services)]
 
 
 class BenchStack:

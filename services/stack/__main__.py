@@ -59,17 +59,12 @@ def _prepare_run_dir(run: Path) -> None:
     (run / MARKER).write_text("made by python -m services.stack\n")
 
 
-def _deal_experts(layers: list[int], n_experts: int, n_services: int) -> list[list[str]]:
-    """Expert uids per service: index i of every layer goes to service i % n_services."""
-    return [[f"{layer}.{i}" for layer in layers for i in range(n_experts) if i % n_services == s]
-            for s in range(n_services)]
-
-
 def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path) -> list[str]:
+    from services.stack.placement import deal_experts
     from services.stack.processes import wait_serving
 
     endpoints = []
-    deals = _deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, len(cfg.ports))
+    deals = deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, len(cfg.ports))
     for s, (port, uids) in enumerate(zip(cfg.ports, deals)):
         env = {"EXPERT_UIDS": ",".join(uids), "EXPERT_DIM": str(lm_cfg.dim),
                "EXPERT_INTER_DIM": str(lm_cfg.moe_inter_dim), "EXPERT_PORT": str(port),

@@ -20,6 +20,7 @@ from services.router.config import RouterConfig
 from services.router.server import RouterServer
 from services.router.servicer import RouterServicer
 from services.router.train import build_remote_trainer, prepare_initial_checkpoint
+from services.stack.placement import deal_experts
 from subnet.tensor_codec import decode
 
 pytestmark = pytest.mark.integration
@@ -43,12 +44,9 @@ def _init(tmp_path, corpus_cfg, steps=STEPS):
 
 def _services(factory, redis_url, lm_cfg, experts, n_services=2):
     """Expert services that share the experts of every layer (index i -> service i % n)."""
-    handles = []
-    for s in range(n_services):
-        uids = [f"{layer}.{i}" for layer in lm_cfg.moe_layers() for i in range(lm_cfg.n_experts) if i % n_services == s]
-        handles.append(factory(uids, lm_cfg.dim, lm_cfg.moe_inter_dim,
-                               env={"REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(experts)}))
-    return handles
+    return [factory(uids, lm_cfg.dim, lm_cfg.moe_inter_dim,
+                    env={"REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(experts)})
+            for uids in deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, n_services)]
 
 
 def _private_db(redis_server, db: int) -> str:
