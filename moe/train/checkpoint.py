@@ -116,9 +116,15 @@ def read_config(ckpt: str | os.PathLike) -> dict:
     return config
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike) -> None:
-    """Load this process's weights into `model` (shapes and names must match exactly)."""
+def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, skip=None) -> None:
+    """Load this process's weights into `model` (shapes and names must match exactly).
+
+    `skip(name)` marks checkpoint entries the model is expected not to have (a router's model
+    has no in-process routed experts); every other mismatch is a CheckpointError.
+    """
     missing, unexpected = load_model(model, str(Path(ckpt) / WEIGHTS_FILE), strict=False)
+    if skip is not None:
+        unexpected = [name for name in unexpected if not skip(name)]
     if missing or unexpected:
         raise CheckpointError(f"weights in {ckpt} do not fit the model: missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]}")

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from safetensors.torch import load_model
 
 from moe import MoELM
 from moe.config import LMConfig
 from moe.experts import expert_uid
-from moe.train.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
+from moe.train.checkpoint import load_weights, resolve_checkpoint
 from services.expert.checkpoint import save_expert_weights
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
@@ -78,11 +77,7 @@ def load_trunk(model: MoELM, checkpoint: str | Path) -> Path:
     Raises CheckpointError when a trunk parameter is missing or something else does not fit.
     """
     ckpt = resolve_checkpoint(checkpoint)
-    missing, unexpected = load_model(model, str(ckpt / WEIGHTS_FILE), strict=False)
-    unexpected = [k for k in unexpected if not _LOCAL_EXPERT_KEY.match(k)]
-    if missing or unexpected:
-        raise CheckpointError(f"weights in {ckpt} do not fit the router's model: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
+    load_weights(model, ckpt, skip=lambda name: bool(_LOCAL_EXPERT_KEY.match(name)))
     return ckpt
 
 
