@@ -105,7 +105,7 @@ def _merge_expert_files(run: Path, n_services: int) -> Path | None:
     """One file with every expert, from the files the services wrote when they stopped."""
     from safetensors.torch import save_file
 
-    from services.expert.checkpoint import load_expert_weights
+    from services.expert.checkpoint import FORMAT, load_expert_weights
 
     tensors = {}
     for s in range(n_services):
@@ -115,7 +115,7 @@ def _merge_expert_files(run: Path, n_services: int) -> Path | None:
         for uid, state in load_expert_weights(path).items():
             tensors.update({f"{uid}.{name}": t.contiguous() for name, t in state.items()})
     final = run / EXPERTS_FINAL
-    save_file(tensors, str(final), metadata={"format": "moe-expert-weights/v1"})
+    save_file(tensors, str(final), metadata={"format": FORMAT})
     return final
 
 
