@@ -41,7 +41,7 @@ bench: $(STAMP)  ## benchmarks -> bench/results/latest.json and latest.md
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check moe subnet services tests bench
 
-protos: $(STAMP)  ## regenerate Python code from protos/ into moe/v1/
+protos: $(STAMP)  ## regenerate Python code from protos/ into subnet/wire/v1/
 	$(BIN)/python -m subnet.protogen
 
 clean:  ## remove caches and run outputs (keeps .venv)

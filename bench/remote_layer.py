@@ -41,9 +41,9 @@ from bench.moe_layer import DIM, EXPERTS, INTER, TOKENS, TOP_K, standard_layer
 from bench.stack import BenchStack
 from bench.timing import best_times
 from moe import MoE, expert_uid
-from services.expert.checkpoint import save_expert_weights
 from services.router.remote_experts import RemoteExpertGroup
 from services.stack.placement import deal_experts
+from subnet.expert_weights import save_expert_weights
 
 ROUTER_THREADS = 1               # see the module docstring
 WIRE_DTYPES = ("fp32", "bf16")   # the first is the `remote_moe_layer` section, the others get a suffix

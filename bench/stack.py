@@ -31,8 +31,9 @@ from services.router.remote_model import RemoteParts
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
 from services.stack.processes import Child, ProcessGroup, wait_serving
+from subnet.dev.redis_server import RedisServer
 from subnet.expert_client import ChannelSettings, ExpertClientPool
-from subnet.redis_server import RedisServer, free_port
+from subnet.processes import free_port
 from subnet.registry import ExpertRegistry
 
 START_TIMEOUT_S = 120.0   # torch import in each child on two busy cores

@@ -47,8 +47,8 @@ import grpc
 import torch
 
 from bench.timing import best_times
-from moe.v1 import tensor_pb2
 from subnet.tensor_codec import decode, encode
+from subnet.wire.v1 import tensor_pb2
 
 SIZES_MIB = (1, 4, 16, 64)
 MAX_MESSAGE_MB = 80
@@ -142,7 +142,7 @@ class _SocketEcho:
 def run(rounds: int = 5) -> dict:
     # Imported here: the echo server runs this module too and needs none of the router's imports.
     from bench.stack import BenchStack
-    from subnet.redis_server import free_port
+    from subnet.processes import free_port
 
     grpc_port, socket_port = free_port(), free_port()
     with BenchStack() as stack:

@@ -24,7 +24,7 @@ from typing import Self
 
 import grpc
 
-from moe.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
 
@@ -69,22 +69,24 @@ class ExpertClient:
         return self._stub.Forward.future(request, timeout=timeout_s, metadata=metadata)
 
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor, *, call_id: str, step: int,
-                 timeout_s: float, inputs: tensor_pb2.Tensor | None = None,
+                 timeout_s: float, inputs: tensor_pb2.Tensor | None = None, session_id: str = "",
                  metadata: Metadata = ()) -> grpc.Future:
         """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
         request = expert_pb2.BackwardRequest(expert_uid=uid, call_id=call_id, step=step,
-                                             grad_outputs=grad_outputs, inputs=inputs)
+                                             grad_outputs=grad_outputs, inputs=inputs, session_id=session_id)
         return self._stub.Backward.future(request, timeout=timeout_s, metadata=metadata)
 
-    def grad_norm(self, uid: str, *, step: int, timeout_s: float, metadata: Metadata = ()) -> grpc.Future:
-        request = expert_pb2.GradNormRequest(expert_uid=uid, step=step)
+    def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",
+                  metadata: Metadata = ()) -> grpc.Future:
+        request = expert_pb2.GradNormRequest(expert_uid=uid, step=step, session_id=session_id)
         return self._stub.GradNorm.future(request, timeout=timeout_s, metadata=metadata)
 
     def apply_step(self, uid: str, *, step: int, lr: float, grad_scale: float, weight_decay: float,
-                   beta1: float, beta2: float, eps: float, timeout_s: float,
+                   beta1: float, beta2: float, eps: float, timeout_s: float, session_id: str = "",
                    metadata: Metadata = ()) -> grpc.Future:
         request = expert_pb2.ApplyStepRequest(expert_uid=uid, step=step, lr=lr, grad_scale=grad_scale,
-                                              weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps)
+                                              weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
+                                              session_id=session_id)
         return self._stub.ApplyStep.future(request, timeout=timeout_s, metadata=metadata)
 
     def info(self, *, timeout_s: float, metadata: Metadata = ()) -> expert_pb2.InfoResponse:

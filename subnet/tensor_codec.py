@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import torch
 
-from moe.v1 import tensor_pb2
+from subnet.wire.v1 import tensor_pb2
 
 WIRE_DTYPES: dict[str, int] = {
     "fp32": tensor_pb2.DTYPE_FLOAT32,

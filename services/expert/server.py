@@ -30,15 +30,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from moe.experts import SwiGLU
-from moe.v1 import expert_pb2, expert_pb2_grpc
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
-from services.expert.checkpoint import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.servicer import ExpertServicer
-from subnet.redis_server import port_in_use
+from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
+from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"

@@ -18,11 +18,11 @@ from typing import Any
 import grpc
 import torch
 
-from moe.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 from services.expert import backend as be
 from services.expert.batcher import Batcher, ComputeWorker, Overloaded, ShuttingDown
 from services.expert.metrics import ExpertMetrics
 from subnet.tensor_codec import TensorError, decode, encode, wire_dtype_name
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode

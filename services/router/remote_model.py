@@ -21,13 +21,13 @@ from moe import MoELM
 from moe.config import LMConfig
 from moe.experts import expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
-from services.expert.checkpoint import save_expert_weights
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
 from subnet.expert_client import ChannelSettings, ExpertClientPool
+from subnet.expert_weights import save_expert_weights
 from subnet.registry import ExpertRegistry
 
 _LOCAL_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")

@@ -8,8 +8,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from moe.v1 import router_pb2_grpc
 from services.router.servicer import RouterServicer
+from subnet.wire.v1 import router_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = "moe.v1.Router"

@@ -14,11 +14,11 @@ import grpc
 import torch
 
 from moe import MoELM
-from moe.v1 import router_pb2, router_pb2_grpc
 from services.router.metrics import RouterMetrics
 from services.router.remote_model import required_expert_uids
 from services.router.replicas import ReplicaSet
 from subnet.tensor_codec import encode
+from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,7 @@ def _router_env(cfg, redis_url: str) -> dict[str, str]:
 
 
 def _generate(endpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, int, float]:
-    from moe.v1 import router_pb2, router_pb2_grpc
+    from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
     pieces, masked = [], 0
     started = time.perf_counter()
@@ -105,7 +105,7 @@ def _merge_expert_files(run: Path, n_services: int) -> Path | None:
     """One file with every expert, from the files the services wrote when they stopped."""
     from safetensors.torch import save_file
 
-    from services.expert.checkpoint import FORMAT, load_expert_weights
+    from subnet.expert_weights import FORMAT, load_expert_weights
 
     tensors = {}
     for s in range(n_services):
@@ -152,7 +152,7 @@ def run_stack(mode: str, cfg) -> int:
     from moe.train.checkpoint import read_config, resolve_checkpoint
     from services.router.train import prepare_initial_checkpoint
     from services.stack.processes import ProcessGroup, check_ports_free, wait_serving
-    from subnet.redis_server import RedisServer
+    from subnet.dev.redis_server import RedisServer
 
     run = Path(cfg.run_dir)
     ports = {"redis": cfg.redis_port, "router": cfg.router_port,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from subnet import health
-from subnet.redis_server import die_with_parent, port_in_use
+from subnet.processes import die_with_parent, port_in_use
 
 
 @dataclass

@@ -38,8 +38,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from subnet.dev.redis_server import RedisServer
 from subnet.health import wait_serving
-from subnet.redis_server import RedisServer, die_with_parent, free_port
+from subnet.processes import die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0  # torch import on two busy cores can take a while

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moe.experts import SwiGLU
-from services.expert.checkpoint import load_expert_weights, save_expert_weights
 from subnet.expert_client import ExpertClientPool
+from subnet.expert_weights import load_expert_weights, save_expert_weights
 from subnet.tensor_codec import encode
 
 pytestmark = pytest.mark.integration

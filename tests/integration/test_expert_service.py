@@ -16,13 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
-from moe.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
-from services.expert.checkpoint import init_expert, save_expert_weights
 from services.expert.config import ExpertConfig
 from services.expert.server import ExpertServer
 from subnet.envconfig import from_env
+from subnet.expert_weights import init_expert, save_expert_weights
 from subnet.registry import ExpertRegistry, replica_key
 from subnet.tensor_codec import decode, encode
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from subnet.redis_server import RedisServer, RedisServerError
+from subnet.dev.redis_server import RedisServer, RedisServerError
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry, Replica, replica_key
 
 pytestmark = pytest.mark.integration

@@ -19,11 +19,11 @@ import torch
 
 from moe.boundary import LocalExperts, OptimizerSettings
 from moe.experts import expert_uid
-from services.expert.checkpoint import save_expert_weights
 from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
+from subnet.expert_weights import save_expert_weights
 from subnet.registry import ExpertRegistry
 
 pytestmark = pytest.mark.integration

@@ -15,13 +15,13 @@ from moe.data import CorpusConfig, build_corpus
 from moe.train import TrainConfig
 from moe.train.checkpoint import load_lm
 from moe.train.trainer import Trainer
-from moe.v1 import router_pb2, router_pb2_grpc
 from services.router.config import RouterConfig
 from services.router.server import RouterServer
 from services.router.servicer import RouterServicer
 from services.router.train import build_remote_trainer, prepare_initial_checkpoint
 from services.stack.placement import deal_experts
 from subnet.tensor_codec import decode
+from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe.v1 import tensor_pb2
 from subnet.tensor_codec import WIRE_DTYPES, TensorError, decode, encode, parse_wire_dtypes
+from subnet.wire.v1 import tensor_pb2
 
 torch.set_num_threads(1)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

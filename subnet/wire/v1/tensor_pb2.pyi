@@ -27,15 +27,3 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class RequestAuth(_message.Message):
-    __slots__ = ("hotkey", "signature", "nonce", "timestamp_ms")
-    HOTKEY_FIELD_NUMBER: _ClassVar[int]
-    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
-    NONCE_FIELD_NUMBER: _ClassVar[int]
-    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
-    hotkey: str
-    signature: bytes
-    nonce: str
-    timestamp_ms: int
-    def __init__(self, hotkey: _Optional[str] = ..., signature: _Optional[bytes] = ..., nonce: _Optional[str] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from moe.v1 import expert_pb2 as moe_dot_v1_dot_expert__pb2
+from subnet.wire.v1 import expert_pb2 as subnet_dot_wire_dot_v1_dot_expert__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in moe/v1/expert_pb2_grpc.py depends on'
+        + ' but the generated code in subnet/wire/v1/expert_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ExpertStub:
         """
         self.Forward = channel.unary_unary(
                 '/moe.v1.Expert/Forward',
-                request_serializer=moe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
                 _registered_method=True)
         self.Backward = channel.unary_unary(
                 '/moe.v1.Expert/Backward',
-                request_serializer=moe_dot_v1_dot_expert__pb2.BackwardRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_expert__pb2.BackwardResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardResponse.FromString,
                 _registered_method=True)
         self.GradNorm = channel.unary_unary(
                 '/moe.v1.Expert/GradNorm',
-                request_serializer=moe_dot_v1_dot_expert__pb2.GradNormRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_expert__pb2.GradNormResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormResponse.FromString,
                 _registered_method=True)
         self.ApplyStep = channel.unary_unary(
                 '/moe.v1.Expert/ApplyStep',
-                request_serializer=moe_dot_v1_dot_expert__pb2.ApplyStepRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_expert__pb2.ApplyStepResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/moe.v1.Expert/Info',
-                request_serializer=moe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_expert__pb2.InfoResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -105,28 +105,28 @@ def add_ExpertServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=moe_dot_v1_dot_expert__pb2.ForwardRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_expert__pb2.ForwardResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.SerializeToString,
             ),
             'Backward': grpc.unary_unary_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=moe_dot_v1_dot_expert__pb2.BackwardRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_expert__pb2.BackwardResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardResponse.SerializeToString,
             ),
             'GradNorm': grpc.unary_unary_rpc_method_handler(
                     servicer.GradNorm,
-                    request_deserializer=moe_dot_v1_dot_expert__pb2.GradNormRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_expert__pb2.GradNormResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormResponse.SerializeToString,
             ),
             'ApplyStep': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyStep,
-                    request_deserializer=moe_dot_v1_dot_expert__pb2.ApplyStepRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_expert__pb2.ApplyStepResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=moe_dot_v1_dot_expert__pb2.InfoRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_expert__pb2.InfoResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.InfoRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,8 +154,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/Forward',
-            moe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
-            moe_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -181,8 +181,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/Backward',
-            moe_dot_v1_dot_expert__pb2.BackwardRequest.SerializeToString,
-            moe_dot_v1_dot_expert__pb2.BackwardResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -208,8 +208,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/GradNorm',
-            moe_dot_v1_dot_expert__pb2.GradNormRequest.SerializeToString,
-            moe_dot_v1_dot_expert__pb2.GradNormResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.GradNormResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -235,8 +235,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/ApplyStep',
-            moe_dot_v1_dot_expert__pb2.ApplyStepRequest.SerializeToString,
-            moe_dot_v1_dot_expert__pb2.ApplyStepResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ApplyStepResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -262,8 +262,8 @@ class Expert:
             request,
             target,
             '/moe.v1.Expert/Info',
-            moe_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
-            moe_dot_v1_dot_expert__pb2.InfoResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.InfoRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-from moe.v1 import tensor_pb2 as _tensor_pb2
+from subnet.wire.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,20 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training", "auth")
+    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
-    AUTH_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     inputs: _tensor_pb2.Tensor
     call_id: str
     step: int
     training: bool
-    auth: _tensor_pb2.RequestAuth
-    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -30,20 +28,20 @@ class ForwardResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "auth")
+    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
-    AUTH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     call_id: str
     step: int
     grad_outputs: _tensor_pb2.Tensor
     inputs: _tensor_pb2.Tensor
-    auth: _tensor_pb2.RequestAuth
-    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_inputs",)
@@ -52,14 +50,14 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GradNormRequest(_message.Message):
-    __slots__ = ("expert_uid", "step", "auth")
+    __slots__ = ("expert_uid", "step", "session_id")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    AUTH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     step: int
-    auth: _tensor_pb2.RequestAuth
-    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class GradNormResponse(_message.Message):
     __slots__ = ("sq_norm", "backward_calls")
@@ -70,7 +68,7 @@ class GradNormResponse(_message.Message):
     def __init__(self, sq_norm: _Optional[float] = ..., backward_calls: _Optional[int] = ...) -> None: ...
 
 class ApplyStepRequest(_message.Message):
-    __slots__ = ("expert_uid", "step", "lr", "grad_scale", "weight_decay", "beta1", "beta2", "eps", "auth")
+    __slots__ = ("expert_uid", "step", "lr", "grad_scale", "weight_decay", "beta1", "beta2", "eps", "session_id")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -79,7 +77,7 @@ class ApplyStepRequest(_message.Message):
     BETA1_FIELD_NUMBER: _ClassVar[int]
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
-    AUTH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     step: int
     lr: float
@@ -88,8 +86,8 @@ class ApplyStepRequest(_message.Message):
     beta1: float
     beta2: float
     eps: float
-    auth: _tensor_pb2.RequestAuth
-    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., grad_scale: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+    session_id: str
+    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., grad_scale: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ApplyStepResponse(_message.Message):
     __slots__ = ("version",)

@@ -1,11 +1,11 @@
-"""services.expert.checkpoint: the weight-file format and deterministic initialization."""
+"""subnet.expert_weights: the weight-file format and deterministic initialization."""
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from moe.experts import SwiGLU
-from services.expert.checkpoint import (
+from subnet.expert_weights import (
     CheckpointError,
     experts_from_checkpoint,
     init_expert,

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from moe.v1 import router_pb2 as moe_dot_v1_dot_router__pb2
+from subnet.wire.v1 import router_pb2 as subnet_dot_wire_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in moe/v1/router_pb2_grpc.py depends on'
+        + ' but the generated code in subnet/wire/v1/router_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class RouterStub:
         """
         self.Generate = channel.unary_stream(
                 '/moe.v1.Router/Generate',
-                request_serializer=moe_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Logits = channel.unary_unary(
                 '/moe.v1.Router/Logits',
-                request_serializer=moe_dot_v1_dot_router__pb2.LogitsRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_router__pb2.LogitsResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.LogitsRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.LogitsResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/moe.v1.Router/Info',
-                request_serializer=moe_dot_v1_dot_router__pb2.RouterInfoRequest.SerializeToString,
-                response_deserializer=moe_dot_v1_dot_router__pb2.RouterInfoResponse.FromString,
+                request_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,18 +79,18 @@ def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=moe_dot_v1_dot_router__pb2.GenerateRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.GenerateRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
             ),
             'Logits': grpc.unary_unary_rpc_method_handler(
                     servicer.Logits,
-                    request_deserializer=moe_dot_v1_dot_router__pb2.LogitsRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_router__pb2.LogitsResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.LogitsRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.LogitsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=moe_dot_v1_dot_router__pb2.RouterInfoRequest.FromString,
-                    response_serializer=moe_dot_v1_dot_router__pb2.RouterInfoResponse.SerializeToString,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -118,8 +118,8 @@ class Router:
             request,
             target,
             '/moe.v1.Router/Generate',
-            moe_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
-            moe_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,8 +145,8 @@ class Router:
             request,
             target,
             '/moe.v1.Router/Logits',
-            moe_dot_v1_dot_router__pb2.LogitsRequest.SerializeToString,
-            moe_dot_v1_dot_router__pb2.LogitsResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.LogitsRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.LogitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -172,8 +172,8 @@ class Router:
             request,
             target,
             '/moe.v1.Router/Info',
-            moe_dot_v1_dot_router__pb2.RouterInfoRequest.SerializeToString,
-            moe_dot_v1_dot_router__pb2.RouterInfoResponse.FromString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_router__pb2.RouterInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,13 +9,10 @@ Not for deployments: there Redis is its own container or an external service.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,43 +20,13 @@ from typing import Self
 
 import redis
 
+from subnet.processes import die_with_parent, free_port, port_in_use
+
 log = logging.getLogger(__name__)
 
 
 class RedisServerError(RuntimeError):
     """The server could not start (port in use, binary missing, no answer to PING)."""
-
-
-# Resolved here, not in the forked child: the child of a threaded parent should do as little
-# as possible before exec.
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """`preexec_fn` for child processes: the kernel kills the child when this process dies,
-    so a crashed test run or stack leaves no orphan servers behind (Linux only; no-op elsewhere).
-    Start children from the main thread: the signal fires when the *thread* that forked exits."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the caller must still handle a lost race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a server already listens on `port` (connections in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def redis_server_binary() -> str:
@@ -157,7 +124,7 @@ class RedisServer:
         self.stop()
 
 
-if __name__ == "__main__":  # a quick manual check: python -m subnet.redis_server
+if __name__ == "__main__":  # a quick manual check: python -m subnet.dev.redis_server
     with RedisServer(port=int(os.environ.get("REDIS_PORT", "0"))) as srv:
         print(f"redis at {srv.url}; Ctrl-C stops it")
         try:

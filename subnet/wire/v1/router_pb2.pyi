@@ -1,4 +1,4 @@
-from moe.v1 import tensor_pb2 as _tensor_pb2
+from subnet.wire.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -52,7 +52,7 @@ class RouterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RouterInfoResponse(_message.Message):
-    __slots__ = ("vocab_size", "block_size", "n_layer", "dim", "n_experts", "n_activated_experts", "expert_uids", "live_replicas", "step", "auth")
+    __slots__ = ("vocab_size", "block_size", "n_layer", "dim", "n_experts", "n_activated_experts", "expert_uids", "live_replicas", "step")
     class LiveReplicasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,7 +69,6 @@ class RouterInfoResponse(_message.Message):
     EXPERT_UIDS_FIELD_NUMBER: _ClassVar[int]
     LIVE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    AUTH_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     block_size: int
     n_layer: int
@@ -79,5 +78,4 @@ class RouterInfoResponse(_message.Message):
     expert_uids: _containers.RepeatedScalarFieldContainer[str]
     live_replicas: _containers.ScalarMap[str, int]
     step: int
-    auth: _tensor_pb2.RequestAuth
-    def __init__(self, vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., dim: _Optional[int] = ..., n_experts: _Optional[int] = ..., n_activated_experts: _Optional[int] = ..., expert_uids: _Optional[_Iterable[str]] = ..., live_replicas: _Optional[_Mapping[str, int]] = ..., step: _Optional[int] = ..., auth: _Optional[_Union[_tensor_pb2.RequestAuth, _Mapping]] = ...) -> None: ...
+    def __init__(self, vocab_size: _Optional[int] = ..., block_size: _Optional[int] = ..., n_layer: _Optional[int] = ..., dim: _Optional[int] = ..., n_experts: _Optional[int] = ..., n_activated_experts: _Optional[int] = ..., expert_uids: _Optional[_Iterable[str]] = ..., live_replicas: _Optional[_Mapping[str, int]] = ..., step: _Optional[int] = ...) -> None: ...
