@@ -1,0 +1,104 @@
+"""The chain as the subnet sees it: one interface, a local implementation (Redis) for the
+stack and the tests, and a Bittensor one over the SDK. Callers depend on `Chain` only.
+
+Vocabulary shared by every implementation:
+- a *neuron* is a registered hotkey with a uid on the subnet;
+- a *validator permit* lets a hotkey set weights (and, here, call expert services);
+- a *commitment* is a hash a hotkey publishes first (commit) and opens later (reveal), so
+  nobody can copy a checkpoint after seeing it and claim it as their own.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+class ChainError(RuntimeError):
+    """The chain refused an operation or could not be reached; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Neuron:
+    uid: int
+    hotkey: str
+    coldkey: str = ""
+    stake: float = 0.0
+    validator_permit: bool = False
+    incentive: float = 0.0
+    last_weights_block: int | None = None   # block of this hotkey's last set_weights, if it set any
+
+
+@dataclass(frozen=True)
+class Metagraph:
+    block: int
+    neurons: tuple[Neuron, ...] = ()
+
+    def by_hotkey(self, hotkey: str) -> Neuron | None:
+        return next((n for n in self.neurons if n.hotkey == hotkey), None)
+
+    def by_uid(self, uid: int) -> Neuron | None:
+        return next((n for n in self.neurons if n.uid == uid), None)
+
+    @property
+    def hotkeys(self) -> frozenset[str]:
+        return frozenset(n.hotkey for n in self.neurons)
+
+    @property
+    def validator_hotkeys(self) -> frozenset[str]:
+        return frozenset(n.hotkey for n in self.neurons if n.validator_permit)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    tempo: int = 60                 # blocks per round (one train -> ... -> merge cycle)
+    commit_reveal_period: int = 1   # a commitment may be revealed this many tempos... see impl
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Commitment:
+    hotkey: str
+    round: int
+    digest: str                     # hex sha256 committed
+    commit_block: int
+    revealed: str | None = None     # the revealed data (e.g. the manifest's S3 key), once revealed
+    reveal_block: int | None = None
+
+
+class Chain(abc.ABC):
+    """What the subnet needs from a chain. Implementations raise ChainError with a clear message."""
+
+    @abc.abstractmethod
+    def block(self) -> int: ...
+
+    @abc.abstractmethod
+    def register(self, hotkey: str, coldkey: str = "", stake: float = 0.0) -> int:
+        """Register `hotkey` (idempotent) and return its uid."""
+
+    @abc.abstractmethod
+    def metagraph(self) -> Metagraph: ...
+
+    @abc.abstractmethod
+    def hyperparameters(self) -> Hyperparameters: ...
+
+    @abc.abstractmethod
+    def commit(self, hotkey: str, round: int, digest: str, signature: bytes) -> None:
+        """Publish `digest` for `round` under `hotkey`; `signature` signs the commitment payload."""
+
+    @abc.abstractmethod
+    def reveal(self, hotkey: str, round: int, data: str, signature: bytes) -> None:
+        """Open the commitment of `round`: sha256 of ... must equal the digest (see impl)."""
+
+    @abc.abstractmethod
+    def commitments(self, round: int) -> list[Commitment]: ...
+
+    @abc.abstractmethod
+    def set_weights(self, hotkey: str, uids: list[int], weights: list[float], signature: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def weights(self) -> dict[int, dict[int, float]]:
+        """{validator uid: {uid: normalized weight}} as last set."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
