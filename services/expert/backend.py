@@ -137,7 +137,8 @@ class _Expert:
     module: SwiGLU
     optimizer: torch.optim.AdamW
     version: int = 0                      # optimizer steps applied
-    grad_step: int | None = None          # the step the accumulated gradients belong to
+    grad_session: str = ""                # the training session the accumulated gradients belong to
+    grad_step: int | None = None          # ... and the step
     grad_calls: set[str] = field(default_factory=set)  # call_ids that contributed to them
 
 
@@ -162,6 +163,9 @@ class ExpertBackend:
             optimizer = torch.optim.AdamW(module.parameters(), lr=0.0)
             self._experts[uid] = _Expert(module, optimizer)
         self.cache = ActivationCache(int(activation_cache_mb * 1024 * 1024), activation_ttl_s, clock)
+        # Sessions replaced by a newer one: a late Backward of a crashed router must not wipe the
+        # new session's gradients. Bounded: only the most recent ones matter.
+        self._retired_sessions: OrderedDict[str, None] = OrderedDict()
 
     @property
     def uids(self) -> list[str]:
@@ -211,16 +215,22 @@ class ExpertBackend:
     # -- backward ---------------------------------------------------------------------------
 
     def backward(self, uid: str, call_id: str, step: int, grad_out: torch.Tensor,
-                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+                 inputs: torch.Tensor | None = None, session_id: str = "") -> torch.Tensor:
         """grad w.r.t. the inputs of training Forward `call_id`; accumulates parameter grads
-        under `step`. Raises ActivationsMissing when the activations are gone and no `inputs`
-        were given, StepConflict for a step older than the one being accumulated,
+        under (`session_id`, `step`). A new session discards the gradients another session left
+        (a router that crashed between Backward and ApplyStep and came back with a new session).
+        Raises ActivationsMissing when the activations are gone and no `inputs` were given,
+        StepConflict for a step older than the one being accumulated or a retired session,
         DuplicateBackward when `call_id` already contributed to this step."""
         e = self._get(uid)
-        if e.grad_step is not None and step < e.grad_step:
+        if session_id in self._retired_sessions:
+            raise StepConflict(f"training session {session_id!r} was replaced by a newer one on expert {uid}; "
+                               f"its late Backward is refused")
+        same_session = e.grad_step is None or e.grad_session == session_id
+        if same_session and e.grad_step is not None and step < e.grad_step:
             raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
                                f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
-        if e.grad_step == step and call_id in e.grad_calls:
+        if same_session and e.grad_step == step and call_id in e.grad_calls:
             raise DuplicateBackward(f"call_id {call_id!r} already contributed gradients to step {step} "
                                     f"of expert {uid}; a Forward is backpropagated once")
         key = (uid, call_id)
@@ -242,9 +252,13 @@ class ExpertBackend:
             with torch.no_grad():
                 a = F.linear(x, m.w1.weight)
                 b = F.linear(x, m.w3.weight)
+        if not same_session:  # a new session: the old one's gradients will never be applied
+            self._retire(e.grad_session)
+            self._clear_grads(e)
         if e.grad_step is None or step > e.grad_step:  # a new step; older grads are stale
             self._clear_grads(e)
             e.grad_step = step
+            e.grad_session = session_id
         g = grad_out.to(self.device, torch.float32)             # (N, dim)
         with torch.no_grad():
             s = F.silu(a)                                       # (N, inter)
@@ -266,23 +280,26 @@ class ExpertBackend:
 
     # -- optimizer --------------------------------------------------------------------------
 
-    def grad_sq_norm(self, uid: str, step: int) -> tuple[float, int]:
-        """(sum of squared gradient entries, Backward calls) for `step`; (0, 0) when this expert
-        holds no gradients for `step`."""
+    def grad_sq_norm(self, uid: str, step: int, session_id: str = "") -> tuple[float, int]:
+        """(sum of squared gradient entries, Backward calls) for (`session_id`, `step`); (0, 0)
+        when this expert holds no gradients for them."""
         e = self._get(uid)
-        if e.grad_step != step:
+        if e.grad_step != step or e.grad_session != session_id:
             return 0.0, 0
         sq = sum(float(p.grad.double().pow(2).sum()) for p in e.module.parameters() if p.grad is not None)
         return sq, len(e.grad_calls)
 
     def apply_step(self, uid: str, step: int, lr: float, grad_scale: float = 0.0, weight_decay: float = 0.0,
-                   beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> int:
+                   beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, session_id: str = "") -> int:
         """AdamW on the gradients accumulated for `step` (scaled by `grad_scale`, 0 = 1), then
         clear them; returns the version. No gradients at all (the expert got no tokens this
         step) is a no-op, as for an in-process parameter whose .grad is None."""
         e = self._get(uid)
         if e.grad_step is None:
             return e.version
+        if e.grad_session != session_id:
+            raise StepConflict(f"expert {uid} holds gradients of training session {e.grad_session!r}, "
+                               f"not {session_id!r}; nothing applied")
         if e.grad_step != step:
             raise StepConflict(f"expert {uid} holds gradients for step {e.grad_step}, not {step}; "
                                f"nothing applied")
@@ -295,6 +312,11 @@ class ExpertBackend:
         self._clear_grads(e)
         e.version += 1
         return e.version
+
+    def _retire(self, session_id: str) -> None:
+        self._retired_sessions[session_id] = None
+        while len(self._retired_sessions) > 64:
+            self._retired_sessions.popitem(last=False)
 
     def _clear_grads(self, e: _Expert) -> None:
         e.optimizer.zero_grad(set_to_none=True)

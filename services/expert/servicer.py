@@ -93,7 +93,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             g = await self._tensor(request, "grad_outputs")
             x = await self._tensor(request, "inputs") if request.HasField("inputs") else None
             await self._delay()
-            dx = await self.worker.run(self.backend.backward, uid, request.call_id, request.step, g, x)
+            session = _session(request.session_id)
+            dx = await self.worker.run(self.backend.backward, uid, request.call_id, request.step, g, x, session)
             self._count(uid, "Backward", g.shape[0])
             return expert_pb2.BackwardResponse(grad_inputs=await self._encode(dx, request.grad_outputs.dtype))
         return await self._handle("Backward", context, run)
@@ -102,7 +103,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         async def run():
             uid = self._uid(request.expert_uid)
             _check_step(request.step)
-            sq, calls = await self.worker.run(self.backend.grad_sq_norm, uid, request.step)
+            sq, calls = await self.worker.run(self.backend.grad_sq_norm, uid, request.step,
+                                              _session(request.session_id))
             return expert_pb2.GradNormResponse(sq_norm=sq, backward_calls=calls)
         return await self._handle("GradNorm", context, run)
 
@@ -118,7 +120,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             _check_hyper("beta2", r.beta2, 0 <= r.beta2 < 1, "in [0, 1)")
             _check_hyper("eps", r.eps, r.eps > 0, "> 0 (0 usually means the field was not set)")
             version = await self.worker.run(self.backend.apply_step, uid, r.step, r.lr, r.grad_scale,
-                                            r.weight_decay, r.beta1, r.beta2, r.eps)
+                                            r.weight_decay, r.beta1, r.beta2, r.eps, _session(r.session_id))
             if self.metrics is not None:
                 self.metrics.version.labels(expert=uid).set(version)
             return expert_pb2.ApplyStepResponse(version=version)
@@ -204,6 +206,17 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 def _check_step(step: int) -> None:
     if step < 0:
         raise RpcError(Code.INVALID_ARGUMENT, f"step must be >= 0, got {step}")
+
+
+MAX_SESSION_ID_CHARS = 64
+
+
+def _session(session_id: str) -> str:
+    """The training session id: short and printable, because it is kept in memory and echoed."""
+    if len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable():
+        raise RpcError(Code.INVALID_ARGUMENT, f"session_id must be at most {MAX_SESSION_ID_CHARS} printable "
+                                              f"characters (got {len(session_id)})")
+    return session_id
 
 
 def _check_hyper(name: str, value: float, ok: bool, rule: str) -> None:

@@ -135,9 +135,9 @@ class _Forward(_Call):
 class _Backward(_Call):
     rpc = "Backward"
 
-    def __init__(self, forward: _Forward, grad_outputs):
+    def __init__(self, forward: _Forward, grad_outputs, session_id: str):
         super().__init__(forward.uid, forward.tokens, forward.endpoint)
-        self.forward, self.grad_outputs = forward, grad_outputs
+        self.forward, self.grad_outputs, self.session_id = forward, grad_outputs, session_id
         self.with_inputs = False
         self.grad_inputs: torch.Tensor | None = None
 
@@ -148,7 +148,7 @@ class _Backward(_Call):
         f = self.forward
         return client.backward(self.uid, self.grad_outputs, call_id=f.served_call_id, step=f.step,
                                inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
-                               metadata=metadata)
+                               session_id=self.session_id, metadata=metadata)
 
     def accept(self, response):
         grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
@@ -168,13 +168,14 @@ class _Backward(_Call):
 class _GradNorm(_Call):
     rpc = "GradNorm"
 
-    def __init__(self, uid: str, endpoint: str, step: int):
+    def __init__(self, uid: str, endpoint: str, step: int, session_id: str):
         super().__init__(uid, 0, endpoint)
-        self.step = step
+        self.step, self.session_id = step, session_id
         self.sq_norm = 0.0
 
     def send(self, client, timeout_s, metadata):
-        return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, metadata=metadata)
+        return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, session_id=self.session_id,
+                                metadata=metadata)
 
     def accept(self, response):
         self.sq_norm = float(response.sq_norm)
@@ -184,15 +185,16 @@ class _ApplyStep(_Call):
     rpc = "ApplyStep"
 
     def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
-                 settings: OptimizerSettings):
+                 settings: OptimizerSettings, session_id: str):
         super().__init__(uid, 0, endpoint)
         self.step, self.lr, self.grad_scale, self.settings = step, lr, grad_scale, settings
+        self.session_id = session_id
 
     def send(self, client, timeout_s, metadata):
         s = self.settings
         return client.apply_step(self.uid, step=self.step, lr=self.lr, grad_scale=self.grad_scale,
                                  weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                 timeout_s=timeout_s, metadata=metadata)
+                                 timeout_s=timeout_s, session_id=self.session_id, metadata=metadata)
 
 
 @dataclass
@@ -261,7 +263,9 @@ class RemoteExpertGroup(ExpertGroup):
         self.tracer = tracer if tracer is not None else ExpertCallTracer()
         self._owns_clients = clients is None
         self.clients = clients if clients is not None else ExpertClientPool()
-        self._session = uuid.uuid4().hex[:12]
+        # One training session per group object: experts accumulate gradients under (session, step),
+        # so a router restarted after a crash (a new session, steps from 0 again) is not refused.
+        self.session_id = uuid.uuid4().hex[:12]
         self._call_numbers = itertools.count()
         self._step = 0
         self._lock = threading.Lock()
@@ -278,7 +282,7 @@ class RemoteExpertGroup(ExpertGroup):
                 raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
         forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
-                                f"{self._session}:{next(self._call_numbers)}", self._step, training,
+                                f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
                                 self.retries)
                     for i, x in batches.items()}
         self._gather(list(forwards.values()), self.timeout_s)
@@ -303,12 +307,12 @@ class RemoteExpertGroup(ExpertGroup):
             self._stepped.clear()
 
     def external_grad_sq_norm(self) -> float:
-        calls = [_GradNorm(uid, endpoint, self._step) for uid, endpoint in self._participants()]
+        calls = [_GradNorm(uid, endpoint, self._step, self.session_id) for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         return sum(c.sq_norm for c in calls if c.failed is None)
 
     def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
-        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings)
+        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         with self._lock:
@@ -327,7 +331,7 @@ class RemoteExpertGroup(ExpertGroup):
 
     def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
         """Backward for one training pass; zero gradient for an expert whose call fails."""
-        calls = [None if g is None else _Backward(f, encode(g, self.wire_dtype))
+        calls = [None if g is None else _Backward(f, encode(g, self.wire_dtype), self.session_id)
                  for f, g in zip(forwards, grad_outputs)]
         self._gather([c for c in calls if c is not None], self.timeout_s)
         grads = []

@@ -345,3 +345,38 @@ def test_trace_context_goes_out_as_w3c_traceparent():
     span.end()
     span, metadata = ExpertCallTracer().start("Forward", layer=0, uid="0.1", endpoint="x:1")
     assert "traceparent" not in dict(metadata)  # no provider: no-op span, nothing sent
+
+
+def test_restarted_router_session_trains_the_experts_again(expert_service_factory, registry, make_group, tmp_path):
+    """A router dies between Backward and ApplyStep at step 7 and comes back at step 0 with a new
+    session: its Backward is accepted (the dead session's gradients are dropped), and its step
+    equals a clean local step. Before sessions, every Backward was refused as an old step."""
+    layer = 6
+    local, ckpt = reference(layer, tmp_path)
+    service = start(expert_service_factory, layer, range(N_EXPERTS), ckpt)
+    wait_registered(registry, [(service, range(N_EXPERTS))], layer)
+
+    crashed = make_group({service.endpoint}, layer)
+    crashed.begin_step(7)
+    train_pass(crashed, inputs({0: 4, 1: 4}, seed=5), inputs({0: 4, 1: 4}, seed=6))
+    crashed.close()  # no GradNorm, no ApplyStep: the process "died" here
+
+    restarted = make_group({service.endpoint}, layer)
+    assert restarted.session_id != crashed.session_id
+    restarted.begin_step(0)
+    xs, w = inputs({0: 5, 1: 3}, seed=7), inputs({0: 5, 1: 3}, seed=8)
+    train_pass(restarted, xs, w)
+    train_pass(local, xs, w)
+    assert masked_total(restarted.metrics, "backward") == 0
+    local_sq = sum(float(p.grad.pow(2).sum()) for p in local.parameters() if p.grad is not None)
+    assert restarted.external_grad_sq_norm() == pytest.approx(local_sq, rel=1e-5)  # no stale step-7 grads
+
+    settings = OptimizerSettings(weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    restarted.apply_external_step(1e-2, 1.0, settings)
+    torch.optim.AdamW([p for p in local.parameters() if p.grad is not None], lr=1e-2, eps=settings.eps,
+                      betas=(settings.beta1, settings.beta2), weight_decay=settings.weight_decay).step()
+    probe = inputs({0: 8, 1: 8}, seed=9)
+    with torch.no_grad():
+        got, want = restarted.run(probe), local.run(probe)
+    for i in probe:
+        torch.testing.assert_close(got[i], want[i], **TOL)

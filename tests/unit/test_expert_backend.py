@@ -123,6 +123,28 @@ def test_newer_step_discards_stale_grads_and_older_step_is_refused():
         backend.apply_step("0.0", step=5, lr=0.1)
 
 
+def test_a_new_session_resets_a_crashed_sessions_gradients():
+    """A router that crashed between Backward and ApplyStep restarts at a lower step with a new
+    session: its Backward is accepted, the stale gradients are dropped, and a late Backward of
+    the dead session cannot wipe the new one's."""
+    ref, backend = _make()
+    x1, g1 = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
+    x2, g2 = _randn(3, DIM, seed=3), _randn(3, DIM, seed=4)
+    backend.forward("0.0", x1, call_id="a:0")
+    backend.backward("0.0", "a:0", step=7, grad_out=g1, session_id="a")  # then router "a" dies
+    backend.forward("0.0", x2, call_id="b:0")
+    backend.backward("0.0", "b:0", step=0, grad_out=g2, session_id="b")
+    _autograd(ref["0.0"], x2, g2)
+    _assert_param_grads(ref["0.0"], backend.module("0.0"))
+    assert backend.grad_sq_norm("0.0", 7, session_id="a") == (0.0, 0)
+    assert backend.grad_sq_norm("0.0", 0, session_id="b")[1] == 1
+    with pytest.raises(StepConflict, match="replaced by a newer one"):
+        backend.backward("0.0", "a:1", step=7, grad_out=g1, inputs=x1, session_id="a")
+    with pytest.raises(StepConflict, match="session"):
+        backend.apply_step("0.0", step=7, lr=0.1, session_id="a")
+    assert backend.apply_step("0.0", step=0, lr=0.1, session_id="b") == 1
+
+
 def test_a_forward_is_backpropagated_once():
     _, backend = _make()
     x, g = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
