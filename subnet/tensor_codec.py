@@ -77,13 +77,25 @@ def parse_wire_dtypes(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def encode(t: torch.Tensor, wire_dtype: str = "fp32") -> tensor_pb2.Tensor:
-    """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16" or "fp16")."""
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. A finite sum proves it at the cost of one read; only when
+    the sum is not finite (a NaN/Inf, or an overflow of large finite values) is the exact check needed."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | None = None) -> tensor_pb2.Tensor:
+    """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16" or "fp16"). With `check_finite`
+    (the tensor's name), a value that is not finite in the wire dtype (an fp16 overflow included)
+    raises TensorError(INVALID_ARGUMENT) instead of being sent."""
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {', '.join(WIRE_DTYPES)}")
     enum = WIRE_DTYPES[wire_dtype]
     view_dtype, np_dtype = _NUMPY_VIEW[enum]
     t = t.detach().to(device="cpu", dtype=_TORCH_DTYPES[enum]).contiguous()
+    if check_finite and not all_finite(t):
+        raise TensorError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{check_finite} would not be finite in {wire_dtype} (overflow); the inputs are too "
+                          f"large for this expert: scale them down or use a wider wire dtype")
     array = t.view(view_dtype).numpy()
     if not _LITTLE_ENDIAN_HOST:
         array = array.astype(np_dtype)
@@ -134,9 +146,7 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
     t = _view(data, dtype).reshape(shape)
     if t.dtype != torch.float32:
         t = t.float()  # the one copy for bf16/fp16
-    # A finite sum proves every element finite, at the cost of one read; only when the sum is
-    # not finite (a NaN/Inf, or an overflow of large finite values) is the exact check needed.
-    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise TensorError(bad, f"{name} contains {n_bad} NaN or Inf values; send finite numbers")
     return t

@@ -140,6 +140,7 @@ class _Expert:
     grad_session: str = ""                # the training session the accumulated gradients belong to
     grad_step: int | None = None          # ... and the step
     grad_calls: set[str] = field(default_factory=set)  # call_ids that contributed to them
+    applied: tuple[str, int] | None = None  # (session, step) of the last optimizer step applied
 
 
 class ExpertBackend:
@@ -227,6 +228,9 @@ class ExpertBackend:
             raise StepConflict(f"training session {session_id!r} was replaced by a newer one on expert {uid}; "
                                f"its late Backward is refused")
         same_session = e.grad_step is None or e.grad_session == session_id
+        if e.applied is not None and e.applied[0] == session_id and step <= e.applied[1]:
+            raise StepConflict(f"step {step} of this session was already applied on expert {uid} (last applied "
+                               f"step {e.applied[1]}); a late Backward cannot change it")
         if same_session and e.grad_step is not None and step < e.grad_step:
             raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
                                f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
@@ -243,6 +247,9 @@ class ExpertBackend:
         if grad_out.shape[0] != n_rows:
             raise BadRequest(f"grad_outputs has {grad_out.shape[0]} tokens but the Forward of call_id "
                              f"{call_id!r} had {n_rows}")
+        if inputs is not None and inputs.shape[0] != n_rows:
+            raise BadRequest(f"inputs has {inputs.shape[0]} tokens but the Forward of call_id {call_id!r} had "
+                             f"{n_rows}; resend the Forward's inputs unchanged")
         m = e.module
         if saved is not None:
             self.cache.pop(key)
@@ -309,6 +316,7 @@ class ExpertBackend:
         group = e.optimizer.param_groups[0]
         group.update(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
         e.optimizer.step()
+        e.applied = (e.grad_session, step)
         self._clear_grads(e)
         e.version += 1
         return e.version

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import metadata
@@ -77,11 +78,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             if request.training and not request.call_id:
                 raise RpcError(Code.INVALID_ARGUMENT, "call_id is required when training is true "
                                                       "(it keys the activations kept for Backward)")
+            _check_call_id(request.call_id)
             x = await self._tensor(request, "inputs")
             await self._delay()
             y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
             self._count(uid, "Forward", x.shape[0])
-            return expert_pb2.ForwardResponse(outputs=await self._encode(y, request.inputs.dtype))
+            return expert_pb2.ForwardResponse(outputs=await self._encode(y, request.inputs.dtype, "outputs"))
         return await self._handle("Forward", context, run)
 
     async def Backward(self, request: expert_pb2.BackwardRequest, context) -> expert_pb2.BackwardResponse:
@@ -90,13 +92,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             _check_step(request.step)
             if not request.call_id:
                 raise RpcError(Code.INVALID_ARGUMENT, "call_id is required: the call_id of the training Forward")
+            _check_call_id(request.call_id)
             g = await self._tensor(request, "grad_outputs")
             x = await self._tensor(request, "inputs") if request.HasField("inputs") else None
             await self._delay()
             session = _session(request.session_id)
             dx = await self.worker.run(self.backend.backward, uid, request.call_id, request.step, g, x, session)
             self._count(uid, "Backward", g.shape[0])
-            return expert_pb2.BackwardResponse(grad_inputs=await self._encode(dx, request.grad_outputs.dtype))
+            grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs")
+            return expert_pb2.BackwardResponse(grad_inputs=grad_inputs)
         return await self._handle("Backward", context, run)
 
     async def GradNorm(self, request: expert_pb2.GradNormRequest, context) -> expert_pb2.GradNormResponse:
@@ -168,9 +172,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         if not uid:
             raise RpcError(Code.INVALID_ARGUMENT, f"expert_uid is required; this service hosts "
                                                   f"{', '.join(self.backend.uids)}")
+        if len(uid) > MAX_UID_CHARS or not _UID_PATTERN.fullmatch(uid):
+            raise RpcError(Code.INVALID_ARGUMENT, f"expert_uid {_clip(uid)} is not '<layer>.<index>' "
+                                                  f"(digits, at most {MAX_UID_CHARS} characters)")
         if uid not in self.backend.uids:
             raise RpcError(Code.NOT_FOUND, f"expert {uid!r} is not hosted here; hosted: "
-                                           f"{', '.join(self.backend.uids)}")
+                                           f"{_clip(', '.join(self.backend.uids), 200)}")
         return uid
 
     async def _tensor(self, request: Any, field: str) -> torch.Tensor:
@@ -187,11 +194,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             return await asyncio.to_thread(decode, msg, **kwargs)
         return decode(msg, **kwargs)
 
-    async def _encode(self, t: torch.Tensor, dtype: int):
+    async def _encode(self, t: torch.Tensor, dtype: int, what: str):
+        """Encode an answer; a non-finite one (finite but huge inputs overflow) is refused, not sent."""
         name = wire_dtype_name(dtype)
         if t.numel() >= _OFFLOAD_ELEMENTS:
-            return await asyncio.to_thread(encode, t, name)
-        return encode(t, name)
+            return await asyncio.to_thread(encode, t, name, check_finite=what)
+        return encode(t, name, check_finite=what)
 
     async def _delay(self) -> None:
         if self.inject_delay_s > 0:
@@ -208,7 +216,23 @@ def _check_step(step: int) -> None:
         raise RpcError(Code.INVALID_ARGUMENT, f"step must be >= 0, got {step}")
 
 
+# Identifiers are kept in memory (activation cache keys, gradient bookkeeping) and echoed in
+# error messages, so they are short and printable; anything echoed is clipped besides.
 MAX_SESSION_ID_CHARS = 64
+MAX_CALL_ID_CHARS = 128
+MAX_UID_CHARS = 16
+_UID_PATTERN = re.compile(r"[0-9]{1,7}\.[0-9]{1,7}")
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    """`text` quoted for an error message, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _check_call_id(call_id: str) -> None:
+    if len(call_id) > MAX_CALL_ID_CHARS or not call_id.isprintable():
+        raise RpcError(Code.INVALID_ARGUMENT, f"call_id must be at most {MAX_CALL_ID_CHARS} printable characters "
+                                              f"(got {len(call_id)}: {_clip(call_id)})")
 
 
 def _session(session_id: str) -> str:

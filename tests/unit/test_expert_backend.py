@@ -9,6 +9,7 @@ from moe.experts import SwiGLU
 from services.expert.backend import (
     ActivationCache,
     ActivationsMissing,
+    BadRequest,
     DuplicateBackward,
     ExpertBackend,
     StepConflict,
@@ -245,3 +246,24 @@ def test_backend_memory_stays_bounded_when_backwards_never_come():
     assert backend.cache.nbytes == 0
     with pytest.raises(ActivationsMissing):
         backend.backward("0.0", "199", step=0, grad_out=_randn(8, DIM, seed=0))
+
+
+def test_backward_refuses_inputs_that_disagree_with_the_forward():
+    _, backend = _make()
+    x, g = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
+    backend.forward("0.0", x, call_id="c")
+    with pytest.raises(BadRequest, match="inputs has 3 tokens"):
+        backend.backward("0.0", "c", step=0, grad_out=g, inputs=_randn(3, DIM, seed=3))
+
+
+def test_a_late_backward_for_an_applied_step_is_refused():
+    _, backend = _make()
+    x, g = _randn(4, DIM, seed=1), _randn(4, DIM, seed=2)
+    backend.forward("0.0", x, call_id="c1")
+    backend.backward("0.0", "c1", step=3, grad_out=g, session_id="s")
+    assert backend.apply_step("0.0", step=3, lr=0.1, session_id="s") == 1
+    backend.forward("0.0", x, call_id="c2")
+    with pytest.raises(StepConflict, match="already applied"):
+        backend.backward("0.0", "c2", step=3, grad_out=g, session_id="s")
+    backend.backward("0.0", "c2", step=4, grad_out=g, session_id="s")  # the next step is fine
+    assert backend.grad_sq_norm("0.0", 4, session_id="s")[1] == 1
