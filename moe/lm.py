@@ -257,7 +257,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     """One token per row from (B, V) logits."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # Shift so the best logit is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (argmax in the limit) instead of overflowing every logit to inf and softmax to NaN.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -83,3 +83,15 @@ def test_bad_config_gets_clear_error():
         LMConfig(n_experts=2, n_activated_experts=3)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+
+
+def test_sampling_is_safe_at_extreme_temperatures():
+    from moe.lm import sample_next
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.9]])
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (1e-45, 1e-30, 1e-6):  # 1e-45 used to overflow to inf and make softmax NaN
+        assert sample_next(logits, temperature, None, gen)[:, 0].tolist() == [1, 0]
+        assert sample_next(logits, temperature, 2, gen)[:, 0].tolist() == [1, 0]
+    spread = sample_next(logits[:1].repeat(2000, 1), 1e30, None, gen)[:, 0]
+    assert set(spread.tolist()) == {0, 1, 2}  # a huge temperature is uniform, not an error
