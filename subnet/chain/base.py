@@ -52,7 +52,13 @@ class Metagraph:
 @dataclass(frozen=True)
 class Hyperparameters:
     tempo: int = 60                 # blocks per round (one train -> ... -> merge cycle)
-    commit_reveal_period: int = 1   # a commitment may be revealed this many tempos... see impl
+    # The chain's own commit-reveal of *weights* (Bittensor's CommitRevealWeightsEnabled and
+    # reveal_period, in tempos): set_weights is sealed that long before it counts. LocalChain
+    # has none (weights count at once). Not to be confused with the subnet's checkpoint
+    # commitments, whose reveal window is the round schedule's reveal phase.
+    commit_reveal_period: int = 1
+    commit_reveal_enabled: bool = False
+    block_s: float = 12.0           # seconds per block (Bittensor 12 s; LocalChain as configured)
     extra: dict = field(default_factory=dict)
 
 
@@ -74,7 +80,8 @@ class Chain(abc.ABC):
 
     @abc.abstractmethod
     def register(self, hotkey: str, coldkey: str = "", stake: float = 0.0) -> int:
-        """Register `hotkey` (idempotent) and return its uid."""
+        """Register `hotkey` (idempotent) and return its uid. On Bittensor, where registering
+        costs TAO, only checks that the hotkey is registered."""
 
     @abc.abstractmethod
     def metagraph(self) -> Metagraph: ...
@@ -84,17 +91,26 @@ class Chain(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, hotkey: str, round: int, digest: str, signature: bytes) -> None:
-        """Publish `digest` for `round` under `hotkey`; `signature` signs the commitment payload."""
+        """Publish `digest` (hex sha256 of the data to reveal later) for `round` under `hotkey`.
+
+        `signature` is the hotkey's sr25519 signature of `commit_payload(hotkey, round, digest)`.
+        One commitment per hotkey per round, made in the round's commit window (its train and
+        commit phases, `RoundSchedule.commit_window`)."""
 
     @abc.abstractmethod
     def reveal(self, hotkey: str, round: int, data: str, signature: bytes) -> None:
-        """Open the commitment of `round`: sha256 of ... must equal the digest (see impl)."""
+        """Open the commitment of `round`: `sha256(data.encode()).hexdigest()` must equal the
+        committed digest, and the reveal must fall in the round's reveal phase
+        (`RoundSchedule.reveal_window`). `signature` signs `reveal_payload(hotkey, round, data)`."""
 
     @abc.abstractmethod
-    def commitments(self, round: int) -> list[Commitment]: ...
+    def commitments(self, round: int) -> list[Commitment]:
+        """The commitments made for `round`, with their reveals where valid, by commit block."""
 
     @abc.abstractmethod
-    def set_weights(self, hotkey: str, uids: list[int], weights: list[float], signature: bytes) -> None: ...
+    def set_weights(self, hotkey: str, uids: list[int], weights: list[float], signature: bytes) -> None:
+        """Set `hotkey`'s weights (validator permit required); normalized to sum 1 by the chain.
+        `signature` signs `weights_payload(hotkey, uids, weights)`."""
 
     @abc.abstractmethod
     def weights(self) -> dict[int, dict[int, float]]:
