@@ -1,0 +1,235 @@
+"""docker-compose.yml against the code: it parses, every variable it sets is one the service
+declares, and every port, path, volume and healthcheck refers to something real."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from moe.config import preset
+from services.router.remote_model import required_expert_uids
+from services.router.train import EXPERTS_FILE
+from tests.deploy.declared import (
+    HEALTH_PROBE_MODULE,
+    ROOT,
+    SERVICES,
+    command_args,
+    environment_problems,
+    option,
+    proto_service_names,
+    service_module,
+)
+from tests.deploy.files import (
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    compose,
+    compose_command,
+    environment,
+    healthcheck_words,
+    interpolated_names,
+    read_env_file,
+    run,
+)
+
+# Images without any program to run a healthcheck with (distroless); dependents wait for them to start.
+NO_HEALTHCHECK = {"otel-collector": "distroless image: no shell, no wget"}
+# Host paths a person supplies (.env), not files of this repository.
+USER_PATHS: set[str] = set()
+
+
+def our_services(config: dict, tools: bool = False) -> dict[str, tuple[str, dict]]:
+    """Compose services running one of our services (and with `tools`, our one-shot tools):
+    name -> (module, service)."""
+    out = {}
+    for name, service in config["services"].items():
+        module = service_module(service.get("command"))
+        if module is not None and (tools or module in SERVICES):
+            out[name] = (module, service)
+    return out
+
+
+def grpc_address(words: list[str]) -> tuple[str, int]:
+    i = words.index(HEALTH_PROBE_MODULE)
+    host, _, port = words[i + 1].rpartition(":")
+    return host, int(port)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_docker_compose_config_parses(profile, tmp_path):
+    cmd = compose_command()
+    no_env = tmp_path / "empty.env"
+    no_env.write_text("")
+    for env_file in (ENV_EXAMPLE, no_env):
+        result = run([*cmd, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
+                     env={"COMPOSE_PROFILES": profile})
+        assert result.returncode == 0, f"{' '.join(cmd)} config ({profile}, env {env_file}):\n{result.stderr}"
+    result = run([*cmd, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE_FILE), "config"],
+                 env={"COMPOSE_PROFILES": profile})
+    resolved = yaml.safe_load(result.stdout)
+    experts = {n for n, s in resolved["services"].items() if service_module(s.get("command")) == "services.expert"
+               and profile in s.get("profiles", [])}
+    assert len(experts) >= 2, f"profile {profile} runs {sorted(experts)}"
+
+
+def test_env_example_lists_every_interpolated_variable():
+    used = interpolated_names(COMPOSE_FILE.read_text())
+    listed = set(read_env_file(ENV_EXAMPLE))
+    assert used - listed == set(), f"docker-compose.yml uses {sorted(used - listed)}; add them to .env.example"
+    unused = {name for name in listed - used if not name.startswith("COMPOSE_")}
+    assert unused == set(), f".env.example lists {sorted(unused)}, which docker-compose.yml never uses"
+
+
+@pytest.mark.parametrize("with_env_example", [True, False], ids=["with-.env", "defaults"])
+def test_every_service_environment_is_what_its_code_declares(with_env_example):
+    services = our_services(compose(with_env_example), tools=True)
+    assert {m for m, _ in services.values()} >= {"services.expert", "services.router", "subnet.chain"}
+    problems = []
+    for name, (module, service) in services.items():
+        problems += environment_problems(module, environment(service), f"compose service {name}")
+    assert problems == [], "\n".join(problems)
+
+
+def test_ports_and_healthchecks_match_the_configured_ports():
+    health_names = proto_service_names()
+    for name, (module, service) in our_services(compose()).items():
+        spec, env = SERVICES[module], environment(service)
+        words = healthcheck_words(service)
+        if spec.grpc_port is None or "init" in command_args(service["command"]):
+            continue
+        port = int(env.get(spec.grpc_port, 0))
+        assert port > 0, f"{name}: set {spec.grpc_port} to a fixed port"
+        assert env.get(spec.bind_host) == "0.0.0.0", f"{name}: {spec.bind_host} must be 0.0.0.0 in a container"
+        assert words[:4] == ["CMD", "python", "-m", HEALTH_PROBE_MODULE], f"{name}: healthcheck {words}"
+        assert grpc_address(words) == ("127.0.0.1", port), f"{name}: healthcheck probes {words}, service on {port}"
+        assert option(words, "--service") == spec.health_service in health_names, f"{name}: {words}"
+        for published in service.get("ports", []):
+            assert str(published).rsplit(":", 1)[1] == str(port), f"{name}: publishes {published}, serves {port}"
+        if module == "services.expert":
+            assert env["EXPERT_ADVERTISE_ENDPOINT"] == f"{name}:{port}", f"{name}: routers must dial {name}:{port}"
+
+
+def test_the_health_probe_module_is_real():
+    from subnet import health_probe
+
+    assert callable(health_probe.main)
+    assert health_probe.main.__module__ == HEALTH_PROBE_MODULE
+
+
+def test_redis_urls_point_at_the_redis_service():
+    config = compose()
+    redis = [n for n, s in config["services"].items() if s.get("image", "").startswith("redis:")]
+    assert redis == ["redis"]
+    for name, (_, service) in our_services(config).items():
+        for key, value in environment(service).items():
+            if key.endswith("REDIS_URL") and value:
+                assert value.startswith("redis://redis:6379/"), f"{name}: {key}={value}"
+
+
+def test_paths_lie_on_mounted_volumes_and_volumes_exist():
+    config = compose()
+    named = set(config.get("volumes") or {})
+    for name, service in config["services"].items():
+        mounts = []
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            mounts.append(target)
+            if source.startswith((".", "/", "~")):
+                if source not in USER_PATHS:
+                    assert (ROOT / source).exists(), f"{name}: mounts {source}, which is not in the repository"
+            else:
+                assert source in named, f"{name}: volume {source} is not declared under volumes:"
+        module = service_module(service.get("command"))
+        if module is None:
+            continue
+        paths = [v for v in environment(service).values() if v.startswith("/")]
+        paths += [w for w in command_args(service["command"]) if w.startswith("/checkpoints")]
+        for path in paths:
+            assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts), \
+                f"{name}: {path} is on no volume (mounts: {mounts}); it would be lost with the container"
+
+
+def test_wallets_are_mounted_read_only_where_the_services_look():
+    config = compose()
+    checked = 0
+    for name, (_, service) in our_services(config).items():
+        env = environment(service)
+        if "WALLET_PATH" not in env:
+            continue
+        mounts = {v.split(":")[1]: v.split(":")[2:] for v in service.get("volumes", [])}
+        assert mounts.get(env["WALLET_PATH"]) == ["ro"], f"{name}: mount the wallets read-only at WALLET_PATH"
+        checked += 1
+    assert checked >= 3
+
+
+def test_experts_load_what_model_init_writes_and_cover_the_model():
+    config = compose()
+    init_words = command_args(config["services"]["model-init"]["command"])
+    assert service_module(config["services"]["model-init"]["command"]) == "services.router"
+    init_out = option(init_words, "--out")
+    lm = preset(option(init_words, "--preset"))
+    router_words = command_args(config["services"]["router"]["command"])
+    assert option(router_words, "--init") == init_out
+    for profile in ("cpu", "gpu"):
+        uids: list[str] = []
+        for name, (module, service) in our_services(config).items():
+            if module != "services.expert" or profile not in service.get("profiles", []):
+                continue
+            env = environment(service)
+            assert env["EXPERT_CHECKPOINT"] == f"{init_out}/{EXPERTS_FILE}", name
+            assert (int(env["EXPERT_DIM"]), int(env["EXPERT_INTER_DIM"])) == (lm.dim, lm.moe_inter_dim), name
+            uids += env["EXPERT_UIDS"].split(",")
+        assert sorted(uids) == sorted(required_expert_uids(lm)), f"profile {profile}: experts {sorted(uids)}"
+
+
+def test_gpu_profile_gives_experts_a_gpu_and_the_cuda_image():
+    env_example = read_env_file(ENV_EXAMPLE)
+    assert env_example["COMPOSE_PROFILES"] in ("cpu", "gpu")
+    for name, (module, service) in our_services(compose()).items():
+        if module != "services.expert":
+            continue
+        profiles = service.get("profiles", [])
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        device = environment(service)["EXPERT_DEVICE"]
+        assert len(set(profiles) & {"cpu", "gpu"}) == 1, f"{name}: profiles {profiles}"
+        if "gpu" in profiles:
+            assert device.startswith("cuda") and service["image"] == env_example["MOE_CUDA_IMAGE"], name
+            assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), name
+            assert service["build"]["args"]["TORCH_INDEX_URL"] == "https://pypi.org/simple", name
+        else:
+            assert device == "cpu" and service["image"] == env_example["MOE_IMAGE"] and not devices, name
+
+
+def test_dependencies_wait_for_health_or_completion():
+    config = compose()
+    services = config["services"]
+    for name, service in services.items():
+        long_running = service.get("restart", "no") != "no"
+        if long_running and name not in NO_HEALTHCHECK:
+            assert healthcheck_words(service), f"{name}: no healthcheck"
+        depends = service.get("depends_on") or {}
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
+        for dep, how in depends.items():
+            condition = how["condition"]
+            if condition == "service_healthy":
+                assert healthcheck_words(services[dep]), f"{name} waits for {dep} to be healthy; it has no healthcheck"
+            elif condition == "service_completed_successfully":
+                assert services[dep].get("restart", "no") == "no", f"{dep} is not a one-shot"
+            else:
+                assert condition == "service_started" and dep in NO_HEALTHCHECK, f"{name} -> {dep}: {condition}"
+
+
+def test_prometheus_scrapes_the_configured_metrics_ports():
+    config = compose()
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    for name, (module, service) in our_services(config).items():
+        spec = SERVICES[module]
+        if spec.metrics_port is None or "init" in command_args(service["command"]):
+            continue
+        port = int(environment(service)[spec.metrics_port])
+        job = jobs[module.rsplit(".", 1)[1]]
+        targets = [t for sc in job.get("static_configs", []) for t in sc["targets"]]
+        names = [(n, sd["port"]) for sd in job.get("dns_sd_configs", []) for n in sd["names"]]
+        aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+        assert f"{name}:{port}" in targets or any(n in aliases and p == port for n, p in names), \
+            f"{name} serves metrics on {port}; job {job['job_name']} scrapes {targets or names}"
