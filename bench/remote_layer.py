@@ -140,6 +140,29 @@ def check_equal(reference: dict, remote: MoE, group: RemoteExpertGroup, x: torch
     return out
 
 
+def forward_call(model: MoE, x: torch.Tensor, threads: int) -> Callable[[], None]:
+    """One timed inference forward of `model` on `x` with `threads` torch threads."""
+    def call():
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            model(x)
+    return call
+
+
+def training_call(model: MoE, x_grad: torch.Tensor, threads: int, steps,
+                  group: RemoteExpertGroup | None = None) -> Callable[[], None]:
+    """One timed training forward + backward; a remote `group` begins a new step (from `steps`) first."""
+    def call():
+        torch.set_num_threads(threads)
+        if group is not None:
+            group.begin_step(next(steps))
+        y, aux = model(x_grad)
+        (y.sum() + aux).backward()
+        model.zero_grad(set_to_none=True)
+        x_grad.grad = None
+    return call
+
+
 def run(rounds: int = 5) -> dict:
     n_threads = torch.get_num_threads()
     layer = standard_layer()
@@ -167,29 +190,11 @@ def _measure(layer: MoE, remotes: dict[str, MoE], groups: dict[str, RemoteExpert
     checks = {dt: check_equal(reference, remote, groups[dt], x, next(steps)) for dt, remote in remotes.items()}
     torch.set_num_threads(n_threads)
     x_grad = x.clone().requires_grad_(True)
-
-    def fwd(model: MoE, threads: int):
-        def call():
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                model(x)
-        return call
-
-    def fwdbwd(model: MoE, threads: int, group: RemoteExpertGroup | None = None):
-        def call():
-            torch.set_num_threads(threads)
-            if group is not None:
-                group.begin_step(next(steps))
-            y, aux = model(x_grad)
-            (y.sum() + aux).backward()
-            model.zero_grad(set_to_none=True)
-            x_grad.grad = None
-        return call
-
-    variants = {"inproc_fwd": fwd(layer, n_threads)}
-    variants.update({f"remote_{dt}_fwd": fwd(m, ROUTER_THREADS) for dt, m in remotes.items()})
-    variants["inproc_fwdbwd"] = fwdbwd(layer, n_threads)
-    variants.update({f"remote_{dt}_fwdbwd": fwdbwd(m, ROUTER_THREADS, groups[dt]) for dt, m in remotes.items()})
+    variants = {"inproc_fwd": forward_call(layer, x, n_threads)}
+    variants.update({f"remote_{dt}_fwd": forward_call(m, x, ROUTER_THREADS) for dt, m in remotes.items()})
+    variants["inproc_fwdbwd"] = training_call(layer, x_grad, n_threads, steps)
+    variants.update({f"remote_{dt}_fwdbwd": training_call(m, x_grad, ROUTER_THREADS, steps, groups[dt])
+                     for dt, m in remotes.items()})
     times = best_times(variants, rounds=rounds, warmup=0)   # the equality checks ran every variant once
     first = f"remote_{next(iter(remotes))}"
     cpu = cpu_per_call({name: variants[name] for name in ("inproc_fwd", f"{first}_fwd", "inproc_fwdbwd",

@@ -11,12 +11,17 @@ benchmark dies by SIGKILL, and `stop()` (also run by `__exit__` on an exception)
 with SIGTERM, then SIGKILL. Logs go to a temporary directory, deleted on stop; a child
 that fails to start raises with the tail of its log.
 
+Auth is on by default, as in production: each expert service gets its own development
+wallet (in the log directory) and allows only this stack's client hotkey, with which the
+channel pool signs every call. `BenchStack(auth=False)` runs them with AUTH_MODE=off.
+
 This module only starts and stops processes and hands out the router-side registry view
 and channel pool. It measures nothing.
 """
 
 from __future__ import annotations
 
+import itertools
 import socket
 import tempfile
 import time
@@ -33,6 +38,7 @@ from services.router.tracing import ExpertCallTracer
 from services.stack.processes import Child, ProcessGroup, wait_serving
 from subnet.dev.redis_server import RedisServer
 from subnet.expert_client import ChannelSettings, ExpertClientPool
+from subnet.identity import create_dev_wallet, load_identity
 from subnet.processes import free_port
 from subnet.registry import ExpertRegistry
 
@@ -43,13 +49,18 @@ PORT_RETRIES = 3          # a port picked by free_port() may be taken before the
 class BenchStack:
     """One embedded Redis, any number of expert services and helper processes; `stop()` ends all."""
 
-    def __init__(self, max_message_mb: int = 80):
+    def __init__(self, max_message_mb: int = 80, auth: bool = True):
         self._tmp = tempfile.TemporaryDirectory(prefix="moe-bench-")
         self.log_dir = Path(self._tmp.name)
         self.group = ProcessGroup(self.log_dir)
         self.redis: RedisServer | None = None
         self._redis_client: redis.Redis | None = None
-        self.clients = ExpertClientPool(ChannelSettings(max_message_mb=max_message_mb))
+        self.auth = auth
+        self._wallet_numbers = itertools.count()
+        self.identity = load_identity(create_dev_wallet(self.log_dir / "wallets", "bench-client")) if auth else None
+        self.clients = ExpertClientPool(ChannelSettings(max_message_mb=max_message_mb), identity=self.identity,
+                                        hotkeys=lambda endpoint: self.replicas.hotkey(endpoint) if self.replicas
+                                        else None)
         self.registry: ExpertRegistry | None = None
         self.replicas: ReplicaSet | None = None
         self.endpoints: list[str] = []
@@ -104,8 +115,15 @@ class BenchStack:
                      "EXPERT_HOST": "127.0.0.1", "EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": self.redis.url,
                      "EXPERT_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
                      "MKL_NUM_THREADS": str(threads), "EXPERT_GRACE_S": "1", "EXPERT_LOG_LEVEL": "WARNING",
-                     **(env or {})}
+                     **self._auth_env(), **(env or {})}
             self._pending.append((list(uids), env_i, *self._spawn_expert(env_i)))
+
+    def _auth_env(self) -> dict[str, str]:
+        if not self.auth:
+            return {"AUTH_MODE": "off"}
+        wallet = create_dev_wallet(self.log_dir / "wallets", f"expert-{next(self._wallet_numbers)}")
+        return {"WALLET_PATH": wallet.path, "WALLET_NAME": wallet.name, "WALLET_HOTKEY": wallet.hotkey,
+                "AUTH_ALLOWLIST": self.identity.hotkey}
 
     def wait_experts(self) -> list[str]:
         """Wait until every spawned service is SERVING and registered; their endpoints, in spawn order."""
@@ -149,7 +167,8 @@ class BenchStack:
         """What `services.router.remote_model.build_remote_lm` needs, on this stack's registry and channels."""
         if self.replicas is None:
             raise RuntimeError("start the expert services first")
-        return RemoteParts(self.registry, self.replicas, self.clients, RouterMetrics(), ExpertCallTracer())
+        return RemoteParts(self.registry, self.replicas, self.clients, RouterMetrics(), ExpertCallTracer(),
+                           self.identity)
 
     # ---- other helper processes ---------------------------------------------------------------
 

@@ -8,6 +8,10 @@
     config = from_env(ExpertConfig)          # ConfigError on a missing or malformed value
     print(markdown_table(ExpertConfig))      # the README's table
 
+A config shared by several services (the wallet, request signing) is declared once as its
+own dataclass and embedded with `nested`: `wallet: WalletConfig = nested(WalletConfig)`.
+`from_env` reads it from the same environment and `markdown_table` lists its variables.
+
 Supported field types: str, int, float, bool, tuple[str, ...] (comma-separated).
 Put the unit in the variable's name (`_S`, `_MS`, `_MB`) so a value never needs a comment.
 Each config class validates cross-field rules in its own `__post_init__`.
@@ -31,6 +35,7 @@ class _Required:
 
 REQUIRED: Any = _Required()
 _META = "envconfig"
+_NESTED = "envconfig.nested"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -82,29 +87,43 @@ def env(name: str, default: Any = REQUIRED, help: str = "") -> Any:
     return dataclasses.field(default=default, metadata={_META: var})
 
 
+def nested(cls: type) -> Any:
+    """Declare a dataclass field holding another config class, read from the same environment.
+    Its default is `cls()`, so every variable of `cls` needs a default."""
+    return dataclasses.field(default_factory=cls, metadata={_NESTED: cls})
+
+
 def variables(cls: type) -> list[EnvVar]:
-    """The declared variables of a config dataclass, with their types resolved."""
+    """The declared variables of a config dataclass, nested ones included, in field order,
+    with their types resolved."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
-        var = f.metadata.get(_META)
-        if var is not None:
-            out.append(dataclasses.replace(var, type=hints[f.name]))
+        if _NESTED in f.metadata:
+            out.extend(variables(f.metadata[_NESTED]))
+        elif _META in f.metadata:
+            out.append(dataclasses.replace(f.metadata[_META], type=hints[f.name]))
     return out
 
 
 def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
     """Build `cls` from `environ` (default os.environ); ConfigError on any bad or missing value."""
     environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
     values = {}
-    names = {f.metadata[_META].name: f.name for f in dataclasses.fields(cls) if _META in f.metadata}
-    for var in variables(cls):
+    for f in dataclasses.fields(cls):
+        if _NESTED in f.metadata:
+            values[f.name] = from_env(f.metadata[_NESTED], environ)
+            continue
+        if _META not in f.metadata:
+            continue
+        var = dataclasses.replace(f.metadata[_META], type=hints[f.name])
         raw = environ.get(var.name)
         if raw is None or (var.required and not raw.strip()):
             if var.required:
                 raise ConfigError(f"{var.name} is required but not set: {var.help}")
             continue
-        values[names[var.name]] = var.parse(raw)
+        values[f.name] = var.parse(raw)
     try:
         return cls(**values)
     except ConfigError:

@@ -1,9 +1,16 @@
 """Client side of `moe.v1.Expert`: one pooled channel per endpoint, a deadline on every call.
 
-    pool = ExpertClientPool()
-    client = pool.get("127.0.0.1:50051")
+    pool = ExpertClientPool(identity=my_identity, hotkeys=replicas.hotkey)
+    client = pool.get("127.0.0.1:50051")          # or pool.get(endpoint, hotkey) when you know it
     future = client.forward("0.3", encode(x), call_id="c1", step=0, training=False, timeout_s=2.0)
     outputs = decode(future.result().outputs, expected_dim=x.shape[1])
+
+Every request is signed with the pool's `identity` for the hotkey that serves the endpoint
+(`subnet.auth.SigningChannel`: serialized once, the sha256 of those bytes signed). The
+hotkey is looked up on every call, pinned by `get(endpoint, hotkey)` or else asked of
+`hotkeys(endpoint)` (the router passes `ReplicaSet.hotkey`, from the registry), because
+which miner serves an endpoint can change. `identity=None` sends unsigned requests
+(receivers with AUTH_MODE=off).
 
 Concurrency model: sync stubs with `.future()`. Every call returns at once with a
 `grpc.Future`; gRPC's own completion-queue threads carry the calls, so the caller puts
@@ -18,12 +25,14 @@ choose replicas, retry, or decode tensors (see `services.router.remote_experts`)
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
 import grpc
 
+from subnet.auth.client import SigningChannel
+from subnet.identity import Identity
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
@@ -56,11 +65,13 @@ class ChannelSettings:
 
 
 class ExpertClient:
-    """The RPCs of one expert endpoint. Every method needs `timeout_s`: no call without a deadline."""
+    """The RPCs of one expert endpoint. Every method needs `timeout_s`: no call without a deadline.
+    With an `identity`, requests are signed for the hotkey `receiver()` names at each call."""
 
-    def __init__(self, endpoint: str, channel: grpc.Channel):
+    def __init__(self, endpoint: str, channel: grpc.Channel, identity: Identity | None = None,
+                 receiver: Callable[[], str | None] = lambda: None):
         self.endpoint = endpoint
-        self._stub = expert_pb2_grpc.ExpertStub(channel)
+        self._stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, identity, receiver))
 
     def forward(self, uid: str, inputs: tensor_pb2.Tensor, *, call_id: str, step: int, training: bool,
                 timeout_s: float, metadata: Metadata = ()) -> grpc.Future:
@@ -101,20 +112,36 @@ class ExpertClientPool:
     endpoint keeps its channel. `close()` closes them all; a later `get` opens a fresh one.
     """
 
-    def __init__(self, settings: ChannelSettings = ChannelSettings()):
+    def __init__(self, settings: ChannelSettings = ChannelSettings(), identity: Identity | None = None,
+                 hotkeys: Callable[[str], str | None] | None = None):
+        """`identity`: who signs (None = unsigned). `hotkeys(endpoint)`: the hotkey serving an endpoint."""
         self._settings = settings
+        self.identity = identity
+        self._hotkeys = hotkeys
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self._clients: dict[str, ExpertClient] = {}
+        self._pinned: dict[str, str] = {}
 
-    def get(self, endpoint: str) -> ExpertClient:
+    def get(self, endpoint: str, hotkey: str | None = None) -> ExpertClient:
+        """The client of `endpoint`; `hotkey` pins the receiver hotkey its requests are signed for."""
         with self._lock:
+            if hotkey:
+                self._pinned[endpoint] = hotkey
             client = self._clients.get(endpoint)
             if client is None:
                 channel = grpc.insecure_channel(endpoint, options=self._settings.options())
                 self._channels[endpoint] = channel
-                client = self._clients[endpoint] = ExpertClient(endpoint, channel)
+                client = self._clients[endpoint] = ExpertClient(endpoint, channel, self.identity,
+                                                                lambda: self.hotkey(endpoint))
             return client
+
+    def hotkey(self, endpoint: str) -> str | None:
+        """The hotkey a request to `endpoint` is signed for: the pinned one, else `hotkeys(endpoint)`."""
+        pinned = self._pinned.get(endpoint)
+        if pinned is not None or self._hotkeys is None:
+            return pinned
+        return self._hotkeys(endpoint)
 
     def endpoints(self) -> list[str]:
         with self._lock:

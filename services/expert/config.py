@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from moe.config import LMConfig
 from moe.experts import parse_expert_uid
-from subnet.envconfig import REQUIRED, env
+from subnet.auth.config import AuthConfig
+from subnet.envconfig import REQUIRED, env, nested
+from subnet.identity import WalletConfig
 from subnet.tensor_codec import parse_wire_dtypes
 
 _LM = LMConfig()
@@ -58,12 +60,16 @@ class ExpertConfig:
                          "on shutdown, write the hosted experts' current weights here (same format as "
                          "EXPERT_CHECKPOINT, written atomically); empty = don't save")
     seed: int = env("EXPERT_SEED", 0, "initialization seed; each expert's weights depend on (seed, uid)")
-    hotkey: str = env("EXPERT_HOTKEY", "", "the miner's hotkey, written to the registry")
     threads: int = env("EXPERT_THREADS", 0, "torch intra-op threads; 0 = torch's default")
     grace_s: float = env("EXPERT_GRACE_S", 5.0, "on SIGTERM, in-flight requests get this long to finish")
     inject_delay_ms: float = env("EXPERT_INJECT_DELAY_MS", 0.0,
                                  "fault injection for tests: delay every Forward/Backward answer")
     log_level: str = env("EXPERT_LOG_LEVEL", "INFO", "Python logging level")
+    # The miner's hotkey: requests must be signed for it and the registry advertises it.
+    # AUTH_CHAIN accepts validators (hotkeys with a permit); the service checks at start-up
+    # that AUTH_MODE=on has someone to accept (AUTH_ALLOWLIST or AUTH_CHAIN).
+    wallet: WalletConfig = nested(WalletConfig)
+    auth: AuthConfig = nested(AuthConfig)
 
     def __post_init__(self):
         if not self.uids:

@@ -11,6 +11,7 @@ servers in one test process do not collide.
     expert_queue_tokens{expert}             tokens accepted and not yet answered (the load)
     expert_version{expert}                  optimizer steps applied
     expert_activation_cache_bytes           memory held for pending Backwards
+    expert_auth_rejections_total{reason}    requests refused by signature checks (subnet.auth)
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ExpertMetrics:
         self.version = Gauge("expert_version", "optimizer steps applied", ["expert"], registry=r)
         self.activation_cache_bytes = Gauge("expert_activation_cache_bytes",
                                             "bytes of activations held for pending Backwards", registry=r)
+        self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",
+                                       ["reason"], registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

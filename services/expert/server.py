@@ -10,8 +10,10 @@ In a test, in-process:
     ...  # dial server.endpoint
     await server.stop()
 
-Start-up order: bind ports (fail fast when taken), start gRPC with health NOT_SERVING
-(Expert RPCs answer UNAVAILABLE), load weights, register in Redis, then SERVING.
+Start-up order: load the wallet's hotkey (AUTH_MODE=on), bind ports (fail fast when taken),
+start gRPC with health NOT_SERVING (Expert RPCs answer UNAVAILABLE), load weights, register
+in Redis, then SERVING. With AUTH_MODE=on every RPC but Info (and Health) must be signed
+for this service's hotkey by an allowed caller (`subnet.auth`), checked before the servicer runs.
 Stop order: deregister, NOT_SERVING, drain in-flight RPCs for `grace_s`, stop compute.
 """
 
@@ -35,13 +37,18 @@ from services.expert.batcher import Batcher, ComputeWorker
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.servicer import ExpertServicer
+from subnet.auth import ServerAuth, build_server_auth, service_identity
+from subnet.chain.base import ChainError
+from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
+from subnet.identity import Identity, IdentityError
 from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"
+OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/Info"})  # probes and routers read Info unsigned
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -78,11 +85,15 @@ class _Deferred(expert_pb2_grpc.ExpertServicer):
 
 
 class ExpertServer:
-    """One expert service. `experts` overrides the weights (tests); else checkpoint or seed."""
+    """One expert service. `experts` overrides the weights (tests); else checkpoint or seed.
+    `identity` overrides the wallet (tests); else WALLET_* when AUTH_MODE=on."""
 
-    def __init__(self, config: ExpertConfig, experts: Mapping[str, SwiGLU] | None = None):
+    def __init__(self, config: ExpertConfig, experts: Mapping[str, SwiGLU] | None = None,
+                 identity: Identity | None = None):
         self.config = config
         self._given_experts = experts
+        self.identity = identity
+        self.auth: ServerAuth | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics = ExpertMetrics()
@@ -111,6 +122,7 @@ class ExpertServer:
     async def start(self) -> None:
         """Bind, serve health (NOT_SERVING), load weights, then SERVING and register."""
         c = self.config
+        self._authenticate()
         if c.threads > 0:
             torch.set_num_threads(c.threads)
         if c.metrics_port:
@@ -119,7 +131,7 @@ class ExpertServer:
             except OSError as e:
                 raise StartupError(f"metrics port {c.metrics_port} on {c.host} is not available "
                                    f"({e.strerror}); set EXPERT_METRICS_PORT to a free port or 0") from None
-        self._grpc = grpc.aio.server(options=[
+        self._grpc = grpc.aio.server(interceptors=[self.auth.aio_interceptor()] if self.auth else [], options=[
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -147,9 +159,26 @@ class ExpertServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
         self._ready.set()
-        log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s%s",
-                 self.endpoint, ",".join(c.uids), c.dim, c.inter_dim, self.backend.device,
+        log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s, hotkey %s, "
+                 "auth %s%s", self.endpoint, ",".join(c.uids), c.dim, c.inter_dim, self.backend.device,
+                 self.identity.hotkey if self.identity else "-", c.auth.mode,
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+
+    def _authenticate(self) -> None:
+        """Load the hotkey and build the request checks; StartupError when either cannot be had."""
+        c = self.config
+        try:
+            self.identity = service_identity(c.auth, c.wallet, self.identity, what="expert service")
+            if not c.auth.enabled:
+                return
+            if not c.auth.allowlist and not c.auth.chain:
+                raise StartupError("AUTH_MODE=on needs AUTH_ALLOWLIST (the routers' hotkeys) or AUTH_CHAIN=1 "
+                                   "(validators on the chain); otherwise no caller is allowed")
+            self.auth = build_server_auth(
+                c.auth, self.identity, open_methods=OPEN_METHODS, validator_permit=True,
+                on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc())
+        except (IdentityError, ConfigError, ChainError) as e:
+            raise StartupError(str(e)) from None
 
     def _bind(self, host: str, port: int) -> int:
         if port and port_in_use(port, host):
@@ -186,7 +215,7 @@ class ExpertServer:
         entries = [HeartbeatEntry(uid, endpoint, load=lambda u=uid: self.batcher.queued_tokens(u),
                                   version=lambda u=uid: self.backend.version(u))
                    for uid in c.uids]
-        self.heartbeat = Heartbeat(registry, entries, hotkey=c.hotkey)
+        self.heartbeat = Heartbeat(registry, entries, hotkey=self.identity.hotkey if self.identity else "")
         await self.heartbeat.start()
 
     async def _sweep_forever(self) -> None:
@@ -223,6 +252,9 @@ class ExpertServer:
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
+        if self.auth is not None:
+            await self.auth.aclose()
+            self.auth = None
         if self._janitor is not None:
             self._janitor.cancel()
             self._janitor = None

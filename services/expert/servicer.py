@@ -177,7 +177,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                                                   f"(digits, at most {MAX_UID_CHARS} characters)")
         if uid not in self.backend.uids:
             raise RpcError(Code.NOT_FOUND, f"expert {uid!r} is not hosted here; hosted: "
-                                           f"{_clip(', '.join(self.backend.uids), 200)}")
+                                           f"{', '.join(self.backend.uids)[:200]}")
         return uid
 
     async def _tensor(self, request: Any, field: str) -> torch.Tensor:

@@ -31,12 +31,14 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _serve(model, tokenizer, parts, config, step: int) -> int:
-    from services.router.server import RouterServer
+    from services.router.server import RouterServer, router_auth
     from services.router.servicer import RouterServicer
 
     servicer = RouterServicer(model, tokenizer, parts.replicas, parts.metrics, config.max_new_tokens, step=step)
-    server = RouterServer(servicer, config.host, config.port, config.max_message_mb).start()
-    print(f"router: serving moe.v1.Router on {server.endpoint}", flush=True)
+    server = RouterServer(servicer, config.host, config.port, config.max_message_mb,
+                          auth=router_auth(config, parts.identity, parts.metrics)).start()
+    hotkey = f" as {parts.identity.hotkey}" if parts.identity else ""
+    print(f"router: serving moe.v1.Router on {server.endpoint}{hotkey} (auth {config.auth.mode})", flush=True)
     try:
         server.wait()
     except KeyboardInterrupt:

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.router.replicas import POLICIES
-from subnet.envconfig import env
+from subnet.auth.config import AuthConfig
+from subnet.envconfig import env, nested
+from subnet.identity import WalletConfig
 from subnet.tensor_codec import WIRE_DTYPES
 
 
@@ -33,6 +35,13 @@ class RouterConfig:
     max_message_mb: float = env("ROUTER_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
     threads: int = env("ROUTER_THREADS", 0, "torch intra-op threads; 0 = torch's default")
     log_level: str = env("ROUTER_LOG_LEVEL", "INFO", "Python logging level")
+    open_generate: bool = env("ROUTER_OPEN_GENERATE", False,
+                              "1 = anyone may call Generate, signed or not (Logits stays protected)")
+    # The router's hotkey signs its expert calls (experts allow it by AUTH_ALLOWLIST or as a
+    # validator); its own Generate/Logits accept AUTH_ALLOWLIST or, with AUTH_CHAIN, any
+    # hotkey registered on the subnet.
+    wallet: WalletConfig = nested(WalletConfig)
+    auth: AuthConfig = nested(AuthConfig)
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:

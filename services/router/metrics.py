@@ -42,6 +42,9 @@ class RouterMetrics:
             registry=self.registry)
         self.training_loss = Gauge(
             "router_training_loss", "Training loss of the last step.", registry=self.registry)
+        self.auth_rejections = Counter(
+            "router_auth_rejections", "Generate/Logits requests refused by signature checks, by reason.",
+            ["reason"], registry=self.registry)
 
     def masked_count(self, layer: int, uid: str, rpc: str = "forward") -> float:
         """Masked calls so far for one expert and RPC, all reasons together."""

@@ -1,6 +1,6 @@
 """Build the LM whose routed experts are remote, and move weights between the two layouts.
 
-    parts = RemoteParts.connect(config)                 # registry, replica set, channels, metrics
+    parts = RemoteParts.connect(config)                 # registry, replica set, signing channels, metrics
     model = build_remote_lm(lm_config, parts, config)   # MoELM with a RemoteExpertGroup per MoE block
     load_trunk(model, "runs/demo")                      # everything but the routed experts
 
@@ -26,8 +26,10 @@ from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
+from subnet.auth import service_identity
 from subnet.expert_client import ChannelSettings, ExpertClientPool
 from subnet.expert_weights import save_expert_weights
+from subnet.identity import Identity
 from subnet.registry import ExpertRegistry
 
 _LOCAL_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")
@@ -35,23 +37,30 @@ _LOCAL_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\."
 
 @dataclass
 class RemoteParts:
-    """What every RemoteExpertGroup of one router shares: one registry view, one channel pool."""
+    """What every RemoteExpertGroup of one router shares: one registry view, one channel pool
+    (signing every expert call with `identity` for the hotkey the registry lists for the endpoint)."""
 
     registry: ExpertRegistry
     replicas: ReplicaSet
     clients: ExpertClientPool
     metrics: RouterMetrics
     tracer: ExpertCallTracer
+    identity: Identity | None = None
 
     @classmethod
-    def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None) -> RemoteParts:
+    def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None,
+                identity: Identity | None = None) -> RemoteParts:
+        """`identity` overrides the wallet (tests). IdentityError when AUTH_MODE=on and the wallet
+        cannot be loaded; with AUTH_MODE=off expert calls go unsigned."""
+        identity = service_identity(config.auth, config.wallet, identity, what="router")
         registry = ExpertRegistry(redis.Redis.from_url(config.redis_url))
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s)
-        clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)))
+        clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
+                                   hotkeys=replicas.hotkey)
         metrics = metrics or RouterMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)
-        return cls(registry, replicas, clients, metrics, ExpertCallTracer())
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity)
 
     def close(self) -> None:
         self.clients.close()

@@ -56,6 +56,7 @@ class ReplicaSet:
         self._clock = clock
         self._lock = threading.Lock()
         self._snapshot: dict[str, list[Replica]] = {}
+        self._hotkeys: dict[str, str] = {}   # endpoint -> hotkey, from the same snapshot
         self._refreshed_at: float | None = None
         self._in_flight: dict[str, int] = defaultdict(int)
         self._suspect_until: dict[str, float] = {}
@@ -73,8 +74,10 @@ class ReplicaSet:
             with self._lock:
                 self._refreshed_at = now
             return
+        hotkeys = {r.endpoint: r.hotkey for reps in snapshot.values() for r in reps if r.hotkey}
         with self._lock:
             self._snapshot = snapshot
+            self._hotkeys = hotkeys
             self._refreshed_at = now
 
     def _refresh_if_stale(self) -> None:
@@ -104,6 +107,12 @@ class ReplicaSet:
             loads = [float(r.load) + self._in_flight[r.endpoint] for r in candidates]
             lightest = [r for r, load in zip(candidates, loads) if load == min(loads)]
             return lightest[turn % len(lightest)]
+
+    def hotkey(self, endpoint: str) -> str | None:
+        """The hotkey the registry lists for `endpoint` (whom a signed call to it is for); None if unknown.
+        Reads the current snapshot only: it is asked on every call, right after `choose` refreshed it."""
+        with self._lock:
+            return self._hotkeys.get(endpoint)
 
     def begin_call(self, endpoint: str, tokens: int = 1) -> None:
         """Count a call in flight to `endpoint`, weighted by its tokens (the registry's load unit)."""

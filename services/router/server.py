@@ -1,4 +1,8 @@
-"""The router's gRPC server: moe.v1.Router plus grpc.health.v1, with a start/stop lifecycle."""
+"""The router's gRPC server: moe.v1.Router plus grpc.health.v1, with a start/stop lifecycle.
+
+With AUTH_MODE=on (`router_auth`), Generate and Logits must be signed for the router's
+hotkey by an allowed caller; Info and Health are open, and Generate too with ROUTER_OPEN_GENERATE.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,40 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
 from services.router.servicer import RouterServicer
+from subnet.auth import ServerAuth, build_server_auth
+from subnet.identity import Identity
 from subnet.wire.v1 import router_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = "moe.v1.Router"
 
 
-class RouterServer:
-    """Serves a RouterServicer. Health says SERVING only once `start` has a model to serve."""
+def router_auth(config: RouterConfig, identity: Identity | None, metrics: RouterMetrics) -> ServerAuth | None:
+    """The checks of the router's own RPCs; None with AUTH_MODE=off."""
+    if not config.auth.enabled:
+        return None
+    if identity is None:
+        raise ValueError("AUTH_MODE=on: the router needs its identity (WALLET_*) to check requests")
+    open_methods = {f"/{ROUTER_SERVICE}/Info"}
+    if config.open_generate:
+        open_methods.add(f"/{ROUTER_SERVICE}/Generate")
+    return build_server_auth(config.auth, identity, open_methods=open_methods, validator_permit=False,
+                             on_reject=lambda reason: metrics.auth_rejections.labels(reason=reason).inc())
 
-    def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float, workers: int = 8):
+
+class RouterServer:
+    """Serves a RouterServicer. Health says SERVING only once `start` has a model to serve.
+    `auth` (see `router_auth`) checks signed requests; None serves everyone."""
+
+    def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float, workers: int = 8,
+                 auth: ServerAuth | None = None):
         max_bytes = int(max_message_mb * 1024 * 1024)
+        self._auth = auth
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                                   interceptors=[auth.interceptor()] if auth else [],
                                    options=[("grpc.max_send_message_length", max_bytes),
                                             ("grpc.max_receive_message_length", max_bytes)])
         router_pb2_grpc.add_RouterServicer_to_server(servicer, self._server)
@@ -48,3 +73,5 @@ class RouterServer:
     def stop(self, grace_s: float = 5.0) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace_s).wait()
+        if self._auth is not None:
+            self._auth.close()

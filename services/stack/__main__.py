@@ -9,6 +9,10 @@ services (dealt round robin) and the trunk to the router, trains through the net
 STACK_TRAIN_MINUTES, asks the router for one Generate, prints a summary and stops every
 process (also on Ctrl-C). The experts save their weights on shutdown, so `serve` can
 bring the same model back.
+
+Every process has its own development wallet under `<STACK_RUN_DIR>/wallets` (unencrypted,
+made by `subnet.identity.create_dev_wallet`): the experts accept only the router's hotkey,
+the router accepts only the stack's client hotkey (`stack-client`), which signs Generate.
 """
 
 from __future__ import annotations
@@ -59,7 +63,25 @@ def _prepare_run_dir(run: Path) -> None:
     (run / MARKER).write_text("made by python -m services.stack\n")
 
 
-def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path) -> list[str]:
+class _Wallets:
+    """The stack's development wallets: one per expert service, the router's, the client's."""
+
+    def __init__(self, run: Path):
+        from subnet.identity import create_dev_wallet, load_identity
+
+        self.path = run / "wallets"
+        self._create = create_dev_wallet
+        self.router = load_identity(create_dev_wallet(self.path, "stack-router"))
+        self.client = load_identity(create_dev_wallet(self.path, "stack-client"))
+
+    def env(self, name: str, allow: str) -> dict[str, str]:
+        """WALLET_* of wallet `name` (made if missing) and the one hotkey it accepts calls from."""
+        wallet = self._create(self.path, name)
+        return {"WALLET_PATH": wallet.path, "WALLET_NAME": wallet.name, "WALLET_HOTKEY": wallet.hotkey,
+                "AUTH_ALLOWLIST": allow}
+
+
+def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path, wallets: _Wallets) -> list[str]:
     from services.stack.placement import deal_experts
     from services.stack.processes import wait_serving
 
@@ -71,7 +93,7 @@ def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Pa
                "REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(checkpoint),
                "EXPERT_SAVE_PATH": str(run / f"experts-{s}.safetensors"),
                "EXPERT_THREADS": str(cfg.expert_threads), "EXPERT_METRICS_PORT": str(cfg.metrics_port(1 + s)),
-               "EXPERT_HOTKEY": f"local-expert-{s}"}
+               **wallets.env(f"stack-expert-{s}", allow=wallets.router.hotkey)}
         group.start(f"expert-{s}", ["-m", "services.expert"], env)
         endpoints.append(f"127.0.0.1:{port}")
         _say(f"expert service {s} on 127.0.0.1:{port} hosts {len(uids)} experts ({uids[0]} ... {uids[-1]})")
@@ -80,19 +102,21 @@ def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Pa
     return endpoints
 
 
-def _router_env(cfg, redis_url: str) -> dict[str, str]:
+def _router_env(cfg, redis_url: str, wallets: _Wallets) -> dict[str, str]:
     return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
             "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
-            "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s)}
+            "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s),
+            **wallets.env("stack-router", allow=wallets.client.hotkey)}
 
 
-def _generate(endpoint: str, prompt: str, max_new_tokens: int) -> tuple[str, int, float]:
+def _generate(endpoint: str, prompt: str, max_new_tokens: int, wallets: _Wallets) -> tuple[str, int, float]:
+    from subnet.auth import SigningChannel
     from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
     pieces, masked = [], 0
     started = time.perf_counter()
     with grpc.insecure_channel(endpoint) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+        stub = router_pb2_grpc.RouterStub(SigningChannel(channel, wallets.client, wallets.router.hotkey))
         request = router_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.8,
                                              top_k=50, seed=1)
         for reply in stub.Generate(request, timeout=300):
@@ -176,24 +200,26 @@ def run_stack(mode: str, cfg) -> int:
 
     group = ProcessGroup(run / "logs")
     redis = RedisServer(port=cfg.redis_port)
+    wallets = _Wallets(run)
     try:
         redis.start()
         _say(f"redis on {redis.url}")
-        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run)
+        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run, wallets)
         router_endpoint = f"127.0.0.1:{cfg.router_port}"
         if mode == "demo":
             _say(f"router: training {cfg.preset} with remote experts for {cfg.train_minutes:g} minutes")
             group.start("router", ["-m", "services.router", "train", "--init", str(ckpt), "--out", str(run),
-                                   "--serve"], _router_env(cfg, redis.url), show_output=True)
+                                   "--serve"], _router_env(cfg, redis.url, wallets), show_output=True)
             wait_serving(router_endpoint, group, timeout_s=cfg.train_minutes * 60 + 600, what="router")
-            text, masked, gen_s = _generate(router_endpoint, cfg.prompt, cfg.max_new_tokens)
+            text, masked, gen_s = _generate(router_endpoint, cfg.prompt, cfg.max_new_tokens, wallets)
             _summary(run, cfg.prompt + text, masked, gen_s, cfg.max_new_tokens)
         else:
             group.start("router", ["-m", "services.router", "serve"],
-                        {**_router_env(cfg, redis.url), "ROUTER_CHECKPOINT": str(ckpt)})
+                        {**_router_env(cfg, redis.url, wallets), "ROUTER_CHECKPOINT": str(ckpt)})
             wait_serving(router_endpoint, group, timeout_s=300, what="router")
-            _say(f"serving moe.v1.Router on {router_endpoint}; metrics on :{cfg.metrics_base_port or 'off'}; "
-                 f"Ctrl-C stops everything")
+            _say(f"serving moe.v1.Router on {router_endpoint} (hotkey {wallets.router.hotkey}); metrics on "
+                 f":{cfg.metrics_base_port or 'off'}; sign Generate with WALLET_PATH={wallets.path} "
+                 f"WALLET_NAME=stack-client; Ctrl-C stops everything")
             while True:
                 group.check_alive()
                 time.sleep(1.0)

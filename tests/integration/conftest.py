@@ -9,19 +9,32 @@ redis_server (session)
 redis_client (function)
     A `redis.Redis` connected to `redis_server`.
 
+dev_wallets (session)
+    `DevWallets`: unencrypted development wallets under the session's tmp dir. `.client` and
+    `.router` are WalletConfigs (the identities tests call experts with, and the one a router
+    under test signs with; both are in every expert's AUTH_ALLOWLIST); `.client_identity`,
+    `.router_identity`; `.create(name) -> WalletConfig` makes another.
+
+client_identity (session)
+    `dev_wallets.client_identity`: sign direct expert calls with it, e.g.
+    `ExpertClientPool(identity=client_identity).get(handle.endpoint, handle.hotkey)` or
+    `ExpertStub(SigningChannel(channel, client_identity, handle.hotkey))`.
+
 expert_service_factory (function)
     `factory(uids: list[str], dim: int, inter_dim: int, env: dict | None = None)
     -> ExpertServiceHandle`: starts `python -m services.expert` as a real subprocess on a free
     loopback port, registered in `redis_server` (pass env={"REDIS_URL": ""} to opt out), with
     metrics on another free port and one torch thread, and returns once gRPC health says
-    SERVING. `env` overrides any EXPERT_* variable (e.g. EXPERT_CHECKPOINT, EXPERT_SEED,
+    SERVING. Auth is on: each service gets its own dev wallet, and AUTH_ALLOWLIST holds the
+    client and router hotkeys of `dev_wallets` (env={"AUTH_MODE": "off"} turns it off).
+    `env` overrides any EXPERT_* variable (e.g. EXPERT_CHECKPOINT, EXPERT_SEED,
     EXPERT_INJECT_DELAY_MS, EXPERT_REGISTRY_TTL_S). Every process it started is stopped at
     the end of the test (SIGTERM, then SIGKILL); none outlives the test session.
 
 expert_service_module_factory (module)
     The same factory, shared by all tests of one module (stopped when the module ends).
 
-ExpertServiceHandle: `.endpoint` ("127.0.0.1:<port>"), `.port`, `.metrics_port`,
+ExpertServiceHandle: `.endpoint` ("127.0.0.1:<port>"), `.hotkey` (its ss58), `.port`, `.metrics_port`,
 `.metrics_url`, `.process` (subprocess.Popen), `.env`, `.log()` (its stderr so far),
 `.terminate(timeout_s=10) -> exit code` (SIGTERM: deregister, drain, exit),
 `.kill()` (SIGKILL: no cleanup at all), `.restart()` (same port and env; waits for SERVING).
@@ -40,7 +53,9 @@ import redis
 
 from subnet.dev.redis_server import RedisServer
 from subnet.health import wait_serving
+from subnet.identity import Identity, WalletConfig, create_dev_wallet, load_identity
 from subnet.processes import die_with_parent, free_port
+from tests.integration.s3_fixtures import object_store, s3_server  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0  # torch import on two busy cores can take a while
@@ -61,6 +76,13 @@ class ExpertServiceHandle:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def hotkey(self) -> str:
+        """The service's ss58 hotkey: requests to it are signed for this."""
+        wallet = WalletConfig(name=self.env["WALLET_NAME"], hotkey=self.env.get("WALLET_HOTKEY", "default"),
+                              path=self.env["WALLET_PATH"])
+        return load_identity(wallet).hotkey
 
     @property
     def metrics_port(self) -> int:
@@ -116,22 +138,43 @@ class ExpertServiceHandle:
         return self.start()
 
 
+class DevWallets:
+    """Development wallets of one test session (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.client = self.create("test-client")
+        self.router = self.create("test-router")
+        self.client_identity: Identity = load_identity(self.client)
+        self.router_identity: Identity = load_identity(self.router)
+
+    def create(self, name: str) -> WalletConfig:
+        return create_dev_wallet(self.path, name)
+
+    @property
+    def allowlist(self) -> str:
+        return f"{self.client_identity.hotkey},{self.router_identity.hotkey}"
+
+
 class ExpertServiceFactory:
-    def __init__(self, redis_url: str, log_dir: Path):
+    def __init__(self, redis_url: str, log_dir: Path, wallets: DevWallets):
         self.redis_url = redis_url
         self.log_dir = log_dir
+        self.wallets = wallets
         self.handles: list[ExpertServiceHandle] = []
 
     def __call__(self, uids: list[str], dim: int, inter_dim: int,
                  env: dict[str, str] | None = None) -> ExpertServiceHandle:
         env = {k: str(v) for k, v in (env or {}).items()}
         own_ports = "EXPERT_PORT" not in env
+        wallet = self.wallets.create(f"expert-{len(self.handles)}-{self.log_dir.name}")
         for attempt in range(3):
             full = {"EXPERT_UIDS": ",".join(uids), "EXPERT_DIM": str(dim), "EXPERT_INTER_DIM": str(inter_dim),
                     "EXPERT_HOST": "127.0.0.1", "EXPERT_PORT": str(free_port()),
                     "EXPERT_METRICS_PORT": str(free_port()), "REDIS_URL": self.redis_url,
                     "EXPERT_THREADS": "1", "OMP_NUM_THREADS": "1", "EXPERT_GRACE_S": "2",
-                    "PYTHONUNBUFFERED": "1", **env}
+                    "PYTHONUNBUFFERED": "1", "WALLET_PATH": wallet.path, "WALLET_NAME": wallet.name,
+                    "WALLET_HOTKEY": wallet.hotkey, "AUTH_ALLOWLIST": self.wallets.allowlist, **env}
             log_path = self.log_dir / f"expert-{len(self.handles)}-{full['EXPERT_PORT']}.log"
             handle = ExpertServiceHandle(full, log_path)
             self.handles.append(handle)
@@ -162,15 +205,25 @@ def redis_client(redis_server):
     client.close()
 
 
+@pytest.fixture(scope="session")
+def dev_wallets(tmp_path_factory) -> DevWallets:
+    return DevWallets(tmp_path_factory.mktemp("wallets"))
+
+
+@pytest.fixture(scope="session")
+def client_identity(dev_wallets) -> Identity:
+    return dev_wallets.client_identity
+
+
 @pytest.fixture
-def expert_service_factory(redis_server, tmp_path):
-    factory = ExpertServiceFactory(redis_server.url, tmp_path)
+def expert_service_factory(redis_server, tmp_path, dev_wallets):
+    factory = ExpertServiceFactory(redis_server.url, tmp_path, dev_wallets)
     yield factory
     factory.close()
 
 
 @pytest.fixture(scope="module")
-def expert_service_module_factory(redis_server, tmp_path_factory):
-    factory = ExpertServiceFactory(redis_server.url, tmp_path_factory.mktemp("experts"))
+def expert_service_module_factory(redis_server, tmp_path_factory, dev_wallets):
+    factory = ExpertServiceFactory(redis_server.url, tmp_path_factory.mktemp("experts"), dev_wallets)
     yield factory
     factory.close()

@@ -11,7 +11,7 @@ from subnet.tensor_codec import encode
 pytestmark = pytest.mark.integration
 
 
-def test_service_saves_trained_weights_on_sigterm(tmp_path, expert_service_factory):
+def test_service_saves_trained_weights_on_sigterm(tmp_path, expert_service_factory, client_identity):
     torch.manual_seed(0)
     start = {"0.0": SwiGLU(16, 24), "0.1": SwiGLU(16, 24)}
     save_expert_weights(tmp_path / "start.safetensors", start)
@@ -19,8 +19,8 @@ def test_service_saves_trained_weights_on_sigterm(tmp_path, expert_service_facto
     handle = expert_service_factory(["0.0", "0.1"], 16, 24, env={
         "REDIS_URL": "", "EXPERT_CHECKPOINT": str(tmp_path / "start.safetensors"), "EXPERT_SAVE_PATH": str(out)})
     x = torch.randn(5, 16)
-    with ExpertClientPool() as pool:
-        client = pool.get(handle.endpoint)
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(handle.endpoint, handle.hotkey)
         client.forward("0.0", encode(x), call_id="c1", step=0, training=True, timeout_s=30).result()
         client.backward("0.0", encode(torch.ones(5, 16)), call_id="c1", step=0, timeout_s=30).result()
         client.apply_step("0.0", step=0, lr=0.1, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95,

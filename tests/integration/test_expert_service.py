@@ -18,8 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe.experts import SwiGLU
 from services.expert.config import ExpertConfig
 from services.expert.server import ExpertServer
+from subnet.auth import SigningChannel
 from subnet.envconfig import from_env
 from subnet.expert_weights import init_expert, save_expert_weights
+from subnet.identity import Identity
 from subnet.registry import ExpertRegistry, replica_key
 from subnet.tensor_codec import decode, encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
@@ -50,9 +52,9 @@ def service(expert_service_module_factory, reference):
 
 
 @pytest.fixture(scope="module")
-def stub(service):
+def stub(service, client_identity):
     channel = grpc.insecure_channel(service.endpoint, options=[("grpc.max_receive_message_length", 8 << 20)])
-    yield expert_pb2_grpc.ExpertStub(channel)
+    yield expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
     channel.close()
 
 
@@ -131,14 +133,14 @@ def test_training_step_over_grpc_equals_in_process_training(stub, reference):
     torch.testing.assert_close(decode(reply.outputs), ref(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_batching_merges_concurrent_requests(service, reference):
+def test_dynamic_batching_merges_concurrent_requests(service, reference, client_identity):
     experts, _ = reference
     before = _metrics(service)
     xs = [_x(4, seed=100 + i) for i in range(8)]
 
     async def fire():
         async with grpc.aio.insecure_channel(service.endpoint) as channel:
-            stub = expert_pb2_grpc.ExpertStub(channel)
+            stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
             await stub.Info(expert_pb2.InfoRequest())  # connect first, so the 8 arrive together
             return await asyncio.gather(*(stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(x)),
                                                        timeout=10) for x in xs))
@@ -242,10 +244,10 @@ def _registry_keys(redis_client, endpoint):
     return sorted(k.decode() for k in redis_client.scan_iter(match=f"moe:expert:*:{endpoint}"))
 
 
-def test_registry_follows_the_process_lifecycle(expert_service_factory, redis_client):
+def test_registry_follows_the_process_lifecycle(expert_service_factory, redis_client, client_identity):
     """Registered while alive; deregistered on SIGTERM (after draining an in-flight request);
     gone after the TTL when SIGKILLed; registered again after a restart on the same endpoint."""
-    env = {"EXPERT_REGISTRY_TTL_S": "1.5", "EXPERT_HOTKEY": "5Fminer", "EXPERT_INJECT_DELAY_MS": "700",
+    env = {"EXPERT_REGISTRY_TTL_S": "1.5", "EXPERT_INJECT_DELAY_MS": "700",
            "EXPERT_SEED": "5"}
     graceful = expert_service_factory(["1.0", "1.1"], DIM, INTER, env=env)
     crashed = expert_service_factory(["1.0"], DIM, INTER, env=env)
@@ -253,7 +255,8 @@ def test_registry_follows_the_process_lifecycle(expert_service_factory, redis_cl
 
     replicas = {r.endpoint: r for r in registry.replicas("1.0")}
     assert {graceful.endpoint, crashed.endpoint} <= set(replicas)
-    assert replicas[graceful.endpoint].hotkey == "5Fminer" and replicas[graceful.endpoint].uid == "1.0"
+    assert replicas[graceful.endpoint].hotkey == graceful.hotkey and replicas[graceful.endpoint].uid == "1.0"
+    assert replicas[crashed.endpoint].hotkey == crashed.hotkey != graceful.hotkey  # each its wallet's hotkey
     assert _registry_keys(redis_client, graceful.endpoint) == [replica_key("1.0", graceful.endpoint),
                                                                replica_key("1.1", graceful.endpoint)]
     time.sleep(1.8)  # longer than the TTL: the heartbeat keeps the entries alive
@@ -264,7 +267,7 @@ def test_registry_follows_the_process_lifecycle(expert_service_factory, redis_cl
 
     def forward_future():
         channel = grpc.insecure_channel(graceful.endpoint)
-        stub = expert_pb2_grpc.ExpertStub(channel)
+        stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, graceful.hotkey))
         return channel, stub.Forward.future(expert_pb2.ForwardRequest(expert_uid="1.0", inputs=encode(x)),
                                             timeout=10)
 
@@ -292,24 +295,26 @@ def test_registry_follows_the_process_lifecycle(expert_service_factory, redis_cl
     channel.close()
 
 
-def test_server_runs_in_process_with_its_lifecycle_methods():
+def test_server_runs_in_process_with_its_lifecycle_methods(client_identity):
     """start / wait_ready / stop without a subprocess (how router tests can embed an expert)."""
     config = from_env(ExpertConfig, {"EXPERT_UIDS": "4.0", "EXPERT_DIM": str(DIM), "EXPERT_INTER_DIM": str(INTER),
-                                     "EXPERT_PORT": "0", "EXPERT_THREADS": "1"})
+                                     "EXPERT_PORT": "0", "EXPERT_THREADS": "1",
+                                     "AUTH_ALLOWLIST": client_identity.hotkey})
+    identity = Identity.generate()  # instead of a wallet on disk
     torch.manual_seed(9)
     module = SwiGLU(DIM, INTER)
     x = _x(3, seed=4)
 
     async def scenario():
-        server = ExpertServer(config, experts={"4.0": copy.deepcopy(module)})
+        server = ExpertServer(config, experts={"4.0": copy.deepcopy(module)}, identity=identity)
         await server.start()
         await server.wait_ready(timeout_s=10)
         try:
             async with grpc.aio.insecure_channel(server.endpoint) as channel:
                 health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
-                reply = await expert_pb2_grpc.ExpertStub(channel).Forward(
-                    expert_pb2.ForwardRequest(expert_uid="4.0", inputs=encode(x)), timeout=10)
+                stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, identity.hotkey))
+                reply = await stub.Forward(expert_pb2.ForwardRequest(expert_uid="4.0", inputs=encode(x)), timeout=10)
                 return decode(reply.outputs)
         finally:
             await server.stop(grace_s=1)

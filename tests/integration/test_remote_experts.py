@@ -23,6 +23,7 @@ from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
+from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
 from subnet.registry import ExpertRegistry
 
@@ -78,21 +79,21 @@ def wait_registered(registry: ExpertRegistry, services_and_indices, layer: int, 
 
 
 @pytest.fixture
-def make_group(registry):
-    """`make_group(endpoints, layer, **kw)`: a RemoteExpertGroup over the test's endpoints;
-    closed after the test."""
-    groups = []
+def make_group(registry, client_identity):
+    """`make_group(endpoints, layer, **kw)`: a RemoteExpertGroup over the test's endpoints, signing
+    its calls as the test client for the hotkeys in the registry (as a router does); closed after the test."""
+    pools = []
 
     def make(endpoints, layer, **kw) -> RemoteExpertGroup:
         replicas = ReplicaSet(OwnEndpoints(registry, set(endpoints)), policy=kw.pop("policy", "least_loaded"),
                               refresh_s=kw.pop("refresh_s", 0.2), suspect_s=kw.pop("suspect_s", 2.0))
         kw.setdefault("timeout_s", 3.0)
-        groups.append(RemoteExpertGroup(layer, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), **kw))
-        return groups[-1]
+        pools.append(ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey))
+        return RemoteExpertGroup(layer, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), clients=pools[-1], **kw)
 
     yield make
-    for group in groups:
-        group.close()
+    for pool in pools:
+        pool.close()
 
 
 def inputs(sizes: dict[int, int], seed: int = 1) -> dict[int, torch.Tensor]:

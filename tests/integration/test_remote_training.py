@@ -54,17 +54,21 @@ def _private_db(redis_server, db: int) -> str:
     return redis_server.url.rsplit("/", 1)[0] + f"/{db}"
 
 
-def _router_config(redis_url: str, timeout_s: float = 30.0) -> RouterConfig:
-    return RouterConfig(redis_url=redis_url, wire_dtype="fp32", expert_timeout_s=timeout_s, registry_refresh_s=0.5)
+def _router_config(redis_url: str, wallet, timeout_s: float = 30.0) -> RouterConfig:
+    """The router signs its expert calls with `wallet` (dev_wallets.router, allowed by every test expert)."""
+    return RouterConfig(redis_url=redis_url, wire_dtype="fp32", expert_timeout_s=timeout_s, registry_refresh_s=0.5,
+                        wallet=wallet)
 
 
-def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_factory, redis_server):
+def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_factory, redis_server,
+                                           dev_wallets):
     torch.set_num_threads(1)
     ckpt, experts, lm_cfg, train_cfg = _init(tmp_path, corpus_cfg)
     redis_url = _private_db(redis_server, 3)
     _services(expert_service_factory, redis_url, lm_cfg, experts)
 
-    remote, parts, corpus = build_remote_trainer(ckpt, tmp_path / "remote", _router_config(redis_url), progress=False)
+    config = _router_config(redis_url, dev_wallets.router)
+    remote, parts, corpus = build_remote_trainer(ckpt, tmp_path / "remote", config, progress=False)
     local_model, _ = load_lm(ckpt)
     local = Trainer(local_model, corpus, train_cfg, tmp_path / "local", progress=False)
     remote.train()
@@ -114,14 +118,15 @@ def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_
         parts.close()
 
 
-def test_training_survives_a_killed_expert_service(tmp_path, corpus_cfg, expert_service_factory, redis_server):
+def test_training_survives_a_killed_expert_service(tmp_path, corpus_cfg, expert_service_factory, redis_server,
+                                                   dev_wallets):
     torch.set_num_threads(1)
     ckpt, experts, lm_cfg, _ = _init(tmp_path, corpus_cfg, steps=100)
     redis_url = _private_db(redis_server, 4)
     survivor, victim = _services(expert_service_factory, redis_url, lm_cfg, experts)
     timeout_s = 3.0
-    trainer, parts, _ = build_remote_trainer(ckpt, tmp_path / "run", _router_config(redis_url, timeout_s),
-                                             progress=False)
+    config = _router_config(redis_url, dev_wallets.router, timeout_s)
+    trainer, parts, _ = build_remote_trainer(ckpt, tmp_path / "run", config, progress=False)
     trainer.model.train()
     for _ in range(2):
         trainer.train_step()

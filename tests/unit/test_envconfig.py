@@ -5,7 +5,7 @@ from dataclasses import FrozenInstanceError, dataclass
 import pytest
 
 from services.expert.config import ExpertConfig
-from subnet.envconfig import REQUIRED, ConfigError, env, from_env, markdown_table
+from subnet.envconfig import REQUIRED, ConfigError, env, from_env, markdown_table, nested
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,25 @@ def test_bad_values_fail_with_the_variable_name(environ, message):
     with pytest.raises(ConfigError) as info:
         from_env(Demo, environ)
     assert message in str(info.value)
+
+
+@dataclass(frozen=True)
+class Inner:
+    tags: tuple[str, ...] = env("INNER_TAGS", (), "labels")
+
+
+@dataclass(frozen=True)
+class Outer:
+    size_mb: int = env("OUTER_SIZE_MB", 1, "a size")
+    inner: Inner = nested(Inner)
+
+
+def test_nested_config_is_read_from_the_same_environment_and_listed():
+    c = from_env(Outer, {"OUTER_SIZE_MB": "3", "INNER_TAGS": "a,b"})
+    assert c.size_mb == 3 and c.inner.tags == ("a", "b")
+    assert Outer().inner.tags == ()
+    table = markdown_table(Outer)
+    assert "`OUTER_SIZE_MB`" in table and "| `INNER_TAGS` | list | (empty) | labels |" in table
 
 
 def test_markdown_table_lists_every_variable():

@@ -1,0 +1,132 @@
+"""Which authenticated hotkeys a receiver serves.
+
+    policy = AnyOf(AllowList(["5F..."]), ChainPolicy(chain, require_validator_permit=True))
+    policy.denial("5G...")   # None = allowed, else why not: "is not in AUTH_ALLOWLIST and ..."
+
+A policy is asked once per request, after the signature is checked, so it must answer
+from memory: `ChainPolicy` reads the metagraph in a background thread every `refresh_s`
+and never calls the chain on a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Protocol
+
+from subnet.chain.base import Chain
+
+log = logging.getLogger(__name__)
+
+
+class Policy(Protocol):
+    def denial(self, hotkey: str) -> str | None:
+        """None when `hotkey` may call; else the reason, phrased to follow "hotkey <ss58> "."""
+
+
+class Anyone:
+    """Every hotkey with a valid signature (the request is still authenticated)."""
+
+    def denial(self, hotkey: str) -> str | None:
+        return None
+
+    def __repr__(self) -> str:
+        return "Anyone()"
+
+
+class AllowList:
+    """A fixed set of hotkeys (AUTH_ALLOWLIST)."""
+
+    def __init__(self, hotkeys: Iterable[str], name: str = "AUTH_ALLOWLIST"):
+        self.hotkeys = frozenset(hotkeys)
+        self.name = name
+
+    def denial(self, hotkey: str) -> str | None:
+        return None if hotkey in self.hotkeys else f"is not in {self.name}"
+
+    def __repr__(self) -> str:
+        return f"AllowList({len(self.hotkeys)} hotkeys)"
+
+
+class AnyOf:
+    """Allowed when any of the policies allows; else every reason, joined."""
+
+    def __init__(self, *policies: Policy):
+        if not policies:
+            raise ValueError("AnyOf needs at least one policy")
+        self.policies = policies
+
+    def denial(self, hotkey: str) -> str | None:
+        reasons = []
+        for policy in self.policies:
+            reason = policy.denial(hotkey)
+            if reason is None:
+                return None
+            reasons.append(reason)
+        return " and ".join(reasons)
+
+    def __repr__(self) -> str:
+        return f"AnyOf({', '.join(map(repr, self.policies))})"
+
+
+class ChainPolicy:
+    """Hotkeys registered on the subnet (optionally: with a validator permit), from a cached metagraph.
+
+    `start()` reads the metagraph once (a failure is logged: until a read succeeds every
+    hotkey is denied) and refreshes it every `refresh_s` in a daemon thread; a failed
+    refresh keeps the last sets. `stop()` ends the thread.
+    """
+
+    def __init__(self, chain: Chain, require_validator_permit: bool, refresh_s: float = 60.0):
+        if refresh_s <= 0:
+            raise ValueError(f"refresh_s must be positive, got {refresh_s}")
+        self.chain = chain
+        self.require_validator_permit = require_validator_permit
+        self.refresh_s = refresh_s
+        self._registered: frozenset[str] | None = None
+        self._validators: frozenset[str] = frozenset()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Read the metagraph now; False (and the last sets kept) when the chain fails."""
+        try:
+            metagraph = self.chain.metagraph()
+        except Exception as e:  # the chain is remote and may fail in any way; requests must not
+            log.warning("metagraph refresh failed (keeping the last one, retrying in %.0f s): %s",
+                        self.refresh_s, e)
+            return False
+        # Two attribute writes, each atomic; a reader between them sees a consistent-enough pair.
+        self._validators = metagraph.validator_hotkeys
+        self._registered = metagraph.hotkeys
+        return True
+
+    def start(self) -> ChainPolicy:
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="auth-metagraph", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def denial(self, hotkey: str) -> str | None:
+        registered = self._registered
+        if registered is None:
+            return "cannot be checked: the metagraph has not been read yet"
+        if hotkey not in registered:
+            return "is not registered on the subnet"
+        if self.require_validator_permit and hotkey not in self._validators:
+            return "has no validator permit"
+        return None
+
+    def __repr__(self) -> str:
+        return f"ChainPolicy(validator_permit={self.require_validator_permit})"

@@ -1,0 +1,199 @@
+"""Signed requests on a gRPC server: every protected method is verified before its servicer runs.
+
+    auth = ServerAuth(verifier, open_methods={"/moe.v1.Expert/Info"}, on_reject=counter_inc)
+    server = grpc.aio.server(interceptors=[auth.aio_interceptor()])   # grpc.aio
+    server = grpc.server(pool, interceptors=[auth.interceptor()])     # sync grpc
+
+The signature covers the exact request bytes, so the interceptor swaps each protected
+method's handler for one whose deserializer keeps the raw bytes; the new behaviour
+verifies them (`Verifier`), and only an accepted request is parsed and handed to the real
+servicer method. Health (`/grpc.health.v1.Health/*`) and the `open_methods` skip it.
+
+A rejected request is aborted with the Verifier's code and message, counted through
+`on_reject(reason)` and logged as one line, at most once per `log_interval_s` (a flood of
+bad requests must not flood the log). Nothing about it raises in the server.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from subnet.auth.verify import Rejection, Verifier
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_UNSUPPORTED = Rejection(grpc.StatusCode.UNIMPLEMENTED, "unsupported",
+                         "signed requests are supported on unary-request methods only")
+
+
+class ServerAuth:
+    """A Verifier in front of a server's methods, plus what happens to a rejection."""
+
+    def __init__(self, verifier: Verifier, open_methods: Collection[str] = (),
+                 on_reject: Callable[[str], None] | None = None, log_interval_s: float = 10.0,
+                 close: Callable[[], None] | None = None):
+        self.verifier = verifier
+        self.open_methods = frozenset(open_methods)
+        self._on_reject = on_reject or (lambda reason: None)
+        self._log_interval_s = log_interval_s
+        self._close = close
+        self._log_lock = threading.Lock()
+        self._logged_at = float("-inf")
+        self._unlogged = 0
+
+    def protects(self, method: str) -> bool:
+        return not method.startswith(HEALTH_PREFIX) and method not in self.open_methods
+
+    def close(self) -> None:
+        """Release what the verifier holds (metagraph thread, nonce store connections)."""
+        if self._close is not None:
+            self._close()
+        close = getattr(self.verifier.nonces, "close", None)
+        if close is not None:
+            close()
+
+    async def aclose(self) -> None:
+        """`close` for an asyncio server: also closes the nonce store's asyncio connection."""
+        self.close()
+        aclose = getattr(self.verifier.nonces, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def aio_interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _AioInterceptor(self)
+
+    def interceptor(self) -> grpc.ServerInterceptor:
+        return _SyncInterceptor(self)
+
+    def reject(self, rejection: Rejection, method: str, peer: str) -> None:
+        self._on_reject(rejection.reason)
+        now = time.monotonic()
+        with self._log_lock:
+            if now - self._logged_at < self._log_interval_s:
+                self._unlogged += 1
+                return
+            suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
+        log.warning("rejected %s from %s: %s %s%s", method, peer, rejection.code.name, rejection.message,
+                    f" ({suppressed} more rejections not logged in the last {self._log_interval_s:g} s)"
+                    if suppressed else "")
+
+
+def _parse(deserializer, raw: bytes):
+    """The request message; None when the (authenticated) bytes do not parse."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except DecodeError:
+        return None
+
+
+def _unparsable(method: str) -> str:
+    return f"request bytes do not parse as the request message of {method}"
+
+
+class _Wrapping:
+    """Caches the wrapped handler of each method: the interceptor runs on every call."""
+
+    def __init__(self, auth: ServerAuth, wrap: Callable):
+        self._auth, self._wrap = auth, wrap
+        self._cache: dict[str, tuple[object, object]] = {}
+
+    def handler(self, method: str, handler):
+        if handler is None or not self._auth.protects(method):
+            return handler
+        cached = self._cache.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._cache[method] = (handler, self._wrap(self._auth, method, handler))
+        return cached[1]
+
+
+class _AioInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, auth: ServerAuth):
+        self._handlers = _Wrapping(auth, _wrap_aio)
+
+    async def intercept_service(self, continuation, details):
+        return self._handlers.handler(details.method, await continuation(details))
+
+
+class _SyncInterceptor(grpc.ServerInterceptor):
+    def __init__(self, auth: ServerAuth):
+        self._handlers = _Wrapping(auth, _wrap_sync)
+
+    def intercept_service(self, continuation, details):
+        return self._handlers.handler(details.method, continuation(details))
+
+
+def _wrap_aio(auth: ServerAuth, method: str, handler):
+    parse = handler.request_deserializer
+
+    async def admit(raw: bytes, context: grpc.aio.ServicerContext):
+        rejection = await auth.verifier.averify(method, raw, context.invocation_metadata() or ())
+        if rejection is not None:
+            auth.reject(rejection, method, context.peer())
+            await context.abort(rejection.code, rejection.message)
+        request = _parse(parse, raw)
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _unparsable(method))
+        return request
+
+    if not handler.request_streaming and not handler.response_streaming:
+        inner = handler.unary_unary
+
+        async def unary_unary(raw, context):
+            return await inner(await admit(raw, context), context)
+        return handler._replace(request_deserializer=None, unary_unary=unary_unary)
+    if not handler.request_streaming and inspect.isasyncgenfunction(handler.unary_stream):
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(raw, context):
+            async for item in inner_stream(await admit(raw, context), context):
+                yield item
+        return handler._replace(request_deserializer=None, unary_stream=unary_stream)
+    return _refusal(auth, method, handler, aio=True)
+
+
+def _wrap_sync(auth: ServerAuth, method: str, handler):
+    parse = handler.request_deserializer
+    inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+    def behavior(raw: bytes, context: grpc.ServicerContext):
+        rejection = auth.verifier.verify(method, raw, context.invocation_metadata() or ())
+        if rejection is not None:
+            auth.reject(rejection, method, context.peer())
+            context.abort(rejection.code, rejection.message)   # raises
+        request = _parse(parse, raw)
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _unparsable(method))
+        return inner(request, context)   # a response, or the iterator of a streaming response
+
+    if handler.request_streaming:
+        return _refusal(auth, method, handler, aio=False)
+    field = "unary_stream" if handler.response_streaming else "unary_unary"
+    return handler._replace(request_deserializer=None, **{field: behavior})
+
+
+def _refusal(auth: ServerAuth, method: str, handler, aio: bool):
+    """Fail closed: a protected method this wrapper cannot verify answers UNIMPLEMENTED."""
+    log.error("%s cannot be protected by request signing (streaming request); it will refuse every call",
+              method)
+    field = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
+             (True, True): "stream_stream"}[(handler.request_streaming, handler.response_streaming)]
+    if aio:
+        async def refuse(request, context):
+            auth.reject(_UNSUPPORTED, method, context.peer())
+            await context.abort(_UNSUPPORTED.code, _UNSUPPORTED.message)
+    else:
+        def refuse(request, context):
+            auth.reject(_UNSUPPORTED, method, context.peer())
+            context.abort(_UNSUPPORTED.code, _UNSUPPORTED.message)
+    return handler._replace(**{field: refuse})
+

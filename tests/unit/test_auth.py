@@ -1,0 +1,349 @@
+"""subnet.identity and subnet.auth without sockets: payload, verification order and messages,
+nonce stores, policies, the client's signing channel, the server wrapper, secrets kept out of reprs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+
+import grpc
+import pytest
+from bittensor_wallet import Keypair
+
+from subnet.auth import (
+    AllowList,
+    AnyOf,
+    Anyone,
+    AuthConfig,
+    ChainPolicy,
+    MemoryNonceStore,
+    ServerAuth,
+    SigningChannel,
+    Verifier,
+    sign_metadata,
+    signing_payload,
+)
+from subnet.auth.payload import SIGNATURE_KEY, TIMESTAMP_KEY, body_digest
+from subnet.auth.verify import HASH_IN_THREAD_BYTES
+from subnet.chain.base import Metagraph, Neuron
+from subnet.envconfig import ConfigError, from_env
+from subnet.identity import Identity, IdentityError, WalletConfig, create_dev_wallet, load_identity, verify_signature
+from subnet.wire.v1 import expert_pb2
+
+METHOD = "/moe.v1.Expert/Forward"
+NOW_S = 1_700_000_000.0
+U = grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.fixture(scope="module")
+def caller() -> Identity:
+    return Identity.generate()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Identity:
+    return Identity.generate()
+
+
+def verifier_for(receiver: Identity, policy=None, nonces=None, window_s=10.0, clock=lambda: NOW_S) -> Verifier:
+    return Verifier(receiver.hotkey, policy or Anyone(), nonces or MemoryNonceStore(2 * window_s), window_s,
+                    clock=clock)
+
+
+def signed(caller: Identity, receiver: str, body: bytes = b"body", method: str = METHOD, now_s: float = NOW_S):
+    return list(sign_metadata(caller, method, body, receiver, now_ms=int(now_s * 1000)))
+
+
+def replace(metadata, key, value):
+    return [(k, value if k == key else v) for k, v in metadata]
+
+
+# ---- payload ----------------------------------------------------------------------------------
+
+
+def test_payload_is_exactly_the_documented_lines():
+    payload = signing_payload("/moe.v1.Expert/Forward", "ab" * 32, "0f" * 16, 1234, "5Receiver")
+    assert payload == ("moe-subnet/auth/v1\n/moe.v1.Expert/Forward\n" + "ab" * 32 + "\n" + "0f" * 16
+                       + "\n1234\n5Receiver").encode()
+
+
+def test_sign_metadata_carries_the_four_keys_and_a_valid_signature(caller, receiver):
+    md = dict(signed(caller, receiver.hotkey, b"xyz"))
+    assert set(md) == {"x-moe-hotkey", "x-moe-nonce", "x-moe-timestamp-ms", "x-moe-signature-bin"}
+    assert md["x-moe-hotkey"] == caller.hotkey and len(md["x-moe-nonce"]) == 32
+    assert isinstance(md[SIGNATURE_KEY], bytes) and len(md[SIGNATURE_KEY]) == 64
+    payload = signing_payload(METHOD, body_digest(b"xyz"), md["x-moe-nonce"], md[TIMESTAMP_KEY], receiver.hotkey)
+    assert verify_signature(caller.hotkey, payload, md[SIGNATURE_KEY])
+    assert md["x-moe-nonce"] != dict(signed(caller, receiver.hotkey, b"xyz"))["x-moe-nonce"]
+
+
+# ---- verification -----------------------------------------------------------------------------
+
+
+def test_valid_request_passes_sync_and_async(caller, receiver):
+    v = verifier_for(receiver)
+    assert v.verify(METHOD, b"body", signed(caller, receiver.hotkey)) is None
+    big = b"\x01" * HASH_IN_THREAD_BYTES   # hashed in a worker thread by averify
+    assert asyncio.run(v.averify(METHOD, big, signed(caller, receiver.hotkey, big))) is None
+
+
+@pytest.mark.parametrize("mutate,reason,fragment", [
+    (lambda md: [], "missing_metadata", "not signed"),
+    (lambda md: [e for e in md if e[0] != "x-moe-nonce"], "missing_metadata", "lacks x-moe-nonce"),
+    (lambda md: md + [md[1]], "malformed_metadata", "x-moe-nonce appears more than once"),
+    (lambda md: replace(md, "x-moe-hotkey", "not-an-address"), "malformed_metadata", "not an ss58"),
+    (lambda md: replace(md, "x-moe-nonce", "XYZ"), "malformed_metadata", "32 lowercase hex"),
+    (lambda md: replace(md, "x-moe-timestamp-ms", "-5"), "malformed_metadata", "unix milliseconds"),
+    (lambda md: replace(md, SIGNATURE_KEY, b"\0" * 10), "malformed_metadata", "64 bytes"),
+])
+def test_missing_or_malformed_metadata_is_unauthenticated(caller, receiver, mutate, reason, fragment):
+    rejection = verifier_for(receiver).verify(METHOD, b"body", mutate(signed(caller, receiver.hotkey)))
+    assert (rejection.code, rejection.reason) == (U, reason)
+    assert fragment in rejection.message
+
+
+@pytest.mark.parametrize("skew_s,ok", [(-10.5, False), (-9.5, True), (9.5, True), (10.5, False)])
+def test_timestamp_window(caller, receiver, skew_s, ok):
+    rejection = verifier_for(receiver).verify(METHOD, b"body", signed(caller, receiver.hotkey, now_s=NOW_S + skew_s))
+    if ok:
+        assert rejection is None
+    else:
+        assert (rejection.code, rejection.reason) == (U, "stale_timestamp")
+        assert rejection.message.startswith("stale timestamp") and "±10 s" in rejection.message
+
+
+def test_bad_signature_for_changed_body_method_or_other_receiver(caller, receiver):
+    v = verifier_for(receiver)
+    other = Identity.generate()
+    cases = {
+        "body changed": v.verify(METHOD, b"other body", signed(caller, receiver.hotkey)),
+        "method changed": v.verify("/moe.v1.Expert/Backward", b"body", signed(caller, receiver.hotkey)),
+        "for another receiver": v.verify(METHOD, b"body", signed(caller, other.hotkey)),
+        "forged": v.verify(METHOD, b"body", replace(signed(caller, receiver.hotkey), SIGNATURE_KEY,
+                                                    signed(other, receiver.hotkey)[3][1])),
+    }
+    for name, rejection in cases.items():
+        assert (rejection.code, rejection.reason) == (U, "bad_signature"), name
+        assert "bad signature" in rejection.message and receiver.hotkey in rejection.message
+
+
+def test_stale_is_reported_before_the_signature_is_checked(caller, receiver):
+    md = replace(signed(caller, receiver.hotkey, now_s=NOW_S - 60), SIGNATURE_KEY, b"\1" * 64)
+    assert verifier_for(receiver).verify(METHOD, b"body", md).reason == "stale_timestamp"
+
+
+def test_replayed_nonce_and_junk_does_not_burn_nonces(caller, receiver):
+    v = verifier_for(receiver)
+    md = signed(caller, receiver.hotkey)
+    forged = replace(md, SIGNATURE_KEY, b"\1" * 64)          # same nonce, bad signature: checked first
+    assert v.verify(METHOD, b"body", forged).reason == "bad_signature"
+    assert v.verify(METHOD, b"body", md) is None             # so the real request still goes through
+    rejection = v.verify(METHOD, b"body", md)
+    assert (rejection.code, rejection.reason) == (U, "replayed_nonce") and "replayed nonce" in rejection.message
+
+
+def test_policy_denial_is_permission_denied_with_the_hotkey(caller, receiver):
+    v = verifier_for(receiver, policy=AllowList([receiver.hotkey]))
+    rejection = v.verify(METHOD, b"body", signed(caller, receiver.hotkey))
+    assert rejection.code == grpc.StatusCode.PERMISSION_DENIED and rejection.reason == "not_allowed"
+    assert rejection.message == f"hotkey {caller.hotkey} is not in AUTH_ALLOWLIST"
+
+
+# ---- nonce store ------------------------------------------------------------------------------
+
+
+def test_memory_nonces_expire_and_stay_bounded():
+    now = [0.0]
+    store = MemoryNonceStore(ttl_s=20.0, max_entries=3, clock=lambda: now[0])
+    assert store.claim("a") and not store.claim("a")
+    now[0] = 19.9
+    assert not store.claim("a")
+    now[0] = 20.1                                  # expired: forgotten, and the memory is freed
+    assert store.claim("a") and len(store) == 1
+    for key in "bcd":
+        assert store.claim(key)
+    assert len(store) == 3 and store.evicted == 1  # "a" was the oldest and went first
+    assert store.claim("a") and not store.claim("d")
+    assert asyncio.run(store.aclaim("e")) and not asyncio.run(store.aclaim("e"))
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+
+class FakeChain:
+    def __init__(self, metagraph):
+        self.metagraph_value, self.calls, self.fail = metagraph, 0, False
+
+    def metagraph(self):
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("chain down")
+        return self.metagraph_value
+
+
+def test_allowlist_anyone_anyof():
+    assert Anyone().denial("x") is None
+    assert AllowList(["a"]).denial("a") is None and AllowList(["a"]).denial("b") == "is not in AUTH_ALLOWLIST"
+    chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="v", validator_permit=True),
+                                                  Neuron(uid=1, hotkey="m"))))
+    policy = AnyOf(AllowList(["a"]), ChainPolicy(chain, require_validator_permit=True))
+    policy.policies[1].refresh()
+    assert policy.denial("a") is None and policy.denial("v") is None
+    assert policy.denial("m") == "is not in AUTH_ALLOWLIST and has no validator permit"
+    assert policy.denial("z") == "is not in AUTH_ALLOWLIST and is not registered on the subnet"
+
+
+def test_chain_policy_reads_a_cached_metagraph_and_keeps_it_when_the_chain_fails():
+    chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="v", validator_permit=True),
+                                                  Neuron(uid=1, hotkey="m"))))
+    any_registered = ChainPolicy(chain, require_validator_permit=False, refresh_s=3600)
+    assert "not been read" in any_registered.denial("m")
+    any_registered.start()
+    try:
+        for _ in range(100):
+            assert any_registered.denial("m") is None and any_registered.denial("v") is None
+        assert chain.calls == 1                      # never one chain call per request
+        chain.fail = True
+        assert not any_registered.refresh()
+        assert any_registered.denial("m") is None    # the last metagraph is kept
+    finally:
+        any_registered.stop()
+
+
+# ---- identity ---------------------------------------------------------------------------------
+
+
+def test_identity_repr_and_str_hide_the_secret():
+    seed = bytes(range(32))
+    mnemonic = Keypair.generate_mnemonic()
+    for identity, secrets in ((Identity(Keypair.create_from_seed(seed.hex())), [seed.hex()]),
+                              (Identity(Keypair.create_from_mnemonic(mnemonic)), [mnemonic, *mnemonic.split()])):
+        for text in (repr(identity), str(identity), f"{identity}", repr([identity])):
+            assert identity.hotkey in text
+            assert not any(secret in text for secret in secrets), text
+        with pytest.raises(TypeError):
+            pickle.dumps(identity)
+        assert verify_signature(identity.hotkey, b"m", identity.sign(b"m"))
+
+
+def test_dev_wallet_is_created_quietly_once_and_loads(tmp_path, capfd):
+    config = create_dev_wallet(tmp_path / "wallets", "dev", "hk")
+    again = create_dev_wallet(tmp_path / "wallets", "dev", "hk")    # idempotent: keeps the same key
+    out, err = capfd.readouterr()
+    assert out == "" and "mnemonic" not in err.lower()
+    assert config == again and config.hotkey_file.is_file()
+    assert load_identity(config).hotkey == load_identity(again).hotkey
+    env = {"WALLET_NAME": "dev", "WALLET_HOTKEY": "hk", "WALLET_PATH": str(tmp_path / "wallets")}
+    assert from_env(WalletConfig, env) == config
+
+
+def test_missing_or_broken_hotkey_file_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(IdentityError) as missing:
+        load_identity(WalletConfig(name="nobody", hotkey="hk", path=str(tmp_path)))
+    assert str(tmp_path / "nobody" / "hotkeys" / "hk") in str(missing.value)
+    assert "btcli wallet new_hotkey" in str(missing.value) and "dev-wallet" in str(missing.value)
+    broken = tmp_path / "w" / "hotkeys" / "hk"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("secret-looking garbage")
+    with pytest.raises(IdentityError) as bad:
+        load_identity(WalletConfig(name="w", hotkey="hk", path=str(tmp_path)))
+    assert str(broken) in str(bad.value) and "garbage" not in str(bad.value)
+
+
+def test_auth_config_checks_mode_and_allowlist(caller):
+    assert from_env(AuthConfig, {}).enabled
+    assert from_env(AuthConfig, {"AUTH_ALLOWLIST": f"{caller.hotkey}, "}).allowlist == (caller.hotkey,)
+    with pytest.raises(ConfigError, match="AUTH_MODE='maybe'"):
+        from_env(AuthConfig, {"AUTH_MODE": "maybe"})
+    with pytest.raises(ConfigError, match="not ss58 hotkeys: bogus"):
+        from_env(AuthConfig, {"AUTH_ALLOWLIST": "bogus"})
+
+
+# ---- client and server wrappers ---------------------------------------------------------------
+
+
+class FakeMultiCallable:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __call__(self, request, timeout=None, metadata=None):
+        self.calls.append((request, dict(metadata or ())))
+        return "response"
+
+    future = __call__
+
+
+class FakeChannel:
+    def __init__(self):
+        self.calls, self.serializers = [], []
+
+    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        self.serializers.append(request_serializer)
+        return FakeMultiCallable(self.calls)
+
+
+def test_signing_channel_serializes_once_and_signs_those_bytes(caller, receiver):
+    channel = FakeChannel()
+    serialized = []
+
+    def serializer(message):
+        serialized.append(message)
+        return message.SerializeToString()
+
+    call = SigningChannel(channel, caller, lambda: receiver.hotkey).unary_unary(METHOD, serializer)
+    request = expert_pb2.ForwardRequest(expert_uid="0.1", call_id="c")
+    assert call.future(request, timeout=1.0, metadata=[("traceparent", "t")]) == "response"
+    body, metadata = channel.calls[0]
+    assert serialized == [request] and channel.serializers == [None]   # the channel sends the bytes as they are
+    assert body == request.SerializeToString() and metadata["traceparent"] == "t"
+    assert verifier_for(receiver, clock=time.time).verify(METHOD, body, list(metadata.items())) is None
+
+    SigningChannel(channel, caller, lambda: None).unary_unary(METHOD, serializer)(request)
+    assert "x-moe-hotkey" not in channel.calls[1][1]                   # no receiver known: unsigned
+    SigningChannel(channel, None, receiver.hotkey).unary_unary(METHOD, serializer)
+    assert channel.serializers[-1] is serializer                       # no identity: the plain multi-callable
+
+
+class FakeContext:
+    def __init__(self, metadata):
+        self.metadata, self.aborted = metadata, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise RuntimeError("aborted")
+
+
+def test_server_wrapper_verifies_before_the_servicer_and_logs_rejections_rarely(caller, receiver, caplog):
+    reasons, served = [], []
+    auth = ServerAuth(verifier_for(receiver), open_methods={"/moe.v1.Expert/Info"}, on_reject=reasons.append)
+    assert not auth.protects("/moe.v1.Expert/Info") and not auth.protects("/grpc.health.v1.Health/Check")
+    assert auth.protects(METHOD)
+
+    def forward(request, context):
+        served.append(request)
+        return "ok"
+    handler = grpc.unary_unary_rpc_method_handler(forward, expert_pb2.ForwardRequest.FromString)
+    wrapped = auth.interceptor().intercept_service(lambda details: handler, type("D", (), {"method": METHOD}))
+    assert wrapped.request_deserializer is None                        # the behaviour gets the raw bytes
+
+    body = expert_pb2.ForwardRequest(expert_uid="0.1").SerializeToString()
+    assert wrapped.unary_unary(body, FakeContext(signed(caller, receiver.hotkey, body))) == "ok"
+    assert served == [expert_pb2.ForwardRequest(expert_uid="0.1")]
+    with caplog.at_level(logging.WARNING, logger="subnet.auth.server"):
+        for _ in range(5):
+            context = FakeContext([])
+            with pytest.raises(RuntimeError, match="aborted"):
+                wrapped.unary_unary(body, context)
+            assert context.aborted[0] == U
+    assert len(served) == 1 and reasons == ["missing_metadata"] * 5
+    lines = [r for r in caplog.records if r.name == "subnet.auth.server"]
+    assert len(lines) == 1 and "rejected /moe.v1.Expert/Forward" in lines[0].getMessage()
+    assert lines[0].exc_info is None                                   # one line, no traceback
