@@ -20,7 +20,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
-from subnet.envconfig import REQUIRED, env
+from subnet.envconfig import env
 
 MB = 1024 * 1024
 _CHUNK = 1024 * 1024  # download granularity; also bounds how far a read may overshoot a limit
@@ -31,7 +31,8 @@ _ERRORS = (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 @dataclasses.dataclass(frozen=True)
 class S3Config:
-    endpoint: str = env("S3_ENDPOINT", REQUIRED, "S3 API address as host:port, e.g. minio:9000 (no scheme)")
+    endpoint: str = env("S3_ENDPOINT", "", "S3 API address as host:port, e.g. minio:9000 (no scheme); empty = no "
+                                           "object store (nothing is published)")
     access_key: str = env("S3_ACCESS_KEY", "", "S3 access key; empty = anonymous requests")
     secret_key: str = env("S3_SECRET_KEY", "", "S3 secret key")
     bucket: str = env("S3_BUCKET", "moe-subnet", "bucket holding checkpoints/")
@@ -41,6 +42,10 @@ class S3Config:
     connect_timeout_s: float = env("S3_CONNECT_TIMEOUT_S", 5.0, "TCP connect timeout of each S3 request")
     read_timeout_s: float = env("S3_READ_TIMEOUT_S", 60.0,
                                 "longest wait for the next bytes of a response; a stalled S3 fails, not hangs")
+
+    signers: tuple[str, ...] = env("CHECKPOINT_SIGNERS", (),
+                                   "ss58 hotkeys whose signed checkpoints a service may start from (s3:// URLs); "
+                                   "empty = the chain's validators and the service's own hotkey")
 
     def __post_init__(self) -> None:
         if "://" in self.endpoint or "/" in self.endpoint:
@@ -55,6 +60,10 @@ class S3Config:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         fields["secret_key"] = "***" if self.secret_key else ""
         return f"S3Config({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
 
     @property
     def max_object_bytes(self) -> int:
@@ -77,6 +86,8 @@ class ObjectStore:
     """Bytes in and out of one bucket. Does not interpret, cache or verify them."""
 
     def __init__(self, config: S3Config, http_client: urllib3.PoolManager | None = None):
+        if not config.enabled:
+            raise StoreError("no object store configured: set S3_ENDPOINT (and S3_ACCESS_KEY, S3_SECRET_KEY)")
         self.config = config
         # minio's default pool waits up to 5 minutes per read and retries 5 times: a stalled S3
         # would hold a service's start-up or a validator's round for half an hour.

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from moe.config import LMConfig
 from moe.experts import parse_expert_uid
 from subnet.auth.config import AuthConfig
+from subnet.chain.config import ChainConfig
 from subnet.envconfig import REQUIRED, env, nested
 from subnet.identity import WalletConfig
+from subnet.object_store import S3Config
+from subnet.rounds import RoundConfig
 from subnet.tensor_codec import parse_wire_dtypes
 
 _LM = LMConfig()
@@ -54,8 +57,15 @@ class ExpertConfig:
                                 "registry entry TTL; refreshed every TTL/3, gone this long after a crash")
     metrics_port: int = env("EXPERT_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
     checkpoint: str = env("EXPERT_CHECKPOINT", "",
-                          "safetensors file with `<uid>.w1.weight` etc. (see checkpoint.py); "
-                          "empty = initialize from EXPERT_SEED")
+                          "where the weights start: a safetensors file with `<uid>.w1.weight` etc. "
+                          "(subnet/expert_weights.py) or a signed checkpoint in S3, "
+                          "`s3://<bucket>/checkpoints/global/latest`; empty = initialize from EXPERT_SEED")
+    resume: bool = env("EXPERT_RESUME", True,
+                       "with S3: start from this hotkey's newest complete checkpoint when there is one "
+                       "(wins over EXPERT_CHECKPOINT; a SIGKILLed miner keeps its training)")
+    checkpoint_every_s: float = env("EXPERT_CHECKPOINT_EVERY_S", 60.0,
+                                    "with S3: also publish the hosted experts this often (besides each round's "
+                                    "commit phase), bounding what a crash loses; 0 = only per round")
     save_path: str = env("EXPERT_SAVE_PATH", "",
                          "on shutdown, write the hosted experts' current weights here (same format as "
                          "EXPERT_CHECKPOINT, written atomically); empty = don't save")
@@ -70,6 +80,11 @@ class ExpertConfig:
     # that AUTH_MODE=on has someone to accept (AUTH_ALLOWLIST or AUTH_CHAIN).
     wallet: WalletConfig = nested(WalletConfig)
     auth: AuthConfig = nested(AuthConfig)
+    # With S3_ENDPOINT set the service publishes a signed checkpoint every round and commits it
+    # on the chain (CHAIN_*, ROUND_*); without, it only serves.
+    s3: S3Config = nested(S3Config)
+    chain: ChainConfig = nested(ChainConfig)
+    rounds: RoundConfig = nested(RoundConfig)
 
     def __post_init__(self):
         if not self.uids:
@@ -95,7 +110,8 @@ class ExpertConfig:
                         "EXPERT_MAX_QUEUE_TOKENS": self.max_queue_tokens,
                         "EXPERT_ACTIVATION_CACHE_MB": self.activation_cache_mb,
                         "EXPERT_THREADS": self.threads, "EXPERT_GRACE_S": self.grace_s,
-                        "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms}
+                        "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms,
+                        "EXPERT_CHECKPOINT_EVERY_S": self.checkpoint_every_s}
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")

@@ -12,6 +12,8 @@ servers in one test process do not collide.
     expert_version{expert}                  optimizer steps applied
     expert_activation_cache_bytes           memory held for pending Backwards
     expert_auth_rejections_total{reason}    requests refused by signature checks (subnet.auth)
+    expert_round, expert_round_phase, expert_checkpoints_published_total, expert_commitments_total{result}
+                                            rounds (subnet.round_metrics)
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from subnet.round_metrics import RoundMetrics
 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 _REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128)
@@ -48,6 +52,7 @@ class ExpertMetrics:
                                             "bytes of activations held for pending Backwards", registry=r)
         self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",
                                        ["reason"], registry=r)
+        self.rounds = RoundMetrics(r, "expert")
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

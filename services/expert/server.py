@@ -14,7 +14,10 @@ Start-up order: load the wallet's hotkey (AUTH_MODE=on), bind ports (fail fast w
 start gRPC with health NOT_SERVING (Expert RPCs answer UNAVAILABLE), load weights, register
 in Redis, then SERVING. With AUTH_MODE=on every RPC but Info (and Health) must be signed
 for this service's hotkey by an allowed caller (`subnet.auth`), checked before the servicer runs.
-Stop order: deregister, NOT_SERVING, drain in-flight RPCs for `grace_s`, stop compute.
+With S3_ENDPOINT set it also takes part in the rounds (services/expert/rounds.py): it may start
+from S3, publishes a signed checkpoint each round and commits it on the chain.
+Stop order: deregister, NOT_SERVING, drain in-flight RPCs for `grace_s`, publish once more
+(with S3), stop compute.
 """
 
 from __future__ import annotations
@@ -36,12 +39,16 @@ from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
+from services.expert.rounds import ExpertRounds
 from services.expert.servicer import ExpertServicer
 from subnet.auth import ServerAuth, build_server_auth, service_identity
-from subnet.chain.base import ChainError
+from subnet.chain.base import Chain, ChainError
+from subnet.chain.config import open_chain
+from subnet.checkpoints import CheckpointVerificationError
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
 from subnet.identity import Identity, IdentityError
+from subnet.object_store import StoreError
 from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
@@ -94,6 +101,8 @@ class ExpertServer:
         self._given_experts = experts
         self.identity = identity
         self.auth: ServerAuth | None = None
+        self.chain: Chain | None = None
+        self.rounds: ExpertRounds | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics = ExpertMetrics()
@@ -158,6 +167,8 @@ class ExpertServer:
             await self._register()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
+        if self.rounds is not None:
+            self._start_rounds()
         self._ready.set()
         log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s, hotkey %s, "
                  "auth %s%s", self.endpoint, ",".join(c.uids), c.dim, c.inter_dim, self.backend.device,
@@ -176,9 +187,29 @@ class ExpertServer:
                                    "(validators on the chain); otherwise no caller is allowed")
             self.auth = build_server_auth(
                 c.auth, self.identity, open_methods=OPEN_METHODS, validator_permit=True,
-                on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc())
+                on_reject=lambda reason: self.metrics.auth_rejections.labels(reason=reason).inc(),
+                chain=self._chain() if c.auth.chain else None)
         except (IdentityError, ConfigError, ChainError) as e:
             raise StartupError(str(e)) from None
+
+    def _chain(self) -> Chain:
+        if self.chain is None:
+            self.chain = open_chain(self.config.chain, self.config.rounds.schedule())
+        return self.chain
+
+    def _snapshot(self) -> dict:
+        """{uid: state dict copy}; runs on the compute worker, so never mid-step."""
+        return {uid: {name: t.detach().to("cpu", copy=True)
+                      for name, t in self.backend.module(uid).state_dict().items()}
+                for uid in self.backend.uids}
+
+    def _start_rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def snapshot() -> dict:  # from the participant's thread: hop onto the compute worker
+            return asyncio.run_coroutine_threadsafe(self.worker.run(self._snapshot), loop).result(120)
+
+        self.rounds.start(snapshot)
 
     def _bind(self, host: str, port: int) -> int:
         if port and port_in_use(port, host):
@@ -198,6 +229,16 @@ class ExpertServer:
             raise StartupError(f"EXPERT_DEVICE={c.device} but torch sees no CUDA device")
         if self._given_experts is not None:
             return dict(self._given_experts)
+        if c.s3.enabled:
+            try:
+                self.rounds = ExpertRounds(c, self.identity, self._chain(), self.metrics)
+                experts = self.rounds.initial_weights()
+            except (ValueError, StoreError, ChainError, CheckpointVerificationError) as e:
+                raise StartupError(f"S3 checkpoints: {e}") from None
+            if experts is not None:
+                return dict(experts)
+        if c.checkpoint.startswith("s3://"):
+            raise StartupError(f"EXPERT_CHECKPOINT={c.checkpoint} needs S3_ENDPOINT (and its keys) to be set")
         if c.checkpoint:
             try:
                 experts = experts_from_checkpoint(c.checkpoint, c.uids, c.dim, c.inter_dim)
@@ -255,6 +296,8 @@ class ExpertServer:
         if self.auth is not None:
             await self.auth.aclose()
             self.auth = None
+        if self.rounds is not None and self.worker is not None:
+            await self.rounds.stop()
         if self._janitor is not None:
             self._janitor.cancel()
             self._janitor = None
@@ -268,4 +311,7 @@ class ExpertServer:
         if self._redis is not None:
             self._redis.close()
             self._redis = None
+        if self.chain is not None:
+            self.chain.close()
+            self.chain = None
         self.metrics.stop()

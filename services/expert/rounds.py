@@ -1,0 +1,116 @@
+"""The expert service's part in the rounds: weights in from S3 at start-up, signed checkpoints
+out every round (commit phase, then reveal) and on a timer. Active when S3_ENDPOINT is set.
+
+Start-up weights, first that applies:
+1. this hotkey's newest complete checkpoint in S3 (EXPERT_RESUME=1): a restarted miner
+   continues its own training;
+2. EXPERT_CHECKPOINT as `s3://...`: verified, signed by CHECKPOINT_SIGNERS (default: the
+   chain's validators and this hotkey);
+3. the server's other sources (a local file, the seed).
+
+This module owns the object store, the publisher and the round participant; the server
+only calls `initial_weights`, `start` and `stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from moe.experts import SwiGLU
+from services.expert.config import ExpertConfig
+from services.expert.metrics import ExpertMetrics
+from services.expert.publisher import ExpertPublisher, load_own_checkpoint, open_round
+from subnet.chain.base import Chain
+from subnet.checkpoint_loading import load_experts_from_url
+from subnet.object_store import ObjectStore, StoreError
+from subnet.round_participant import RoundParticipant
+
+log = logging.getLogger(__name__)
+SNAPSHOT_TIMEOUT_S = 120.0
+
+
+class ExpertRounds:
+    def __init__(self, config: ExpertConfig, identity, chain: Chain | None, metrics: ExpertMetrics):
+        if identity is None:
+            raise ValueError("publishing checkpoints needs a hotkey to sign them: set AUTH_MODE=on and WALLET_*")
+        if chain is None:
+            raise ValueError("publishing checkpoints needs a chain to commit them to (CHAIN_*)")
+        self.config, self.identity, self.chain, self.metrics = config, identity, chain, metrics
+        self.store = ObjectStore(config.s3)
+        self.schedule = config.rounds.schedule()
+        self.start_source = ""
+        self.publisher: ExpertPublisher | None = None
+        self.participant: RoundParticipant | None = None
+        self._timer: asyncio.Task | None = None
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def initial_weights(self) -> Mapping[str, SwiGLU] | None:
+        """The S3 weights this service starts from, or None (blocking: run it off the event loop)."""
+        c = self.config
+        try:
+            self.store.ensure_bucket()
+        except StoreError as e:  # a bucket the operator made without create rights is fine
+            log.warning("could not ensure bucket %s (%s); going on", self.store.bucket, e)
+        if c.resume:
+            found = load_own_checkpoint(self.store, c.uids, self.identity.hotkey, c.dim, c.inter_dim)
+            if found is not None:
+                round, experts = found
+                self.start_source = f"own checkpoint of round {round}"
+                log.info("resumed %d experts from this hotkey's checkpoint of round %d", len(experts), round)
+                return experts
+        if c.checkpoint.startswith("s3://"):
+            experts = load_experts_from_url(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
+                                            trusted_hotkeys=self.trusted_signers())
+            self.start_source = c.checkpoint
+            return experts
+        return None
+
+    def trusted_signers(self) -> set[str]:
+        if self.config.s3.signers:
+            return set(self.config.s3.signers)
+        return set(self.chain.metagraph().validator_hotkeys) | {self.identity.hotkey}
+
+    # -- running ----------------------------------------------------------------------------
+
+    def start(self, snapshot) -> None:
+        """`snapshot()` -> {uid: state dict}, callable from any thread (the server runs it on the
+        compute worker)."""
+        m = self.metrics.rounds
+        self.publisher = ExpertPublisher(self.store, self.identity, snapshot, self.config.dim, self.config.inter_dim,
+                                         on_published=lambda round, published: m.checkpoints.inc(len(published)))
+        self.participant = RoundParticipant(self.chain, self.schedule, self.identity, self.publisher.publish,
+                                            name=f"expert {self.identity.hotkey[:8]}", on_phase=m.on_phase,
+                                            on_record=m.on_record).start()
+        if self.config.checkpoint_every_s > 0:
+            self._timer = asyncio.create_task(self._publish_every(self.config.checkpoint_every_s),
+                                              name="checkpoint-timer")
+
+    async def _publish_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.publish_recovery()
+
+    async def publish_recovery(self) -> None:
+        """Publish into the round still open for commitment (never over a committed one)."""
+        try:
+            round = open_round(self.schedule, await asyncio.to_thread(self.chain.block))
+            await asyncio.to_thread(self.publisher.publish, round)
+            log.info("published a recovery checkpoint under round %d", round)
+        except Exception as e:  # S3 or the chain away: try again at the next tick
+            log.warning("recovery checkpoint failed: %s: %s", type(e).__name__, e)
+
+    async def stop(self) -> None:
+        """Stop the timer and the participant, then publish once more (a clean stop loses nothing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.participant is not None:
+            await asyncio.to_thread(self.participant.stop)
+        if self.publisher is not None:
+            await self.publish_recovery()
+
+    def history(self):
+        return self.participant.history() if self.participant is not None else []

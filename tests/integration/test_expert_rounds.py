@@ -1,0 +1,102 @@
+"""An expert service in the rounds, with real SeaweedFS, real Redis (the local chain) and a real
+service process: it publishes signed checkpoints each round and commits/reveals them on the
+chain; a SIGKILLed service restarts from its own newest checkpoint and loses at most
+EXPERT_CHECKPOINT_EVERY_S of training."""
+
+import json
+import time
+import uuid
+
+import pytest
+import redis
+import torch
+
+from subnet.chain.local import LocalChain
+from subnet.chain.signing import digest_of
+from subnet.checkpoints import read_verified
+from subnet.expert_client import ExpertClientPool
+from subnet.rounds import RoundSchedule
+from subnet.tensor_codec import decode, encode
+
+pytestmark = pytest.mark.integration
+DIM, INTER = 16, 32
+UIDS = ["0.0", "0.1"]
+BLOCK_S = 0.25
+PHASES = {"train": 8, "commit": 4, "reveal": 4, "validate": 2, "merge": 2}   # 5 s per round
+SCHEDULE = RoundSchedule.of(**PHASES)
+
+
+@pytest.fixture
+def rounds_env(redis_server, s3_server, object_store):
+    prefix = f"test:expert-rounds:{uuid.uuid4().hex[:8]}:"
+    env = {**s3_server.env(bucket=object_store.bucket), "CHAIN_REDIS_URL": redis_server.url,
+           "CHAIN_KEY_PREFIX": prefix, "CHAIN_BLOCK_S": str(BLOCK_S), "EXPERT_CHECKPOINT_EVERY_S": "1",
+           **{f"ROUND_{phase.upper()}_BLOCKS": str(n) for phase, n in PHASES.items()}}
+    client = redis.Redis.from_url(redis_server.url)
+    chain = LocalChain(client, SCHEDULE, block_s=BLOCK_S, key_prefix=prefix)
+    yield env, chain
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    client.close()
+
+
+def wait_until(check, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def revealed_rounds(chain, hotkey, upto):
+    return {r: c.revealed for r in range(upto + 1) for c in chain.commitments(r) if c.hotkey == hotkey and c.revealed}
+
+
+def test_publishes_commits_and_reveals_every_round(expert_service_factory, rounds_env, object_store):
+    env, chain = rounds_env
+    service = expert_service_factory(UIDS, DIM, INTER, env=env)
+    chain.register(service.hotkey)
+    start_round = SCHEDULE.at(chain.block()).round
+    found = wait_until(lambda: (r := revealed_rounds(chain, service.hotkey, start_round + 3)) and len(r) >= 2 and r,
+                       timeout_s=30, what="two revealed rounds")
+    for round, data in found.items():
+        commitment = next(c for c in chain.commitments(round) if c.hotkey == service.hotkey)
+        assert commitment.digest == digest_of(data)
+        manifests = json.loads(data)
+        assert sorted(manifests) == UIDS
+        for uid, sha in manifests.items():
+            key = f"checkpoints/experts/{uid}/{service.hotkey}/{round}/manifest.json"
+            verified = read_verified(object_store, key, expected_hotkey=service.hotkey, expected_manifest_sha256=sha)
+            assert verified.manifest.round == round
+    metrics = __import__("urllib.request").request.urlopen(service.metrics_url, timeout=5).read().decode()
+    assert "expert_commitments_total{result=\"revealed\"}" in metrics
+
+
+def test_sigkilled_service_resumes_its_own_training(expert_service_factory, rounds_env, client_identity):
+    env, chain = rounds_env
+    service = expert_service_factory(UIDS, DIM, INTER, env=env)
+    pool = ExpertClientPool(identity=client_identity)
+    client = pool.get(service.endpoint, service.hotkey)
+    gen = torch.Generator().manual_seed(0)
+    x, g, probe = (torch.randn(6, DIM, generator=gen) for _ in range(3))
+
+    def outputs():
+        return decode(client.forward("0.0", encode(probe), call_id="", step=0, training=False,
+                                     timeout_s=10).result().outputs)
+
+    before = outputs()
+    client.forward("0.0", encode(x), call_id="c1", step=1, training=True, timeout_s=10).result()
+    client.backward("0.0", encode(g), call_id="c1", step=1, session_id="s", timeout_s=10).result()
+    client.apply_step("0.0", step=1, lr=0.05, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
+                      session_id="s", timeout_s=10).result()
+    trained = outputs()
+    assert (trained - before).abs().max() > 1e-3
+    time.sleep(2.5)  # > EXPERT_CHECKPOINT_EVERY_S: the step is in a recovery checkpoint now
+    service.kill()
+    service.start()
+    client = pool.get(service.endpoint, service.hotkey)
+    torch.testing.assert_close(outputs(), trained)  # nothing lost, not back to the initial weights
+    assert "resumed 2 experts" in service.log()
+    pool.close()
