@@ -52,7 +52,11 @@ class ExpertMetrics:
                                             "bytes of activations held for pending Backwards", registry=r)
         self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",
                                        ["reason"], registry=r)
-        self.rounds = RoundMetrics(r, "expert")
+        self.rounds = RoundMetrics(
+            Gauge("expert_round", "round the chain is in", registry=r),
+            Gauge("expert_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge", registry=r),
+            Counter("expert_checkpoints_published", "expert checkpoints uploaded to S3", registry=r),
+            Counter("expert_commitments", "commits and reveals by result", ["result"], registry=r))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -77,18 +77,32 @@ def cmd_train(args, config) -> int:
     _interrupt_on_sigterm()
     trainer, parts, corpus = build_remote_trainer(args.init, args.out, config, wait_s=args.wait_s,
                                                   progress=not args.quiet)
+    rounds = None
+    if config.s3.enabled:
+        from services.router.rounds import RouterRounds
+
+        rounds = RouterRounds(config, parts.identity, parts.metrics)
+        rounds.start(trainer.enable_snapshots(), trainer.model.cfg.to_dict())
     try:
         row = trainer.train()
     except KeyboardInterrupt:
+        if rounds is not None:
+            rounds.stop()
         parts.close()
         return 130
     write_plots(args.out)
     print(f"router: trained to step {row['step']}: val loss {row['val_loss']:.4f}, val bpb {row['val_bpb']:.3f}, "
           f"{row.get('tokens_per_s') or 0:,.0f} tok/s", flush=True)
     if not args.serve:
+        if rounds is not None:
+            rounds.stop()
         parts.close()
         return 0
-    return _serve(trainer.model, corpus, parts, config, step=trainer.step)
+    try:  # serving goes on publishing the (now fixed) trunk each round
+        return _serve(trainer.model, corpus, parts, config, step=trainer.step)
+    finally:
+        if rounds is not None:
+            rounds.stop()
 
 
 def cmd_serve(args, config) -> int:
@@ -100,10 +114,17 @@ def cmd_serve(args, config) -> int:
     if not config.checkpoint:
         raise ConfigError("ROUTER_CHECKPOINT is required by `serve`: a run or checkpoint directory from training")
     _interrupt_on_sigterm()
-    ckpt = resolve_checkpoint(config.checkpoint)
+    parts = RemoteParts.connect(config)
+    source = config.checkpoint
+    if source.startswith("s3://"):
+        from services.router.rounds import fetch_trunk_checkpoint
+
+        if not config.s3.enabled:
+            raise ConfigError(f"ROUTER_CHECKPOINT={source} needs S3_ENDPOINT (and its keys)")
+        source = fetch_trunk_checkpoint(config, parts.identity)
+    ckpt = resolve_checkpoint(source)
     saved = read_config(ckpt)
     lm_cfg = LMConfig.from_dict(saved["lm_config"])
-    parts = RemoteParts.connect(config)
     wait_for_experts(parts, required_expert_uids(lm_cfg), args.wait_s)
     model = build_remote_lm(lm_cfg, parts, config)
     load_trunk(model, ckpt)

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 
 from services.router.replicas import POLICIES
 from subnet.auth.config import AuthConfig
+from subnet.chain.config import ChainConfig
 from subnet.envconfig import env, nested
 from subnet.identity import WalletConfig
+from subnet.object_store import S3Config
+from subnet.rounds import RoundConfig
 from subnet.tensor_codec import WIRE_DTYPES
 
 
@@ -23,7 +26,8 @@ class RouterConfig:
     redis_url: str = env("REDIS_URL", "redis://127.0.0.1:6379/0", "the expert registry")
     checkpoint: str = env("ROUTER_CHECKPOINT", "",
                           "run or checkpoint directory (from `moe train`) with the trunk weights, "
-                          "LM config and tokenizer; required by `serve`")
+                          "LM config and tokenizer, or a signed trunk in S3 (`s3://<bucket>/checkpoints/trunk/"
+                          "<round>`); required by `serve`")
     wire_dtype: str = env("ROUTER_WIRE_DTYPE", "fp32", "dtype of activations on the wire: fp32 (exact), bf16, fp16")
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
@@ -42,6 +46,11 @@ class RouterConfig:
     # hotkey registered on the subnet.
     wallet: WalletConfig = nested(WalletConfig)
     auth: AuthConfig = nested(AuthConfig)
+    # With S3_ENDPOINT set, `train` publishes the trunk every round (commit phase) and commits
+    # it on the chain (CHAIN_*, ROUND_*); `serve` can start from an s3:// trunk.
+    s3: S3Config = nested(S3Config)
+    chain: ChainConfig = nested(ChainConfig)
+    rounds: RoundConfig = nested(RoundConfig)
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+from subnet.round_metrics import RoundMetrics
+
 # Expert calls on loopback take a few ms; across a WAN with a GPU queue, seconds.
 CALL_SECONDS_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -45,6 +47,12 @@ class RouterMetrics:
         self.auth_rejections = Counter(
             "router_auth_rejections", "Generate/Logits requests refused by signature checks, by reason.",
             ["reason"], registry=self.registry)
+        r = self.registry
+        self.rounds = RoundMetrics(
+            Gauge("router_round", "round the chain is in", registry=r),
+            Gauge("router_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge", registry=r),
+            Counter("router_checkpoints_published", "trunk checkpoints uploaded to S3", registry=r),
+            Counter("router_commitments", "commits and reveals by result", ["result"], registry=r))
 
     def masked_count(self, layer: int, uid: str, rpc: str = "forward") -> float:
         """Masked calls so far for one expert and RPC, all reasons together."""

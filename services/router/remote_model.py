@@ -53,7 +53,9 @@ class RemoteParts:
         """`identity` overrides the wallet (tests). IdentityError when AUTH_MODE=on and the wallet
         cannot be loaded; with AUTH_MODE=off expert calls go unsigned."""
         identity = service_identity(config.auth, config.wallet, identity, what="router")
-        registry = ExpertRegistry(redis.Redis.from_url(config.redis_url))
+        # Timeouts: a stalled Redis must fail a registry read, not hang the router's training.
+        registry = ExpertRegistry(redis.Redis.from_url(config.redis_url, socket_timeout=2.0,
+                                                       socket_connect_timeout=2.0))
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s)
         clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
                                    hotkeys=replicas.hotkey)

@@ -32,6 +32,7 @@ from services.router.remote_model import (
     load_trunk,
     required_expert_uids,
 )
+from services.router.trunk_publisher import TrunkSnapshots, trunk_files
 
 log = logging.getLogger(__name__)
 EXPERTS_FILE = "experts.safetensors"
@@ -71,11 +72,27 @@ def wait_for_experts(parts: RemoteParts, uids: list[str], timeout_s: float) -> N
 
 
 class RemoteTrainer(Trainer):
-    """The Trainer, plus the router's Prometheus gauges after every step."""
+    """The Trainer, plus the router's Prometheus gauges after every step, and trunk snapshots
+    for the round publisher taken between steps (`snapshots`, set when S3 is configured)."""
 
     def __init__(self, *args, metrics, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_metrics = metrics
+        self.snapshots: TrunkSnapshots | None = None
+
+    def enable_snapshots(self) -> TrunkSnapshots:
+        self.snapshots = TrunkSnapshots(lambda: trunk_files(self.model, self._config(), self.step,
+                                                            self.corpus.tokenizer_path))
+        return self.snapshots
+
+    def train(self, stop_at: int | None = None) -> dict:
+        if self.snapshots is not None:
+            self.snapshots.training = True
+        try:
+            return super().train(stop_at)
+        finally:
+            if self.snapshots is not None:
+                self.snapshots.training_stopped()
 
     def train_step(self) -> float:
         started = time.perf_counter()
@@ -83,6 +100,8 @@ class RemoteTrainer(Trainer):
         tokens = self.cfg.batch_size * self.model.cfg.block_size
         self.router_metrics.training_loss.set(loss)
         self.router_metrics.tokens_per_second.set(tokens / max(time.perf_counter() - started, 1e-9))
+        if self.snapshots is not None:
+            self.snapshots.serve_pending()  # a round's publish waits for a step boundary, never the reverse
         return loss
 
 
