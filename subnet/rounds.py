@@ -126,8 +126,9 @@ class RoundConfig:
     it training, short commit and reveal phases, and time for validators to score and merge.
     """
 
-    train_blocks: int = env("ROUND_TRAIN_BLOCKS", 30, "blocks per round in which miners train")
-    commit_blocks: int = env("ROUND_COMMIT_BLOCKS", 5,
+    train_blocks: int = env("ROUND_TRAIN_BLOCKS", 25, "blocks per round in which miners train")
+    # 10 s at 1 s blocks: a publisher waits for a step boundary and uploads before it commits.
+    commit_blocks: int = env("ROUND_COMMIT_BLOCKS", 10,
                              "blocks in which miners commit the hash of their checkpoint (the commit "
                              "window also includes the train phase)")
     reveal_blocks: int = env("ROUND_REVEAL_BLOCKS", 5, "blocks in which miners reveal what they committed")

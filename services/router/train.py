@@ -85,23 +85,16 @@ class RemoteTrainer(Trainer):
                                                             self.corpus.tokenizer_path))
         return self.snapshots
 
-    def train(self, stop_at: int | None = None) -> dict:
-        if self.snapshots is not None:
-            self.snapshots.training = True
-        try:
-            return super().train(stop_at)
-        finally:
-            if self.snapshots is not None:
-                self.snapshots.training_stopped()
-
     def train_step(self) -> float:
         started = time.perf_counter()
-        loss = super().train_step()
+        if self.snapshots is None:
+            loss = super().train_step()
+        else:
+            with self.snapshots.step_lock:  # a round's snapshot waits for this step, never the reverse
+                loss = super().train_step()
         tokens = self.cfg.batch_size * self.model.cfg.block_size
         self.router_metrics.training_loss.set(loss)
         self.router_metrics.tokens_per_second.set(tokens / max(time.perf_counter() - started, 1e-9))
-        if self.snapshots is not None:
-            self.snapshots.serve_pending()  # a round's publish waits for a step boundary, never the reverse
         return loss
 
 

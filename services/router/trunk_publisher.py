@@ -10,10 +10,9 @@ A published trunk is a complete `moe` checkpoint directory without the training 
 so `ROUTER_CHECKPOINT=s3://<bucket>/checkpoints/trunk/<round>` (see `fetch_trunk`) loads it
 like a local checkpoint.
 
-The snapshot is taken on the thread that trains, between two optimizer steps, so it never
-holds half of a step: the round participant's thread asks (`TrunkSnapshots.request`), the
-training loop answers at its next step boundary (`serve_pending`). When nothing trains
-(`serve` mode) the request is answered at once under the model lock.
+The snapshot is taken between two optimizer steps, so it never holds half of a step: the
+round participant's thread asks (`TrunkSnapshots.request`) and gets the weights as soon as
+the step in progress, if any, is done.
 """
 
 from __future__ import annotations
@@ -53,50 +52,24 @@ def trunk_config_hash(lm_config: dict) -> str:
 
 
 class TrunkSnapshots:
-    """Hands a consistent snapshot from the training thread to a publishing thread."""
+    """Consistent snapshots of a model that a training loop updates in another thread.
 
-    def __init__(self, take: Callable[[], Files], lock: threading.Lock | None = None):
-        """`take` builds the files; `lock` (the serving model lock) guards a snapshot taken
-        when no training loop is running."""
+    The loop holds `step_lock` while it runs an optimizer step (`RemoteTrainer.train_step`);
+    a snapshot takes the same lock, so it waits for at most one step (never for an
+    evaluation, which does not change the weights) and never sees half of one.
+    """
+
+    def __init__(self, take: Callable[[], Files]):
         self._take = take
-        self._lock = lock or threading.Lock()
-        self._cond = threading.Condition()
-        self._pending = False
-        self._result: Files | BaseException | None = None
-        self.training = False  # set by the training loop while it runs
+        self.step_lock = threading.Lock()
 
     def request(self, timeout_s: float = 120.0) -> Files:
-        if not self.training:
-            with self._lock:
-                return self._take()
-        with self._cond:
-            self._pending, self._result = True, None
-            if not self._cond.wait_for(lambda: self._result is not None or not self.training, timeout_s):
-                self._pending = False
-                raise TimeoutError(f"the training loop did not reach a step boundary within {timeout_s:.0f} s")
-            result, self._result, self._pending = self._result, None, False
-        if result is None:  # training ended while we waited: take it directly
-            with self._lock:
-                return self._take()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def serve_pending(self) -> None:
-        """Called by the training loop between steps: answer a waiting request, if any."""
-        with self._cond:
-            if not self._pending or self._result is not None:
-                return
-            try:
-                self._result = self._take()
-            except Exception as e:  # reported to the requester, never to the training loop
-                self._result = e
-            self._cond.notify_all()
-
-    def training_stopped(self) -> None:
-        with self._cond:
-            self.training = False
-            self._cond.notify_all()
+        if not self.step_lock.acquire(timeout=timeout_s):
+            raise TimeoutError(f"the training loop did not finish its step within {timeout_s:.0f} s")
+        try:
+            return self._take()
+        finally:
+            self.step_lock.release()
 
 
 def publish_trunk_round(store: ObjectStore, identity, snapshots: TrunkSnapshots, lm_config: dict,

@@ -11,8 +11,11 @@ process (also on Ctrl-C). The experts save their weights on shutdown, so `serve`
 bring the same model back.
 
 Every process has its own development wallet under `<STACK_RUN_DIR>/wallets` (unencrypted,
-made by `subnet.identity.create_dev_wallet`): the experts accept only the router's hotkey,
-the router accepts only the stack's client hotkey (`stack-client`), which signs Generate.
+made by `subnet.identity.create_dev_wallet`), registered on the local chain (in the stack's
+Redis; the router with stake, so it holds a validator permit): the experts accept the router
+(allow-list and chain), the router accepts the stack's client hotkey, which signs Generate.
+An embedded S3 server (SeaweedFS) holds the signed checkpoints every service publishes each
+round (services/stack/subnet_layer.py); its data is a temporary directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ class _Wallets:
         self.router = load_identity(create_dev_wallet(self.path, "stack-router"))
         self.client = load_identity(create_dev_wallet(self.path, "stack-client"))
 
+    def hotkey(self, name: str) -> str:
+        from subnet.identity import load_identity
+
+        return load_identity(self._create(self.path, name)).hotkey
+
     def env(self, name: str, allow: str) -> dict[str, str]:
         """WALLET_* of wallet `name` (made if missing) and the one hotkey it accepts calls from."""
         wallet = self._create(self.path, name)
@@ -81,7 +89,8 @@ class _Wallets:
                 "AUTH_ALLOWLIST": allow}
 
 
-def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path, wallets: _Wallets) -> list[str]:
+def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path, wallets: _Wallets,
+                   subnet_env: dict[str, str]) -> list[str]:
     from services.stack.placement import deal_experts
     from services.stack.processes import wait_serving
 
@@ -93,7 +102,7 @@ def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Pa
                "REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(checkpoint),
                "EXPERT_SAVE_PATH": str(run / f"experts-{s}.safetensors"),
                "EXPERT_THREADS": str(cfg.expert_threads), "EXPERT_METRICS_PORT": str(cfg.metrics_port(1 + s)),
-               **wallets.env(f"stack-expert-{s}", allow=wallets.router.hotkey)}
+               **wallets.env(f"stack-expert-{s}", allow=wallets.router.hotkey), "AUTH_CHAIN": "1", **subnet_env}
         group.start(f"expert-{s}", ["-m", "services.expert"], env)
         endpoints.append(f"127.0.0.1:{port}")
         _say(f"expert service {s} on 127.0.0.1:{port} hosts {len(uids)} experts ({uids[0]} ... {uids[-1]})")
@@ -102,11 +111,11 @@ def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Pa
     return endpoints
 
 
-def _router_env(cfg, redis_url: str, wallets: _Wallets) -> dict[str, str]:
+def _router_env(cfg, redis_url: str, wallets: _Wallets, subnet_env: dict[str, str]) -> dict[str, str]:
     return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
             "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
             "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s),
-            **wallets.env("stack-router", allow=wallets.client.hotkey)}
+            **wallets.env("stack-router", allow=wallets.client.hotkey), **subnet_env}
 
 
 def _generate(endpoint: str, prompt: str, max_new_tokens: int, wallets: _Wallets) -> tuple[str, int, float]:
@@ -166,7 +175,22 @@ def _summary(run: Path, text: str, masked_generate: int, gen_s: float, n_tokens:
     for layer, shares in enumerate(last.get("expert_load") or []):
         print(f"  layer {layer}: " + " ".join(f"{s:.2f}" for s in shares))
     print(f"plots: {run / 'plots'}   metrics: {run / METRICS_FILE}")
-    print("=" * 72)
+    print("-" * 72)
+
+
+def _start_subnet(cfg, redis_url: str, wallets: _Wallets):
+    """Embedded S3, the local chain, and every wallet registered on it (the router with stake)."""
+    from services.stack.subnet_layer import ROUTER_STAKE, SubnetLayer
+
+    subnet = SubnetLayer(redis_url, cfg.s3_port)
+    subnet.start()
+    _say(f"S3 (SeaweedFS) on {subnet.endpoint}; local chain in redis, {subnet.chain_config.block_s:g} s blocks, "
+         f"{subnet.schedule.tempo_blocks}-block rounds")
+    subnet.register("router", wallets.router.hotkey, stake=ROUTER_STAKE)
+    for s in range(len(cfg.ports)):
+        subnet.register(f"expert-{s}", wallets.hotkey(f"stack-expert-{s}"))
+    subnet.register("client", wallets.client.hotkey)
+    return subnet
 
 
 def run_stack(mode: str, cfg) -> int:
@@ -179,7 +203,7 @@ def run_stack(mode: str, cfg) -> int:
     from subnet.dev.redis_server import RedisServer
 
     run = Path(cfg.run_dir)
-    ports = {"redis": cfg.redis_port, "router": cfg.router_port,
+    ports = {"redis": cfg.redis_port, "router": cfg.router_port, "s3": cfg.s3_port,
              **{f"expert {i}": p for i, p in enumerate(cfg.ports)},
              **{f"metrics {i}": cfg.metrics_port(i) for i in range(1 + len(cfg.ports)) if cfg.metrics_base_port}}
     check_ports_free(ports)
@@ -201,21 +225,30 @@ def run_stack(mode: str, cfg) -> int:
     group = ProcessGroup(run / "logs")
     redis = RedisServer(port=cfg.redis_port)
     wallets = _Wallets(run)
+    subnet = None
     try:
         redis.start()
         _say(f"redis on {redis.url}")
-        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run, wallets)
+        subnet = _start_subnet(cfg, redis.url, wallets)
+        subnet_env = subnet.env()
+        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run, wallets, subnet_env)
         router_endpoint = f"127.0.0.1:{cfg.router_port}"
         if mode == "demo":
             _say(f"router: training {cfg.preset} with remote experts for {cfg.train_minutes:g} minutes")
             group.start("router", ["-m", "services.router", "train", "--init", str(ckpt), "--out", str(run),
-                                   "--serve"], _router_env(cfg, redis.url, wallets), show_output=True)
+                                   "--serve"], _router_env(cfg, redis.url, wallets, subnet_env), show_output=True)
             wait_serving(router_endpoint, group, timeout_s=cfg.train_minutes * 60 + 600, what="router")
             text, masked, gen_s = _generate(router_endpoint, cfg.prompt, cfg.max_new_tokens, wallets)
             _summary(run, cfg.prompt + text, masked, gen_s, cfg.max_new_tokens)
+            for line in subnet.summary():
+                print(line)
+            subnet.write_history(run / "commitments.json")
+            print(f"commitments: {run / 'commitments.json'}; chain: python -m subnet.chain status "
+                  f"(CHAIN_REDIS_URL={redis.url}) while the stack runs")
+            print("=" * 72)
         else:
             group.start("router", ["-m", "services.router", "serve"],
-                        {**_router_env(cfg, redis.url, wallets), "ROUTER_CHECKPOINT": str(ckpt)})
+                        {**_router_env(cfg, redis.url, wallets, subnet_env), "ROUTER_CHECKPOINT": str(ckpt)})
             wait_serving(router_endpoint, group, timeout_s=300, what="router")
             _say(f"serving moe.v1.Router on {router_endpoint} (hotkey {wallets.router.hotkey}); metrics on "
                  f":{cfg.metrics_base_port or 'off'}; sign Generate with WALLET_PATH={wallets.path} "
@@ -231,7 +264,9 @@ def run_stack(mode: str, cfg) -> int:
         # From here on a signal only takes note: raising inside the clean-up would leave it half done.
         signal.signal(signal.SIGINT, _note_signal)
         signal.signal(signal.SIGTERM, _note_signal)
-        group.stop()
+        group.stop()      # the experts publish once more on SIGTERM: S3 and Redis stop after them
+        if subnet is not None:
+            subnet.stop()
         redis.stop()
         if mode == "demo":
             merged = _merge_expert_files(run, len(cfg.ports))

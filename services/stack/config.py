@@ -17,6 +17,7 @@ class StackConfig:
     expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("50061", "50062"),
                                         "one port per expert service; the experts of every layer are "
                                         "dealt round robin across the services")
+    s3_port: int = env("STACK_S3_PORT", 8333, "embedded S3 server (SeaweedFS) port; its other ports are picked free")
     metrics_base_port: int = env("STACK_METRICS_BASE_PORT", 9100,
                                  "router metrics here, expert services on the next ports; 0 = off")
     wire_dtype: str = env("STACK_WIRE_DTYPE", "fp32", "activations on the wire: fp32, bf16 or fp16")
@@ -36,7 +37,7 @@ class StackConfig:
         except ValueError:
             raise ValueError(f"STACK_EXPERT_PORTS={','.join(self.expert_ports)!r} must be comma-separated "
                              "integers") from None
-        everything = [self.redis_port, self.router_port, *ports]
+        everything = [self.redis_port, self.router_port, self.s3_port, *ports]
         if len(set(everything)) != len(everything) or not all(0 < p < 65536 for p in everything):
             raise ValueError(f"stack ports must be distinct and in 1..65535, got {everything}")
         if self.train_minutes <= 0 or self.max_new_tokens <= 0:

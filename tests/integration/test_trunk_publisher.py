@@ -28,26 +28,25 @@ def test_trunk_round_trip_through_s3_matches_the_step_it_was_taken_at(object_sto
     model = tiny_model()
     state = {"step": 0}
     snapshots = TrunkSnapshots(lambda: trunk_files(model, {"lm_config": model.cfg.to_dict()}, state["step"], None))
-    snapshots.training = True
     stop = threading.Event()
-    expected = {}
+    steps_seen = []
 
-    def train():  # stands in for RemoteTrainer: a step, then serve_pending at the boundary
+    def train():  # stands in for RemoteTrainer: every step runs under the snapshot lock
         while not stop.is_set():
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(0.01)
-            state["step"] += 1
-            if snapshots._pending:
-                expected.update({k: v.clone() for k, v in model.state_dict().items()})
-                expected["__step"] = state["step"]
-            snapshots.serve_pending()
-            time.sleep(0.01)
-        snapshots.training_stopped()
+            with snapshots.step_lock:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.01)
+                        time.sleep(0.0005)  # a step takes a while: a torn snapshot would show
+                state["step"] += 1
+                steps_seen.append(state["step"])
+            time.sleep(0.005)
 
     trainer = threading.Thread(target=train)
     trainer.start()
     me = Identity.generate()
+    while len(steps_seen) < 2:
+        time.sleep(0.005)
     try:
         data = json.loads(publish_trunk_round(object_store, me, snapshots, model.cfg.to_dict(), round=4))
     finally:
@@ -58,9 +57,11 @@ def test_trunk_round_trip_through_s3_matches_the_step_it_was_taken_at(object_sto
     out = fetch_trunk(f"s3://{object_store.bucket}/checkpoints/trunk/4", object_store, tmp_path / "trunk",
                       trusted_hotkeys={me.hotkey})
     loaded, config = load_lm(out)
-    assert config["step"] == expected["__step"]
-    for name, t in loaded.state_dict().items():
-        torch.testing.assert_close(t, expected[name], msg=name)
+    step = config["step"]
+    assert 0 < step < steps_seen[-1]  # taken while the loop ran, between two of its steps
+    initial = tiny_model().state_dict()
+    for name, t in loaded.state_dict().items():  # every tensor moved by exactly `step` steps: not torn
+        torch.testing.assert_close(t, initial[name] + 0.01 * step, msg=name)
 
     with pytest.raises(CheckpointVerificationError):  # someone else's trunk is not loaded
         fetch_trunk(f"s3://{object_store.bucket}/checkpoints/trunk/4", object_store, tmp_path / "other",
