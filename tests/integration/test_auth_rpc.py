@@ -256,7 +256,7 @@ def test_router_open_generate_lets_anyone_generate_but_not_read_logits(router_mo
 # ---- AUTH_CHAIN against the local chain (Redis) -------------------------------------------------
 
 
-def test_auth_chain_accepts_validators_of_the_metagraph(redis_server, monkeypatch):
+def test_auth_chain_accepts_validators_of_the_metagraph(redis_server):
     """The expert reads the chain's metagraph once at start (and then every AUTH_CHAIN_REFRESH_S),
     never per request: a validator (stake, so a permit) is served; a registered miner without a
     permit and an unregistered hotkey are refused with the reason."""
@@ -267,14 +267,12 @@ def test_auth_chain_accepts_validators_of_the_metagraph(redis_server, monkeypatc
 
     prefix = f"moe:chain:auth-test-{time.monotonic_ns()}:"
     chain_env = {"CHAIN": "local", "CHAIN_REDIS_URL": redis_server.url, "CHAIN_KEY_PREFIX": prefix}
-    for name, value in chain_env.items():
-        monkeypatch.setenv(name, value)   # open_auth_chain reads subnet.chain's variables
     validator, miner, stranger = Identity.generate(), Identity.generate(), Identity.generate()
     client = redis.Redis.from_url(redis_server.url)
     chain = LocalChain(client, from_env(RoundConfig, {}).schedule(), key_prefix=prefix)
     chain.register(validator.hotkey, stake=10.0)
     chain.register(miner.hotkey)
-    config = _config(AUTH_CHAIN="1")
+    config = _config(AUTH_CHAIN="1", **chain_env)   # the service's own CHAIN_* variables
     identity = Identity.generate()
 
     async def scenario():
