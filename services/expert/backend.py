@@ -148,7 +148,10 @@ class ExpertBackend:
 
     def __init__(self, experts: Mapping[str, SwiGLU], device: str | torch.device = "cpu",
                  activation_ttl_s: float = 60.0, activation_cache_mb: float = 512.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, *, lazy: bool = False,
+                 answer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`lazy` and `answer` exist for the adversarial test miners only (services/expert/adversary.py):
+        `lazy` acknowledges ApplyStep without stepping; `answer` replaces every Forward output."""
         if not experts:
             raise ValueError("an expert backend needs at least one expert")
         shapes = {(m.dim, m.inter_dim) for m in experts.values()}
@@ -163,6 +166,7 @@ class ExpertBackend:
             # Hyperparameters are placeholders: every ApplyStep sets them from the request.
             optimizer = torch.optim.AdamW(module.parameters(), lr=0.0)
             self._experts[uid] = _Expert(module, optimizer)
+        self.lazy, self.answer = lazy, answer
         self.cache = ActivationCache(int(activation_cache_mb * 1024 * 1024), activation_ttl_s, clock)
         # Sessions replaced by a newer one: a late Backward of a crashed router must not wipe the
         # new session's gradients. Bounded: only the most recent ones matter.
@@ -211,6 +215,8 @@ class ExpertBackend:
                                        a[start:start + n].clone(), b[start:start + n].clone())
                 start += n
         y = y.cpu()
+        if self.answer is not None:
+            y = self.answer(y)
         return list(torch.split(y, sizes)) if len(xs) > 1 else [y]
 
     # -- backward ---------------------------------------------------------------------------
@@ -315,11 +321,24 @@ class ExpertBackend:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
         group = e.optimizer.param_groups[0]
         group.update(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
-        e.optimizer.step()
+        if not self.lazy:
+            e.optimizer.step()
         e.applied = (e.grad_session, step)
         self._clear_grads(e)
         e.version += 1
         return e.version
+
+    def replace_weights(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Load new weights (a merged global version) into hosted experts; their optimizer state
+        and pending gradients start over, since the moments belong to the old weights."""
+        for uid, state in states.items():
+            e = self._get(uid)
+            with torch.no_grad():
+                for name, p in e.module.named_parameters():
+                    p.copy_(state[name].to(p.device, p.dtype))
+            self._clear_grads(e)
+            e.optimizer = torch.optim.AdamW(e.module.parameters(), lr=0.0)
+            e.applied = None
 
     def _retire(self, session_id: str) -> None:
         self._retired_sessions[session_id] = None

@@ -63,6 +63,15 @@ class ExpertConfig:
     resume: bool = env("EXPERT_RESUME", True,
                        "with S3: start from this hotkey's newest complete checkpoint when there is one "
                        "(wins over EXPERT_CHECKPOINT; a SIGKILLed miner keeps its training)")
+    follow_global: bool = env("EXPERT_FOLLOW_GLOBAL", True,
+                              "with S3: at the start of each round load the hosted experts from the newest "
+                              "merged global version, if it is newer than the one this service started from")
+    adversary: str = env("EXPERT_ADVERSARY", "",
+                         "tests and the demo only: play a cheating miner, `lazy`, `noisy`, `copycat` or `liar` "
+                         "(services/expert/adversary.py); refused unless EXPERT_ALLOW_ADVERSARY=1")
+    allow_adversary: bool = env("EXPERT_ALLOW_ADVERSARY", False, "test flag that permits EXPERT_ADVERSARY")
+    adversary_noise: float = env("EXPERT_ADVERSARY_NOISE", 5.0,
+                                 "`noisy`: noise std as a multiple of each weight tensor's std")
     checkpoint_every_s: float = env("EXPERT_CHECKPOINT_EVERY_S", 60.0,
                                     "with S3: also publish the hosted experts this often (besides each round's "
                                     "commit phase), bounding what a crash loses; 0 = only per round")
@@ -117,6 +126,15 @@ class ExpertConfig:
                 raise ValueError(f"{name}={value} must be >= 0")
         if self.port > 65535 or self.metrics_port > 65535:
             raise ValueError("EXPERT_PORT and EXPERT_METRICS_PORT must be below 65536")
+        if self.adversary:
+            from services.expert.adversary import MODES
+            if self.adversary not in MODES:
+                raise ValueError(f"EXPERT_ADVERSARY={self.adversary!r}: choose one of {', '.join(MODES)}")
+            if not self.allow_adversary:
+                raise ValueError("EXPERT_ADVERSARY is for tests and the demo only; set EXPERT_ALLOW_ADVERSARY=1 "
+                                 "to confirm")
+            if self.adversary in ("noisy", "copycat") and not self.s3.enabled:
+                raise ValueError(f"EXPERT_ADVERSARY={self.adversary} cheats in what it publishes: set S3_ENDPOINT")
         try:
             parse_wire_dtypes(self.wire_dtypes)
         except ValueError as e:

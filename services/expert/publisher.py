@@ -88,9 +88,10 @@ def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> in
 
 
 def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, dim: int,
-                        inter_dim: int) -> tuple[int, Mapping[str, object]] | None:
-    """(round, {uid: SwiGLU}) from this hotkey's newest complete checkpoint, verified; None if there
-    is none. A checkpoint that fails verification is an error, not silently skipped."""
+                        inter_dim: int) -> tuple[int, Mapping[str, object], int | None] | None:
+    """(round, {uid: SwiGLU}, parent global version) from this hotkey's newest complete checkpoint,
+    verified; None if there is none. A checkpoint that fails verification is an error, not
+    silently skipped."""
     from subnet.checkpoint_loading import load_verified_experts
     from subnet.expert_weights import experts_from_states
 
@@ -103,9 +104,12 @@ def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, di
     if round is None:
         return None
     states: ExpertStates = {}
+    parent = None
     for uid in uids:
         key = f"{checkpoint_prefix('expert', uid=uid, hotkey=hotkey, round=round)}/{MANIFEST_NAME}"
         verified = read_verified(store, key, expected_hotkey=hotkey,
                                  expected_config_hash=expert_config_hash(dim, inter_dim))
         states.update(load_verified_experts(verified, [uid], dim, inter_dim))
-    return round, experts_from_states(states, uids, dim, inter_dim, source=f"own checkpoints of round {round}")
+        parent = verified.manifest.parent_version
+    experts = experts_from_states(states, uids, dim, inter_dim, source=f"own checkpoints of round {round}")
+    return round, experts, parent

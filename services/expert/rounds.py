@@ -19,11 +19,13 @@ import logging
 from collections.abc import Mapping
 
 from moe.experts import SwiGLU
+from services.expert import adversary
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.publisher import ExpertPublisher, load_own_checkpoint, open_round
 from subnet.chain.base import Chain
-from subnet.checkpoint_loading import load_experts_from_url
+from subnet.checkpoint_loading import load_experts_from_url, load_verified_experts
+from subnet.checkpoints import GLOBAL_EXPERTS_FILE, latest_global_version, read_latest_global
 from subnet.object_store import ObjectStore, StoreError
 from subnet.round_participant import RoundParticipant
 
@@ -42,6 +44,8 @@ class ExpertRounds:
         self.schedule = config.rounds.schedule()
         self.start_source = ""
         self.publisher: ExpertPublisher | None = None
+        self.global_version: int | None = None   # the merged version the hosted weights descend from
+        self._apply = None
         self.participant: RoundParticipant | None = None
         self._timer: asyncio.Task | None = None
 
@@ -57,7 +61,7 @@ class ExpertRounds:
         if c.resume:
             found = load_own_checkpoint(self.store, c.uids, self.identity.hotkey, c.dim, c.inter_dim)
             if found is not None:
-                round, experts = found
+                round, experts, self.global_version = found
                 self.start_source = f"own checkpoint of round {round}"
                 log.info("resumed %d experts from this hotkey's checkpoint of round %d", len(experts), round)
                 return experts
@@ -65,6 +69,8 @@ class ExpertRounds:
             experts = load_experts_from_url(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
                                             trusted_hotkeys=self.trusted_signers())
             self.start_source = c.checkpoint
+            if c.checkpoint.endswith("/global/latest"):
+                self.global_version = latest_global_version(self.store)
             return experts
         return None
 
@@ -75,18 +81,48 @@ class ExpertRounds:
 
     # -- running ----------------------------------------------------------------------------
 
-    def start(self, snapshot) -> None:
-        """`snapshot()` -> {uid: state dict}, callable from any thread (the server runs it on the
-        compute worker)."""
-        m = self.metrics.rounds
-        self.publisher = ExpertPublisher(self.store, self.identity, snapshot, self.config.dim, self.config.inter_dim,
+    def start(self, snapshot, apply) -> None:
+        """`snapshot()` -> {uid: state dict} and `apply(states)` (load weights), callable from any
+        thread (the server runs both on the compute worker)."""
+        c, m = self.config, self.metrics.rounds
+        self._apply = apply
+        if c.adversary == "noisy":
+            snapshot = adversary.noisy(snapshot, c.adversary_noise)
+        elif c.adversary == "copycat":
+            snapshot = adversary.copycat(self.store, self.identity.hotkey, c.uids, c.dim, c.inter_dim,
+                                         self.schedule, self.chain)
+        self.publisher = ExpertPublisher(self.store, self.identity, snapshot, c.dim, c.inter_dim,
+                                         parent_version=lambda: self.global_version,
                                          on_published=lambda round, published: m.checkpoints.inc(len(published)))
         self.participant = RoundParticipant(self.chain, self.schedule, self.identity, self.publisher.publish,
-                                            name=f"expert {self.identity.hotkey[:8]}", on_phase=m.on_phase,
+                                            name=f"expert {self.identity.hotkey[:8]}", on_phase=self._on_phase,
                                             on_record=m.on_record).start()
         if self.config.checkpoint_every_s > 0:
             self._timer = asyncio.create_task(self._publish_every(self.config.checkpoint_every_s),
                                               name="checkpoint-timer")
+
+    def _on_phase(self, now) -> None:
+        self.metrics.rounds.on_phase(now)
+        if now.phase == "train" and self.config.follow_global:
+            self.follow_global()
+
+    def follow_global(self) -> bool:
+        """Load the hosted experts from the newest merged global version if it is newer than what
+        this service has; True when it did. Optimizer state starts over with the new weights."""
+        try:
+            version = latest_global_version(self.store)
+            if version is None or (self.global_version is not None and version <= self.global_version):
+                return False
+            verified = read_latest_global(self.store, expected_hotkey=self.trusted_signers())
+            states = load_verified_experts(verified, list(self.config.uids), self.config.dim, self.config.inter_dim,
+                                           file_name=GLOBAL_EXPERTS_FILE)
+            self._apply(states)
+            self.global_version = verified.manifest.version
+            log.info("loaded the hosted experts from global version %d", self.global_version)
+            return True
+        except Exception as e:  # a bad or missing global version: keep training what we have
+            log.warning("could not follow the global version: %s: %s", type(e).__name__, e)
+            return False
 
     async def _publish_every(self, interval_s: float) -> None:
         while True:

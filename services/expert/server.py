@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from moe.experts import SwiGLU
+from services.expert.adversary import liar_answer
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
 from services.expert.config import ExpertConfig
@@ -154,7 +155,10 @@ class ExpertServer:
 
         self.worker = ComputeWorker(c.threads)
         experts = await self.worker.run(self._load_experts)
-        self.backend = ExpertBackend(experts, c.device, c.activation_ttl_s, c.activation_cache_mb)
+        self.backend = ExpertBackend(experts, c.device, c.activation_ttl_s, c.activation_cache_mb,
+                                     lazy=c.adversary == "lazy", answer=liar_answer if c.adversary == "liar" else None)
+        if c.adversary:
+            log.warning("EXPERT_ADVERSARY=%s: this service plays a cheating miner (tests and demo only)", c.adversary)
         self.batcher = Batcher(self.backend, self.worker, c.max_batch_tokens, c.batch_wait_ms,
                                c.max_queue_tokens, self.metrics)
         await self.batcher.start()
@@ -206,10 +210,11 @@ class ExpertServer:
     def _start_rounds(self) -> None:
         loop = asyncio.get_running_loop()
 
-        def snapshot() -> dict:  # from the participant's thread: hop onto the compute worker
-            return asyncio.run_coroutine_threadsafe(self.worker.run(self._snapshot), loop).result(120)
+        def on_worker(fn, *args):  # from the participant's thread: hop onto the compute worker
+            return asyncio.run_coroutine_threadsafe(self.worker.run(fn, *args), loop).result(120)
 
-        self.rounds.start(snapshot)
+        self.rounds.start(lambda: on_worker(self._snapshot),
+                          lambda states: on_worker(self.backend.replace_weights, states))
 
     def _bind(self, host: str, port: int) -> int:
         if port and port_in_use(port, host):

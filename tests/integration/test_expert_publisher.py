@@ -44,7 +44,8 @@ def test_restart_resumes_from_the_newest_complete_own_checkpoint(object_store):
     ExpertPublisher(object_store, me, lambda: {"0.0": experts(seed=3)["0.0"]}, DIM, INTER).publish(4)
     ExpertPublisher(object_store, other, lambda: experts(seed=4), DIM, INTER).publish(9)
     assert latest_own_round(object_store, UIDS, me.hotkey) == 2
-    round, loaded = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, parent = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert parent is None  # published without a global version behind it
     assert round == 2
     want = experts(seed=2)
     for uid in UIDS:
