@@ -33,7 +33,15 @@ class RouterConfig:
                                   "deadline of all expert calls of one layer; a late expert is masked")
     retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")
     replica_policy: str = env("ROUTER_REPLICA_POLICY", "least_loaded", "least_loaded or round_robin")
-    registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0, "how often the registry snapshot is re-read")
+    registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0,
+                                    "how often the registry snapshot (and the scores) are re-read, in the "
+                                    "background: a stalled Redis never holds up routing")
+    suspect_s: float = env("ROUTER_SUSPECT_S", 5.0,
+                           "an expert replica that failed or missed a deadline gets no calls for this long (per "
+                           "endpoint and expert; overload answers do not count)")
+    follow_scores: bool = env("ROUTER_FOLLOW_SCORES", True,
+                              "route by the scorer's EMA (moe:scores:ema) and skip banned miners "
+                              "(moe:scores:banned); without scores the replica policy decides")
     metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
     max_new_tokens: int = env("ROUTER_MAX_NEW_TOKENS", 512, "upper limit of Generate's max_new_tokens")
     max_message_mb: float = env("ROUTER_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
@@ -59,6 +67,8 @@ class RouterConfig:
             raise ValueError(f"ROUTER_REPLICA_POLICY={self.replica_policy!r}: choose one of {list(POLICIES)}")
         if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ROUTER_PORT and ROUTER_METRICS_PORT must be in 0..65535")
+        if self.suspect_s < 0:
+            raise ValueError("ROUTER_SUSPECT_S must be >= 0")
         if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:
             raise ValueError("ROUTER_EXPERT_TIMEOUT_S and ROUTER_REGISTRY_REFRESH_S must be positive")
         if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:

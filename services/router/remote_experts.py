@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 MIN_ATTEMPT_S = 0.005  # a retry with less budget left than this cannot succeed: mask instead
 GRACE_S = 0.5          # gRPC enforces the deadline itself; this only guards against a lost callback
 # Statuses that say nothing bad about the endpoint, so it is not made suspect.
+# Answers that say nothing bad about the replica: the request's fault, or overload (the replica
+# is healthy but busy; suspecting it would mask experts exactly when load is high).
 _ENDPOINT_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class _Call:
@@ -403,7 +405,7 @@ class RemoteExpertGroup(ExpertGroup):
                     details = f"unusable response: {e.message}"
             endpoint = attempts[key].endpoint
             if code not in _ENDPOINT_OK or reason == "bad_response":
-                self.replicas.mark_failed(endpoint)
+                self.replicas.mark_failed(endpoint, call.uid)
             if call.again(code) and launch(call):
                 self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
                 log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",

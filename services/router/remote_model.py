@@ -25,6 +25,7 @@ from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
+from services.router.scores import RedisScores
 from services.router.tracing import ExpertCallTracer
 from subnet.auth import service_identity
 from subnet.expert_client import ChannelSettings, ExpertClientPool
@@ -54,9 +55,11 @@ class RemoteParts:
         cannot be loaded; with AUTH_MODE=off expert calls go unsigned."""
         identity = service_identity(config.auth, config.wallet, identity, what="router")
         # Timeouts: a stalled Redis must fail a registry read, not hang the router's training.
-        registry = ExpertRegistry(redis.Redis.from_url(config.redis_url, socket_timeout=2.0,
-                                                       socket_connect_timeout=2.0))
-        replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s)
+        client = redis.Redis.from_url(config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        registry = ExpertRegistry(client)
+        replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
+                              suspect_s=config.suspect_s,
+                              scores=RedisScores(client) if config.follow_scores else None).start()
         clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
                                    hotkeys=replicas.hotkey)
         metrics = metrics or RouterMetrics()
@@ -65,6 +68,7 @@ class RemoteParts:
         return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity)
 
     def close(self) -> None:
+        self.replicas.stop()
         self.clients.close()
 
 

@@ -12,6 +12,19 @@ Policies:
   the work.
 - `round_robin`: the available replicas of a uid in turn.
 
+Scores (issue: the router listens to the scorer): with a `scores` source, a replica whose
+hotkey is banned (failed verification in the last round, or EMA near zero) gets no traffic,
+and the others are drawn in proportion to their EMA (a hotkey without a score yet counts as
+the median). A uid whose every replica is banned is masked: a banned replica may serve
+random or copied weights, which is worse than dropping the expert for a step.
+
+Suspicion is per (endpoint, expert uid): one failing expert does not mask the other experts
+that service hosts. Overload answers (RESOURCE_EXHAUSTED) are not failures.
+
+With `start()` the registry (and the scores) are re-read by a background thread every
+`refresh_s`, so a stalled Redis never holds up a choice: the router keeps routing on the last
+snapshot while Redis is away. Without it (tests), a choice refreshes a stale snapshot inline.
+
 This class only chooses. It makes no RPC; the caller reports `begin_call`/`end_call` and
 `mark_failed`.
 """
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -40,11 +54,18 @@ class ReplicaSource(Protocol):
     def all_replicas(self) -> Mapping[str, Sequence[Replica]]: ...
 
 
+class ScoreSource(Protocol):
+    """(EMA per hotkey, banned hotkeys) as the scorer last wrote them (services/scorer)."""
+
+    def scores(self) -> tuple[Mapping[str, float], Collection[str]]: ...
+
+
 class ReplicaSet:
     """Replica choice per expert uid from a periodically refreshed registry snapshot. Thread-safe."""
 
     def __init__(self, registry: ReplicaSource, *, policy: str = "least_loaded", refresh_s: float = 2.0,
-                 suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 scores: ScoreSource | None = None, rng: random.Random | None = None):
         if policy not in POLICIES:
             raise ValueError(f"replica policy must be one of {POLICIES}, got {policy!r}")
         if refresh_s < 0 or suspect_s < 0:
@@ -59,8 +80,14 @@ class ReplicaSet:
         self._hotkeys: dict[str, str] = {}   # endpoint -> hotkey, from the same snapshot
         self._refreshed_at: float | None = None
         self._in_flight: dict[str, int] = defaultdict(int)
-        self._suspect_until: dict[str, float] = {}
+        self._suspect_until: dict[tuple[str, str | None], float] = {}
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+        self._scores = scores
+        self._ema: dict[str, float] = {}
+        self._banned: frozenset[str] = frozenset()
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def refresh(self) -> None:
         """Read the registry now. On error keep the last snapshot and try again after `refresh_s`."""
@@ -75,12 +102,44 @@ class ReplicaSet:
                 self._refreshed_at = now
             return
         hotkeys = {r.endpoint: r.hotkey for reps in snapshot.values() for r in reps if r.hotkey}
+        ema, banned = self._read_scores()
         with self._lock:
             self._snapshot = snapshot
             self._hotkeys = hotkeys
             self._refreshed_at = now
+            if ema is not None:
+                self._ema, self._banned = ema, banned
+
+    def _read_scores(self) -> tuple[dict[str, float] | None, frozenset[str]]:
+        if self._scores is None:
+            return None, frozenset()
+        try:
+            ema, banned = self._scores.scores()
+            return {k: float(v) for k, v in ema.items()}, frozenset(banned)
+        except Exception as e:  # keep the last scores; routing must not depend on the scorer being up
+            log.warning("scores unavailable (%s); keeping the last ones", e)
+            return None, frozenset()
+
+    def start(self) -> ReplicaSet:
+        """Refresh in a background thread from now on (first read inline)."""
+        self.refresh()
+        self._thread = threading.Thread(target=self._refresh_forever, name="replica-refresh", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
 
     def _refresh_if_stale(self) -> None:
+        if self._thread is not None:
+            return  # the background thread keeps it fresh; a choice never waits for Redis
         with self._lock:
             stale = self._refreshed_at is None or self._clock() - self._refreshed_at >= self._refresh_s
         if stale:
@@ -98,9 +157,13 @@ class ReplicaSet:
         now = self._clock()
         with self._lock:
             candidates = [r for r in self._snapshot.get(uid, ())
-                          if r.endpoint not in exclude and self._suspect_until.get(r.endpoint, 0.0) <= now]
+                          if r.endpoint not in exclude and r.hotkey not in self._banned
+                          and self._suspect_until.get((r.endpoint, uid), 0.0) <= now
+                          and self._suspect_until.get((r.endpoint, None), 0.0) <= now]
             if not candidates:
                 return None
+            if self._ema:
+                return self._by_score(candidates)
             turn = next(self._turns[uid])
             if self.policy == "round_robin":
                 return candidates[turn % len(candidates)]
@@ -127,11 +190,26 @@ class ReplicaSet:
         with self._lock:
             return self._in_flight[endpoint]
 
-    def mark_failed(self, endpoint: str) -> None:
-        """Skip `endpoint` for `suspect_s` (it just failed or missed a deadline)."""
-        with self._lock:
-            self._suspect_until[endpoint] = self._clock() + self._suspect_s
+    def _by_score(self, candidates: list[Replica]) -> Replica:
+        known = sorted(self._ema.values())
+        median = known[len(known) // 2] if known else 1.0
+        weights = [max(self._ema.get(r.hotkey, median), 0.0) for r in candidates]
+        if sum(weights) <= 0:
+            return candidates[self._rng.randrange(len(candidates))]
+        return self._rng.choices(candidates, weights=weights)[0]
 
-    def is_suspect(self, endpoint: str) -> bool:
+    def mark_failed(self, endpoint: str, uid: str | None = None) -> None:
+        """Skip `endpoint` for `suspect_s` (it just failed or missed a deadline) for expert `uid`,
+        or for every expert it hosts when `uid` is None."""
         with self._lock:
-            return self._suspect_until.get(endpoint, 0.0) > self._clock()
+            self._suspect_until[(endpoint, uid)] = self._clock() + self._suspect_s
+
+    def is_suspect(self, endpoint: str, uid: str | None = None) -> bool:
+        with self._lock:
+            now = self._clock()
+            return (self._suspect_until.get((endpoint, uid), 0.0) > now
+                    or self._suspect_until.get((endpoint, None), 0.0) > now)
+
+    def banned(self) -> frozenset[str]:
+        with self._lock:
+            return self._banned

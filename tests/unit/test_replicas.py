@@ -119,3 +119,79 @@ def test_registry_failure_keeps_the_last_snapshot_and_backs_off():
 def test_unknown_policy_is_rejected():
     with pytest.raises(ValueError, match="least_loaded"):
         make({}, policy="random")
+
+
+def keyed(uid: str, endpoint: str, hotkey: str) -> Replica:
+    return Replica(uid=uid, endpoint=endpoint, hotkey=hotkey, load=0, version=0, updated_ms=0)
+
+
+def test_a_failure_suspects_that_expert_only_not_the_whole_service():
+    replicas, _, clock = make({"0.1": [keyed("0.1", "a:1", "A")], "0.2": [keyed("0.2", "a:1", "A")]})
+    replicas.mark_failed("a:1", "0.1")
+    assert replicas.choose("0.1") is None
+    assert replicas.choose("0.2").endpoint == "a:1"  # the service's other experts keep working
+    clock.now += 6
+    assert replicas.choose("0.1").endpoint == "a:1"
+
+
+class Scores:
+    def __init__(self, ema, banned=()):
+        self.ema, self.banned, self.fail = ema, set(banned), False
+
+    def scores(self):
+        if self.fail:
+            raise ConnectionError("redis is down")
+        return self.ema, self.banned
+
+
+def test_banned_miners_get_no_traffic_and_the_rest_follow_their_ema():
+    import random
+
+    entries = {"0.1": [keyed("0.1", "a:1", "A"), keyed("0.1", "b:1", "B"), keyed("0.1", "c:1", "C")]}
+    replicas, _, _ = make(entries, scores=Scores({"A": 0.6, "B": 0.2, "C": 0.9}, banned={"C"}),
+                          rng=random.Random(0))
+    picks = [replicas.choose("0.1").endpoint for _ in range(4000)]
+    assert "c:1" not in picks
+    assert picks.count("a:1") / picks.count("b:1") == pytest.approx(3.0, rel=0.15)
+    only_banned, _, _ = make({"0.2": [keyed("0.2", "c:1", "C")]}, scores=Scores({"C": 0.9}, banned={"C"}))
+    assert only_banned.choose("0.2") is None  # masked rather than served by a cheater
+
+
+def test_scores_that_cannot_be_read_keep_the_last_ones():
+    entries = {"0.1": [keyed("0.1", "a:1", "A"), keyed("0.1", "b:1", "B")]}
+    scores = Scores({"A": 1.0, "B": 1.0}, banned={"B"})
+    replicas, _, clock = make(entries, scores=scores)
+    assert replicas.choose("0.1").endpoint == "a:1"
+    scores.fail = True
+    clock.now += 3
+    assert {replicas.choose("0.1").endpoint for _ in range(20)} == {"a:1"}
+
+
+def test_background_refresh_never_makes_a_choice_wait_for_a_stalled_registry():
+    import threading
+    import time
+
+    class Stalling(FakeRegistry):
+        def __init__(self, entries):
+            super().__init__(entries)
+            self.release = threading.Event()
+            self.callers = []
+
+        def all_replicas(self):
+            self.callers.append(threading.current_thread().name)
+            if self.reads >= 1:
+                self.release.wait(30)  # Redis under SIGSTOP
+            return super().all_replicas()
+
+    registry = Stalling({"0.1": [rep("0.1", "a:1")]})
+    replicas = ReplicaSet(registry, refresh_s=0.01).start()
+    try:
+        while len(registry.callers) < 2:  # the background thread is now stuck in the registry
+            time.sleep(0.01)
+        for _ in range(100):
+            assert replicas.choose("0.1").endpoint == "a:1"  # the last known snapshot
+        assert not registry.release.is_set()
+        assert registry.callers[1:] == ["replica-refresh"]  # no choice ever read the registry itself
+    finally:
+        registry.release.set()
+        replicas.stop()
