@@ -44,15 +44,17 @@ _AUTH_CHAIN = ("subnet.chain.config:ChainConfig", "subnet.rounds:RoundConfig")
 
 SERVICES: dict[str, Service] = {
     "services.expert": Service(
-        configs=("services.expert.config:ExpertConfig",), indirect=_AUTH_CHAIN,
+        configs=("services.expert.config:ExpertConfig",),
         grpc_port="EXPERT_PORT", metrics_port="EXPERT_METRICS_PORT", bind_host="EXPERT_HOST",
         health_service="moe.v1.Expert"),
     "services.router": Service(
         configs=("services.router.config:RouterConfig", "services.router.tracing:TracingConfig"),
-        indirect=_AUTH_CHAIN,
         grpc_port="ROUTER_PORT", metrics_port="ROUTER_METRICS_PORT", bind_host="ROUTER_HOST",
         health_service="moe.v1.Router"),
-    # "services.validator": Service(configs=(...)), "services.scorer": ... once they exist.
+    "services.scorer": Service(
+        configs=("services.scorer.config:ScorerConfig",), metrics_port="SCORER_METRICS_PORT",
+        bind_host="SCORER_METRICS_HOST"),
+    # "services.validator": Service(configs=(...)) once it exists.
 }
 
 # Command-line tools the deploy files run as one-shots (no --env-table, no ports).
