@@ -33,10 +33,10 @@ class ScorerConfig:
     w_loss: float = env("SCORER_W_LOSS", _W.loss, "weight of the loss-improvement score in the composite")
     w_diversity: float = env("SCORER_W_DIVERSITY", _W.diversity, "weight of expert diversity in the composite")
     w_active: float = env("SCORER_W_ACTIVE", _W.active, "weight of the active expert ratio in the composite")
-    # 0.05 nats/token: a swap of experts moves a small model's loss by a few hundredths; a miner
-    # 0.05 better scores 0.73, 0.05 worse 0.27, 0.25 worse ~0.
-    loss_scale: float = env("SCORER_LOSS_SCALE", 0.05,
-                            "nats/token: loss score = 1 / (1 + exp(-loss_delta / scale)); 0.5 at no change")
+    # 0.02 nats/token: a round of training moves a small model's experts by a few hundredths; a
+    # miner 0.02 better keeps 76% of its bracket, 0.06 better 99.5%; no change or worse earns 0.
+    loss_scale: float = env("SCORER_LOSS_SCALE", 0.02,
+                            "nats/token: improvement score = tanh(max(loss_delta, 0) / scale); 0 at no change")
     # 0.3: a miner's weight follows its work within a few rounds (a local round is a minute) while
     # one bad round costs it less than a third.
     ema_alpha: float = env("SCORER_EMA_ALPHA", 0.3, "EMA: ema = alpha * score + (1 - alpha) * previous ema")

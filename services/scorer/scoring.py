@@ -6,18 +6,20 @@ that miner's own score. Every input is sanitized: NaN and infinities never come 
 
 Composite score of one miner in one round, in [0, 1]:
 
-    score = gate * (w_loss * loss_score(loss_delta) + w_div * unit(diversity) + w_active * unit(active_ratio))
-                 / (w_loss + w_div + w_active)
+    score = gate * improvement(loss_delta)
+                 * (w_loss + w_div * unit(diversity) + w_active * unit(active_ratio)) / (w_loss + w_div + w_active)
 
-    loss_score(d) = 1 / (1 + exp(-d / scale))   logistic; d = loss_delta in nats/token (> 0 = better)
-    unit(x)       = x clipped to [0, 1]; NaN -> 0
-    gate          = 0 when the result is `zero` (not verified, a copy, or any reason), else 1
+    improvement(d) = tanh(max(d, 0) / scale)    d = loss_delta in nats/token (> 0 = better than global)
+    unit(x)        = x clipped to [0, 1]; NaN -> 0
+    gate           = 0 when the result is `zero` (not verified, a copy, or any reason), else 1
 
-A miner exactly as good as the global model (d = 0) gets loss_score 0.5: keeping the model where
-it is still earns something. One `scale` worse it gets 0.27, five scales worse 0.007 (a harmful
-miner earns ~0); better miners approach 1. The division by the weights' sum keeps the score in
-[0, 1] whatever weights are configured (the defaults already sum to 1).
-
+It is the weighted sum of the three parts, with the loss part doubling as a gate: only a miner
+whose experts make the global model better earns anything, and diversity and activity then
+decide how much of its improvement it keeps. A plain weighted sum would pay a lazy miner that
+republishes the global experts (d = 0) for the diversity and activity of weights it did nothing
+for; here it earns 0, as does a harmful one (d < 0). One `scale` better gives 0.76 of the
+bracket, three scales 0.995. With the default weights (0.6, 0.2, 0.2) a miner whose experts are
+all active but similar to their neighbours keeps 80% of its improvement score.
 EMA over rounds: ema_r = alpha * score_r + (1 - alpha) * ema_{r-1}. A hotkey starts from 0: a new
 one, and one whose uid changed (it re-registered, or its uid now belongs to someone else). A
 registered hotkey with no result in a round gets score 0 for it, so absent miners fade out.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 from subnet.validation_results import ValidationResult
 
-_MAX_EXP = 60.0  # exp(60) ~ 1e26: the logistic is exactly 0 or 1 in floats well before this
+_MAX_EXP = 60.0  # tanh(60) is exactly 1.0 in floats: a cap that keeps 1e30 and inf harmless
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def unit(x: float) -> float:
 
 
 def loss_score(loss_delta: float, scale: float) -> float:
-    """Logistic map of the loss improvement (nats/token) to [0, 1]; 0.5 at 0, monotone; NaN -> 0."""
+    """Improvement (nats/token) mapped to [0, 1]: 0 for no change or worse, tanh(d / scale) above;
+    monotone; NaN -> 0."""
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"loss scale must be a positive number of nats/token, got {scale}")
     try:
@@ -75,8 +78,8 @@ def loss_score(loss_delta: float, scale: float) -> float:
         return 0.0
     if math.isnan(d):
         return 0.0
-    x = min(_MAX_EXP, max(-_MAX_EXP, d / scale))   # +-inf and 1e30 land here without overflow
-    return 1.0 / (1.0 + math.exp(-x))
+    x = min(_MAX_EXP, max(0.0, d / scale))   # +-inf and 1e30 land here without overflow
+    return math.tanh(x)
 
 
 def passes_gate(result: ValidationResult) -> bool:
@@ -99,10 +102,9 @@ def composite_score(result: ValidationResult, weights: ScoreWeights, loss_scale:
     """The miner's score for the round, in [0, 1] (see the module docstring)."""
     if not passes_gate(result):
         return 0.0
-    total = (weights.loss * loss_score(result.loss_delta, loss_scale)
-             + weights.diversity * unit(result.diversity)
-             + weights.active * unit(result.active_ratio))
-    return unit(total / weights.total)
+    bracket = (weights.loss + weights.diversity * unit(result.diversity)
+               + weights.active * unit(result.active_ratio)) / weights.total
+    return unit(loss_score(result.loss_delta, loss_scale) * bracket)
 
 
 def ema_step(previous: float | None, score: float | None, alpha: float) -> float:

@@ -97,7 +97,7 @@ def result(round, miner, loss_delta=0.0, diversity=0.5, active_ratio=1.0, verifi
 
 
 def score(r):
-    return composite_score(r, ScoreWeights(), 0.05)
+    return composite_score(r, ScoreWeights(), 0.02)  # SCORER_LOSS_SCALE default
 
 
 def outcomes(scorer):

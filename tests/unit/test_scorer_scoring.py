@@ -33,25 +33,27 @@ def scores_of(results):
     return {r.hotkey: composite_score(r, W, SCALE) for r in results}
 
 
-def test_loss_score_is_monotone_half_at_zero_and_bounded():
+def test_loss_score_pays_only_improvement_monotone_and_bounded():
     deltas = [-1e30, -1.0, -0.25, -0.05, 0.0, 0.01, 0.05, 0.25, 1.0, 1e30, math.inf]
     values = [loss_score(d, SCALE) for d in deltas]
     assert values == sorted(values)
-    assert loss_score(0.0, SCALE) == 0.5                       # no worse than global still earns
-    assert loss_score(-0.25, SCALE) < 0.01                     # harmful earns ~0
-    assert loss_score(0.05, SCALE) == pytest.approx(1 / (1 + math.exp(-1)))
-    assert values[0] == pytest.approx(0.0, abs=1e-20) and values[-1] == 1.0
-    assert loss_score(math.nan, SCALE) == 0.0 and loss_score(-math.inf, SCALE) == pytest.approx(0.0, abs=1e-20)
+    assert loss_score(0.0, SCALE) == 0.0                       # republishing the global model earns nothing
+    assert loss_score(-0.25, SCALE) == 0.0                     # harmful earns nothing
+    assert loss_score(0.05, SCALE) == pytest.approx(math.tanh(0.05 / SCALE))
+    assert values[0] == 0.0 and values[-1] == 1.0
+    assert loss_score(math.nan, SCALE) == 0.0 and loss_score(-math.inf, SCALE) == 0.0
     with pytest.raises(ValueError, match="loss scale"):
         loss_score(0.1, 0.0)
 
 
-def test_composite_is_the_documented_weighted_sum():
+def test_composite_is_the_documented_formula():
     r = result(loss_delta=0.05, diversity=0.4, active_ratio=0.75)
-    expected = 0.6 * (1 / (1 + math.exp(-1))) + 0.2 * 0.4 + 0.2 * 0.75
+    expected = math.tanh(0.05 / SCALE) * (0.6 + 0.2 * 0.4 + 0.2 * 0.75)
     assert composite_score(r, W, SCALE) == pytest.approx(expected)
     # Weights are divided by their sum: doubling them all changes nothing.
     assert composite_score(r, ScoreWeights(1.2, 0.4, 0.4), SCALE) == pytest.approx(expected)
+    # A lazy miner (no improvement) earns nothing however diverse and active the global experts are.
+    assert composite_score(result(loss_delta=0.0, diversity=1.0, active_ratio=1.0), W, SCALE) == 0.0
 
 
 @pytest.mark.parametrize("gated", [
@@ -85,8 +87,9 @@ def test_one_bad_miner_changes_no_other_score_and_never_gives_nan(bad):
 def test_nan_inputs_give_zero_for_those_parts():
     # NaN loss counts 0, not 0.5: a miner that could not be measured earns nothing for it.
     assert composite_score(result(loss_delta=math.nan, diversity=math.nan, active_ratio=math.nan), W, SCALE) == 0.0
-    assert composite_score(result(loss_delta=math.nan, diversity=1.0, active_ratio=1.0), W, SCALE) == \
-        pytest.approx(0.4)
+    assert composite_score(result(loss_delta=math.nan, diversity=1.0, active_ratio=1.0), W, SCALE) == 0.0
+    assert composite_score(result(loss_delta=1.0, diversity=math.nan, active_ratio=math.nan), W, SCALE) == \
+        pytest.approx(0.6)
     assert unit(math.nan) == 0.0 and unit(7) == 1.0 and unit(-1) == 0.0 and unit("x") == 0.0
 
 
