@@ -14,6 +14,7 @@ from subnet.envconfig import env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
 from subnet.rounds import RoundConfig
+from subnet.telemetry import TracingConfig
 from subnet.tensor_codec import WIRE_DTYPES
 
 
@@ -21,7 +22,8 @@ from subnet.tensor_codec import WIRE_DTYPES
 class RouterConfig:
     """Everything `services.router` reads from the environment; checked at construction."""
 
-    host: str = env("ROUTER_HOST", "127.0.0.1", "address the gRPC and metrics servers bind; `0.0.0.0` in containers")
+    host: str = env("ROUTER_HOST", "127.0.0.1",
+                    "address the gRPC, HTTP and metrics servers bind; `0.0.0.0` in containers")
     port: int = env("ROUTER_PORT", 50050, "gRPC port of moe.v1.Router; 0 = any free port")
     redis_url: str = env("REDIS_URL", "redis://127.0.0.1:6379/0", "the expert registry")
     checkpoint: str = env("ROUTER_CHECKPOINT", "",
@@ -42,7 +44,19 @@ class RouterConfig:
     follow_scores: bool = env("ROUTER_FOLLOW_SCORES", True,
                               "route by the scorer's EMA (moe:scores:ema) and skip banned miners "
                               "(moe:scores:banned); without scores the replica policy decides")
+    min_ema: float = env("ROUTER_MIN_EMA", 0.01,
+                         "with scores: replicas whose EMA is below this get no traffic while another replica of "
+                         "the same expert has earned more (see services/router/replicas.py)")
     metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
+    # The HTTP API (POST /v1/completions, GET /health, GET /model_info) serves the same model
+    # with the same limits; who may call it: services/router/http_api.py.
+    http_port: int = env("ROUTER_HTTP_PORT", 0, "port of the HTTP API (OpenAI-style completions); 0 = off")
+    http_token: str = env("ROUTER_HTTP_TOKEN", "",
+                          "bearer token HTTP completions must send; empty = open when AUTH_MODE=off or "
+                          "ROUTER_OPEN_GENERATE=1, else closed (403)")
+    http_max_body_kb: int = env("ROUTER_HTTP_MAX_BODY_KB", 64, "larger HTTP request bodies are refused (413)")
+    http_timeout_s: float = env("ROUTER_HTTP_TIMEOUT_S", 30.0,
+                                "HTTP socket reads and writes, and each wait for the model, give up after this")
     max_new_tokens: int = env("ROUTER_MAX_NEW_TOKENS", 512, "upper limit of Generate's max_new_tokens")
     max_message_mb: float = env("ROUTER_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
     threads: int = env("ROUTER_THREADS", 0, "torch intra-op threads; 0 = torch's default")
@@ -59,14 +73,17 @@ class RouterConfig:
     s3: S3Config = nested(S3Config)
     chain: ChainConfig = nested(ChainConfig)
     rounds: RoundConfig = nested(RoundConfig)
+    tracing: TracingConfig = nested(TracingConfig)
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"ROUTER_WIRE_DTYPE={self.wire_dtype!r}: choose one of {sorted(WIRE_DTYPES)}")
         if self.replica_policy not in POLICIES:
             raise ValueError(f"ROUTER_REPLICA_POLICY={self.replica_policy!r}: choose one of {list(POLICIES)}")
-        if not 0 <= self.port < 65536 or not 0 <= self.metrics_port < 65536:
-            raise ValueError("ROUTER_PORT and ROUTER_METRICS_PORT must be in 0..65535")
+        if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):
+            raise ValueError("ROUTER_PORT, ROUTER_METRICS_PORT and ROUTER_HTTP_PORT must be in 0..65535")
+        if self.http_max_body_kb <= 0 or self.http_timeout_s <= 0:
+            raise ValueError("ROUTER_HTTP_MAX_BODY_KB and ROUTER_HTTP_TIMEOUT_S must be positive")
         if self.suspect_s < 0:
             raise ValueError("ROUTER_SUSPECT_S must be >= 0")
         if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:

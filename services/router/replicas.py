@@ -12,11 +12,15 @@ Policies:
   the work.
 - `round_robin`: the available replicas of a uid in turn.
 
-Scores (issue: the router listens to the scorer): with a `scores` source, a replica whose
-hotkey is banned (failed verification in the last round, or EMA near zero) gets no traffic,
-and the others are drawn in proportion to their EMA (a hotkey without a score yet counts as
-the median). A uid whose every replica is banned is masked: a banned replica may serve
-random or copied weights, which is worse than dropping the expert for a step.
+Scores (the router listens to the scorer): with a `scores` source, a replica whose hotkey is
+banned (its last result failed the verification gate: live weights differ from the published
+ones, a copy, an unverifiable checkpoint) gets no traffic; a uid whose every replica is banned
+is masked, since a banned replica may serve random weights. Among the others, replicas whose
+EMA is near zero (below `min_ema`) get no traffic as long as a replica of the same expert has
+earned more, and those are drawn in proportion to their EMA (a hotkey without a score yet
+counts as the median). When nobody has earned yet (the first rounds, before any training
+showed an improvement) the replica policy decides: banning every zero-EMA replica then would
+stop training for good.
 
 Suspicion is per (endpoint, expert uid): one failing expert does not mask the other experts
 that service hosts. Overload answers (RESOURCE_EXHAUSTED) are not failures.
@@ -65,7 +69,7 @@ class ReplicaSet:
 
     def __init__(self, registry: ReplicaSource, *, policy: str = "least_loaded", refresh_s: float = 2.0,
                  suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 scores: ScoreSource | None = None, rng: random.Random | None = None):
+                 scores: ScoreSource | None = None, rng: random.Random | None = None, min_ema: float = 0.01):
         if policy not in POLICIES:
             raise ValueError(f"replica policy must be one of {POLICIES}, got {policy!r}")
         if refresh_s < 0 or suspect_s < 0:
@@ -83,6 +87,7 @@ class ReplicaSet:
         self._suspect_until: dict[tuple[str, str | None], float] = {}
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
         self._scores = scores
+        self._min_ema = min_ema
         self._ema: dict[str, float] = {}
         self._banned: frozenset[str] = frozenset()
         self._rng = rng or random.Random()
@@ -163,7 +168,9 @@ class ReplicaSet:
             if not candidates:
                 return None
             if self._ema:
-                return self._by_score(candidates)
+                earned = self._earned(candidates)
+                if earned:
+                    return self._by_score(earned)
             turn = next(self._turns[uid])
             if self.policy == "round_robin":
                 return candidates[turn % len(candidates)]
@@ -190,12 +197,15 @@ class ReplicaSet:
         with self._lock:
             return self._in_flight[endpoint]
 
-    def _by_score(self, candidates: list[Replica]) -> Replica:
+    def _ema_of(self, hotkey: str) -> float:
         known = sorted(self._ema.values())
-        median = known[len(known) // 2] if known else 1.0
-        weights = [max(self._ema.get(r.hotkey, median), 0.0) for r in candidates]
-        if sum(weights) <= 0:
-            return candidates[self._rng.randrange(len(candidates))]
+        return self._ema.get(hotkey, known[len(known) // 2] if known else 0.0)
+
+    def _earned(self, candidates: list[Replica]) -> list[Replica]:
+        return [r for r in candidates if self._ema_of(r.hotkey) >= self._min_ema and self._ema_of(r.hotkey) > 0]
+
+    def _by_score(self, candidates: list[Replica]) -> Replica:
+        weights = [self._ema_of(r.hotkey) for r in candidates]
         return self._rng.choices(candidates, weights=weights)[0]
 
     def mark_failed(self, endpoint: str, uid: str | None = None) -> None:

@@ -40,7 +40,11 @@ class ScorerConfig:
     # 0.3: a miner's weight follows its work within a few rounds (a local round is a minute) while
     # one bad round costs it less than a third.
     ema_alpha: float = env("SCORER_EMA_ALPHA", 0.3, "EMA: ema = alpha * score + (1 - alpha) * previous ema")
-    ban_ema: float = env("SCORER_BAN_EMA", 0.01, "hotkeys with an EMA below this go in the banned set")
+    # 0: the banned set holds the hotkeys whose last result failed the gate (not verified, a copy);
+    # the router itself leaves near-zero-EMA replicas out while others have earned (ROUTER_MIN_EMA).
+    # Banning every zero EMA here would stop training in the first rounds, before anyone improved.
+    ban_ema: float = env("SCORER_BAN_EMA", 0.0, "hotkeys with an EMA below this also go in the banned set; "
+                         "0 = only those whose last result failed the gate")
     claim_idle_s: float = env("SCORER_CLAIM_IDLE_S", 30.0,
                               "results read but not acknowledged for this long are taken over (a scorer died)")
     batch: int = env("SCORER_BATCH", 64, "stream entries read per call")

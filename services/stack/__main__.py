@@ -4,18 +4,21 @@
     python -m services.stack serve    # serve the demo's model until Ctrl-C
     python -m services.stack --env-table
 
-`demo` writes a step-0 checkpoint of the whole model, gives the routed experts to the expert
-services (dealt round robin) and the trunk to the router, trains through the network for
-STACK_TRAIN_MINUTES, asks the router for one Generate, prints a summary and stops every
-process (also on Ctrl-C). The experts save their weights on shutdown, so `serve` can
-bring the same model back.
+`demo` writes a step-0 checkpoint of the whole model; starts the honest miners (expert services
+that each host every routed expert: replicas), the adversarial test miners of STACK_ADVERSARIES,
+a validator and a scorer; the router trains through the miners for STACK_TRAIN_MINUTES while
+every round each miner and the router publish signed checkpoints and commit them, the validator
+scores the miners and merges the best replicas into the next global version, and the scorer sets
+weights on the chain. The stack prints each round's scoreboard, then one Generate, a summary, the
+chain's weights and the global versions, and stops every process (also on Ctrl-C). The honest
+miners save their weights on shutdown, so `serve` can bring the model back.
 
 Every process has its own development wallet under `<STACK_RUN_DIR>/wallets` (unencrypted,
 made by `subnet.identity.create_dev_wallet`), registered on the local chain (in the stack's
-Redis; the router with stake, so it holds a validator permit): the experts accept the router
-(allow-list and chain), the router accepts the stack's client hotkey, which signs Generate.
-An embedded S3 server (SeaweedFS) holds the signed checkpoints every service publishes each
-round (services/stack/subnet_layer.py); its data is a temporary directory, removed at the end.
+Redis; router, validator and scorer with stake, so they hold validator permits): the miners
+accept the router (allow-list) and validators (chain), the router accepts the stack's client
+hotkey, which signs Generate. An embedded S3 server (SeaweedFS) holds the checkpoints
+(services/stack/subnet_layer.py); its data is a temporary directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -66,59 +69,45 @@ def _prepare_run_dir(run: Path) -> None:
     (run / MARKER).write_text("made by python -m services.stack\n")
 
 
-class _Wallets:
-    """The stack's development wallets: one per expert service, the router's, the client's."""
-
-    def __init__(self, run: Path):
-        from subnet.identity import create_dev_wallet, load_identity
-
-        self.path = run / "wallets"
-        self._create = create_dev_wallet
-        self.router = load_identity(create_dev_wallet(self.path, "stack-router"))
-        self.client = load_identity(create_dev_wallet(self.path, "stack-client"))
-
-    def hotkey(self, name: str) -> str:
-        from subnet.identity import load_identity
-
-        return load_identity(self._create(self.path, name)).hotkey
-
-    def env(self, name: str, allow: str) -> dict[str, str]:
-        """WALLET_* of wallet `name` (made if missing) and the one hotkey it accepts calls from."""
-        wallet = self._create(self.path, name)
-        return {"WALLET_PATH": wallet.path, "WALLET_NAME": wallet.name, "WALLET_HOTKEY": wallet.hotkey,
-                "AUTH_ALLOWLIST": allow}
-
-
-def _start_experts(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path, wallets: _Wallets,
-                   subnet_env: dict[str, str]) -> list[str]:
-    from services.stack.placement import deal_experts
+def _start_miners(group, cfg, lm_cfg, redis_url: str, checkpoint: Path, run: Path, wallets, subnet_env,
+                  with_adversaries: bool) -> list:
+    from services.stack.miners import miner_env, plan_miners
     from services.stack.processes import wait_serving
 
-    endpoints = []
-    deals = deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, len(cfg.ports))
-    for s, (port, uids) in enumerate(zip(cfg.ports, deals)):
-        env = {"EXPERT_UIDS": ",".join(uids), "EXPERT_DIM": str(lm_cfg.dim),
-               "EXPERT_INTER_DIM": str(lm_cfg.moe_inter_dim), "EXPERT_PORT": str(port),
-               "REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(checkpoint),
-               "EXPERT_SAVE_PATH": str(run / f"experts-{s}.safetensors"),
-               "EXPERT_THREADS": str(cfg.expert_threads), "EXPERT_METRICS_PORT": str(cfg.metrics_port(1 + s)),
-               **wallets.env(f"stack-expert-{s}", allow=wallets.router.hotkey), "AUTH_CHAIN": "1", **subnet_env}
-        group.start(f"expert-{s}", ["-m", "services.expert"], env)
-        endpoints.append(f"127.0.0.1:{port}")
-        _say(f"expert service {s} on 127.0.0.1:{port} hosts {len(uids)} experts ({uids[0]} ... {uids[-1]})")
-    for s, endpoint in enumerate(endpoints):
-        wait_serving(endpoint, group, timeout_s=120, what=f"expert service {s}")
-    return endpoints
+    miners = plan_miners(cfg.ports, cfg.adversaries if with_adversaries else ())
+    for i, miner in enumerate(miners):
+        env = miner_env(miner, i, cfg, lm_cfg, redis_url, checkpoint, run, wallets, subnet_env)
+        group.start(miner.name, ["-m", "services.expert"], env)
+        role = f"adversary ({miner.adversary})" if miner.adversary else "honest miner"
+        _say(f"{miner.name} on {miner.endpoint}: {role}, hosts all {len(lm_cfg.moe_layers()) * lm_cfg.n_experts} "
+             f"experts")
+    for miner in miners:
+        wait_serving(miner.endpoint, group, timeout_s=120, what=miner.name)
+    return miners
 
 
-def _router_env(cfg, redis_url: str, wallets: _Wallets, subnet_env: dict[str, str]) -> dict[str, str]:
+def _router_env(cfg, redis_url: str, wallets, subnet_env: dict[str, str]) -> dict[str, str]:
     return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
             "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
             "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s),
             **wallets.env("stack-router", allow=wallets.client.hotkey), **subnet_env}
 
 
-def _generate(endpoint: str, prompt: str, max_new_tokens: int, wallets: _Wallets) -> tuple[str, int, float]:
+def _start_judges(group, cfg, redis_url: str, run: Path, init_dir: Path, wallets, subnet_env, n_miners: int) -> None:
+    """The validator (scores miners, merges) and the scorer (weights on the chain)."""
+    wallet_env = {k: v for k, v in wallets.env("stack-validator").items() if k.startswith("WALLET_")}
+    group.start("validator", ["-m", "services.validator"], {
+        "REDIS_URL": redis_url, "VALIDATOR_INIT_CHECKPOINT": str(init_dir), "VALIDATOR_RUN_DIR": str(run / "validator"),
+        "VALIDATOR_METRICS_PORT": str(cfg.metrics_port(1 + n_miners)), "VALIDATOR_THREADS": "1",
+        **wallet_env, **subnet_env})
+    wallet_env = {k: v for k, v in wallets.env("stack-scorer").items() if k.startswith("WALLET_")}
+    group.start("scorer", ["-m", "services.scorer"], {
+        "REDIS_URL": redis_url, "SCORER_RUN_DIR": str(run / "scorer"),
+        "SCORER_METRICS_PORT": str(cfg.metrics_port(2 + n_miners)), **wallet_env, **subnet_env})
+    _say(f"validator and scorer started (logs in {run / 'logs'}); scoreboards appear after each round")
+
+
+def _generate(endpoint: str, prompt: str, max_new_tokens: int, wallets) -> tuple[str, int, float]:
     from subnet.auth import SigningChannel
     from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
@@ -134,52 +123,36 @@ def _generate(endpoint: str, prompt: str, max_new_tokens: int, wallets: _Wallets
     return "".join(pieces), masked, time.perf_counter() - started
 
 
-def _merge_expert_files(run: Path, n_services: int) -> Path | None:
-    """One file with every expert, from the files the services wrote when they stopped."""
-    from safetensors.torch import save_file
+def _wait_for_router(endpoint: str, group, timeout_s: float, scoreboards) -> None:
+    """Until the router serves (it trains first), printing each round's scoreboard as it appears."""
+    from subnet import health
 
-    from subnet.expert_weights import FORMAT, load_expert_weights
-
-    tensors = {}
-    for s in range(n_services):
-        path = run / f"experts-{s}.safetensors"
-        if not path.exists():
-            return None
-        for uid, state in load_expert_weights(path).items():
-            tensors.update({f"{uid}.{name}": t.contiguous() for name, t in state.items()})
-    final = run / EXPERTS_FINAL
-    save_file(tensors, str(final), metadata={"format": FORMAT})
-    return final
+    deadline = time.monotonic() + timeout_s
+    while True:
+        group.check_alive()
+        scoreboards.poll()
+        try:
+            health.wait_serving(endpoint, 2.0, check_alive=group.check_alive, what="router", poll_s=0.25)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router did not serve within {timeout_s:.0f} s") from None
 
 
-def _summary(run: Path, text: str, masked_generate: int, gen_s: float, n_tokens: int) -> None:
-    from moe.train.metrics_log import METRICS_FILE, read_metrics
-
-    rows = read_metrics(run / METRICS_FILE)
-    last = rows[-1]
-    first = rows[0]
-    masked_train = sum(r.get("masked_calls") or 0 for r in rows)
-    tok_s = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    print("\n" + "=" * 72)
-    print(f"sample ({n_tokens} tokens in {gen_s:.1f}s):\n{text}")
-    print("-" * 72)
-    print(f"steps {last['step']}, {last['tokens']:,} tokens, {last['elapsed_s']:.0f}s")
-    print(f"val loss {first['val_loss']:.3f} -> {last['val_loss']:.3f} nats/token, "
-          f"val bpb {first['val_bpb']:.3f} -> {last['val_bpb']:.3f}")
-    domains = [k[len('val_bpb_'):] for k in last if k.startswith("val_bpb_")]
-    print("val bpb by domain: " + ", ".join(f"{d} {last['val_bpb_' + d]:.3f}" for d in domains))
-    if tok_s:
-        print(f"training throughput: {sum(tok_s) / len(tok_s):,.0f} tokens/s (mean over evaluation intervals)")
-    print(f"masked expert calls: {masked_train} in training, {masked_generate} while generating")
-    print("expert load per MoE layer (share of validation token assignments):")
-    for layer, shares in enumerate(last.get("expert_load") or []):
-        print(f"  layer {layer}: " + " ".join(f"{s:.2f}" for s in shares))
-    print(f"plots: {run / 'plots'}   metrics: {run / METRICS_FILE}")
-    print("-" * 72)
+def _final_experts(run: Path, miners) -> Path | None:
+    """The first honest miner's saved weights (every honest miner hosts every expert)."""
+    for miner in miners:
+        path = run / f"{miner.name}.safetensors"
+        if not miner.adversary and path.exists():
+            final = run / EXPERTS_FINAL
+            shutil.copyfile(path, final)
+            return final
+    return None
 
 
-def _start_subnet(cfg, redis_url: str, wallets: _Wallets):
-    """Embedded S3, the local chain, and every wallet registered on it (the router with stake)."""
+def _start_subnet(cfg, redis_url: str, wallets, miners_planned):
+    """Embedded S3, the local chain, and every wallet registered on it (router, validator and
+    scorer with stake: validator permits)."""
     from services.stack.subnet_layer import ROUTER_STAKE, SubnetLayer
 
     subnet = SubnetLayer(redis_url, cfg.s3_port)
@@ -187,8 +160,10 @@ def _start_subnet(cfg, redis_url: str, wallets: _Wallets):
     _say(f"S3 (SeaweedFS) on {subnet.endpoint}; local chain in redis, {subnet.chain_config.block_s:g} s blocks, "
          f"{subnet.schedule.tempo_blocks}-block rounds")
     subnet.register("router", wallets.router.hotkey, stake=ROUTER_STAKE)
-    for s in range(len(cfg.ports)):
-        subnet.register(f"expert-{s}", wallets.hotkey(f"stack-expert-{s}"))
+    subnet.register("validator", wallets.identity("stack-validator").hotkey, stake=ROUTER_STAKE)
+    subnet.register("scorer", wallets.identity("stack-scorer").hotkey, stake=ROUTER_STAKE)
+    for miner in miners_planned:
+        subnet.register(miner.name, wallets.identity(miner.wallet).hotkey)
     subnet.register("client", wallets.client.hotkey)
     return subnet
 
@@ -199,15 +174,21 @@ def run_stack(mode: str, cfg) -> int:
     from moe.train import PRESET_TRAIN_DEFAULTS, TrainConfig
     from moe.train.checkpoint import read_config, resolve_checkpoint
     from services.router.train import prepare_initial_checkpoint
+    from services.stack.miners import plan_miners
     from services.stack.processes import ProcessGroup, check_ports_free, wait_serving
+    from services.stack.report import ScoreboardPrinter, chain_status, global_history, training_summary
+    from services.stack.wallets import StackWallets
     from subnet.dev.redis_server import RedisServer
 
     run = Path(cfg.run_dir)
+    demo = mode == "demo"
+    planned = plan_miners(cfg.ports, cfg.adversaries if demo else ())
+    n_metrics = 1 + len(planned) + (2 if demo else 0)
     ports = {"redis": cfg.redis_port, "router": cfg.router_port, "s3": cfg.s3_port,
-             **{f"expert {i}": p for i, p in enumerate(cfg.ports)},
-             **{f"metrics {i}": cfg.metrics_port(i) for i in range(1 + len(cfg.ports)) if cfg.metrics_base_port}}
+             **{m.name: m.port for m in planned},
+             **{f"metrics {i}": cfg.metrics_port(i) for i in range(n_metrics) if cfg.metrics_base_port}}
     check_ports_free(ports)
-    if mode == "demo":
+    if demo:
         _prepare_run_dir(run)
         defaults = PRESET_TRAIN_DEFAULTS[cfg.preset]
         train_cfg = TrainConfig(minutes=cfg.train_minutes, batch_size=defaults["batch_size"], lr=defaults["lr"],
@@ -224,27 +205,32 @@ def run_stack(mode: str, cfg) -> int:
 
     group = ProcessGroup(run / "logs")
     redis = RedisServer(port=cfg.redis_port)
-    wallets = _Wallets(run)
-    subnet = None
+    wallets = StackWallets(run)
+    subnet, miners = None, planned
     try:
         redis.start()
         _say(f"redis on {redis.url}")
-        subnet = _start_subnet(cfg, redis.url, wallets)
+        subnet = _start_subnet(cfg, redis.url, wallets, planned)
         subnet_env = subnet.env()
-        _start_experts(group, cfg, lm_cfg, redis.url, experts_file, run, wallets, subnet_env)
+        miners = _start_miners(group, cfg, lm_cfg, redis.url, experts_file, run, wallets, subnet_env, demo)
         router_endpoint = f"127.0.0.1:{cfg.router_port}"
-        if mode == "demo":
+        if demo:
+            _start_judges(group, cfg, redis.url, run, run / "init", wallets, subnet_env, len(miners))
             _say(f"router: training {cfg.preset} with remote experts for {cfg.train_minutes:g} minutes")
             group.start("router", ["-m", "services.router", "train", "--init", str(ckpt), "--out", str(run),
                                    "--serve"], _router_env(cfg, redis.url, wallets, subnet_env), show_output=True)
-            wait_serving(router_endpoint, group, timeout_s=cfg.train_minutes * 60 + 600, what="router")
+            scoreboards = ScoreboardPrinter(run / "scorer")
+            _wait_for_router(router_endpoint, group, cfg.train_minutes * 60 + 600, scoreboards)
             text, masked, gen_s = _generate(router_endpoint, cfg.prompt, cfg.max_new_tokens, wallets)
-            _summary(run, cfg.prompt + text, masked, gen_s, cfg.max_new_tokens)
+            scoreboards.poll()
+            training_summary(run, cfg.prompt + text, masked, gen_s, cfg.max_new_tokens)
             for line in subnet.summary():
                 print(line)
+            print("chain (local, in redis):\n" + chain_status(subnet.chain, subnet.schedule))
+            print("global versions (merged by the validator):\n" + "\n".join(global_history(subnet.store)))
+            _plot_scores(run)
             subnet.write_history(run / "commitments.json")
-            print(f"commitments: {run / 'commitments.json'}; chain: python -m subnet.chain status "
-                  f"(CHAIN_REDIS_URL={redis.url}) while the stack runs")
+            print(f"commitments: {run / 'commitments.json'}; scoreboards: {run / 'scorer'}")
             print("=" * 72)
         else:
             group.start("router", ["-m", "services.router", "serve"],
@@ -264,15 +250,26 @@ def run_stack(mode: str, cfg) -> int:
         # From here on a signal only takes note: raising inside the clean-up would leave it half done.
         signal.signal(signal.SIGINT, _note_signal)
         signal.signal(signal.SIGTERM, _note_signal)
-        group.stop()      # the experts publish once more on SIGTERM: S3 and Redis stop after them
+        group.stop()      # the miners publish once more on SIGTERM: S3 and Redis stop after them
         if subnet is not None:
             subnet.stop()
         redis.stop()
-        if mode == "demo":
-            merged = _merge_expert_files(run, len(cfg.ports))
-            if merged:
-                _say(f"expert weights saved to {merged}; `make serve` serves this model")
+        if demo:
+            final = _final_experts(run, miners)
+            if final:
+                _say(f"expert weights saved to {final}; `make serve` serves this model")
         _say("all processes stopped")
+
+
+def _plot_scores(run: Path) -> None:
+    history = run / "scorer" / "ema_history.jsonl"
+    if not history.exists():
+        print("scores.png: no scores yet (no round finished while training)")
+        return
+    from services.scorer.plot import plot_ema
+
+    out = plot_ema(history, run / "scores.png")
+    print(f"scores per miner over rounds: {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

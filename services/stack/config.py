@@ -15,8 +15,11 @@ class StackConfig:
     redis_port: int = env("STACK_REDIS_PORT", 6399, "embedded Redis port")
     router_port: int = env("STACK_ROUTER_PORT", 50050, "router gRPC port")
     expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("50061", "50062"),
-                                        "one port per expert service; the experts of every layer are "
-                                        "dealt round robin across the services")
+                                        "one port per honest miner; each hosts every routed expert (replicas); "
+                                        "the adversaries take the ports after the last one")
+    adversaries: tuple[str, ...] = env("STACK_ADVERSARIES", ("lazy", "copycat"),
+                                       "adversarial test miners the demo adds (lazy, noisy, copycat, liar; empty = "
+                                       "none), to show that cheaters lose")
     s3_port: int = env("STACK_S3_PORT", 8333, "embedded S3 server (SeaweedFS) port; its other ports are picked free")
     metrics_base_port: int = env("STACK_METRICS_BASE_PORT", 9100,
                                  "router metrics here, expert services on the next ports; 0 = off")
@@ -37,7 +40,12 @@ class StackConfig:
         except ValueError:
             raise ValueError(f"STACK_EXPERT_PORTS={','.join(self.expert_ports)!r} must be comma-separated "
                              "integers") from None
-        everything = [self.redis_port, self.router_port, self.s3_port, *ports]
+        from services.expert.adversary import MODES
+        unknown = [a for a in self.adversaries if a not in MODES]
+        if unknown:
+            raise ValueError(f"STACK_ADVERSARIES: unknown {unknown}; choose from {', '.join(MODES)}")
+        everything = [self.redis_port, self.router_port, self.s3_port, *ports,
+                      *range(max(ports) + 1, max(ports) + 1 + len(self.adversaries))]
         if len(set(everything)) != len(everything) or not all(0 < p < 65536 for p in everything):
             raise ValueError(f"stack ports must be distinct and in 1..65535, got {everything}")
         if self.train_minutes <= 0 or self.max_new_tokens <= 0:

@@ -89,10 +89,11 @@ class SubnetLayer:
                  f"({self.schedule.tempo_blocks} blocks of {self.chain_config.block_s:g} s per round)"]
         keys = self.store.list("checkpoints/") if self.store else []
         for m in self.members:
-            if m.name.startswith("client"):
+            if m.name in ("client", "scorer"):
                 continue
-            mine = [k for k in keys if k.endswith("manifest.json") and (f"/{m.hotkey}/" in k or
-                                                                         (m.name == "router" and "/trunk/" in k))]
+            mine = [k for k in keys if k.endswith("manifest.json") and (
+                f"/{m.hotkey}/" in k or (m.name == "router" and "/trunk/" in k)
+                or (m.name == "validator" and "/global/" in k))]
             example = next(iter(sorted(mine, key=_round_of, reverse=True)), "-")
             lines.append(f"  {m.name:<9} uid {m.uid:<2} {m.hotkey[:10]}...  commitments revealed in rounds "
                          f"{revealed[m.name] or '-'}; {len(mine)} checkpoints in s3://{BUCKET}, newest {example}")

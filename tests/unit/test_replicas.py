@@ -195,3 +195,11 @@ def test_background_refresh_never_makes_a_choice_wait_for_a_stalled_registry():
     finally:
         registry.release.set()
         replicas.stop()
+
+
+def test_before_anyone_earned_the_policy_decides_and_zero_ema_is_avoided_only_when_others_earned():
+    entries = {"0.1": [keyed("0.1", "a:1", "A"), keyed("0.1", "b:1", "B")]}
+    cold, _, _ = make(entries, scores=Scores({"A": 0.0, "B": 0.0}))
+    assert {cold.choose("0.1").endpoint for _ in range(10)} == {"a:1", "b:1"}  # training can start
+    warm, _, _ = make(entries, scores=Scores({"A": 0.0, "B": 0.4}))
+    assert {warm.choose("0.1").endpoint for _ in range(50)} == {"b:1"}  # the lazy one is left out

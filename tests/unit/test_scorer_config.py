@@ -13,7 +13,7 @@ from subnet.validation_results import ValidationResult
 def test_defaults_and_required_redis_url():
     config = from_env(ScorerConfig, {"REDIS_URL": "redis://h:1/0"})
     assert (config.w_loss, config.w_diversity, config.w_active) == (0.6, 0.2, 0.2)
-    assert (config.loss_scale, config.ema_alpha, config.ban_ema) == (0.02, 0.3, 0.01)
+    assert (config.loss_scale, config.ema_alpha, config.ban_ema) == (0.02, 0.3, 0.0)
     assert config.key_prefix == "moe:scores:" and config.validation_prefix == "moe:validation:"
     with pytest.raises(ConfigError, match="REDIS_URL is required"):
         from_env(ScorerConfig, {})
