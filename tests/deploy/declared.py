@@ -48,13 +48,15 @@ SERVICES: dict[str, Service] = {
         grpc_port="EXPERT_PORT", metrics_port="EXPERT_METRICS_PORT", bind_host="EXPERT_HOST",
         health_service="moe.v1.Expert"),
     "services.router": Service(
-        configs=("services.router.config:RouterConfig", "services.router.tracing:TracingConfig"),
+        configs=("services.router.config:RouterConfig",),
         grpc_port="ROUTER_PORT", metrics_port="ROUTER_METRICS_PORT", bind_host="ROUTER_HOST",
         health_service="moe.v1.Router"),
     "services.scorer": Service(
         configs=("services.scorer.config:ScorerConfig",), metrics_port="SCORER_METRICS_PORT",
         bind_host="SCORER_METRICS_HOST"),
-    # "services.validator": Service(configs=(...)) once it exists.
+    "services.validator": Service(
+        configs=("services.validator.config:ValidatorConfig",), metrics_port="VALIDATOR_METRICS_PORT",
+        bind_host="VALIDATOR_HOST"),
 }
 
 # Command-line tools the deploy files run as one-shots (no --env-table, no ports).

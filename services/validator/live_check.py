@@ -1,0 +1,70 @@
+"""The verification gate: does the miner's live service compute what its published weights compute?
+
+The validator sends the round's probe activations to every replica the registry lists for
+the miner's hotkey (one signed, non-training Forward per expert and replica, all in flight
+at once) and compares the answers with the published weights' outputs on the same inputs.
+Weights keep training between the commit and the validate phase, so the thresholds allow a
+little drift; a service serving other weights, or none, fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.validator.scoring import live_mismatch, max_abs_diff, output_cosine
+from subnet.expert_client import ExpertClientPool
+from subnet.registry import ExpertRegistry
+from subnet.tensor_codec import TensorError, decode, encode
+
+
+@dataclass(frozen=True)
+class LiveThresholds:
+    min_cosine: float
+    max_abs: float
+    timeout_s: float
+
+
+def check_live(registry: ExpertRegistry, clients: ExpertClientPool, hotkey: str, probes: Mapping[str, torch.Tensor],
+               expected: Mapping[str, torch.Tensor], limits: LiveThresholds) -> tuple[str, dict]:
+    """("" or the reason the gate fails, {uid: [{endpoint, cosine, max_abs}]}). `probes` and
+    `expected` map each of the miner's uids to inputs (n, dim) and published outputs (n, dim)."""
+    replicas = {uid: [r for r in reps if r.hotkey == hotkey] for uid, reps in registry.all_replicas().items()}
+    missing = [uid for uid in sorted(probes) if not replicas.get(uid)]
+    if missing:
+        return f"no live service of {hotkey} is registered for expert {', '.join(missing)}", {}
+    calls = []
+    for uid in sorted(probes):
+        for replica in replicas[uid]:
+            client = clients.get(replica.endpoint, hotkey)
+            future = client.forward(uid, encode(probes[uid].float()), call_id=f"validate-{uuid.uuid4().hex[:12]}",
+                                    step=0, training=False, timeout_s=limits.timeout_s)
+            calls.append((uid, replica.endpoint, future))
+    details: dict[str, list[dict]] = {}
+    reason = ""
+    for uid, endpoint, future in calls:  # every answer is awaited: none is left running
+        try:
+            out = decode(future.result().outputs, expected_dim=probes[uid].shape[1],
+                         max_elements=probes[uid].numel(), name="outputs")
+            if out.shape != expected[uid].shape:
+                raise TensorError(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"shape {tuple(out.shape)}, expected {tuple(expected[uid].shape)}")
+        except grpc.RpcError as e:
+            details.setdefault(uid, []).append({"endpoint": endpoint, "error": f"{e.code().name}: {e.details()}"})
+            reason = reason or (f"live service {endpoint} of expert {uid} is unreachable or refused the probe "
+                                f"({e.code().name}: {e.details()})")
+            continue
+        except TensorError as e:
+            details.setdefault(uid, []).append({"endpoint": endpoint, "error": str(e)})
+            reason = reason or f"live service {endpoint} of expert {uid} answered malformed outputs: {e}"
+            continue
+        cosine, max_abs = output_cosine(out, expected[uid]), max_abs_diff(out, expected[uid])
+        details.setdefault(uid, []).append({"endpoint": endpoint, "cosine": cosine, "max_abs": max_abs})
+        mismatch = live_mismatch(cosine, max_abs, limits.min_cosine, limits.max_abs)
+        if mismatch and not reason:
+            reason = f"{mismatch} for expert {uid} at {endpoint}"
+    return reason, details
