@@ -112,15 +112,16 @@ class Evaluator:
                  clients: ExpertClientPool):
         self.settings, self.store, self.registry, self.clients = settings, store, registry, clients
         self._lock = threading.Lock()
-        self._baselines: dict[tuple[int, int], Baseline] = {}
+        self._baselines: dict[tuple[int, int, int], Baseline] = {}
         self._loaded: dict[tuple[int, str, str], dict | Exception] = {}
         self._local = threading.local()
+        self._live: dict[tuple[int, str, str], tuple] = {}  # early verification gates, per submission
 
     # -- shared per round ---------------------------------------------------------------------
 
     def baseline(self, glob: GlobalModel, corpus: Corpus, round: int) -> Baseline:
         with self._lock:  # one thread computes it; glob.model is touched only under this lock
-            key = (glob.version, round)
+            key = (glob.version, round, id(glob.model))  # a round's model may carry that round's trunk
             if key not in self._baselines:
                 self._baselines[key] = self._compute_baseline(glob, corpus, round)
                 for old in sorted(self._baselines, key=lambda k: k[1])[:-_KEEP_ROUNDS]:
@@ -171,10 +172,11 @@ class Evaluator:
         return found
 
     def _model(self, glob: GlobalModel):
-        if getattr(self._local, "version", None) != glob.version:
+        # Keyed by the model object, not the version: a round's model may carry that round's trunk.
+        if getattr(self._local, "source", None) is not glob.model:
             with self._lock:
                 self._local.model = copy.deepcopy(glob.model)
-            self._local.version = glob.version
+            self._local.source = glob.model
         return self._local.model
 
     # -- one miner ------------------------------------------------------------------------------
@@ -211,9 +213,9 @@ class Evaluator:
                                  for j in range(glob.lm_cfg.n_experts) if j != index]
         copy_of = self._copied_from(sub, earlier, glob, base, outputs)
 
-        live_reason, live = check_live(self.registry, self.clients, sub.hotkey,
-                                       {uid: base.probes[parse_expert_uid(uid)[0]] for uid in uids}, outputs,
-                                       self.settings.live)
+        with self._lock:
+            early = self._live.get((sub.round, sub.hotkey, sub.digest))
+        live_reason, live = early or self._check_live(sub.hotkey, uids, base, outputs)
         reasons = [r for r in (f"copy of {copy_of}" if copy_of else "", live_reason) if r]
         details = {"global_version": glob.version, "shares": shares,
                    "diversity": {uid: diversity([similarities[uid]]) for uid in uids}, "live": live,
@@ -224,6 +226,24 @@ class Evaluator:
                                 diversity=diversity([similarities[uid] for uid in uids]),
                                 active_ratio=active_ratio(shares.values(), self.settings.active_threshold),
                                 copy_of=copy_of, reason="; ".join(reasons), details=details)
+
+    def _check_live(self, hotkey: str, uids: Sequence[str], base: Baseline, outputs: dict[str, torch.Tensor]):
+        return check_live(self.registry, self.clients, hotkey,
+                          {uid: base.probes[parse_expert_uid(uid)[0]] for uid in uids}, outputs, self.settings.live)
+
+    def probe_live(self, glob: GlobalModel, base: Baseline, sub: Submission) -> None:
+        """The verification gate for `sub`, now (early, right after its reveal); kept for its evaluation.
+        A checkpoint that does not verify is left to the evaluation, which reports it."""
+        try:
+            states = self.submission_states(sub, glob)
+        except CheckpointVerificationError:
+            return
+        uids = sorted(states, key=parse_expert_uid)
+        outcome = self._check_live(sub.hotkey, uids, base, expert_outputs(states, base.probes))
+        with self._lock:
+            self._live[(sub.round, sub.hotkey, sub.digest)] = outcome
+            for key in [k for k in self._live if k[0] < sub.round - _KEEP_ROUNDS]:
+                del self._live[key]
 
     def _copied_from(self, sub: Submission, earlier: Sequence[Submission], glob: GlobalModel, base: Baseline,
                      outputs: dict[str, torch.Tensor]) -> str:

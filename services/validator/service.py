@@ -76,7 +76,12 @@ class ValidatorService:
 
     def _on_phase(self, now: RoundPhase) -> None:
         self.validator.metrics.on_phase(now)
-        if now.phase == "validate":
+        if now.phase == "reveal":
+            # Probe the live services as soon as the miners reveal: the weights they serve keep
+            # training, so the closer to the commitment, the less honest drift the gate must allow.
+            reveal_s = now.blocks_left_in_phase * self.validator.chain.hyperparameters().block_s
+            self._merges.submit(self._early_live, now.round, reveal_s)
+        elif now.phase == "validate":
             self.validator.enqueue_round(now.round)
         elif now.phase == "merge":
             try:
@@ -85,6 +90,12 @@ class ValidatorService:
                 log.warning("round %d: could not enqueue: %s: %s", now.round, type(e).__name__, e)
             wait_s = now.blocks_left_in_phase * self.validator.chain.hyperparameters().block_s / 2
             self._merges.submit(self._merge, now.round, wait_s)
+
+    def _early_live(self, round: int, reveal_s: float) -> None:
+        try:
+            self.validator.early_live_checks(round, wait_s=reveal_s * 0.6)
+        except Exception as e:  # the validate phase checks whoever was not probed here
+            log.warning("round %d: early live checks failed: %s: %s", round, type(e).__name__, e)
 
     def _merge(self, round: int, wait_s: float) -> None:
         try:

@@ -16,6 +16,7 @@ evaluation.Evaluator, the queue mechanics from task_queue.TaskQueue, the merge f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,9 +26,16 @@ import time
 import redis
 
 from moe.data import Corpus
+from moe.train.checkpoint import WEIGHTS_FILE
 from services.validator.config import ValidatorConfig
 from services.validator.evaluation import EvalSettings, Evaluator, run_batches
-from services.validator.global_model import GlobalModel, bootstrap_global, read_global, validation_corpus
+from services.validator.global_model import (
+    GlobalModel,
+    bootstrap_global,
+    build_model,
+    read_global,
+    validation_corpus,
+)
 from services.validator.merge import MergeOutcome, Merger
 from services.validator.metrics import ValidatorMetrics
 from services.validator.submissions import round_submissions
@@ -62,6 +70,7 @@ class Validator:
         self.name = f"{identity.hotkey[:10]}-{os.getpid()}"
         self._lock = threading.Lock()
         self._globals: dict[int, GlobalModel] = {}
+        self._round_models: dict[tuple[int, int], GlobalModel] = {}
         self._corpora: dict[str, Corpus] = {}
         self._merge_lock = threading.Lock()
 
@@ -145,8 +154,50 @@ class Validator:
                  f" -- {result.reason}" if result.reason else "", "" if stored else " (already stored)")
         return result if stored else None
 
+    def round_model(self, glob: GlobalModel, round: int) -> GlobalModel:
+        """The global model as the miners of `round` trained against it: the global experts with the
+        trunk the router revealed for that round (when a trusted one verifies), so a miner's experts
+        and the global ones are compared under the trunk they were both meant for. Otherwise the
+        global version itself. Cached per (version, round)."""
+        key = (glob.version, round)
+        with self._lock:
+            cached = self._round_models.get(key)
+        if cached is not None:
+            return cached
+        _, trunks = round_submissions(self.chain.commitments(round))
+        trusted = set(self.config.trunk_signers) or set(self.chain.metagraph().validator_hotkeys)
+        files, signer = self.merger._trunk(glob, trunks, trusted)
+        if not signer:  # not revealed (yet): the global version itself, not cached so a later call can
+            return glob  # still pick the round's trunk up
+        model = dataclasses.replace(glob, files=files, model=build_model(
+            glob.lm_cfg, files[WEIGHTS_FILE], glob.experts, f"round {round} trunk of {signer[:10]}"))
+        log.info("round %d: evaluating against global version %d with the round's trunk", round, glob.version)
+        with self._lock:
+            self._round_models[key] = model
+            for old in sorted(self._round_models)[:-2]:
+                del self._round_models[old]
+        return model
+
+    def early_live_checks(self, round: int, wait_s: float = 0.0) -> int:
+        """Probe the live service of every miner that has revealed `round` (waiting up to `wait_s`
+        for reveals), keeping the outcome for its evaluation; returns how many were probed."""
+        glob = self.round_model(self.global_model(), round)
+        base = self.evaluator.baseline(glob, self.corpus(glob), round)
+        deadline = time.monotonic() + wait_s
+        done: set[str] = set()
+        while True:
+            miners, _ = round_submissions(self.chain.commitments(round))
+            for sub in miners:
+                if sub.hotkey not in done:
+                    done.add(sub.hotkey)
+                    self.evaluator.probe_live(glob, base, sub)
+            if time.monotonic() >= deadline:
+                return len(done)
+            time.sleep(0.5)
+
     def _evaluate(self, task: Task) -> ValidationResult:
         glob = self.global_model(task.global_version if task.global_version >= 0 else None)
+        glob = self.round_model(glob, task.round)
         miners, _ = round_submissions(self.chain.commitments(task.round))
         sub = next((s for s in miners if s.hotkey == task.hotkey), None)
         if sub is None:
