@@ -59,6 +59,10 @@ class ExpertGroup(ABC):
     def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:  # noqa: B027
         """Apply the optimizer step outside this process (grads scaled by `grad_scale` first)."""
 
+    def skip_external_step(self) -> None:  # noqa: B027
+        """Discard this step's gradients outside this process without an update: the trainer skips
+        a step whose global gradient norm is NaN or Inf, here as in its own optimizer."""
+
 
 class LocalExperts(nn.Module, ExpertGroup):
     """The in-process reference: the experts are modules of this process.

@@ -94,10 +94,11 @@ class ExpertClient:
 
     def apply_step(self, uid: str, *, step: int, lr: float, grad_scale: float, weight_decay: float,
                    beta1: float, beta2: float, eps: float, timeout_s: float, session_id: str = "",
-                   metadata: Metadata = ()) -> grpc.Future:
+                   skip: bool = False, metadata: Metadata = ()) -> grpc.Future:
+        """`skip`: discard the step's gradients without an update (the other numbers are then ignored)."""
         request = expert_pb2.ApplyStepRequest(expert_uid=uid, step=step, lr=lr, grad_scale=grad_scale,
                                               weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
-                                              session_id=session_id)
+                                              session_id=session_id, skip=skip)
         return self._stub.ApplyStep.future(request, timeout=timeout_s, metadata=metadata)
 
     def info(self, *, timeout_s: float, metadata: Metadata = ()) -> expert_pb2.InfoResponse:

@@ -9,6 +9,10 @@ bytes (dtype, rank, shape, size limits, byte length), then views the bytes as a 
 (`torch.frombuffer`, no copy for fp32; one upcast copy for bf16/fp16) and rejects NaN/Inf.
 Errors are `TensorError(code, message)` with a `grpc.StatusCode`, so a servicer can pass
 them straight to `context.abort`.
+
+"int8" (DTYPE_INT8_BLOCK64, layout in tensor.proto) is lossy: symmetric absmax quantization
+per block of 64 values, round to nearest, so every value comes back within
+absmax(its block) / 254 (plus fp32 rounding). Decoding costs one copy and one multiply.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ WIRE_DTYPES: dict[str, int] = {
     "fp32": tensor_pb2.DTYPE_FLOAT32,
     "bf16": tensor_pb2.DTYPE_BFLOAT16,
     "fp16": tensor_pb2.DTYPE_FLOAT16,
+    "int8": tensor_pb2.DTYPE_INT8_BLOCK64,
 }
 DTYPE_NAMES: dict[int, str] = {v: k for k, v in WIRE_DTYPES.items()}
 _TORCH_DTYPES: dict[int, torch.dtype] = {
@@ -41,11 +46,13 @@ _NUMPY_VIEW: dict[int, tuple[torch.dtype, str]] = {
     tensor_pb2.DTYPE_BFLOAT16: (torch.int16, "<i2"),
     tensor_pb2.DTYPE_FLOAT16: (torch.float16, "<f2"),
 }
-ITEMSIZE: dict[int, int] = {
+ITEMSIZE: dict[int, int] = {      # the float dtypes; int8 bytes are int8_nbytes(numel)
     tensor_pb2.DTYPE_FLOAT32: 4,
     tensor_pb2.DTYPE_BFLOAT16: 2,
     tensor_pb2.DTYPE_FLOAT16: 2,
 }
+INT8_BLOCK = 64      # values per scale (DTYPE_INT8_BLOCK64); divides every preset's dim, so no block spans two tokens
+_INT8_MAX = 127      # symmetric: -128 stays unused, so q and -q are both representable
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
@@ -84,12 +91,14 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | None = None) -> tensor_pb2.Tensor:
-    """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16" or "fp16"). With `check_finite`
+    """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16", "fp16" or "int8"). With `check_finite`
     (the tensor's name), a value that is not finite in the wire dtype (an fp16 overflow included)
     raises TensorError(INVALID_ARGUMENT) instead of being sent."""
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {', '.join(WIRE_DTYPES)}")
     enum = WIRE_DTYPES[wire_dtype]
+    if enum == tensor_pb2.DTYPE_INT8_BLOCK64:
+        return _encode_int8(t, check_finite)
     view_dtype, np_dtype = _NUMPY_VIEW[enum]
     t = t.detach().to(device="cpu", dtype=_TORCH_DTYPES[enum]).contiguous()
     if check_finite and not all_finite(t):
@@ -115,7 +124,7 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
     """
     bad = grpc.StatusCode.INVALID_ARGUMENT
     dtype = msg.dtype
-    if dtype not in ITEMSIZE:
+    if dtype not in DTYPE_NAMES:
         raise TensorError(bad, f"{name} has dtype {wire_dtype_name(dtype)}; "
                                f"set it to one of {', '.join(WIRE_DTYPES)}")
     allowed_set = set(WIRE_DTYPES.values()) if allowed is None else set(allowed)
@@ -137,8 +146,10 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
         raise TensorError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
                           f"{max_elements}; split it into smaller requests")
-    itemsize = ITEMSIZE[dtype]
     data = msg.data
+    if dtype == tensor_pb2.DTYPE_INT8_BLOCK64:
+        return _decode_int8(data, shape, numel, name)
+    itemsize = ITEMSIZE[dtype]
     if len(data) != numel * itemsize:
         raise TensorError(bad, f"{name} has {len(data)} bytes but shape {shape} with dtype "
                                f"{wire_dtype_name(dtype)} needs {numel * itemsize} "
@@ -163,3 +174,63 @@ def _view(data: bytes | bytearray | memoryview, dtype: int) -> torch.Tensor:
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         t = torch.frombuffer(data, dtype=view_dtype)
     return t.view(_TORCH_DTYPES[dtype])
+
+
+# ---- int8: blockwise absmax quantization (layout in tensor.proto) ------------------------------
+
+def int8_nbytes(numel: int) -> int:
+    """Bytes of a DTYPE_INT8_BLOCK64 tensor of `numel` values: fp32 block scales, then int8 values."""
+    return 4 * -(-numel // INT8_BLOCK) + numel
+
+
+def _encode_int8(t: torch.Tensor, check_finite: str | None) -> tensor_pb2.Tensor:
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    flat = t.reshape(-1)
+    n = flat.numel()
+    n_blocks = -(-n // INT8_BLOCK)
+    pad = n_blocks * INT8_BLOCK - n
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(n_blocks, INT8_BLOCK)
+    # amax and amin apart: no |x| temporary the size of the tensor (and torch.aminmax is 7x slower here).
+    scale = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg_()).div_(_INT8_MAX)   # (n_blocks,)
+    if check_finite and not _scales_ok(scale):
+        raise TensorError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{check_finite} would not be finite in int8 (NaN/Inf, or values near the fp32 "
+                          f"limit); send finite numbers or use a float wire dtype")
+    # Divide (not multiply by 1/scale): 1/scale overflows for subnormal scales. Zero blocks divide by 1.
+    q = blocks / torch.where(scale == 0, 1.0, scale)[:, None]
+    q = q.round_().clamp_(-_INT8_MAX, _INT8_MAX).view(-1)[:n]
+    out = torch.empty(4 * n_blocks + n, dtype=torch.uint8)
+    out[4 * n_blocks:].view(torch.int8).copy_(q)   # exact: q holds integers in [-127, 127]
+    out[:4 * n_blocks].copy_(torch.from_numpy(scale.numpy().astype("<f4").view(np.uint8)))
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT8_BLOCK64, shape=list(t.shape), data=out.numpy().tobytes())
+
+
+def _decode_int8(data: bytes | bytearray | memoryview, shape: list[int], numel: int, name: str) -> torch.Tensor:
+    """The float32 tensor of an int8 message whose shape was checked; checks the byte count and scales."""
+    n_blocks = -(-numel // INT8_BLOCK)
+    if len(data) != int8_nbytes(numel):
+        raise TensorError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{name} has {len(data)} bytes but shape {shape} with dtype int8 needs "
+                          f"{int8_nbytes(numel)} ({n_blocks} x 4-byte block scales + {numel} x 1 byte); "
+                          f"the data does not match the shape")
+    # The scales are 1/16 of the bytes: copying them (and fixing their byte order) costs little.
+    scale = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=n_blocks).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # we never write
+        q = torch.frombuffer(data, dtype=torch.int8, count=numel, offset=4 * n_blocks)
+    if not _scales_ok(scale):
+        n_bad = int((~torch.isfinite(scale * _INT8_MAX)).sum())
+        raise TensorError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{name} has {n_bad} block scales that are NaN or Inf or would overflow fp32 "
+                          f"(|scale| * 127 > 3.4e38); send finite numbers")
+    out = torch.empty(n_blocks * INT8_BLOCK)
+    out[:numel].copy_(q)                              # the one copy: int8 -> fp32
+    out[numel:].zero_()                               # the short last block's padding
+    out.view(n_blocks, INT8_BLOCK).mul_(scale[:, None])
+    return out[:numel].view(shape)
+
+
+def _scales_ok(scale: torch.Tensor) -> bool:
+    """Every value q * scale (|q| <= 127) is finite: fp32 rounding is monotonic, so the largest
+    |scale| * 127 bounds them all; NaN propagates through amax."""
+    return scale.numel() == 0 or bool(torch.isfinite(scale.abs().amax() * _INT8_MAX))

@@ -6,8 +6,10 @@
 One step: tell every expert group the step id, forward (the model's loss already holds the
 weighted load-balance and z losses), backward, clip by the global gradient norm of local
 AND external (remote) expert gradients, AdamW on the local parameters, then let each
-expert group apply its own step with the same learning rate and clip factor. Every
-`eval_every` steps: per-domain validation, a metrics row, a checkpoint.
+expert group apply its own step with the same learning rate and clip factor. A step whose
+global norm is NaN or Inf is skipped everywhere: no local update, and every expert group
+discards its gradients (`skip_external_step`). Every `eval_every` steps: per-domain
+validation, a metrics row (`skipped_steps` counts those), a checkpoint.
 
 The trainer does not build the model, the corpus or the plots: callers pass in what they
 built (a model with remote experts, a corpus with user data) and draw plots afterwards.
@@ -54,6 +56,7 @@ class _Interval:
         self.seconds = 0.0
         self.loss = self.ce = self.aux = self.z = self.grad_norm = 0.0
         self.masked_calls = 0
+        self.skipped_steps = 0   # steps whose gradient norm was not finite: not in grad_norm's mean
         self.counts = torch.zeros(n_layers, n_experts, dtype=torch.long)
 
     def add(self, loss: float, stats: dict, tokens: int, seconds: float, grad_norm: float) -> None:
@@ -64,20 +67,25 @@ class _Interval:
         self.ce += stats["ce_loss"]
         self.aux += stats["aux_loss"]
         self.z += stats["z_loss"]
-        self.grad_norm += grad_norm
+        if math.isfinite(grad_norm):
+            self.grad_norm += grad_norm
+        else:
+            self.skipped_steps += 1
         self.masked_calls += int(stats.get("masked_calls", 0))
         self.counts += stats["expert_counts"].cpu()
 
     def row(self) -> dict:
         """The interval's part of a metrics row; None where no step ran (the row at step 0)."""
         n = self.steps
+        normed = n - self.skipped_steps
         totals = self.counts.sum(dim=1, keepdim=True).clamp_min(1)
         return {
             "train_loss": self.ce / n if n else None,              # cross-entropy, comparable with val_loss
             "train_total_loss": self.loss / n if n else None,      # what was minimized: ce + weighted aux + z
             "aux_loss": self.aux / n if n else None,
             "z_loss": self.z / n if n else None,
-            "grad_norm": self.grad_norm / n if n else None,        # before clipping
+            "grad_norm": self.grad_norm / normed if normed else None,   # before clipping; finite ones
+            "skipped_steps": self.skipped_steps,
             "tokens_per_s": self.tokens / self.seconds if self.seconds else None,
             "masked_calls": self.masked_calls,
             "train_expert_load": (self.counts.double() / totals).tolist() if n else None,
@@ -157,12 +165,15 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def _clip(self, groups) -> tuple[float, float]:
-        """Global-norm clipping over local and external gradients; returns (norm, clip factor)."""
+    def _clip(self, groups) -> tuple[float, float | None]:
+        """Global-norm clipping over local and external gradients; returns (norm, clip factor), the
+        factor None when the norm is NaN or Inf: no factor makes such gradients usable (0 * Inf is NaN)."""
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         local_sq = float(torch.stack([g.detach().float().square().sum() for g in grads]).sum()) if grads else 0.0
         total_sq = local_sq + sum(float(g.external_grad_sq_norm()) for g in groups)
-        norm = math.sqrt(total_sq)
+        norm = math.sqrt(total_sq) if total_sq >= 0 else math.nan   # NaN >= 0 is False too
+        if not math.isfinite(norm):
+            return norm, None
         clip = 1.0
         if self.cfg.grad_clip > 0:
             clip = min(1.0, self.cfg.grad_clip / (norm + 1e-6))
@@ -187,10 +198,15 @@ class Trainer:
             raise FloatingPointError(f"training loss is {value} at step {self.step}; try a lower learning rate")
         loss.backward()
         norm, clip = self._clip(groups)
-        self.optimizer.step()
-        settings = self.cfg.optimizer_settings()
-        for g in groups:
-            g.apply_external_step(lr, clip, settings)
+        if clip is None:
+            self._log(f"step {self.step}: gradient norm is {norm}; the update is skipped (trunk and experts)")
+            for g in groups:
+                g.skip_external_step()
+        else:
+            self.optimizer.step()
+            settings = self.cfg.optimizer_settings()
+            for g in groups:
+                g.apply_external_step(lr, clip, settings)
         self._last_grad_norm = norm
         return value
 

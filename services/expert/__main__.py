@@ -16,6 +16,7 @@ import sys
 from services.expert.config import ExpertConfig
 from services.expert.server import ExpertServer, StartupError
 from subnet.envconfig import ConfigError, from_env, markdown_table
+from subnet.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("services.expert")
 
@@ -36,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    provider = setup_tracing(config.tracing, "expert")
     try:
         return asyncio.run(serve(config))
     except StartupError as e:
         print(f"services.expert: {e}", file=sys.stderr)
         return 2
     finally:
+        shutdown_tracing(provider)  # the last requests' spans, still queued for export
         # Stopped already: a repeated SIGTERM during interpreter shutdown must not turn a
         # clean exit into "killed by signal".
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.experts import SwiGLU
+from subnet.tensor_codec import all_finite
 
 
 class ExpertError(Exception):
@@ -51,6 +52,10 @@ class DuplicateBackward(ExpertError):
 
 class BadRequest(ExpertError):
     pass
+
+
+class NonFiniteGradients(ExpertError):
+    """The step's gradients hold NaN or Inf: they were discarded, nothing was applied."""
 
 
 @dataclass
@@ -235,8 +240,8 @@ class ExpertBackend:
                                f"its late Backward is refused")
         same_session = e.grad_step is None or e.grad_session == session_id
         if e.applied is not None and e.applied[0] == session_id and step <= e.applied[1]:
-            raise StepConflict(f"step {step} of this session was already applied on expert {uid} (last applied "
-                               f"step {e.applied[1]}); a late Backward cannot change it")
+            raise StepConflict(f"step {step} of this session was already applied (or skipped) on expert {uid} "
+                               f"(last step {e.applied[1]}); a late Backward cannot change it")
         if same_session and e.grad_step is not None and step < e.grad_step:
             raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
                                f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
@@ -306,27 +311,53 @@ class ExpertBackend:
                    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, session_id: str = "") -> int:
         """AdamW on the gradients accumulated for `step` (scaled by `grad_scale`, 0 = 1), then
         clear them; returns the version. No gradients at all (the expert got no tokens this
-        step) is a no-op, as for an in-process parameter whose .grad is None."""
+        step) is a no-op, as for an in-process parameter whose .grad is None. Gradients that are
+        not finite after scaling are discarded and NonFiniteGradients raised: one AdamW step on
+        them would turn every weight into NaN."""
         e = self._get(uid)
-        if e.grad_step is None:
+        if not self._holds(e, uid, step, session_id):
             return e.version
+        grads = [p.grad for p in e.module.parameters() if p.grad is not None]
+        if grad_scale not in (0.0, 1.0):
+            torch._foreach_mul_(grads, grad_scale)
+        if not all(all_finite(g) for g in grads):
+            self._finish(e, step)
+            raise NonFiniteGradients(f"the gradients of step {step} on expert {uid} are not finite (NaN or Inf"
+                                     f"{', after grad_scale' if grad_scale not in (0.0, 1.0) else ''}); they were "
+                                     f"discarded and nothing was applied (send skip=true for such a step)")
+        group = e.optimizer.param_groups[0]
+        group.update(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
+        if not self.lazy:
+            e.optimizer.step()
+        self._finish(e, step)
+        e.version += 1
+        return e.version
+
+    def skip_step(self, uid: str, step: int, session_id: str = "") -> int:
+        """Discard the gradients accumulated for `step` without an update (the router skips a step
+        whose global gradient norm is not finite); returns the version, unchanged. A late
+        Backward for the step is then refused, as after `apply_step`."""
+        e = self._get(uid)
+        if self._holds(e, uid, step, session_id):
+            self._finish(e, step)
+        return e.version
+
+    def _holds(self, e: _Expert, uid: str, step: int, session_id: str) -> bool:
+        """Whether `e` holds gradients of (`session_id`, `step`); StepConflict when it holds another's."""
+        if e.grad_step is None:
+            return False
         if e.grad_session != session_id:
             raise StepConflict(f"expert {uid} holds gradients of training session {e.grad_session!r}, "
                                f"not {session_id!r}; nothing applied")
         if e.grad_step != step:
             raise StepConflict(f"expert {uid} holds gradients for step {e.grad_step}, not {step}; "
                                f"nothing applied")
-        params = list(e.module.parameters())
-        if grad_scale not in (0.0, 1.0):
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
-        group = e.optimizer.param_groups[0]
-        group.update(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), eps=eps)
-        if not self.lazy:
-            e.optimizer.step()
+        return True
+
+    def _finish(self, e: _Expert, step: int) -> None:
+        """The step is over (applied, skipped or discarded): its gradients go, late Backwards are refused."""
         e.applied = (e.grad_session, step)
         self._clear_grads(e)
-        e.version += 1
-        return e.version
 
     def replace_weights(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Load new weights (a merged global version) into hosted experts; their optimizer state

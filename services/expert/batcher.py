@@ -7,7 +7,11 @@ per expert takes the queue's head, waits up to `batch_wait_ms` for more requests
 next one gathers, so batches grow by themselves under load.
 
 `ComputeWorker` is a single thread: the event loop never runs torch, and forwards,
-backwards and optimizer steps are ordered, so they never see half-updated weights.
+backwards and optimizer steps are ordered, so they never see half-updated weights. The
+requests that go to it directly (Backward, GradNorm, ApplyStep) pass its admission check
+(`submit`): at most `max_pending_tasks` of them wait or run at once, more is Overloaded,
+so a flood of Backwards queues neither without bound nor in memory (each holds its tensors).
+Forward is bounded by the batcher's own `max_queue_tokens`.
 
 Backward is not batched; it goes straight to the worker. Its cost is the parameter-gradient
 matmuls over the call's own tokens, which merging would not shrink; synchronous training
@@ -45,12 +49,29 @@ class ShuttingDown(Exception):
 class ComputeWorker:
     """One thread that runs every torch call of the service, in submission order."""
 
-    def __init__(self, threads: int = 0):
+    def __init__(self, threads: int = 0, max_pending_tasks: int = 0):
+        """`max_pending_tasks`: requests `submit` lets wait or run at once; 0 = no limit."""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expert-compute",
                                         initializer=partial(_set_threads, threads))
+        self.max_pending_tasks = max_pending_tasks
+        self.pending_tasks = 0   # submitted and not finished; changed on the event loop only
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` on the compute thread, unconditionally (forward batches, weight snapshots)."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    async def submit(self, rpc: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`run` for the work of one request `rpc`; Overloaded when `max_pending_tasks` already wait.
+        A caller that goes away (deadline, cancel) before its turn frees its place and its work is dropped."""
+        if self.max_pending_tasks and self.pending_tasks >= self.max_pending_tasks:
+            raise Overloaded(f"{rpc} refused: {self.pending_tasks} Backward/GradNorm/ApplyStep calls already wait "
+                             f"for this service's compute thread (limit {self.max_pending_tasks}); retry later or "
+                             f"on another replica")
+        self.pending_tasks += 1
+        try:
+            return await self.run(fn, *args, **kwargs)
+        finally:
+            self.pending_tasks -= 1
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ from subnet.envconfig import REQUIRED, env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
 from subnet.rounds import RoundConfig
+from subnet.telemetry import TracingConfig
 from subnet.tensor_codec import parse_wire_dtypes
 
 _LM = LMConfig()
@@ -47,6 +48,9 @@ class ExpertConfig:
                                   "tokens per request; more is RESOURCE_EXHAUSTED")
     max_queue_tokens: int = env("EXPERT_MAX_QUEUE_TOKENS", 65536,
                                 "tokens waiting per expert; more is RESOURCE_EXHAUSTED (overload); 0 = no limit")
+    max_pending_tasks: int = env("EXPERT_MAX_PENDING_TASKS", 64,
+                                 "Backward, GradNorm and ApplyStep calls waiting for (or on) the one compute "
+                                 "thread, all experts together; more is RESOURCE_EXHAUSTED (overload); 0 = no limit")
     max_message_mb: float = env("EXPERT_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
     activation_ttl_s: float = env("EXPERT_ACTIVATION_TTL_S", 60.0,
                                   "training activations kept for Backward at most this long")
@@ -94,6 +98,7 @@ class ExpertConfig:
     s3: S3Config = nested(S3Config)
     chain: ChainConfig = nested(ChainConfig)
     rounds: RoundConfig = nested(RoundConfig)
+    tracing: TracingConfig = nested(TracingConfig)  # OTEL_*: SERVER spans of the RPCs, exported over OTLP
 
     def __post_init__(self):
         if not self.uids:
@@ -117,6 +122,7 @@ class ExpertConfig:
         non_negative = {"EXPERT_PORT": self.port, "EXPERT_METRICS_PORT": self.metrics_port,
                         "EXPERT_BATCH_WAIT_MS": self.batch_wait_ms,
                         "EXPERT_MAX_QUEUE_TOKENS": self.max_queue_tokens,
+                        "EXPERT_MAX_PENDING_TASKS": self.max_pending_tasks,
                         "EXPERT_ACTIVATION_CACHE_MB": self.activation_cache_mb,
                         "EXPERT_THREADS": self.threads, "EXPERT_GRACE_S": self.grace_s,
                         "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms,

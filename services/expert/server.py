@@ -39,6 +39,7 @@ from services.expert.adversary import liar_answer
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
 from services.expert.config import ExpertConfig
+from services.expert.decode_guard import DecodeGuard
 from services.expert.metrics import ExpertMetrics
 from services.expert.rounds import ExpertRounds
 from services.expert.servicer import ExpertServicer
@@ -52,6 +53,7 @@ from subnet.identity import Identity, IdentityError
 from subnet.object_store import StoreError
 from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
+from subnet.telemetry import AioServerTracing
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,9 @@ class ExpertServer:
             except OSError as e:
                 raise StartupError(f"metrics port {c.metrics_port} on {c.host} is not available "
                                    f"({e.strerror}); set EXPERT_METRICS_PORT to a free port or 0") from None
-        self._grpc = grpc.aio.server(interceptors=[self.auth.aio_interceptor()] if self.auth else [], options=[
+        # Tracing outermost: a request the auth check rejects still gets its (ERROR) span.
+        interceptors = [AioServerTracing(), DecodeGuard()] + ([self.auth.aio_interceptor()] if self.auth else [])
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", c.max_message_bytes),
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -153,7 +157,7 @@ class ExpertServer:
         self.port = self._bind(c.host, c.port)
         await self._grpc.start()
 
-        self.worker = ComputeWorker(c.threads)
+        self.worker = ComputeWorker(c.threads, c.max_pending_tasks)
         experts = await self.worker.run(self._load_experts)
         self.backend = ExpertBackend(experts, c.device, c.activation_ttl_s, c.activation_cache_mb,
                                      lazy=c.adversary == "lazy", answer=liar_answer if c.adversary == "liar" else None)

@@ -33,6 +33,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     be.ActivationsMissing: Code.FAILED_PRECONDITION,
     be.StepConflict: Code.FAILED_PRECONDITION,
     be.DuplicateBackward: Code.ALREADY_EXISTS,
+    be.NonFiniteGradients: Code.FAILED_PRECONDITION,
     be.BadRequest: Code.INVALID_ARGUMENT,
     Overloaded: Code.RESOURCE_EXHAUSTED,
     ShuttingDown: Code.UNAVAILABLE,
@@ -97,7 +98,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             x = await self._tensor(request, "inputs") if request.HasField("inputs") else None
             await self._delay()
             session = _session(request.session_id)
-            dx = await self.worker.run(self.backend.backward, uid, request.call_id, request.step, g, x, session)
+            dx = await self.worker.submit("Backward", self.backend.backward, uid, request.call_id, request.step, g,
+                                          x, session)
             self._count(uid, "Backward", g.shape[0])
             grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs")
             return expert_pb2.BackwardResponse(grad_inputs=grad_inputs)
@@ -107,8 +109,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         async def run():
             uid = self._uid(request.expert_uid)
             _check_step(request.step)
-            sq, calls = await self.worker.run(self.backend.grad_sq_norm, uid, request.step,
-                                              _session(request.session_id))
+            sq, calls = await self.worker.submit("GradNorm", self.backend.grad_sq_norm, uid, request.step,
+                                                 _session(request.session_id))
             return expert_pb2.GradNormResponse(sq_norm=sq, backward_calls=calls)
         return await self._handle("GradNorm", context, run)
 
@@ -117,14 +119,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             uid = self._uid(request.expert_uid)
             _check_step(request.step)
             r = request
-            _check_hyper("lr", r.lr, r.lr >= 0, ">= 0")
-            _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
-            _check_hyper("weight_decay", r.weight_decay, r.weight_decay >= 0, ">= 0")
-            _check_hyper("beta1", r.beta1, 0 <= r.beta1 < 1, "in [0, 1)")
-            _check_hyper("beta2", r.beta2, 0 <= r.beta2 < 1, "in [0, 1)")
-            _check_hyper("eps", r.eps, r.eps > 0, "> 0 (0 usually means the field was not set)")
-            version = await self.worker.run(self.backend.apply_step, uid, r.step, r.lr, r.grad_scale,
-                                            r.weight_decay, r.beta1, r.beta2, r.eps, _session(r.session_id))
+            session = _session(r.session_id)
+            if r.skip:  # the hyperparameters are ignored, so not checked either
+                version = await self.worker.submit("ApplyStep", self.backend.skip_step, uid, r.step, session)
+            else:
+                _check_step_settings(r)
+                version = await self.worker.submit("ApplyStep", self.backend.apply_step, uid, r.step, r.lr,
+                                                   r.grad_scale, r.weight_decay, r.beta1, r.beta2, r.eps, session)
             if self.metrics is not None:
                 self.metrics.version.labels(expert=uid).set(version)
             return expert_pb2.ApplyStepResponse(version=version)
@@ -184,7 +185,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         if not request.HasField(field):
             raise RpcError(Code.INVALID_ARGUMENT, f"{field} is required: a (tokens, {self.backend.dim}) tensor")
         msg = getattr(request, field)
-        if len(msg.shape) == 2 and msg.shape[0] > self.max_request_tokens:
+        if len(msg.shape) != 2:  # before anything reads the shape: it may hold millions of entries
+            raise RpcError(Code.INVALID_ARGUMENT, f"{field} has {len(msg.shape)} dimensions; expected "
+                                                  f"(tokens, {self.backend.dim})")
+        if msg.shape[0] > self.max_request_tokens:
             raise RpcError(Code.RESOURCE_EXHAUSTED,
                            f"{field} has {msg.shape[0]} tokens; this service accepts at most "
                            f"{self.max_request_tokens} per request; split the batch")
@@ -241,6 +245,23 @@ def _session(session_id: str) -> str:
         raise RpcError(Code.INVALID_ARGUMENT, f"session_id must be at most {MAX_SESSION_ID_CHARS} printable "
                                               f"characters (got {len(session_id)})")
     return session_id
+
+
+# ApplyStep's limits (documented in expert.proto). AdamW moves each weight by about lr per step,
+# so an lr past 1 only destroys weights; eps below fp32's range is 0 there, and m / 0 is Inf.
+MAX_LR = 1.0
+MIN_EPS = 1e-30
+
+
+def _check_step_settings(r: expert_pb2.ApplyStepRequest) -> None:
+    """The optimizer numbers of an ApplyStep, each finite and in its range, before any is used."""
+    _check_hyper("lr", r.lr, 0 <= r.lr <= MAX_LR, f"in [0, {MAX_LR:g}]")
+    _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
+    _check_hyper("weight_decay", r.weight_decay, r.weight_decay >= 0 and r.lr * r.weight_decay <= 1,
+                 f">= 0 with lr * weight_decay <= 1 (lr={r.lr})")
+    _check_hyper("beta1", r.beta1, 0 <= r.beta1 < 1, "in [0, 1)")
+    _check_hyper("beta2", r.beta2, 0 <= r.beta2 < 1, "in [0, 1)")
+    _check_hyper("eps", r.eps, r.eps >= MIN_EPS, f">= {MIN_EPS:g} (0 usually means the field was not set)")
 
 
 def _check_hyper(name: str, value: float, ok: bool, rule: str) -> None:

@@ -19,6 +19,7 @@ import sys
 import torch
 
 from subnet.envconfig import ConfigError, from_env, markdown_table
+from subnet.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("services.router")
 
@@ -31,19 +32,31 @@ def _interrupt_on_sigterm() -> None:
 
 
 def _serve(model, tokenizer, parts, config, step: int) -> int:
+    from services.router.http_api import HttpAccess, HttpApi
     from services.router.server import RouterServer, router_auth
     from services.router.servicer import RouterServicer
 
     servicer = RouterServicer(model, tokenizer, parts.replicas, parts.metrics, config.max_new_tokens, step=step)
     server = RouterServer(servicer, config.host, config.port, config.max_message_mb,
-                          auth=router_auth(config, parts.identity, parts.metrics)).start()
+                          auth=router_auth(config, parts.identity, parts.metrics))
+    http = None
+    if config.http_port:
+        access = HttpAccess(token=config.http_token, open=not config.auth.enabled or config.open_generate)
+        http = HttpApi(servicer.engine, config.host, config.http_port, access=access,
+                       max_body_bytes=config.http_max_body_kb * 1024, timeout_s=config.http_timeout_s)
+    server.start()
     hotkey = f" as {parts.identity.hotkey}" if parts.identity else ""
     print(f"router: serving moe.v1.Router on {server.endpoint}{hotkey} (auth {config.auth.mode})", flush=True)
+    if http is not None:
+        http.start()
+        print(f"router: HTTP API on {http.url} (POST /v1/completions, GET /health, GET /model_info)", flush=True)
     try:
         server.wait()
     except KeyboardInterrupt:
         log.info("stopping")
     finally:
+        if http is not None:
+            http.stop()
         server.stop()
         parts.close()
     return 0
@@ -164,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.env_table:
-        from services.router.tracing import TracingConfig
-        print(markdown_table(RouterConfig, TracingConfig), end="")
+        print(markdown_table(RouterConfig), end="")
         return 0
     if args.command is None:
         build_parser().print_usage(sys.stderr)
@@ -178,11 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.threads:
         torch.set_num_threads(config.threads)
+    # `init` calls no expert: nothing to trace.
+    provider = setup_tracing(config.tracing, "router") if args.command != "init" else None
     try:
         return {"init": cmd_init, "train": cmd_train, "serve": cmd_serve}[args.command](args, config)
     except (ConfigError, ValueError, RuntimeError, OSError) as e:
         print(f"router: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_tracing(provider)  # the last spans, still queued for export
 
 
 if __name__ == "__main__":

@@ -18,9 +18,13 @@ the replica that served its Forward (it holds the activations; on FAILED_PRECOND
 the inputs go along so it recomputes them). Backward is never sent twice on a transport
 error: it accumulates gradients on the server, so a duplicate would double them. A
 failed Backward gives zero gradient to that expert's tokens and is counted as masked;
-training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` then
-drive the experts' own optimizers (GradNorm, ApplyStep) for the replicas that received a
-Backward this step.
+training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` (or
+`skip_external_step`, when the global norm is not finite) then drive the experts' own
+optimizers (GradNorm, ApplyStep) for the replicas that received a Backward this step.
+
+Gradients travel in `grad_wire_dtype(wire_dtype)`: fp16's range ends near 6e-8, where
+gradients often are, so with an fp16 activation wire they go as bf16 (the expert answers
+grad_inputs in the dtype of grad_outputs); the expert must accept bf16 then.
 
 This class does not gate, sort or combine tokens (the MoE layer does), and does not
 choose replicas itself (`ReplicaSet` does).
@@ -57,6 +61,13 @@ GRACE_S = 0.5          # gRPC enforces the deadline itself; this only guards aga
 # is healthy but busy; suspecting it would mask experts exactly when load is high).
 _ENDPOINT_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def grad_wire_dtype(wire_dtype: str) -> str:
+    """The wire dtype of gradients (grad_outputs, hence grad_inputs) when activations travel in
+    `wire_dtype`: bf16 for fp16, whose range (down to 6e-8) is too short for gradients; the
+    others already have fp32's range (int8 through its fp32 block scales), so they stay."""
+    return "bf16" if wire_dtype == "fp16" else wire_dtype
 
 
 class _Call:
@@ -180,23 +191,27 @@ class _GradNorm(_Call):
                                 metadata=metadata)
 
     def accept(self, response):
-        self.sq_norm = float(response.sq_norm)
+        sq = float(response.sq_norm)
+        if sq < 0:  # NaN and Inf pass: real overflow, and the trainer skips the step for them
+            raise TensorError(grpc.StatusCode.INTERNAL, f"sq_norm {sq} is negative")
+        self.sq_norm = sq
 
 
 class _ApplyStep(_Call):
     rpc = "ApplyStep"
 
     def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
-                 settings: OptimizerSettings, session_id: str):
+                 settings: OptimizerSettings, session_id: str, skip: bool = False):
         super().__init__(uid, 0, endpoint)
         self.step, self.lr, self.grad_scale, self.settings = step, lr, grad_scale, settings
-        self.session_id = session_id
+        self.session_id, self.skip = session_id, skip
 
     def send(self, client, timeout_s, metadata):
         s = self.settings
         return client.apply_step(self.uid, step=self.step, lr=self.lr, grad_scale=self.grad_scale,
                                  weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                 timeout_s=timeout_s, session_id=self.session_id, metadata=metadata)
+                                 timeout_s=timeout_s, session_id=self.session_id, skip=self.skip,
+                                 metadata=metadata)
 
 
 @dataclass
@@ -258,6 +273,7 @@ class RemoteExpertGroup(ExpertGroup):
         self.layer, self.n_experts, self.dim = layer, n_experts, dim
         self.replicas = replicas
         self.wire_dtype = wire_dtype
+        self.grad_wire_dtype = grad_wire_dtype(wire_dtype)
         self.timeout_s = timeout_s
         self.step_timeout_s = step_timeout_s if step_timeout_s is not None else timeout_s
         self.retries = retries
@@ -314,7 +330,13 @@ class RemoteExpertGroup(ExpertGroup):
         return sum(c.sq_norm for c in calls if c.failed is None)
 
     def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
-        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id)
+        self._end_step(lr, grad_scale, settings, skip=False)
+
+    def skip_external_step(self) -> None:
+        self._end_step(0.0, 0.0, OptimizerSettings(), skip=True)
+
+    def _end_step(self, lr: float, grad_scale: float, settings: OptimizerSettings, skip: bool) -> None:
+        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id, skip)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         with self._lock:
@@ -333,7 +355,7 @@ class RemoteExpertGroup(ExpertGroup):
 
     def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
         """Backward for one training pass; zero gradient for an expert whose call fails."""
-        calls = [None if g is None else _Backward(f, encode(g, self.wire_dtype), self.session_id)
+        calls = [None if g is None else _Backward(f, encode(g, self.grad_wire_dtype), self.session_id)
                  for f, g in zip(forwards, grad_outputs)]
         self._gather([c for c in calls if c is not None], self.timeout_s)
         grads = []

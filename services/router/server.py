@@ -2,6 +2,8 @@
 
 With AUTH_MODE=on (`router_auth`), Generate and Logits must be signed for the router's
 hotkey by an allowed caller; Info and Health are open, and Generate too with ROUTER_OPEN_GENERATE.
+Every RPC but Health gets a SERVER span (continuing the caller's trace when it sent one), the
+parent of the layer and expert-call spans the request causes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from services.router.metrics import RouterMetrics
 from services.router.servicer import RouterServicer
 from subnet.auth import ServerAuth, build_server_auth
 from subnet.identity import Identity
+from subnet.telemetry import ServerTracing
 from subnet.wire.v1 import router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,14 +41,16 @@ def router_auth(config: RouterConfig, identity: Identity | None, metrics: Router
 
 class RouterServer:
     """Serves a RouterServicer. Health says SERVING only once `start` has a model to serve.
-    `auth` (see `router_auth`) checks signed requests; None serves everyone."""
+    `auth` (see `router_auth`) checks signed requests; None serves everyone. `tracer_provider`:
+    where the RPCs' spans go (default: the process's, see subnet.telemetry.setup_tracing)."""
 
     def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float, workers: int = 8,
-                 auth: ServerAuth | None = None):
+                 auth: ServerAuth | None = None, tracer_provider=None):
         max_bytes = int(max_message_mb * 1024 * 1024)
         self._auth = auth
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                                   interceptors=[auth.interceptor()] if auth else [],
+        # Tracing outermost: a request the auth check rejects still gets its (ERROR) span.
+        interceptors = [ServerTracing(tracer_provider)] + ([auth.interceptor()] if auth else [])
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
                                    options=[("grpc.max_send_message_length", max_bytes),
                                             ("grpc.max_receive_message_length", max_bytes)])
         router_pb2_grpc.add_RouterServicer_to_server(servicer, self._server)

@@ -1,83 +1,26 @@
 """OpenTelemetry spans around expert calls, with the trace context sent in gRPC metadata.
 
 Each expert RPC attempt gets a CLIENT span, a child of whatever span is current in the
-router (a training step, a generate request), and the W3C `traceparent` header of that
-span goes out as gRPC metadata, so the expert service continues the same trace.
+router: the layer span (`layer`, one per MoE layer and phase: Forward, Backward, GradNorm,
+ApplyStep) inside a generate request or a training step. The W3C `traceparent` of the call
+span goes out as gRPC metadata, and the expert service's SERVER span continues the trace
+(`subnet.telemetry.AioServerTracing`).
 
-Export is off unless configured (`setup_tracing(from_env(TracingConfig))`):
-- `OTEL_EXPORTER_OTLP_ENDPOINT` set: OTLP exporter, when an OTLP exporter package is
-  installed; otherwise a log line says so and spans are not exported.
-- `ROUTER_TRACE_CONSOLE=1`: spans printed to stdout (debugging).
+Export is set up once per process by `subnet.telemetry.setup_tracing` (OTEL_EXPORTER_OTLP_ENDPOINT).
 Without a provider the API hands out no-op spans: starting one costs next to nothing and
 no header is sent.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from subnet.envconfig import env
-
-log = logging.getLogger(__name__)
-
-_PROPAGATOR = TraceContextTextMapPropagator()  # W3C traceparent/tracestate, whatever OTEL_PROPAGATORS says
-
-
-@dataclass(frozen=True)
-class TracingConfig:
-    """Tracing settings, read with `subnet.envconfig.from_env(TracingConfig)`."""
-
-    otlp_endpoint: str = env("OTEL_EXPORTER_OTLP_ENDPOINT", "", "OTLP collector address; empty = no export")
-    console: bool = env("ROUTER_TRACE_CONSOLE", False, "1 = print spans to stdout (debugging)")
-    service_name: str = env("OTEL_SERVICE_NAME", "router", "service.name of the spans")
-
-
-def _otlp_exporter(endpoint: str):
-    """The OTLP span exporter if one is installed (grpc first, then http/protobuf), else None."""
-    try:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=endpoint)
-    except ImportError:
-        pass
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=endpoint.rstrip("/") + "/v1/traces")
-    except ImportError:
-        return None
-
-
-def setup_tracing(config: TracingConfig) -> TracerProvider | None:
-    """Install the global tracer provider when export is configured; returns it (call `.shutdown()`).
-
-    Returns None, and installs nothing, when no exporter is configured or available.
-    """
-    exporters = []
-    if config.otlp_endpoint:
-        exporter = _otlp_exporter(config.otlp_endpoint)
-        if exporter is None:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT=%s but no OTLP exporter package is installed "
-                        "(opentelemetry-exporter-otlp); spans are not exported", config.otlp_endpoint)
-        else:
-            exporters.append(exporter)
-    if config.console:
-        exporters.append(ConsoleSpanExporter())
-    if not exporters:
-        return None
-    provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    log.info("tracing on: %s", ", ".join(type(e).__name__ for e in exporters))
-    return provider
+from subnet.telemetry import PROPAGATOR
 
 
 class ExpertCallTracer:
@@ -99,8 +42,15 @@ class ExpertCallTracer:
             attributes["moe.tokens"] = tokens
         span = self._tracer.start_span(f"moe.v1.Expert/{rpc}", kind=SpanKind.CLIENT, attributes=attributes)
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
         return span, tuple(carrier.items())
+
+    @contextmanager
+    def layer(self, layer: int, rpc: str, calls: int) -> Iterator[trace.Span]:
+        """The current span while one MoE layer's `calls` expert RPCs of kind `rpc` are in flight."""
+        with self._tracer.start_as_current_span(f"moe.layer/{rpc}", attributes={
+                "moe.layer": layer, "rpc.method": rpc, "moe.calls": calls}) as span:
+            yield span
 
     @staticmethod
     def end(span: trace.Span, code: grpc.StatusCode, details: str = "") -> None:

@@ -11,7 +11,8 @@ servicer method. Health (`/grpc.health.v1.Health/*`) and the `open_methods` skip
 
 A rejected request is aborted with the Verifier's code and message, counted through
 `on_reject(reason)` and logged as one line, at most once per `log_interval_s` (a flood of
-bad requests must not flood the log). Nothing about it raises in the server.
+bad requests must not flood the log). Nothing about it raises in the server. Accepted bytes
+that do not parse are INVALID_ARGUMENT, "request body is not a valid moe.v1.ForwardRequest".
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def _parse(deserializer, raw: bytes):
         return None
 
 
-def _unparsable(method: str) -> str:
-    return f"request bytes do not parse as the request message of {method}"
+def unparsable_message(deserializer, method: str) -> str:
+    """The INVALID_ARGUMENT message for a request body `deserializer` cannot parse, naming the
+    message type ("request body is not a valid moe.v1.ForwardRequest") when it is known."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None) or f"request message of {method}"
+    return f"request body is not a valid {name}"
 
 
 class _Wrapping:
@@ -142,7 +147,7 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
             await context.abort(rejection.code, rejection.message)
         request = _parse(parse, raw)
         if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _unparsable(method))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
         return request
 
     if not handler.request_streaming and not handler.response_streaming:
@@ -172,7 +177,7 @@ def _wrap_sync(auth: ServerAuth, method: str, handler):
             context.abort(rejection.code, rejection.message)   # raises
         request = _parse(parse, raw)
         if request is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _unparsable(method))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
         return inner(request, context)   # a response, or the iterator of a streaming response
 
     if handler.request_streaming:

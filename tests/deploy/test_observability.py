@@ -151,3 +151,6 @@ def test_dashboard_shows_what_the_issue_asks_for():
                for e in exprs.values())                                                        # p50/p99 per method
     assert has("router_masked_calls_total") and has("expert_queue_tokens")                    # masked, queues
     assert has("router_training_loss")                                                         # training loss
+    assert has("router_round_phase") and has("expert_round_phase") and has("expert_round")     # rounds
+    assert has("expert_checkpoints_published_total") and has("expert_commitments_total")
+    assert has("router_checkpoints_published_total") and has("router_commitments_total")

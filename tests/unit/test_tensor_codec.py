@@ -1,4 +1,5 @@
-"""subnet.tensor_codec: round trips, zero-copy decoding, and every way a tensor message can be wrong."""
+"""subnet.tensor_codec: round trips, zero-copy decoding, int8 error bounds, and every way a tensor
+message can be wrong."""
 
 from types import SimpleNamespace
 
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from subnet.tensor_codec import WIRE_DTYPES, TensorError, decode, encode, parse_wire_dtypes
+from subnet.tensor_codec import INT8_BLOCK, WIRE_DTYPES, TensorError, decode, encode, int8_nbytes, parse_wire_dtypes
 from subnet.wire.v1 import tensor_pb2
 
 torch.set_num_threads(1)
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+INT8 = tensor_pb2.DTYPE_INT8_BLOCK64
 
 
 def _msg(dtype=tensor_pb2.DTYPE_FLOAT32, shape=(3, 4), data=None):
@@ -74,8 +76,9 @@ def test_encode_rejects_unknown_wire_dtype():
 
 def test_parse_wire_dtypes():
     assert parse_wire_dtypes("fp32, bf16") == (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_BFLOAT16)
-    with pytest.raises(ValueError, match="int8"):
-        parse_wire_dtypes("fp32,int8")
+    assert parse_wire_dtypes("int8,fp32") == (INT8, tensor_pb2.DTYPE_FLOAT32)
+    with pytest.raises(ValueError, match="fp8"):
+        parse_wire_dtypes("fp32,fp8")
 
 
 def _nonfinite(value):
@@ -97,6 +100,9 @@ def _nonfinite(value):
     (_msg(shape=(), data=b""), {}, INVALID, "no shape"),
     (_msg(data=bytes(40)), {}, INVALID, "has 40 bytes but shape [3, 4] with dtype fp32 needs 48"),
     (_msg(dtype=tensor_pb2.DTYPE_BFLOAT16, data=bytes(48)), {}, INVALID, "needs 24"),
+    (_msg(dtype=INT8, data=bytes(12)), {}, INVALID, "has 12 bytes but shape [3, 4] with dtype int8 needs 16"),
+    (_msg(dtype=INT8, data=bytes(17)), {}, INVALID, "needs 16"),
+    (_msg(dtype=INT8, shape=(2, 64), data=bytes(4 + 128)), {}, INVALID, "needs 136"),  # 2 blocks, 1 scale
     (_nonfinite(np.nan), {}, INVALID, "NaN or Inf"),
     (_nonfinite(np.inf), {}, INVALID, "NaN or Inf"),
     (_nonfinite(-np.inf), {}, INVALID, "NaN or Inf"),
@@ -133,3 +139,103 @@ def test_finite_values_whose_sum_overflows_are_accepted_and_nan_among_them_is_no
     mixed = torch.tensor([[float("inf"), -float("inf")]])   # the sum is NaN
     with pytest.raises(TensorError, match="2 NaN or Inf"):
         decode(encode(mixed))
+
+
+# ---- int8 (blockwise absmax, 64 values per fp32 scale) -----------------------------------------
+
+def _block_absmax(x: torch.Tensor) -> torch.Tensor:
+    """absmax of each value's block, per value (the reference for the error bound)."""
+    flat = x.reshape(-1)
+    padded = torch.nn.functional.pad(flat, (0, -flat.numel() % INT8_BLOCK))
+    absmax = padded.view(-1, INT8_BLOCK).abs().amax(dim=1)
+    return absmax.repeat_interleave(INT8_BLOCK)[:flat.numel()].view(x.shape)
+
+
+def _assert_within_int8_bound(y: torch.Tensor, x: torch.Tensor) -> None:
+    bound = _block_absmax(x) / 254 * (1 + 1e-5)      # half a step, plus fp32 rounding of q * scale
+    err = (y - x).abs()
+    assert bool((err <= bound).all()), f"max excess {float((err - bound).max())}"
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 64), (5, 192), (130,), (1, 1), (2, 3, 100)])
+def test_int8_round_trip_is_within_half_a_step_of_each_block(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3
+    msg = encode(x, "int8")
+    assert msg.dtype == INT8 and list(msg.shape) == list(shape)
+    n = x.numel()
+    assert len(msg.data) == int8_nbytes(n) == 4 * -(-n // INT8_BLOCK) + n   # the last block is not padded
+    y = decode(msg)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    _assert_within_int8_bound(y, x)
+    if x.numel() > 1:                 # a lone value is its block's absmax: q = 127, exact
+        assert not torch.equal(y, x)  # it really went through 8 bits
+
+
+def test_int8_bytes_are_scales_then_values():
+    x = torch.tensor([[127.0, -63.5, 0.0], [1.0, 2.0, 3.0]])   # one block: absmax 127, scale 1
+    data = encode(x, "int8").data
+    assert data[:4] == np.float32(1.0).astype("<f4").tobytes()
+    assert data[4:] == np.array([127, -64, 0, 1, 2, 3], dtype=np.int8).tobytes()   # -63.5: ties to even
+
+
+def test_int8_scales_are_per_block_so_small_values_survive_beside_huge_ones():
+    gen = torch.Generator().manual_seed(3)
+    blocks = [torch.randn(INT8_BLOCK, generator=gen) * m for m in (1e30, 1e-30, 5e37, 1e-3, 1.0)]
+    x = torch.cat(blocks).view(-1, 32)
+    y = decode(encode(x, "int8", check_finite="x"))
+    _assert_within_int8_bound(y, x)
+    rel = ((y - x).abs() / _block_absmax(x)).view(len(blocks), -1).amax(dim=1)
+    assert bool((rel <= 1 / 254 * (1 + 1e-5)).all())
+
+
+def test_int8_all_zero_tensor_and_zero_blocks_come_back_exactly():
+    zeros = torch.zeros(3, 100)
+    msg = encode(zeros, "int8")
+    assert msg.data == bytes(len(msg.data))      # zero scales, zero values: no division by zero
+    assert torch.equal(decode(msg), zeros)
+    mixed = torch.zeros(2, INT8_BLOCK)
+    mixed[1] = torch.linspace(-1, 1, INT8_BLOCK)
+    y = decode(encode(mixed, "int8"))
+    assert torch.equal(y[0], mixed[0])
+    _assert_within_int8_bound(y, mixed)
+
+
+def test_int8_values_that_are_exact_multiples_of_the_step_are_exact():
+    q = torch.randint(-127, 128, (4, INT8_BLOCK), generator=torch.Generator().manual_seed(5))
+    q[:, 0] = 127                                # every block's absmax is 127 * 0.5: scale 0.5
+    x = q.float() * 0.5
+    assert torch.equal(decode(encode(x, "int8")), x)
+
+
+def test_int8_encode_takes_any_float_dtype_and_layout():
+    x = torch.randn(64, 10, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(decode(encode(x.t(), "int8")), decode(encode(x.t().contiguous(), "int8")))
+    half = x.to(torch.bfloat16)
+    _assert_within_int8_bound(decode(encode(half, "int8")), half.float())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_int8_non_finite_values_are_refused_by_the_sender_and_the_receiver(value):
+    x = torch.ones(2, 100)
+    x[1, 7] = value
+    with pytest.raises(TensorError) as info:
+        encode(x, "int8", check_finite="outputs")
+    assert info.value.code == INVALID and "outputs would not be finite in int8" in info.value.message
+    with pytest.raises(TensorError) as info:      # without the sender's check, the block scale carries it
+        decode(encode(x, "int8"), name="inputs")
+    assert info.value.code == INVALID and info.value.message.startswith("inputs has 1 block scales that are NaN or Inf")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 3e36])   # 3e36 * 127 overflows fp32
+def test_int8_decode_rejects_scales_whose_values_are_not_finite(scale):
+    data = np.array([scale], dtype="<f4").tobytes() + np.array([127, 1, 0], dtype=np.int8).tobytes()
+    with pytest.raises(TensorError) as info:
+        decode(_msg(dtype=INT8, shape=(1, 3), data=data), name="grad_outputs")
+    assert info.value.code == INVALID and "NaN or Inf" in info.value.message
+
+
+def test_int8_empty_tensor_encodes_and_is_rejected_like_the_others():
+    msg = encode(torch.zeros(0, 4), "int8")
+    assert msg.data == b""
+    with pytest.raises(TensorError, match="empty"):
+        decode(msg)

@@ -68,7 +68,7 @@ class GradNormResponse(_message.Message):
     def __init__(self, sq_norm: _Optional[float] = ..., backward_calls: _Optional[int] = ...) -> None: ...
 
 class ApplyStepRequest(_message.Message):
-    __slots__ = ("expert_uid", "step", "lr", "grad_scale", "weight_decay", "beta1", "beta2", "eps", "session_id")
+    __slots__ = ("expert_uid", "step", "lr", "grad_scale", "weight_decay", "beta1", "beta2", "eps", "session_id", "skip")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ApplyStepRequest(_message.Message):
     BETA2_FIELD_NUMBER: _ClassVar[int]
     EPS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     step: int
     lr: float
@@ -87,7 +88,8 @@ class ApplyStepRequest(_message.Message):
     beta2: float
     eps: float
     session_id: str
-    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., grad_scale: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
+    skip: bool
+    def __init__(self, expert_uid: _Optional[str] = ..., step: _Optional[int] = ..., lr: _Optional[float] = ..., grad_scale: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., session_id: _Optional[str] = ..., skip: _Optional[bool] = ...) -> None: ...
 
 class ApplyStepResponse(_message.Message):
     __slots__ = ("version",)

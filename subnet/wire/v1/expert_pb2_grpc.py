@@ -87,7 +87,8 @@ class ExpertServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ApplyStep(self, request, context):
-        """Apply the optimizer to the gradients accumulated for `step`, then clear them.
+        """Apply the optimizer to the gradients accumulated for `step`, then clear them; with
+        `skip` set, clear them without applying anything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
