@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve test test-unit test-integration bench lint protos clean
+.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e bench lint protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ test-unit: $(STAMP)  ## unit tests only (no sockets)
 
 test-integration: $(STAMP)  ## integration tests only (real servers on loopback)
 	$(BIN)/python -m pytest -q tests/integration
+
+test-e2e: $(STAMP)  ## the whole stack with adversarial miners for several rounds: cheaters lose (~6 min)
+	$(BIN)/python -m pytest -q -s tests/e2e
+
+test-chaos: $(STAMP)  ## fault injection: kill, pause and restart experts, Redis and the router mid-training (~3 min)
+	$(BIN)/python -m pytest -q tests/chaos
 
 bench: $(STAMP)  ## benchmarks -> bench/results/latest.json and latest.md
 	$(BIN)/python -m bench

@@ -99,10 +99,16 @@ def _start_judges(group, cfg, redis_url: str, run: Path, init_dir: Path, wallets
     group.start("validator", ["-m", "services.validator"], {
         "REDIS_URL": redis_url, "VALIDATOR_INIT_CHECKPOINT": str(init_dir), "VALIDATOR_RUN_DIR": str(run / "validator"),
         "VALIDATOR_METRICS_PORT": str(cfg.metrics_port(1 + n_miners)), "VALIDATOR_THREADS": "1",
+        # The live weights keep training between the commitment and the probe: a few steps of a small
+        # model at the demo's learning rate move the outputs to cosine ~0.9. A liar's are ~0.
+        "VALIDATOR_VERIFY_COSINE": os.environ.get("VALIDATOR_VERIFY_COSINE", "0.5"),
+        "VALIDATOR_VERIFY_MAX_ABS": os.environ.get("VALIDATOR_VERIFY_MAX_ABS", "1.0"),
         **wallet_env, **subnet_env})
     wallet_env = {k: v for k, v in wallets.env("stack-scorer").items() if k.startswith("WALLET_")}
     group.start("scorer", ["-m", "services.scorer"], {
         "REDIS_URL": redis_url, "SCORER_RUN_DIR": str(run / "scorer"),
+        # A minute of training moves the demo's experts by a few 1e-4 nats/token against the last merge.
+        "SCORER_LOSS_SCALE": os.environ.get("SCORER_LOSS_SCALE", "0.002"),
         "SCORER_METRICS_PORT": str(cfg.metrics_port(2 + n_miners)), **wallet_env, **subnet_env})
     _say(f"validator and scorer started (logs in {run / 'logs'}); scoreboards appear after each round")
 
@@ -230,6 +236,7 @@ def run_stack(mode: str, cfg) -> int:
             print("global versions (merged by the validator):\n" + "\n".join(global_history(subnet.store)))
             _plot_scores(run)
             subnet.write_history(run / "commitments.json")
+            subnet.write_report(run / "report.json", planned, run / "validator" / "merges.jsonl")
             print(f"commitments: {run / 'commitments.json'}; scoreboards: {run / 'scorer'}")
             print("=" * 72)
         else:

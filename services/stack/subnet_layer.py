@@ -108,6 +108,22 @@ class SubnetLayer:
                 for r in range(now.round + 1) for c in self.chain.commitments(r)]
         path.write_text(json.dumps(rows, indent=1) + "\n")
 
+    def write_report(self, path: Path, miners, merges: Path) -> None:
+        """The run's outcome as JSON: every member (role, uid, incentive, the weight each validator
+        gave it) and the validator's merges. The end-to-end test reads it."""
+        graph = self.chain.metagraph()
+        weights = self.chain.weights()
+        adversary = {m.name: m.adversary for m in miners}
+        members = []
+        for m in self.members:
+            neuron = graph.by_hotkey(m.hotkey)
+            members.append({"name": m.name, "hotkey": m.hotkey, "uid": m.uid,
+                            "adversary": adversary.get(m.name, ""), "miner": m.name in adversary,
+                            "incentive": neuron.incentive if neuron else 0.0,
+                            "weights": {str(v): w.get(m.uid, 0.0) for v, w in weights.items()}})
+        rows = [json.loads(line) for line in merges.read_text().splitlines() if line.strip()] if merges.exists() else []
+        path.write_text(json.dumps({"block": graph.block, "members": members, "merges": rows}, indent=1) + "\n")
+
     def stop(self) -> None:
         if self.s3 is not None:
             self.s3.stop()

@@ -291,7 +291,26 @@ class Validator:
             log.info("round %d: published global version %d (%d experts merged, trunk %s); validation loss "
                      "%.4f -> %.4f", round, glob.version + 1, len(outcome.merged), outcome.trunk_from or "kept",
                      base.global_loss, merged_loss)
+            self._record_merge(round, glob.version + 1, base.global_loss, merged_loss, outcome,
+                               {hotkey: r.loss for hotkey, r in results.items() if not r.zero})
             return outcome
+
+    def _record_merge(self, round: int, version: int, global_loss: float, merged_loss: float, outcome,
+                      replica_losses: dict[str, float]) -> None:
+        """One line per published version in VALIDATOR_RUN_DIR/merges.jsonl: the merged model's loss on
+        the round's validation batches, the very batches the round's miners were scored on."""
+        if not self.config.run_dir:
+            return
+        row = {"round": round, "version": version, "global_loss": global_loss, "merged_loss": merged_loss,
+               "merged": sorted(outcome.merged), "trunk_from": outcome.trunk_from,
+               "replicas": sorted({hotkey for pairs in outcome.merged.values() for hotkey, _ in pairs}),
+               "replica_losses": replica_losses}
+        try:
+            os.makedirs(self.config.run_dir, exist_ok=True)
+            with open(os.path.join(self.config.run_dir, "merges.jsonl"), "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+        except OSError as e:
+            log.warning("could not record the merge of round %d: %s", round, e)
 
     def close(self) -> None:
         if self._own_clients:
