@@ -43,7 +43,7 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -1.0])   # -1: a lying group; sqrt would raise
 def test_a_non_finite_global_norm_skips_the_trunk_and_the_experts(corpus, tmp_path, bad):  # noqa: F811
     model = tiny_model(0)
     spy = StepSpy({0: bad, 1: 4.0})

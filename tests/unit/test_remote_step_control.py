@@ -1,0 +1,26 @@
+"""services.router.remote_experts without sockets: the gradients' wire dtype, and GradNorm answers
+that cannot be a squared norm."""
+
+import grpc
+import pytest
+
+from services.router.remote_experts import _GradNorm, grad_wire_dtype
+from subnet.tensor_codec import WIRE_DTYPES, TensorError
+from subnet.wire.v1 import expert_pb2
+
+
+def test_gradients_never_travel_in_fp16():
+    assert grad_wire_dtype("fp16") == "bf16"          # fp16 underflows below 6e-8, where gradients live
+    assert grad_wire_dtype("fp32") == "fp32"          # exact stays exact
+    assert grad_wire_dtype("bf16") == "bf16"
+    assert grad_wire_dtype("int8") == "int8"          # fp32 block scales: fp32's range
+    assert all(grad_wire_dtype(d) != "fp16" for d in WIRE_DTYPES)
+
+
+def test_a_negative_squared_norm_is_a_bad_answer_and_non_finite_ones_pass():
+    call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+    with pytest.raises(TensorError) as info:
+        call.accept(expert_pb2.GradNormResponse(sq_norm=-1.0, backward_calls=1))
+    assert info.value.code == grpc.StatusCode.INTERNAL and "negative" in info.value.message
+    call.accept(expert_pb2.GradNormResponse(sq_norm=float("inf"), backward_calls=1))   # real overflow: the
+    assert call.sq_norm == float("inf")                                                # trainer skips the step
