@@ -38,6 +38,10 @@ class RouterConfig:
     registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0,
                                     "how often the registry snapshot (and the scores) are re-read, in the "
                                     "background: a stalled Redis never holds up routing")
+    registry_grace_s: float = env("ROUTER_REGISTRY_GRACE_S", 15.0,
+                                  "a replica missing from the registry stays routable this long after it was last "
+                                  "seen (a Redis restarted empty must not mask every expert); a dead one fails and is "
+                                  "suspected")
     suspect_s: float = env("ROUTER_SUSPECT_S", 5.0,
                            "an expert replica that failed or missed a deadline gets no calls for this long (per "
                            "endpoint and expert; overload answers do not count)")
@@ -84,8 +88,8 @@ class RouterConfig:
             raise ValueError("ROUTER_PORT, ROUTER_METRICS_PORT and ROUTER_HTTP_PORT must be in 0..65535")
         if self.http_max_body_kb <= 0 or self.http_timeout_s <= 0:
             raise ValueError("ROUTER_HTTP_MAX_BODY_KB and ROUTER_HTTP_TIMEOUT_S must be positive")
-        if self.suspect_s < 0:
-            raise ValueError("ROUTER_SUSPECT_S must be >= 0")
+        if self.suspect_s < 0 or self.registry_grace_s < 0:
+            raise ValueError("ROUTER_SUSPECT_S and ROUTER_REGISTRY_GRACE_S must be >= 0")
         if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:
             raise ValueError("ROUTER_EXPERT_TIMEOUT_S and ROUTER_REGISTRY_REFRESH_S must be positive")
         if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:

@@ -69,7 +69,8 @@ class ReplicaSet:
 
     def __init__(self, registry: ReplicaSource, *, policy: str = "least_loaded", refresh_s: float = 2.0,
                  suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 scores: ScoreSource | None = None, rng: random.Random | None = None, min_ema: float = 0.01):
+                 scores: ScoreSource | None = None, rng: random.Random | None = None, min_ema: float = 0.01,
+                 grace_s: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"replica policy must be one of {POLICIES}, got {policy!r}")
         if refresh_s < 0 or suspect_s < 0:
@@ -87,6 +88,8 @@ class ReplicaSet:
         self._suspect_until: dict[tuple[str, str | None], float] = {}
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
         self._scores = scores
+        self._grace_s = grace_s   # vanished replicas stay this long (see _with_recently_seen)
+        self._last_seen: dict[tuple[str, str], tuple[float, Replica]] = {}
         self._min_ema = min_ema
         self._ema: dict[str, float] = {}
         self._banned: frozenset[str] = frozenset()
@@ -109,11 +112,28 @@ class ReplicaSet:
         hotkeys = {r.endpoint: r.hotkey for reps in snapshot.values() for r in reps if r.hotkey}
         ema, banned = self._read_scores()
         with self._lock:
-            self._snapshot = snapshot
-            self._hotkeys = hotkeys
+            self._snapshot = self._with_recently_seen(snapshot, now)
+            # Hotkeys are remembered, not replaced: a step's Backward/GradNorm/ApplyStep must still be
+            # signed for a replica whose registry entry vanished mid-step.
+            self._hotkeys.update(hotkeys)
             self._refreshed_at = now
             if ema is not None:
                 self._ema, self._banned = ema, banned
+
+    def _with_recently_seen(self, snapshot: dict[str, list[Replica]], now: float) -> dict[str, list[Replica]]:
+        """`snapshot` plus the replicas seen within the last `grace_s` that it lacks: a Redis that
+        restarted empty (or lost keys) must not mask every expert until the next heartbeats. A
+        replica that is really gone fails its next call and is suspected like any other."""
+        for uid, reps in snapshot.items():
+            for r in reps:
+                self._last_seen[(uid, r.endpoint)] = (now, r)
+        merged = {uid: list(reps) for uid, reps in snapshot.items()}
+        for (uid, endpoint), (seen, replica) in list(self._last_seen.items()):
+            if now - seen > self._grace_s:
+                del self._last_seen[(uid, endpoint)]
+            elif all(r.endpoint != endpoint for r in merged.get(uid, ())):
+                merged.setdefault(uid, []).append(replica)
+        return {uid: sorted(reps, key=lambda r: r.endpoint) for uid, reps in merged.items()}
 
     def _read_scores(self) -> tuple[dict[str, float] | None, frozenset[str]]:
         if self._scores is None:

@@ -203,3 +203,16 @@ def test_before_anyone_earned_the_policy_decides_and_zero_ema_is_avoided_only_wh
     assert {cold.choose("0.1").endpoint for _ in range(10)} == {"a:1", "b:1"}  # training can start
     warm, _, _ = make(entries, scores=Scores({"A": 0.0, "B": 0.4}))
     assert {warm.choose("0.1").endpoint for _ in range(50)} == {"b:1"}  # the lazy one is left out
+
+
+def test_replicas_that_vanish_from_the_registry_stay_routable_for_the_grace_period():
+    entries = {"0.1": [keyed("0.1", "a:1", "A")]}
+    replicas, registry, clock = make(entries, grace_s=10.0)
+    assert replicas.choose("0.1").endpoint == "a:1"
+    registry.entries = {}          # Redis restarted empty: no heartbeat has come back yet
+    clock.now += 3
+    assert replicas.choose("0.1").endpoint == "a:1"
+    assert replicas.hotkey("a:1") == "A"  # calls to it are still signed for its hotkey
+    clock.now += 11
+    assert replicas.choose("0.1") is None  # gone for longer than the grace period
+    assert replicas.hotkey("a:1") == "A"
