@@ -131,6 +131,7 @@ def test_honest_miners_earn_and_cheaters_lose(stack_run):
     weights = {name: m["weights"].get(scorer_uid, 0.0) for name, m in miners.items()}
     total = sum(weights.values())
     print("final weights:", json.dumps(weights, indent=1))
+    print((run / "scorer" / "scoreboard.md").read_text())  # the last round's scoreboard, for the record
     assert total > 0, f"no weights were set:\n{output[-3000:]}"
     honest = {n: w for n, w in weights.items() if not miners[n]["adversary"]}
     cheats = {n: w for n, w in weights.items() if miners[n]["adversary"]}
