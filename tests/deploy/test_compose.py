@@ -94,6 +94,11 @@ def test_ports_and_healthchecks_match_the_configured_ports():
     for name, (module, service) in our_services(compose()).items():
         spec, env = SERVICES[module], environment(service)
         words = healthcheck_words(service)
+        if spec.grpc_port is None and spec.metrics_port:  # no gRPC server: the healthcheck asks the metrics endpoint
+            port = int(env.get(spec.metrics_port, 0))
+            assert port > 0, f"{name}: set {spec.metrics_port} to a fixed port"
+            assert env.get(spec.bind_host) == "0.0.0.0", f"{name}: {spec.bind_host} must be 0.0.0.0 in a container"
+            assert f"http://127.0.0.1:{port}/metrics" in " ".join(words), f"{name}: healthcheck {words}"
         if spec.grpc_port is None or "init" in command_args(service["command"]):
             continue
         port = int(env.get(spec.grpc_port, 0))
@@ -158,7 +163,7 @@ def test_wallets_are_mounted_read_only_where_the_services_look():
         mounts = {v.split(":")[1]: v.split(":")[2:] for v in service.get("volumes", [])}
         assert mounts.get(env["WALLET_PATH"]) == ["ro"], f"{name}: mount the wallets read-only at WALLET_PATH"
         checked += 1
-    assert checked >= 3
+    assert checked >= 5  # router, validator, scorer, two experts
 
 
 def test_experts_load_what_model_init_writes_and_cover_the_model():

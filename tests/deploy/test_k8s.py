@@ -153,7 +153,7 @@ def test_wallets_are_mounted_read_only_where_the_services_look():
             hotkey = f"{env['WALLET_NAME']}/hotkeys/{env.get('WALLET_HOTKEY', 'default')}"
             assert hotkey in items, f"{where} {c['name']}: the wallet volume has no {hotkey}"
             checked += 1
-    assert checked >= 3  # router, GPU experts, CPU experts
+    assert checked >= 5  # router, validator, scorer, GPU experts, CPU experts
 
 
 def test_every_service_environment_is_what_its_code_declares():
@@ -185,6 +185,12 @@ def test_ports_and_native_grpc_probes_match_the_services():
             assert c["readinessProbe"]["grpc"].get("service") == spec.health_service, where
         if spec.metrics_port:
             assert ports.get("metrics") == int(env[spec.metrics_port]), f"{where}: metrics port"
+        if spec.grpc_port is None and spec.metrics_port:  # no gRPC server: probes ask the metrics endpoint
+            assert env[spec.bind_host] == "0.0.0.0", where
+            for kind in ("readinessProbe", "livenessProbe"):
+                probe = c.get(kind) or {}
+                assert probe.get("httpGet", {}).get("port") in ("metrics", ports.get("metrics")), \
+                    f"{where}: {kind} must be an httpGet on the metrics port"
 
 
 def test_init_container_runs_a_real_subcommand():
@@ -236,7 +242,7 @@ def test_services_select_pods_and_name_their_ports():
     for name, pdb in by_kind("PodDisruptionBudget").items():
         selector = pdb["spec"]["selector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels, _ in templates), f"PDB {name} selects no pods"
-    for app in ("router", "expert"):
+    for app in ("router", "expert", "validator", "scorer"):
         assert any(p["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") == app
                    for p in by_kind("PodDisruptionBudget").values()), f"{app} has no PodDisruptionBudget"
 
