@@ -1,7 +1,7 @@
 """What the int8 wire costs in learning: a preset trained twice from the same seed for the same
 number of steps, once with fp32 and once with int8 on the expert wire.
 
-    python -m bench.wire8_learning [--steps 150] [--preset small]    # about 8 minutes on 2 cores
+    python -m bench.wire8_learning [--steps 150] [--preset small]    # 8+ minutes on 2 idle cores
 
 No network: `WireExperts` wraps each layer's in-process experts and passes every tensor that
 would cross the wire through `encode` -> `decode` in the wire dtype: inputs and outputs in

@@ -39,7 +39,7 @@ class ExpertConfig:
                                   "`host:port` routers should dial, written to the registry; "
                                   "empty = `EXPERT_HOST:port` (set it when binding 0.0.0.0)")
     device: str = env("EXPERT_DEVICE", "cpu", "torch device of the weights: `cpu`, `cuda`, `cuda:1`")
-    wire_dtypes: str = env("EXPERT_WIRE_DTYPES", "fp32,bf16,fp16", "wire dtypes accepted in requests")
+    wire_dtypes: str = env("EXPERT_WIRE_DTYPES", "fp32,bf16,fp16,int8", "wire dtypes accepted in requests")
     max_batch_tokens: int = env("EXPERT_MAX_BATCH_TOKENS", 8192,
                                 "dynamic batching merges requests up to this many tokens per computation")
     batch_wait_ms: float = env("EXPERT_BATCH_WAIT_MS", 2.0,

@@ -30,7 +30,8 @@ class RouterConfig:
                           "run or checkpoint directory (from `moe train`) with the trunk weights, "
                           "LM config and tokenizer, or a signed trunk in S3 (`s3://<bucket>/checkpoints/trunk/"
                           "<round>`); required by `serve`")
-    wire_dtype: str = env("ROUTER_WIRE_DTYPE", "fp32", "dtype of activations on the wire: fp32 (exact), bf16, fp16")
+    wire_dtype: str = env("ROUTER_WIRE_DTYPE", "fp32",
+                          "dtype of activations on the wire: fp32 (exact), bf16, fp16, int8 (blockwise)")
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
     retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")

@@ -23,7 +23,7 @@ class StackConfig:
     s3_port: int = env("STACK_S3_PORT", 8333, "embedded S3 server (SeaweedFS) port; its other ports are picked free")
     metrics_base_port: int = env("STACK_METRICS_BASE_PORT", 9100,
                                  "router metrics here, expert services on the next ports; 0 = off")
-    wire_dtype: str = env("STACK_WIRE_DTYPE", "fp32", "activations on the wire: fp32, bf16 or fp16")
+    wire_dtype: str = env("STACK_WIRE_DTYPE", "fp32", "activations on the wire: fp32, bf16, fp16 or int8")
     expert_timeout_s: float = env("STACK_EXPERT_TIMEOUT_S", 10.0, "router's deadline per layer of expert calls")
     router_threads: int = env("STACK_ROUTER_THREADS", 2, "torch threads of the router process")
     expert_threads: int = env("STACK_EXPERT_THREADS", 1, "torch threads of each expert process")
