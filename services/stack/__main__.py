@@ -103,6 +103,11 @@ def _start_judges(group, cfg, redis_url: str, run: Path, init_dir: Path, wallets
         # model at the demo's learning rate move the outputs to cosine ~0.9. A liar's are ~0.
         "VALIDATOR_VERIFY_COSINE": os.environ.get("VALIDATOR_VERIFY_COSINE", "0.5"),
         "VALIDATOR_VERIFY_MAX_ABS": os.environ.get("VALIDATOR_VERIFY_MAX_ABS", "1.0"),
+        # One-minute rounds of a small model: DiLoCo's extrapolating outer step (lr 0.7 with Nesterov
+        # 0.9 moves 1.33x the first delta) overshoots the replicas here; the stack takes their
+        # score-weighted average (outer lr 1, no momentum). Production rounds keep the defaults.
+        "MERGE_OUTER_LR": os.environ.get("MERGE_OUTER_LR", "1.0"),
+        "MERGE_MOMENTUM": os.environ.get("MERGE_MOMENTUM", "0.0"),
         **wallet_env, **subnet_env})
     wallet_env = {k: v for k, v in wallets.env("stack-scorer").items() if k.startswith("WALLET_")}
     group.start("scorer", ["-m", "services.scorer"], {
