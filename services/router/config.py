@@ -50,8 +50,11 @@ class RouterConfig:
                               "route by the scorer's EMA (moe:scores:ema) and skip banned miners "
                               "(moe:scores:banned); without scores the replica policy decides")
     min_ema: float = env("ROUTER_MIN_EMA", 0.01,
-                         "with scores: replicas whose EMA is below this get no traffic while another replica of "
-                         "the same expert has earned more (see services/router/replicas.py)")
+                         "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the calls while "
+                         "another replica of the same expert has earned more (see services/router/replicas.py)")
+    explore: float = env("ROUTER_EXPLORE", 0.1,
+                         "share of calls spread over non-banned replicas that have not earned (yet), so a miner "
+                         "that lost its traffic once can show an improvement again; 0 = none")
     metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
     # The HTTP API (POST /v1/completions, GET /health, GET /model_info) serves the same model
     # with the same limits; who may call it: services/router/http_api.py.
@@ -89,6 +92,8 @@ class RouterConfig:
             raise ValueError("ROUTER_PORT, ROUTER_METRICS_PORT and ROUTER_HTTP_PORT must be in 0..65535")
         if self.http_max_body_kb <= 0 or self.http_timeout_s <= 0:
             raise ValueError("ROUTER_HTTP_MAX_BODY_KB and ROUTER_HTTP_TIMEOUT_S must be positive")
+        if not 0 <= self.explore <= 1:
+            raise ValueError(f"ROUTER_EXPLORE={self.explore} must be in [0, 1]")
         if self.suspect_s < 0 or self.registry_grace_s < 0:
             raise ValueError("ROUTER_SUSPECT_S and ROUTER_REGISTRY_GRACE_S must be >= 0")
         if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:

@@ -60,7 +60,8 @@ class RemoteParts:
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client) if config.follow_scores else None,
-                              min_ema=config.min_ema, grace_s=config.registry_grace_s).start()
+                              min_ema=config.min_ema, grace_s=config.registry_grace_s,
+                              explore=config.explore).start()
         clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
                                    hotkeys=replicas.hotkey)
         metrics = metrics or RouterMetrics()

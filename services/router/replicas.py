@@ -16,11 +16,12 @@ Scores (the router listens to the scorer): with a `scores` source, a replica who
 banned (its last result failed the verification gate: live weights differ from the published
 ones, a copy, an unverifiable checkpoint) gets no traffic; a uid whose every replica is banned
 is masked, since a banned replica may serve random weights. Among the others, replicas whose
-EMA is near zero (below `min_ema`) get no traffic as long as a replica of the same expert has
-earned more, and those are drawn in proportion to their EMA (a hotkey without a score yet
-counts as the median). When nobody has earned yet (the first rounds, before any training
-showed an improvement) the replica policy decides: banning every zero-EMA replica then would
-stop training for good.
+EMA is near zero (below `min_ema`) get only an exploration share (`explore`, default 10% of
+the calls, spread evenly) as long as a replica of the same expert has earned more; the rest
+go to the earners in proportion to their EMA (a hotkey without a score yet counts as the
+median). The exploration share is what lets a miner that once lost its traffic (a failed
+round) show an improvement again; without it the first earner would starve every other
+replica for good. When nobody has earned yet (the first rounds) the replica policy decides.
 
 Suspicion is per (endpoint, expert uid): one failing expert does not mask the other experts
 that service hosts. Overload answers (RESOURCE_EXHAUSTED) are not failures.
@@ -70,7 +71,7 @@ class ReplicaSet:
     def __init__(self, registry: ReplicaSource, *, policy: str = "least_loaded", refresh_s: float = 2.0,
                  suspect_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  scores: ScoreSource | None = None, rng: random.Random | None = None, min_ema: float = 0.01,
-                 grace_s: float = 0.0):
+                 grace_s: float = 0.0, explore: float = 0.1):
         if policy not in POLICIES:
             raise ValueError(f"replica policy must be one of {POLICIES}, got {policy!r}")
         if refresh_s < 0 or suspect_s < 0:
@@ -91,6 +92,7 @@ class ReplicaSet:
         self._grace_s = grace_s   # vanished replicas stay this long (see _with_recently_seen)
         self._last_seen: dict[tuple[str, str], tuple[float, Replica]] = {}
         self._min_ema = min_ema
+        self._explore = explore
         self._ema: dict[str, float] = {}
         self._banned: frozenset[str] = frozenset()
         self._rng = rng or random.Random()
@@ -190,6 +192,9 @@ class ReplicaSet:
             if self._ema:
                 earned = self._earned(candidates)
                 if earned:
+                    others = [r for r in candidates if r not in earned]
+                    if others and self._rng.random() < self._explore:
+                        return others[self._rng.randrange(len(others))]
                     return self._by_score(earned)
             turn = next(self._turns[uid])
             if self.policy == "round_robin":
