@@ -8,6 +8,8 @@ checkpoints and habits carry over. Nothing here knows about routing or the netwo
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, dim) -> (N, dim)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# The state-dict name of a routed expert's parameters inside MoELM (groups: layer, index): what
+# a router's trunk checkpoint leaves out and a validator puts back.
+ROUTED_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")
 
 
 def expert_uid(layer: int, index: int) -> str:

@@ -18,11 +18,9 @@ servers in one test process do not collide.
 
 from __future__ import annotations
 
-import threading
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
+from subnet.metrics_http import MetricsHttp
 from subnet.round_metrics import RoundMetrics
 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -30,7 +28,7 @@ _REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class ExpertMetrics:
+class ExpertMetrics(MetricsHttp):
     """The metric objects plus the HTTP server that exposes them (`serve` / `stop`)."""
 
     def __init__(self) -> None:
@@ -57,20 +55,8 @@ class ExpertMetrics:
             Gauge("expert_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge", registry=r),
             Counter("expert_checkpoints_published", "expert checkpoints uploaded to S3", registry=r),
             Counter("expert_commitments", "commits and reveals by result", ["result"], registry=r))
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def observe_batch(self, uid: str, requests: int, tokens: int) -> None:
         self.batch_requests.labels(expert=uid).observe(requests)
         self.batch_tokens.labels(expert=uid).observe(tokens)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (/metrics); returns the bound port. OSError if it is taken."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

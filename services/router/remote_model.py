@@ -11,7 +11,6 @@ an expert weight file), so one checkpoint serves both.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import redis
 
 from moe import MoELM
 from moe.config import LMConfig
-from moe.experts import expert_uid
+from moe.experts import ROUTED_EXPERT_KEY, expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
@@ -32,8 +31,6 @@ from subnet.expert_client import ChannelSettings, ExpertClientPool
 from subnet.expert_weights import save_expert_weights
 from subnet.identity import Identity
 from subnet.registry import ExpertRegistry
-
-_LOCAL_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")
 
 
 @dataclass
@@ -95,7 +92,7 @@ def load_trunk(model: MoELM, checkpoint: str | Path) -> Path:
     Raises CheckpointError when a trunk parameter is missing or something else does not fit.
     """
     ckpt = resolve_checkpoint(checkpoint)
-    load_weights(model, ckpt, skip=lambda name: bool(_LOCAL_EXPERT_KEY.match(name)))
+    load_weights(model, ckpt, skip=lambda name: bool(ROUTED_EXPERT_KEY.match(name)))
     return ckpt
 
 

@@ -10,16 +10,16 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from subnet.metrics_http import MetricsHttp
 
 OUTCOMES = ("scored", "zero", "duplicate", "late", "invalid")
 
 
-class ScorerMetrics:
+class ScorerMetrics(MetricsHttp):
     """The metric objects plus the HTTP server that exposes them (`serve` / `stop`)."""
 
     def __init__(self) -> None:
@@ -34,8 +34,6 @@ class ScorerMetrics:
         self.results = Counter("scorer_results", "results consumed, by outcome", ["outcome"], registry=r)
         for outcome in OUTCOMES:  # present at 0 from the start, so rates work before the first event
             self.results.labels(outcome=outcome)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def set_table(self, scores: Mapping[str, float], ema: Mapping[str, float], weights: Mapping[str, float]) -> None:
         """Replace the per-hotkey gauges: a deregistered hotkey's series disappears."""
@@ -44,13 +42,3 @@ class ScorerMetrics:
             for hotkey, value in values.items():
                 gauge.labels(hotkey=hotkey).set(value)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (/metrics); returns the bound port. OSError if it is taken."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from safetensors.torch import load, save
 from moe import MoELM
 from moe.config import LMConfig
 from moe.data import Corpus, CorpusConfig, build_corpus
-from moe.experts import expert_uid, parse_expert_uid
+from moe.experts import ROUTED_EXPERT_KEY, expert_uid, parse_expert_uid
 from moe.train.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_config, resolve_checkpoint
 from subnet.checkpoint_loading import InvalidWeightsError, load_verified_experts
 from subnet.checkpoints import (
@@ -46,9 +45,6 @@ from subnet.expert_weights import PARAM_NAMES, expert_weights_bytes, parse_exper
 from subnet.manifest import MANIFEST_NAME, ConfigMismatchError, config_hash
 from subnet.object_store import ObjectStore
 
-# The in-process name of a routed expert's parameters (services/router/remote_model.py uses the
-# same pattern to skip them when it loads a trunk).
-ROUTED_EXPERT_KEY = re.compile(r"^blocks\.(\d+)\.ffn\.experts\.experts\.(\d+)\.")
 TRUNK_FILES = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE)
 ExpertStates = dict[str, dict[str, torch.Tensor]]
 

@@ -16,18 +16,17 @@ process do not collide.
 from __future__ import annotations
 
 import math
-import threading
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from subnet.metrics_http import MetricsHttp
 from subnet.rounds import RoundPhase
 from subnet.validation_results import ValidationResult
 
 _EVAL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 
 
-class ValidatorMetrics:
+class ValidatorMetrics(MetricsHttp):
     """The metric objects plus the HTTP server that exposes them (`serve` / `stop`)."""
 
     def __init__(self) -> None:
@@ -46,8 +45,6 @@ class ValidatorMetrics:
         self.global_loss = Gauge("validator_global_loss", "validation loss of the global model on the round's batches",
                                  registry=r)
         self.merges = Counter("validator_merges", "merge phases, by result", ["result"], registry=r)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def on_phase(self, now: RoundPhase) -> None:
         self.round.set(now.round)
@@ -65,13 +62,3 @@ class ValidatorMetrics:
         if math.isfinite(result.global_loss):
             self.global_loss.set(result.global_loss)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (/metrics); returns the bound port. OSError if it is taken."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return self._server.server_port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

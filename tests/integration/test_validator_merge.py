@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load, save
 
 from moe.data import BatchSampler
+from moe.experts import ROUTED_EXPERT_KEY
 from moe.train.checkpoint import WEIGHTS_FILE
 from services.router.trunk_publisher import trunk_config_hash
 from services.validator.evaluation import run_batches
-from services.validator.global_model import ROUTED_EXPERT_KEY, set_experts
+from services.validator.global_model import set_experts
 from services.validator.service import ValidatorService
 from services.validator.validator import Validator
 from subnet.checkpoints import latest_global_version, publish_checkpoint

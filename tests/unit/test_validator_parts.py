@@ -11,10 +11,11 @@ from safetensors.torch import load, save_model
 
 from moe import MoELM
 from moe.config import preset
+from moe.experts import ROUTED_EXPERT_KEY
 from services.validator.__main__ import main
 from services.validator.config import ValidatorConfig
 from services.validator.evaluation import round_seed
-from services.validator.global_model import ROUTED_EXPERT_KEY, build_model, trunk_only
+from services.validator.global_model import build_model, trunk_only
 from services.validator.merge import MomentumStore
 from services.validator.submissions import Submission, SubmissionError, manifests_of, round_submissions
 from services.validator.task_queue import Task
