@@ -371,8 +371,19 @@ class RemoteExpertGroup(ExpertGroup):
         return grads
 
     def _gather(self, calls: Sequence[_Call], timeout_s: float) -> None:
-        """Send every call at once and collect them; retries and give-ups happen here. Returns by
-        the deadline (+ GRACE_S at worst); afterwards each call has succeeded or has `failed` set."""
+        """Send every call at once and collect them, under one `moe.layer/<RPC>` span whose children
+        are the call spans (and, through the `traceparent` they send, the experts' server spans)."""
+        if not calls:
+            return
+        with self.tracer.layer(self.layer, calls[0].rpc, len(calls)) as span:
+            self._send_and_collect(calls, timeout_s)
+            failed = sorted(f"{c.uid}:{c.failed[0]}" for c in calls if c.failed is not None)
+            if failed:
+                span.set_attribute("moe.given_up", failed)
+
+    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float) -> None:
+        """Retries and give-ups happen here. Returns by the deadline (+ GRACE_S at worst); afterwards
+        each call has succeeded or has `failed` set."""
         deadline = time.monotonic() + timeout_s
         done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight: set[int] = set()

@@ -1,7 +1,7 @@
 """Build the LM whose routed experts are remote, and move weights between the two layouts.
 
     parts = RemoteParts.connect(config)                 # registry, replica set, signing channels, metrics
-    model = build_remote_lm(lm_config, parts, config)   # MoELM with a (traced) RemoteExpertGroup per MoE block
+    model = build_remote_lm(lm_config, parts, config)   # MoELM with a RemoteExpertGroup per MoE block
     load_trunk(model, "runs/demo")                      # everything but the routed experts
 
 The in-process model and the remote one share every parameter name except the routed
@@ -22,9 +22,9 @@ from moe.experts import ROUTED_EXPERT_KEY, expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
+from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.scores import RedisScores
-from services.router.traced_experts import TracedExpertGroup
 from services.router.tracing import ExpertCallTracer
 from subnet.auth import service_identity
 from subnet.expert_client import ChannelSettings, ExpertClientPool
@@ -74,7 +74,7 @@ class RemoteParts:
 def build_remote_lm(cfg: LMConfig, parts: RemoteParts, config: RouterConfig) -> MoELM:
     """An MoELM whose every MoE block reaches its routed experts through the registry
     (one trace span per layer and phase around its expert calls)."""
-    groups = {layer: TracedExpertGroup(layer, cfg.n_experts, cfg.dim, parts.replicas,
+    groups = {layer: RemoteExpertGroup(layer, cfg.n_experts, cfg.dim, parts.replicas,
                                        wire_dtype=config.wire_dtype, timeout_s=config.expert_timeout_s,
                                        retries=config.retries, metrics=parts.metrics, clients=parts.clients,
                                        tracer=parts.tracer)

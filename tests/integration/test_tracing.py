@@ -36,10 +36,10 @@ from moe.experts import expert_uid
 from moe.train import TrainConfig
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
+from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.server import RouterServer, router_auth
 from services.router.servicer import RouterServicer
-from services.router.traced_experts import TracedExpertGroup
 from services.router.tracing import ExpertCallTracer
 from services.router.train import prepare_initial_checkpoint
 from services.stack.placement import deal_experts
@@ -128,7 +128,7 @@ def test_one_training_step_is_one_trace_across_router_and_experts(expert_service
     replicas = ReplicaSet(OwnEndpoints(registry, {s.endpoint for s, _ in services}), refresh_s=0.2)
     pool = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey)
     provider = tracer_provider(TracingConfig(otlp_endpoint=receiver.url), "router")
-    group = TracedExpertGroup(LAYER, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), clients=pool,
+    group = RemoteExpertGroup(LAYER, N_EXPERTS, DIM, replicas, metrics=RouterMetrics(), clients=pool,
                               tracer=ExpertCallTracer(provider), timeout_s=10.0)
     tracer = provider.get_tracer("test")
     try:
