@@ -130,7 +130,7 @@ class Merger:
                                                         self.outer_lr, self.mu)
             outcome.merged[uid] = used
         outcome.experts = experts
-        outcome.trunk_files, outcome.trunk_from = self._trunk(glob, trunks, trunk_signers)
+        outcome.trunk_files, outcome.trunk_from = self.round_trunk(glob, trunks, trunk_signers)
         if not outcome.merged and not outcome.trunk_from:
             return outcome  # nothing changed: no new version
         outcome.model = build_model(glob.lm_cfg, outcome.trunk_files[WEIGHTS_FILE], experts,
@@ -142,7 +142,7 @@ class Merger:
         self.momentum_store.save(momentum)
         return outcome
 
-    def _trunk(self, glob: GlobalModel, trunks: Sequence[Submission],
+    def round_trunk(self, glob: GlobalModel, trunks: Sequence[Submission],
                trusted: Collection[str]) -> tuple[dict[str, bytes], str]:
         """The first revealed trunk that verifies and fits, else the previous version's files."""
         for sub in trunks:

@@ -88,6 +88,11 @@ class Validator:
                  self.store.where(f"checkpoints/global/{glob.version}"))
         return glob
 
+    def trunk_signers(self) -> set[str]:
+        """Whose revealed trunk may be evaluated against and merged: VALIDATOR_TRUNK_SIGNERS, else the
+        hotkeys with a validator permit (the router holds stake)."""
+        return set(self.config.trunk_signers) or set(self.chain.metagraph().validator_hotkeys)
+
     def global_model(self, version: int | None = None) -> GlobalModel:
         """The global model of `version` (None = the latest), verified and cached."""
         latest = version is None
@@ -165,8 +170,7 @@ class Validator:
         if cached is not None:
             return cached
         _, trunks = round_submissions(self.chain.commitments(round))
-        trusted = set(self.config.trunk_signers) or set(self.chain.metagraph().validator_hotkeys)
-        files, signer = self.merger._trunk(glob, trunks, trusted)
+        files, signer = self.merger.round_trunk(glob, trunks, self.trunk_signers())
         if not signer:  # not revealed (yet): the global version itself, not cached so a later call can
             return glob  # still pick the round's trunk up
         model = dataclasses.replace(glob, files=files, model=build_model(
@@ -269,7 +273,7 @@ class Validator:
                 return None
             results = self.wait_results(round, wait_s)
             miners, trunks = round_submissions(self.chain.commitments(round))
-            trusted = set(self.config.trunk_signers) or set(self.chain.metagraph().validator_hotkeys)
+            trusted = self.trunk_signers()
             try:
                 outcome = self.merger.merge(glob, round, results, self.scores(round), {s.hotkey: s for s in miners},
                                             trunks, trusted, lambda s: self.evaluator.submission_states(s, glob))
