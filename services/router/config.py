@@ -47,13 +47,14 @@ class RouterConfig:
                            "an expert replica that failed or missed a deadline gets no calls for this long (per "
                            "endpoint and expert; overload answers do not count)")
     follow_scores: bool = env("ROUTER_FOLLOW_SCORES", True,
-                              "route by the scorer's EMA (moe:scores:ema) and skip banned miners "
-                              "(moe:scores:banned); without scores the replica policy decides")
+                              "skip banned miners (moe:scores:banned) and route serving calls by the scorer's "
+                              "EMA (moe:scores:ema); training calls are spread over every non-banned replica by "
+                              "the replica policy")
     min_ema: float = env("ROUTER_MIN_EMA", 0.01,
-                         "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the calls while "
+                         "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the serving calls while "
                          "another replica of the same expert has earned more (see services/router/replicas.py)")
     explore: float = env("ROUTER_EXPLORE", 0.1,
-                         "share of calls spread over non-banned replicas that have not earned (yet), so a miner "
+                         "share of serving calls spread over non-banned replicas that have not earned (yet), so a miner "
                          "that lost its traffic once can show an improvement again; 0 = none")
     metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
     # The HTTP API (POST /v1/completions, GET /health, GET /model_info) serves the same model

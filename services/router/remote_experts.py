@@ -111,7 +111,7 @@ class _Forward(_Call):
         self.outputs: torch.Tensor | None = None
 
     def target(self, replicas: ReplicaSet) -> str | None:
-        replica = replicas.choose(self.uid, exclude=self.tried)
+        replica = replicas.choose(self.uid, exclude=self.tried, by_score=not self.training)
         return None if replica is None else replica.endpoint
 
     @property

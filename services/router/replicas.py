@@ -15,13 +15,18 @@ Policies:
 Scores (the router listens to the scorer): with a `scores` source, a replica whose hotkey is
 banned (its last result failed the verification gate: live weights differ from the published
 ones, a copy, an unverifiable checkpoint) gets no traffic; a uid whose every replica is banned
-is masked, since a banned replica may serve random weights. Among the others, replicas whose
-EMA is near zero (below `min_ema`) get only an exploration share (`explore`, default 10% of
-the calls, spread evenly) as long as a replica of the same expert has earned more; the rest
-go to the earners in proportion to their EMA (a hotkey without a score yet counts as the
-median). The exploration share is what lets a miner that once lost its traffic (a failed
-round) show an improvement again; without it the first earner would starve every other
-replica for good. When nobody has earned yet (the first rounds) the replica policy decides.
+is masked, since a banned replica may serve random weights.
+
+Among the others, training and serving differ:
+- Training calls (`by_score=False`) are the miners' work: every non-banned replica gets its
+  share by the replica policy (ARCHITECTURE section 4: replicas train on disjoint token shares
+  and the validator merges them). Following the EMA here would be rich-get-richer: a replica
+  that lost one round by noise would get too few tokens to ever show an improvement again
+  (seen in CI: an honest miner starved by the first earner, ending with weight 0).
+- Serving calls (`by_score=True`, inference for users) go to the earners in proportion to
+  their EMA (a hotkey without a score yet counts as the median); replicas whose EMA is below
+  `min_ema` get only an exploration share (`explore`, default 10%) while a replica of the same
+  expert has earned more. When nobody has earned yet the replica policy decides.
 
 Suspicion is per (endpoint, expert uid): one failing expert does not mask the other experts
 that service hosts. Overload answers (RESOURCE_EXHAUSTED) are not failures.
@@ -178,8 +183,9 @@ class ReplicaSet:
         with self._lock:
             return list(self._snapshot.get(uid, ()))
 
-    def choose(self, uid: str, exclude: Collection[str] = ()) -> Replica | None:
-        """A replica of `uid` that is not excluded and not suspect; None when there is none."""
+    def choose(self, uid: str, exclude: Collection[str] = (), by_score: bool = True) -> Replica | None:
+        """A replica of `uid` that is not excluded, banned or suspect; None when there is none.
+        `by_score`: follow the EMA (serving); False spreads by the policy (training, see above)."""
         self._refresh_if_stale()
         now = self._clock()
         with self._lock:
@@ -189,7 +195,7 @@ class ReplicaSet:
                           and self._suspect_until.get((r.endpoint, None), 0.0) <= now]
             if not candidates:
                 return None
-            if self._ema:
+            if by_score and self._ema:
                 earned = self._earned(candidates)
                 if earned:
                     others = [r for r in candidates if r not in earned]

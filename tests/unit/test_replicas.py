@@ -222,3 +222,13 @@ def test_replicas_that_vanish_from_the_registry_stay_routable_for_the_grace_peri
     clock.now += 11
     assert replicas.choose("0.1") is None  # gone for longer than the grace period
     assert replicas.hotkey("a:1") == "A"
+
+
+def test_training_calls_spread_over_every_replica_that_is_not_banned_whatever_its_ema():
+    # A replica that lost a round must still get its share of the training tokens, or it can never
+    # show an improvement again; banned replicas get nothing either way.
+    entries = {"0.1": [keyed("0.1", "a:1", "A"), keyed("0.1", "b:1", "B"), keyed("0.1", "c:1", "C")]}
+    replicas, _, _ = make(entries, scores=Scores({"A": 0.0, "B": 0.9, "C": 0.9}, banned={"C"}), explore=0.0)
+    training = [replicas.choose("0.1", by_score=False).endpoint for _ in range(40)]
+    assert training.count("a:1") == training.count("b:1") == 20
+    assert {replicas.choose("0.1").endpoint for _ in range(40)} == {"b:1"}  # serving follows the EMA
