@@ -38,7 +38,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to block_size."""
+    """Keys and values of every layer for incremental decoding, preallocated to block_size.
+    Every row is at the same position; `moe.slot_cache.SlotCache` keeps rows at their own."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -47,6 +48,30 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0          # tokens already cached (same for every layer)
         self.block_size = block_size
+
+    @property
+    def longest(self) -> int:
+        """Tokens already cached in the longest row the next forward feeds."""
+        return self.length
+
+    def rotary(self, cos: torch.Tensor, sin: torch.Tensor, batch: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables for the next `t` positions."""
+        return cos[self.length:self.length + t], sin[self.length:self.length + t]
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values (B, H, T, hd) of `layer`; returns every cached key, value and the
+        attention mask (None = plain causal)."""
+        b, t, start = k.shape[0], k.shape[2], self.length
+        self.k[layer][:b, :, start:start + t] = k
+        self.v[layer][:b, :, start:start + t] = v
+        mask = None
+        if start > 0:
+            # Queries sit at positions start..start+t-1 and see every key up to their own.
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        return self.k[layer][:b, :, :start + t], self.v[layer][:b, :, :start + t], mask
+
+    def advance(self, t: int) -> None:
+        self.length += t
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,17 +87,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (B, H, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, causal = None, True
+        mask = None
         if cache is not None:
-            start = cache.length
-            cache.k[layer][:b, :, start:start + t] = k
-            cache.v[layer][:b, :, start:start + t] = v
-            k, v = cache.k[layer][:b, :, :start + t], cache.v[layer][:b, :, :start + t]
-            if start > 0:
-                # Queries sit at positions start..start+t-1 and see every key up to their own.
-                causal = False
-                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            k, v, mask = cache.extend(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
 
@@ -157,11 +175,14 @@ class MoELM(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got "
                              f"min {int(idx.min())}, max {int(idx.max())}")
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        start = cache.length if cache is not None else 0
-        self._check_tokens(idx, start)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        """`cache`: a KVCache, or a SlotCache bound to the slots of idx's rows (see moe/slot_cache.py)."""
+        self._check_tokens(idx, cache.longest if cache is not None else 0)
         t = idx.shape[1]
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        if cache is not None:
+            cos, sin = cache.rotary(self.rope_cos, self.rope_sin, idx.shape[0], t)
+        else:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.tok_emb(idx)                                   # (B, T, C)
         aux_total = x.new_zeros(())
         for i, block in enumerate(self.blocks):
@@ -169,7 +190,7 @@ class MoELM(nn.Module):
             if aux is not None:
                 aux_total = aux_total + aux
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         logits = self.head(self.norm(x))                        # (B, T, V)
         loss = ce = None
         if targets is not None:

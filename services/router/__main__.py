@@ -36,7 +36,8 @@ def _serve(model, tokenizer, parts, config, step: int) -> int:
     from services.router.server import RouterServer, router_auth
     from services.router.servicer import RouterServicer
 
-    servicer = RouterServicer(model, tokenizer, parts.replicas, parts.metrics, config.max_new_tokens, step=step)
+    servicer = RouterServicer(model, tokenizer, parts.replicas, parts.metrics, config.max_new_tokens, step=step,
+                              max_batch=config.max_batch, max_queued=config.max_queued)
     server = RouterServer(servicer, config.host, config.port, config.max_message_mb,
                           auth=router_auth(config, parts.identity, parts.metrics))
     http = None

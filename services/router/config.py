@@ -51,11 +51,11 @@ class RouterConfig:
                               "EMA (moe:scores:ema); training calls are spread over every non-banned replica by "
                               "the replica policy")
     min_ema: float = env("ROUTER_MIN_EMA", 0.01,
-                         "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the serving calls while "
-                         "another replica of the same expert has earned more (see services/router/replicas.py)")
+                         "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the serving "
+                         "calls while another replica of the same expert has earned more (see services/router/replicas.py)")
     explore: float = env("ROUTER_EXPLORE", 0.1,
-                         "share of serving calls spread over non-banned replicas that have not earned (yet), so a miner "
-                         "that lost its traffic once can show an improvement again; 0 = none")
+                         "share of serving calls spread over non-banned replicas that have not earned (yet), so a "
+                         "miner that lost its traffic once can show an improvement again; 0 = none")
     metrics_port: int = env("ROUTER_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
     # The HTTP API (POST /v1/completions, GET /health, GET /model_info) serves the same model
     # with the same limits; who may call it: services/router/http_api.py.
@@ -67,6 +67,11 @@ class RouterConfig:
     http_timeout_s: float = env("ROUTER_HTTP_TIMEOUT_S", 30.0,
                                 "HTTP socket reads and writes, and each wait for the model, give up after this")
     max_new_tokens: int = env("ROUTER_MAX_NEW_TOKENS", 512, "upper limit of Generate's max_new_tokens")
+    max_batch: int = env("ROUTER_MAX_BATCH", 64,
+                         "Generate streams the decode loop advances together (continuous batching); more wait "
+                         "for a free slot")
+    max_queued: int = env("ROUTER_MAX_QUEUED", 256,
+                          "Generate requests that may wait for a slot; beyond, RESOURCE_EXHAUSTED (HTTP 503)")
     max_message_mb: float = env("ROUTER_MAX_MESSAGE_MB", 64.0, "gRPC max send/receive message size")
     threads: int = env("ROUTER_THREADS", 0, "torch intra-op threads; 0 = torch's default")
     log_level: str = env("ROUTER_LOG_LEVEL", "INFO", "Python logging level")
@@ -99,6 +104,9 @@ class RouterConfig:
             raise ValueError("ROUTER_SUSPECT_S and ROUTER_REGISTRY_GRACE_S must be >= 0")
         if self.expert_timeout_s <= 0 or self.registry_refresh_s <= 0:
             raise ValueError("ROUTER_EXPERT_TIMEOUT_S and ROUTER_REGISTRY_REFRESH_S must be positive")
+        if self.max_batch < 1 or self.max_queued < 0:
+            raise ValueError(f"ROUTER_MAX_BATCH must be >= 1 and ROUTER_MAX_QUEUED >= 0, got {self.max_batch} "
+                             f"and {self.max_queued}")
         if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:
             raise ValueError("ROUTER_RETRIES and ROUTER_THREADS must be >= 0; ROUTER_MAX_NEW_TOKENS and "
                              "ROUTER_MAX_MESSAGE_MB must be positive")

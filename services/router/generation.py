@@ -1,17 +1,18 @@
-"""The router's model behind its transports: one validation and one lock for gRPC and HTTP.
+"""The router's model behind its transports: one validation and one decode loop for gRPC and HTTP.
 
-    engine = RouterEngine(model, tokenizer, replicas, metrics, max_new_tokens=512)
+    engine = RouterEngine(model, tokenizer, replicas, metrics, max_new_tokens=512, max_batch=64)
     idx = engine.prompt(text="ROMEO:")                                 # RequestError if unusable
     for token in engine.generate(idx, GenerateParams(max_new_tokens=20), deadline=...):
         send(token.text)
+    engine.close()
 
-The model computes one token (or one Logits pass) at a time under a lock: its remote expert
-groups keep per-call state, and on a CPU router parallel passes would only fight over the
-same cores. The lock is held for one token's computation, never while a token is handed to
-a client: a client that stops reading blocks only its own request, and concurrent requests
-take turns token by token. A request whose deadline passes while it waits for the lock is
-dropped before any computation (DeadlineExceeded); one that waits longer than `wait_s`
-(HTTP's bound) gets Overloaded.
+Every Generate joins one continuous-batching loop (services/router/decode_loop.py): all active
+streams advance together, one model step for all of them, so each expert gets one call per
+layer for every user's token. Logits passes run on the same thread between two steps. Tokens
+are handed to a request's own queue, never while the loop waits for a client: a client that
+stops reading holds up only itself. A request whose deadline passes before it gets a slot is
+never computed (DeadlineExceeded); one that waits for a slot longer than `wait_s` (HTTP's
+bound), or arrives while `max_queued` others wait, gets Overloaded.
 
 This module knows nothing of gRPC or HTTP: the servicer and the HTTP API map its exceptions
 to their status codes.
@@ -19,9 +20,8 @@ to their status codes.
 
 from __future__ import annotations
 
-import inspect
 import math
-import threading
+import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from moe import MoELM
+from services.router.decode_loop import END, DecodeLoop, Expired, QueueFull, SamplingParams
 from services.router.metrics import RouterMetrics
 from services.router.remote_model import required_expert_uids
 from services.router.replicas import ReplicaSet
@@ -80,18 +81,24 @@ def check_params(params: GenerateParams, max_new_tokens: int, names: Mapping[str
         raise RequestError(f"{field('seed')} must fit in 64 bits, got {params.seed}")
 
 
+_POLL_S = 0.25   # how often a waiting reader looks at its deadline and whether its client is still there
+
+
 class RouterEngine:
     """Generate, Logits and Info on one model, for any number of transport threads."""
 
     def __init__(self, model: MoELM, tokenizer, replicas: ReplicaSet, metrics: RouterMetrics,
-                 max_new_tokens: int, step: int = 0):
+                 max_new_tokens: int, step: int = 0, max_batch: int = 64, max_queued: int = 256):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.replicas = replicas
         self.metrics = metrics
         self.max_new_tokens = max_new_tokens
         self.step = step
-        self._lock = threading.Lock()
+        self.loop = DecodeLoop(self.model, max_batch=max_batch, max_queued=max_queued, metrics=metrics)
+
+    def close(self) -> None:
+        self.loop.close()
 
     # ---- validation ---------------------------------------------------------------------------
 
@@ -124,51 +131,67 @@ class RouterEngine:
 
     def generate(self, idx: torch.Tensor, params: GenerateParams, *, deadline: float | None = None,
                  wait_s: float | None = None, active: Callable[[], bool] = lambda: True) -> Iterator[Token]:
-        """Check `params` now (RequestError), then the tokens one by one as they are computed.
+        """Check `params` now (RequestError), queue the request (Overloaded when the queue is full),
+        then the tokens one by one as the loop computes them.
 
-        `deadline` (time.monotonic) and `wait_s` bound each wait for the model; `active` is
-        asked before each token (False: the caller went away, stop computing)."""
+        `deadline` (time.monotonic) bounds the whole request, `wait_s` the wait for a slot in the
+        batch; `active` is asked while waiting (False: the caller went away, stop computing)."""
         check_params(params, self.max_new_tokens)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         top_k = min(params.top_k, self.model.cfg.vocab_size) or None  # top_k >= vocab filters nothing
-        stream = self.model.stream(idx, params.max_new_tokens, temperature=params.temperature, top_k=top_k,
-                                   generator=generator)
+        sampling = SamplingParams(params.max_new_tokens, params.temperature, top_k, generator)
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded("the deadline passed before the request was queued")
+        try:
+            stream = self.loop.submit(idx[0].tolist(), sampling, deadline=deadline)
+        except QueueFull as e:
+            raise Overloaded(f"{e}; try again") from None
         return self._tokens(stream, deadline, wait_s, active)
 
     def _tokens(self, stream, deadline, wait_s, active) -> Iterator[Token]:
-        started, produced = time.perf_counter(), 0
+        queued = time.monotonic()
         try:
-            while active():
-                self._acquire(deadline, wait_s)
+            while True:
                 try:
-                    with torch.no_grad():   # per step: the consuming thread may differ from the last one
-                        token = next(stream, None)
-                    masked = int(self.model.last_stats.get("masked_calls", 0))
-                finally:
-                    self._lock.release()
-                if token is None:
-                    break
-                produced += 1
-                tok = int(token[0])
-                yield Token(tok, self.tokenizer.decode([tok]), masked)
+                    item = stream.out.get(timeout=_POLL_S)
+                except queue.Empty:
+                    now = time.monotonic()
+                    if not active():
+                        return
+                    if deadline is not None and deadline <= now:
+                        raise DeadlineExceeded("the deadline passed before the request was done") from None
+                    if wait_s is not None and not stream.admitted.is_set() and now - queued > wait_s:
+                        raise Overloaded(f"every slot of the batch stayed busy for {wait_s:.1f} s; "
+                                         f"try again") from None
+                    continue
+                if item is END:
+                    return
+                if isinstance(item, Expired):
+                    raise DeadlineExceeded(str(item))
+                if isinstance(item, BaseException):
+                    raise item
+                token, masked = item
+                yield Token(token, self.tokenizer.decode([token]), masked)
+                if not active():
+                    return
         finally:
-            if inspect.getgeneratorstate(stream) != inspect.GEN_CREATED:
-                with self._lock:  # its `finally` sets the model's train/eval mode: not while another computes
-                    stream.close()
-            if produced:
-                self.metrics.tokens_per_second.set(produced / max(time.perf_counter() - started, 1e-9))
+            stream.cancel()   # a no-op for a finished stream; frees the slot of an abandoned one
 
     def logits(self, idx: torch.Tensor, *, deadline: float | None = None,
                wait_s: float | None = None) -> tuple[torch.Tensor, int]:
         """(T, vocab) float logits of one sequence and the expert calls masked computing them."""
-        self._acquire(deadline, wait_s)
+        def compute():
+            logits, _ = self.model(idx)
+            return logits[0].float(), int(self.model.last_stats.get("masked_calls", 0))
+
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded("the deadline passed before the model was free")
         try:
-            with torch.no_grad():
-                logits, _ = self.model(idx)
-            masked = int(self.model.last_stats.get("masked_calls", 0))
-        finally:
-            self._lock.release()
-        return logits[0].float(), masked
+            return self.loop.run(compute, deadline=deadline, wait_s=wait_s)
+        except Expired as e:
+            if wait_s is None or (deadline is not None and deadline <= time.monotonic()):
+                raise DeadlineExceeded(str(e)) from None
+            raise Overloaded(f"the model stayed busy with other requests for {wait_s:.1f} s; try again") from None
 
     def info(self) -> dict:
         """What a client needs to form requests, and how many replicas serve each expert now."""
@@ -178,19 +201,3 @@ class RouterEngine:
                 "dim": cfg.dim, "n_experts": cfg.n_experts, "n_activated_experts": cfg.n_activated_experts,
                 "expert_uids": uids, "live_replicas": {uid: len(self.replicas.replicas(uid)) for uid in uids},
                 "step": self.step}
-
-    def _acquire(self, deadline: float | None, wait_s: float | None) -> None:
-        """Take the model lock, or raise without it: no computation starts after the deadline."""
-        limits = [wait_s] if wait_s is not None else []
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceeded("the deadline passed before the model was free")
-            limits.append(left)
-        timeout = min(limits) if limits else -1
-        if self._lock.acquire(timeout=timeout):
-            return
-        if deadline is not None and deadline - time.monotonic() <= 0:
-            raise DeadlineExceeded(f"the model stayed busy with other requests until the deadline "
-                                   f"({timeout:.1f} s)")
-        raise Overloaded(f"the model stayed busy with other requests for {timeout:.1f} s; try again")

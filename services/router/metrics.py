@@ -42,6 +42,11 @@ class RouterMetrics:
         self.tokens_per_second = Gauge(
             "router_tokens_per_second", "Tokens the router processed per second (last step or batch).",
             registry=self.registry)
+        self.active_streams = Gauge(
+            "router_active_streams", "Generate streams in the decode loop's batch now.", registry=self.registry)
+        self.decode_batch = Histogram(
+            "router_decode_batch", "Streams advanced by one model step of the decode loop (continuous batching).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.training_loss = Gauge(
             "router_training_loss", "Training loss of the last step.", registry=self.registry)
         self.auth_rejections = Counter(

@@ -44,9 +44,15 @@ class RouterServer:
     `auth` (see `router_auth`) checks signed requests; None serves everyone. `tracer_provider`:
     where the RPCs' spans go (default: the process's, see subnet.telemetry.setup_tracing)."""
 
-    def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float, workers: int = 8,
-                 auth: ServerAuth | None = None, tracer_provider=None):
+    def __init__(self, servicer: RouterServicer, host: str, port: int, max_message_mb: float,
+                 workers: int | None = None, auth: ServerAuth | None = None, tracer_provider=None):
         max_bytes = int(max_message_mb * 1024 * 1024)
+        self._servicer = servicer
+        # A Generate holds its worker thread while it streams (the thread mostly waits for the decode
+        # loop's tokens): enough workers for a full batch plus those queued, or gRPC itself would queue
+        # the streams the batch has room for.
+        loop = servicer.engine.loop
+        workers = workers or loop.max_batch + min(loop.max_queued, 64) + 8
         self._auth = auth
         # Tracing outermost: a request the auth check rejects still gets its (ERROR) span.
         interceptors = [ServerTracing(tracer_provider)] + ([auth.interceptor()] if auth else [])
@@ -78,5 +84,6 @@ class RouterServer:
     def stop(self, grace_s: float = 5.0) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace_s).wait()
+        self._servicer.engine.close()
         if self._auth is not None:
             self._auth.close()

@@ -1,10 +1,10 @@
 """moe.v1.Router over gRPC: Generate, Logits, Info. Only translation lives here: validation,
-limits and the model lock are the engine's (services/router/generation.py), shared with the
+limits and the decode loop are the engine's (services/router/generation.py), shared with the
 HTTP API.
 
 A request's deadline is checked before it waits for the model and between tokens; a
-Generate client that stops reading holds up only its own stream (the engine yields tokens
-outside its lock).
+Generate client that stops reading holds up only its own stream (the loop never waits for a
+reader).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     """The gRPC face of a RouterEngine (built here; the HTTP API shares `servicer.engine`)."""
 
     def __init__(self, model: MoELM, tokenizer, replicas: ReplicaSet, metrics: RouterMetrics,
-                 max_new_tokens: int, step: int = 0):
-        self.engine = RouterEngine(model, tokenizer, replicas, metrics, max_new_tokens, step=step)
+                 max_new_tokens: int, step: int = 0, max_batch: int = 64, max_queued: int = 256):
+        self.engine = RouterEngine(model, tokenizer, replicas, metrics, max_new_tokens, step=step,
+                                   max_batch=max_batch, max_queued=max_queued)
 
     def Generate(self, request, context):
         params = GenerateParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,

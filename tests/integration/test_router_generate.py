@@ -81,7 +81,7 @@ def test_a_request_whose_deadline_passes_while_waiting_is_not_computed(router):
     engine.model.register_forward_hook(lambda *args: passes.append(1))
     with channel(server) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
-        with engine._lock:   # the model is busy (another request's token) for longer than the deadlines
+        with engine.loop.model_lock:   # the model is busy (another step) for longer than the deadlines
             for call in (lambda: stub.Logits(router_pb2.LogitsRequest(tokens=[1]), timeout=0.3),
                          lambda: list(stub.Generate(generate_request(max_new_tokens=2), timeout=0.3))):
                 with pytest.raises(grpc.RpcError) as info:

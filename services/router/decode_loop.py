@@ -1,0 +1,294 @@
+"""Continuous batching: one thread advances every active Generate stream together.
+
+    loop = DecodeLoop(model, max_batch=64, max_queued=256, metrics=metrics)
+    stream = loop.submit(prompt_ids, params, deadline=...)     # Overloaded when the queue is full
+    for item in stream: ...                                    # (token id, masked calls), see below
+    loop.run(lambda: model(idx), deadline=...)                 # a Logits pass, between two steps
+    loop.close()
+
+Each iteration of the loop (vLLM's engine loop is the model):
+1. runs the Logits passes that are waiting (one model forward each);
+2. admits waiting streams while a slot is free (at most `max_batch` streams advance together);
+3. prefills each new stream alone (its prompt in its own slot of a `moe.slot_cache.SlotCache`)
+   and samples its first token; a stream whose context is full is prefilled again from the
+   last block_size/2 tokens, as `MoELM.stream` does;
+4. advances every other active stream by one token in ONE forward: each MoE layer makes one
+   call per expert for the tokens of all streams, instead of one per stream;
+5. retires the finished, cancelled and expired streams; their slots are free at once.
+
+A stream's tokens go into its own queue and the loop never waits for a reader: a client that
+stops reading holds up only itself (its queue grows to at most max_new_tokens entries). Each
+stream samples with its own generator, so a seeded request gives the same tokens whoever it
+shares steps with (up to float rounding of batched matmuls). A stream whose deadline passes,
+or whose reader cancels, is dropped before the next step; one that never got a slot is never
+computed. The model is touched only by this thread (and under `model_lock`, which tests hold
+to stall it). Each pass runs in the context of a request that submitted it (for a batched
+step, its first stream's), so the expert calls' trace spans have a parent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moe import MoELM
+from moe.lm import sample_next
+from moe.slot_cache import SlotCache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More streams wait for a slot than the loop queues."""
+
+
+class Expired(RuntimeError):
+    """The deadline passed before the work was done (or before it started)."""
+
+
+END = object()   # the last item of a stream's queue after its final token
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    generator: torch.Generator | None
+
+
+@dataclass(eq=False)
+class Stream:
+    """One Generate request inside the loop. Its reader takes items from `out`: (token id, masked
+    calls) tuples, then END, or an exception (Expired, or what broke the step)."""
+
+    ids: list[int]
+    params: SamplingParams
+    deadline: float | None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    admitted: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    left: int = 0
+    slot: int | None = None
+    prefill: bool = True
+    # The submitter's context (its trace span): expert calls made for this stream are its children.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+
+    def __post_init__(self):
+        self.left = self.params.max_new_tokens
+
+    def cancel(self) -> None:
+        """The reader went away: the loop drops the stream before its next step."""
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[..., object]
+    deadline: float | None
+    args: tuple = ()
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+
+def _expired(deadline: float | None, now: float) -> bool:
+    return deadline is not None and deadline <= now
+
+
+class DecodeLoop:
+    def __init__(self, model: MoELM, max_batch: int = 64, max_queued: int = 256, metrics=None):
+        if max_batch < 1 or max_queued < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queued >= 0, got {max_batch}, {max_queued}")
+        self.model = model
+        self.max_batch, self.max_queued = max_batch, max_queued
+        self.metrics = metrics
+        self.model_lock = threading.Lock()       # held while the loop computes
+        self._cond = threading.Condition()
+        self._waiting: deque[Stream] = deque()
+        self._jobs: deque[_Job] = deque()
+        self._active: list[Stream] = []
+        self._cache = SlotCache.for_model(model, slots=1)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- the callers' side -------------------------------------------------------------------
+
+    def submit(self, ids: Sequence[int], params: SamplingParams, deadline: float | None = None) -> Stream:
+        """Queue a stream; it joins the running batch at the next step with a free slot."""
+        stream = Stream(list(ids), params, deadline)
+        with self._cond:
+            self._check_open()
+            free = self.max_batch - len(self._active)
+            if len(self._waiting) >= self.max_queued + free:
+                raise QueueFull(f"{len(self._waiting)} requests already wait for one of {self.max_batch} slots")
+            self._waiting.append(stream)
+            self._start()
+            self._cond.notify()
+        return stream
+
+    def run(self, fn: Callable[[], object], deadline: float | None = None, wait_s: float | None = None):
+        """Run `fn` (a model pass) on the loop's thread between two steps; its result.
+        Expired when `deadline` (time.monotonic) or `wait_s` passes first; then `fn` never runs."""
+        job = _Job(contextvars.copy_context().run, deadline, args=(fn,))
+        with self._cond:
+            self._check_open()
+            self._jobs.append(job)
+            self._start()
+            self._cond.notify()
+        limits = [x for x in (wait_s, None if deadline is None else deadline - time.monotonic()) if x is not None]
+        if not job.done.wait(timeout=max(0.0, min(limits)) if limits else None):
+            job.cancelled.set()
+            if not job.done.is_set():     # it may have finished in between: then take its result
+                raise Expired("the model stayed busy with other requests until the deadline")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def close(self) -> None:
+        """Stop the loop; waiting and active streams end with an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        with self._cond:
+            return len(self._active)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the router is shutting down")
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+            self._thread.start()
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._jobs or self._active):
+                    self._cond.wait()
+                if self._closed:
+                    break
+                jobs = list(self._jobs)
+                self._jobs.clear()
+            with self.model_lock, torch.no_grad():
+                for job in jobs:
+                    self._run_job(job)
+                self._admit()
+                self._step()
+        self._fail_all(RuntimeError("the router is shutting down"))
+
+    def _run_job(self, job: _Job) -> None:
+        if job.cancelled.is_set() or _expired(job.deadline, time.monotonic()):
+            job.error = Expired("the deadline passed before the model was free")
+        else:
+            try:
+                job.result = job.fn(*job.args)
+            except Exception as e:   # the caller gets it; the loop goes on
+                job.error = e
+        job.done.set()
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            while self._waiting and len(self._active) < self.max_batch:
+                stream = self._waiting.popleft()
+                if stream.cancelled.is_set():
+                    continue
+                if _expired(stream.deadline, now):
+                    stream.out.put(Expired("the deadline passed before the model was free"))
+                    continue
+                used = {s.slot for s in self._active}
+                stream.slot = next(i for i in range(self.max_batch) if i not in used)
+                self._cache.ensure(stream.slot + 1)
+                self._active.append(stream)
+                stream.admitted.set()
+        if self.metrics is not None:
+            self.metrics.active_streams.set(len(self._active))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for stream in self._active:
+            if stream.cancelled.is_set():
+                stream.left = 0
+            elif _expired(stream.deadline, now):
+                stream.out.put(Expired("the deadline passed between two tokens"))
+                stream.left = 0
+        block = self.model.cfg.block_size
+        live = [s for s in self._active if s.left > 0]
+        prefill = [s for s in live if s.prefill or self._cache.lengths[s.slot] + 1 > block]
+        decode = [s for s in live if s not in prefill]
+        started, produced = time.perf_counter(), 0
+        for stream in prefill:
+            # A new stream, or one whose context is full: (re)start its slot from the tail of its ids.
+            feed = stream.ids[-block:] if stream.prefill else stream.ids[-(block // 2):]
+            self._cache.reset(stream.slot)
+            produced += self._forward([stream], torch.tensor([feed], dtype=torch.long))
+            stream.prefill = False
+        if decode:
+            last = torch.tensor([[s.ids[-1]] for s in decode], dtype=torch.long)
+            produced += self._forward(decode, last)
+        if self.metrics is not None and produced:
+            self.metrics.tokens_per_second.set(produced / max(time.perf_counter() - started, 1e-9))
+        self._retire()
+
+    def _forward(self, streams: list[Stream], idx: torch.Tensor) -> int:
+        """One model pass for `streams` (one row each); samples and hands out a token per stream."""
+        self._cache.bind([s.slot for s in streams])
+        try:
+            # A batched step serves several requests but has one parent span: the first stream's.
+            logits, _ = streams[0].context.run(self.model, idx, cache=self._cache)
+        except Exception as e:
+            log.exception("a decode step failed for %d stream(s)", len(streams))
+            for stream in streams:
+                stream.out.put(RuntimeError(f"generation failed: {e}"))
+                stream.left = 0
+            return 0
+        masked = int(self.model.last_stats.get("masked_calls", 0))
+        if self.metrics is not None:
+            self.metrics.decode_batch.observe(len(streams))
+        for row, stream in enumerate(streams):
+            p = stream.params
+            token = int(sample_next(logits[row:row + 1, -1], p.temperature, p.top_k, p.generator)[0, 0])
+            stream.ids.append(token)
+            stream.left -= 1
+            stream.out.put((token, masked))
+        return len(streams)
+
+    def _retire(self) -> None:
+        with self._cond:
+            done = [s for s in self._active if s.left <= 0]
+            for stream in done:
+                if not stream.cancelled.is_set():
+                    stream.out.put(END)
+                self._cache.reset(stream.slot)
+            self._active = [s for s in self._active if s.left > 0]
+        if self.metrics is not None:
+            self.metrics.active_streams.set(len(self._active))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            for stream in [*self._waiting, *self._active]:
+                stream.out.put(error)
+            self._waiting.clear()
+            self._active = []
+            for job in self._jobs:
+                job.error = error
+                job.done.set()
+            self._jobs.clear()
