@@ -4,6 +4,7 @@
     cache.bind([2]);    logits, _ = model(prompt, cache=cache)          # prefill slot 2: (1, T)
     cache.bind([0, 2]); logits, _ = model(last_tokens, cache=cache)     # one step of slots 0 and 2: (2, 1)
     cache.reset(2)                                                      # slot 2 is free again
+    cache.bind([0, 1]); model(right_padded_prompts, cache=cache); cache.trim(0, 3)   # batched prefill
 
 This is what continuous batching needs: sequences that started at different times advance in
 one forward (one expert call per expert and layer for all of them), and a sequence joins or
@@ -63,6 +64,13 @@ class SlotCache:
     def reset(self, slot: int) -> None:
         """Forget slot `slot`'s sequence (its stale keys are masked out and overwritten later)."""
         self.lengths[slot] = 0
+
+    def trim(self, slot: int, length: int) -> None:
+        """Keep only the first `length` cached tokens of `slot`: after a batched prefill whose shorter
+        prompts were right-padded, the padding's keys are forgotten (and masked out from then on)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens; cannot trim it to {length}")
+        self.lengths[slot] = length
 
     def bind(self, rows: Sequence[int]) -> None:
         """The slots the next forward feeds, one per row of its input, each at most once."""

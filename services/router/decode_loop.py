@@ -9,9 +9,10 @@
 Each iteration of the loop (vLLM's engine loop is the model):
 1. runs the Logits passes that are waiting (one model forward each);
 2. admits waiting streams while a slot is free (at most `max_batch` streams advance together);
-3. prefills each new stream alone (its prompt in its own slot of a `moe.slot_cache.SlotCache`)
-   and samples its first token; a stream whose context is full is prefilled again from the
-   last block_size/2 tokens, as `MoELM.stream` does;
+3. prefills the new streams together, in one pass (each prompt in its own slot of a
+   `moe.slot_cache.SlotCache`, right-padded to the longest), and samples their first tokens; a
+   stream whose context is full is prefilled again from its last block_size/2 tokens, as
+   `MoELM.stream` does;
 4. advances every other active stream by one token in ONE forward: each MoE layer makes one
    call per expert for the tokens of all streams, instead of one per stream;
 5. retires the finished, cancelled and expired streams; their slots are free at once.
@@ -190,8 +191,12 @@ class DecodeLoop:
             with self.model_lock, torch.no_grad():
                 for job in jobs:
                     self._run_job(job)
-                self._admit()
-                self._step()
+                try:
+                    self._admit()
+                    self._step()
+                except Exception as e:   # a bug here must end the streams, not the thread serving them
+                    log.exception("the decode loop failed; ending its streams")
+                    self._fail_active(RuntimeError(f"generation failed: {e}"))
         self._fail_all(RuntimeError("the router is shutting down"))
 
     def _run_job(self, job: _Job) -> None:
@@ -235,21 +240,31 @@ class DecodeLoop:
         prefill = [s for s in live if s.prefill or self._cache.lengths[s.slot] + 1 > block]
         decode = [s for s in live if s not in prefill]
         started, produced = time.perf_counter(), 0
-        for stream in prefill:
-            # A new stream, or one whose context is full: (re)start its slot from the tail of its ids.
-            feed = stream.ids[-block:] if stream.prefill else stream.ids[-(block // 2):]
-            self._cache.reset(stream.slot)
-            produced += self._forward([stream], torch.tensor([feed], dtype=torch.long))
-            stream.prefill = False
+        if prefill:
+            # New streams, and those whose context is full, (re)start their slots from the tail of their
+            # ids, all in one pass: shorter feeds are right-padded (padding sits after every real token,
+            # so causal attention keeps it out of their results) and trimmed from the cache after.
+            feeds = [s.ids[-block:] if s.prefill else s.ids[-(block // 2):] for s in prefill]
+            width = max(len(f) for f in feeds)
+            for stream in prefill:
+                self._cache.reset(stream.slot)
+                stream.prefill = False
+            idx = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.long)
+            if self._forward(prefill, idx, last=[len(f) - 1 for f in feeds]):
+                produced += len(prefill)
+                for stream, feed in zip(prefill, feeds):
+                    self._cache.trim(stream.slot, len(feed))
         if decode:
             last = torch.tensor([[s.ids[-1]] for s in decode], dtype=torch.long)
-            produced += self._forward(decode, last)
+            produced += len(decode) if self._forward(decode, last) else 0
         if self.metrics is not None and produced:
             self.metrics.tokens_per_second.set(produced / max(time.perf_counter() - started, 1e-9))
         self._retire()
 
-    def _forward(self, streams: list[Stream], idx: torch.Tensor) -> int:
-        """One model pass for `streams` (one row each); samples and hands out a token per stream."""
+    def _forward(self, streams: list[Stream], idx: torch.Tensor, last: list[int] | None = None) -> bool:
+        """One model pass for `streams` (one row each); samples from each row's position `last[row]`
+        (default: the last) and hands out a token per stream. False: the pass failed, and the
+        streams ended with the error."""
         self._cache.bind([s.slot for s in streams])
         try:
             # A batched step serves several requests but has one parent span: the first stream's.
@@ -259,17 +274,18 @@ class DecodeLoop:
             for stream in streams:
                 stream.out.put(RuntimeError(f"generation failed: {e}"))
                 stream.left = 0
-            return 0
+            return False
         masked = int(self.model.last_stats.get("masked_calls", 0))
         if self.metrics is not None:
             self.metrics.decode_batch.observe(len(streams))
         for row, stream in enumerate(streams):
             p = stream.params
-            token = int(sample_next(logits[row:row + 1, -1], p.temperature, p.top_k, p.generator)[0, 0])
+            position = -1 if last is None else last[row]
+            token = int(sample_next(logits[row:row + 1, position], p.temperature, p.top_k, p.generator)[0, 0])
             stream.ids.append(token)
             stream.left -= 1
             stream.out.put((token, masked))
-        return len(streams)
+        return True
 
     def _retire(self) -> None:
         with self._cond:
@@ -281,6 +297,13 @@ class DecodeLoop:
             self._active = [s for s in self._active if s.left > 0]
         if self.metrics is not None:
             self.metrics.active_streams.set(len(self._active))
+
+    def _fail_active(self, error: Exception) -> None:
+        with self._cond:
+            for stream in self._active:
+                stream.out.put(error)
+                self._cache.reset(stream.slot)
+            self._active = []
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:

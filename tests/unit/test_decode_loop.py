@@ -59,9 +59,9 @@ def test_streams_that_join_together_advance_in_one_pass_per_token_and_equal_thei
     rows = list(passes.rows)   # the loop's passes only: the runs alone come after
     for k, (p, n) in prompts.items():
         assert got[k] == _alone(model, p, n), k
-    # 3 prefills (1 row each), then one pass per further token of the longest, with every stream
-    # still running in it: c's 8 more tokens, with a (5 more) and b (2 more) leaving on the way.
-    assert rows == [1, 1, 1, 3, 3, 2, 2, 2, 1, 1, 1]
+    # One prefill pass for the three (right-padded), then one pass per further token of the longest,
+    # with every stream still running in it: c's 8 more tokens, a (5 more) and b (2 more) leaving on the way.
+    assert rows == [3, 3, 3, 2, 2, 2, 1, 1, 1]
 
 
 def test_a_stream_joins_a_running_batch_and_a_finished_one_leaves_it():
