@@ -9,12 +9,12 @@
 Each iteration of the loop (vLLM's engine loop is the model):
 1. runs the Logits passes that are waiting (one model forward each);
 2. admits waiting streams while a slot is free (at most `max_batch` streams advance together);
-3. prefills the new streams together, in one pass (each prompt in its own slot of a
-   `moe.slot_cache.SlotCache`, right-padded to the longest), and samples their first tokens; a
-   stream whose context is full is prefilled again from its last block_size/2 tokens, as
-   `MoELM.stream` does;
-4. advances every other active stream by one token in ONE forward: each MoE layer makes one
-   call per expert for the tokens of all streams, instead of one per stream;
+3. advances every active stream in ONE forward: the new ones by their whole prompt (prefill,
+   each in its own slot of a `moe.slot_cache.SlotCache`), the others by their last token, every
+   row right-padded to the longest; each MoE layer makes one call per expert for the tokens of
+   all streams, instead of one per stream. A stream whose context is full is prefilled again
+   from its last block_size/2 tokens, as `MoELM.stream` does;
+4. samples each stream's next token with its own parameters and generator;
 5. retires the finished, cancelled and expired streams; their slots are free at once.
 
 A stream's tokens go into its own queue and the loop never waits for a reader: a client that
@@ -239,27 +239,37 @@ class DecodeLoop:
         live = [s for s in self._active if s.left > 0]
         prefill = [s for s in live if s.prefill or self._cache.lengths[s.slot] + 1 > block]
         decode = [s for s in live if s not in prefill]
+        # New streams, and those whose context is full, (re)start their slots from the tail of their ids.
+        feeds = {s: s.ids[-block:] if s.prefill else s.ids[-(block // 2):] for s in prefill}
+        for stream in prefill:
+            self._cache.reset(stream.slot)
+            stream.prefill = False
+        feeds.update({s: s.ids[-1:] for s in decode})
+        width = max((len(f) for f in feeds.values()), default=1)
         started, produced = time.perf_counter(), 0
-        if prefill:
-            # New streams, and those whose context is full, (re)start their slots from the tail of their
-            # ids, all in one pass: shorter feeds are right-padded (padding sits after every real token,
-            # so causal attention keeps it out of their results) and trimmed from the cache after.
-            feeds = [s.ids[-block:] if s.prefill else s.ids[-(block // 2):] for s in prefill]
-            width = max(len(f) for f in feeds)
-            for stream in prefill:
-                self._cache.reset(stream.slot)
-                stream.prefill = False
-            idx = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.long)
-            if self._forward(prefill, idx, last=[len(f) - 1 for f in feeds]):
-                produced += len(prefill)
-                for stream, feed in zip(prefill, feeds):
-                    self._cache.trim(stream.slot, len(feed))
-        if decode:
-            last = torch.tensor([[s.ids[-1]] for s in decode], dtype=torch.long)
-            produced += len(decode) if self._forward(decode, last) else 0
+        # Joining costs the running streams no extra pass: prefills and one-token steps share one pass,
+        # every feed right-padded to the longest (padding sits after each row's real tokens, so causal
+        # attention keeps it out of their results; its keys are trimmed from the cache after). Expert
+        # calls cost per call far more than per token, so the padding is cheap. A row too close to the
+        # end of the context to hold the padding takes a pass of its own.
+        together = [s for s in live if self._cache.lengths[s.slot] + width <= block]
+        for group in (together, [s for s in live if s not in together]):
+            if group:
+                produced += self._pass(group, [feeds[s] for s in group])
         if self.metrics is not None and produced:
             self.metrics.tokens_per_second.set(produced / max(time.perf_counter() - started, 1e-9))
         self._retire()
+
+    def _pass(self, streams: list[Stream], feeds: list[list[int]]) -> int:
+        """One right-padded pass of `feeds` (one per stream); the tokens handed out."""
+        width = max(len(f) for f in feeds)
+        starts = [self._cache.lengths[s.slot] for s in streams]
+        idx = torch.tensor([f + [0] * (width - len(f)) for f in feeds], dtype=torch.long)
+        if not self._forward(streams, idx, last=[len(f) - 1 for f in feeds]):
+            return 0
+        for stream, start, feed in zip(streams, starts, feeds):
+            self._cache.trim(stream.slot, start + len(feed))
+        return len(streams)
 
     def _forward(self, streams: list[Stream], idx: torch.Tensor, last: list[int] | None = None) -> bool:
         """One model pass for `streams` (one row each); samples from each row's position `last[row]`
