@@ -1,7 +1,8 @@
 """Part 2b: what the gRPC tensor path costs against raw loopback TCP, per payload size.
 
     python -m bench --only wire
-    python -m bench.wire serve GRPC_PORT SOCKET_PORT     # the echo server (started by the part)
+    python -m bench.wire serve GRPC_PORT SOCKET_PORT [--reuse-freed-memory]      # both sides of a sweep,
+    python -m bench.wire measure GRPC_PORT SOCKET_PORT [--rounds N] [--reuse-freed-memory]   # started by the part
 
 gRPC round trip (`grpc`, the path an expert call takes, without the expert): the client
 encodes a float32 tensor with `subnet.tensor_codec.encode`, a unary call through a sync
@@ -16,6 +17,14 @@ a buffer and writes them back; the client reads them into a buffer.
 `grpc_bytes` (for the analysis, not in `ratio`): the same gRPC call with the payload as
 raw bytes in and out, no protobuf and no codec: the transport's share of the cost.
 `codec_ms_64MiB` times each codec step alone on one 64 MiB tensor.
+
+Two sweeps, each with a fresh echo server and a fresh client process: first with glibc's
+default allocator (`default_malloc`, `codec_ms_64MiB_default_malloc`), then with
+`allocator.reuse_freed_memory()` called first thing in both processes (every other key,
+`ratio` included). The client is a child process so that the call comes before gRPC starts its
+threads and does not leak into the parts that run after this one. The sweeps run one after the
+other, not interleaved: compare them knowing the load may have changed in between. The services
+get the second sweep's numbers only where their `main()` makes the call.
 
 The server is a generic handler (`grpc.method_handlers_generic_handler`, service
 `bench.Echo`) rather than the real Expert service: the service would add batching and an
@@ -34,11 +43,14 @@ moved over all round-trip time across the sizes (one sweep), and `ratio` = grpc 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import math
 import os
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -47,19 +59,31 @@ import grpc
 import torch
 
 from bench.timing import best_times
-from subnet.tensor_codec import decode, encode
+from subnet.allocator import reuse_freed_memory
+from subnet.tensor_codec import all_finite, decode, encode
 from subnet.wire.v1 import tensor_pb2
 
 SIZES_MIB = (1, 4, 16, 64)
 MAX_MESSAGE_MB = 80
 SERVICE = "bench.Echo"   # methods Tensor (moe.v1.Tensor, through the codec) and Bytes (raw)
 MIN_BYTES_PER_CALL = 16 << 20
+CLIENT_TIMEOUT_S = 600   # one sweep takes about 10 s here
 _HEADER = struct.Struct("<Q")
+_CHILD_ENV = {"OMP_NUM_THREADS": "1"}
+REUSE_FLAG = "--reuse-freed-memory"
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_MB << 20),
             ("grpc.max_receive_message_length", MAX_MESSAGE_MB << 20)]
 
 
-# ---- server (the child process) ---------------------------------------------------------------
+# ---- server (a child process) -----------------------------------------------------------------
+
+def _setup_process(reuse_memory: bool) -> None:
+    """What both sides do first: one torch thread (see the module docstring) and, for the second sweep,
+    `reuse_freed_memory()` before any gRPC thread exists (threads keep the malloc arena they start with)."""
+    torch.set_num_threads(1)
+    if reuse_memory and not reuse_freed_memory():
+        raise RuntimeError("allocator.reuse_freed_memory() did not apply (not glibc?)")
+
 
 async def _echo_tensor(request: tensor_pb2.Tensor, context) -> tensor_pb2.Tensor:
     return encode(decode(request), "fp32")
@@ -112,14 +136,14 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
     return view
 
 
-def serve(grpc_port: int, socket_port: int) -> None:
-    torch.set_num_threads(1)
+def serve(grpc_port: int, socket_port: int, reuse_memory: bool) -> None:
+    _setup_process(reuse_memory)
     listener = socket.create_server(("127.0.0.1", socket_port))
     threading.Thread(target=_serve_socket, args=(listener,), daemon=True, name="socket-echo").start()
     asyncio.run(_serve_grpc(grpc_port))   # listening on the gRPC port = ready (the part waits for it)
 
 
-# ---- client (the benchmark) -------------------------------------------------------------------
+# ---- client (a child process too; `run` starts both) ------------------------------------------
 
 class _SocketEcho:
     def __init__(self, port: int):
@@ -140,24 +164,40 @@ class _SocketEcho:
 
 
 def run(rounds: int = 5) -> dict:
-    # Imported here: the echo server runs this module too and needs none of the router's imports.
+    # Imported here: both sides of a sweep run this module too and need none of the router's imports.
     from bench.stack import BenchStack
     from subnet.processes import free_port
 
-    grpc_port, socket_port = free_port(), free_port()
+    def sweep(name: str, flags: list[str]) -> dict:
+        """One sweep with a fresh echo server and a fresh client process, both started with `flags`."""
+        grpc_port, socket_port = free_port(), free_port()
+        ports = [str(grpc_port), str(socket_port)]
+        stack.start_python(name, ["-m", "bench.wire", "serve", *ports, *flags], grpc_port, env=_CHILD_ENV)
+        args = [sys.executable, "-m", "bench.wire", "measure", *ports, f"--rounds={rounds}", *flags]
+        client = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **_CHILD_ENV},
+                                timeout=CLIENT_TIMEOUT_S)
+        if client.returncode != 0:
+            raise RuntimeError(f"the {name} client exited with code {client.returncode}:\n{client.stderr[-2000:]}")
+        return json.loads(client.stdout.splitlines()[-1])
+
     with BenchStack() as stack:
-        stack.start_python("wire-echo", ["-m", "bench.wire", "serve", str(grpc_port), str(socket_port)], grpc_port,
-                           env={"OMP_NUM_THREADS": "1"})
-        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=_OPTIONS)
-        echo = _SocketEcho(socket_port)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)   # see the module docstring
-        try:
-            return _measure(channel, echo, rounds)
-        finally:
-            torch.set_num_threads(threads)
-            echo.close()
-            channel.close()
+        default = sweep("wire-echo-default-malloc", [])
+        out = sweep("wire-echo", [REUSE_FLAG])
+    summary = ("grpc_gbps", "socket_gbps", "ratio", "grpc_bytes_ratio")
+    return {**out, "default_malloc": {key: default[key] for key in summary},
+            "codec_ms_64MiB_default_malloc": default["codec_ms_64MiB"]}
+
+
+def measure(grpc_port: int, socket_port: int, rounds: int, reuse_memory: bool) -> dict:
+    """The client side of one sweep, in its own process (started by `run`)."""
+    _setup_process(reuse_memory)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=_OPTIONS)
+    echo = _SocketEcho(socket_port)
+    try:
+        return _measure(channel, echo, rounds)
+    finally:
+        echo.close()
+        channel.close()
 
 
 def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
@@ -183,7 +223,8 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
         "codec_ms_64MiB": codec_stages(64 << 20),
         "definition": "GB/s = payload bytes x 2 (both directions) / round-trip s, GB = 1e9 B; overall = all bytes / "
                       "all round-trip time over the sizes; ratio = grpc / socket; grpc_bytes = the same gRPC call "
-                      "with raw bytes in and out (no protobuf, no codec)",
+                      "with raw bytes in and out (no protobuf, no codec); default_malloc = the same sweep before "
+                      "reuse_freed_memory() (every other key is after it)",
         "load_avg_1m": os.getloadavg()[0],
     }
 
@@ -232,7 +273,8 @@ def codec_stages(nbytes: int, repeats: int = 3) -> dict[str, float]:
               "parse": lambda: tensor_pb2.Tensor.FromString(wire),
               "decode": lambda: decode(parsed),
               "decode_data_copy": lambda: parsed.data,                      # upb copies the field on access
-              "decode_finite_check": lambda: bool(torch.isfinite(view).all())}
+              "decode_finite_check": lambda: all_finite(view),              # what decode runs: one sum
+              "exact_finite_check": lambda: bool(torch.isfinite(view).all())}   # its fallback, for non-finite sums
     return {name: min(_seconds(fn) for _ in range(repeats)) * 1e3 for name, fn in stages.items()}
 
 
@@ -243,6 +285,14 @@ def _seconds(fn) -> float:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "serve":
-        sys.exit("usage: python -m bench.wire serve GRPC_PORT SOCKET_PORT")
-    serve(int(sys.argv[2]), int(sys.argv[3]))
+    parser = argparse.ArgumentParser(prog="python -m bench.wire", description="one side of one sweep (run starts both)")
+    parser.add_argument("side", choices=["serve", "measure"])
+    parser.add_argument("grpc_port", type=int)
+    parser.add_argument("socket_port", type=int)
+    parser.add_argument("--rounds", type=int, default=5, help="measure only")
+    parser.add_argument(REUSE_FLAG, dest="reuse", action="store_true", help="call reuse_freed_memory() first")
+    cli = parser.parse_args()
+    if cli.side == "serve":
+        serve(cli.grpc_port, cli.socket_port, reuse_memory=cli.reuse)
+    else:
+        print(json.dumps(measure(cli.grpc_port, cli.socket_port, cli.rounds, reuse_memory=cli.reuse)))

@@ -15,6 +15,7 @@ import sys
 
 from services.expert.config import ExpertConfig
 from services.expert.server import ExpertServer, StartupError
+from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
 from subnet.telemetry import setup_tracing, shutdown_tracing
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"services.expert: {e}", file=sys.stderr)
         return 2
+    reuse_freed_memory()   # before any thread: payload-sized buffers are reused, not faulted in afresh
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     provider = setup_tracing(config.tracing, "expert")

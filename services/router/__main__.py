@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
 from subnet.telemetry import setup_tracing, shutdown_tracing
 
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"router: configuration error: {e}", file=sys.stderr)
         return 2
+    reuse_freed_memory()   # before any thread: payload-sized buffers are reused, not faulted in afresh
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.threads:
         torch.set_num_threads(config.threads)

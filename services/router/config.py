@@ -52,7 +52,8 @@ class RouterConfig:
                               "the replica policy")
     min_ema: float = env("ROUTER_MIN_EMA", 0.01,
                          "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the serving "
-                         "calls while another replica of the same expert has earned more (see services/router/replicas.py)")
+                         "calls while another replica of the same expert has earned more (see "
+                         "services/router/replicas.py)")
     explore: float = env("ROUTER_EXPLORE", 0.1,
                          "share of serving calls spread over non-banned replicas that have not earned (yet), so a "
                          "miner that lost its traffic once can show an improvement again; 0 = none")

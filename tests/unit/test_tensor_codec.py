@@ -1,6 +1,10 @@
 """subnet.tensor_codec: round trips, zero-copy decoding, int8 error bounds, and every way a tensor
 message can be wrong."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -8,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from subnet.tensor_codec import INT8_BLOCK, WIRE_DTYPES, TensorError, decode, encode, int8_nbytes, parse_wire_dtypes
+from subnet.tensor_codec import (
+    INT8_BLOCK,
+    WIRE_DTYPES,
+    TensorError,
+    all_finite,
+    decode,
+    encode,
+    int8_nbytes,
+    parse_wire_dtypes,
+)
 from subnet.wire.v1 import tensor_pb2
 
 torch.set_num_threads(1)
@@ -141,6 +154,78 @@ def test_finite_values_whose_sum_overflows_are_accepted_and_nan_among_them_is_no
         decode(encode(mixed))
 
 
+
+# ---- finiteness: one sum, the exact elementwise check only when the sum is not finite ----------
+
+_ODD_SHAPE = (37, 111)                            # 4107 values: not a multiple of any vector width
+_POSITIONS = [0, 1, 2053, 4105, 4106]             # first, second, middle, the vectorized tail, last
+_NONFINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+def _raw_float_msg(wire: str, values: np.ndarray) -> tensor_pb2.Tensor:
+    """A message holding exactly `values` (float64) in `wire` bits, built without `encode`."""
+    if wire == "bf16":                            # the upper half of the fp32 bits: NaN/Inf keep their class
+        data = (values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+    else:
+        data = values.astype({"fp32": "<f4", "fp16": "<f2"}[wire]).tobytes()
+    return _msg(dtype=WIRE_DTYPES[wire], shape=_ODD_SHAPE, data=data)
+
+
+@pytest.mark.parametrize("wire", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("value", _NONFINITE)
+@pytest.mark.parametrize("position", _POSITIONS)
+def test_one_non_finite_value_anywhere_is_rejected(wire, value, position):
+    values = np.random.default_rng(position).standard_normal(int(np.prod(_ODD_SHAPE)))
+    values[position] = value
+    with pytest.raises(TensorError) as info:
+        decode(_raw_float_msg(wire, values), name="inputs")
+    assert info.value.code == INVALID
+    assert info.value.message == "inputs contains 1 NaN or Inf values; send finite numbers"
+
+
+@pytest.mark.parametrize("value", _NONFINITE)
+@pytest.mark.parametrize("position", _POSITIONS)
+def test_one_non_finite_value_anywhere_is_rejected_in_int8(value, position):
+    x = torch.randn(_ODD_SHAPE, generator=torch.Generator().manual_seed(position))
+    x.view(-1)[position] = value
+    with pytest.raises(TensorError, match="would not be finite in int8"):
+        encode(x, "int8", check_finite="outputs")
+    with pytest.raises(TensorError, match="^inputs has 1 block scales that are NaN or Inf"):
+        decode(encode(x, "int8"), name="inputs")
+
+
+@pytest.mark.parametrize("wire,huge", [("fp32", 3e38), ("bf16", 3e38), ("fp16", 65504.0), ("int8", 3e38)])
+@pytest.mark.parametrize("sign", ["positive", "negative", "both"])
+def test_finite_values_whose_sum_overflows_are_accepted(wire, huge, sign):
+    x = torch.full(_ODD_SHAPE, huge)
+    if sign == "negative":
+        x.neg_()                                  # the sum is -inf
+    elif sign == "both":
+        x.view(-1)[x.numel() // 2:].neg_()        # both halves overflow: the sum is inf - inf = NaN
+    if wire in ("fp32", "bf16"):
+        assert not bool(torch.isfinite(x.sum()))  # the fast path alone would refuse it
+    y = decode(encode(x, wire, check_finite="outputs"))
+    assert bool(torch.isfinite(y).all())
+    torch.testing.assert_close(y, x, rtol=1e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("position", _POSITIONS)
+def test_encode_refuses_an_fp16_overflow_anywhere(position):
+    x = torch.zeros(_ODD_SHAPE)
+    x.view(-1)[position] = 1e5                    # finite in fp32, inf in fp16
+    with pytest.raises(TensorError, match="^outputs would not be finite in fp16"):
+        encode(x, "fp16", check_finite="outputs")
+    assert bool(torch.isfinite(decode(encode(x, "fp32", check_finite="outputs"))).all())
+
+
+def test_all_finite_agrees_with_the_elementwise_check():
+    cases = [torch.zeros(5), torch.full((9,), 3e38), torch.tensor([3e38, 3e38, -3e38, -3e38]),
+             torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), -float("inf")]),
+             torch.tensor([-float("inf")]), torch.full((3,), 1e4, dtype=torch.float16)]
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
 # ---- int8 (blockwise absmax, 64 values per fp32 scale) -----------------------------------------
 
 def _block_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -239,3 +324,24 @@ def test_int8_empty_tensor_encodes_and_is_rejected_like_the_others():
     assert msg.data == b""
     with pytest.raises(TensorError, match="empty"):
         decode(msg)
+
+
+# ---- reuse_freed_memory (in a child process: it changes the whole process) ---------------------
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_freed_memory_lets_a_second_64_mib_encode_fault_in_no_new_pages():
+    script = """if True:
+        import resource, torch
+        from subnet.allocator import reuse_freed_memory
+        from subnet.tensor_codec import encode
+        assert reuse_freed_memory()
+        x = torch.randn(16384, 1024)                     # 64 MiB
+        encode(x)                                        # the first one takes its pages from the kernel
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        encode(x)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) < 1024   # without the call: 2 x 16,384 (tobytes, then the protobuf arena)
