@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -62,6 +62,10 @@ INT8_BLOCK = 64      # values per scale (DTYPE_INT8_BLOCK64); divides every pres
 _INT8_MAX = 127      # symmetric: -128 stays unused, so q and -q are both representable
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 # glibc mallopt() parameters (malloc.h) and the values reuse_freed_memory() sets.
+
+
+# (region, offset, nbytes, torch dtype, shape) -> a tensor viewing those bytes; raises subnet.shm.ShmError.
+ShmReader = Callable[[str, int, int, torch.dtype, Sequence[int]], torch.Tensor]
 
 
 class TensorError(Exception):
@@ -120,15 +124,18 @@ def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | Non
 
 
 def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_elements: int | None = None,
-           allowed: Iterable[int] | None = None, name: str = "tensor") -> torch.Tensor:
+           allowed: Iterable[int] | None = None, name: str = "tensor", shm: ShmReader | None = None) -> torch.Tensor:
     """The float32 tensor in `msg`, after checking it; raises `TensorError`.
 
     expected_dim: the tensor must be 2-D `(tokens, expected_dim)` with tokens >= 1.
     max_elements: more elements than this is RESOURCE_EXHAUSTED.
     allowed: the wire dtypes this receiver accepts (default: all of WIRE_DTYPES).
     name: the field name used in error messages ("inputs", "grad_outputs").
+    shm: how this receiver reads a tensor whose bytes are in shared memory (`msg.shm`), e.g.
+        `subnet.shm.ShmAttachments.read`; None = it takes none (FAILED_PRECONDITION: resend inline).
 
-    fp32 shares memory with `msg.data` (read-only: do not modify the result in place).
+    fp32 shares memory with `msg.data` (read-only: do not modify the result in place). A tensor
+    from shared memory is always a copy: the region is the sender's and is reused after the call.
     """
     bad = grpc.StatusCode.INVALID_ARGUMENT
     dtype = msg.dtype
@@ -154,21 +161,67 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
         raise TensorError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
                           f"{max_elements}; split it into smaller requests")
-    data = msg.data
-    if dtype == tensor_pb2.DTYPE_INT8_BLOCK64:
-        return _decode_int8(data, shape, numel, name)
-    itemsize = ITEMSIZE[dtype]
-    if len(data) != numel * itemsize:
-        raise TensorError(bad, f"{name} has {len(data)} bytes but shape {shape} with dtype "
-                               f"{wire_dtype_name(dtype)} needs {numel * itemsize} "
-                               f"({numel} x {itemsize} bytes); the data does not match the shape")
-    t = _view(data, dtype).reshape(shape)
+    if msg.HasField("shm"):
+        t = _read_shm(msg, shape, numel, name, shm)
+    else:
+        data = msg.data
+        if dtype == tensor_pb2.DTYPE_INT8_BLOCK64:
+            return _decode_int8(data, shape, numel, name)
+        itemsize = ITEMSIZE[dtype]
+        if len(data) != numel * itemsize:
+            raise TensorError(bad, f"{name} has {len(data)} bytes but shape {shape} with dtype "
+                                   f"{wire_dtype_name(dtype)} needs {numel * itemsize} "
+                                   f"({numel} x {itemsize} bytes); the data does not match the shape")
+        t = _view(data, dtype).reshape(shape)
     if t.dtype != torch.float32:
         t = t.float()  # the one copy for bf16/fp16
     if not all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise TensorError(bad, f"{name} contains {n_bad} NaN or Inf values; send finite numbers")
     return t
+
+
+SHM_WIRE_DTYPES = ("fp32", "bf16", "fp16")   # what shared memory carries (int8 is for networks)
+
+
+def shm_dtype(wire_dtype: str) -> torch.dtype:
+    """The torch dtype a tensor of `wire_dtype` has in shared memory; ValueError for int8."""
+    if wire_dtype not in SHM_WIRE_DTYPES:
+        raise ValueError(f"shared memory carries {', '.join(SHM_WIRE_DTYPES)}, not {wire_dtype!r}")
+    return _TORCH_DTYPES[WIRE_DTYPES[wire_dtype]]
+
+
+def shm_tensor(wire_dtype: str, shape: Sequence[int], region: str, offset: int, nbytes: int) -> tensor_pb2.Tensor:
+    """A `moe.v1.Tensor` whose bytes were written to `region` at `offset` (see `decode`'s `shm`)."""
+    return tensor_pb2.Tensor(dtype=WIRE_DTYPES[wire_dtype], shape=list(shape),
+                             shm=tensor_pb2.ShmRef(region=region, offset=offset, nbytes=nbytes))
+
+
+def _read_shm(msg: tensor_pb2.Tensor, shape: list[int], numel: int, name: str,
+              shm: ShmReader | None) -> torch.Tensor:
+    """The tensor `msg.shm` points at, copied out of the sender's region (fp32) or still a view
+    (bf16/fp16: the caller's .float() is the copy)."""
+    from subnet.shm import ShmError, ShmUnavailableError
+
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if msg.data:
+        raise TensorError(bad, f"{name} has both data and shm; send one of them")
+    if shm is None:
+        raise TensorError(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{name} is in shared memory, which this receiver does not take; send it inline")
+    if msg.dtype not in ITEMSIZE:
+        raise TensorError(bad, f"{name}: shared memory carries fp32, bf16 or fp16, not "
+                               f"{wire_dtype_name(msg.dtype)}; send it inline")
+    if msg.shm.nbytes != numel * ITEMSIZE[msg.dtype]:
+        raise TensorError(bad, f"{name} has {msg.shm.nbytes} bytes in shared memory but shape {shape} with "
+                               f"dtype {wire_dtype_name(msg.dtype)} needs {numel * ITEMSIZE[msg.dtype]}")
+    try:
+        view = shm(msg.shm.region, msg.shm.offset, msg.shm.nbytes, _TORCH_DTYPES[msg.dtype], shape)
+    except ShmUnavailableError as e:
+        raise TensorError(grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {e}; send it inline") from None
+    except ShmError as e:
+        raise TensorError(bad, f"{name}: {e}") from None
+    return view.clone() if view.dtype == torch.float32 else view
 
 
 def _view(data: bytes | bytearray | memoryview, dtype: int) -> torch.Tensor:

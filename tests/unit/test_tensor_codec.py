@@ -345,3 +345,43 @@ def test_reuse_freed_memory_lets_a_second_64_mib_encode_fault_in_no_new_pages():
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) < 1024   # without the call: 2 x 16,384 (tobytes, then the protobuf arena)
+
+
+# ---- tensors in shared memory (decode's `shm` reader) ------------------------------------------
+
+def test_a_tensor_in_shared_memory_decodes_to_a_copy_with_every_check_of_an_inline_one(tmp_path):
+    from subnet.shm import ShmAttachments, ShmConfig, ShmRegion
+    from subnet.tensor_codec import shm_dtype, shm_tensor
+
+    config = ShmConfig(directory=str(tmp_path))
+    region = ShmRegion.create(1 << 20, directory=str(tmp_path))
+    server = ShmAttachments(config)
+    try:
+        for wire in ("fp32", "bf16", "fp16"):
+            x = torch.randn(5, 8)
+            offset, nbytes = region.write(x, dtype=shm_dtype(wire))
+            msg = shm_tensor(wire, x.shape, region.name, offset, nbytes)
+            got = decode(msg, expected_dim=8, shm=server.read)
+            torch.testing.assert_close(got, x.to(shm_dtype(wire)).float())
+            region.write(torch.zeros(5, 8), dtype=shm_dtype(wire))     # the sender reuses its region
+            torch.testing.assert_close(got, x.to(shm_dtype(wire)).float())   # ... the decoded copy keeps
+        x = torch.randn(4, 8)
+        x[2, 3] = float("nan")
+        offset, nbytes = region.write(x)
+        with pytest.raises(TensorError, match="NaN or Inf"):
+            decode(shm_tensor("fp32", x.shape, region.name, offset, nbytes), shm=server.read)
+        with pytest.raises(TensorError, match="needs 128") as info:
+            decode(shm_tensor("fp32", x.shape, region.name, offset, nbytes - 4), shm=server.read)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(TensorError, match="does not take") as info:
+            decode(shm_tensor("fp32", x.shape, region.name, offset, nbytes))    # a receiver without shm
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(TensorError) as info:                       # a region that is not there
+            decode(shm_tensor("fp32", x.shape, region.name[:-4] + "0000", offset, nbytes), shm=server.read)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(TensorError) as info:                       # outside the file
+            decode(shm_tensor("fp32", x.shape, region.name, region.size, nbytes), shm=server.read)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.close()
+        region.close()

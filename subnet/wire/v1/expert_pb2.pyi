@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training")
+    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training", "reply_shm")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHM_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     inputs: _tensor_pb2.Tensor
     call_id: str
     step: int
     training: bool
-    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
+    reply_shm: _tensor_pb2.ShmReply
+    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -28,20 +30,22 @@ class ForwardResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id")
+    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id", "reply_shm")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_SHM_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     call_id: str
     step: int
     grad_outputs: _tensor_pb2.Tensor
     inputs: _tensor_pb2.Tensor
     session_id: str
-    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    reply_shm: _tensor_pb2.ShmReply
+    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_inputs",)
@@ -118,17 +122,19 @@ class ExpertInfo(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., dim: _Optional[int] = ..., inter_dim: _Optional[int] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., version: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("experts", "wire_dtypes", "max_tokens", "max_message_bytes", "device", "server_version")
+    __slots__ = ("experts", "wire_dtypes", "max_tokens", "max_message_bytes", "device", "server_version", "shm_host_id")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
     wire_dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
     max_tokens: int
     max_message_bytes: int
     device: str
     server_version: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., wire_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
+    shm_host_id: str
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., wire_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., shm_host_id: _Optional[str] = ...) -> None: ...

@@ -24,15 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsubnet/wire/v1/tensor.proto\x12\x06moe.v1\"C\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.moe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44TYPE_INT8_BLOCK64\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsubnet/wire/v1/tensor.proto\x12\x06moe.v1\"`\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.moe.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x1b\n\x03shm\x18\x04 \x01(\x0b\x32\x0e.moe.v1.ShmRef\"8\n\x06ShmRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\"<\n\x08ShmReply\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x16\n\x12\x44TYPE_INT8_BLOCK64\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subnet.wire.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=108
-  _globals['_DTYPE']._serialized_end=220
+  _globals['_DTYPE']._serialized_start=257
+  _globals['_DTYPE']._serialized_end=369
   _globals['_TENSOR']._serialized_start=39
-  _globals['_TENSOR']._serialized_end=106
+  _globals['_TENSOR']._serialized_end=135
+  _globals['_SHMREF']._serialized_start=137
+  _globals['_SHMREF']._serialized_end=193
+  _globals['_SHMREPLY']._serialized_start=195
+  _globals['_SHMREPLY']._serialized_end=255
 # @@protoc_insertion_point(module_scope)
