@@ -161,7 +161,7 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
         raise TensorError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
                           f"{max_elements}; split it into smaller requests")
-    if msg.HasField("shm"):
+    if isinstance(msg, tensor_pb2.Tensor) and msg.HasField("shm"):
         t = _read_shm(msg, shape, numel, name, shm)
     else:
         data = msg.data
