@@ -33,9 +33,12 @@ import grpc
 
 from subnet.auth.client import SigningChannel
 from subnet.identity import Identity
+from subnet.shm import ShmConfig
+from subnet.shm_link import ShmLink
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
+SHM_INFO_TIMEOUT_S = 2.0   # the one Info call that tells whether an endpoint shares this host's memory
 
 
 @dataclass(frozen=True)
@@ -69,22 +72,26 @@ class ExpertClient:
     With an `identity`, requests are signed for the hotkey `receiver()` names at each call."""
 
     def __init__(self, endpoint: str, channel: grpc.Channel, identity: Identity | None = None,
-                 receiver: Callable[[], str | None] = lambda: None):
+                 receiver: Callable[[], str | None] = lambda: None, shm: ShmLink | None = None):
         self.endpoint = endpoint
+        self.shm = shm   # the pool's shared-memory link (None = every tensor inline)
         self._stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, identity, receiver))
 
     def forward(self, uid: str, inputs: tensor_pb2.Tensor, *, call_id: str, step: int, training: bool,
-                timeout_s: float, metadata: Metadata = ()) -> grpc.Future:
+                timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None
+                ) -> grpc.Future:
+        """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too)."""
         request = expert_pb2.ForwardRequest(expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
-                                            training=training)
+                                            training=training, reply_shm=reply_shm)
         return self._stub.Forward.future(request, timeout=timeout_s, metadata=metadata)
 
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor, *, call_id: str, step: int,
                  timeout_s: float, inputs: tensor_pb2.Tensor | None = None, session_id: str = "",
-                 metadata: Metadata = ()) -> grpc.Future:
+                 metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None) -> grpc.Future:
         """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
         request = expert_pb2.BackwardRequest(expert_uid=uid, call_id=call_id, step=step,
-                                             grad_outputs=grad_outputs, inputs=inputs, session_id=session_id)
+                                             grad_outputs=grad_outputs, inputs=inputs, session_id=session_id,
+                                             reply_shm=reply_shm)
         return self._stub.Backward.future(request, timeout=timeout_s, metadata=metadata)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",
@@ -114,8 +121,9 @@ class ExpertClientPool:
     """
 
     def __init__(self, settings: ChannelSettings = ChannelSettings(), identity: Identity | None = None,
-                 hotkeys: Callable[[str], str | None] | None = None):
-        """`identity`: who signs (None = unsigned). `hotkeys(endpoint)`: the hotkey serving an endpoint."""
+                 hotkeys: Callable[[str], str | None] | None = None, shm: ShmConfig | None = None):
+        """`identity`: who signs (None = unsigned). `hotkeys(endpoint)`: the hotkey serving an endpoint.
+        `shm`: tensors to experts on this host through shared memory (SHM_TRANSPORT); None = never."""
         self._settings = settings
         self.identity = identity
         self._hotkeys = hotkeys
@@ -123,6 +131,10 @@ class ExpertClientPool:
         self._channels: dict[str, grpc.Channel] = {}
         self._clients: dict[str, ExpertClient] = {}
         self._pinned: dict[str, str] = {}
+        self.shm = ShmLink(shm, self._shm_host_id) if shm is not None and shm.enabled else None
+
+    def _shm_host_id(self, endpoint: str) -> str:
+        return self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S).shm_host_id
 
     def get(self, endpoint: str, hotkey: str | None = None) -> ExpertClient:
         """The client of `endpoint`; `hotkey` pins the receiver hotkey its requests are signed for."""
@@ -134,7 +146,7 @@ class ExpertClientPool:
                 channel = grpc.insecure_channel(endpoint, options=self._settings.options())
                 self._channels[endpoint] = channel
                 client = self._clients[endpoint] = ExpertClient(endpoint, channel, self.identity,
-                                                                lambda: self.hotkey(endpoint))
+                                                                lambda: self.hotkey(endpoint), self.shm)
             return client
 
     def hotkey(self, endpoint: str) -> str | None:
@@ -153,6 +165,8 @@ class ExpertClientPool:
             channels, self._channels, self._clients = list(self._channels.values()), {}, {}
         for channel in channels:
             channel.close()
+        if self.shm is not None:
+            self.shm.close()
 
     def __enter__(self) -> Self:
         return self

@@ -182,6 +182,9 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
 
 
 SHM_WIRE_DTYPES = ("fp32", "bf16", "fp16")   # what shared memory carries (int8 is for networks)
+# Ends every FAILED_PRECONDITION that means "shared memory does not work between us": the caller
+# then sends the same call again with its tensors inside the message.
+SHM_INLINE_HINT = "resend with the tensors inline"
 
 
 def shm_dtype(wire_dtype: str) -> torch.dtype:
@@ -208,7 +211,7 @@ def _read_shm(msg: tensor_pb2.Tensor, shape: list[int], numel: int, name: str,
         raise TensorError(bad, f"{name} has both data and shm; send one of them")
     if shm is None:
         raise TensorError(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{name} is in shared memory, which this receiver does not take; send it inline")
+                          f"{name} is in shared memory, which this receiver does not take; {SHM_INLINE_HINT}")
     if msg.dtype not in ITEMSIZE:
         raise TensorError(bad, f"{name}: shared memory carries fp32, bf16 or fp16, not "
                                f"{wire_dtype_name(msg.dtype)}; send it inline")
@@ -218,7 +221,7 @@ def _read_shm(msg: tensor_pb2.Tensor, shape: list[int], numel: int, name: str,
     try:
         view = shm(msg.shm.region, msg.shm.offset, msg.shm.nbytes, _TORCH_DTYPES[msg.dtype], shape)
     except ShmUnavailableError as e:
-        raise TensorError(grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {e}; send it inline") from None
+        raise TensorError(grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {e}; {SHM_INLINE_HINT}") from None
     except ShmError as e:
         raise TensorError(bad, f"{name}: {e}") from None
     return view.clone() if view.dtype == torch.float32 else view

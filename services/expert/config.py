@@ -17,6 +17,7 @@ from subnet.envconfig import REQUIRED, env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
 from subnet.rounds import RoundConfig
+from subnet.shm import ShmConfig
 from subnet.telemetry import TracingConfig
 from subnet.tensor_codec import parse_wire_dtypes
 
@@ -99,6 +100,7 @@ class ExpertConfig:
     chain: ChainConfig = nested(ChainConfig)
     rounds: RoundConfig = nested(RoundConfig)
     tracing: TracingConfig = nested(TracingConfig)  # OTEL_*: SERVER spans of the RPCs, exported over OTLP
+    shm: ShmConfig = nested(ShmConfig)              # SHM_*: tensors from routers on this host via shared memory
 
     def __post_init__(self):
         if not self.uids:

@@ -53,6 +53,7 @@ from subnet.identity import Identity, IdentityError
 from subnet.object_store import StoreError
 from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
+from subnet.shm import ShmAttachments, host_id
 from subnet.telemetry import AioServerTracing
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
@@ -118,6 +119,7 @@ class ExpertServer:
         self._grpc: grpc.aio.Server | None = None
         self._deferred = _Deferred()
         self._janitor: asyncio.Task | None = None
+        self.shm: ShmAttachments | None = None   # routers on this host send tensors through it
         self._ready = asyncio.Event()
 
     @property
@@ -166,10 +168,12 @@ class ExpertServer:
         self.batcher = Batcher(self.backend, self.worker, c.max_batch_tokens, c.batch_wait_ms,
                                c.max_queue_tokens, self.metrics)
         await self.batcher.start()
+        self.shm = ShmAttachments(c.shm) if c.shm.enabled and host_id(c.shm.directory) else None
         self._deferred.target = ExpertServicer(
             self.backend, self.batcher, self.worker, allowed_dtypes=c.allowed_dtypes,
             max_request_tokens=c.max_request_tokens, max_message_bytes=c.max_message_bytes,
-            device=str(self.backend.device), metrics=self.metrics, inject_delay_ms=c.inject_delay_ms)
+            device=str(self.backend.device), metrics=self.metrics, inject_delay_ms=c.inject_delay_ms,
+            shm=self.shm)
         self._janitor = asyncio.create_task(self._sweep_forever(), name="activation-janitor")
         if c.redis_url:  # before SERVING, so that "SERVING" also means "routers can find it"
             await self._register()
@@ -274,6 +278,8 @@ class ExpertServer:
             await asyncio.sleep(interval)
             n = self.backend.cache.sweep()
             self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
+            if self.shm is not None:
+                self.shm.maintain()   # unmap regions their routers removed; sweep dead routers' regions
             if n:
                 log.info("expired %d unused training activations (no Backward within %.0f s)",
                          n, self.config.activation_ttl_s)
@@ -317,6 +323,9 @@ class ExpertServer:
             self.worker = None
         if self.config.save_path and self.backend is not None:
             self._save_weights(self.config.save_path)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         if self._redis is not None:
             self._redis.close()
             self._redis = None

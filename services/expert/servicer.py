@@ -22,7 +22,18 @@ import torch
 from services.expert import backend as be
 from services.expert.batcher import Batcher, ComputeWorker, Overloaded, ShuttingDown
 from services.expert.metrics import ExpertMetrics
-from subnet.tensor_codec import TensorError, decode, encode, wire_dtype_name
+from subnet.shm import ShmAttachments, ShmError, ShmUnavailableError, host_id
+from subnet.tensor_codec import (
+    SHM_INLINE_HINT,
+    SHM_WIRE_DTYPES,
+    TensorError,
+    all_finite,
+    decode,
+    encode,
+    shm_dtype,
+    shm_tensor,
+    wire_dtype_name,
+)
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 log = logging.getLogger(__name__)
@@ -59,7 +70,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def __init__(self, backend: be.ExpertBackend, batcher: Batcher, worker: ComputeWorker, *,
                  allowed_dtypes: tuple[int, ...], max_request_tokens: int, max_message_bytes: int,
-                 device: str, metrics: ExpertMetrics | None = None, inject_delay_ms: float = 0.0):
+                 device: str, metrics: ExpertMetrics | None = None, inject_delay_ms: float = 0.0,
+                 shm: ShmAttachments | None = None):
         self.backend = backend
         self.batcher = batcher
         self.worker = worker
@@ -69,6 +81,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.device = device
         self.metrics = metrics
         self.inject_delay_s = inject_delay_ms / 1000
+        self.shm = shm   # None: tensors in shared memory are refused (FAILED_PRECONDITION: resend inline)
+        self.shm_host_id = host_id(shm.config.directory) if shm is not None else ""
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -84,7 +98,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             await self._delay()
             y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
             self._count(uid, "Forward", x.shape[0])
-            return expert_pb2.ForwardResponse(outputs=await self._encode(y, request.inputs.dtype, "outputs"))
+            outputs = await self._encode(y, request.inputs.dtype, "outputs", _reply_area(request))
+            return expert_pb2.ForwardResponse(outputs=outputs)
         return await self._handle("Forward", context, run)
 
     async def Backward(self, request: expert_pb2.BackwardRequest, context) -> expert_pb2.BackwardResponse:
@@ -101,7 +116,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             dx = await self.worker.submit("Backward", self.backend.backward, uid, request.call_id, request.step, g,
                                           x, session)
             self._count(uid, "Backward", g.shape[0])
-            grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs")
+            grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs", _reply_area(request))
             return expert_pb2.BackwardResponse(grad_inputs=grad_inputs)
         return await self._handle("Backward", context, run)
 
@@ -141,7 +156,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             return expert_pb2.InfoResponse(experts=experts, wire_dtypes=self.allowed_dtypes,
                                            max_tokens=self.max_request_tokens,
                                            max_message_bytes=self.max_message_bytes,
-                                           device=self.device, server_version=SERVER_VERSION)
+                                           device=self.device, server_version=SERVER_VERSION,
+                                           shm_host_id=self.shm_host_id)
         return await self._handle("Info", context, run)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -193,17 +209,41 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                            f"{field} has {msg.shape[0]} tokens; this service accepts at most "
                            f"{self.max_request_tokens} per request; split the batch")
         kwargs = {"expected_dim": self.backend.dim, "max_elements": self.max_request_tokens * self.backend.dim,
-                  "allowed": self.allowed_dtypes, "name": field}
+                  "allowed": self.allowed_dtypes, "name": field, "shm": self.shm.read if self.shm is not None else None}
         if abs(math.prod(msg.shape)) >= _OFFLOAD_ELEMENTS:  # not len(msg.data): upb copies on access
             return await asyncio.to_thread(decode, msg, **kwargs)
         return decode(msg, **kwargs)
 
-    async def _encode(self, t: torch.Tensor, dtype: int, what: str):
-        """Encode an answer; a non-finite one (finite but huge inputs overflow) is refused, not sent."""
+    async def _encode(self, t: torch.Tensor, dtype: int, what: str, reply: tensor_pb2.ShmReply | None = None):
+        """Encode an answer; a non-finite one (finite but huge inputs overflow) is refused, not sent.
+        With a `reply` area (a caller on this host), the bytes go there and the message says where."""
         name = wire_dtype_name(dtype)
+        if reply is not None:
+            if t.numel() >= _OFFLOAD_ELEMENTS:
+                return await asyncio.to_thread(self._encode_shm, t, name, what, reply)
+            return self._encode_shm(t, name, what, reply)
         if t.numel() >= _OFFLOAD_ELEMENTS:
             return await asyncio.to_thread(encode, t, name, check_finite=what)
         return encode(t, name, check_finite=what)
+
+    def _encode_shm(self, t: torch.Tensor, name: str, what: str, reply: tensor_pb2.ShmReply) -> tensor_pb2.Tensor:
+        if self.shm is None:
+            raise RpcError(Code.FAILED_PRECONDITION, "reply_shm given, but this service takes no shared memory "
+                                                     f"(SHM_TRANSPORT=off or no tmpfs); {SHM_INLINE_HINT}")
+        if name not in SHM_WIRE_DTYPES:
+            raise RpcError(Code.INVALID_ARGUMENT, f"reply_shm carries {', '.join(SHM_WIRE_DTYPES)}, not {name}")
+        wire = t.detach().to(device="cpu", dtype=shm_dtype(name)).contiguous()
+        if not all_finite(wire):
+            raise RpcError(Code.INVALID_ARGUMENT, f"{what} would not be finite in {name} (overflow); the inputs "
+                                                  f"are too large for this expert: scale them down or use a wider "
+                                                  f"wire dtype")
+        try:
+            nbytes = self.shm.write(reply.region, reply.offset, reply.capacity, wire)
+        except ShmUnavailableError as e:
+            raise RpcError(Code.FAILED_PRECONDITION, f"reply_shm: {e}; {SHM_INLINE_HINT}") from None
+        except ShmError as e:
+            raise RpcError(Code.INVALID_ARGUMENT, f"reply_shm: {e}") from None
+        return shm_tensor(name, wire.shape, reply.region, reply.offset, nbytes)
 
     async def _delay(self) -> None:
         if self.inject_delay_s > 0:
@@ -213,6 +253,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         if self.metrics is not None:
             self.metrics.tokens.labels(expert=uid, rpc=rpc).inc(tokens)
             self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
+
+
+def _reply_area(request) -> tensor_pb2.ShmReply | None:
+    return request.reply_shm if request.HasField("reply_shm") else None
 
 
 def _check_step(step: int) -> None:

@@ -14,6 +14,7 @@ from subnet.envconfig import env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
 from subnet.rounds import RoundConfig
+from subnet.shm import ShmConfig
 from subnet.telemetry import TracingConfig
 from subnet.tensor_codec import WIRE_DTYPES
 
@@ -89,6 +90,7 @@ class RouterConfig:
     chain: ChainConfig = nested(ChainConfig)
     rounds: RoundConfig = nested(RoundConfig)
     tracing: TracingConfig = nested(TracingConfig)
+    shm: ShmConfig = nested(ShmConfig)   # SHM_*: tensors to expert services on this host via shared memory
 
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:

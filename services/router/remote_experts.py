@@ -50,7 +50,19 @@ from services.router.metrics import RouterMetrics
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
 from subnet.expert_client import ExpertClient, ExpertClientPool
-from subnet.tensor_codec import WIRE_DTYPES, TensorError, decode, encode
+from subnet.shm import ShmError, ShmRegion
+from subnet.shm_link import ShmLink
+from subnet.tensor_codec import (
+    SHM_INLINE_HINT,
+    SHM_WIRE_DTYPES,
+    WIRE_DTYPES,
+    TensorError,
+    decode,
+    encode,
+    shm_dtype,
+    shm_tensor,
+)
+from subnet.wire.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +105,70 @@ class _Call:
     def accept(self, response) -> None:
         """Take the response; raises TensorError when it cannot be used."""
 
-    def again(self, code: grpc.StatusCode) -> bool:
+    def again(self, code: grpc.StatusCode, details: str = "") -> bool:
         """Whether to send another attempt after this status."""
         return False
 
+    def settle(self, ok: bool) -> None:
+        """An attempt ended (`ok`: answered and accepted); release what it held."""
 
-class _Forward(_Call):
+
+class _ShmCall(_Call):
+    """A call whose tensor may go through shared memory (subnet/shm_link.py): when the endpoint shares
+    this host's memory, each attempt writes its tensor into a region of its own and the expert writes
+    the answer into the same region; gRPC carries only where. The answer is copied out (decode), then
+    the region goes back to the pool; an attempt that failed or timed out discards its region, since
+    the expert may still write into it. A refusal ("cannot attach") resends the call inline."""
+
+    def __init__(self, uid: str, tokens: int, endpoint: str | None = None):
+        super().__init__(uid, tokens, endpoint)
+        self._link: ShmLink | None = None
+        self._region: ShmRegion | None = None
+        self.shm_refused = False
+
+    def _shm_request(self, client: ExpertClient, x: torch.Tensor, wire_dtype: str, dim: int):
+        """(tensor message, reply area) in shared memory for this attempt, or (None, None) for inline."""
+        link = client.shm
+        if link is None or self.shm_refused or wire_dtype not in SHM_WIRE_DTYPES or not link.usable(client.endpoint):
+            return None, None
+        dtype = shm_dtype(wire_dtype)
+        self._link = link
+        try:
+            self._region = link.acquire()
+            req = self._region.write_request(x, output_nbytes=self.tokens * dim * dtype.itemsize, dtype=dtype)
+        except ShmError as e:   # e.g. the tmpfs is full: this attempt goes inline
+            log.warning("expert %s: no shared memory for this call (%s); sending it inline", self.uid, e)
+            self.settle(False)
+            return None, None
+        except Exception:
+            self.settle(False)
+            raise
+        tensor = shm_tensor(wire_dtype, x.shape, self._region.name, req.input_offset, req.input_nbytes)
+        return tensor, tensor_pb2.ShmReply(region=self._region.name, offset=req.output_offset,
+                                           capacity=req.output_capacity)
+
+    def _read_reply(self, region: str, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """decode's reader of the answer: only this attempt's region."""
+        if self._region is None or region != self._region.name:
+            raise ShmError(f"the answer points at region {region!r}, not this call's")
+        return self._region.view(offset, nbytes, dtype, shape)
+
+    def _refused_shm(self, code: grpc.StatusCode, details: str) -> bool:
+        """Whether this failure says "shared memory does not work here" (then the next attempt is inline)."""
+        if code is not grpc.StatusCode.FAILED_PRECONDITION or SHM_INLINE_HINT not in details or self.shm_refused:
+            return False
+        self.shm_refused = True
+        if self._link is not None and self.endpoint is not None:
+            self._link.refused(self.endpoint)
+        return True
+
+    def settle(self, ok: bool) -> None:
+        if self._region is not None:
+            (self._link.release if ok else self._link.discard)(self._region)
+            self._region = None
+
+
+class _Forward(_ShmCall):
     rpc = "Forward"
 
     def __init__(self, uid: str, x: torch.Tensor, wire_dtype: str, dim: int, call_id: str, step: int,
@@ -124,9 +194,11 @@ class _Forward(_Call):
 
     def send(self, client, timeout_s, metadata):
         self.tried.add(client.endpoint)
+        inputs, reply = self._shm_request(client, self._x, self._wire_dtype, self.dim)
         # A new call id per attempt: an abandoned attempt may still hold activations under the old one.
-        return client.forward(self.uid, self.inputs, call_id=f"{self.call_id}/{self.attempts}",
-                              step=self.step, training=self.training, timeout_s=timeout_s, metadata=metadata)
+        return client.forward(self.uid, self.inputs if inputs is None else inputs,
+                              call_id=f"{self.call_id}/{self.attempts}", step=self.step, training=self.training,
+                              timeout_s=timeout_s, metadata=metadata, reply_shm=reply)
 
     @property
     def served_call_id(self) -> str:
@@ -134,23 +206,27 @@ class _Forward(_Call):
 
     def accept(self, response):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
-                     name="outputs")
+                     name="outputs", shm=self._read_reply)
         if out.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         self.outputs = out
 
-    def again(self, code):
+    def again(self, code, details=""):
+        if self._refused_shm(code, details):
+            self.tried.discard(self.endpoint)   # the same replica may serve it, inline
+            return True
         # INVALID_ARGUMENT: the request is wrong, every replica would say the same.
         return code is not grpc.StatusCode.INVALID_ARGUMENT and self.attempts <= self.retries
 
 
-class _Backward(_Call):
+class _Backward(_ShmCall):
     rpc = "Backward"
 
-    def __init__(self, forward: _Forward, grad_outputs, session_id: str):
+    def __init__(self, forward: _Forward, grad_outputs: torch.Tensor, wire_dtype: str, session_id: str):
         super().__init__(forward.uid, forward.tokens, forward.endpoint)
-        self.forward, self.grad_outputs, self.session_id = forward, grad_outputs, session_id
+        self.forward, self._grad, self.session_id = forward, grad_outputs, session_id
+        self._wire_dtype, self._encoded = wire_dtype, None
         self.with_inputs = False
         self.grad_inputs: torch.Tensor | None = None
 
@@ -159,19 +235,26 @@ class _Backward(_Call):
 
     def send(self, client, timeout_s, metadata):
         f = self.forward
-        return client.backward(self.uid, self.grad_outputs, call_id=f.served_call_id, step=f.step,
+        grad, reply = self._shm_request(client, self._grad, self._wire_dtype, f.dim)
+        if grad is None:
+            if self._encoded is None:
+                self._encoded = encode(self._grad, self._wire_dtype)
+            grad = self._encoded
+        return client.backward(self.uid, grad, call_id=f.served_call_id, step=f.step,
                                inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
-                               session_id=self.session_id, metadata=metadata)
+                               session_id=self.session_id, metadata=metadata, reply_shm=reply)
 
     def accept(self, response):
         grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
-                      max_elements=self.tokens * self.forward.dim, name="grad_inputs")
+                      max_elements=self.tokens * self.forward.dim, name="grad_inputs", shm=self._read_reply)
         if grad.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
         self.grad_inputs = grad
 
-    def again(self, code):
+    def again(self, code, details=""):
+        if self._refused_shm(code, details):
+            return True   # refused before any gradient was accumulated: the same call, inline
         if code is grpc.StatusCode.FAILED_PRECONDITION and not self.with_inputs:
             self.with_inputs = True  # the expert lost the activations: send the inputs to recompute
             return True
@@ -355,7 +438,7 @@ class RemoteExpertGroup(ExpertGroup):
 
     def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
         """Backward for one training pass; zero gradient for an expert whose call fails."""
-        calls = [None if g is None else _Backward(f, encode(g, self.grad_wire_dtype), self.session_id)
+        calls = [None if g is None else _Backward(f, g.detach(), self.grad_wire_dtype, self.session_id)
                  for f, g in zip(forwards, grad_outputs)]
         self._gather([c for c in calls if c is not None], self.timeout_s)
         grads = []
@@ -424,6 +507,7 @@ class RemoteExpertGroup(ExpertGroup):
             except queue.Empty:
                 for key in list(in_flight):
                     attempts[key].future.cancel()
+                    attempts[key].call.settle(False)
                     self._give_up(attempts[key].call, "deadline_exceeded", "no answer by the deadline")
                 break
             in_flight.discard(key)
@@ -432,14 +516,16 @@ class RemoteExpertGroup(ExpertGroup):
             if code is grpc.StatusCode.OK:
                 try:
                     call.accept(response)
+                    call.settle(True)
                     continue
                 except TensorError as e:  # a wrong answer is the replica's fault, like a crash
                     code, reason = grpc.StatusCode.INTERNAL, "bad_response"
                     details = f"unusable response: {e.message}"
+            call.settle(False)
             endpoint = attempts[key].endpoint
             if code not in _ENDPOINT_OK or reason == "bad_response":
                 self.replicas.mark_failed(endpoint, call.uid)
-            if call.again(code) and launch(call):
+            if call.again(code, details) and launch(call):
                 self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
                 log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",
                          self.layer, call.uid, call.rpc, endpoint, code.name, details, call.endpoint)
