@@ -14,6 +14,12 @@ Socket round trip (`socket`, the floor): the same payload bytes, with an 8-byte 
 prefix, over one loopback TCP connection to the same server process, which reads them into
 a buffer and writes them back; the client reads them into a buffer.
 
+Shared memory (`shm`, the same-host path of services/router/remote_experts.py): the client
+writes the tensor into a region of a `subnet.shm.ShmRegionPool`, a unary call carries an
+`expert_pb2.ForwardRequest` naming where (and a reply area), the server decodes it out of the
+region (a copy and the finite check, as an expert does), writes it back into the reply area, and
+the client decodes the answer out of its region. `shm_ratio` = shm GB/s / socket GB/s.
+
 `grpc_bytes` (for the analysis, not in `ratio`): the same gRPC call with the payload as
 raw bytes in and out, no protobuf and no codec: the transport's share of the cost.
 `codec_ms_64MiB` times each codec step alone on one 64 MiB tensor.
@@ -60,8 +66,10 @@ import torch
 
 from bench.timing import best_times
 from subnet.allocator import reuse_freed_memory
-from subnet.tensor_codec import all_finite, decode, encode
-from subnet.wire.v1 import tensor_pb2
+from subnet.envconfig import from_env
+from subnet.shm import ShmAttachments, ShmConfig, ShmRegionPool
+from subnet.tensor_codec import all_finite, decode, encode, shm_tensor
+from subnet.wire.v1 import expert_pb2, tensor_pb2
 
 SIZES_MIB = (1, 4, 16, 64)
 MAX_MESSAGE_MB = 80
@@ -93,13 +101,30 @@ async def _echo_bytes(request: bytes, context) -> bytes:
     return request
 
 
+_ATTACHMENTS: list[ShmAttachments] = []   # the server's one ShmAttachments (made in _serve_grpc)
+
+
+async def _echo_shm(request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardResponse:
+    """The same-host path of an expert call: the tensor is read from the caller's region (decode copies
+    it out and checks it), and written back into the reply area the call names."""
+    shm = _ATTACHMENTS[0]
+    x = decode(request.inputs, shm=shm.read)
+    reply = request.reply_shm
+    nbytes = shm.write(reply.region, reply.offset, reply.capacity, x)
+    return expert_pb2.ForwardResponse(outputs=shm_tensor("fp32", x.shape, reply.region, reply.offset, nbytes))
+
+
 async def _serve_grpc(port: int) -> None:
     server = grpc.aio.server(options=_OPTIONS)
     tensor = grpc.unary_unary_rpc_method_handler(_echo_tensor, request_deserializer=tensor_pb2.Tensor.FromString,
                                                  response_serializer=tensor_pb2.Tensor.SerializeToString)
     raw = grpc.unary_unary_rpc_method_handler(_echo_bytes)   # no (de)serializer: bytes in, bytes out
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE,
-                                                                          {"Tensor": tensor, "Bytes": raw})])
+    _ATTACHMENTS.append(ShmAttachments(from_env(ShmConfig)))
+    shm = grpc.unary_unary_rpc_method_handler(_echo_shm,
+                                              request_deserializer=expert_pb2.ForwardRequest.FromString,
+                                              response_serializer=expert_pb2.ForwardResponse.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        SERVICE, {"Tensor": tensor, "Bytes": raw, "Shm": shm})])
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
@@ -204,8 +229,15 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
     tensor_call = channel.unary_unary(f"/{SERVICE}/Tensor", request_serializer=tensor_pb2.Tensor.SerializeToString,
                                       response_deserializer=tensor_pb2.Tensor.FromString)
     bytes_call = channel.unary_unary(f"/{SERVICE}/Bytes")
-    per_size = {f"{mib}MiB": _round_trips(tensor_call, bytes_call, echo, mib << 20, rounds) for mib in SIZES_MIB}
-    paths = ("grpc", "grpc_bytes", "socket")
+    shm_call = channel.unary_unary(f"/{SERVICE}/Shm", request_serializer=expert_pb2.ForwardRequest.SerializeToString,
+                                   response_deserializer=expert_pb2.ForwardResponse.FromString)
+    regions = ShmRegionPool(from_env(ShmConfig))
+    try:
+        per_size = {f"{mib}MiB": _round_trips(tensor_call, bytes_call, _ShmCaller(shm_call, regions), echo,
+                                              mib << 20, rounds) for mib in SIZES_MIB}
+    finally:
+        regions.close()
+    paths = ("grpc", "grpc_bytes", "shm", "socket")
     total = {path: sum(rt[path] for rt in per_size.values()) for path in paths}
     moved = sum(2 * (mib << 20) for mib in SIZES_MIB)
     gbps = {path: moved / total[path] / 1e9 for path in paths}
@@ -220,16 +252,38 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
         "ratio_geomean": math.prod(ratios.values()) ** (1 / len(ratios)),
         **by_size,
         "grpc_bytes_ratio": gbps["grpc_bytes"] / gbps["socket"],
+        "shm_gbps": gbps["shm"],
+        "shm_ratio": gbps["shm"] / gbps["socket"],
         "codec_ms_64MiB": codec_stages(64 << 20),
         "definition": "GB/s = payload bytes x 2 (both directions) / round-trip s, GB = 1e9 B; overall = all bytes / "
                       "all round-trip time over the sizes; ratio = grpc / socket; grpc_bytes = the same gRPC call "
-                      "with raw bytes in and out (no protobuf, no codec); default_malloc = the same sweep before "
+                      "with raw bytes in and out (no protobuf, no codec); shm = the same-host path (tensor in a "
+                      "shared-memory region, gRPC carries only where; decode copies it out on both sides); "
+                      "shm_ratio = shm / socket; default_malloc = the same sweep before "
                       "reuse_freed_memory() (every other key is after it)",
         "load_avg_1m": os.getloadavg()[0],
     }
 
 
-def _round_trips(tensor_call, bytes_call, echo: _SocketEcho, nbytes: int, rounds: int) -> dict[str, float]:
+class _ShmCaller:
+    """The router's same-host path (services/router/remote_experts.py): a region per call, the tensor
+    written into it, a gRPC call carrying only where, the answer decoded (copied) out of the region."""
+
+    def __init__(self, call, regions: ShmRegionPool):
+        self.call, self.regions = call, regions
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        with self.regions.lease() as region:
+            req = region.write_request(x, output_nbytes=x.numel() * 4)
+            inputs = shm_tensor("fp32", x.shape, region.name, req.input_offset, req.input_nbytes)
+            reply = tensor_pb2.ShmReply(region=region.name, offset=req.output_offset, capacity=req.output_capacity)
+            response = self.call.future(expert_pb2.ForwardRequest(inputs=inputs, reply_shm=reply),
+                                        timeout=60.0).result()
+            return decode(response.outputs, shm=lambda name, *view: region.view(*view))
+
+
+def _round_trips(tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nbytes: int,
+                 rounds: int) -> dict[str, float]:
     """Seconds of one round trip of `nbytes` on each path (best of `rounds` interleaved rounds)."""
     x = torch.randn(nbytes // 4 // 1024, 1024)
     payload = x.numpy().tobytes()
@@ -247,6 +301,10 @@ def _round_trips(tensor_call, bytes_call, echo: _SocketEcho, nbytes: int, rounds
         for _ in range(reps):
             echo.round_trip(payload)
 
+    def shm_round_trips():
+        for _ in range(reps):
+            shm.round_trip(x)
+
     mib = nbytes >> 20
     if not torch.equal(decode(tensor_call(encode(x, "fp32"), timeout=60.0)), x):
         raise RuntimeError(f"the gRPC echo of {mib} MiB changed the tensor")
@@ -255,8 +313,10 @@ def _round_trips(tensor_call, bytes_call, echo: _SocketEcho, nbytes: int, rounds
     echo.round_trip(payload)
     if echo.reply != payload:
         raise RuntimeError(f"the socket echo of {mib} MiB changed the bytes")
-    times = best_times({"grpc": grpc_round_trips, "grpc_bytes": bytes_round_trips, "socket": socket_round_trips},
-                       rounds=rounds)
+    if not torch.equal(shm.round_trip(x), x):
+        raise RuntimeError(f"the shared-memory echo of {mib} MiB changed the tensor")
+    times = best_times({"grpc": grpc_round_trips, "grpc_bytes": bytes_round_trips, "shm": shm_round_trips,
+                        "socket": socket_round_trips}, rounds=rounds)
     return {path: t / reps for path, t in times.items()}
 
 
