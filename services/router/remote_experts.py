@@ -20,7 +20,9 @@ error: it accumulates gradients on the server, so a duplicate would double them.
 failed Backward gives zero gradient to that expert's tokens and is counted as masked;
 training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` (or
 `skip_external_step`, when the global norm is not finite) then drive the experts' own
-optimizers (GradNorm, ApplyStep) for the replicas that received a Backward this step.
+optimizers (GradNorm, ApplyStep) for the replicas that received a Backward this step; a
+replica whose GradNorm fails or is not finite is left out of the norm and skips its own step,
+so one miner's overflow (or a hostile answer) never stalls the others'.
 
 Gradients travel in `grad_wire_dtype(wire_dtype)`: fp16's range ends near 6e-8, where
 gradients often are, so with an fp16 activation wire they go as bf16 (the expert answers
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -268,6 +271,7 @@ class _GradNorm(_Call):
         super().__init__(uid, 0, endpoint)
         self.step, self.session_id = step, session_id
         self.sq_norm = 0.0
+        self.usable = False
 
     def send(self, client, timeout_s, metadata):
         return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, session_id=self.session_id,
@@ -275,9 +279,13 @@ class _GradNorm(_Call):
 
     def accept(self, response):
         sq = float(response.sq_norm)
-        if sq < 0:  # NaN and Inf pass: real overflow, and the trainer skips the step for them
+        if sq < 0:
             raise TensorError(grpc.StatusCode.INTERNAL, f"sq_norm {sq} is negative")
-        self.sq_norm = sq
+        # Inf/NaN: real overflow of this replica's gradients (not a fault of the endpoint). It must not
+        # stall everyone's step: this replica's step is skipped (RemoteExpertGroup._end_step), the
+        # others and the trunk go on.
+        self.usable = math.isfinite(sq)
+        self.sq_norm = sq if self.usable else 0.0
 
 
 class _ApplyStep(_Call):
@@ -371,6 +379,7 @@ class RemoteExpertGroup(ExpertGroup):
         self._step = 0
         self._lock = threading.Lock()
         self._stepped: set[tuple[str, str]] = set()  # (uid, endpoint) that received Backward this step
+        self._unnormed: set[tuple[str, str]] = set()  # of those, the ones without a usable GradNorm
 
     # ---- ExpertGroup -------------------------------------------------------------------------
 
@@ -406,11 +415,22 @@ class RemoteExpertGroup(ExpertGroup):
         with self._lock:
             self._step = step
             self._stepped.clear()
+            self._unnormed.clear()
 
     def external_grad_sq_norm(self) -> float:
+        """The squared norm over the replicas that answered with a usable one; the others (failed,
+        timed out, not finite) are left out of it and get skip=true at the end of the step, since the
+        clip factor never saw their gradients."""
         calls = [_GradNorm(uid, endpoint, self._step, self.session_id) for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
-        return sum(c.sq_norm for c in calls if c.failed is None)
+        for c in calls:
+            if c.failed is None and not c.usable:
+                self.metrics.masked_calls.labels(str(self.layer), c.uid, "gradnorm", "not_finite").inc()
+                log.warning("layer %d expert %s at %s: gradient norm is not finite; that replica skips step %d",
+                            self.layer, c.uid, c.endpoint, self._step)
+        with self._lock:
+            self._unnormed = {(c.uid, c.endpoint) for c in calls if c.failed is not None or not c.usable}
+        return sum(c.sq_norm for c in calls if c.failed is None and c.usable)
 
     def apply_external_step(self, lr: float, grad_scale: float, settings: OptimizerSettings) -> None:
         self._end_step(lr, grad_scale, settings, skip=False)
@@ -419,7 +439,10 @@ class RemoteExpertGroup(ExpertGroup):
         self._end_step(0.0, 0.0, OptimizerSettings(), skip=True)
 
     def _end_step(self, lr: float, grad_scale: float, settings: OptimizerSettings, skip: bool) -> None:
-        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id, skip)
+        with self._lock:
+            unnormed = set(self._unnormed)
+        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id,
+                            skip or (uid, endpoint) in unnormed)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         with self._lock:

@@ -17,10 +17,17 @@ def test_gradients_never_travel_in_fp16():
     assert all(grad_wire_dtype(d) != "fp16" for d in WIRE_DTYPES)
 
 
-def test_a_negative_squared_norm_is_a_bad_answer_and_non_finite_ones_pass():
+def test_a_negative_squared_norm_is_a_bad_answer_and_a_non_finite_one_is_not_usable():
     call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
     with pytest.raises(TensorError) as info:
         call.accept(expert_pb2.GradNormResponse(sq_norm=-1.0, backward_calls=1))
     assert info.value.code == grpc.StatusCode.INTERNAL and "negative" in info.value.message
-    call.accept(expert_pb2.GradNormResponse(sq_norm=float("inf"), backward_calls=1))   # real overflow: the
-    assert call.sq_norm == float("inf")                                                # trainer skips the step
+    # Overflow: left out of the norm, and that replica skips its step (RemoteExpertGroup._end_step),
+    # so one miner's Inf does not skip everyone's step.
+    for bad in (float("inf"), float("nan")):
+        call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+        call.accept(expert_pb2.GradNormResponse(sq_norm=bad, backward_calls=1))
+        assert not call.usable and call.sq_norm == 0.0
+    call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+    call.accept(expert_pb2.GradNormResponse(sq_norm=2.5, backward_calls=1))
+    assert call.usable and call.sq_norm == 2.5
