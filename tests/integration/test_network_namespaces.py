@@ -162,7 +162,10 @@ def start_expert(link: Link, indices, redis_url: str, dev_wallets, log_dir: Path
            "EXPERT_ADVERTISE_ENDPOINT": f"{link.ns_addr}:{PORT}", "EXPERT_METRICS_PORT": "0",
            "REDIS_URL": redis_url, "EXPERT_THREADS": "1", "OMP_NUM_THREADS": "1", "EXPERT_GRACE_S": "2",
            "EXPERT_BATCH_WAIT_MS": "0", "PYTHONUNBUFFERED": "1", "WALLET_PATH": wallet.path,
-           "WALLET_NAME": wallet.name, "WALLET_HOTKEY": wallet.hotkey, "AUTH_ALLOWLIST": dev_wallets.allowlist}
+           "WALLET_NAME": wallet.name, "WALLET_HOTKEY": wallet.hotkey, "AUTH_ALLOWLIST": dev_wallets.allowlist,
+           # Namespaces share this host's /dev/shm: tensors would skip the shaped links. The experts stand
+           # for other hosts here, so they take none.
+           "SHM_TRANSPORT": "off"}
     return NamespacedExpert(env, log_dir / f"{link.netns}.log", link.netns).start()
 
 
