@@ -22,9 +22,9 @@ from services.router.replicas import ReplicaSet
 from subnet.auth import SigningChannel
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
-from subnet.registry import Replica
 from subnet.tensor_codec import encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
+from tests.integration.one_service import OneService
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -44,16 +44,6 @@ def huge_batch(gen, tokens=256):
 Code = grpc.StatusCode
 
 
-class OneService:
-    """A ReplicaSource listing one service for every expert: no registry needed."""
-
-    def __init__(self, endpoint: str, hotkey: str):
-        self.replicas = {uid: [Replica(uid, endpoint, hotkey, 0, 0, 0)] for uid in UIDS}
-
-    def all_replicas(self):
-        return self.replicas
-
-
 @pytest.fixture(scope="module")
 def setup(expert_service_module_factory, client_identity, tmp_path_factory):
     torch.manual_seed(0)
@@ -63,7 +53,7 @@ def setup(expert_service_module_factory, client_identity, tmp_path_factory):
     service = expert_service_module_factory(UIDS, DIM, INTER,
                                             env={"EXPERT_CHECKPOINT": str(ckpt), "EXPERT_BATCH_WAIT_MS": "0",
                                                  "REDIS_URL": ""})
-    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey))
+    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey, UIDS))
     clients = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey)
     yield local, service, replicas, clients
     clients.close()

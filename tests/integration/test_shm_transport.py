@@ -28,8 +28,8 @@ from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
-from subnet.registry import Replica
 from subnet.shm import ShmConfig
+from tests.integration.one_service import OneService
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -37,18 +37,8 @@ torch.set_num_threads(1)
 LAYER, DIM, INTER, N_EXPERTS = 7, 64, 128, 3
 LR = 1e-3
 SETTINGS = OptimizerSettings()
+UIDS = [expert_uid(LAYER, i) for i in range(N_EXPERTS)]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class OneService:
-    """A ReplicaSource listing one service for every expert: no registry needed."""
-
-    def __init__(self, endpoint: str, hotkey: str):
-        self.replicas = {expert_uid(LAYER, i): [Replica(expert_uid(LAYER, i), endpoint, hotkey, 0, 0, 0)]
-                         for i in range(N_EXPERTS)}
-
-    def all_replicas(self):
-        return self.replicas
 
 
 def _regions(directory: Path) -> set[str]:
@@ -67,7 +57,7 @@ def _service(factory, tmp_path, shm_dir: Path, **env):
 
 
 def _group(service, client_identity, shm: ShmConfig | None):
-    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey))
+    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey, UIDS))
     clients = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey, shm=shm)
     return RemoteExpertGroup(LAYER, N_EXPERTS, DIM, replicas, wire_dtype="fp32", timeout_s=20.0,
                              metrics=RouterMetrics(), clients=clients), clients
@@ -134,17 +124,12 @@ _ROUTER = """if True:
     from subnet.expert_client import ExpertClientPool
     from subnet.identity import WalletConfig, load_identity
     from subnet.shm import ShmConfig
-    from subnet.tensor_codec import decode
     from services.router.remote_experts import RemoteExpertGroup
     from services.router.replicas import ReplicaSet
-    from subnet.registry import Replica
+    from tests.integration.one_service import OneService
     endpoint, hotkey, shm_dir, wallet_path, wallet_name = sys.argv[1:6]
-
-    class One:
-        def all_replicas(self):
-            return {expert_uid(7, i): [Replica(expert_uid(7, i), endpoint, hotkey, 0, 0, 0)] for i in range(3)}
     identity = load_identity(WalletConfig(name=wallet_name, hotkey="default", path=wallet_path))
-    replicas = ReplicaSet(One())
+    replicas = ReplicaSet(OneService(endpoint, hotkey, [expert_uid(7, i) for i in range(3)]))
     clients = ExpertClientPool(identity=identity, hotkeys=replicas.hotkey, shm=ShmConfig(directory=shm_dir))
     group = RemoteExpertGroup(7, 3, 64, replicas, timeout_s=20.0, clients=clients)
     with torch.no_grad():
@@ -184,7 +169,7 @@ def test_calls_to_a_killed_expert_leave_no_region(expert_service_factory, client
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
     service, _ = _service(expert_service_factory, tmp_path, shm_dir, EXPERT_INJECT_DELAY_MS="3000")
-    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey))
+    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey, UIDS))
     clients = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey,
                                shm=ShmConfig(directory=str(shm_dir), max_idle_regions=0))
     group = RemoteExpertGroup(LAYER, N_EXPERTS, DIM, replicas, timeout_s=20.0, metrics=RouterMetrics(),

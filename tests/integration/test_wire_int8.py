@@ -18,7 +18,7 @@ from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
-from subnet.registry import Replica
+from tests.integration.one_service import OneService
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -26,17 +26,7 @@ torch.set_num_threads(1)
 LAYER, DIM, INTER, N_EXPERTS = 9, 64, 128, 3
 STEPS, LR = 3, 1e-3
 SETTINGS = OptimizerSettings()
-
-
-class OneService:
-    """A ReplicaSource listing one service for every expert: no registry needed."""
-
-    def __init__(self, endpoint: str, hotkey: str):
-        self.replicas = {expert_uid(LAYER, i): [Replica(expert_uid(LAYER, i), endpoint, hotkey, 0, 0, 0)]
-                         for i in range(N_EXPERTS)}
-
-    def all_replicas(self):
-        return self.replicas
+UIDS = [expert_uid(LAYER, i) for i in range(N_EXPERTS)]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -51,7 +41,7 @@ def test_int8_wire_trains_like_fp32_in_process(expert_service_factory, client_id
     service = expert_service_factory([expert_uid(LAYER, i) for i in range(N_EXPERTS)], DIM, INTER,
                                      env={"EXPERT_CHECKPOINT": str(ckpt), "EXPERT_WIRE_DTYPES": "fp32,int8",
                                           "EXPERT_BATCH_WAIT_MS": "0", "REDIS_URL": ""})
-    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey))
+    replicas = ReplicaSet(OneService(service.endpoint, service.hotkey, UIDS))
     clients = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey)
     int8 = RemoteExpertGroup(LAYER, N_EXPERTS, DIM, replicas, wire_dtype="int8", timeout_s=10.0,
                              metrics=RouterMetrics(), clients=clients)
