@@ -10,7 +10,7 @@ Python module paths (`subnet.wire.v1.tensor_pb2`); their protobuf package is `mo
 from __future__ import annotations
 
 import argparse
-import filecmp
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +36,24 @@ def generate(out_root: Path) -> list[Path]:
     return sorted(package.iterdir())
 
 
+# The generator stamps its own version into the code (grpcio-tools' GRPC_GENERATED_VERSION, the
+# protobuf version in a comment and in the runtime check's arguments). A newer grpcio-tools on
+# PyPI changes only those stamps, so `--check` compares the code without them: what is stale is
+# a .proto edited without `make protos`, not a fresh machine's newer generator.
+_VERSION_STAMPS = (
+    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.M),
+    re.compile(r"^# Protobuf Python Version: .*$", re.M),
+    re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,"),
+)
+
+
+def _without_version_stamps(path: Path) -> str:
+    text = path.read_text()
+    for stamp in _VERSION_STAMPS:
+        text = stamp.sub(lambda m: m.group(1) if m.groups() else "", text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare instead of writing")
@@ -44,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [f for f in generate(Path(tmp)) if f.is_file()]
         if args.check:
             stale = [f.name for f in files if not (OUT_PACKAGE / f.name).exists()
-                     or not filecmp.cmp(f, OUT_PACKAGE / f.name, shallow=False)]
+                     or _without_version_stamps(f) != _without_version_stamps(OUT_PACKAGE / f.name)]
             if stale:
                 print(f"stale generated code in subnet/wire/v1: {stale}; run `make protos`", file=sys.stderr)
                 return 1
