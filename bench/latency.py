@@ -37,8 +37,9 @@ PRESET = "small"
 PROMPT_TOKENS, WARMUP_STEPS, STEPS = 8, 10, 100   # 118 positions: fits block_size 128 without a cache reset
 CALL_TIMEOUT_S = 60.0
 TOLERANCE = 1e-4    # max |logits remote - in process| / max |logits in process|
-# Each remote variant gets its own Redis and services. EXPERT_BATCH_WAIT_MS (default 2) holds
-# every lone request that long for company: the second variant shows what that costs here.
+# Each remote variant gets its own Redis and services. A decode step's requests arrive alone, so
+# they skip EXPERT_BATCH_WAIT_MS (default 2; services/expert/batcher.py): the second variant, with
+# no window at all, checks that the default costs a decode step nothing.
 REMOTE_VARIANTS = {"remote": {}, "remote_batch_wait_0": {"EXPERT_BATCH_WAIT_MS": "0"}}
 
 

@@ -4,10 +4,13 @@
 per expert takes the queue's head, waits up to `batch_wait_ms` for more requests (or until
 `max_batch_tokens` are queued), runs them as one `backend.forward_batch` on the
 `ComputeWorker`, and hands every request its own rows back. While a batch computes, the
-next one gathers, so batches grow by themselves under load.
+next one gathers, so batches grow by themselves under load. A request that arrives alone,
+a whole batch wait after the one before it, goes at once (`_Task.alone`).
 
-`ComputeWorker` is a single thread: the event loop never runs torch, and forwards,
-backwards and optimizer steps are ordered, so they never see half-updated weights. The
+`ComputeWorker` is a single thread: forwards, backwards and optimizer steps are ordered, so
+they never see half-updated weights. The event loop runs no torch but a forward batch
+smaller than its hand-off to the thread (`INLINE_MAX_MACS`), and only while the thread is
+idle, which keeps that order. The
 requests that go to it directly (Backward, GradNorm, ApplyStep) pass its admission check
 (`submit`): at most `max_pending_tasks` of them wait or run at once, more is Overloaded,
 so a flood of Backwards queues neither without bound nor in memory (each holds its tensors).
@@ -36,6 +39,10 @@ from services.expert.backend import ExpertBackend
 from services.expert.metrics import ExpertMetrics
 
 log = logging.getLogger(__name__)
+# A forward batch this small (multiply-adds; 16M is about a millisecond of one core) runs on the
+# event loop when the compute thread is idle (`ComputeWorker.run_small`): one decode token of the
+# small preset is 0.2M; one of dim 1024, inter_dim 2816 is 8.7M.
+INLINE_MAX_MACS = 1 << 24
 
 
 class Overloaded(Exception):
@@ -55,10 +62,34 @@ class ComputeWorker:
                                         initializer=partial(_set_threads, threads))
         self.max_pending_tasks = max_pending_tasks
         self.pending_tasks = 0   # submitted and not finished; changed on the event loop only
+        # Every `run` queued or running on the thread; counted down when the thread is done with
+        # it, not when its caller stops waiting (a cancelled caller leaves the work running).
+        self._busy = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running on the compute thread (as the event loop sees it)."""
+        return self._busy == 0
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run `fn` on the compute thread, unconditionally (forward batches, weight snapshots)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+        loop = asyncio.get_running_loop()
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._busy += 1
+        # Registered before wrap_future's own callback: the count is down when the caller resumes.
+        future.add_done_callback(lambda _: _call_soon(loop, self._done))
+        return await asyncio.wrap_future(future, loop=loop)
+
+    async def run_small(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`run` for work smaller than its hand-off (two thread wake-ups, most of a one-token forward):
+        when the compute thread is idle, `fn` runs right here on the event loop, still in order,
+        since nothing was submitted before it and nothing can be while it runs; else as `run`."""
+        if self.idle:
+            return fn(*args, **kwargs)
+        return await self.run(fn, *args, **kwargs)
+
+    def _done(self) -> None:
+        self._busy -= 1
 
     async def submit(self, rpc: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`run` for the work of one request `rpc`; Overloaded when `max_pending_tasks` already wait.
@@ -82,12 +113,25 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop is closed: nobody is left to tell
+        pass
+
+
 @dataclass
 class _Task:
     x: torch.Tensor             # (n, dim)
     call_id: str | None         # set = training Forward
     future: asyncio.Future
     enqueued: float             # loop time
+    # Arrived to an empty queue (nothing waiting or computing for the expert) a whole batch
+    # wait after the request before it: no sign of company, so it does not wait for any. A
+    # decode step (one request per expert and layer, one step after another) would pay the
+    # whole wait at every layer; requests that come close together, a burst or steady load,
+    # still wait and merge.
+    alone: bool = False
 
     @property
     def tokens(self) -> int:
@@ -100,6 +144,7 @@ class _Queue:
         self.waiting_tokens = 0
         self.running_tokens = 0
         self.changed = asyncio.Event()
+        self.last_arrival = float("-inf")   # loop time of the latest request
 
 
 class Batcher:
@@ -107,13 +152,18 @@ class Batcher:
     requests (the servicer did) and does not run Backward (see `ExpertServicer.Backward`)."""
 
     def __init__(self, backend: ExpertBackend, worker: ComputeWorker, max_batch_tokens: int,
-                 batch_wait_ms: float, max_queue_tokens: int = 0, metrics: ExpertMetrics | None = None):
+                 batch_wait_ms: float, max_queue_tokens: int = 0, metrics: ExpertMetrics | None = None,
+                 inline_max_macs: int = INLINE_MAX_MACS):
+        """`inline_max_macs`: forward batches up to this many multiply-adds may run on the event loop
+        (`ComputeWorker.run_small`); 0 = always on the compute thread."""
         self.backend = backend
         self.worker = worker
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_queue_tokens = max_queue_tokens
         self.metrics = metrics
+        self.inline_max_macs = inline_max_macs
+        self._macs_per_token = 3 * backend.dim * backend.inter_dim   # the three matmuls of SwiGLU
         self._queues: dict[str, _Queue] = {}
         self._loops: list[asyncio.Task] = []
 
@@ -136,7 +186,10 @@ class Batcher:
             raise Overloaded(f"expert {uid} has {load} tokens queued (limit {self.max_queue_tokens}); "
                              f"retry later or on another replica")
         loop = asyncio.get_running_loop()
-        task = _Task(x, call_id, loop.create_future(), loop.time())
+        now = loop.time()
+        alone = not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
+        q.last_arrival = now
+        task = _Task(x, call_id, loop.create_future(), now, alone)
         q.tasks.append(task)
         q.waiting_tokens += task.tokens
         self._report(uid)
@@ -151,7 +204,7 @@ class Batcher:
                 q.changed.clear()
                 await q.changed.wait()
             deadline = q.tasks[0].enqueued + self.batch_wait_s
-            while q.waiting_tokens < self.max_batch_tokens and (remaining := deadline - loop.time()) > 0:
+            while not self._due(q) and (remaining := deadline - loop.time()) > 0:
                 q.changed.clear()
                 try:
                     await asyncio.wait_for(q.changed.wait(), remaining)
@@ -160,6 +213,11 @@ class Batcher:
             batch = self._take(q)
             if batch:
                 await self._compute(uid, q, batch)
+
+    def _due(self, q: _Queue) -> bool:
+        """Whether the queue's batch goes before its wait is over: it is full, or it is one request
+        that arrived alone (see `_Task.alone`) and nothing joined it since."""
+        return q.waiting_tokens >= self.max_batch_tokens or (len(q.tasks) == 1 and q.tasks[0].alone)
 
     def _take(self, q: _Queue) -> list[_Task]:
         """The head of the queue up to max_batch_tokens (always at least one request)."""
@@ -183,9 +241,10 @@ class Batcher:
         self._report(uid)
         if self.metrics is not None:
             self.metrics.observe_batch(uid, len(batch), tokens)
+        small = tokens * self._macs_per_token <= self.inline_max_macs
         try:
-            outputs = await self.worker.run(self.backend.forward_batch, uid, [t.x for t in batch],
-                                            [t.call_id for t in batch])
+            outputs = await (self.worker.run_small if small else self.worker.run)(
+                self.backend.forward_batch, uid, [t.x for t in batch], [t.call_id for t in batch])
         except asyncio.CancelledError:
             for t in batch:
                 if not t.future.done():

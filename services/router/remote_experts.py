@@ -4,8 +4,8 @@
     group = RemoteExpertGroup(layer=0, n_experts=8, dim=256, replicas=replicas, timeout_s=2.0)
     outputs = group.run({3: x3, 5: x5})      # {3: y3, 5: None} when expert 5 is down
 
-One `run` sends one Forward per expert that has tokens, all in flight at once (sync stubs
-with `.future()`, see `subnet.expert_client`), and waits at most `timeout_s` for the lot:
+One `run` sends one Forward per expert that has tokens, all in flight at once (futures of
+the pool's call threads, see `subnet.expert_client`), and waits at most `timeout_s` for the lot:
 - a call that fails fast (service gone, overloaded, bad answer) is sent again to another
   replica of the same expert, up to `retries` times, within what is left of the budget;
 - a call that misses the deadline has used the budget: it is masked, never waited for;
@@ -42,6 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
@@ -102,7 +103,7 @@ class _Call:
         """Endpoint of the next attempt; None = nowhere to send it."""
         return self.endpoint if self.attempts == 0 else None
 
-    def send(self, client: ExpertClient, timeout_s: float, metadata) -> grpc.Future:
+    def send(self, client: ExpertClient, timeout_s: float, metadata) -> Future:
         raise NotImplementedError
 
     def accept(self, response) -> None:
@@ -309,7 +310,7 @@ class _ApplyStep(_Call):
 class _Attempt:
     call: _Call
     endpoint: str
-    future: grpc.Future | None = None
+    future: Future | None = None
 
 
 @dataclass
@@ -556,9 +557,10 @@ class RemoteExpertGroup(ExpertGroup):
             call.endpoint = endpoint
             self._give_up(call, reason, details)
 
-    def _finished(self, future: grpc.Future, attempt: _Attempt, key: int, span, started: float,
+    def _finished(self, future: Future, attempt: _Attempt, key: int, span, started: float,
                   done: queue.SimpleQueue) -> None:
-        """gRPC callback thread: book-keeping of one attempt, then hand it to the waiting thread."""
+        """A call thread (or the waiting one, for a call cancelled before it started): book-keeping
+        of one attempt, then hand it to the waiting thread."""
         elapsed = time.perf_counter() - started
         self.replicas.end_call(attempt.endpoint, attempt.call.tokens)
         response, details = None, ""

@@ -1,6 +1,7 @@
-"""services.expert.batcher: merging, splitting, limits, cancellation (asyncio, no sockets)."""
+"""services.expert.batcher: merging, splitting, limits, cancellation, lone requests (asyncio, no sockets)."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -38,6 +39,18 @@ def _run(scenario, **batcher_kwargs):
     return asyncio.run(main())
 
 
+def _occupy(worker):
+    """Hold the compute thread (as a long Backward would) until the returned event is set."""
+    release = threading.Event()
+    return release, asyncio.ensure_future(worker.run(release.wait))
+
+
+async def _turns(n=20):
+    """Let the event loop run `n` rounds of ready callbacks; no time passes that a test relies on."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 def _xs(*sizes):
     return [torch.randn(n, DIM, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(sizes)]
 
@@ -63,11 +76,16 @@ def test_batches_respect_max_batch_tokens():
 
 def test_queue_limit_refuses_with_overloaded_and_load_is_visible():
     async def scenario(backend, batcher, metrics):
-        first = asyncio.create_task(batcher.forward("0.0", _xs(4)[0]))
-        await asyncio.sleep(0.05)  # queued, waiting for the batch window
-        assert batcher.queued_tokens("0.0") == 4
-        with pytest.raises(Overloaded, match="4 tokens queued"):
-            await batcher.forward("0.0", _xs(4)[0])
+        release, busy = _occupy(batcher.worker)   # a lone request goes at once: keep it waiting here
+        try:
+            first = asyncio.create_task(batcher.forward("0.0", _xs(4)[0]))
+            await _turns()
+            assert batcher.queued_tokens("0.0") == 4
+            with pytest.raises(Overloaded, match="4 tokens queued"):
+                await batcher.forward("0.0", _xs(4)[0])
+        finally:
+            release.set()
+        await busy
         await first
     _run(scenario, max_batch_tokens=100, batch_wait_ms=300, max_queue_tokens=6)
 
@@ -88,4 +106,86 @@ def test_training_forwards_keep_activations_per_call():
         xs = _xs(2, 3)
         await asyncio.gather(batcher.forward("0.0", xs[0], call_id="a"), batcher.forward("0.0", xs[1]))
         assert len(backend.cache) == 1 and backend.cache.peek(("0.0", "a")).x.shape == (2, DIM)
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=50)
+
+
+# An hour of batch window: a request that waited for it would never finish within a test, so
+# the ones below pass only if the batch went without waiting. No test measures time.
+HOUR_MS = 3_600_000
+
+
+def test_a_lone_request_goes_at_once_when_the_compute_thread_is_idle():
+    async def scenario(backend, batcher, metrics):
+        x = _xs(3)[0]
+        task = asyncio.create_task(batcher.forward("0.0", x))
+        await _turns()
+        assert _batch_stats(metrics) == (1, 1, 3)   # handed to the compute thread, no wait
+        torch.testing.assert_close(await task, backend.forward("0.0", x), rtol=1e-5, atol=1e-6)
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=HOUR_MS, inline_max_macs=0)
+
+
+def test_a_lone_small_request_is_computed_on_the_event_loop_when_the_thread_is_idle():
+    async def scenario(backend, batcher, metrics):
+        x = _xs(1)[0]
+        task = asyncio.create_task(batcher.forward("0.0", x))
+        await _turns()   # no thread was involved: the answer is there after a few loop rounds
+        assert task.done()
+        torch.testing.assert_close(task.result(), backend.forward("0.0", x), rtol=1e-5, atol=1e-6)
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=HOUR_MS)
+
+
+def test_a_small_request_waits_for_the_thread_while_it_is_busy():
+    async def scenario(backend, batcher, metrics):
+        release, busy = _occupy(batcher.worker)   # e.g. a Backward: the forward must not pass it
+        try:
+            task = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
+            await _turns()
+            assert _batch_stats(metrics) == (1, 1, 1)   # dispatched at once, queued behind the thread's work
+            assert not task.done() and batcher.queued_tokens("0.0") == 1
+        finally:
+            release.set()
+        await busy
+        await task
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=HOUR_MS)
+
+
+def test_a_request_close_behind_another_waits_for_company():
+    async def scenario(backend, batcher, metrics):
+        await batcher.forward("0.0", _xs(1)[0])   # alone: computed at once
+        second = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
+        await _turns()
+        assert _batch_stats(metrics) == (1, 1, 1)   # within the window of the first: it waits
+        third = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
+        await asyncio.gather(second, third)
+        assert _batch_stats(metrics) == (2, 3, 3)   # and the next one joined it
+    _run(scenario, max_batch_tokens=2, batch_wait_ms=HOUR_MS)   # full at two tokens
+
+
+def test_requests_that_arrive_together_still_wait_for_company():
+    async def scenario(backend, batcher, metrics):
+        tasks = [asyncio.create_task(batcher.forward("0.0", x)) for x in _xs(1, 1)]
+        await _turns()
+        assert _batch_stats(metrics) == (0, 0, 0)   # two in the queue: not alone, so they wait
+        late = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
+        await asyncio.gather(*tasks, late)
+        assert _batch_stats(metrics) == (1, 3, 3)
+    _run(scenario, max_batch_tokens=3, batch_wait_ms=HOUR_MS)   # full at three tokens
+
+
+def test_the_worker_stays_busy_until_its_thread_is_done_even_when_the_caller_left():
+    async def scenario(backend, batcher, metrics):
+        worker = batcher.worker
+        started, release = threading.Event(), threading.Event()
+
+        def hold():
+            started.set()
+            release.wait()
+        busy = asyncio.ensure_future(worker.run(hold))
+        await asyncio.to_thread(started.wait)
+        busy.cancel()   # the caller went away; the thread still runs its work
+        await _turns()
+        assert not worker.idle
+        release.set()
+        await worker.run(lambda: None)   # queued behind the abandoned work: both are done now
+        assert worker.idle
     _run(scenario, max_batch_tokens=100, batch_wait_ms=50)
