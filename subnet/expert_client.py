@@ -99,6 +99,13 @@ class ExpertClient:
                                             training=training, reply_shm=reply_shm)
         return self._start(self._stub.Forward, request, timeout_s, metadata)
 
+    def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor, *, step: int,
+                     timeout_s: float, metadata: Metadata = ()) -> Future:
+        """Inference Forward of several experts of this endpoint: `inputs` holds their rows one after
+        the other, `tokens[i]` rows for `uids[i]`; the answer's outputs are in the same order."""
+        request = expert_pb2.ForwardManyRequest(expert_uids=uids, tokens=tokens, inputs=inputs, step=step)
+        return self._start(self._stub.ForwardMany, request, timeout_s, metadata)
+
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor, *, call_id: str, step: int,
                  timeout_s: float, inputs: tensor_pb2.Tensor | None = None, session_id: str = "",
                  metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None) -> Future:

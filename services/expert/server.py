@@ -82,6 +82,9 @@ class _Deferred(expert_pb2_grpc.ExpertServicer):
     async def Forward(self, request, context):
         return await self._call("Forward", request, context)
 
+    async def ForwardMany(self, request, context):
+        return await self._call("ForwardMany", request, context)
+
     async def Backward(self, request, context):
         return await self._call("Backward", request, context)
 

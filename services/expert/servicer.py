@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -101,6 +101,25 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             outputs = await self._encode(y, request.inputs.dtype, "outputs", _reply_area(request))
             return expert_pb2.ForwardResponse(outputs=outputs)
         return await self._handle("Forward", context, run)
+
+    async def ForwardMany(self, request: expert_pb2.ForwardManyRequest, context) -> expert_pb2.ForwardManyResponse:
+        async def run():
+            uids, tokens = self._many(request.expert_uids, request.tokens)
+            _check_step(request.step)
+            x = await self._tensor(request, "inputs")
+            if x.shape[0] != sum(tokens):
+                raise RpcError(Code.INVALID_ARGUMENT, f"inputs has {x.shape[0]} rows but tokens add up to "
+                                                      f"{sum(tokens)}; send one count per expert, in order")
+            await self._delay()
+            # Every expert's rows join its own batch queue at once; the first failure is the call's
+            # (gather retrieves the others' outcomes, so none is left unobserved).
+            outputs = await asyncio.gather(*(self.batcher.forward(uid, part, None)
+                                             for uid, part in zip(uids, torch.split(x, tokens))))
+            for uid, n in zip(uids, tokens):
+                self._count(uid, "Forward", n)
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            return expert_pb2.ForwardManyResponse(outputs=await self._encode(y, request.inputs.dtype, "outputs"))
+        return await self._handle("ForwardMany", context, run)
 
     async def Backward(self, request: expert_pb2.BackwardRequest, context) -> expert_pb2.BackwardResponse:
         async def run():
@@ -196,6 +215,25 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             raise RpcError(Code.NOT_FOUND, f"expert {uid!r} is not hosted here; hosted: "
                                            f"{', '.join(self.backend.uids)[:200]}")
         return uid
+
+    def _many(self, uids: Sequence[str], tokens: Sequence[int]) -> tuple[list[str], list[int]]:
+        """ForwardMany's experts and row counts, checked: distinct hosted uids, one count >= 1 each."""
+        hosted = len(self.backend.uids)
+        if not uids:
+            raise RpcError(Code.INVALID_ARGUMENT, "expert_uids is empty: name the experts whose rows inputs holds")
+        if len(uids) > hosted:   # before anything per uid: a request may name millions
+            raise RpcError(Code.INVALID_ARGUMENT, f"expert_uids names {len(uids)} experts; this service hosts "
+                                                  f"{hosted}, and each may appear once")
+        if len(tokens) != len(uids):
+            raise RpcError(Code.INVALID_ARGUMENT, f"tokens has {len(tokens)} counts for {len(uids)} expert_uids; "
+                                                  f"send one per expert")
+        checked = [self._uid(uid) for uid in uids]
+        if len(set(checked)) != len(checked):
+            raise RpcError(Code.INVALID_ARGUMENT, "expert_uids names an expert twice; put all its rows under one")
+        if min(tokens) < 1:
+            raise RpcError(Code.INVALID_ARGUMENT, "every count in tokens must be >= 1 (leave an expert without "
+                                                  "rows out of expert_uids)")
+        return checked, list(tokens)
 
     async def _tensor(self, request: Any, field: str) -> torch.Tensor:
         if not request.HasField(field):

@@ -36,6 +36,10 @@ class RouterConfig:
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
     retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")
+    forward_many_max_tokens: int = env("ROUTER_FORWARD_MANY_MAX_TOKENS", 256,
+                                       "serving: the Forwards of one MoE layer to one service go as one ForwardMany "
+                                       "call when they hold at most this many tokens together (decode steps); "
+                                       "0 = always one Forward per expert")
     replica_policy: str = env("ROUTER_REPLICA_POLICY", "least_loaded", "least_loaded or round_robin")
     registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0,
                                     "how often the registry snapshot (and the scores) are re-read, in the "
@@ -110,6 +114,9 @@ class RouterConfig:
         if self.max_batch < 1 or self.max_queued < 0:
             raise ValueError(f"ROUTER_MAX_BATCH must be >= 1 and ROUTER_MAX_QUEUED >= 0, got {self.max_batch} "
                              f"and {self.max_queued}")
+        if self.forward_many_max_tokens < 0:
+            raise ValueError(f"ROUTER_FORWARD_MANY_MAX_TOKENS must be >= 0 (0 = off), "
+                             f"got {self.forward_many_max_tokens}")
         if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:
             raise ValueError("ROUTER_RETRIES and ROUTER_THREADS must be >= 0; ROUTER_MAX_NEW_TOKENS and "
                              "ROUTER_MAX_MESSAGE_MB must be positive")

@@ -99,6 +99,11 @@ class _Call:
         self.attempts = 0
         self.failed: tuple[str, str] | None = None  # (reason, details) once given up
 
+    @property
+    def uids(self) -> tuple[str, ...]:
+        """The experts this call is for (several for a ForwardMany)."""
+        return (self.uid,)
+
     def target(self, replicas: ReplicaSet) -> str | None:
         """Endpoint of the next attempt; None = nowhere to send it."""
         return self.endpoint if self.attempts == 0 else None
@@ -115,6 +120,10 @@ class _Call:
 
     def settle(self, ok: bool) -> None:
         """An attempt ended (`ok`: answered and accepted); release what it held."""
+
+    def blames_endpoint(self, code: grpc.StatusCode) -> bool:
+        """Whether this failure makes the endpoint suspect for the call's experts."""
+        return True
 
 
 class _ShmCall(_Call):
@@ -182,9 +191,12 @@ class _Forward(_ShmCall):
         self.dim, self.call_id, self.step, self.training = dim, call_id, step, training
         self.retries = retries
         self.tried: set[str] = set()
+        self.first: str | None = None   # where the first attempt goes, when chosen already
         self.outputs: torch.Tensor | None = None
 
     def target(self, replicas: ReplicaSet) -> str | None:
+        if self.attempts == 0 and self.first is not None:
+            return self.first
         replica = replicas.choose(self.uid, exclude=self.tried, by_score=not self.training)
         return None if replica is None else replica.endpoint
 
@@ -222,6 +234,41 @@ class _Forward(_ShmCall):
             return True
         # INVALID_ARGUMENT: the request is wrong, every replica would say the same.
         return code is not grpc.StatusCode.INVALID_ARGUMENT and self.attempts <= self.retries
+
+
+class _ForwardMany(_Call):
+    """The serving Forwards of one layer that went to the same endpoint, as one ForwardMany call
+    (inline; their tensors are small). It is never retried as a whole: when it fails, each of its
+    Forwards is sent again on its own (`RemoteExpertGroup._serve`)."""
+    rpc = "ForwardMany"
+
+    def __init__(self, forwards: Sequence[_Forward], endpoint: str, wire_dtype: str, dim: int, step: int):
+        super().__init__(",".join(f.uid for f in forwards), sum(f.tokens for f in forwards), endpoint)
+        self.forwards, self.wire_dtype, self.dim, self.step = list(forwards), wire_dtype, dim, step
+        self.code: grpc.StatusCode | None = None   # of the failure, once failed
+
+    @property
+    def uids(self) -> tuple[str, ...]:
+        return tuple(f.uid for f in self.forwards)
+
+    def send(self, client, timeout_s, metadata):
+        x = torch.cat([f._x for f in self.forwards])
+        return client.forward_many(self.uids, [f.tokens for f in self.forwards], encode(x, self.wire_dtype),
+                                   step=self.step, timeout_s=timeout_s, metadata=metadata)
+
+    def accept(self, response):
+        out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim, name="outputs")
+        if out.shape[0] != self.tokens:
+            raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
+        for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
+            forward.outputs, forward.endpoint = rows, self.endpoint
+
+    def again(self, code, details=""):
+        self.code = code
+        return False
+
+    def blames_endpoint(self, code):
+        return code is not grpc.StatusCode.UNIMPLEMENTED   # an older service: its Forwards work
 
 
 class _Backward(_ShmCall):
@@ -352,10 +399,12 @@ class RemoteExpertGroup(ExpertGroup):
     def __init__(self, layer: int, n_experts: int, dim: int, replicas: ReplicaSet, wire_dtype: str = "fp32",
                  timeout_s: float = 5.0, retries: int = 1, metrics: RouterMetrics | None = None, *,
                  clients: ExpertClientPool | None = None, tracer: ExpertCallTracer | None = None,
-                 step_timeout_s: float | None = None):
+                 step_timeout_s: float | None = None, forward_many_max_tokens: int = 0):
         """`clients`: the router's shared channel pool (one per process; a private one if None).
         `timeout_s`: budget of one run (all Forward calls) and of one backward (all Backward calls).
-        `step_timeout_s`: budget of GradNorm and ApplyStep (default `timeout_s`)."""
+        `step_timeout_s`: budget of GradNorm and ApplyStep (default `timeout_s`).
+        `forward_many_max_tokens`: serving Forwards to one endpoint that hold at most this many tokens
+        together go as one ForwardMany call (0 = never; see `_serve`)."""
         if n_experts <= 0 or dim <= 0:
             raise ValueError(f"n_experts and dim must be positive, got {n_experts}, {dim}")
         if wire_dtype not in WIRE_DTYPES:
@@ -369,6 +418,8 @@ class RemoteExpertGroup(ExpertGroup):
         self.timeout_s = timeout_s
         self.step_timeout_s = step_timeout_s if step_timeout_s is not None else timeout_s
         self.retries = retries
+        self.forward_many_max_tokens = forward_many_max_tokens
+        self._no_forward_many: set[str] = set()   # endpoints that answered UNIMPLEMENTED (older services)
         self.metrics = metrics if metrics is not None else RouterMetrics()
         self.tracer = tracer if tracer is not None else ExpertCallTracer()
         self._owns_clients = clients is None
@@ -396,7 +447,10 @@ class RemoteExpertGroup(ExpertGroup):
                                 f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
                                 self.retries)
                     for i, x in batches.items()}
-        self._gather(list(forwards.values()), self.timeout_s)
+        if training or not self.forward_many_max_tokens:
+            self._gather(list(forwards.values()), self.timeout_s)
+        else:
+            self._serve(list(forwards.values()))
         self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
 
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
@@ -477,12 +531,61 @@ class RemoteExpertGroup(ExpertGroup):
                 grads.append(call.grad_inputs)
         return grads
 
-    def _gather(self, calls: Sequence[_Call], timeout_s: float) -> None:
-        """Send every call at once and collect them, under one `moe.layer/<RPC>` span whose children
-        are the call spans (and, through the `traceparent` they send, the experts' server spans)."""
+    def _serve(self, forwards: list[_Forward]) -> None:
+        """Serving Forwards: those bound for the same endpoint go as one ForwardMany when they are
+        small together (a decode step sends a few tokens to most experts of a layer: per call, not
+        per token, is what costs). A failed ForwardMany's Forwards are sent again one by one, within
+        what is left of the budget, to other replicas as a failed Forward would be (or to the same
+        endpoint, when it only lacks ForwardMany)."""
+        deadline = time.monotonic() + self.timeout_s
+        by_endpoint: dict[str, list[_Forward]] = {}
+        calls: list[_Call] = []
+        for forward in forwards:
+            endpoint = forward.target(self.replicas)
+            with self._lock:
+                known_old = endpoint in self._no_forward_many
+            if endpoint is None or known_old:
+                calls.append(forward)   # chooses again when launched (and gives up there if nowhere)
+            else:
+                by_endpoint.setdefault(endpoint, []).append(forward)
+        for endpoint, group in by_endpoint.items():
+            if len(group) == 1 or sum(f.tokens for f in group) > self.forward_many_max_tokens:
+                for forward in group:
+                    forward.first = endpoint
+                calls.extend(group)
+            else:
+                calls.append(_ForwardMany(group, endpoint, self.wire_dtype, self.dim, self._step))
+        self._gather(calls, self.timeout_s, phase="Forward")
+        again: list[_Forward] = []
+        for call in calls:
+            if not isinstance(call, _ForwardMany) or call.failed is None:
+                continue
+            if call.code is grpc.StatusCode.UNIMPLEMENTED:
+                with self._lock:
+                    self._no_forward_many.add(call.endpoint)
+            elif self.retries == 0:
+                for forward in call.forwards:
+                    self._give_up(forward, *call.failed)
+                continue
+            else:
+                for forward in call.forwards:
+                    forward.tried.add(call.endpoint)
+                    forward.attempts = 1   # the ForwardMany was their first attempt
+            again.extend(call.forwards)
+        remaining = deadline - time.monotonic()
+        if again and remaining >= MIN_ATTEMPT_S:
+            self._gather(again, remaining)
+        else:
+            for forward in again:
+                self._give_up(forward, "deadline_exceeded", "no time left to send it again on its own")
+
+    def _gather(self, calls: Sequence[_Call], timeout_s: float, phase: str | None = None) -> None:
+        """Send every call at once and collect them, under one `moe.layer/<phase>` span (default: the
+        calls' RPC) whose children are the call spans (and, through the `traceparent` they send, the
+        experts' server spans)."""
         if not calls:
             return
-        with self.tracer.layer(self.layer, calls[0].rpc, len(calls)) as span:
+        with self.tracer.layer(self.layer, phase or calls[0].rpc, len(calls)) as span:
             self._send_and_collect(calls, timeout_s)
             failed = sorted(f"{c.uid}:{c.failed[0]}" for c in calls if c.failed is not None)
             if failed:
@@ -547,8 +650,9 @@ class RemoteExpertGroup(ExpertGroup):
                     details = f"unusable response: {e.message}"
             call.settle(False)
             endpoint = attempts[key].endpoint
-            if code not in _ENDPOINT_OK or reason == "bad_response":
-                self.replicas.mark_failed(endpoint, call.uid)
+            if (code not in _ENDPOINT_OK or reason == "bad_response") and call.blames_endpoint(code):
+                for uid in call.uids:
+                    self.replicas.mark_failed(endpoint, uid)
             if call.again(code, details) and launch(call):
                 self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
                 log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",
@@ -582,6 +686,10 @@ class RemoteExpertGroup(ExpertGroup):
 
     def _give_up(self, call: _Call, reason: str, details: str) -> None:
         call.failed = (reason, details)
+        if isinstance(call, _ForwardMany):   # not a mask: its Forwards are decided in `_serve`
+            log.info("layer %d experts %s: ForwardMany at %s failed with %s: %s", self.layer, call.uid,
+                     call.endpoint or "-", reason.upper(), details)
+            return
         self.metrics.masked_calls.labels(str(self.layer), call.uid, call.rpc.lower(), reason).inc()
         consequence = {"Forward": "masked", "Backward": "zero gradient for its tokens"}.get(
             call.rpc, "skipped")

@@ -233,8 +233,11 @@ def test_router_serve_exports_one_trace_from_http_request_to_expert_spans(tmp_pa
         return names
 
     served = [s for s in spans if s.service == "expert"]
-    assert served and all(chain(s) == ["moe.v1.Expert/Forward", "moe.v1.Expert/Forward", "moe.layer/Forward",
-                                       "POST /v1/completions"] for s in served)
+    # Decode steps reach a service's experts in one ForwardMany (ROUTER_FORWARD_MANY_MAX_TOKENS), a lone
+    # expert in a Forward: the server span, the router's call span, the layer span, the request.
+    assert served and all(chain(s) in (
+        [f"moe.v1.Expert/{rpc}", f"moe.v1.Expert/{rpc}", "moe.layer/Forward", "POST /v1/completions"]
+        for rpc in ("Forward", "ForwardMany")) for s in served)
     layers = {by_id[by_id[s.parent_id].parent_id].span_id for s in served}
     assert len(layers) >= 2 * len(lm_cfg.moe_layers())   # a layer span per MoE layer and token
 

@@ -29,6 +29,24 @@ class ForwardResponse(_message.Message):
     outputs: _tensor_pb2.Tensor
     def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class ForwardManyRequest(_message.Message):
+    __slots__ = ("expert_uids", "tokens", "inputs", "step")
+    EXPERT_UIDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    expert_uids: _containers.RepeatedScalarFieldContainer[str]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    inputs: _tensor_pb2.Tensor
+    step: int
+    def __init__(self, expert_uids: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[int]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ForwardManyResponse(_message.Message):
+    __slots__ = ("outputs",)
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _tensor_pb2.Tensor
+    def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
 class BackwardRequest(_message.Message):
     __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id", "reply_shm")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]

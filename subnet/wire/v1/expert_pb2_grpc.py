@@ -5,7 +5,7 @@ import warnings
 
 from subnet.wire.v1 import expert_pb2 as subnet_dot_wire_dot_v1_dot_expert__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -39,6 +39,11 @@ class ExpertStub:
                 request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardMany = channel.unary_unary(
+                '/moe.v1.Expert/ForwardMany',
+                request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyRequest.SerializeToString,
+                response_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyResponse.FromString,
+                _registered_method=True)
         self.Backward = channel.unary_unary(
                 '/moe.v1.Expert/Backward',
                 request_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.BackwardRequest.SerializeToString,
@@ -66,6 +71,17 @@ class ExpertServicer:
 
     def Forward(self, request, context):
         """Run one expert on all tokens of one micro-batch that the router sent to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardMany(self, request, context):
+        """Inference Forward of several experts of this service in one call. The router sends one per
+        service and MoE layer when the calls are small (decode steps), instead of one Forward per
+        expert: the fixed cost of a call (signature, encode, decode, thread hand-offs) is paid once.
+        Each expert's rows go through the same batcher as a Forward's. All or nothing: when one
+        expert fails, the call fails with that status, and the caller sends them as Forwards again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +124,11 @@ def add_ExpertServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.FromString,
                     response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardMany,
+                    request_deserializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyRequest.FromString,
+                    response_serializer=subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyResponse.SerializeToString,
             ),
             'Backward': grpc.unary_unary_rpc_method_handler(
                     servicer.Backward,
@@ -157,6 +178,33 @@ class Expert:
             '/moe.v1.Expert/Forward',
             subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
             subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe.v1.Expert/ForwardMany',
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyRequest.SerializeToString,
+            subnet_dot_wire_dot_v1_dot_expert__pb2.ForwardManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
