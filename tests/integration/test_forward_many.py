@@ -24,9 +24,8 @@ from subnet.envconfig import from_env
 from subnet.identity import Identity
 from subnet.tensor_codec import decode, encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
-from tests.integration.test_remote_experts import (
-    DIM, INTER, TOL, inputs, make_group, reference, registry, start, wait_registered,  # noqa: F401 (fixtures)
-)
+from tests.integration.test_remote_experts import DIM, INTER, TOL, inputs, reference, start, wait_registered
+from tests.integration.test_remote_experts import make_group, registry  # noqa: F401 (pytest fixtures)
 
 pytestmark = pytest.mark.integration
 Code = grpc.StatusCode
