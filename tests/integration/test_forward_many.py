@@ -24,10 +24,11 @@ from subnet.envconfig import from_env
 from subnet.identity import Identity
 from subnet.tensor_codec import decode, encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
+from tests.integration import test_remote_experts
 from tests.integration.test_remote_experts import DIM, INTER, TOL, inputs, reference, start, wait_registered
-from tests.integration.test_remote_experts import make_group, registry  # noqa: F401 (pytest fixtures)
 
 pytestmark = pytest.mark.integration
+make_group, registry = test_remote_experts.make_group, test_remote_experts.registry   # its fixtures, here too
 Code = grpc.StatusCode
 LAYER = 20   # this file's own layers (20, 21, 22): services of other tests never answer
 
