@@ -257,7 +257,7 @@ def test_backward_and_apply_step_sequences(call):
 
 # ---- hypothesis ---------------------------------------------------------------------------------
 
-RPCS = ("Forward", "Backward", "GradNorm", "ApplyStep", "Info")
+RPCS = ("Forward", "ForwardMany", "Backward", "GradNorm", "ApplyStep", "Info")
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
 uids = st.one_of(st.sampled_from(["0.0", "0.1", "", "7.7", "0.00", "1", "a.b", "0.0 "]), text)
 int64 = st.integers(INT64_MIN, INT64_MAX)
@@ -293,6 +293,15 @@ def test_any_bytes_get_a_request_code(call, rpc, body):
 def test_any_forward_gets_a_request_code(call, uid, inputs, call_id, step, training):
     request = expert_pb2.ForwardRequest(expert_uid=uid, inputs=inputs, call_id=call_id, step=step, training=training)
     check(call("Forward", request), REQUEST_CODES, request)
+
+
+@FUZZ
+@given(many=st.lists(uids, max_size=4), tokens=st.lists(st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1)),
+                                                       max_size=5),
+       inputs=st.one_of(st.none(), tensors()), step=int64)
+def test_any_forward_many_gets_a_request_code(call, many, tokens, inputs, step):
+    request = expert_pb2.ForwardManyRequest(expert_uids=many, tokens=tokens, inputs=inputs, step=step)
+    check(call("ForwardMany", request), REQUEST_CODES, request)
 
 
 @FUZZ
