@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -195,6 +195,39 @@ class Batcher:
         self._report(uid)
         q.changed.set()
         return await task.future
+
+    async def forward_many(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Inference rows of several experts at once (ForwardMany). When each of them arrives alone
+        (`_Task.alone`: its queue empty and idle, a whole batch wait after its last request), each
+        queue would compute it at once anyway; they then run here, one `forward_batch` per expert in
+        a single hand-off (or on the event loop, when small and the compute thread is idle), without
+        a queue task and its wake-ups per expert. Otherwise each joins its expert's queue, as a Forward."""
+        queues = [self._queues.get(uid) for uid, _ in items]
+        if any(q is None for q in queues):
+            raise ShuttingDown("the batcher is not running for every expert of this call")
+        now = asyncio.get_running_loop().time()
+        if not all(not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
+                   for q in queues):
+            return list(await asyncio.gather(*(self.forward(uid, x) for uid, x in items)))
+        tokens = 0
+        for (uid, x), q in zip(items, queues):
+            q.last_arrival = now
+            q.running_tokens += x.shape[0]
+            tokens += x.shape[0]
+            self._report(uid)
+            if self.metrics is not None:
+                self.metrics.observe_batch(uid, 1, x.shape[0])
+
+        def compute() -> list[torch.Tensor]:
+            return [self.backend.forward_batch(uid, [x], [None])[0] for uid, x in items]
+
+        try:
+            small = tokens * self._macs_per_token <= self.inline_max_macs
+            return await (self.worker.run_small if small else self.worker.run)(compute)
+        finally:
+            for (uid, x), q in zip(items, queues):
+                q.running_tokens -= x.shape[0]
+                self._report(uid)
 
     async def _run(self, uid: str) -> None:
         q = self._queues[uid]

@@ -111,10 +111,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 raise RpcError(Code.INVALID_ARGUMENT, f"inputs has {x.shape[0]} rows but tokens add up to "
                                                       f"{sum(tokens)}; send one count per expert, in order")
             await self._delay()
-            # Every expert's rows join its own batch queue at once; the first failure is the call's
-            # (gather retrieves the others' outcomes, so none is left unobserved).
-            outputs = await asyncio.gather(*(self.batcher.forward(uid, part, None)
-                                             for uid, part in zip(uids, torch.split(x, tokens))))
+            outputs = await self.batcher.forward_many(list(zip(uids, torch.split(x, tokens))))
             for uid, n in zip(uids, tokens):
                 self._count(uid, "Forward", n)
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

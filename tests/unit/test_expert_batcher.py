@@ -189,3 +189,49 @@ def test_the_worker_stays_busy_until_its_thread_is_done_even_when_the_caller_lef
         await worker.run(lambda: None)   # queued behind the abandoned work: both are done now
         assert worker.idle
     _run(scenario, max_batch_tokens=100, batch_wait_ms=50)
+
+
+def _run_two(scenario, **batcher_kwargs):
+    async def main():
+        torch.manual_seed(0)
+        backend = ExpertBackend({"0.0": SwiGLU(DIM, 16), "0.1": SwiGLU(DIM, 16)})
+        worker = ComputeWorker(threads=1)
+        metrics = ExpertMetrics()
+        batcher = Batcher(backend, worker, metrics=metrics, **batcher_kwargs)
+        await batcher.start()
+        try:
+            return await scenario(backend, batcher, metrics)
+        finally:
+            await batcher.stop()
+            worker.shutdown()
+    return asyncio.run(main())
+
+
+def test_forward_many_of_lone_experts_computes_each_at_once_and_correctly():
+    async def scenario(backend, batcher, metrics):
+        x0, x1 = _xs(3, 2)
+        y0, y1 = await batcher.forward_many([("0.0", x0), ("0.1", x1)])
+        torch.testing.assert_close(y0, backend.module("0.0")(x0).detach())
+        torch.testing.assert_close(y1, backend.module("0.1")(x1).detach())
+        assert _batch_stats(metrics, "0.0") == (1, 1, 3) and _batch_stats(metrics, "0.1") == (1, 1, 2)
+        assert batcher.queued_tokens("0.0") == batcher.queued_tokens("0.1") == 0
+    _run_two(scenario, max_batch_tokens=64, batch_wait_ms=10_000)
+
+
+def test_forward_many_joins_the_queues_when_an_expert_has_company_waiting():
+    async def scenario(backend, batcher, metrics):
+        x_wait, x0, x1 = _xs(2, 3, 1)
+        await batcher.forward("0.0", _xs(1)[0])        # 0.0's last request: the next one is not alone
+        waiting = asyncio.ensure_future(batcher.forward("0.0", x_wait))
+        await _turns()
+        many = asyncio.ensure_future(batcher.forward_many([("0.0", x0), ("0.1", x1)]))
+        await _turns()
+        assert not many.done()      # 0.0's rows wait in its queue with the request before them
+        batcher.max_batch_tokens = 5   # a full batch goes at once: the waiting request and these rows
+        batcher._queues["0.0"].changed.set()
+        y0, y1 = await many
+        torch.testing.assert_close(await waiting, backend.module("0.0")(x_wait).detach())
+        torch.testing.assert_close(y0, backend.module("0.0")(x0).detach())
+        torch.testing.assert_close(y1, backend.module("0.1")(x1).detach())
+        assert _batch_stats(metrics, "0.0")[:2] == (2, 3)   # the lone first request, then one batch of two
+    _run_two(scenario, max_batch_tokens=64, batch_wait_ms=10_000)
