@@ -151,16 +151,35 @@ def forward_call(model: MoE, x: torch.Tensor, threads: int) -> Callable[[], None
 
 def training_call(model: MoE, x_grad: torch.Tensor, threads: int, steps,
                   group: RemoteExpertGroup | None = None) -> Callable[[], None]:
-    """One timed training forward + backward; a remote `group` begins a new step (from `steps`) first."""
+    """One timed training forward + backward; a remote `group` begins a new step (from `steps`) first.
+    A Backward the group gave up on (its expert's gradient zeroed) fails the run: a refused call
+    costs nothing, so timing it would flatter the remote side."""
     def call():
         torch.set_num_threads(threads)
+        given_up = 0.0 if group is None else backward_give_ups(group)
         if group is not None:
             group.begin_step(next(steps))
         y, aux = model(x_grad)
         (y.sum() + aux).backward()
         model.zero_grad(set_to_none=True)
         x_grad.grad = None
+        if group is not None and backward_give_ups(group) > given_up:
+            raise RuntimeError("a Backward was given up while timing (see the log); the step did not run")
     return call
+
+
+def backward_give_ups(group: RemoteExpertGroup) -> float:
+    return sum(sample.value for metric in group.metrics.masked_calls.collect() for sample in metric.samples
+               if sample.name.endswith("_total") and sample.labels["rpc"] == "backward")
+
+
+def one_session(groups) -> None:
+    """Groups that take turns training the same experts are one router's work: one training session.
+    Each group's own session would retire the other's on the experts (a replaced session's late
+    Backward is refused), and every Backward after the first turn would be refused unrun."""
+    groups = list(groups)
+    for group in groups[1:]:
+        group.session_id = groups[0].session_id
 
 
 def run(rounds: int = 5) -> dict:
@@ -175,6 +194,7 @@ def run(rounds: int = 5) -> dict:
             stack.start_experts(deals, DIM, INTER, checkpoint, threads=1)
             groups = {dt: RemoteExpertGroup(0, EXPERTS, DIM, stack.replicas, wire_dtype=dt, timeout_s=CALL_TIMEOUT_S,
                                             retries=0, clients=stack.clients) for dt in WIRE_DTYPES}
+            one_session(groups.values())
             remotes = {dt: remote_twin(layer, g) for dt, g in groups.items()}
             expert_pids = [child.process.pid for child in stack.group.children]
             return _measure(layer, remotes, groups, x, deals, n_threads, rounds, expert_pids)

@@ -49,7 +49,8 @@ class WireExperts(nn.Module, ExpertGroup):
         self.sent = dict.fromkeys(WIRE_BYTES, 0)   # bytes each dtype would have sent
         self.encoded = 0                           # bytes really encoded in `wire_dtype`
 
-    def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
+    def run(self, batches: Mapping[int, torch.Tensor],
+            token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         return {i: _Wire.apply(self.inner[i](_Wire.apply(x, self)), self) for i, x in batches.items()}
 
     def round_trip(self, t: torch.Tensor, count: bool) -> torch.Tensor:

@@ -7,6 +7,9 @@ this process (`LocalExperts`, the reference) or behind gRPC (`services.router`).
 
 Contract of `ExpertGroup.run`:
 - `batches` maps expert index -> float tensor of shape (n_i, dim), n_i >= 1.
+- `token_ids` (optional) maps the same indices -> (n_i,) long tensor: the token (row of the
+  layer's input) each row belongs to. A token appears under each of its experts; a group that
+  waits for remote experts uses it to tell when every token has enough answers.
 - The result maps every requested index to a tensor of the same shape, or to `None`
   when that expert is unavailable (failed, timed out). The layer then masks the expert:
   drops its gate weight and renormalizes the others.
@@ -43,7 +46,8 @@ class ExpertGroup(ABC):
     dim: int
 
     @abstractmethod
-    def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
+    def run(self, batches: Mapping[int, torch.Tensor],
+            token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         """Run each expert on its token batch (see the module docstring for the contract)."""
 
     # Training hooks for experts whose parameters live outside this process (remote
@@ -87,5 +91,6 @@ class LocalExperts(nn.Module, ExpertGroup):
     def __iter__(self):
         return iter(self.experts)
 
-    def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
+    def run(self, batches: Mapping[int, torch.Tensor],
+            token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         return {i: self.experts[i](x) for i, x in batches.items()}

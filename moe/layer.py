@@ -95,10 +95,12 @@ class MoE(nn.Module):
         weight_of_row = flat_weight[order]
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         rows = x.index_select(0, token_of_row)                      # (M, dim)
-        chunks = rows.split(counts.tolist())
+        sizes = counts.tolist()
+        chunks = rows.split(sizes)
         batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
+        token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
-        outputs = self.experts.run(batches)
+        outputs = self.experts.run(batches, token_ids)
         masked = tuple(sorted(e for e, out in outputs.items() if out is None))
         if masked:
             weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)

@@ -40,6 +40,11 @@ class RouterConfig:
                                        "serving: the Forwards of one MoE layer to one service go as one ForwardMany "
                                        "call when they hold at most this many tokens together (decode steps); "
                                        "0 = always one Forward per expert")
+    straggler_ms: float = env("ROUTER_STRAGGLER_MS", 0.0,
+                              "once every token of a layer has answers from ROUTER_K_MIN of its experts, the "
+                              "expert calls still out get this much longer, then are masked (hivemind's policy); "
+                              "0 = wait for every expert up to ROUTER_EXPERT_TIMEOUT_S")
+    k_min: int = env("ROUTER_K_MIN", 1, "answers per token after which ROUTER_STRAGGLER_MS starts counting")
     replica_policy: str = env("ROUTER_REPLICA_POLICY", "least_loaded", "least_loaded or round_robin")
     registry_refresh_s: float = env("ROUTER_REGISTRY_REFRESH_S", 2.0,
                                     "how often the registry snapshot (and the scores) are re-read, in the "
@@ -114,6 +119,9 @@ class RouterConfig:
         if self.max_batch < 1 or self.max_queued < 0:
             raise ValueError(f"ROUTER_MAX_BATCH must be >= 1 and ROUTER_MAX_QUEUED >= 0, got {self.max_batch} "
                              f"and {self.max_queued}")
+        if self.straggler_ms < 0 or self.k_min < 1:
+            raise ValueError(f"ROUTER_STRAGGLER_MS must be >= 0 and ROUTER_K_MIN >= 1, got {self.straggler_ms} "
+                             f"and {self.k_min}")
         if self.forward_many_max_tokens < 0:
             raise ValueError(f"ROUTER_FORWARD_MANY_MAX_TOKENS must be >= 0 (0 = off), "
                              f"got {self.forward_many_max_tokens}")

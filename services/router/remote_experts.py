@@ -41,7 +41,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -392,6 +392,23 @@ class _RemoteExperts(torch.autograd.Function):
         return (None, *out)
 
 
+class _Coverage:
+    """hivemind's straggler rule: the layer has enough once every token has answers from `k_min`
+    of its experts (from all it has, when capacity left it fewer)."""
+
+    def __init__(self, forwards: Mapping[int, _Forward], token_ids: Mapping[int, torch.Tensor], k_min: int):
+        self.forwards, self.token_ids = forwards, token_ids
+        self.n_tokens = int(max(int(ids.max()) for ids in token_ids.values())) + 1
+        self.need = torch.bincount(torch.cat(list(token_ids.values())), minlength=self.n_tokens).clamp_max(k_min)
+
+    def __call__(self) -> bool:
+        answered = [self.token_ids[i] for i, f in self.forwards.items() if f.outputs is not None]
+        if not answered:
+            return False
+        have = torch.bincount(torch.cat(answered), minlength=self.n_tokens)
+        return bool((have >= self.need).all())
+
+
 class RemoteExpertGroup(ExpertGroup):
     """The routed experts of MoE layer `layer`, reached over gRPC. Reusable across steps; thread-safe
     for one `run` at a time per group (the MoE layer calls it synchronously)."""
@@ -399,16 +416,22 @@ class RemoteExpertGroup(ExpertGroup):
     def __init__(self, layer: int, n_experts: int, dim: int, replicas: ReplicaSet, wire_dtype: str = "fp32",
                  timeout_s: float = 5.0, retries: int = 1, metrics: RouterMetrics | None = None, *,
                  clients: ExpertClientPool | None = None, tracer: ExpertCallTracer | None = None,
-                 step_timeout_s: float | None = None, forward_many_max_tokens: int = 0):
+                 step_timeout_s: float | None = None, forward_many_max_tokens: int = 0,
+                 straggler_ms: float = 0.0, k_min: int = 1):
         """`clients`: the router's shared channel pool (one per process; a private one if None).
         `timeout_s`: budget of one run (all Forward calls) and of one backward (all Backward calls).
         `step_timeout_s`: budget of GradNorm and ApplyStep (default `timeout_s`).
         `forward_many_max_tokens`: serving Forwards to one endpoint that hold at most this many tokens
-        together go as one ForwardMany call (0 = never; see `_serve`)."""
+        together go as one ForwardMany call (0 = never; see `_serve`).
+        `straggler_ms` > 0: once every token has answers from `k_min` of its experts (the MoE layer
+        passes `token_ids`), the Forwards still out get this much longer, then they are masked
+        (hivemind's policy; 0 = wait for every expert up to `timeout_s`)."""
         if n_experts <= 0 or dim <= 0:
             raise ValueError(f"n_experts and dim must be positive, got {n_experts}, {dim}")
         if wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {sorted(WIRE_DTYPES)}, got {wire_dtype!r}")
+        if straggler_ms < 0 or k_min < 1:
+            raise ValueError(f"straggler_ms must be >= 0 and k_min >= 1, got {straggler_ms}, {k_min}")
         if timeout_s <= 0 or retries < 0:
             raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.layer, self.n_experts, self.dim = layer, n_experts, dim
@@ -419,6 +442,7 @@ class RemoteExpertGroup(ExpertGroup):
         self.step_timeout_s = step_timeout_s if step_timeout_s is not None else timeout_s
         self.retries = retries
         self.forward_many_max_tokens = forward_many_max_tokens
+        self.straggler_s, self.k_min = straggler_ms / 1000, k_min
         self._no_forward_many: set[str] = set()   # endpoints that answered UNIMPLEMENTED (older services)
         self.metrics = metrics if metrics is not None else RouterMetrics()
         self.tracer = tracer if tracer is not None else ExpertCallTracer()
@@ -435,7 +459,8 @@ class RemoteExpertGroup(ExpertGroup):
 
     # ---- ExpertGroup -------------------------------------------------------------------------
 
-    def run(self, batches: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor | None]:
+    def run(self, batches: Mapping[int, torch.Tensor],
+            token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         for i, x in batches.items():
             if not 0 <= i < self.n_experts:
                 raise ValueError(f"expert index {i} out of range for layer {self.layer} "
@@ -447,10 +472,11 @@ class RemoteExpertGroup(ExpertGroup):
                                 f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
                                 self.retries)
                     for i, x in batches.items()}
+        covered = _Coverage(forwards, token_ids, self.k_min) if self.straggler_s and token_ids else None
         if training or not self.forward_many_max_tokens:
-            self._gather(list(forwards.values()), self.timeout_s)
+            self._gather(list(forwards.values()), self.timeout_s, covered=covered)
         else:
-            self._serve(list(forwards.values()))
+            self._serve(list(forwards.values()), covered)
         self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
 
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
@@ -531,7 +557,7 @@ class RemoteExpertGroup(ExpertGroup):
                 grads.append(call.grad_inputs)
         return grads
 
-    def _serve(self, forwards: list[_Forward]) -> None:
+    def _serve(self, forwards: list[_Forward], covered: Callable[[], bool] | None = None) -> None:
         """Serving Forwards: those bound for the same endpoint go as one ForwardMany when they are
         small together (a decode step sends a few tokens to most experts of a layer: per call, not
         per token, is what costs). A failed ForwardMany's Forwards are sent again one by one, within
@@ -555,10 +581,14 @@ class RemoteExpertGroup(ExpertGroup):
                 calls.extend(group)
             else:
                 calls.append(_ForwardMany(group, endpoint, self.wire_dtype, self.dim, self._step))
-        self._gather(calls, self.timeout_s, phase="Forward")
+        self._gather(calls, self.timeout_s, phase="Forward", covered=covered)
         again: list[_Forward] = []
         for call in calls:
             if not isinstance(call, _ForwardMany) or call.failed is None:
+                continue
+            if call.failed[0] in ("straggler", "deadline_exceeded"):   # out of time: no second try
+                for forward in call.forwards:
+                    self._give_up(forward, *call.failed)
                 continue
             if call.code is grpc.StatusCode.UNIMPLEMENTED:
                 with self._lock:
@@ -574,27 +604,31 @@ class RemoteExpertGroup(ExpertGroup):
             again.extend(call.forwards)
         remaining = deadline - time.monotonic()
         if again and remaining >= MIN_ATTEMPT_S:
-            self._gather(again, remaining)
+            self._gather(again, remaining, covered=covered)
         else:
             for forward in again:
                 self._give_up(forward, "deadline_exceeded", "no time left to send it again on its own")
 
-    def _gather(self, calls: Sequence[_Call], timeout_s: float, phase: str | None = None) -> None:
+    def _gather(self, calls: Sequence[_Call], timeout_s: float, phase: str | None = None,
+                covered: Callable[[], bool] | None = None) -> None:
         """Send every call at once and collect them, under one `moe.layer/<phase>` span (default: the
         calls' RPC) whose children are the call spans (and, through the `traceparent` they send, the
         experts' server spans)."""
         if not calls:
             return
         with self.tracer.layer(self.layer, phase or calls[0].rpc, len(calls)) as span:
-            self._send_and_collect(calls, timeout_s)
+            self._send_and_collect(calls, timeout_s, covered)
             failed = sorted(f"{c.uid}:{c.failed[0]}" for c in calls if c.failed is not None)
             if failed:
                 span.set_attribute("moe.given_up", failed)
 
-    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float) -> None:
+    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float,
+                          covered: Callable[[], bool] | None = None) -> None:
         """Retries and give-ups happen here. Returns by the deadline (+ GRACE_S at worst); afterwards
-        each call has succeeded or has `failed` set."""
+        each call has succeeded or has `failed` set. `covered()` True (checked after each answer):
+        what is still out gets `straggler_s` more, then is given up as a straggler."""
         deadline = time.monotonic() + timeout_s
+        cut: float | None = None   # the straggler deadline, once covered
         done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight: set[int] = set()
         attempts: dict[int, _Attempt] = {}
@@ -628,14 +662,17 @@ class RemoteExpertGroup(ExpertGroup):
                 self._give_up(call, "no_replica", "no replica to call (none registered, or all failed "
                                                   "within the suspect cooldown)")
         while in_flight:
+            limit = cut if cut is not None else deadline + GRACE_S
             try:
-                wait_s = max(0.0, deadline - time.monotonic()) + GRACE_S
-                key, response, code, details = done.get(timeout=wait_s)
+                key, response, code, details = done.get(timeout=max(0.0, limit - time.monotonic()))
             except queue.Empty:
+                reason, why = ("straggler", f"every token had {self.k_min} answer(s); waited "
+                                            f"{self.straggler_s * 1e3:.0f} ms more") if cut is not None else \
+                              ("deadline_exceeded", "no answer by the deadline")
                 for key in list(in_flight):
                     attempts[key].future.cancel()
                     attempts[key].call.settle(False)
-                    self._give_up(attempts[key].call, "deadline_exceeded", "no answer by the deadline")
+                    self._give_up(attempts[key].call, reason, why)
                 break
             in_flight.discard(key)
             call = attempts[key].call
@@ -644,6 +681,10 @@ class RemoteExpertGroup(ExpertGroup):
                 try:
                     call.accept(response)
                     call.settle(True)
+                    if cut is None and covered is not None and in_flight and covered():
+                        now = time.monotonic()
+                        if now + self.straggler_s < deadline:
+                            cut = deadline = now + self.straggler_s   # retries get no more than that either
                     continue
                 except TensorError as e:  # a wrong answer is the replica's fault, like a crash
                     code, reason = grpc.StatusCode.INTERNAL, "bad_response"
@@ -693,5 +734,7 @@ class RemoteExpertGroup(ExpertGroup):
         self.metrics.masked_calls.labels(str(self.layer), call.uid, call.rpc.lower(), reason).inc()
         consequence = {"Forward": "masked", "Backward": "zero gradient for its tokens"}.get(
             call.rpc, "skipped")
-        log.warning("layer %d expert %s %s: %s at %s gave up with %s: %s", self.layer, call.uid, consequence,
-                    call.rpc, call.endpoint or "-", reason.upper(), details)
+        # A straggler cut is the policy working (counted in the metric), not a fault to warn about.
+        (log.info if reason == "straggler" else log.warning)(
+            "layer %d expert %s %s: %s at %s gave up with %s: %s", self.layer, call.uid, consequence,
+            call.rpc, call.endpoint or "-", reason.upper(), details)

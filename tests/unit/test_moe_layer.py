@@ -154,7 +154,7 @@ class MaskingExperts(LocalExperts):
         super().__init__(*args)
         self.dead = set(dead)
 
-    def run(self, batches):
+    def run(self, batches, token_ids=None):
         return {i: (None if i in self.dead else self.experts[i](x)) for i, x in batches.items()}
 
 

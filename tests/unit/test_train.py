@@ -217,7 +217,7 @@ class SpyGroup(ExpertGroup):
     def __init__(self, ext_sq: float):
         self.ext_sq, self.calls = ext_sq, []
 
-    def run(self, batches):
+    def run(self, batches, token_ids=None):
         raise AssertionError("not used")
 
     def begin_step(self, step):

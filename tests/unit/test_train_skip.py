@@ -23,7 +23,7 @@ class StepSpy(ExpertGroup):
     def __init__(self, norms):
         self.norms, self.step, self.calls = norms, 0, []
 
-    def run(self, batches):
+    def run(self, batches, token_ids=None):
         raise AssertionError("not used")
 
     def begin_step(self, step):
