@@ -12,7 +12,7 @@ import torch
 from moe.experts import expert_uid
 from services.router.remote_experts import _Coverage
 from tests.integration import test_remote_experts
-from tests.integration.test_remote_experts import DIM, TOL, inputs, reference, start, wait_registered
+from tests.integration.test_remote_experts import TOL, inputs, reference, start, wait_registered
 
 pytestmark = pytest.mark.integration
 make_group, registry = test_remote_experts.make_group, test_remote_experts.registry   # its fixtures, here too
