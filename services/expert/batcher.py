@@ -222,8 +222,8 @@ class Batcher:
             return [self.backend.forward_batch(uid, [x], [None])[0] for uid, x in items]
 
         try:
-            small = tokens * self._macs_per_token <= self.inline_max_macs
-            return await (self.worker.run_small if small else self.worker.run)(compute)
+            inline = tokens * self._macs_per_token <= self.inline_max_macs and self._quiet(tokens)
+            return await (self.worker.run_small if inline else self.worker.run)(compute)
         finally:
             for (uid, x), q in zip(items, queues):
                 q.running_tokens -= x.shape[0]
@@ -274,9 +274,9 @@ class Batcher:
         self._report(uid)
         if self.metrics is not None:
             self.metrics.observe_batch(uid, len(batch), tokens)
-        small = tokens * self._macs_per_token <= self.inline_max_macs
+        inline = tokens * self._macs_per_token <= self.inline_max_macs and self._quiet(tokens)
         try:
-            outputs = await (self.worker.run_small if small else self.worker.run)(
+            outputs = await (self.worker.run_small if inline else self.worker.run)(
                 self.backend.forward_batch, uid, [t.x for t in batch], [t.call_id for t in batch])
         except asyncio.CancelledError:
             for t in batch:
@@ -295,6 +295,14 @@ class Batcher:
         finally:
             q.running_tokens -= tokens
             self._report(uid)
+
+    def _quiet(self, own_tokens: int) -> bool:
+        """Nothing but this computation (`own_tokens`, already counted as running) is queued or
+        computing for any expert. Only then may a small forward run on the event loop: under load the
+        loop has other requests to decode, verify and answer, and blocking it for the compute would
+        serialize what the compute thread lets overlap."""
+        return all(not q.tasks for q in self._queues.values()) and \
+            sum(q.running_tokens for q in self._queues.values()) == own_tokens
 
     def _report(self, uid: str) -> None:
         if self.metrics is not None:
