@@ -23,10 +23,10 @@ def _batch_stats(metrics, uid="0.0"):
             samples.get("expert_batch_tokens_sum", 0))
 
 
-def _run(scenario, **batcher_kwargs):
+def _run(scenario, uids=("0.0",), **batcher_kwargs):
     async def main():
         torch.manual_seed(0)
-        backend = ExpertBackend({"0.0": SwiGLU(DIM, 16)})
+        backend = ExpertBackend({uid: SwiGLU(DIM, 16) for uid in uids})
         worker = ComputeWorker(threads=1)
         metrics = ExpertMetrics()
         batcher = Batcher(backend, worker, metrics=metrics, **batcher_kwargs)
@@ -191,22 +191,6 @@ def test_the_worker_stays_busy_until_its_thread_is_done_even_when_the_caller_lef
     _run(scenario, max_batch_tokens=100, batch_wait_ms=50)
 
 
-def _run_two(scenario, **batcher_kwargs):
-    async def main():
-        torch.manual_seed(0)
-        backend = ExpertBackend({"0.0": SwiGLU(DIM, 16), "0.1": SwiGLU(DIM, 16)})
-        worker = ComputeWorker(threads=1)
-        metrics = ExpertMetrics()
-        batcher = Batcher(backend, worker, metrics=metrics, **batcher_kwargs)
-        await batcher.start()
-        try:
-            return await scenario(backend, batcher, metrics)
-        finally:
-            await batcher.stop()
-            worker.shutdown()
-    return asyncio.run(main())
-
-
 def test_forward_many_of_lone_experts_computes_each_at_once_and_correctly():
     async def scenario(backend, batcher, metrics):
         x0, x1 = _xs(3, 2)
@@ -215,7 +199,7 @@ def test_forward_many_of_lone_experts_computes_each_at_once_and_correctly():
         torch.testing.assert_close(y1, backend.module("0.1")(x1).detach())
         assert _batch_stats(metrics, "0.0") == (1, 1, 3) and _batch_stats(metrics, "0.1") == (1, 1, 2)
         assert batcher.queued_tokens("0.0") == batcher.queued_tokens("0.1") == 0
-    _run_two(scenario, max_batch_tokens=64, batch_wait_ms=10_000)
+    _run(scenario, ("0.0", "0.1"), max_batch_tokens=64, batch_wait_ms=10_000)
 
 
 def test_forward_many_joins_the_queues_when_an_expert_has_company_waiting():
@@ -234,4 +218,4 @@ def test_forward_many_joins_the_queues_when_an_expert_has_company_waiting():
         torch.testing.assert_close(y0, backend.module("0.0")(x0).detach())
         torch.testing.assert_close(y1, backend.module("0.1")(x1).detach())
         assert _batch_stats(metrics, "0.0")[:2] == (2, 3)   # the lone first request, then one batch of two
-    _run_two(scenario, max_batch_tokens=64, batch_wait_ms=10_000)
+    _run(scenario, ("0.0", "0.1"), max_batch_tokens=64, batch_wait_ms=10_000)
