@@ -10,7 +10,7 @@ a whole batch wait after the one before it, goes at once (`_Task.alone`).
 `ComputeWorker` is a single thread: forwards, backwards and optimizer steps are ordered, so
 they never see half-updated weights. The event loop runs no torch but a forward batch
 smaller than its hand-off to the thread (`INLINE_MAX_MACS`), and only while the thread is
-idle, which keeps that order. The
+idle (which keeps that order) and nothing else is queued (`Batcher._quiet`). The
 requests that go to it directly (Backward, GradNorm, ApplyStep) pass its admission check
 (`submit`): at most `max_pending_tasks` of them wait or run at once, more is Overloaded,
 so a flood of Backwards queues neither without bound nor in memory (each holds its tensors).
@@ -187,9 +187,8 @@ class Batcher:
                              f"retry later or on another replica")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        alone = not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
+        task = _Task(x, call_id, loop.create_future(), now, self._alone(q, now))
         q.last_arrival = now
-        task = _Task(x, call_id, loop.create_future(), now, alone)
         q.tasks.append(task)
         q.waiting_tokens += task.tokens
         self._report(uid)
@@ -206,8 +205,7 @@ class Batcher:
         if any(q is None for q in queues):
             raise ShuttingDown("the batcher is not running for every expert of this call")
         now = asyncio.get_running_loop().time()
-        if not all(not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
-                   for q in queues):
+        if not all(self._alone(q, now) for q in queues):
             return list(await asyncio.gather(*(self.forward(uid, x) for uid, x in items)))
         tokens = 0
         for (uid, x), q in zip(items, queues):
@@ -222,8 +220,7 @@ class Batcher:
             return [self.backend.forward_batch(uid, [x], [None])[0] for uid, x in items]
 
         try:
-            inline = tokens * self._macs_per_token <= self.inline_max_macs and self._quiet(tokens)
-            return await (self.worker.run_small if inline else self.worker.run)(compute)
+            return await self._runner(tokens)(compute)
         finally:
             for (uid, x), q in zip(items, queues):
                 q.running_tokens -= x.shape[0]
@@ -246,6 +243,10 @@ class Batcher:
             batch = self._take(q)
             if batch:
                 await self._compute(uid, q, batch)
+
+    def _alone(self, q: _Queue, now: float) -> bool:
+        """Whether a request arriving at `now` arrives alone (see `_Task.alone`)."""
+        return not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
 
     def _due(self, q: _Queue) -> bool:
         """Whether the queue's batch goes before its wait is over: it is full, or it is one request
@@ -274,9 +275,8 @@ class Batcher:
         self._report(uid)
         if self.metrics is not None:
             self.metrics.observe_batch(uid, len(batch), tokens)
-        inline = tokens * self._macs_per_token <= self.inline_max_macs and self._quiet(tokens)
         try:
-            outputs = await (self.worker.run_small if inline else self.worker.run)(
+            outputs = await self._runner(tokens)(
                 self.backend.forward_batch, uid, [t.x for t in batch], [t.call_id for t in batch])
         except asyncio.CancelledError:
             for t in batch:
@@ -295,6 +295,12 @@ class Batcher:
         finally:
             q.running_tokens -= tokens
             self._report(uid)
+
+    def _runner(self, tokens: int) -> Callable[..., Any]:
+        """How a forward of `tokens` (already counted as running) is computed: on the event loop
+        when small and quiet (`ComputeWorker.run_small`), else on the compute thread."""
+        inline = tokens * self._macs_per_token <= self.inline_max_macs and self._quiet(tokens)
+        return self.worker.run_small if inline else self.worker.run
 
     def _quiet(self, own_tokens: int) -> bool:
         """Nothing but this computation (`own_tokens`, already counted as running) is queued or

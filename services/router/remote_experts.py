@@ -245,7 +245,6 @@ class _ForwardMany(_Call):
     def __init__(self, forwards: Sequence[_Forward], endpoint: str, wire_dtype: str, dim: int, step: int):
         super().__init__(",".join(f.uid for f in forwards), sum(f.tokens for f in forwards), endpoint)
         self.forwards, self.wire_dtype, self.dim, self.step = list(forwards), wire_dtype, dim, step
-        self.code: grpc.StatusCode | None = None   # of the failure, once failed
 
     @property
     def uids(self) -> tuple[str, ...]:
@@ -262,10 +261,6 @@ class _ForwardMany(_Call):
             raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
             forward.outputs, forward.endpoint = rows, self.endpoint
-
-    def again(self, code, details=""):
-        self.code = code
-        return False
 
     def blames_endpoint(self, code):
         return code is not grpc.StatusCode.UNIMPLEMENTED   # an older service: its Forwards work
@@ -590,7 +585,7 @@ class RemoteExpertGroup(ExpertGroup):
                 for forward in call.forwards:
                     self._give_up(forward, *call.failed)
                 continue
-            if call.code is grpc.StatusCode.UNIMPLEMENTED:
+            if call.failed[0] == "unimplemented":   # the reason is the status code's name
                 with self._lock:
                     self._no_forward_many.add(call.endpoint)
             elif self.retries == 0:
