@@ -5,10 +5,14 @@
     python -m bench.wire measure GRPC_PORT SOCKET_PORT [--rounds N] [--reuse-freed-memory]   # started by the part
 
 gRPC round trip (`grpc`, the path an expert call takes, without the expert): the client
-encodes a float32 tensor with `subnet.tensor_codec.encode`, a unary call through a sync
-stub's `.future()` (as `subnet.expert_client` does) carries the `moe.v1.Tensor` to a
-grpc.aio server in another process, which decodes it (`decode`: checks,
-`torch.frombuffer`, finite check), encodes it again and answers; the client decodes the reply.
+builds a `moe.v1.ForwardRequest` around a float32 tensor as `subnet.expert_client` does
+(`encode_view` + `subnet.spliced_wire.build`: the tensor copied once into the body), a blocking
+unary call carries it to a grpc.aio server in another process, whose `SplicedParser` leaves the
+tensor bytes where they arrived; it decodes them (`decode`: checks, `torch.frombuffer`, finite
+check), answers with a `ForwardResponse` built the same way, and the client parses and decodes
+that. `grpc_protobuf` is the same round trip through protobuf's own copies (`encode` into a
+`moe.v1.Tensor`, `SerializeToString`, `FromString`, `decode`): the path before spliced_wire, kept
+side by side for the before/after.
 
 Socket round trip (`socket`, the floor): the same payload bytes, with an 8-byte length
 prefix, over one loopback TCP connection to the same server process, which reads them into
@@ -68,7 +72,8 @@ from bench.timing import best_times
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import from_env
 from subnet.shm import ShmAttachments, ShmConfig, ShmRegionPool
-from subnet.tensor_codec import all_finite, decode, encode, shm_tensor
+from subnet.spliced_wire import SplicedParser, build, serialize
+from subnet.tensor_codec import all_finite, decode, encode, encode_view, shm_tensor
 from subnet.wire.v1 import expert_pb2, tensor_pb2
 
 SIZES_MIB = (1, 4, 16, 64)
@@ -97,6 +102,10 @@ async def _echo_tensor(request: tensor_pb2.Tensor, context) -> tensor_pb2.Tensor
     return encode(decode(request), "fp32")
 
 
+async def _echo_spliced(request, context) -> bytes:
+    return build(expert_pb2.ForwardResponse, outputs=encode_view(decode(request.inputs), "fp32"))
+
+
 async def _echo_bytes(request: bytes, context) -> bytes:
     return request
 
@@ -123,8 +132,11 @@ async def _serve_grpc(port: int) -> None:
     shm = grpc.unary_unary_rpc_method_handler(_echo_shm,
                                               request_deserializer=expert_pb2.ForwardRequest.FromString,
                                               response_serializer=expert_pb2.ForwardResponse.SerializeToString)
+    spliced = grpc.unary_unary_rpc_method_handler(_echo_spliced,
+                                                  request_deserializer=SplicedParser(expert_pb2.ForwardRequest),
+                                                  response_serializer=serialize)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        SERVICE, {"Tensor": tensor, "Bytes": raw, "Shm": shm})])
+        SERVICE, {"Tensor": tensor, "Spliced": spliced, "Bytes": raw, "Shm": shm})])
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
@@ -208,7 +220,7 @@ def run(rounds: int = 5) -> dict:
     with BenchStack() as stack:
         default = sweep("wire-echo-default-malloc", [])
         out = sweep("wire-echo", [REUSE_FLAG])
-    summary = ("grpc_gbps", "socket_gbps", "ratio", "grpc_bytes_ratio")
+    summary = ("grpc_gbps", "socket_gbps", "ratio", "grpc_protobuf_ratio", "grpc_bytes_ratio")
     return {**out, "default_malloc": {key: default[key] for key in summary},
             "codec_ms_64MiB_default_malloc": default["codec_ms_64MiB"]}
 
@@ -228,16 +240,18 @@ def measure(grpc_port: int, socket_port: int, rounds: int, reuse_memory: bool) -
 def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
     tensor_call = channel.unary_unary(f"/{SERVICE}/Tensor", request_serializer=tensor_pb2.Tensor.SerializeToString,
                                       response_deserializer=tensor_pb2.Tensor.FromString)
+    spliced_call = channel.unary_unary(f"/{SERVICE}/Spliced", request_serializer=serialize,
+                                       response_deserializer=SplicedParser(expert_pb2.ForwardResponse))
     bytes_call = channel.unary_unary(f"/{SERVICE}/Bytes")
     shm_call = channel.unary_unary(f"/{SERVICE}/Shm", request_serializer=expert_pb2.ForwardRequest.SerializeToString,
                                    response_deserializer=expert_pb2.ForwardResponse.FromString)
     regions = ShmRegionPool(from_env(ShmConfig))
     try:
-        per_size = {f"{mib}MiB": _round_trips(tensor_call, bytes_call, _ShmCaller(shm_call, regions), echo,
-                                              mib << 20, rounds) for mib in SIZES_MIB}
+        per_size = {f"{mib}MiB": _round_trips(spliced_call, tensor_call, bytes_call, _ShmCaller(shm_call, regions),
+                                              echo, mib << 20, rounds) for mib in SIZES_MIB}
     finally:
         regions.close()
-    paths = ("grpc", "grpc_bytes", "shm", "socket")
+    paths = ("grpc", "grpc_protobuf", "grpc_bytes", "shm", "socket")
     total = {path: sum(rt[path] for rt in per_size.values()) for path in paths}
     moved = sum(2 * (mib << 20) for mib in SIZES_MIB)
     gbps = {path: moved / total[path] / 1e9 for path in paths}
@@ -251,12 +265,17 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
         "ratio_by_size": ratios,
         "ratio_geomean": math.prod(ratios.values()) ** (1 / len(ratios)),
         **by_size,
+        "grpc_protobuf_ratio": gbps["grpc_protobuf"] / gbps["socket"],
+        "spliced_speedup": gbps["grpc"] / gbps["grpc_protobuf"],
         "grpc_bytes_ratio": gbps["grpc_bytes"] / gbps["socket"],
         "shm_gbps": gbps["shm"],
         "shm_ratio": gbps["shm"] / gbps["socket"],
         "codec_ms_64MiB": codec_stages(64 << 20),
         "definition": "GB/s = payload bytes x 2 (both directions) / round-trip s, GB = 1e9 B; overall = all bytes / "
-                      "all round-trip time over the sizes; ratio = grpc / socket; grpc_bytes = the same gRPC call "
+                      "all round-trip time over the sizes; ratio = grpc / socket; grpc = ForwardRequest/Response "
+                      "with the tensor spliced (one copy out, none in); "
+                      "grpc_protobuf = the same through protobuf's copies "
+                      "(the path before); grpc_bytes = the same gRPC call "
                       "with raw bytes in and out (no protobuf, no codec); shm = the same-host path (tensor in a "
                       "shared-memory region, gRPC carries only where; decode copies it out on both sides); "
                       "shm_ratio = shm / socket; default_malloc = the same sweep before "
@@ -282,20 +301,28 @@ class _ShmCaller:
             return decode(response.outputs, shm=lambda name, *view: region.view(*view))
 
 
-def _round_trips(tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nbytes: int,
+def _round_trips(spliced_call, tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nbytes: int,
                  rounds: int) -> dict[str, float]:
     """Seconds of one round trip of `nbytes` on each path (best of `rounds` interleaved rounds)."""
     x = torch.randn(nbytes // 4 // 1024, 1024)
     payload = x.numpy().tobytes()
     reps = max(1, MIN_BYTES_PER_CALL // nbytes)
 
+    def spliced_round_trip():
+        request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+        return decode(spliced_call(request, timeout=60.0).outputs)
+
     def grpc_round_trips():
         for _ in range(reps):
-            decode(tensor_call.future(encode(x, "fp32"), timeout=60.0).result())
+            spliced_round_trip()
+
+    def protobuf_round_trips():
+        for _ in range(reps):
+            decode(tensor_call(encode(x, "fp32"), timeout=60.0))
 
     def bytes_round_trips():
         for _ in range(reps):
-            bytes_call.future(payload, timeout=60.0).result()
+            bytes_call(payload, timeout=60.0)
 
     def socket_round_trips():
         for _ in range(reps):
@@ -308,6 +335,8 @@ def _round_trips(tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nb
     mib = nbytes >> 20
     if not torch.equal(decode(tensor_call(encode(x, "fp32"), timeout=60.0)), x):
         raise RuntimeError(f"the gRPC echo of {mib} MiB changed the tensor")
+    if not torch.equal(spliced_round_trip(), x):
+        raise RuntimeError(f"the spliced gRPC echo of {mib} MiB changed the tensor")
     if bytes_call(payload, timeout=60.0) != payload:
         raise RuntimeError(f"the gRPC bytes echo of {mib} MiB changed the bytes")
     echo.round_trip(payload)
@@ -315,8 +344,9 @@ def _round_trips(tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nb
         raise RuntimeError(f"the socket echo of {mib} MiB changed the bytes")
     if not torch.equal(shm.round_trip(x), x):
         raise RuntimeError(f"the shared-memory echo of {mib} MiB changed the tensor")
-    times = best_times({"grpc": grpc_round_trips, "grpc_bytes": bytes_round_trips, "shm": shm_round_trips,
-                        "socket": socket_round_trips}, rounds=rounds)
+    times = best_times({"grpc": grpc_round_trips, "grpc_protobuf": protobuf_round_trips,
+                        "grpc_bytes": bytes_round_trips, "shm": shm_round_trips, "socket": socket_round_trips},
+                       rounds=rounds)
     return {path: t / reps for path, t in times.items()}
 
 
@@ -328,7 +358,13 @@ def codec_stages(nbytes: int, repeats: int = 3) -> dict[str, float]:
     wire = msg.SerializeToString()
     parsed = tensor_pb2.Tensor.FromString(wire)
     view = torch.frombuffer(bytearray(parsed.data), dtype=torch.float32)
-    stages = {"encode": lambda: encode(x, "fp32"),                         # tobytes + copy into the message
+    body = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+    spliced = SplicedParser(expert_pb2.ForwardRequest)(body)
+    stages = {"spliced_build": lambda: build(expert_pb2.ForwardRequest, expert_uid="0.0",   # one copy: the join
+                                             inputs=encode_view(x, "fp32")),
+              "spliced_parse": lambda: SplicedParser(expert_pb2.ForwardRequest)(body),   # a scan, no copy
+              "spliced_decode": lambda: decode(spliced.inputs),                          # the finite check
+              "encode": lambda: encode(x, "fp32"),                         # tobytes + copy into the message
               "serialize": msg.SerializeToString,
               "parse": lambda: tensor_pb2.Tensor.FromString(wire),
               "decode": lambda: decode(parsed),

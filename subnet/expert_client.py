@@ -43,6 +43,7 @@ from subnet.auth.client import SigningChannel
 from subnet.identity import Identity
 from subnet.shm import ShmConfig
 from subnet.shm_link import ShmLink
+from subnet.spliced_wire import SplicingChannel, WireTensor, build
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
@@ -89,30 +90,31 @@ class ExpertClient:
         self.endpoint = endpoint
         self.shm = shm   # the pool's shared-memory link (None = every tensor inline)
         self._calls = calls
-        self._stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, identity, receiver))
+        # Signed over the exact bytes sent; tensors copied once on the way out and none on the way in.
+        self._stub = expert_pb2_grpc.ExpertStub(SplicingChannel(SigningChannel(channel, identity, receiver)))
 
-    def forward(self, uid: str, inputs: tensor_pb2.Tensor, *, call_id: str, step: int, training: bool,
+    def forward(self, uid: str, inputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int, training: bool,
                 timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None
                 ) -> Future:
         """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too)."""
-        request = expert_pb2.ForwardRequest(expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
-                                            training=training, reply_shm=reply_shm)
+        request = build(expert_pb2.ForwardRequest, expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
+                        training=training, reply_shm=reply_shm)
         return self._start(self._stub.Forward, request, timeout_s, metadata)
 
-    def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor, *, step: int,
+    def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor | WireTensor, *,
+                     step: int,
                      timeout_s: float, metadata: Metadata = ()) -> Future:
         """Inference Forward of several experts of this endpoint: `inputs` holds their rows one after
         the other, `tokens[i]` rows for `uids[i]`; the answer's outputs are in the same order."""
-        request = expert_pb2.ForwardManyRequest(expert_uids=uids, tokens=tokens, inputs=inputs, step=step)
+        request = build(expert_pb2.ForwardManyRequest, expert_uids=uids, tokens=tokens, inputs=inputs, step=step)
         return self._start(self._stub.ForwardMany, request, timeout_s, metadata)
 
-    def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor, *, call_id: str, step: int,
-                 timeout_s: float, inputs: tensor_pb2.Tensor | None = None, session_id: str = "",
+    def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int,
+                 timeout_s: float, inputs: tensor_pb2.Tensor | WireTensor | None = None, session_id: str = "",
                  metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None) -> Future:
         """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
-        request = expert_pb2.BackwardRequest(expert_uid=uid, call_id=call_id, step=step,
-                                             grad_outputs=grad_outputs, inputs=inputs, session_id=session_id,
-                                             reply_shm=reply_shm)
+        request = build(expert_pb2.BackwardRequest, expert_uid=uid, call_id=call_id, step=step,
+                        grad_outputs=grad_outputs, inputs=inputs, session_id=session_id, reply_shm=reply_shm)
         return self._start(self._stub.Backward, request, timeout_s, metadata)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",

@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 import torch
 
+from subnet.spliced_wire import WireTensor
 from subnet.wire.v1 import tensor_pb2
 
 WIRE_DTYPES: dict[str, int] = {
@@ -106,6 +107,13 @@ def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | Non
     """`t` as a `moe.v1.Tensor` in `wire_dtype` ("fp32", "bf16", "fp16" or "int8"). With `check_finite`
     (the tensor's name), a value that is not finite in the wire dtype (an fp16 overflow included)
     raises TensorError(INVALID_ARGUMENT) instead of being sent."""
+    return encode_view(t, wire_dtype, check_finite=check_finite).to_message()
+
+
+def encode_view(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | None = None) -> WireTensor:
+    """What `encode` does, without copying the bytes into a message: a `subnet.spliced_wire.WireTensor`
+    whose payload views the (cast, contiguous) tensor, for `spliced_wire.build` to copy once into
+    the request or response body."""
     if wire_dtype not in WIRE_DTYPES:
         raise ValueError(f"unknown wire dtype {wire_dtype!r}; choose from {', '.join(WIRE_DTYPES)}")
     enum = WIRE_DTYPES[wire_dtype]
@@ -120,7 +128,7 @@ def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | Non
     array = t.view(view_dtype).numpy()
     if not _LITTLE_ENDIAN_HOST:
         array = array.astype(np_dtype)
-    return tensor_pb2.Tensor(dtype=enum, shape=list(t.shape), data=array.tobytes())
+    return WireTensor(tensor_pb2.Tensor(dtype=enum, shape=list(t.shape)), memoryview(array).cast("B"), array)
 
 
 def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_elements: int | None = None,
@@ -161,7 +169,7 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
         raise TensorError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
                           f"{max_elements}; split it into smaller requests")
-    if isinstance(msg, tensor_pb2.Tensor) and msg.HasField("shm"):
+    if msg.HasField("shm"):   # a tensor_pb2.Tensor or a spliced_wire.TensorView
         t = _read_shm(msg, shape, numel, name, shm)
     else:
         data = msg.data
@@ -247,7 +255,7 @@ def int8_nbytes(numel: int) -> int:
     return 4 * -(-numel // INT8_BLOCK) + numel
 
 
-def _encode_int8(t: torch.Tensor, check_finite: str | None) -> tensor_pb2.Tensor:
+def _encode_int8(t: torch.Tensor, check_finite: str | None) -> WireTensor:
     t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
     flat = t.reshape(-1)
     n = flat.numel()
@@ -266,7 +274,9 @@ def _encode_int8(t: torch.Tensor, check_finite: str | None) -> tensor_pb2.Tensor
     out = torch.empty(4 * n_blocks + n, dtype=torch.uint8)
     out[4 * n_blocks:].view(torch.int8).copy_(q)   # exact: q holds integers in [-127, 127]
     out[:4 * n_blocks].copy_(torch.from_numpy(scale.numpy().astype("<f4").view(np.uint8)))
-    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT8_BLOCK64, shape=list(t.shape), data=out.numpy().tobytes())
+    array = out.numpy()
+    return WireTensor(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_INT8_BLOCK64, shape=list(t.shape)),
+                      memoryview(array).cast("B"), array)
 
 
 def _decode_int8(data: bytes | bytearray | memoryview, shape: list[int], numel: int, name: str) -> torch.Tensor:

@@ -54,6 +54,7 @@ from subnet.object_store import StoreError
 from subnet.processes import port_in_use
 from subnet.registry import ExpertRegistry, Heartbeat, HeartbeatEntry
 from subnet.shm import ShmAttachments, host_id
+from subnet.spliced_wire import add_spliced_servicer
 from subnet.telemetry import AioServerTracing
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
@@ -158,7 +159,8 @@ class ExpertServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        expert_pb2_grpc.add_ExpertServicer_to_server(self._deferred, self._grpc)
+        # Tensors in and out without protobuf's copies; the wire stays moe.v1 (subnet/spliced_wire.py).
+        add_spliced_servicer(expert_pb2_grpc.add_ExpertServicer_to_server, self._deferred, self._grpc)
         self.port = self._bind(c.host, c.port)
         await self._grpc.start()
 

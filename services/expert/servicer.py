@@ -23,13 +23,14 @@ from services.expert import backend as be
 from services.expert.batcher import Batcher, ComputeWorker, Overloaded, ShuttingDown
 from services.expert.metrics import ExpertMetrics
 from subnet.shm import ShmAttachments, ShmError, ShmUnavailableError, host_id
+from subnet.spliced_wire import build
 from subnet.tensor_codec import (
     SHM_INLINE_HINT,
     SHM_WIRE_DTYPES,
     TensorError,
     all_finite,
     decode,
-    encode,
+    encode_view,
     shm_dtype,
     shm_tensor,
     wire_dtype_name,
@@ -99,7 +100,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
             self._count(uid, "Forward", x.shape[0])
             outputs = await self._encode(y, request.inputs.dtype, "outputs", _reply_area(request))
-            return expert_pb2.ForwardResponse(outputs=outputs)
+            return build(expert_pb2.ForwardResponse, outputs=outputs)
         return await self._handle("Forward", context, run)
 
     async def ForwardMany(self, request: expert_pb2.ForwardManyRequest, context) -> expert_pb2.ForwardManyResponse:
@@ -115,7 +116,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             for uid, n in zip(uids, tokens):
                 self._count(uid, "Forward", n)
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            return expert_pb2.ForwardManyResponse(outputs=await self._encode(y, request.inputs.dtype, "outputs"))
+            return build(expert_pb2.ForwardManyResponse, outputs=await self._encode(y, request.inputs.dtype, "outputs"))
         return await self._handle("ForwardMany", context, run)
 
     async def Backward(self, request: expert_pb2.BackwardRequest, context) -> expert_pb2.BackwardResponse:
@@ -133,7 +134,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                                           x, session)
             self._count(uid, "Backward", g.shape[0])
             grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs", _reply_area(request))
-            return expert_pb2.BackwardResponse(grad_inputs=grad_inputs)
+            return build(expert_pb2.BackwardResponse, grad_inputs=grad_inputs)
         return await self._handle("Backward", context, run)
 
     async def GradNorm(self, request: expert_pb2.GradNormRequest, context) -> expert_pb2.GradNormResponse:
@@ -258,8 +259,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 return await asyncio.to_thread(self._encode_shm, t, name, what, reply)
             return self._encode_shm(t, name, what, reply)
         if t.numel() >= _OFFLOAD_ELEMENTS:
-            return await asyncio.to_thread(encode, t, name, check_finite=what)
-        return encode(t, name, check_finite=what)
+            return await asyncio.to_thread(encode_view, t, name, check_finite=what)
+        return encode_view(t, name, check_finite=what)   # copied once, into the response body
 
     def _encode_shm(self, t: torch.Tensor, name: str, what: str, reply: tensor_pb2.ShmReply) -> tensor_pb2.Tensor:
         if self.shm is None:

@@ -62,7 +62,7 @@ from subnet.tensor_codec import (
     WIRE_DTYPES,
     TensorError,
     decode,
-    encode,
+    encode_view,
     shm_dtype,
     shm_tensor,
 )
@@ -205,7 +205,7 @@ class _Forward(_ShmCall):
         # Encoded when first sent, not up front: the first expert starts computing while the
         # router still encodes the tensors of the others.
         if self._encoded is None:
-            self._encoded = encode(self._x, self._wire_dtype)
+            self._encoded = encode_view(self._x, self._wire_dtype)
         return self._encoded
 
     def send(self, client, timeout_s, metadata):
@@ -252,7 +252,7 @@ class _ForwardMany(_Call):
 
     def send(self, client, timeout_s, metadata):
         x = torch.cat([f._x for f in self.forwards])
-        return client.forward_many(self.uids, [f.tokens for f in self.forwards], encode(x, self.wire_dtype),
+        return client.forward_many(self.uids, [f.tokens for f in self.forwards], encode_view(x, self.wire_dtype),
                                    step=self.step, timeout_s=timeout_s, metadata=metadata)
 
     def accept(self, response):
@@ -284,7 +284,7 @@ class _Backward(_ShmCall):
         grad, reply = self._shm_request(client, self._grad, self._wire_dtype, f.dim)
         if grad is None:
             if self._encoded is None:
-                self._encoded = encode(self._grad, self._wire_dtype)
+                self._encoded = encode_view(self._grad, self._wire_dtype)
             grad = self._encoded
         return client.backward(self.uid, grad, call_id=f.served_call_id, step=f.step,
                                inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,

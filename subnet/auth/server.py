@@ -100,7 +100,8 @@ def _parse(deserializer, raw: bytes):
 def unparsable_message(deserializer, method: str) -> str:
     """The INVALID_ARGUMENT message for a request body `deserializer` cannot parse, naming the
     message type ("request body is not a valid moe.v1.ForwardRequest") when it is known."""
-    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    descriptor = getattr(deserializer, "DESCRIPTOR", None) or \
+        getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)   # a parser object, or Cls.FromString
     name = getattr(descriptor, "full_name", None) or f"request message of {method}"
     return f"request body is not a valid {name}"
 

@@ -5,13 +5,13 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import pytest
 import torch
 
+from subnet.spliced_wire import TensorView
 from subnet.tensor_codec import (
     INT8_BLOCK,
     WIRE_DTYPES,
@@ -70,7 +70,7 @@ def test_bf16_bytes_are_the_upper_half_of_fp32():
 
 def test_fp32_decode_is_zero_copy():
     buf = bytearray(np.arange(6, dtype="<f4").tobytes())
-    msg = SimpleNamespace(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2, 3], data=buf)
+    msg = TensorView(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[2, 3]), memoryview(buf))
     t = decode(msg, expected_dim=3)
     buf[0:4] = np.float32(42.0).tobytes()  # the tensor sees the sender's buffer itself
     assert t[0, 0].item() == 42.0
