@@ -48,7 +48,7 @@ lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check moe subnet services tests bench
 
 protos: $(STAMP)  ## regenerate Python code from protos/ into subnet/wire/v1/
-	$(BIN)/python -m subnet.protogen
+	$(BIN)/python -m subnet.dev.protogen
 
 clean:  ## remove caches and run outputs (keeps .venv)
 	rm -rf .cache runs .pytest_cache bench/results/*.json bench/results/*.md

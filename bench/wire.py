@@ -1,18 +1,21 @@
-"""Part 2b: what the gRPC tensor path costs against raw loopback TCP, per payload size.
+"""Part 2b: what the tensor paths of an expert call cost against raw loopback TCP, per payload size.
 
     python -m bench --only wire
-    python -m bench.wire serve GRPC_PORT SOCKET_PORT [--reuse-freed-memory]      # both sides of a sweep,
-    python -m bench.wire measure GRPC_PORT SOCKET_PORT [--rounds N] [--reuse-freed-memory]   # started by the part
+    python -m bench.wire serve GRPC_PORT SOCKET_PORT FRAMES_PORT [--reuse-freed-memory]    # both sides of
+    python -m bench.wire measure GRPC_PORT SOCKET_PORT FRAMES_PORT [--rounds N] [--reuse-freed-memory]  # a sweep
 
-gRPC round trip (`grpc`, the path an expert call takes, without the expert): the client
-builds a `moe.v1.ForwardRequest` around a float32 tensor as `subnet.expert_client` does
-(`encode_view` + `subnet.spliced_wire.build`: the tensor copied once into the body), a blocking
-unary call carries it to a grpc.aio server in another process, whose `SplicedParser` leaves the
-tensor bytes where they arrived; it decodes them (`decode`: checks, `torch.frombuffer`, finite
-check), answers with a `ForwardResponse` built the same way, and the client parses and decodes
-that. `grpc_protobuf` is the same round trip through protobuf's own copies (`encode` into a
-`moe.v1.Tensor`, `SerializeToString`, `FromString`, `decode`): the path before spliced_wire, kept
-side by side for the before/after.
+Frames round trip (`frames`, the TCP path an expert call takes, without the expert; `ratio`):
+the client builds a `moe.v1.ForwardRequest` around a float32 tensor as `subnet.expert_client`
+does (`encode_view` + `subnet.spliced_wire.build`: the tensor copied once into the body) and
+sends it over moe-frames/1 (`subnet.frames`) to a `FramesServer` in another process, which
+reads it into one buffer, parses it in place (`SplicedParser`), decodes it (`decode`: checks,
+`torch.frombuffer`, finite check) and answers with a `ForwardResponse` built the same way; the
+client reads, parses and decodes that.
+
+gRPC round trip (`grpc`, `grpc_ratio`): the same messages in a blocking unary gRPC call to a
+grpc.aio server in the same process (the path of clients without moe-frames). `grpc_protobuf`
+is that round trip through protobuf's own copies (`encode` into a `moe.v1.Tensor`,
+`SerializeToString`, `FromString`, `decode`): the path before spliced_wire, side by side.
 
 Socket round trip (`socket`, the floor): the same payload bytes, with an 8-byte length
 prefix, over one loopback TCP connection to the same server process, which reads them into
@@ -36,9 +39,9 @@ threads and does not leak into the parts that run after this one. The sweeps run
 other, not interleaved: compare them knowing the load may have changed in between. The services
 get the second sweep's numbers only where their `main()` makes the call.
 
-The server is a generic handler (`grpc.method_handlers_generic_handler`, service
-`bench.Echo`) rather than the real Expert service: the service would add batching and an
-expert computation, and it refuses requests above EXPERT_MAX_REQUEST_TOKENS. Message limits
+The server is a generic handler (`grpc.method_handlers_generic_handler`, service `bench.Echo`;
+the same handler behind the FramesServer) rather than the real Expert service: the service
+would add batching and an expert computation, and it refuses requests above EXPERT_MAX_REQUEST_TOKENS. Message limits
 are MAX_MESSAGE_MB on both sides: a 64 MiB tensor plus its protobuf header does not fit in
 a 64 MiB limit. Client and server use one torch thread: the codec's work is copies and one
 reduction, and idle OpenMP workers spinning after each decode would take the other core
@@ -47,8 +50,8 @@ from the server (measured: 2 client threads took 2-8x the CPU time per 1 MiB rou
 GB/s = payload bytes x 2 (both directions) / round-trip seconds, with GB = 1e9 bytes.
 Each size's round trip is the best of interleaved rounds (bench.timing); one timed call
 repeats it until at least MIN_BYTES_PER_CALL went each way, so small payloads are not
-timed one millisecond at a time. The overall `grpc_gbps` / `socket_gbps` are all bytes
-moved over all round-trip time across the sizes (one sweep), and `ratio` = grpc / socket.
+timed one millisecond at a time. The overall `frames_gbps`, `grpc_gbps`, `socket_gbps` ... are
+all bytes moved over all round-trip time across the sizes (one sweep); `ratio` = frames / socket.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ import torch
 from bench.timing import best_times
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import from_env
+from subnet.frames.client import FramesChannel
+from subnet.frames.server import FramesServer
 from subnet.shm import ShmAttachments, ShmConfig, ShmRegionPool
 from subnet.spliced_wire import SplicedParser, build, serialize
 from subnet.tensor_codec import all_finite, decode, encode, encode_view, shm_tensor
@@ -123,7 +128,7 @@ async def _echo_shm(request: expert_pb2.ForwardRequest, context) -> expert_pb2.F
     return expert_pb2.ForwardResponse(outputs=shm_tensor("fp32", x.shape, reply.region, reply.offset, nbytes))
 
 
-async def _serve_grpc(port: int) -> None:
+async def _serve_grpc(port: int, frames_port: int) -> None:
     server = grpc.aio.server(options=_OPTIONS)
     tensor = grpc.unary_unary_rpc_method_handler(_echo_tensor, request_deserializer=tensor_pb2.Tensor.FromString,
                                                  response_serializer=tensor_pb2.Tensor.SerializeToString)
@@ -137,6 +142,8 @@ async def _serve_grpc(port: int) -> None:
                                                   response_serializer=serialize)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
         SERVICE, {"Tensor": tensor, "Spliced": spliced, "Bytes": raw, "Shm": shm})])
+    frames = FramesServer({f"/{SERVICE}/Spliced": spliced}, [], MAX_MESSAGE_MB << 20)
+    await frames.start("127.0.0.1", frames_port)
     if server.add_insecure_port(f"127.0.0.1:{port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{port}")
     await server.start()
@@ -173,11 +180,11 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> memoryview | None:
     return view
 
 
-def serve(grpc_port: int, socket_port: int, reuse_memory: bool) -> None:
+def serve(grpc_port: int, socket_port: int, frames_port: int, reuse_memory: bool) -> None:
     _setup_process(reuse_memory)
     listener = socket.create_server(("127.0.0.1", socket_port))
     threading.Thread(target=_serve_socket, args=(listener,), daemon=True, name="socket-echo").start()
-    asyncio.run(_serve_grpc(grpc_port))   # listening on the gRPC port = ready (the part waits for it)
+    asyncio.run(_serve_grpc(grpc_port, frames_port))   # listening on the gRPC port = ready (the part waits for it)
 
 
 # ---- client (a child process too; `run` starts both) ------------------------------------------
@@ -207,8 +214,8 @@ def run(rounds: int = 5) -> dict:
 
     def sweep(name: str, flags: list[str]) -> dict:
         """One sweep with a fresh echo server and a fresh client process, both started with `flags`."""
-        grpc_port, socket_port = free_port(), free_port()
-        ports = [str(grpc_port), str(socket_port)]
+        grpc_port, socket_port, frames_port = free_port(), free_port(), free_port()
+        ports = [str(grpc_port), str(socket_port), str(frames_port)]
         stack.start_python(name, ["-m", "bench.wire", "serve", *ports, *flags], grpc_port, env=_CHILD_ENV)
         args = [sys.executable, "-m", "bench.wire", "measure", *ports, f"--rounds={rounds}", *flags]
         client = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **_CHILD_ENV},
@@ -220,24 +227,26 @@ def run(rounds: int = 5) -> dict:
     with BenchStack() as stack:
         default = sweep("wire-echo-default-malloc", [])
         out = sweep("wire-echo", [REUSE_FLAG])
-    summary = ("grpc_gbps", "socket_gbps", "ratio", "grpc_protobuf_ratio", "grpc_bytes_ratio")
+    summary = ("frames_gbps", "socket_gbps", "ratio", "grpc_ratio", "grpc_protobuf_ratio", "grpc_bytes_ratio")
     return {**out, "default_malloc": {key: default[key] for key in summary},
             "codec_ms_64MiB_default_malloc": default["codec_ms_64MiB"]}
 
 
-def measure(grpc_port: int, socket_port: int, rounds: int, reuse_memory: bool) -> dict:
+def measure(grpc_port: int, socket_port: int, frames_port: int, rounds: int, reuse_memory: bool) -> dict:
     """The client side of one sweep, in its own process (started by `run`)."""
     _setup_process(reuse_memory)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=_OPTIONS)
     echo = _SocketEcho(socket_port)
+    frames = FramesChannel("127.0.0.1", frames_port, MAX_MESSAGE_MB << 20)
     try:
-        return _measure(channel, echo, rounds)
+        return _measure(channel, frames, echo, rounds)
     finally:
+        frames.close()
         echo.close()
         channel.close()
 
 
-def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
+def _measure(channel: grpc.Channel, frames: FramesChannel, echo: _SocketEcho, rounds: int) -> dict:
     tensor_call = channel.unary_unary(f"/{SERVICE}/Tensor", request_serializer=tensor_pb2.Tensor.SerializeToString,
                                       response_deserializer=tensor_pb2.Tensor.FromString)
     spliced_call = channel.unary_unary(f"/{SERVICE}/Spliced", request_serializer=serialize,
@@ -247,24 +256,27 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
                                    response_deserializer=expert_pb2.ForwardResponse.FromString)
     regions = ShmRegionPool(from_env(ShmConfig))
     try:
-        per_size = {f"{mib}MiB": _round_trips(spliced_call, tensor_call, bytes_call, _ShmCaller(shm_call, regions),
-                                              echo, mib << 20, rounds) for mib in SIZES_MIB}
+        callers = {"frames": _FramesCaller(frames), "grpc": _SplicedCaller(spliced_call),
+                   "grpc_protobuf": _ProtobufCaller(tensor_call), "shm": _ShmCaller(shm_call, regions)}
+        per_size = {f"{mib}MiB": _round_trips(callers, bytes_call, echo, mib << 20, rounds) for mib in SIZES_MIB}
     finally:
         regions.close()
-    paths = ("grpc", "grpc_protobuf", "grpc_bytes", "shm", "socket")
+    paths = ("frames", "grpc", "grpc_protobuf", "grpc_bytes", "shm", "socket")
     total = {path: sum(rt[path] for rt in per_size.values()) for path in paths}
     moved = sum(2 * (mib << 20) for mib in SIZES_MIB)
     gbps = {path: moved / total[path] / 1e9 for path in paths}
     by_size = {f"{path}_gbps_by_size": {size: 2 * (int(size[:-3]) << 20) / rt[path] / 1e9
                                         for size, rt in per_size.items()} for path in paths}
-    ratios = {size: rt["socket"] / rt["grpc"] for size, rt in per_size.items()}
+    ratios = {size: rt["socket"] / rt["frames"] for size, rt in per_size.items()}
     return {
+        "frames_gbps": gbps["frames"],
         "grpc_gbps": gbps["grpc"],
         "socket_gbps": gbps["socket"],
-        "ratio": gbps["grpc"] / gbps["socket"],
+        "ratio": gbps["frames"] / gbps["socket"],
         "ratio_by_size": ratios,
         "ratio_geomean": math.prod(ratios.values()) ** (1 / len(ratios)),
         **by_size,
+        "grpc_ratio": gbps["grpc"] / gbps["socket"],
         "grpc_protobuf_ratio": gbps["grpc_protobuf"] / gbps["socket"],
         "spliced_speedup": gbps["grpc"] / gbps["grpc_protobuf"],
         "grpc_bytes_ratio": gbps["grpc_bytes"] / gbps["socket"],
@@ -272,8 +284,9 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
         "shm_ratio": gbps["shm"] / gbps["socket"],
         "codec_ms_64MiB": codec_stages(64 << 20),
         "definition": "GB/s = payload bytes x 2 (both directions) / round-trip s, GB = 1e9 B; overall = all bytes / "
-                      "all round-trip time over the sizes; ratio = grpc / socket; grpc = ForwardRequest/Response "
-                      "with the tensor spliced (one copy out, none in); "
+                      "all round-trip time over the sizes; ratio = frames / socket; frames = the path an expert call "
+                      "takes over TCP: ForwardRequest/Response with the tensor spliced over moe-frames/1; grpc = the "
+                      "same messages over a gRPC unary call (ratio over socket: grpc_ratio); "
                       "grpc_protobuf = the same through protobuf's copies "
                       "(the path before); grpc_bytes = the same gRPC call "
                       "with raw bytes in and out (no protobuf, no codec); shm = the same-host path (tensor in a "
@@ -282,6 +295,38 @@ def _measure(channel: grpc.Channel, echo: _SocketEcho, rounds: int) -> dict:
                       "reuse_freed_memory() (every other key is after it)",
         "load_avg_1m": os.getloadavg()[0],
     }
+
+
+class _FramesCaller:
+    """The expert call's TCP path: spliced ForwardRequest/Response over moe-frames/1 (subnet/frames)."""
+
+    def __init__(self, channel: FramesChannel):
+        self.channel, self.parse = channel, SplicedParser(expert_pb2.ForwardResponse)
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        body = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+        return decode(self.parse(self.channel.call(f"/{SERVICE}/Spliced", body, (), 60.0)).outputs)
+
+
+class _SplicedCaller:
+    """The same messages over a gRPC unary call."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+        return decode(self.call(request, timeout=60.0).outputs)
+
+
+class _ProtobufCaller:
+    """A moe.v1.Tensor through protobuf's own copies (the path before subnet/spliced_wire.py)."""
+
+    def __init__(self, call):
+        self.call = call
+
+    def round_trip(self, x: torch.Tensor) -> torch.Tensor:
+        return decode(self.call(encode(x, "fp32"), timeout=60.0))
 
 
 class _ShmCaller:
@@ -301,52 +346,31 @@ class _ShmCaller:
             return decode(response.outputs, shm=lambda name, *view: region.view(*view))
 
 
-def _round_trips(spliced_call, tensor_call, bytes_call, shm: _ShmCaller, echo: _SocketEcho, nbytes: int,
-                 rounds: int) -> dict[str, float]:
+def _round_trips(callers: dict, bytes_call, echo: _SocketEcho, nbytes: int, rounds: int) -> dict[str, float]:
     """Seconds of one round trip of `nbytes` on each path (best of `rounds` interleaved rounds)."""
     x = torch.randn(nbytes // 4 // 1024, 1024)
     payload = x.numpy().tobytes()
     reps = max(1, MIN_BYTES_PER_CALL // nbytes)
 
-    def spliced_round_trip():
-        request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
-        return decode(spliced_call(request, timeout=60.0).outputs)
-
-    def grpc_round_trips():
-        for _ in range(reps):
-            spliced_round_trip()
-
-    def protobuf_round_trips():
-        for _ in range(reps):
-            decode(tensor_call(encode(x, "fp32"), timeout=60.0))
-
-    def bytes_round_trips():
-        for _ in range(reps):
-            bytes_call(payload, timeout=60.0)
-
-    def socket_round_trips():
-        for _ in range(reps):
-            echo.round_trip(payload)
-
-    def shm_round_trips():
-        for _ in range(reps):
-            shm.round_trip(x)
+    def repeated(round_trip):
+        def run():
+            for _ in range(reps):
+                round_trip()
+        return run
 
     mib = nbytes >> 20
-    if not torch.equal(decode(tensor_call(encode(x, "fp32"), timeout=60.0)), x):
-        raise RuntimeError(f"the gRPC echo of {mib} MiB changed the tensor")
-    if not torch.equal(spliced_round_trip(), x):
-        raise RuntimeError(f"the spliced gRPC echo of {mib} MiB changed the tensor")
+    for name, caller in callers.items():
+        if not torch.equal(caller.round_trip(x), x):
+            raise RuntimeError(f"the {name} echo of {mib} MiB changed the tensor")
     if bytes_call(payload, timeout=60.0) != payload:
         raise RuntimeError(f"the gRPC bytes echo of {mib} MiB changed the bytes")
     echo.round_trip(payload)
     if echo.reply != payload:
         raise RuntimeError(f"the socket echo of {mib} MiB changed the bytes")
-    if not torch.equal(shm.round_trip(x), x):
-        raise RuntimeError(f"the shared-memory echo of {mib} MiB changed the tensor")
-    times = best_times({"grpc": grpc_round_trips, "grpc_protobuf": protobuf_round_trips,
-                        "grpc_bytes": bytes_round_trips, "shm": shm_round_trips, "socket": socket_round_trips},
-                       rounds=rounds)
+    timed = {name: repeated(lambda caller=caller: caller.round_trip(x)) for name, caller in callers.items()}
+    timed["grpc_bytes"] = repeated(lambda: bytes_call(payload, timeout=60.0))
+    timed["socket"] = repeated(lambda: echo.round_trip(payload))
+    times = best_times(timed, rounds=rounds)
     return {path: t / reps for path, t in times.items()}
 
 
@@ -385,10 +409,12 @@ if __name__ == "__main__":
     parser.add_argument("side", choices=["serve", "measure"])
     parser.add_argument("grpc_port", type=int)
     parser.add_argument("socket_port", type=int)
+    parser.add_argument("frames_port", type=int)
     parser.add_argument("--rounds", type=int, default=5, help="measure only")
     parser.add_argument(REUSE_FLAG, dest="reuse", action="store_true", help="call reuse_freed_memory() first")
     cli = parser.parse_args()
     if cli.side == "serve":
-        serve(cli.grpc_port, cli.socket_port, reuse_memory=cli.reuse)
+        serve(cli.grpc_port, cli.socket_port, cli.frames_port, reuse_memory=cli.reuse)
     else:
-        print(json.dumps(measure(cli.grpc_port, cli.socket_port, cli.rounds, reuse_memory=cli.reuse)))
+        print(json.dumps(measure(cli.grpc_port, cli.socket_port, cli.frames_port, cli.rounds,
+                                 reuse_memory=cli.reuse)))

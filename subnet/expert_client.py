@@ -40,10 +40,12 @@ from typing import Any, Self
 import grpc
 
 from subnet.auth.client import SigningChannel
+from subnet.frames.client import FramesChannel, Unreachable
+from subnet.frames.link import FramesLink
 from subnet.identity import Identity
 from subnet.shm import ShmConfig
 from subnet.shm_link import ShmLink
-from subnet.spliced_wire import SplicingChannel, WireTensor, build
+from subnet.spliced_wire import SplicedParser, SplicingChannel, WireTensor, build, serialize
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
@@ -51,6 +53,11 @@ SHM_INFO_TIMEOUT_S = 2.0   # the one Info call that tells whether an endpoint sh
 # Calls in flight at once per pool; more wait for a free thread (their deadline runs meanwhile).
 # Threads start only when that many calls overlap, and then stay for the next layer.
 MAX_CALLS_IN_FLIGHT = 256
+SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
+# The calls that go over moe-frames/1 when the endpoint offers it, and how their answers are parsed.
+FRAMES_RESPONSES = {"Forward": SplicedParser(expert_pb2.ForwardResponse),
+                    "ForwardMany": SplicedParser(expert_pb2.ForwardManyResponse),
+                    "Backward": SplicedParser(expert_pb2.BackwardResponse)}
 
 
 @dataclass(frozen=True)
@@ -85,13 +92,15 @@ class ExpertClient:
 
     def __init__(self, endpoint: str, channel: grpc.Channel, calls: ThreadPoolExecutor,
                  identity: Identity | None = None, receiver: Callable[[], str | None] = lambda: None,
-                 shm: ShmLink | None = None):
+                 shm: ShmLink | None = None, frames: FramesLink | None = None):
         """`calls`: the threads that carry the calls (the pool's, shared by all its clients)."""
         self.endpoint = endpoint
         self.shm = shm   # the pool's shared-memory link (None = every tensor inline)
+        self.frames = frames   # the pool's moe-frames link (None = gRPC only)
         self._calls = calls
+        self._signer = SigningChannel(channel, identity, receiver)
         # Signed over the exact bytes sent; tensors copied once on the way out and none on the way in.
-        self._stub = expert_pb2_grpc.ExpertStub(SplicingChannel(SigningChannel(channel, identity, receiver)))
+        self._stub = expert_pb2_grpc.ExpertStub(SplicingChannel(self._signer))
 
     def forward(self, uid: str, inputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int, training: bool,
                 timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None
@@ -99,7 +108,7 @@ class ExpertClient:
         """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too)."""
         request = build(expert_pb2.ForwardRequest, expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
                         training=training, reply_shm=reply_shm)
-        return self._start(self._stub.Forward, request, timeout_s, metadata)
+        return self._start("Forward", request, timeout_s, metadata)
 
     def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor | WireTensor, *,
                      step: int,
@@ -107,7 +116,7 @@ class ExpertClient:
         """Inference Forward of several experts of this endpoint: `inputs` holds their rows one after
         the other, `tokens[i]` rows for `uids[i]`; the answer's outputs are in the same order."""
         request = build(expert_pb2.ForwardManyRequest, expert_uids=uids, tokens=tokens, inputs=inputs, step=step)
-        return self._start(self._stub.ForwardMany, request, timeout_s, metadata)
+        return self._start("ForwardMany", request, timeout_s, metadata)
 
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int,
                  timeout_s: float, inputs: tensor_pb2.Tensor | WireTensor | None = None, session_id: str = "",
@@ -115,12 +124,12 @@ class ExpertClient:
         """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
         request = build(expert_pb2.BackwardRequest, expert_uid=uid, call_id=call_id, step=step,
                         grad_outputs=grad_outputs, inputs=inputs, session_id=session_id, reply_shm=reply_shm)
-        return self._start(self._stub.Backward, request, timeout_s, metadata)
+        return self._start("Backward", request, timeout_s, metadata)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",
                   metadata: Metadata = ()) -> Future:
         request = expert_pb2.GradNormRequest(expert_uid=uid, step=step, session_id=session_id)
-        return self._start(self._stub.GradNorm, request, timeout_s, metadata)
+        return self._start("GradNorm", request, timeout_s, metadata)
 
     def apply_step(self, uid: str, *, step: int, lr: float, grad_scale: float, weight_decay: float,
                    beta1: float, beta2: float, eps: float, timeout_s: float, session_id: str = "",
@@ -129,16 +138,35 @@ class ExpertClient:
         request = expert_pb2.ApplyStepRequest(expert_uid=uid, step=step, lr=lr, grad_scale=grad_scale,
                                               weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
                                               session_id=session_id, skip=skip)
-        return self._start(self._stub.ApplyStep, request, timeout_s, metadata)
+        return self._start("ApplyStep", request, timeout_s, metadata)
 
     def info(self, *, timeout_s: float, metadata: Metadata = ()) -> expert_pb2.InfoResponse:
         """Blocking: Info is for probes and start-up checks, not the hot path."""
         return self._stub.Info(expert_pb2.InfoRequest(), timeout=timeout_s, metadata=metadata)
 
-    def _start(self, method: Callable[..., Any], request: Any, timeout_s: float,
-               metadata: Metadata) -> Future:
-        """`method(request)` on a call thread; the deadline counts from now, not from when a thread is free."""
-        return self._calls.submit(_call, method, request, time.monotonic() + timeout_s, metadata)
+    def _start(self, rpc: str, request: Any, timeout_s: float, metadata: Metadata) -> Future:
+        """The call on a call thread, over moe-frames when it is a tensor call and the endpoint takes them,
+        else gRPC; the deadline counts from now, not from when a thread is free."""
+        deadline = time.monotonic() + timeout_s
+        method = getattr(self._stub, rpc)
+        channel = self.frames.channel(self.endpoint) if self.frames is not None and rpc in FRAMES_RESPONSES else None
+        if channel is not None:
+            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+        return self._calls.submit(_call, method, request, deadline, metadata)
+
+    def _call_frames(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
+                     deadline: float, metadata: Metadata) -> Any:
+        path = f"/{SERVICE}/{rpc}"
+        if self._signer.identity is None:
+            body, signed = serialize(request), tuple(metadata)
+        else:
+            body, signed = self._signer.sign(path, request, serialize, metadata)
+        try:
+            answer = channel.call(path, body, signed, max(deadline - time.monotonic(), 0.001))
+        except Unreachable:   # nothing was sent: gRPC instead (signed afresh), now and for a while
+            self.frames.unreachable(self.endpoint)
+            return _call(method, request, deadline, metadata)
+        return FRAMES_RESPONSES[rpc](answer)
 
 
 def _call(method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Any:
@@ -154,9 +182,11 @@ class ExpertClientPool:
     """
 
     def __init__(self, settings: ChannelSettings = ChannelSettings(), identity: Identity | None = None,
-                 hotkeys: Callable[[str], str | None] | None = None, shm: ShmConfig | None = None):
+                 hotkeys: Callable[[str], str | None] | None = None, shm: ShmConfig | None = None,
+                 frames: bool = True):
         """`identity`: who signs (None = unsigned). `hotkeys(endpoint)`: the hotkey serving an endpoint.
-        `shm`: tensors to experts on this host through shared memory (SHM_TRANSPORT); None = never."""
+        `shm`: tensors to experts on this host through shared memory (SHM_TRANSPORT); None = never.
+        `frames`: Forward, ForwardMany and Backward over moe-frames/1 to endpoints that offer it."""
         self._settings = settings
         self.identity = identity
         self._hotkeys = hotkeys
@@ -166,9 +196,13 @@ class ExpertClientPool:
         self._pinned: dict[str, str] = {}
         self._calls: ThreadPoolExecutor | None = None   # started by the first `get`
         self.shm = ShmLink(shm, self._shm_host_id) if shm is not None and shm.enabled else None
+        self.frames = FramesLink(self._frames_port, settings.max_message_mb << 20) if frames else None
 
     def _shm_host_id(self, endpoint: str) -> str:
         return self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S).shm_host_id
+
+    def _frames_port(self, endpoint: str) -> int:
+        return self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S).frames_port
 
     def get(self, endpoint: str, hotkey: str | None = None) -> ExpertClient:
         """The client of `endpoint`; `hotkey` pins the receiver hotkey its requests are signed for."""
@@ -182,7 +216,7 @@ class ExpertClientPool:
                 channel = grpc.insecure_channel(endpoint, options=self._settings.options())
                 self._channels[endpoint] = channel
                 client = self._clients[endpoint] = ExpertClient(endpoint, channel, self._calls, self.identity,
-                                                                lambda: self.hotkey(endpoint), self.shm)
+                                                                lambda: self.hotkey(endpoint), self.shm, self.frames)
             return client
 
     def hotkey(self, endpoint: str) -> str | None:
@@ -206,6 +240,8 @@ class ExpertClientPool:
             channel.close()
         if self.shm is not None:
             self.shm.close()
+        if self.frames is not None:
+            self.frames.close()
 
     def __enter__(self) -> Self:
         return self

@@ -293,14 +293,18 @@ def spliced_handlers(handlers: dict[str, Any]) -> dict[str, Any]:
             for name, handler in handlers.items()}
 
 
-def add_spliced_servicer(add_to_server, servicer: Any, server: Any) -> None:
-    """`add_to_server(servicer, server)` (a generated `add_XServicer_to_server`), with `spliced_handlers`."""
+def add_spliced_servicer(add_to_server, servicer: Any, server: Any) -> dict[str, Any]:
+    """`add_to_server(servicer, server)` (a generated `add_XServicer_to_server`), with `spliced_handlers`.
+    Returns the handlers by method path ("/moe.v1.Expert/Forward"), e.g. for subnet.frames."""
     captured = _Captured()
     add_to_server(servicer, captured)
+    by_path = {}
     for service, handlers in captured.services.items():
         handlers = spliced_handlers(handlers)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         server.add_registered_method_handlers(service, handlers)
+        by_path.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+    return by_path
 
 
 class _Captured:

@@ -36,6 +36,10 @@ class ExpertConfig:
     host: str = env("EXPERT_HOST", "127.0.0.1", "address the gRPC and metrics servers bind; "
                                                 "`0.0.0.0` in containers")
     port: int = env("EXPERT_PORT", 50051, "gRPC port; 0 = any free port")
+    frames_port: int = env("EXPERT_FRAMES_PORT", 0,
+                           "port of the raw TCP transport for Forward, ForwardMany and Backward "
+                           "(moe-frames/1, advertised in Info; routers fall back to gRPC when they cannot "
+                           "reach it); 0 = any free port, -1 = off")
     advertise_endpoint: str = env("EXPERT_ADVERTISE_ENDPOINT", "",
                                   "`host:port` routers should dial, written to the registry; "
                                   "empty = `EXPERT_HOST:port` (set it when binding 0.0.0.0)")
@@ -135,6 +139,8 @@ class ExpertConfig:
                 raise ValueError(f"{name}={value} must be >= 0")
         if self.port > 65535 or self.metrics_port > 65535:
             raise ValueError("EXPERT_PORT and EXPERT_METRICS_PORT must be below 65536")
+        if not -1 <= self.frames_port <= 65535:
+            raise ValueError(f"EXPERT_FRAMES_PORT={self.frames_port}: a port (0 = any free one) or -1 (off)")
         if self.adversary:
             from services.expert.adversary import MODES
             if self.adversary not in MODES:

@@ -49,6 +49,7 @@ from subnet.chain.config import open_chain
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
+from subnet.frames.server import FramesServer
 from subnet.identity import Identity, IdentityError
 from subnet.object_store import StoreError
 from subnet.processes import port_in_use
@@ -61,6 +62,8 @@ from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/Info"})  # probes and routers read Info unsigned
+# The calls that carry tensors, also served over moe-frames/1 (subnet/frames) when EXPERT_FRAMES_PORT >= 0.
+FRAMES_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("Forward", "ForwardMany", "Backward"))
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -112,6 +115,8 @@ class ExpertServer:
         self.chain: Chain | None = None
         self.rounds: ExpertRounds | None = None
         self.port: int | None = None
+        self.frames: FramesServer | None = None
+        self.frames_port: int | None = None   # moe-frames/1 (subnet/frames), when on
         self.metrics_port: int | None = None
         self.metrics = ExpertMetrics()
         self.health = health_aio.HealthServicer()
@@ -160,9 +165,17 @@ class ExpertServer:
             await self.health.set(service, _NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         # Tensors in and out without protobuf's copies; the wire stays moe.v1 (subnet/spliced_wire.py).
-        add_spliced_servicer(expert_pb2_grpc.add_ExpertServicer_to_server, self._deferred, self._grpc)
+        handlers = add_spliced_servicer(expert_pb2_grpc.add_ExpertServicer_to_server, self._deferred, self._grpc)
         self.port = self._bind(c.host, c.port)
         await self._grpc.start()
+        if c.frames_port >= 0:   # the tensor calls again, on a raw TCP port, behind the same interceptors
+            self.frames = FramesServer({path: handlers[path] for path in FRAMES_METHODS}, interceptors,
+                                       c.max_message_bytes)
+            try:
+                self.frames_port = await self.frames.start(c.host, c.frames_port)
+            except OSError as e:
+                raise StartupError(f"cannot listen for moe-frames on {c.host}:{c.frames_port} ({e.strerror}); "
+                                   f"set EXPERT_FRAMES_PORT to a free port, 0 (any) or -1 (off)") from None
 
         self.worker = ComputeWorker(c.threads, c.max_pending_tasks)
         experts = await self.worker.run(self._load_experts)
@@ -178,7 +191,7 @@ class ExpertServer:
             self.backend, self.batcher, self.worker, allowed_dtypes=c.allowed_dtypes,
             max_request_tokens=c.max_request_tokens, max_message_bytes=c.max_message_bytes,
             device=str(self.backend.device), metrics=self.metrics, inject_delay_ms=c.inject_delay_ms,
-            shm=self.shm)
+            shm=self.shm, frames_port=self.frames_port or 0)
         self._janitor = asyncio.create_task(self._sweep_forever(), name="activation-janitor")
         if c.redis_url:  # before SERVING, so that "SERVING" also means "routers can find it"
             await self._register()
@@ -310,9 +323,14 @@ class ExpertServer:
             await self.heartbeat.stop(deregister=True)
             self.heartbeat = None
         await self.health.enter_graceful_shutdown()
+        if self.frames is not None:   # new frames are refused; calls already running finish below
+            await self.frames.stop_accepting()
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
+        if self.frames is not None:
+            await self.frames.stop()
+            self.frames = None
         if self.auth is not None:
             await self.auth.aclose()
             self.auth = None

@@ -72,7 +72,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     def __init__(self, backend: be.ExpertBackend, batcher: Batcher, worker: ComputeWorker, *,
                  allowed_dtypes: tuple[int, ...], max_request_tokens: int, max_message_bytes: int,
                  device: str, metrics: ExpertMetrics | None = None, inject_delay_ms: float = 0.0,
-                 shm: ShmAttachments | None = None):
+                 shm: ShmAttachments | None = None, frames_port: int = 0):
         self.backend = backend
         self.batcher = batcher
         self.worker = worker
@@ -84,6 +84,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         self.inject_delay_s = inject_delay_ms / 1000
         self.shm = shm   # None: tensors in shared memory are refused (FAILED_PRECONDITION: resend inline)
         self.shm_host_id = host_id(shm.config.directory) if shm is not None else ""
+        self.frames_port = frames_port   # 0: gRPC only
 
     # -- RPCs -------------------------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                                            max_tokens=self.max_request_tokens,
                                            max_message_bytes=self.max_message_bytes,
                                            device=self.device, server_version=SERVER_VERSION,
-                                           shm_host_id=self.shm_host_id)
+                                           shm_host_id=self.shm_host_id, frames_port=self.frames_port)
         return await self._handle("Info", context, run)
 
     # -- helpers ----------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class RouterConfig:
                           "<round>`); required by `serve`")
     wire_dtype: str = env("ROUTER_WIRE_DTYPE", "fp32",
                           "dtype of activations on the wire: fp32 (exact), bf16, fp16, int8 (blockwise)")
+    frames: str = env("ROUTER_FRAMES", "auto",
+                      "`auto`: Forward, ForwardMany and Backward go over moe-frames/1 (raw TCP, the same "
+                      "messages and signatures) to experts whose Info offers it, else gRPC; `off`: gRPC only")
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
     retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")
@@ -104,6 +107,8 @@ class RouterConfig:
     def __post_init__(self):
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"ROUTER_WIRE_DTYPE={self.wire_dtype!r}: choose one of {sorted(WIRE_DTYPES)}")
+        if self.frames not in ("auto", "off"):
+            raise ValueError(f"ROUTER_FRAMES={self.frames!r} must be `auto` or `off`")
         if self.replica_policy not in POLICIES:
             raise ValueError(f"ROUTER_REPLICA_POLICY={self.replica_policy!r}: choose one of {list(POLICIES)}")
         if not all(0 <= p < 65536 for p in (self.port, self.metrics_port, self.http_port)):

@@ -60,7 +60,7 @@ class RemoteParts:
                               min_ema=config.min_ema, grace_s=config.registry_grace_s,
                               explore=config.explore).start()
         clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
-                                   hotkeys=replicas.hotkey, shm=config.shm)
+                                   hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
         metrics = metrics or RouterMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)

@@ -174,6 +174,10 @@ def test_one_training_step_is_one_trace_across_router_and_experts(expert_service
     assert len(refused) == 1 and refused[0].status == ERROR
     assert refused[0].grpc_code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     served = [s for s in served if s not in refused]
+    # One Info per expert service: the pool asking whether it takes moe-frames (outside any trace).
+    negotiation = [s for s in served if s.name == "moe.v1.Expert/Info"]
+    assert len(negotiation) == len(services) and all(s.parent_id == "" for s in negotiation)
+    served = [s for s in served if s not in negotiation]
     # experts: every SERVER span is the child of the router call that caused it, across processes
     assert sorted(s.parent_id for s in served) == sorted(c.span_id for c in calls)
     for s in served:

@@ -140,7 +140,7 @@ class ExpertInfo(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., dim: _Optional[int] = ..., inter_dim: _Optional[int] = ..., param_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., version: _Optional[int] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("experts", "wire_dtypes", "max_tokens", "max_message_bytes", "device", "server_version", "shm_host_id")
+    __slots__ = ("experts", "wire_dtypes", "max_tokens", "max_message_bytes", "device", "server_version", "shm_host_id", "frames_port")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class InfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHM_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_PORT_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertInfo]
     wire_dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DType]
     max_tokens: int
@@ -155,4 +156,5 @@ class InfoResponse(_message.Message):
     device: str
     server_version: str
     shm_host_id: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., wire_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., shm_host_id: _Optional[str] = ...) -> None: ...
+    frames_port: int
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertInfo, _Mapping]]] = ..., wire_dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DType, str]]] = ..., max_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., device: _Optional[str] = ..., server_version: _Optional[str] = ..., shm_host_id: _Optional[str] = ..., frames_port: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,140 @@
+"""The caller's side of moe-frames/1 (protocol.py): blocking calls, for the pool's call threads.
+
+    channel = FramesChannel("10.0.0.5", 50151, max_body_bytes=64 << 20)
+    body = channel.call("/moe.v1.Expert/Forward", request_bytes, metadata, timeout_s=2.0)  # bytearray
+    channel.close()
+
+One connection per call in flight; a finished call's connection is kept (up to `max_idle`) for
+the next one, so a decode step pays no connect. A kept connection that the server closed
+meanwhile (restart, idle timeout) is noticed before it is used, and replaced. Failures raise
+`FrameError` with the status a gRPC call would have: DEADLINE_EXCEEDED when the deadline
+passes (the connection is dropped: its answer may still come), UNAVAILABLE when the connection
+breaks, INTERNAL when the server's answer breaks the protocol. `Unreachable` (an UNAVAILABLE)
+means nothing was sent: no connection could be made, so the caller may send the call another way.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+
+import grpc
+
+from subnet.frames import protocol as p
+
+CONNECT_TIMEOUT_S = 1.0
+
+
+class Unreachable(p.FrameError):
+    """No connection: the request was not sent."""
+
+
+class FramesChannel:
+    def __init__(self, host: str, port: int, max_body_bytes: int, max_idle: int = 16):
+        self.address = (host, port)
+        self.max_body_bytes = max_body_bytes
+        self._max_idle = max_idle
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.calls = 0   # answered calls (any status), for tests and debugging
+
+    def call(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> bytearray:
+        """The response body of one unary call; raises FrameError (see the module doc)."""
+        deadline = time.monotonic() + timeout_s
+        name = method.encode("ascii")
+        meta = p.encode_metadata(metadata)
+        conn = self._take() or self._connect(deadline)
+        try:
+            conn.settimeout(_left(deadline))
+            head = p.request_header(name, meta, _left(deadline), len(body))
+            if len(body) < 64 << 10:
+                conn.sendall(b"".join((head, name, meta, body)))
+            else:   # the body as it is: no copy
+                conn.sendall(b"".join((head, name, meta)))
+                conn.sendall(body)
+            header = bytearray(p.RESPONSE.size)
+            _recv_into(conn, memoryview(header), deadline)
+            code, details_len, body_len = p.parse_response_header(header, self.max_body_bytes)
+            details = bytearray(details_len)
+            _recv_into(conn, memoryview(details), deadline)
+            answer = bytearray(body_len)
+            _recv_into(conn, memoryview(answer), deadline)
+        except TimeoutError:
+            conn.close()
+            raise p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer by the deadline (moe-frames)") from None
+        except p.ProtocolError as e:
+            conn.close()
+            raise p.FrameError(e.code, e.message) from None
+        except OSError as e:
+            conn.close()
+            raise p.FrameError(grpc.StatusCode.UNAVAILABLE, f"moe-frames connection to {self._where()} broke: "
+                                                            f"{e.strerror or e}") from None
+        self._keep(conn)
+        self.calls += 1
+        if code is not grpc.StatusCode.OK:
+            raise p.FrameError(code, details.decode("utf-8", "replace"))
+        return answer
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _connect(self, deadline: float) -> socket.socket:
+        try:
+            conn = socket.create_connection(self.address, timeout=min(CONNECT_TIMEOUT_S, _left(deadline)))
+        except TimeoutError:   # the deadline passed, or the connect took CONNECT_TIMEOUT_S: nothing sent
+            raise Unreachable(grpc.StatusCode.UNAVAILABLE,
+                              f"no moe-frames connection to {self._where()} in time") from None
+        except OSError as e:
+            raise Unreachable(grpc.StatusCode.UNAVAILABLE,
+                              f"cannot connect to moe-frames at {self._where()}: {e.strerror or e}") from None
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _take(self) -> socket.socket | None:
+        """A kept connection that is still open (a closed one reads as readable: EOF)."""
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            try:
+                readable, _, _ = select.select([conn], [], [], 0)
+            except (OSError, ValueError):
+                readable = [conn]
+            if not readable:
+                return conn
+            conn.close()
+
+    def _keep(self, conn: socket.socket) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _recv_into(conn: socket.socket, view: memoryview, deadline: float) -> None:
+    got = 0
+    while got < len(view):
+        conn.settimeout(_left(deadline))
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionResetError("the server closed the connection")
+        got += n

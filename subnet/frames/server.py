@@ -1,0 +1,280 @@
+"""The server side of moe-frames/1 (protocol.py), on the asyncio loop of a grpc.aio service.
+
+    frames = FramesServer(handlers, interceptors, max_body_bytes=64 << 20)
+    port = await frames.start("0.0.0.0", 0)          # advertise it (InfoResponse.frames_port)
+    ...
+    await frames.stop()
+
+`handlers` are the service's own `grpc.RpcMethodHandler`s by method path, and `interceptors` the
+grpc.aio interceptors its gRPC server runs: each call goes through the same chain (tracing,
+decode guard, request signatures) and the same servicer method, with a context that has what
+they use (metadata, peer, abort, code, details). A call therefore gets the same checks, the same
+status codes and messages, the same metrics and spans as over gRPC; nonces are shared, so a
+request replayed on the other transport is refused too.
+
+Bodies are read straight into one buffer of the announced size (after checking it against the
+message limit) and parsed in place (subnet.spliced_wire); responses are written without a copy.
+Limits against a hostile or stuck peer: header within `idle_timeout_s` of the previous call, the
+rest of the frame and the call within the request's timeout (at most `max_call_s`), at most
+`max_connections` at once (more get RESOURCE_EXHAUSTED), protocol errors answered once and the
+connection closed, and logged once per `log_interval_s` with a count of the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from subnet.frames import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class _Abort(Exception):
+    """What `context.abort` raises here (grpc.aio raises its own AbortError)."""
+
+
+class _Context:
+    """The part of grpc.aio.ServicerContext that the services' handlers and interceptors use."""
+
+    def __init__(self, metadata: tuple, peer: str, deadline: float | None):
+        self._metadata, self._peer, self._deadline = metadata, peer, deadline
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        self._code, self._details = code, details
+        raise _Abort(details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self):
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+
+class _CallDetails:
+    """grpc.HandlerCallDetails for the interceptors."""
+
+    def __init__(self, method: str, metadata: tuple):
+        self.method, self.invocation_metadata = method, metadata
+
+
+class FramesServer:
+    def __init__(self, handlers: Mapping[str, Any], interceptors: Sequence[grpc.aio.ServerInterceptor],
+                 max_body_bytes: int, max_connections: int = 256, idle_timeout_s: float = 300.0,
+                 max_call_s: float = 300.0, log_interval_s: float = 10.0):
+        self._handlers = dict(handlers)
+        self._interceptors = list(interceptors)
+        self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+        self.idle_timeout_s, self.max_call_s = idle_timeout_s, max_call_s
+        self._log_interval_s, self._logged_at, self._unlogged = log_interval_s, float("-inf"), 0
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task | None = None
+        self._connections: set[asyncio.Task] = set()
+        self.port: int | None = None
+        self.refused = 0   # frames answered with a protocol error since start (tests read it)
+        self._draining = False
+
+    async def start(self, host: str, port: int) -> int:
+        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                        backlog=128)
+        listener.setblocking(False)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accepting = asyncio.create_task(self._accept(), name="frames-accept")
+        return self.port
+
+    async def stop_accepting(self) -> None:
+        """No new connections, and UNAVAILABLE for new calls on open ones; calls running go on."""
+        self._draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+
+    async def stop(self) -> None:
+        await self.stop_accepting()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, *([self._accepting] if self._accepting else []),
+                             return_exceptions=True)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._listener)
+            except OSError as e:   # e.g. out of file descriptors: the service itself goes on
+                log.warning("moe-frames: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"ipv{6 if conn.family == socket.AF_INET6 else 4}:{address[0]}:{address[1]}"
+            task = asyncio.create_task(self._serve(conn, peer, over=len(self._connections) >= self.max_connections))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket, peer: str, over: bool) -> None:
+        """Calls on one connection, one after the other, until the peer closes it or breaks the protocol."""
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        header = bytearray(p.REQUEST.size)
+                        if not await _read_into(conn, memoryview(header), eof_ok=True):
+                            return
+                    if self._draining:
+                        raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down")
+                    if over:
+                        raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"more than {self.max_connections} moe-frames connections; "
+                                              f"use fewer, or the service's gRPC port")
+                    method_len, metadata_len, timeout_s, body_len = p.parse_request_header(header,
+                                                                                           self.max_body_bytes)
+                except p.ProtocolError as e:
+                    await self._refuse(conn, peer, e)
+                    return
+                await self._call(conn, peer, method_len, metadata_len, timeout_s, body_len)
+        except (TimeoutError, ConnectionError, OSError, _Closed):
+            return   # idle too long, or the peer went away mid-frame: nothing to answer
+        finally:
+            conn.close()
+
+    async def _call(self, conn: socket.socket, peer: str, method_len: int, metadata_len: int,
+                    timeout_s: float | None, body_len: int) -> None:
+        budget = min(timeout_s or self.max_call_s, self.max_call_s)
+        deadline = time.monotonic() + budget
+        code, details, body = grpc.StatusCode.OK, "", b""
+        async with asyncio.timeout(budget):
+            head = bytearray(method_len + metadata_len)
+            await _read_into(conn, memoryview(head))
+            raw = bytearray(body_len)
+            await _read_into(conn, memoryview(raw))
+        try:
+            method = bytes(head[:method_len]).decode("ascii")
+            metadata = p.decode_metadata(head[method_len:])
+        except (UnicodeDecodeError, p.ProtocolError) as e:
+            error = e if isinstance(e, p.ProtocolError) else \
+                p.ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "method name is not ASCII")
+            await self._refuse(conn, peer, error)
+            raise _Closed from None
+        context = _Context(metadata, peer, deadline)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                body = await self._dispatch(method, raw, context)   # parsed in place: no copy
+        except _Abort:
+            code, details = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+        except TimeoutError:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "the call ran past its timeout on the server"
+        except p.ProtocolError as e:
+            code, details = e.code, e.message
+        except Exception:   # a bug must not take the connection loop down with it
+            log.exception("moe-frames: %s failed", method)
+            code, details = grpc.StatusCode.INTERNAL, f"{method} failed inside the service; see its log"
+        if code is not grpc.StatusCode.OK:
+            body = b""
+        await _send(conn, p.response_header(code, details.encode("utf-8")[:p.MAX_DETAILS_BYTES], len(body)),
+                    details.encode("utf-8")[:p.MAX_DETAILS_BYTES], body)
+
+    async def _dispatch(self, method: str, raw: bytearray, context: _Context) -> bytes:
+        """The method's handler behind the same interceptors as gRPC; the serialized response."""
+        handler = await self._intercepted(method, context.invocation_metadata())
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            raise p.ProtocolError(grpc.StatusCode.UNIMPLEMENTED,
+                                  f"{method} is not served over moe-frames; call it on the gRPC port")
+        request: Any = raw
+        if handler.request_deserializer is not None:
+            try:
+                request = handler.request_deserializer(raw)
+            except DecodeError:
+                raise p.ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "request body is not valid protobuf") from None
+        response = await handler.unary_unary(request, context)
+        return handler.response_serializer(response) if handler.response_serializer is not None else response
+
+    async def _intercepted(self, method: str, metadata: tuple):
+        async def base(details):
+            return self._handlers.get(details.method)
+        continuation = base
+        for interceptor in reversed(self._interceptors):
+            continuation = _chain(interceptor, continuation)
+        return await continuation(_CallDetails(method, metadata))
+
+    async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self._log_interval_s:
+            log.warning("moe-frames: refused a frame from %s: %s %s%s", peer, error.code.name, error.message,
+                        f" ({self._unlogged} more not logged)" if self._unlogged else "")
+            self._logged_at, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+        details = error.message.encode("utf-8")
+        try:
+            async with asyncio.timeout(2.0):
+                await _send(conn, p.response_header(error.code, details, 0), details, b"")
+                # Closing with unread input would reset the connection and could drop the answer on its
+                # way: say we are done, then read (and discard) what the peer still sends, briefly.
+                conn.shutdown(socket.SHUT_WR)
+                sink, loop = bytearray(64 << 10), asyncio.get_running_loop()
+                while await loop.sock_recv_into(conn, sink):
+                    pass
+        except (TimeoutError, OSError):
+            pass
+
+
+def _chain(interceptor, continuation):
+    async def call(details):
+        return await interceptor.intercept_service(continuation, details)
+    return call
+
+
+class _Closed(Exception):
+    """The connection was answered and must be closed."""
+
+
+async def _read_into(conn: socket.socket, view: memoryview, eof_ok: bool = False) -> bool:
+    """Fill `view`; False when the peer closed before the first byte and `eof_ok`."""
+    loop = asyncio.get_running_loop()
+    got = 0
+    while got < len(view):
+        n = await loop.sock_recv_into(conn, view[got:])
+        if n == 0:
+            if eof_ok and got == 0:
+                return False
+            raise ConnectionResetError("the peer closed the connection mid-frame")
+        got += n
+    return True
+
+
+async def _send(conn: socket.socket, header: bytes, details: bytes, body: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    if len(body) < 64 << 10:
+        await loop.sock_sendall(conn, b"".join((header, details, body)))
+    else:   # the body as it is: no copy
+        await loop.sock_sendall(conn, header + details)
+        await loop.sock_sendall(conn, body)

@@ -1,0 +1,236 @@
+"""moe-frames/1 (subnet/frames) against a real expert service with request signing on: tensor calls
+go over it and answer exactly as gRPC does; hostile frames get their status (and a protocol
+breach a closed connection) while the service keeps serving; a signed request replayed on the
+other transport is refused; an unreachable port falls back to gRPC; deadlines hold."""
+
+import socket
+import struct
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import torch
+
+from moe.experts import SwiGLU
+from subnet.auth.payload import sign_metadata
+from subnet.expert_client import ExpertClientPool
+from subnet.expert_weights import save_expert_weights
+from subnet.frames import protocol as p
+from subnet.frames.client import FramesChannel
+from subnet.frames.link import FramesLink
+from subnet.processes import free_port
+from subnet.spliced_wire import build
+from subnet.tensor_codec import decode, encode, encode_view
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
+
+pytestmark = pytest.mark.integration
+DIM, INTER = 64, 128
+TIMEOUT_S = 10.0
+FORWARD = "/moe.v1.Expert/Forward"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(11)
+    path = tmp_path_factory.mktemp("ckpt") / "experts.safetensors"
+    save_expert_weights(path, {"0.0": SwiGLU(DIM, INTER), "0.1": SwiGLU(DIM, INTER)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(expert_service_module_factory, checkpoint):
+    return expert_service_module_factory(["0.0", "0.1"], DIM, INTER, env={
+        "EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": "", "EXPERT_MAX_MESSAGE_MB": "1"})
+
+
+@pytest.fixture(scope="module")
+def frames_port(service, client_identity):
+    with ExpertClientPool(identity=client_identity, frames=False) as pool:
+        port = pool.get(service.endpoint, service.hotkey).info(timeout_s=TIMEOUT_S).frames_port
+    assert port > 0   # on by default (EXPERT_FRAMES_PORT=0: any free port)
+    return port
+
+
+def _x(n=6, seed=0):
+    return torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def _one_expert(factory, checkpoint, identity, **env):
+    """A service hosting expert 0.0 with `env`, and (pool, client) to it."""
+    service = factory(["0.0"], DIM, INTER, env={"EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": "", **env})
+    with ExpertClientPool(identity=identity) as pool:
+        yield pool, pool.get(service.endpoint, service.hotkey)
+
+
+def _served(client) -> bool:
+    """Whether a small inference Forward through `client` gets a (6, DIM) answer."""
+    answer = client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False,
+                            timeout_s=TIMEOUT_S).result()
+    return decode(answer.outputs, expected_dim=DIM).shape == (6, DIM)
+
+
+def _signed(identity, service, request, method=FORWARD):
+    body = request if isinstance(request, bytes) else request.SerializeToString()
+    return body, sign_metadata(identity, method, body, service.hotkey)
+
+
+def _raw_call(port, frame: bytes) -> tuple[grpc.StatusCode, str, bytes, socket.socket]:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+    conn.sendall(frame)
+    code, details, body = _read_response(conn)
+    return code, details, body, conn
+
+
+def _read_response(conn):
+    header = _recv(conn, p.RESPONSE.size)
+    code, details_len, body_len = p.parse_response_header(header, 1 << 30)
+    return code, _recv(conn, details_len).decode(), _recv(conn, body_len)
+
+
+def _recv(conn, n):
+    out = b""
+    while len(out) < n:
+        chunk = conn.recv(n - len(out))
+        assert chunk, "the server closed the connection"
+        out += chunk
+    return out
+
+
+def _frame(method: str, metadata, body: bytes, timeout_s=TIMEOUT_S) -> bytes:
+    name, meta = method.encode(), p.encode_metadata(metadata)
+    return p.request_header(name, meta, timeout_s, len(body)) + name + meta + body
+
+
+def test_tensor_calls_go_over_frames_and_answer_as_grpc_does(service, client_identity, frames_port):
+    x = _x(seed=1)
+    answers = {}
+    for frames in (True, False):
+        with ExpertClientPool(identity=client_identity, frames=frames) as pool:
+            client = pool.get(service.endpoint, service.hotkey)
+            forward = client.forward("0.1", encode_view(x), call_id="c", step=0, training=True,
+                                     timeout_s=TIMEOUT_S).result()
+            many = client.forward_many(["0.0", "0.1"], [2, 4], encode_view(x), step=0, timeout_s=TIMEOUT_S).result()
+            backward = client.backward("0.1", encode_view(x), call_id="c", step=0, session_id=f"s{frames}",
+                                       timeout_s=TIMEOUT_S).result()
+            answers[frames] = [decode(r, expected_dim=DIM) for r in
+                               (forward.outputs, many.outputs, backward.grad_inputs)]
+            channel = pool.frames.channel(service.endpoint) if frames else None
+            assert (channel.calls if channel else 0) == (3 if frames else 0)   # all three went over frames
+    for over_frames, over_grpc in zip(answers[True], answers[False]):
+        assert torch.equal(over_frames, over_grpc)
+
+
+def test_a_protocol_breach_gets_one_answer_and_a_closed_connection(service, frames_port):
+    bad_magic = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".ljust(p.REQUEST.size, b" ")
+    code, details, _, conn = _raw_call(frames_port, bad_magic)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "bad magic" in details
+    assert conn.recv(1) == b""   # closed: the stream cannot be resynced
+    too_big = p.request_header(FORWARD.encode(), b"", TIMEOUT_S, 2 << 20)   # over EXPERT_MAX_MESSAGE_MB=1
+    code, details, _, conn = _raw_call(frames_port, too_big)
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "at most" in details
+    assert conn.recv(1) == b""
+    bad_meta = p.request_header(FORWARD.encode(), b"\x05\x00junk", TIMEOUT_S, 0) + FORWARD.encode() + b"\x05\x00junk"
+    code, details, _, conn = _raw_call(frames_port, bad_meta)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "metadata" in details
+
+
+def test_call_errors_keep_the_connection_and_match_grpc(service, client_identity, frames_port):
+    request = expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(_x()))
+    code, details, _, conn = _raw_call(frames_port, _frame(FORWARD, (), request.SerializeToString()))
+    assert code is grpc.StatusCode.UNAUTHENTICATED   # the same signature check as gRPC
+    body, metadata = _signed(client_identity, service, b"\x0a\xff\xff\xff")   # signed garbage
+    conn.sendall(_frame(FORWARD, metadata, body))
+    code, details, _ = _read_response(conn)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "not a valid moe.v1.ForwardRequest" in details
+    norm = expert_pb2.GradNormRequest(expert_uid="0.0", step=0)
+    body, metadata = _signed(client_identity, service, norm, "/moe.v1.Expert/GradNorm")
+    conn.sendall(_frame("/moe.v1.Expert/GradNorm", metadata, body))
+    code, details, _ = _read_response(conn)
+    assert code is grpc.StatusCode.UNIMPLEMENTED and "gRPC port" in details
+    body, metadata = _signed(client_identity, service, request)
+    conn.sendall(_frame(FORWARD, metadata, body))        # same connection, a good call
+    code, _, answer = _read_response(conn)
+    assert code is grpc.StatusCode.OK
+    assert decode(expert_pb2.ForwardResponse.FromString(answer).outputs, expected_dim=DIM).shape == (6, DIM)
+
+
+def test_a_request_signed_once_is_refused_on_the_other_transport(service, client_identity, frames_port):
+    request = expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(_x(seed=3)))
+    body, metadata = _signed(client_identity, service, request)
+    code, _, _, _ = _raw_call(frames_port, _frame(FORWARD, metadata, body))
+    assert code is grpc.StatusCode.OK
+    with grpc.insecure_channel(service.endpoint) as channel:
+        replay = channel.unary_unary(FORWARD)
+        with pytest.raises(grpc.RpcError) as err:
+            replay(body, metadata=metadata, timeout=TIMEOUT_S)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED and "nonce" in err.value.details()
+
+
+def test_a_stalled_peer_does_not_stop_other_calls(service, client_identity, frames_port):
+    stalled = socket.create_connection(("127.0.0.1", frames_port))
+    stalled.sendall(_frame(FORWARD, (), b"")[:7])   # half a header, then nothing
+    with ExpertClientPool(identity=client_identity) as pool:
+        assert _served(pool.get(service.endpoint, service.hotkey))
+        assert pool.frames.channel(service.endpoint).calls == 1
+    stalled.close()
+
+
+def test_an_unreachable_frames_port_falls_back_to_grpc(service, client_identity, frames_port):
+    closed = free_port()   # nothing listens there
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        client.frames = link = FramesLink(lambda endpoint: closed, 1 << 20)
+        for _ in range(2):
+            assert _served(client)   # over gRPC
+        assert link.channel(service.endpoint) is None   # the same port failed: gRPC for a while
+        link.close()
+
+
+def test_a_call_past_its_deadline_is_deadline_exceeded(expert_service_module_factory, checkpoint, client_identity):
+    with _one_expert(expert_service_module_factory, checkpoint, client_identity,
+                     EXPERT_INJECT_DELAY_MS="400") as (pool, client):
+        with pytest.raises(grpc.RpcError) as err:
+            client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False, timeout_s=0.1).result()
+        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED   # not the answer 0.4 s later
+        assert _served(client)
+        assert pool.frames.channel(client.endpoint).calls >= 1
+
+
+def test_the_frames_client_sees_a_closed_kept_connection_and_reconnects(service, client_identity, frames_port):
+    channel = FramesChannel("127.0.0.1", frames_port, 1 << 20)
+    request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(_x()))
+    body, metadata = _signed(client_identity, service, request)
+    channel.call(FORWARD, body, metadata, TIMEOUT_S)
+    kept = channel._idle[0]
+    kept.shutdown(socket.SHUT_RDWR)   # as if the server had closed it while idle
+    body, metadata = _signed(client_identity, service, request)
+    answer = channel.call(FORWARD, body, metadata, TIMEOUT_S)
+    assert decode(expert_pb2.ForwardResponse.FromString(answer).outputs, expected_dim=DIM).shape == (6, DIM)
+    channel.close()
+
+
+def test_frames_off_means_no_port_and_grpc_only(expert_service_module_factory, checkpoint, client_identity):
+    with _one_expert(expert_service_module_factory, checkpoint, client_identity,
+                     EXPERT_FRAMES_PORT="-1") as (pool, client):
+        assert client.info(timeout_s=TIMEOUT_S).frames_port == 0
+        assert _served(client)
+        assert pool.frames.channel(client.endpoint) is None
+
+
+def test_metadata_round_trips_and_malformed_blocks_are_refused():
+    entries = (("x-moe-hotkey", "5F"), ("x-moe-signature-bin", b"\x00\xff"), ("traceparent", "00-ab"))
+    assert p.decode_metadata(p.encode_metadata(entries)) == entries
+    block = p.encode_metadata(entries)
+    for broken in (block[:-1], block + b"x", struct.pack("<H", 9) + block[2:]):
+        with pytest.raises(p.ProtocolError):
+            p.decode_metadata(broken)
+
+
+def test_generated_stub_is_unaffected(service, client_identity):
+    """Plain gRPC keeps working beside the frames port (other clients never see moe-frames)."""
+    from subnet.auth import SigningChannel
+    with grpc.insecure_channel(service.endpoint) as channel:
+        stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
+        reply = stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(_x())), timeout=TIMEOUT_S)
+    assert decode(reply.outputs, expected_dim=DIM).shape == (6, DIM)
