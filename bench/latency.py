@@ -39,8 +39,10 @@ CALL_TIMEOUT_S = 60.0
 TOLERANCE = 1e-4    # max |logits remote - in process| / max |logits in process|
 # Each remote variant gets its own Redis and services. A decode step's requests arrive alone, so
 # they skip EXPERT_BATCH_WAIT_MS (default 2; services/expert/batcher.py): the second variant, with
-# no window at all, checks that the default costs a decode step nothing.
-REMOTE_VARIANTS = {"remote": {}, "remote_batch_wait_0": {"EXPERT_BATCH_WAIT_MS": "0"}}
+# no window at all, checks that the default costs a decode step nothing. The third has the experts
+# offer no moe-frames port (EXPERT_FRAMES_PORT=-1), so its calls are gRPC unary calls, as before it.
+REMOTE_VARIANTS = {"remote": {}, "remote_batch_wait_0": {"EXPERT_BATCH_WAIT_MS": "0"},
+                   "remote_grpc": {"EXPERT_FRAMES_PORT": "-1"}}
 
 
 def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side give the percentiles

@@ -9,8 +9,9 @@ the next one, so a decode step pays no connect. A kept connection that the serve
 meanwhile (restart, idle timeout) is noticed before it is used, and replaced. Failures raise
 `FrameError` with the status a gRPC call would have: DEADLINE_EXCEEDED when the deadline
 passes (the connection is dropped: its answer may still come), UNAVAILABLE when the connection
-breaks, INTERNAL when the server's answer breaks the protocol. `Unreachable` (an UNAVAILABLE)
-means nothing was sent: no connection could be made, so the caller may send the call another way.
+breaks, INTERNAL when the server's answer breaks the protocol. `Unreachable` means the call was
+not processed: no connection could be made, or the server had too many (protocol.BUSY), so the
+caller may send it another way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CONNECT_TIMEOUT_S = 1.0
 
 
 class Unreachable(p.FrameError):
-    """No connection: the request was not sent."""
+    """No connection (or one refused for being one too many): the request was not processed."""
 
 
 class FramesChannel:
@@ -75,7 +76,10 @@ class FramesChannel:
         self._keep(conn)
         self.calls += 1
         if code is not grpc.StatusCode.OK:
-            raise p.FrameError(code, details.decode("utf-8", "replace"))
+            text = details.decode("utf-8", "replace")
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and text.startswith(p.BUSY):
+                raise Unreachable(code, text)   # refused before the body was read: not processed
+            raise p.FrameError(code, text)
         return answer
 
     def close(self) -> None:

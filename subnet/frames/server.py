@@ -152,8 +152,7 @@ class FramesServer:
                         raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down")
                     if over:
                         raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"more than {self.max_connections} moe-frames connections; "
-                                              f"use fewer, or the service's gRPC port")
+                                              f"{p.BUSY} (more than {self.max_connections}); use the gRPC port")
                     method_len, metadata_len, timeout_s, body_len = p.parse_request_header(header,
                                                                                            self.max_body_bytes)
                 except p.ProtocolError as e:

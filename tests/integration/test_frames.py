@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import grpc
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moe.experts import SwiGLU
 from subnet.auth.payload import sign_metadata
@@ -234,3 +236,29 @@ def test_generated_stub_is_unaffected(service, client_identity):
         stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
         reply = stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(_x())), timeout=TIMEOUT_S)
     assert decode(reply.outputs, expected_dim=DIM).shape == (6, DIM)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(head=st.binary(min_size=0, max_size=p.REQUEST.size + 40), keep_magic=st.booleans(),
+       body_len=st.integers(0, 4096))
+def test_random_frames_get_an_answer_or_a_close_and_the_service_keeps_serving(service, client_identity,
+                                                                              frames_port, head, keep_magic,
+                                                                              body_len):
+    if keep_magic:   # past the magic check, into the length and metadata checks
+        head = p.REQUEST.pack(p.REQUEST_MAGIC, p.VERSION, 0, 1 + body_len % 300, body_len, 1000, body_len) + head
+    conn = socket.create_connection(("127.0.0.1", frames_port), timeout=TIMEOUT_S)
+    conn.sendall(head)
+    conn.shutdown(socket.SHUT_WR)   # nothing more will come
+    received = b""
+    try:
+        while chunk := conn.recv(1 << 16):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    conn.close()
+    if received:   # an answer must be a well-formed response frame with an error status
+        code, details_len, body_len = p.parse_response_header(received[:p.RESPONSE.size], 1 << 20)
+        assert code is not grpc.StatusCode.OK and body_len == 0
+        assert len(received) == p.RESPONSE.size + details_len
+    with ExpertClientPool(identity=client_identity) as pool:
+        assert _served(pool.get(service.endpoint, service.hotkey))
