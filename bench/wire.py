@@ -23,9 +23,10 @@ a buffer and writes them back; the client reads them into a buffer.
 
 Shared memory (`shm`, the same-host path of services/router/remote_experts.py): the client
 writes the tensor into a region of a `subnet.shm.ShmRegionPool`, a unary call carries an
-`expert_pb2.ForwardRequest` naming where (and a reply area), the server decodes it out of the
-region (a copy and the finite check, as an expert does), writes it back into the reply area, and
-the client decodes the answer out of its region. `shm_ratio` = shm GB/s / socket GB/s.
+`expert_pb2.ForwardRequest` naming where (and a reply area), the server decodes it in the region
+(the finite check, no copy: as the expert service reads an inference Forward's inputs), writes it
+into the reply area, and the client decodes (copies) the answer out of its region.
+`shm_ratio` = shm GB/s / socket GB/s.
 
 `grpc_bytes` (for the analysis, not in `ratio`): the same gRPC call with the payload as
 raw bytes in and out, no protobuf and no codec: the transport's share of the cost.
@@ -119,10 +120,11 @@ _ATTACHMENTS: list[ShmAttachments] = []   # the server's one ShmAttachments (mad
 
 
 async def _echo_shm(request: expert_pb2.ForwardRequest, context) -> expert_pb2.ForwardResponse:
-    """The same-host path of an expert call: the tensor is read from the caller's region (decode copies
-    it out and checks it), and written back into the reply area the call names."""
+    """The same-host path of an inference Forward: the tensor is read in the caller's region (decode checks
+    it; no copy, as the expert service reads an inference call's inputs), and written into the reply
+    area the call names."""
     shm = _ATTACHMENTS[0]
-    x = decode(request.inputs, shm=shm.read)
+    x = decode(request.inputs, shm=shm.read, shm_copy=False)
     reply = request.reply_shm
     nbytes = shm.write(reply.region, reply.offset, reply.capacity, x)
     return expert_pb2.ForwardResponse(outputs=shm_tensor("fp32", x.shape, reply.region, reply.offset, nbytes))
@@ -290,7 +292,8 @@ def _measure(channel: grpc.Channel, frames: FramesChannel, echo: _SocketEcho, ro
                       "grpc_protobuf = the same through protobuf's copies "
                       "(the path before); grpc_bytes = the same gRPC call "
                       "with raw bytes in and out (no protobuf, no codec); shm = the same-host path (tensor in a "
-                      "shared-memory region, gRPC carries only where; decode copies it out on both sides); "
+                      "shared-memory region, gRPC carries only where; read in place by the server, copied out by the "
+                      "client); "
                       "shm_ratio = shm / socket; default_malloc = the same sweep before "
                       "reuse_freed_memory() (every other key is after it)",
         "load_avg_1m": os.getloadavg()[0],

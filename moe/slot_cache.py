@@ -34,6 +34,9 @@ class SlotCache:
         self.lengths: list[int] = []          # tokens cached per slot
         self._rows: list[int] = []
         self._starts = torch.zeros(0, dtype=torch.long)
+        self._slot_index = torch.zeros(0, dtype=torch.long)
+        self._longest = 0
+        self._first_of_run: int | None = None   # rows are the slots first, first + 1, ...: views, no gather
         self.ensure(slots)
 
     @classmethod
@@ -78,14 +81,18 @@ class SlotCache:
         if not rows or len(set(rows)) != len(rows) or not all(0 <= r < self.slots for r in rows):
             raise ValueError(f"bind takes distinct slots in 0..{self.slots - 1}, got {rows}")
         self._rows = rows
-        self._starts = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long, device=self.device)
+        starts = [self.lengths[r] for r in rows]
+        self._starts = torch.tensor(starts, dtype=torch.long, device=self.device)
+        self._slot_index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._longest = max(starts)
+        self._first_of_run = rows[0] if rows == list(range(rows[0], rows[0] + len(rows))) else None
 
     # ---- what MoELM.forward asks ----------------------------------------------------------------
 
     @property
     def longest(self) -> int:
         """Tokens already cached in the longest bound slot."""
-        return int(self._starts.max()) if self._rows else 0
+        return self._longest if self._rows else 0
 
     def rotary(self, cos: torch.Tensor, sin: torch.Tensor, batch: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, T, hd/2) tables: row b's positions start at its own slot's length."""
@@ -98,17 +105,21 @@ class SlotCache:
         """Store row b's new keys/values (B, H, T, hd) in its slot; returns the keys and values of the
         bound slots up to the longest, and the (B, 1, T, L) mask of what each query may see."""
         t = k.shape[2]
-        for row, slot in enumerate(self._rows):
-            start = self.lengths[slot]
-            self.k[layer][slot, :, start:start + t] = k[row]
-            self.v[layer][slot, :, start:start + t] = v[row]
-        length = self.longest + t
-        index = torch.tensor(self._rows, device=self.device)
-        keys = self.k[layer][:, :, :length].index_select(0, index)
-        values = self.v[layer][:, :, :length].index_select(0, index)
+        query_pos = self._starts[:, None] + torch.arange(t, device=self.device)           # (B, T)
+        # One scatter per tensor for every row (a decode step writes one position per row): a loop
+        # over rows cost two small copies per row and layer.
+        slots = self._slot_index[:, None].expand_as(query_pos)
+        self.k[layer][slots, :, query_pos] = k.transpose(1, 2)                             # (B, T, H, hd)
+        self.v[layer][slots, :, query_pos] = v.transpose(1, 2)
+        length = self._longest + t
+        if self._first_of_run is not None:   # consecutive slots: a view of the cache, no copy
+            rows = slice(self._first_of_run, self._first_of_run + len(self._rows))
+            keys, values = self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
+        else:
+            keys = self.k[layer][:, :, :length].index_select(0, self._slot_index)
+            values = self.v[layer][:, :, :length].index_select(0, self._slot_index)
         # Query i of row b sits at position start_b + i and sees keys 0..start_b + i of its own slot;
         # the rest (longer rows' positions, stale keys of an earlier sequence) stays hidden.
-        query_pos = self._starts[:, None] + torch.arange(t, device=self.device)           # (B, T)
         mask = torch.arange(length, device=self.device)[None, None, :] <= query_pos[:, :, None]
         return keys, values, mask[:, None]
 
@@ -116,3 +127,4 @@ class SlotCache:
         for slot in self._rows:
             self.lengths[slot] += t
         self._starts = self._starts + t
+        self._longest += t

@@ -81,6 +81,9 @@ class ShmConfig:
                          "tmpfs directory of the regions; router and expert must see the same one")
     max_attached: int = env("SHM_MAX_ATTACHED", 64,
                             "expert: client regions mapped at once; the least recently used is unmapped first")
+    min_kb: float = env("SHM_MIN_KB", 64.0,
+                        "router: smaller tensors go inside the message (a region's bookkeeping on both sides "
+                        "costs more than copying a few KiB); 0 = every tensor")
     max_idle_regions: int = env("SHM_MAX_IDLE_REGIONS", 8,
                                 "router: free regions kept for reuse; more are unlinked when released")
     sweep_interval_s: float = env("SHM_SWEEP_INTERVAL_S", 60.0,
@@ -92,8 +95,9 @@ class ShmConfig:
             raise ValueError(f"SHM_TRANSPORT={self.transport!r} must be `auto` or `off`")
         if not os.path.isabs(self.directory):
             raise ValueError(f"SHM_DIR={self.directory!r} must be an absolute path (e.g. /dev/shm)")
-        if self.max_attached < 1 or self.max_idle_regions < 0 or self.sweep_interval_s < 0:
-            raise ValueError("SHM_MAX_ATTACHED must be >= 1, SHM_MAX_IDLE_REGIONS and SHM_SWEEP_INTERVAL_S >= 0")
+        if self.max_attached < 1 or self.max_idle_regions < 0 or self.sweep_interval_s < 0 or self.min_kb < 0:
+            raise ValueError("SHM_MAX_ATTACHED must be >= 1, SHM_MAX_IDLE_REGIONS, SHM_SWEEP_INTERVAL_S and "
+                             "SHM_MIN_KB >= 0")
 
     @property
     def enabled(self) -> bool:

@@ -132,7 +132,8 @@ def encode_view(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str 
 
 
 def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_elements: int | None = None,
-           allowed: Iterable[int] | None = None, name: str = "tensor", shm: ShmReader | None = None) -> torch.Tensor:
+           allowed: Iterable[int] | None = None, name: str = "tensor", shm: ShmReader | None = None,
+           shm_copy: bool = True) -> torch.Tensor:
     """The float32 tensor in `msg`, after checking it; raises `TensorError`.
 
     expected_dim: the tensor must be 2-D `(tokens, expected_dim)` with tokens >= 1.
@@ -143,7 +144,8 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
         `subnet.shm.ShmAttachments.read`; None = it takes none (FAILED_PRECONDITION: resend inline).
 
     fp32 shares memory with `msg.data` (read-only: do not modify the result in place). A tensor
-    from shared memory is always a copy: the region is the sender's and is reused after the call.
+    from shared memory is a copy (the region is the sender's and is reused after the call), except
+    with `shm_copy=False`, for a receiver that is done with it before it answers the call.
     """
     bad = grpc.StatusCode.INVALID_ARGUMENT
     dtype = msg.dtype
@@ -170,7 +172,7 @@ def decode(msg: tensor_pb2.Tensor, *, expected_dim: int | None = None, max_eleme
                           f"{name} has {numel} elements (shape {shape}); this receiver accepts at most "
                           f"{max_elements}; split it into smaller requests")
     if msg.HasField("shm"):   # a tensor_pb2.Tensor or a spliced_wire.TensorView
-        t = _read_shm(msg, shape, numel, name, shm)
+        t = _read_shm(msg, shape, numel, name, shm, shm_copy)
     else:
         data = msg.data
         if dtype == tensor_pb2.DTYPE_INT8_BLOCK64:
@@ -209,9 +211,9 @@ def shm_tensor(wire_dtype: str, shape: Sequence[int], region: str, offset: int, 
 
 
 def _read_shm(msg: tensor_pb2.Tensor, shape: list[int], numel: int, name: str,
-              shm: ShmReader | None) -> torch.Tensor:
-    """The tensor `msg.shm` points at, copied out of the sender's region (fp32) or still a view
-    (bf16/fp16: the caller's .float() is the copy)."""
+              shm: ShmReader | None, copy: bool) -> torch.Tensor:
+    """The tensor `msg.shm` points at, copied out of the sender's region (fp32, when `copy`) or still
+    a view (bf16/fp16: the caller's .float() is the copy)."""
     from subnet.shm import ShmError, ShmUnavailableError
 
     bad = grpc.StatusCode.INVALID_ARGUMENT
@@ -232,7 +234,7 @@ def _read_shm(msg: tensor_pb2.Tensor, shape: list[int], numel: int, name: str,
         raise TensorError(grpc.StatusCode.FAILED_PRECONDITION, f"{name}: {e}; {SHM_INLINE_HINT}") from None
     except ShmError as e:
         raise TensorError(bad, f"{name}: {e}") from None
-    return view.clone() if view.dtype == torch.float32 else view
+    return view.clone() if view.dtype == torch.float32 and copy else view
 
 
 def _view(data: bytes | bytearray | memoryview, dtype: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ per expert takes the queue's head, waits up to `batch_wait_ms` for more requests
 `max_batch_tokens` are queued), runs them as one `backend.forward_batch` on the
 `ComputeWorker`, and hands every request its own rows back. While a batch computes, the
 next one gathers, so batches grow by themselves under load. A request that arrives alone,
-a whole batch wait after the one before it, goes at once (`_Task.alone`).
+a whole batch wait after the one before it, is computed at once, without its queue (`Batcher._alone`).
 
 `ComputeWorker` is a single thread: forwards, backwards and optimizer steps are ordered, so
 they never see half-updated weights. The event loop runs no torch but a forward batch
@@ -126,12 +126,6 @@ class _Task:
     call_id: str | None         # set = training Forward
     future: asyncio.Future
     enqueued: float             # loop time
-    # Arrived to an empty queue (nothing waiting or computing for the expert) a whole batch
-    # wait after the request before it: no sign of company, so it does not wait for any. A
-    # decode step (one request per expert and layer, one step after another) would pay the
-    # whole wait at every layer; requests that come close together, a burst or steady load,
-    # still wait and merge.
-    alone: bool = False
 
     @property
     def tokens(self) -> int:
@@ -187,17 +181,31 @@ class Batcher:
                              f"retry later or on another replica")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        task = _Task(x, call_id, loop.create_future(), now, self._alone(q, now))
+        alone = self._alone(q, now)
+        task = _Task(x, call_id, loop.create_future(), now)
         q.last_arrival = now
         q.tasks.append(task)
         q.waiting_tokens += task.tokens
         self._report(uid)
+        if alone:
+            # One turn of the loop for requests already on their way (a burst of them arrives in the
+            # same turn) to join it; still alone after that, it is computed here, without the queue's
+            # task and its two wake-ups. Any that joined woke the queue, which batches them all.
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                task.future.cancel()   # the queue skips it
+                raise
+            if len(q.tasks) == 1 and q.tasks[0] is task and not q.running_tokens:
+                q.tasks.popleft()
+                q.waiting_tokens -= task.tokens
+                return (await self._direct([(uid, x, call_id)], [q], now))[0]
         q.changed.set()
         return await task.future
 
     async def forward_many(self, items: Sequence[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
         """Inference rows of several experts at once (ForwardMany). When each of them arrives alone
-        (`_Task.alone`: its queue empty and idle, a whole batch wait after its last request), each
+        (`_alone`: its queue empty and idle, a whole batch wait after its last request), each
         queue would compute it at once anyway; they then run here, one `forward_batch` per expert in
         a single hand-off (or on the event loop, when small and the compute thread is idle), without
         a queue task and its wake-ups per expert. Otherwise each joins its expert's queue, as a Forward."""
@@ -207,8 +215,16 @@ class Batcher:
         now = asyncio.get_running_loop().time()
         if not all(self._alone(q, now) for q in queues):
             return list(await asyncio.gather(*(self.forward(uid, x) for uid, x in items)))
+        return await self._direct([(uid, x, None) for uid, x in items], queues, now)
+
+    async def _direct(self, items: Sequence[tuple[str, torch.Tensor, str | None]], queues: Sequence[_Queue],
+                      now: float) -> list[torch.Tensor]:
+        """Requests that each arrive alone (`_alone`), computed without their queues: one
+        `forward_batch` per expert in a single hand-off (or on the event loop, when small and the
+        compute thread is idle). Their queues count them as running meanwhile, so a request that
+        arrives during the computation queues (and batches) as usual."""
         tokens = 0
-        for (uid, x), q in zip(items, queues):
+        for (uid, x, _), q in zip(items, queues):
             q.last_arrival = now
             q.running_tokens += x.shape[0]
             tokens += x.shape[0]
@@ -217,12 +233,12 @@ class Batcher:
                 self.metrics.observe_batch(uid, 1, x.shape[0])
 
         def compute() -> list[torch.Tensor]:
-            return [self.backend.forward_batch(uid, [x], [None])[0] for uid, x in items]
+            return [self.backend.forward_batch(uid, [x], [call_id])[0] for uid, x, call_id in items]
 
         try:
             return await self._runner(tokens)(compute)
         finally:
-            for (uid, x), q in zip(items, queues):
+            for (uid, x, _), q in zip(items, queues):
                 q.running_tokens -= x.shape[0]
                 self._report(uid)
 
@@ -245,13 +261,16 @@ class Batcher:
                 await self._compute(uid, q, batch)
 
     def _alone(self, q: _Queue, now: float) -> bool:
-        """Whether a request arriving at `now` arrives alone (see `_Task.alone`)."""
+        """Whether a request arriving at `now` arrives alone: to an empty queue (nothing waiting or
+        computing for the expert), a whole batch wait after the request before it. No sign of
+        company, so it waits for none: a decode step (one request per expert and layer, one step
+        after another) would pay the whole wait at every layer; requests that come close
+        together, a burst or steady load, still wait and merge."""
         return not q.tasks and not q.running_tokens and now - q.last_arrival >= self.batch_wait_s
 
     def _due(self, q: _Queue) -> bool:
-        """Whether the queue's batch goes before its wait is over: it is full, or it is one request
-        that arrived alone (see `_Task.alone`) and nothing joined it since."""
-        return q.waiting_tokens >= self.max_batch_tokens or (len(q.tasks) == 1 and q.tasks[0].alone)
+        """Whether the queue's batch goes before its wait is over: it is full."""
+        return q.waiting_tokens >= self.max_batch_tokens
 
     def _take(self, q: _Queue) -> list[_Task]:
         """The head of the queue up to max_batch_tokens (always at least one request)."""

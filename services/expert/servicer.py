@@ -96,7 +96,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 raise RpcError(Code.INVALID_ARGUMENT, "call_id is required when training is true "
                                                       "(it keys the activations kept for Backward)")
             _check_call_id(request.call_id)
-            x = await self._tensor(request, "inputs")
+            # Inference reads its inputs in the caller's shared-memory region, if that is where they
+            # are: the caller keeps the region until the answer. Training keeps them for Backward: a copy.
+            x = await self._tensor(request, "inputs", shm_copy=request.training)
             await self._delay()
             y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
             self._count(uid, "Forward", x.shape[0])
@@ -234,7 +236,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                                                   "rows out of expert_uids)")
         return checked, list(tokens)
 
-    async def _tensor(self, request: Any, field: str) -> torch.Tensor:
+    async def _tensor(self, request: Any, field: str, shm_copy: bool = True) -> torch.Tensor:
         if not request.HasField(field):
             raise RpcError(Code.INVALID_ARGUMENT, f"{field} is required: a (tokens, {self.backend.dim}) tensor")
         msg = getattr(request, field)
@@ -246,7 +248,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                            f"{field} has {msg.shape[0]} tokens; this service accepts at most "
                            f"{self.max_request_tokens} per request; split the batch")
         kwargs = {"expected_dim": self.backend.dim, "max_elements": self.max_request_tokens * self.backend.dim,
-                  "allowed": self.allowed_dtypes, "name": field, "shm": self.shm.read if self.shm is not None else None}
+                  "allowed": self.allowed_dtypes, "name": field, "shm": self.shm.read if self.shm is not None else None,
+                  "shm_copy": shm_copy}
         if abs(math.prod(msg.shape)) >= _OFFLOAD_ELEMENTS:  # not len(msg.data): upb copies on access
             return await asyncio.to_thread(decode, msg, **kwargs)
         return decode(msg, **kwargs)

@@ -142,7 +142,8 @@ class _ShmCall(_Call):
     def _shm_request(self, client: ExpertClient, x: torch.Tensor, wire_dtype: str, dim: int):
         """(tensor message, reply area) in shared memory for this attempt, or (None, None) for inline."""
         link = client.shm
-        if link is None or self.shm_refused or wire_dtype not in SHM_WIRE_DTYPES or not link.usable(client.endpoint):
+        if link is None or self.shm_refused or wire_dtype not in SHM_WIRE_DTYPES or \
+                x.numel() * x.element_size() < link.config.min_kb * 1024 or not link.usable(client.endpoint):
             return None, None
         dtype = shm_dtype(wire_dtype)
         self._link = link

@@ -74,7 +74,7 @@ def test_training_through_shared_memory_equals_in_process(expert_service_factory
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
     service, local = _service(expert_service_factory, tmp_path, shm_dir)
-    group, clients = _group(service, client_identity, ShmConfig(directory=str(shm_dir)))
+    group, clients = _group(service, client_identity, ShmConfig(directory=str(shm_dir), min_kb=0))
     optimizer = torch.optim.AdamW(local.parameters(), lr=LR, betas=(SETTINGS.beta1, SETTINGS.beta2),
                                   eps=SETTINGS.eps, weight_decay=SETTINGS.weight_decay)
     gen = torch.Generator().manual_seed(1)
@@ -103,7 +103,7 @@ def test_an_expert_without_shared_memory_gets_tensors_inline(expert_service_fact
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
     service, local = _service(expert_service_factory, tmp_path, shm_dir, SHM_TRANSPORT="off")
-    group, clients = _group(service, client_identity, ShmConfig(directory=str(shm_dir)))
+    group, clients = _group(service, client_identity, ShmConfig(directory=str(shm_dir), min_kb=0))
     x = {i: torch.randn(5, DIM) for i in range(N_EXPERTS)}
     try:
         assert not clients.shm.usable(service.endpoint)     # it advertises no host id
@@ -130,7 +130,7 @@ _ROUTER = """if True:
     endpoint, hotkey, shm_dir, wallet_path, wallet_name = sys.argv[1:6]
     identity = load_identity(WalletConfig(name=wallet_name, hotkey="default", path=wallet_path))
     replicas = ReplicaSet(OneService(endpoint, hotkey, [expert_uid(7, i) for i in range(3)]))
-    clients = ExpertClientPool(identity=identity, hotkeys=replicas.hotkey, shm=ShmConfig(directory=shm_dir))
+    clients = ExpertClientPool(identity=identity, hotkeys=replicas.hotkey, shm=ShmConfig(directory=shm_dir, min_kb=0))
     group = RemoteExpertGroup(7, 3, 64, replicas, timeout_s=20.0, clients=clients)
     with torch.no_grad():
         out = group.run({i: torch.randn(4, 64) for i in range(3)})
@@ -171,7 +171,7 @@ def test_calls_to_a_killed_expert_leave_no_region(expert_service_factory, client
     service, _ = _service(expert_service_factory, tmp_path, shm_dir, EXPERT_INJECT_DELAY_MS="3000")
     replicas = ReplicaSet(OneService(service.endpoint, service.hotkey, UIDS))
     clients = ExpertClientPool(identity=client_identity, hotkeys=replicas.hotkey,
-                               shm=ShmConfig(directory=str(shm_dir), max_idle_regions=0))
+                               shm=ShmConfig(directory=str(shm_dir), max_idle_regions=0, min_kb=0))
     group = RemoteExpertGroup(LAYER, N_EXPERTS, DIM, replicas, timeout_s=20.0, metrics=RouterMetrics(),
                               clients=clients, retries=0)
     try:
