@@ -38,9 +38,9 @@ RESPONSE = struct.Struct("<4sBBHIQ")
 MAX_METHOD_BYTES = 256
 MAX_METADATA_BYTES = 16 << 10
 MAX_DETAILS_BYTES = 64 << 10
-# Starts the details of the RESOURCE_EXHAUSTED a server answers when it has too many connections:
-# it read no more than the header, so the caller may send the same call over gRPC.
-BUSY = "moe-frames: too many connections"
+# Starts the details of the RESOURCE_EXHAUSTED a server answers when it has too many connections or
+# request bytes in hand: it read no more than the header, so the caller may send the call over gRPC.
+BUSY = "moe-frames: busy"
 _COUNT, _KEY, _VALUE = struct.Struct("<H"), struct.Struct("<H"), struct.Struct("<I")
 CODES = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -16,8 +16,9 @@ Bodies are read straight into one buffer of the announced size (after checking i
 message limit) and parsed in place (subnet.spliced_wire); responses are written without a copy.
 Limits against a hostile or stuck peer: header within `idle_timeout_s` of the previous call, the
 rest of the frame and the call within the request's timeout (at most `max_call_s`), at most
-`max_connections` at once (more get RESOURCE_EXHAUSTED), protocol errors answered once and the
-connection closed, and logged once per `log_interval_s` with a count of the others.
+`max_connections` at once and `body_budget_bytes` of request bodies held at once (more get
+RESOURCE_EXHAUSTED, protocol.BUSY), protocol errors answered once and the connection closed, and
+logged once per `log_interval_s` with a count of the others.
 """
 
 from __future__ import annotations
@@ -85,10 +86,15 @@ class _CallDetails:
 class FramesServer:
     def __init__(self, handlers: Mapping[str, Any], interceptors: Sequence[grpc.aio.ServerInterceptor],
                  max_body_bytes: int, max_connections: int = 256, idle_timeout_s: float = 300.0,
-                 max_call_s: float = 300.0, log_interval_s: float = 10.0):
+                 max_call_s: float = 300.0, log_interval_s: float = 10.0, body_budget_bytes: int | None = None):
+        """`body_budget_bytes`: request bodies held at once, all connections together (default 4 x
+        `max_body_bytes`); a frame that would go over it is refused (protocol.BUSY: the caller sends it
+        over gRPC), so headers that announce large bodies cannot make the server allocate without bound."""
         self._handlers = dict(handlers)
         self._interceptors = list(interceptors)
         self.max_body_bytes = max_body_bytes
+        self.body_budget_bytes = 4 * max_body_bytes if body_budget_bytes is None else body_budget_bytes
+        self._body_bytes = 0   # held by calls now
         self.max_connections = max_connections
         self.idle_timeout_s, self.max_call_s = idle_timeout_s, max_call_s
         self._log_interval_s, self._logged_at, self._unlogged = log_interval_s, float("-inf"), 0
@@ -152,13 +158,22 @@ class FramesServer:
                         raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down")
                     if over:
                         raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"{p.BUSY} (more than {self.max_connections}); use the gRPC port")
+                                              f"{p.BUSY}: more than {self.max_connections} connections; "
+                                              f"use the gRPC port")
                     method_len, metadata_len, timeout_s, body_len = p.parse_request_header(header,
                                                                                            self.max_body_bytes)
+                    if self._body_bytes + body_len > self.body_budget_bytes:
+                        raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                              f"{p.BUSY}: {self._body_bytes} bytes of request bodies held; use "
+                                              f"the gRPC port")
                 except p.ProtocolError as e:
                     await self._refuse(conn, peer, e)
                     return
-                await self._call(conn, peer, method_len, metadata_len, timeout_s, body_len)
+                self._body_bytes += body_len
+                try:
+                    await self._call(conn, peer, method_len, metadata_len, timeout_s, body_len)
+                finally:
+                    self._body_bytes -= body_len
         except (TimeoutError, ConnectionError, OSError, _Closed):
             return   # idle too long, or the peer went away mid-frame: nothing to answer
         finally:

@@ -5,6 +5,7 @@ other transport is refused; an unreachable port falls back to gRPC; deadlines ho
 
 import socket
 import struct
+import time
 from contextlib import contextmanager
 
 import grpc
@@ -262,3 +263,28 @@ def test_random_frames_get_an_answer_or_a_close_and_the_service_keeps_serving(se
         assert len(received) == p.RESPONSE.size + details_len
     with ExpertClientPool(identity=client_identity) as pool:
         assert _served(pool.get(service.endpoint, service.hotkey))
+
+
+def test_announced_bodies_beyond_the_budget_are_refused_and_the_call_goes_over_grpc(service, client_identity,
+                                                                                     frames_port):
+    """Headers announcing bodies that never come cannot make the server hold more than its budget
+    (4 x EXPERT_MAX_MESSAGE_MB here); past it, frames are refused as busy and the client uses gRPC."""
+    announced = 1 << 20   # EXPERT_MAX_MESSAGE_MB=1: the largest body a frame may announce
+    stalled = []
+    for _ in range(4):
+        conn = socket.create_connection(("127.0.0.1", frames_port), timeout=TIMEOUT_S)
+        conn.sendall(p.request_header(FORWARD.encode(), b"", TIMEOUT_S, announced) + FORWARD.encode())
+        stalled.append(conn)   # header and method sent, the body never is
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:   # until the server has taken in all four headers
+        code, details, _, probe = _raw_call(frames_port, p.request_header(FORWARD.encode(), b"", TIMEOUT_S, 1))
+        probe.close()
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+            break
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(p.BUSY)
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        assert _served(client)                             # refused as busy over frames, served over gRPC
+        assert pool.frames.channel(service.endpoint) is None   # gRPC for a while
+    for conn in stalled:
+        conn.close()
