@@ -12,6 +12,8 @@ servers in one test process do not collide.
     expert_version{expert}                  optimizer steps applied
     expert_activation_cache_bytes           memory held for pending Backwards
     expert_auth_rejections_total{reason}    requests refused by signature checks (subnet.auth)
+    expert_frames_connections               open moe-frames connections (subnet/frames)
+    expert_frames_refused_total{reason}     frames refused before their call ran: busy, protocol, shutting_down
     expert_round, expert_round_phase, expert_checkpoints_published_total, expert_commitments_total{result}
                                             rounds (subnet.round_metrics)
 """
@@ -50,6 +52,9 @@ class ExpertMetrics(MetricsHttp):
                                             "bytes of activations held for pending Backwards", registry=r)
         self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",
                                        ["reason"], registry=r)
+        self.frames_connections = Gauge("expert_frames_connections", "open moe-frames connections", registry=r)
+        self.frames_refused = Counter("expert_frames_refused", "moe-frames frames refused before their call ran, "
+                                      "by reason (busy, protocol, shutting_down)", ["reason"], registry=r)
         self.rounds = RoundMetrics(
             Gauge("expert_round", "round the chain is in", registry=r),
             Gauge("expert_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge", registry=r),

@@ -170,7 +170,8 @@ class ExpertServer:
         await self._grpc.start()
         if c.frames_port >= 0:   # the tensor calls again, on a raw TCP port, behind the same interceptors
             self.frames = FramesServer({path: handlers[path] for path in FRAMES_METHODS}, interceptors,
-                                       c.max_message_bytes)
+                                       c.max_message_bytes, on_connections=self.metrics.frames_connections.set,
+                                       on_refused=lambda reason: self.metrics.frames_refused.labels(reason).inc())
             try:
                 self.frames_port = await self.frames.start(c.host, c.frames_port)
             except OSError as e:

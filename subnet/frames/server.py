@@ -27,7 +27,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -86,10 +86,15 @@ class _CallDetails:
 class FramesServer:
     def __init__(self, handlers: Mapping[str, Any], interceptors: Sequence[grpc.aio.ServerInterceptor],
                  max_body_bytes: int, max_connections: int = 256, idle_timeout_s: float = 300.0,
-                 max_call_s: float = 300.0, log_interval_s: float = 10.0, body_budget_bytes: int | None = None):
+                 max_call_s: float = 300.0, log_interval_s: float = 10.0, body_budget_bytes: int | None = None,
+                 on_connections: Callable[[int], None] = lambda n: None,
+                 on_refused: Callable[[str], None] = lambda reason: None):
         """`body_budget_bytes`: request bodies held at once, all connections together (default 4 x
         `max_body_bytes`); a frame that would go over it is refused (protocol.BUSY: the caller sends it
-        over gRPC), so headers that announce large bodies cannot make the server allocate without bound."""
+        over gRPC), so headers that announce large bodies cannot make the server allocate without bound.
+        `on_connections(n)`: the open connections, at each change; `on_refused(reason)`: a frame refused
+        before its call ran ("busy", "protocol" or "shutting_down"), for metrics."""
+        self._on_connections, self._on_refused = on_connections, on_refused
         self._handlers = dict(handlers)
         self._interceptors = list(interceptors)
         self.max_body_bytes = max_body_bytes
@@ -143,7 +148,12 @@ class FramesServer:
             peer = f"ipv{6 if conn.family == socket.AF_INET6 else 4}:{address[0]}:{address[1]}"
             task = asyncio.create_task(self._serve(conn, peer, over=len(self._connections) >= self.max_connections))
             self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            task.add_done_callback(self._closed)
+            self._on_connections(len(self._connections))
+
+    def _closed(self, task: asyncio.Task) -> None:
+        self._connections.discard(task)
+        self._on_connections(len(self._connections))
 
     async def _serve(self, conn: socket.socket, peer: str, over: bool) -> None:
         """Calls on one connection, one after the other, until the peer closes it or breaks the protocol."""
@@ -240,6 +250,8 @@ class FramesServer:
 
     async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
         self.refused += 1
+        self._on_refused("busy" if error.message.startswith(p.BUSY) else
+                         "shutting_down" if error.code is grpc.StatusCode.UNAVAILABLE else "protocol")
         now = time.monotonic()
         if now - self._logged_at >= self._log_interval_s:
             log.warning("moe-frames: refused a frame from %s: %s %s%s", peer, error.code.name, error.message,

@@ -6,6 +6,7 @@ other transport is refused; an unreachable port falls back to gRPC; deadlines ho
 import socket
 import struct
 import time
+import urllib.request
 from contextlib import contextmanager
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
 from subnet.auth.payload import sign_metadata
@@ -64,6 +66,12 @@ def _one_expert(factory, checkpoint, identity, **env):
     service = factory(["0.0"], DIM, INTER, env={"EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": "", **env})
     with ExpertClientPool(identity=identity) as pool:
         yield pool, pool.get(service.endpoint, service.hotkey)
+
+
+def _metrics(service) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(service.metrics_url, timeout=TIMEOUT_S).read().decode()
+    return {(m.name, tuple(sorted(m.labels.items()))): m.value
+            for family in text_string_to_metric_families(text) for m in family.samples}
 
 
 def _served(client) -> bool:
@@ -136,6 +144,9 @@ def test_a_protocol_breach_gets_one_answer_and_a_closed_connection(service, fram
     bad_meta = p.request_header(FORWARD.encode(), b"\x05\x00junk", TIMEOUT_S, 0) + FORWARD.encode() + b"\x05\x00junk"
     code, details, _, conn = _raw_call(frames_port, bad_meta)
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "metadata" in details
+    metrics = _metrics(service)
+    assert metrics.get(("expert_frames_refused_total", (("reason", "protocol"),)), 0) >= 3
+    assert ("expert_frames_connections", ()) in metrics
 
 
 def test_call_errors_keep_the_connection_and_match_grpc(service, client_identity, frames_port):
