@@ -33,7 +33,7 @@ class Unreachable(p.FrameError):
 
 
 class FramesChannel:
-    def __init__(self, host: str, port: int, max_body_bytes: int, max_idle: int = 16):
+    def __init__(self, host: str, port: int, max_body_bytes: int, max_idle: int = 64):
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
         self._max_idle = max_idle
