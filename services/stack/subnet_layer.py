@@ -104,7 +104,7 @@ class SubnetLayer:
         now = self.schedule.at(self.chain.block())
         names = {m.hotkey: m.name for m in self.members}
         rows = [{"round": r, "member": names.get(c.hotkey, c.hotkey), "digest": c.digest,
-                 "commit_block": c.commit_block, "revealed": c.revealed}
+                 "commit_block": c.commit_block, "commit_index": c.commit_index, "revealed": c.revealed}
                 for r in range(now.round + 1) for c in self.chain.commitments(r)]
         path.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -37,17 +37,19 @@ class SubmissionError(CheckpointVerificationError):
 
 @dataclasses.dataclass(frozen=True)
 class Submission:
-    """One revealed commitment. `order` sorts commitments: earlier commit block first, ties by hotkey."""
+    """One revealed commitment. `order` sorts commitments: earlier commit block first, then the chain's
+    order within the block (`Commitment.commit_index`), then hotkey."""
 
     hotkey: str
     round: int
     digest: str
     commit_block: int
     data: str
+    commit_index: int = 0
 
     @property
-    def order(self) -> tuple[int, str]:
-        return (self.commit_block, self.hotkey)
+    def order(self) -> tuple[int, int, str]:
+        return (self.commit_block, self.commit_index, self.hotkey)
 
     def is_trunk(self) -> bool:
         try:
@@ -60,7 +62,7 @@ class Submission:
 def round_submissions(commitments: Iterable[Commitment]) -> tuple[list[Submission], list[Submission]]:
     """(miners, trunks): the revealed commitments, each list in commitment order. Unrevealed
     commitments are left out (there is nothing to validate)."""
-    subs = sorted((Submission(c.hotkey, c.round, c.digest, c.commit_block, c.revealed)
+    subs = sorted((Submission(c.hotkey, c.round, c.digest, c.commit_block, c.revealed, c.commit_index)
                    for c in commitments if c.revealed is not None), key=lambda s: s.order)
     return [s for s in subs if not s.is_trunk()], [s for s in subs if s.is_trunk()]
 

@@ -70,6 +70,11 @@ class Commitment:
     commit_block: int
     revealed: str | None = None     # the revealed data (e.g. the manifest's S3 key), once revealed
     reveal_block: int | None = None
+    # Order among the commitments of one block, as the chain applied them (LocalChain: its own
+    # sequence). 0 where the chain does not say (BittensorChain): ties then go by hotkey. A copy's
+    # commitment always comes after its original's (the copier must see the publication first),
+    # so the order decides who copied whom, even within a block.
+    commit_index: int = 0
 
 
 class Chain(abc.ABC):

@@ -179,8 +179,9 @@ class LocalChain(Chain):
         check_commit_block(self.schedule, round, block, what)
         key = self._key(f"commit:{round}")
         with self._redis():
+            index = self.redis.incr(self._key("commit-index"))   # the order commits were applied in
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hsetnx(key, hotkey, json.dumps({"digest": digest, "block": block}))
+            pipe.hsetnx(key, hotkey, json.dumps({"digest": digest, "block": block, "index": index}))
             pipe.pexpire(key, self._keep_ms())
             created, _ = pipe.execute()
         if not created:
@@ -220,8 +221,9 @@ class LocalChain(Chain):
             opened = reveals.get(hotkey)
             out.append(Commitment(hotkey=hotkey, round=round, digest=raw["digest"], commit_block=raw["block"],
                                   revealed=opened["data"] if opened else None,
-                                  reveal_block=opened["block"] if opened else None))
-        return sorted(out, key=lambda c: (c.commit_block, c.hotkey))
+                                  reveal_block=opened["block"] if opened else None,
+                                  commit_index=int(raw.get("index", 0))))
+        return sorted(out, key=lambda c: (c.commit_block, c.commit_index, c.hotkey))
 
     # Weights --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from bittensor_wallet import Keypair
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.validator.submissions import round_submissions
 from subnet.chain.base import ChainError
 from subnet.chain.config import ChainConfig, open_chain
 from subnet.chain.local import LocalChain
@@ -131,6 +132,26 @@ def test_commit_then_matching_reveal_is_accepted(chain, clock, redis_client, pre
         (KEYS[0].ss58_address, 1, digest_of(DATA), 12, DATA, 16)
     assert chain.commitments(0) == [] and chain.commitments(2) == []
     assert 0 < redis_client.pttl(prefix + "commit:1")          # old rounds expire
+
+
+def test_commitments_of_one_block_keep_the_order_they_were_made_in(chain, clock):
+    """Who copied whom is decided by commitment order: within one block it must be the order the chain
+    applied them, not the hotkeys' (a copier with a smaller hotkey would otherwise come first)."""
+    first, second = sorted(KEYS[:2], key=lambda k: k.ss58_address, reverse=True)   # the larger hotkey first
+    for key in (first, second):
+        chain.register(key.ss58_address)
+    goto(chain, clock, 12)
+    commit(chain, first, 1)
+    commit(chain, second, 1)                                  # same block
+    goto(chain, clock, 16)
+    for key in (first, second):
+        reveal(chain, key, 1)
+    made = chain.commitments(1)
+    assert [c.commit_block for c in made] == [12, 12]
+    assert [c.hotkey for c in made] == [first.ss58_address, second.ss58_address]
+    assert made[0].commit_index < made[1].commit_index
+    miners, _ = round_submissions(made)
+    assert [s.hotkey for s in sorted(miners, key=lambda s: s.order)] == [first.ss58_address, second.ss58_address]
 
 
 def test_mismatched_reveal_is_rejected(chain, clock):
