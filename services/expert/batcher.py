@@ -194,7 +194,11 @@ class Batcher:
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:
-                task.future.cancel()   # the queue skips it
+                task.future.cancel()   # a batch that took it skips it
+                if task in q.tasks:    # still waiting: take it back, or its tokens would count as load
+                    q.tasks.remove(task)
+                    q.waiting_tokens -= task.tokens
+                    self._report(uid)
                 raise
             if len(q.tasks) == 1 and q.tasks[0] is task and not q.running_tokens:
                 q.tasks.popleft()

@@ -101,6 +101,23 @@ def test_a_cancelled_request_is_not_computed():
     _run(scenario, max_batch_tokens=100, batch_wait_ms=100)
 
 
+def test_a_lone_request_cancelled_in_its_turn_leaves_no_load_behind():
+    """A lone request yields one loop turn before it is computed; cancelled in that turn, its tokens
+    must not stay counted as the expert's load (routers avoid loaded replicas: it would never be
+    sent another request to clear it)."""
+    async def scenario(backend, batcher, metrics):
+        [x] = _xs(4)
+        task = asyncio.create_task(batcher.forward("0.0", x))
+        await asyncio.sleep(0)            # it is queued and yields its turn
+        assert batcher.queued_tokens("0.0") == 4
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batcher.queued_tokens("0.0") == 0
+        assert _batch_stats(metrics) == (0, 0, 0)   # and it was never computed
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=0)
+
+
 def test_training_forwards_keep_activations_per_call():
     async def scenario(backend, batcher, metrics):
         xs = _xs(2, 3)
