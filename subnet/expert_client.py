@@ -42,6 +42,7 @@ import grpc
 from subnet.auth.client import SigningChannel
 from subnet.frames.client import FramesChannel, Unreachable
 from subnet.frames.link import FramesLink
+from subnet.frames.protocol import EXPERT_RPCS
 from subnet.identity import Identity
 from subnet.shm import ShmConfig
 from subnet.shm_link import ShmLink
@@ -50,14 +51,13 @@ from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, tensor_pb2
 
 Metadata = Sequence[tuple[str, str]]
 SHM_INFO_TIMEOUT_S = 2.0   # the one Info call that tells whether an endpoint shares this host's memory
+TRANSPORT_INFO_REUSE_S = 1.0   # and whether it takes moe-frames: one answer for both links
 # Calls in flight at once per pool; more wait for a free thread (their deadline runs meanwhile).
 # Threads start only when that many calls overlap, and then stay for the next layer.
 MAX_CALLS_IN_FLIGHT = 256
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 # The calls that go over moe-frames/1 when the endpoint offers it, and how their answers are parsed.
-FRAMES_RESPONSES = {"Forward": SplicedParser(expert_pb2.ForwardResponse),
-                    "ForwardMany": SplicedParser(expert_pb2.ForwardManyResponse),
-                    "Backward": SplicedParser(expert_pb2.BackwardResponse)}
+FRAMES_RESPONSES = {rpc: SplicedParser(getattr(expert_pb2, f"{rpc}Response")) for rpc in EXPERT_RPCS}
 
 
 @dataclass(frozen=True)
@@ -195,14 +195,30 @@ class ExpertClientPool:
         self._clients: dict[str, ExpertClient] = {}
         self._pinned: dict[str, str] = {}
         self._calls: ThreadPoolExecutor | None = None   # started by the first `get`
+        self._infos: dict[str, tuple[expert_pb2.InfoResponse, float, set[str]]] = {}   # see _transport_info
         self.shm = ShmLink(shm, self._shm_host_id) if shm is not None and shm.enabled else None
         self.frames = FramesLink(self._frames_port, settings.max_message_mb << 20) if frames else None
 
     def _shm_host_id(self, endpoint: str) -> str:
-        return self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S).shm_host_id
+        return self._transport_info(endpoint, "shm").shm_host_id
 
     def _frames_port(self, endpoint: str) -> int:
-        return self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S).frames_port
+        return self._transport_info(endpoint, "frames").frames_port
+
+    def _transport_info(self, endpoint: str, asker: str) -> expert_pb2.InfoResponse:
+        """The endpoint's Info for the shared-memory or the moe-frames link. Both ask when the first call to
+        an endpoint goes out: one answer serves each of them once (within TRANSPORT_INFO_REUSE_S); a link
+        that asks again (to retry, or after a failed connect) gets a fresh one."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._infos.get(endpoint)
+            if cached is not None and asker not in cached[2] and now - cached[1] < TRANSPORT_INFO_REUSE_S:
+                cached[2].add(asker)
+                return cached[0]
+        info = self.get(endpoint).info(timeout_s=SHM_INFO_TIMEOUT_S)
+        with self._lock:
+            self._infos[endpoint] = (info, now, {asker})
+        return info
 
     def get(self, endpoint: str, hotkey: str | None = None) -> ExpertClient:
         """The client of `endpoint`; `hotkey` pins the receiver hotkey its requests are signed for."""

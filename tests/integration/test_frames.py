@@ -24,6 +24,7 @@ from subnet.frames import protocol as p
 from subnet.frames.client import FramesChannel
 from subnet.frames.link import FramesLink
 from subnet.processes import free_port
+from subnet.shm import ShmConfig
 from subnet.spliced_wire import build
 from subnet.tensor_codec import decode, encode, encode_view
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
@@ -299,3 +300,18 @@ def test_announced_bodies_beyond_the_budget_are_refused_and_the_call_goes_over_g
         assert pool.frames.channel(service.endpoint) is None   # gRPC for a while
     for conn in stalled:
         conn.close()
+
+
+def test_one_info_call_tells_both_links_about_an_endpoint(service, client_identity, frames_port, tmp_path):
+    """The shared-memory and moe-frames links both ask an endpoint's Info at its first call: one answer
+    serves both (shared memory in a directory this test owns; the service's differs, so it says no)."""
+    def info_calls() -> float:
+        return _metrics(service).get(("expert_rpc_latency_seconds_count", (("rpc", "Info"),)), 0.0)
+
+    before = info_calls()
+    with ExpertClientPool(identity=client_identity, shm=ShmConfig(directory=str(tmp_path))) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        assert _served(client)
+        assert client.shm is not None and not client.shm.usable(service.endpoint)   # decided by that answer
+        assert pool.frames.channel(service.endpoint).calls == 1
+    assert info_calls() - before == 1
