@@ -300,6 +300,11 @@ def _measure(channel: grpc.Channel, frames: FramesChannel, echo: _SocketEcho, ro
     }
 
 
+def _forward_request(x: torch.Tensor) -> bytes:
+    """A ForwardRequest around `x` as the expert client builds it (spliced: one copy)."""
+    return build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+
+
 class _FramesCaller:
     """The expert call's TCP path: spliced ForwardRequest/Response over moe-frames/1 (subnet/frames)."""
 
@@ -307,8 +312,7 @@ class _FramesCaller:
         self.channel, self.parse = channel, SplicedParser(expert_pb2.ForwardResponse)
 
     def round_trip(self, x: torch.Tensor) -> torch.Tensor:
-        body = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
-        return decode(self.parse(self.channel.call(f"/{SERVICE}/Spliced", body, (), 60.0)).outputs)
+        return decode(self.parse(self.channel.call(f"/{SERVICE}/Spliced", _forward_request(x), (), 60.0)).outputs)
 
 
 class _SplicedCaller:
@@ -318,8 +322,7 @@ class _SplicedCaller:
         self.call = call
 
     def round_trip(self, x: torch.Tensor) -> torch.Tensor:
-        request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
-        return decode(self.call(request, timeout=60.0).outputs)
+        return decode(self.call(_forward_request(x), timeout=60.0).outputs)
 
 
 class _ProtobufCaller:
@@ -385,10 +388,9 @@ def codec_stages(nbytes: int, repeats: int = 3) -> dict[str, float]:
     wire = msg.SerializeToString()
     parsed = tensor_pb2.Tensor.FromString(wire)
     view = torch.frombuffer(bytearray(parsed.data), dtype=torch.float32)
-    body = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x, "fp32"))
+    body = _forward_request(x)
     spliced = SplicedParser(expert_pb2.ForwardRequest)(body)
-    stages = {"spliced_build": lambda: build(expert_pb2.ForwardRequest, expert_uid="0.0",   # one copy: the join
-                                             inputs=encode_view(x, "fp32")),
+    stages = {"spliced_build": lambda: _forward_request(x),                          # one copy: the join
               "spliced_parse": lambda: SplicedParser(expert_pb2.ForwardRequest)(body),   # a scan, no copy
               "spliced_decode": lambda: decode(spliced.inputs),                          # the finite check
               "encode": lambda: encode(x, "fp32"),                         # tobytes + copy into the message

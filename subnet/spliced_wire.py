@@ -25,7 +25,6 @@ same message or the same DecodeError as before: hostile bytes get no new path. B
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -72,14 +71,13 @@ def build(cls: type[Message], **fields: Any) -> Message | bytes:
         return cls(**fields)
     rest = cls(**{name: value for name, value in fields.items() if name not in spliced})
     parts: list[bytes | memoryview] = [rest.SerializeToString()]
-    by_name = cls.DESCRIPTOR.fields_by_name
+    numbers = {name: number for number, name in _tensor_fields(cls).items()}
     for name, tensor in spliced.items():
-        field = by_name[name]
-        if field.message_type is None or field.message_type.full_name != _TENSOR:
+        if name not in numbers:
             raise TypeError(f"{cls.DESCRIPTOR.full_name}.{name} is not a moe.v1.Tensor field")
         header = tensor.header.SerializeToString()
         data_key = _key(_DATA_FIELD) + _varint(tensor.nbytes)
-        parts += [_key(field.number), _varint(len(header) + len(data_key) + tensor.nbytes), header, data_key,
+        parts += [_key(numbers[name]), _varint(len(header) + len(data_key) + tensor.nbytes), header, data_key,
                   tensor.payload]
     return b"".join(parts)
 
@@ -135,8 +133,7 @@ class SplicedParser:
     def __init__(self, cls: type[Message]):
         self.cls = cls
         self.DESCRIPTOR = cls.DESCRIPTOR   # unparsable-request messages name the type from this
-        self._tensor_fields = {f.number: f.name for f in cls.DESCRIPTOR.fields
-                               if f.message_type is not None and f.message_type.full_name == _TENSOR}
+        self._tensor_fields = _tensor_fields(cls)
 
     def __call__(self, body: bytes) -> Message | SplicedMessage:
         if len(body) < MIN_SPLICE_BYTES or not self._tensor_fields:
@@ -250,9 +247,10 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def tensor_fields(cls: type[Message]) -> Sequence[str]:
-    """Names of `cls`'s moe.v1.Tensor fields."""
-    return [f.name for f in cls.DESCRIPTOR.fields if f.message_type is not None and f.message_type.full_name == _TENSOR]
+def _tensor_fields(cls: type[Message]) -> dict[int, str]:
+    """{field number: name} of `cls`'s moe.v1.Tensor fields."""
+    return {f.number: f.name for f in cls.DESCRIPTOR.fields
+            if f.message_type is not None and f.message_type.full_name == _TENSOR}
 
 
 class SplicingChannel:
@@ -280,7 +278,7 @@ def _passing_bytes(serializer):
 def _spliced(deserializer):
     """A SplicedParser for `Cls.FromString` when Cls has tensor fields; else `deserializer` itself."""
     cls = getattr(deserializer, "__self__", None)
-    if isinstance(cls, type) and issubclass(cls, Message) and tensor_fields(cls):
+    if isinstance(cls, type) and issubclass(cls, Message) and _tensor_fields(cls):
         return SplicedParser(cls)
     return deserializer
 

@@ -49,6 +49,7 @@ from subnet.chain.config import open_chain
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
+from subnet.frames.protocol import EXPERT_RPCS
 from subnet.frames.server import FramesServer
 from subnet.identity import Identity, IdentityError
 from subnet.object_store import StoreError
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/Info"})  # probes and routers read Info unsigned
 # The calls that carry tensors, also served over moe-frames/1 (subnet/frames) when EXPERT_FRAMES_PORT >= 0.
-FRAMES_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("Forward", "ForwardMany", "Backward"))
+FRAMES_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in EXPERT_RPCS)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -51,11 +51,8 @@ class FramesChannel:
         try:
             conn.settimeout(_left(deadline))
             head = p.request_header(name, meta, _left(deadline), len(body))
-            if len(body) < 64 << 10:
-                conn.sendall(b"".join((head, name, meta, body)))
-            else:   # the body as it is: no copy
-                conn.sendall(b"".join((head, name, meta)))
-                conn.sendall(body)
+            for buffer in p.buffers((head, name, meta), body):
+                conn.sendall(buffer)
             header = bytearray(p.RESPONSE.size)
             _recv_into(conn, memoryview(header), deadline)
             code, details_len, body_len = p.parse_response_header(header, self.max_body_bytes)

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import grpc
 
 REQUEST_MAGIC, RESPONSE_MAGIC, VERSION = b"MOEF", b"MOER", 1
+# The moe.v1.Expert calls this transport carries (those with tensors); the others stay on gRPC.
+EXPERT_RPCS = ("Forward", "ForwardMany", "Backward")
 REQUEST = struct.Struct("<4sBBHIIQ")
 RESPONSE = struct.Struct("<4sBBHIQ")
 MAX_METHOD_BYTES = 256
@@ -62,11 +64,23 @@ class FrameError(grpc.RpcError):
 
 
 class ProtocolError(Exception):
-    """The peer broke moe-frames/1; `code` is what to answer it with."""
+    """A frame answered before its call ran: the peer broke moe-frames/1 (`reason` "protocol"), or the
+    server is "busy" or "shutting_down"; `code` is what to answer it with."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "protocol"):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.reason = code, message, reason
+
+
+JOIN_BELOW_BYTES = 64 << 10   # a smaller body goes out joined to its header: one send, one copy of little
+
+
+def buffers(prefix: tuple[bytes, ...], body: bytes) -> list[bytes]:
+    """What to send for a frame, in order: a small body joined to the header parts in one buffer, a
+    larger one as it is (no copy) after them."""
+    if len(body) < JOIN_BELOW_BYTES:
+        return [b"".join((*prefix, body))]
+    return [b"".join(prefix), body]
 
 
 def request_header(method: bytes, metadata: bytes, timeout_s: float | None, body_len: int) -> bytes:

@@ -43,10 +43,11 @@ class _Abort(Exception):
 
 
 class _Context:
-    """The part of grpc.aio.ServicerContext that the services' handlers and interceptors use."""
+    """The part of grpc.aio.ServicerContext that the expert's handlers and interceptors use (metadata, peer,
+    abort; code and details for the tracing interceptor)."""
 
-    def __init__(self, metadata: tuple, peer: str, deadline: float | None):
-        self._metadata, self._peer, self._deadline = metadata, peer, deadline
+    def __init__(self, metadata: tuple, peer: str):
+        self._metadata, self._peer = metadata, peer
         self._code: grpc.StatusCode | None = None
         self._details = ""
 
@@ -60,20 +61,11 @@ class _Context:
         self._code, self._details = code, details
         raise _Abort(details)
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def set_details(self, details: str) -> None:
-        self._details = details
-
     def code(self):
         return self._code
 
     def details(self) -> str:
         return self._details
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
 
 class _CallDetails:
@@ -165,17 +157,18 @@ class FramesServer:
                         if not await _read_into(conn, memoryview(header), eof_ok=True):
                             return
                     if self._draining:
-                        raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down")
+                        raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down",
+                                              "shutting_down")
                     if over:
                         raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                               f"{p.BUSY}: more than {self.max_connections} connections; "
-                                              f"use the gRPC port")
+                                              f"use the gRPC port", "busy")
                     method_len, metadata_len, timeout_s, body_len = p.parse_request_header(header,
                                                                                            self.max_body_bytes)
                     if self._body_bytes + body_len > self.body_budget_bytes:
                         raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                               f"{p.BUSY}: {self._body_bytes} bytes of request bodies held; use "
-                                              f"the gRPC port")
+                                              f"the gRPC port", "busy")
                 except p.ProtocolError as e:
                     await self._refuse(conn, peer, e)
                     return
@@ -207,7 +200,7 @@ class FramesServer:
                 p.ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "method name is not ASCII")
             await self._refuse(conn, peer, error)
             raise _Closed from None
-        context = _Context(metadata, peer, deadline)
+        context = _Context(metadata, peer)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self._dispatch(method, raw, context)   # parsed in place: no copy
@@ -250,8 +243,7 @@ class FramesServer:
 
     async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
         self.refused += 1
-        self._on_refused("busy" if error.message.startswith(p.BUSY) else
-                         "shutting_down" if error.code is grpc.StatusCode.UNAVAILABLE else "protocol")
+        self._on_refused(error.reason)
         now = time.monotonic()
         if now - self._logged_at >= self._log_interval_s:
             log.warning("moe-frames: refused a frame from %s: %s %s%s", peer, error.code.name, error.message,
@@ -299,8 +291,5 @@ async def _read_into(conn: socket.socket, view: memoryview, eof_ok: bool = False
 
 async def _send(conn: socket.socket, header: bytes, details: bytes, body: bytes) -> None:
     loop = asyncio.get_running_loop()
-    if len(body) < 64 << 10:
-        await loop.sock_sendall(conn, b"".join((header, details, body)))
-    else:   # the body as it is: no copy
-        await loop.sock_sendall(conn, header + details)
-        await loop.sock_sendall(conn, body)
+    for buffer in p.buffers((header, details), body):
+        await loop.sock_sendall(conn, buffer)
