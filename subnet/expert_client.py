@@ -24,6 +24,11 @@ hand-off of torch tensors between threads (only requests and responses), and the
 works when autograd runs backward on a worker thread. `cancel()` takes back a call that has
 not started; a started one ends at its deadline.
 
+`inline=True` (the router's MoE layers pass it): a small tensor call to an endpoint that takes
+moe-frames is sent from the calling thread instead, and comes back as an `InlineCall`, whose
+answer the caller reads itself once its socket is readable (services.router.call_inbox). No
+call thread is involved: a decode step's calls skip two thread hand-offs each.
+
 This module only turns arguments into requests and requests into futures. It does not
 choose replicas, retry, or decode tensors (see `services.router.remote_experts`).
 """
@@ -40,9 +45,9 @@ from typing import Any, Self
 import grpc
 
 from subnet.auth.client import SigningChannel
-from subnet.frames.client import FramesChannel, Unreachable
+from subnet.frames.client import FramesChannel, PendingCall, Unreachable
 from subnet.frames.link import FramesLink
-from subnet.frames.protocol import EXPERT_RPCS
+from subnet.frames.protocol import EXPERT_RPCS, FrameError
 from subnet.identity import Identity
 from subnet.shm import ShmConfig
 from subnet.shm_link import ShmLink
@@ -58,6 +63,8 @@ MAX_CALLS_IN_FLIGHT = 256
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name
 # The calls that go over moe-frames/1 when the endpoint offers it, and how their answers are parsed.
 FRAMES_RESPONSES = {rpc: SplicedParser(getattr(expert_pb2, f"{rpc}Response")) for rpc in EXPERT_RPCS}
+# An `inline` call this small is sent from the caller's thread (see InlineCall): sendall returns at once.
+INLINE_MAX_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -103,28 +110,29 @@ class ExpertClient:
         self._stub = expert_pb2_grpc.ExpertStub(SplicingChannel(self._signer))
 
     def forward(self, uid: str, inputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int, training: bool,
-                timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None
-                ) -> Future:
-        """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too)."""
+                timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None,
+                inline: bool = False) -> Future:
+        """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too).
+        `inline`: the caller completes the call itself when it may (see InlineCall)."""
         request = build(expert_pb2.ForwardRequest, expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
                         training=training, reply_shm=reply_shm)
-        return self._start("Forward", request, timeout_s, metadata)
+        return self._start("Forward", request, timeout_s, metadata, inline)
 
     def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor | WireTensor, *,
-                     step: int,
-                     timeout_s: float, metadata: Metadata = ()) -> Future:
+                     step: int, timeout_s: float, metadata: Metadata = (), inline: bool = False) -> Future:
         """Inference Forward of several experts of this endpoint: `inputs` holds their rows one after
         the other, `tokens[i]` rows for `uids[i]`; the answer's outputs are in the same order."""
         request = build(expert_pb2.ForwardManyRequest, expert_uids=uids, tokens=tokens, inputs=inputs, step=step)
-        return self._start("ForwardMany", request, timeout_s, metadata)
+        return self._start("ForwardMany", request, timeout_s, metadata, inline)
 
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int,
                  timeout_s: float, inputs: tensor_pb2.Tensor | WireTensor | None = None, session_id: str = "",
-                 metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None) -> Future:
+                 metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None,
+                 inline: bool = False) -> Future:
         """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
         request = build(expert_pb2.BackwardRequest, expert_uid=uid, call_id=call_id, step=step,
                         grad_outputs=grad_outputs, inputs=inputs, session_id=session_id, reply_shm=reply_shm)
-        return self._start("Backward", request, timeout_s, metadata)
+        return self._start("Backward", request, timeout_s, metadata, inline)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",
                   metadata: Metadata = ()) -> Future:
@@ -144,29 +152,132 @@ class ExpertClient:
         """Blocking: Info is for probes and start-up checks, not the hot path."""
         return self._stub.Info(expert_pb2.InfoRequest(), timeout=timeout_s, metadata=metadata)
 
-    def _start(self, rpc: str, request: Any, timeout_s: float, metadata: Metadata) -> Future:
+    def _start(self, rpc: str, request: Any, timeout_s: float, metadata: Metadata, inline: bool = False) -> Future:
         """The call on a call thread, over moe-frames when it is a tensor call and the endpoint takes them,
-        else gRPC; the deadline counts from now, not from when a thread is free."""
+        else gRPC; the deadline counts from now, not from when a thread is free. `inline` and a small
+        frames request: sent from this thread instead, as an InlineCall."""
         deadline = time.monotonic() + timeout_s
         method = getattr(self._stub, rpc)
         channel = self.frames.channel(self.endpoint) if self.frames is not None and rpc in FRAMES_RESPONSES else None
-        if channel is not None:
-            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
-        return self._calls.submit(_call, method, request, deadline, metadata)
+        if channel is None:
+            return self._calls.submit(_call, method, request, deadline, metadata)
+        if inline and _size(request) <= INLINE_MAX_BYTES:
+            return self._start_inline(channel, rpc, method, request, deadline, metadata)
+        return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+
+    def _signed(self, rpc: str, request: Any, metadata: Metadata) -> tuple[str, bytes, tuple]:
+        path = f"/{SERVICE}/{rpc}"
+        if self._signer.identity is None:
+            return path, serialize(request), tuple(metadata)
+        return path, *self._signer.sign(path, request, serialize, metadata)
 
     def _call_frames(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
                      deadline: float, metadata: Metadata) -> Any:
-        path = f"/{SERVICE}/{rpc}"
-        if self._signer.identity is None:
-            body, signed = serialize(request), tuple(metadata)
-        else:
-            body, signed = self._signer.sign(path, request, serialize, metadata)
+        path, body, signed = self._signed(rpc, request, metadata)
         try:
-            answer = channel.call(path, body, signed, max(deadline - time.monotonic(), 0.001))
+            pending = channel.start(path, body, signed, max(deadline - time.monotonic(), 0.001))
         except Unreachable:   # nothing was sent: gRPC instead (signed afresh), now and for a while
             self.frames.unreachable(self.endpoint)
             return _call(method, request, deadline, metadata)
+        return self._finish_frames(pending, rpc, method, request, deadline, metadata)
+
+    def _finish_frames(self, pending: PendingCall, rpc: str, method: Callable[..., Any], request: Any,
+                       deadline: float, metadata: Metadata) -> Any:
+        try:
+            answer = pending.finish()
+        except Unreachable:   # refused as busy before it was processed: gRPC, now and for a while
+            self.frames.unreachable(self.endpoint)
+            return _call(method, request, deadline, metadata)
         return FRAMES_RESPONSES[rpc](answer)
+
+    def _start_inline(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
+                      deadline: float, metadata: Metadata) -> Future:
+        """Sent from this thread when that cannot block: on a kept connection (no connect here), the frame
+        taken by the socket at once. Otherwise a call thread connects, or sends the rest, and reads."""
+        path, body, signed = self._signed(rpc, request, metadata)
+        try:
+            pending = channel.try_start(path, body, signed, max(deadline - time.monotonic(), 0.001))
+        except FrameError as e:
+            failed: Future = Future()
+            failed.set_exception(e)
+            return failed
+        if pending is None:
+            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+        if pending.unsent:
+            return self._calls.submit(self._finish_frames, pending, rpc, method, request, deadline, metadata)
+        return InlineCall(pending, rpc, lambda: self._fall_back(method, request, deadline, metadata))
+
+    def _fall_back(self, method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Future:
+        """The server was too busy for a frame (nothing was processed): the call over gRPC, on a call thread."""
+        self.frames.unreachable(self.endpoint)
+        return self._calls.submit(_call, method, request, deadline, metadata)
+
+
+class InlineCall(Future):
+    """A small moe-frames call sent from the caller's own thread, whose answer that thread reads too:
+    it watches `fileno()` and calls `complete()` once it is readable (services.router.call_inbox), so no
+    call thread is involved. `result()` and `exception()` complete it themselves when nobody has.
+    `cancel()` gives it up (the connection is closed) and fails it with DEADLINE_EXCEEDED."""
+
+    def __init__(self, pending: PendingCall, rpc: str, fall_back: Callable[[], Future]):
+        super().__init__()
+        self._pending, self._rpc, self._fall_back = pending, rpc, fall_back
+        self._taken = threading.Lock()   # complete() runs once
+
+    def fileno(self) -> int:
+        return self._pending.fileno()
+
+    def complete(self) -> None:
+        """Read the answer (blocking until it is whole, or the deadline) and settle the future."""
+        if not self._taken.acquire(blocking=False):
+            return
+        try:
+            answer = self._pending.finish()
+        except Unreachable:   # refused as busy before it was processed: over gRPC instead
+            self._fall_back().add_done_callback(self._adopt)
+            return
+        except FrameError as e:
+            self._settle(exception=e)
+            return
+        try:
+            self._settle(result=FRAMES_RESPONSES[self._rpc](answer))
+        except Exception as e:   # noqa: BLE001 - a parse failure is the call's failure
+            self._settle(exception=e)
+
+    def cancel(self) -> bool:
+        if self._taken.acquire(blocking=False):
+            self._pending.abandon()
+            self._settle(exception=FrameError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                              "given up by the caller (moe-frames)"))
+        return False   # like a running call: it is not "cancelled", it failed
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.complete()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self.complete()
+        return super().exception(timeout)
+
+    def _adopt(self, other: Future) -> None:
+        if other.cancelled():   # the pool was closed
+            self._settle(exception=FrameError(grpc.StatusCode.CANCELLED, "the client pool was closed"))
+            return
+        error = other.exception()
+        self._settle(exception=error) if error is not None else self._settle(result=other.result())
+
+    def _settle(self, result: Any = None, exception: BaseException | None = None) -> None:
+        if self.done():
+            return
+        if exception is not None:
+            self.set_exception(exception)
+        else:
+            self.set_result(result)
+
+
+def _size(request: Any) -> int:
+    """Bytes of a request: `build`'s bytes, or a message."""
+    return len(request) if isinstance(request, bytes) else request.ByteSize()
 
 
 def _call(method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Any:

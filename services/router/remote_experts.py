@@ -5,7 +5,8 @@
     outputs = group.run({3: x3, 5: x5})      # {3: y3, 5: None} when expert 5 is down
 
 One `run` sends one Forward per expert that has tokens, all in flight at once (futures of
-the pool's call threads, see `subnet.expert_client`), and waits at most `timeout_s` for the lot:
+the pool's call threads, or small moe-frames calls sent and read on this thread, see
+`subnet.expert_client` and `call_inbox`), and waits at most `timeout_s` for the lot:
 - a call that fails fast (service gone, overloaded, bad answer) is sent again to another
   replica of the same expert, up to `retries` times, within what is left of the budget;
 - a call that misses the deadline has used the budget: it is masked, never waited for;
@@ -50,10 +51,11 @@ import torch
 
 from moe.boundary import ExpertGroup, OptimizerSettings
 from moe.experts import expert_uid
+from services.router.call_inbox import CallInbox
 from services.router.metrics import RouterMetrics
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
-from subnet.expert_client import ExpertClient, ExpertClientPool
+from subnet.expert_client import ExpertClient, ExpertClientPool, InlineCall
 from subnet.shm import ShmError, ShmRegion
 from subnet.shm_link import ShmLink
 from subnet.tensor_codec import (
@@ -215,7 +217,7 @@ class _Forward(_ShmCall):
         # A new call id per attempt: an abandoned attempt may still hold activations under the old one.
         return client.forward(self.uid, self.inputs if inputs is None else inputs,
                               call_id=f"{self.call_id}/{self.attempts}", step=self.step, training=self.training,
-                              timeout_s=timeout_s, metadata=metadata, reply_shm=reply)
+                              timeout_s=timeout_s, metadata=metadata, reply_shm=reply, inline=True)
 
     @property
     def served_call_id(self) -> str:
@@ -254,7 +256,7 @@ class _ForwardMany(_Call):
     def send(self, client, timeout_s, metadata):
         x = torch.cat([f._x for f in self.forwards])
         return client.forward_many(self.uids, [f.tokens for f in self.forwards], encode_view(x, self.wire_dtype),
-                                   step=self.step, timeout_s=timeout_s, metadata=metadata)
+                                   step=self.step, timeout_s=timeout_s, metadata=metadata, inline=True)
 
     def accept(self, response):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim, name="outputs")
@@ -289,7 +291,7 @@ class _Backward(_ShmCall):
             grad = self._encoded
         return client.backward(self.uid, grad, call_id=f.served_call_id, step=f.step,
                                inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
-                               session_id=self.session_id, metadata=metadata, reply_shm=reply)
+                               session_id=self.session_id, metadata=metadata, reply_shm=reply, inline=True)
 
     def accept(self, response):
         grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
@@ -623,9 +625,16 @@ class RemoteExpertGroup(ExpertGroup):
         """Retries and give-ups happen here. Returns by the deadline (+ GRACE_S at worst); afterwards
         each call has succeeded or has `failed` set. `covered()` True (checked after each answer):
         what is still out gets `straggler_s` more, then is given up as a straggler."""
+        done = CallInbox()
+        try:
+            self._collect(calls, timeout_s, covered, done)
+        finally:
+            done.close()
+
+    def _collect(self, calls: Sequence[_Call], timeout_s: float, covered: Callable[[], bool] | None,
+                 done: CallInbox) -> None:
         deadline = time.monotonic() + timeout_s
         cut: float | None = None   # the straggler deadline, once covered
-        done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight: set[int] = set()
         attempts: dict[int, _Attempt] = {}
 
@@ -651,6 +660,8 @@ class RemoteExpertGroup(ExpertGroup):
             attempts[key] = attempt
             in_flight.add(key)
             attempt.future.add_done_callback(lambda f: self._finished(f, attempt, key, span, started, done))
+            if isinstance(attempt.future, InlineCall) and not attempt.future.done():
+                done.watch(attempt.future)   # this thread reads its answer: no call thread involved
             return True
 
         for call in calls:
@@ -666,6 +677,7 @@ class RemoteExpertGroup(ExpertGroup):
                                             f"{self.straggler_s * 1e3:.0f} ms more") if cut is not None else \
                               ("deadline_exceeded", "no answer by the deadline")
                 for key in list(in_flight):
+                    done.forget(attempts[key].future)   # an inline call's socket is closed by cancel()
                     attempts[key].future.cancel()
                     attempts[key].call.settle(False)
                     self._give_up(attempts[key].call, reason, why)
@@ -699,7 +711,7 @@ class RemoteExpertGroup(ExpertGroup):
             self._give_up(call, reason, details)
 
     def _finished(self, future: Future, attempt: _Attempt, key: int, span, started: float,
-                  done: queue.SimpleQueue) -> None:
+                  done: CallInbox) -> None:
         """A call thread (or the waiting one, for a call cancelled before it started): book-keeping
         of one attempt, then hand it to the waiting thread."""
         elapsed = time.perf_counter() - started

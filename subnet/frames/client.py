@@ -44,40 +44,46 @@ class FramesChannel:
 
     def call(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> bytearray:
         """The response body of one unary call; raises FrameError (see the module doc)."""
+        return self.start(method, body, metadata, timeout_s).finish()
+
+    def start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> PendingCall:
+        """Send one call and return without waiting for its answer: `finish()` reads it (at once when the
+        socket, `fileno()`, is readable), `abandon()` gives it up. Raises Unreachable or FrameError."""
         deadline = time.monotonic() + timeout_s
+        frame = self._frame(method, body, metadata, deadline)
+        pending = PendingCall(self, self._take() or self._connect(deadline), deadline, frame)
+        pending.send_rest()
+        return pending
+
+    def try_start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> PendingCall | None:
+        """`start` that never blocks: on a kept connection only (None when there is none: no connect here),
+        with what the socket takes at once. A frame it did not take whole is finished by `send_rest()`
+        (check `pending.unsent`), e.g. on another thread; a slow or dead link cannot hold up the caller."""
+        deadline = time.monotonic() + timeout_s
+        frame = self._frame(method, body, metadata, deadline)
+        conn = self._take()
+        if conn is None:
+            return None
+        pending = PendingCall(self, conn, deadline, frame)
+        try:
+            conn.setblocking(False)
+            while pending.unsent:
+                sent = conn.send(pending.unsent[0])
+                pending.sent(sent)
+        except BlockingIOError:
+            pass   # the rest waits for send_rest()
+        except OSError as e:
+            raise self._failed(conn, e) from None
+        return pending
+
+    def _frame(self, method: str, body: bytes, metadata: p.Metadata, deadline: float) -> list[memoryview]:
         name = method.encode("ascii")
         meta = p.encode_metadata(metadata)
-        conn = self._take() or self._connect(deadline)
-        try:
-            conn.settimeout(_left(deadline))
-            head = p.request_header(name, meta, _left(deadline), len(body))
-            for buffer in p.buffers((head, name, meta), body):
-                conn.sendall(buffer)
-            header = bytearray(p.RESPONSE.size)
-            _recv_into(conn, memoryview(header), deadline)
-            code, details_len, body_len = p.parse_response_header(header, self.max_body_bytes)
-            details = bytearray(details_len)
-            _recv_into(conn, memoryview(details), deadline)
-            answer = bytearray(body_len)
-            _recv_into(conn, memoryview(answer), deadline)
-        except TimeoutError:
-            conn.close()
-            raise p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer by the deadline (moe-frames)") from None
-        except p.ProtocolError as e:
-            conn.close()
-            raise p.FrameError(e.code, e.message) from None
-        except OSError as e:
-            conn.close()
-            raise p.FrameError(grpc.StatusCode.UNAVAILABLE, f"moe-frames connection to {self._where()} broke: "
-                                                            f"{e.strerror or e}") from None
-        self._keep(conn)
-        self.calls += 1
-        if code is not grpc.StatusCode.OK:
-            text = details.decode("utf-8", "replace")
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and text.startswith(p.BUSY):
-                raise Unreachable(code, text)   # refused before the body was read: not processed
-            raise p.FrameError(code, text)
-        return answer
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to send the call (moe-frames)")
+        head = p.request_header(name, meta, left, len(body))
+        return [memoryview(b) for b in p.buffers((head, name, meta), body)]
 
     def close(self) -> None:
         with self._lock:
@@ -122,6 +128,74 @@ class FramesChannel:
 
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
+
+    def _failed(self, conn: socket.socket, error: BaseException) -> BaseException:
+        """The connection is closed (its answer, if any, may still come); the error a caller gets."""
+        conn.close()
+        if isinstance(error, TimeoutError):
+            return p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer by the deadline (moe-frames)")
+        if isinstance(error, p.ProtocolError):
+            return p.FrameError(error.code, error.message)
+        if isinstance(error, OSError):
+            return p.FrameError(grpc.StatusCode.UNAVAILABLE, f"moe-frames connection to {self._where()} broke: "
+                                                             f"{error.strerror or error}")
+        return error
+
+
+class PendingCall:
+    """A call on one of a channel's connections, sent (or partly: `unsent`), its answer not read yet."""
+
+    def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview]):
+        self._channel, self._conn, self.deadline = channel, conn, deadline
+        self.unsent = [b for b in frame if len(b)]   # what is still to be sent, in order
+
+    def sent(self, n: int) -> None:
+        """`n` more bytes went out."""
+        first = self.unsent[0][n:]
+        self.unsent[0:1] = [first] if len(first) else []
+
+    def send_rest(self) -> None:
+        """Send what is left of the frame (blocking, until the deadline); raises FrameError."""
+        conn = self._conn
+        try:
+            conn.settimeout(_left(self.deadline))
+            for buffer in self.unsent:
+                conn.sendall(buffer)
+            self.unsent = []
+        except (TimeoutError, OSError) as e:
+            raise self._channel._failed(conn, e) from None
+
+    def fileno(self) -> int:
+        """The connection's descriptor: readable once the answer starts to arrive (for select)."""
+        return self._conn.fileno()
+
+    def finish(self) -> bytearray:
+        """Wait for the answer (until the deadline) and return its body; raises FrameError."""
+        if self.unsent:
+            self.send_rest()
+        conn, channel = self._conn, self._channel
+        try:
+            header = bytearray(p.RESPONSE.size)
+            _recv_into(conn, memoryview(header), self.deadline)
+            code, details_len, body_len = p.parse_response_header(header, channel.max_body_bytes)
+            details = bytearray(details_len)
+            _recv_into(conn, memoryview(details), self.deadline)
+            answer = bytearray(body_len)
+            _recv_into(conn, memoryview(answer), self.deadline)
+        except (TimeoutError, p.ProtocolError, OSError) as e:
+            raise channel._failed(conn, e) from None
+        channel._keep(conn)
+        channel.calls += 1
+        if code is not grpc.StatusCode.OK:
+            text = details.decode("utf-8", "replace")
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and text.startswith(p.BUSY):
+                raise Unreachable(code, text)   # refused before the body was read: not processed
+            raise p.FrameError(code, text)
+        return answer
+
+    def abandon(self) -> None:
+        """Give the call up: its connection is closed, since the answer may still come."""
+        self._conn.close()
 
 
 def _left(deadline: float) -> float:

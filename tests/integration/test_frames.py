@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
 from subnet.auth.payload import sign_metadata
-from subnet.expert_client import ExpertClientPool
+from subnet.expert_client import ExpertClientPool, InlineCall
 from subnet.expert_weights import save_expert_weights
 from subnet.frames import protocol as p
 from subnet.frames.client import FramesChannel
@@ -75,10 +75,11 @@ def _metrics(service) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for m in family.samples}
 
 
-def _served(client) -> bool:
-    """Whether a small inference Forward through `client` gets a (6, DIM) answer."""
+def _served(client, inline=False) -> bool:
+    """Whether a small inference Forward through `client` gets a (6, DIM) answer (`inline`: sent from
+    this thread, see subnet.expert_client.InlineCall)."""
     answer = client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False,
-                            timeout_s=TIMEOUT_S).result()
+                            timeout_s=TIMEOUT_S, inline=inline).result()
     return decode(answer.outputs, expected_dim=DIM).shape == (6, DIM)
 
 
@@ -117,20 +118,31 @@ def _frame(method: str, metadata, body: bytes, timeout_s=TIMEOUT_S) -> bytes:
 def test_tensor_calls_go_over_frames_and_answer_as_grpc_does(service, client_identity, frames_port):
     x = _x(seed=1)
     answers = {}
-    for frames in (True, False):
+    for way in ("frames", "inline", "grpc"):   # inline: sent and read on this thread (InlineCall)
+        frames, inline = way != "grpc", way == "inline"
         with ExpertClientPool(identity=client_identity, frames=frames) as pool:
             client = pool.get(service.endpoint, service.hotkey)
-            forward = client.forward("0.1", encode_view(x), call_id="c", step=0, training=True,
-                                     timeout_s=TIMEOUT_S).result()
-            many = client.forward_many(["0.0", "0.1"], [2, 4], encode_view(x), step=0, timeout_s=TIMEOUT_S).result()
-            backward = client.backward("0.1", encode_view(x), call_id="c", step=0, session_id=f"s{frames}",
-                                       timeout_s=TIMEOUT_S).result()
-            answers[frames] = [decode(r, expected_dim=DIM) for r in
-                               (forward.outputs, many.outputs, backward.grad_inputs)]
+            if inline:   # the first call connects, on a call thread; the next ones find a kept connection
+                first = client.forward("0.0", encode_view(x), call_id="", step=0, training=False,
+                                       timeout_s=TIMEOUT_S, inline=True)
+                assert not isinstance(first, InlineCall) and first.result()
+            calls = [client.forward("0.1", encode_view(x), call_id="c", step=0, training=True,
+                                    timeout_s=TIMEOUT_S, inline=inline)]
+            forward = calls[-1].result()   # one after the other: each finds the connection kept by the one before
+            calls.append(client.forward_many(["0.0", "0.1"], [2, 4], encode_view(x), step=0, timeout_s=TIMEOUT_S,
+                                             inline=inline))
+            many = calls[-1].result()
+            calls.append(client.backward("0.1", encode_view(x), call_id="c", step=0, session_id=f"s{way}",
+                                         timeout_s=TIMEOUT_S, inline=inline))
+            backward = calls[-1].result()
+            assert all(isinstance(c, InlineCall) for c in calls) is inline   # sent and read on this thread
+            answers[way] = [decode(r, expected_dim=DIM) for r in
+                            (forward.outputs, many.outputs, backward.grad_inputs)]
             channel = pool.frames.channel(service.endpoint) if frames else None
-            assert (channel.calls if channel else 0) == (3 if frames else 0)   # all three went over frames
-    for over_frames, over_grpc in zip(answers[True], answers[False]):
-        assert torch.equal(over_frames, over_grpc)
+            assert (channel.calls if channel else 0) == (3 + inline if frames else 0)   # all went over frames
+    for way in ("frames", "inline"):
+        for over_frames, over_grpc in zip(answers[way], answers["grpc"]):
+            assert torch.equal(over_frames, over_grpc)
 
 
 def test_a_protocol_breach_gets_one_answer_and_a_closed_connection(service, frames_port):
@@ -196,8 +208,8 @@ def test_an_unreachable_frames_port_falls_back_to_grpc(service, client_identity,
     with ExpertClientPool(identity=client_identity) as pool:
         client = pool.get(service.endpoint, service.hotkey)
         client.frames = link = FramesLink(lambda endpoint: closed, 1 << 20)
-        for _ in range(2):
-            assert _served(client)   # over gRPC
+        for inline in (False, True, False):
+            assert _served(client, inline)   # over gRPC
         assert link.channel(service.endpoint) is None   # the same port failed: gRPC for a while
         link.close()
 
@@ -205,9 +217,17 @@ def test_an_unreachable_frames_port_falls_back_to_grpc(service, client_identity,
 def test_a_call_past_its_deadline_is_deadline_exceeded(expert_service_module_factory, checkpoint, client_identity):
     with _one_expert(expert_service_module_factory, checkpoint, client_identity,
                      EXPERT_INJECT_DELAY_MS="400") as (pool, client):
-        with pytest.raises(grpc.RpcError) as err:
-            client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False, timeout_s=0.1).result()
-        assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED   # not the answer 0.4 s later
+        for inline in (False, True):
+            with pytest.raises(grpc.RpcError) as err:
+                client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False, timeout_s=0.1,
+                               inline=inline).result()
+            assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED   # not the answer 0.4 s later
+        # An inline call given up by its caller fails at once, its connection dropped (the answer may come).
+        assert _served(client)   # a kept connection: the next inline call is sent from this thread
+        call = client.forward("0.0", encode_view(_x()), call_id="", step=0, training=False, timeout_s=TIMEOUT_S,
+                              inline=True)
+        assert isinstance(call, InlineCall)
+        assert call.cancel() is False and call.exception().code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert _served(client)
         assert pool.frames.channel(client.endpoint).calls >= 1
 
@@ -294,10 +314,11 @@ def test_announced_bodies_beyond_the_budget_are_refused_and_the_call_goes_over_g
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
             break
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(p.BUSY)
-    with ExpertClientPool(identity=client_identity) as pool:
-        client = pool.get(service.endpoint, service.hotkey)
-        assert _served(client)                             # refused as busy over frames, served over gRPC
-        assert pool.frames.channel(service.endpoint) is None   # gRPC for a while
+    for inline in (False, True):   # an inline call learns it only from the answer: it falls back as well
+        with ExpertClientPool(identity=client_identity) as pool:
+            client = pool.get(service.endpoint, service.hotkey)
+            assert _served(client, inline)                     # refused as busy over frames, served over gRPC
+            assert pool.frames.channel(service.endpoint) is None   # gRPC for a while
     for conn in stalled:
         conn.close()
 
@@ -315,3 +336,21 @@ def test_one_info_call_tells_both_links_about_an_endpoint(service, client_identi
         assert client.shm is not None and not client.shm.usable(service.endpoint)   # decided by that answer
         assert pool.frames.channel(service.endpoint).calls == 1
     assert info_calls() - before == 1
+
+
+def test_try_start_never_blocks_and_leaves_what_the_socket_did_not_take():
+    """The inline path's send: a peer that reads nothing cannot hold up the caller's thread; the rest of
+    the frame waits in `unsent` for `send_rest()` (a call thread), bounded by the deadline."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    channel = FramesChannel("127.0.0.1", listener.getsockname()[1], 64 << 20)
+    assert channel.try_start(FORWARD, b"x", (), TIMEOUT_S) is None   # no kept connection: it does not connect
+    channel._keep(channel._connect(time.monotonic() + TIMEOUT_S))
+    peer, _ = listener.accept()   # accepted, never read
+    pending = channel.try_start(FORWARD, bytes(32 << 20), (), 0.5)
+    assert pending is not None and sum(len(b) for b in pending.unsent) > 0
+    with pytest.raises(p.FrameError) as err:
+        pending.finish()   # sends the rest: the peer never reads it
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    peer.close()
+    listener.close()
+    channel.close()

@@ -1,0 +1,107 @@
+"""Where the thread that sent a round of expert calls collects their answers.
+
+    inbox = CallInbox()
+    future.add_done_callback(lambda f: inbox.put(("answer", f)))   # any thread
+    inbox.watch(inline_call)           # an inline moe-frames call: this thread reads its answer itself
+    item = inbox.get(timeout=0.5)      # queue.Empty when nothing came in time
+    inbox.close()
+
+Answers come two ways. A call carried by one of the pool's call threads hands its answer over
+(`put`). An inline call (subnet.expert_client.InlineCall: sent from this thread, a small tensor
+over moe-frames) has no thread of its own: `get` waits on its socket with `select` and, once it
+is readable, reads the answer here (`complete()`, whose done-callbacks `put` it). That saves the
+two thread hand-offs a call thread costs per call (submit, then the answer back), which were the
+largest router-side part of a decode step's latency on two busy cores. While `get` waits in
+`select`, a `put` from another thread wakes it through a socket pair.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Any, Protocol
+
+
+class Watchable(Protocol):
+    def fileno(self) -> int: ...
+
+    def complete(self) -> None: ...
+
+
+class CallInbox:
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._watched: dict[int, Watchable] = {}   # fileno -> call whose answer this thread reads
+        self._lock = threading.Lock()
+        self._selecting = False
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+
+    def put(self, item: Any) -> None:
+        """Hand an answer to the waiting thread (any thread)."""
+        self._queue.put(item)
+        with self._lock:
+            if self._selecting and self._wake is not None:
+                try:
+                    self._wake[1].send(b"\0")
+                except (BlockingIOError, OSError):   # full: a wake-up is pending anyway
+                    pass
+
+    def watch(self, call: Watchable) -> None:
+        """`call`'s answer is read by `get` (on the thread that calls it) once its socket is readable."""
+        self._watched[call.fileno()] = call
+
+    def forget(self, call: object) -> None:
+        """Stop watching `call` (given up)."""
+        self._watched = {fd: c for fd, c in self._watched.items() if c is not call}
+
+    def get(self, timeout: float) -> Any:
+        """The next answer; raises queue.Empty when none came within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            if not self._watched:
+                return self._queue.get(timeout=max(left, 0.0))
+            if left <= 0:
+                raise queue.Empty
+            self._wait_sockets(left)
+
+    def close(self) -> None:
+        with self._lock:
+            wake, self._wake = self._wake, None
+        if wake is not None:
+            for end in wake:
+                end.close()
+
+    def _wait_sockets(self, timeout: float) -> None:
+        """One select on the watched sockets and the wake-up end; completes the readable calls."""
+        if self._wake is None:
+            self._wake = socket.socketpair()
+            for end in self._wake:
+                end.setblocking(False)
+        with self._lock:
+            self._selecting = True
+        try:
+            if not self._queue.empty():   # put before _selecting was set: it sent no wake-up
+                return
+            readable, _, _ = select.select([self._wake[0], *self._watched], [], [], timeout)
+        finally:
+            with self._lock:
+                self._selecting = False
+        for fd in readable:
+            if fd is self._wake[0]:
+                try:
+                    while self._wake[0].recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                continue
+            call = self._watched.pop(fd, None)
+            if call is not None:
+                call.complete()   # its done-callbacks put the answer

@@ -1,0 +1,92 @@
+"""CallInbox (services/router/call_inbox.py): answers handed over by other threads and answers read on
+the waiting thread from watched sockets both come out of `get`; nothing is lost when they mix."""
+
+import queue
+import socket
+import threading
+
+import pytest
+
+from services.router.call_inbox import CallInbox
+
+
+class _SocketCall:
+    """A watched call: readable when its peer writes; `complete` reads and puts the answer."""
+
+    def __init__(self, inbox: CallInbox, name: str):
+        self.inbox, self.name = inbox, name
+        self.ours, self.peer = socket.socketpair()
+        self.completed_on: threading.Thread | None = None
+
+    def fileno(self) -> int:
+        return self.ours.fileno()
+
+    def complete(self) -> None:
+        self.completed_on = threading.current_thread()
+        self.inbox.put((self.name, self.ours.recv(100)))
+
+    def close(self) -> None:
+        self.ours.close()
+        self.peer.close()
+
+
+def test_a_watched_call_is_completed_on_the_waiting_thread():
+    inbox = CallInbox()
+    call = _SocketCall(inbox, "a")
+    inbox.watch(call)
+    threading.Timer(0.05, lambda: call.peer.send(b"answer")).start()
+    assert inbox.get(timeout=5.0) == ("a", b"answer")
+    assert call.completed_on is threading.current_thread()
+    call.close()
+    inbox.close()
+
+
+def test_a_put_from_another_thread_wakes_a_wait_on_sockets():
+    inbox = CallInbox()
+    call = _SocketCall(inbox, "silent")   # never answers
+    inbox.watch(call)
+    threading.Timer(0.05, lambda: inbox.put("from a call thread")).start()
+    assert inbox.get(timeout=5.0) == "from a call thread"
+    with pytest.raises(queue.Empty):      # and then nothing more: the wait ends at its timeout
+        inbox.get(timeout=0.05)
+    call.close()
+    inbox.close()
+
+
+def test_answers_of_both_kinds_all_come_out():
+    inbox = CallInbox()
+    calls = [_SocketCall(inbox, f"s{i}") for i in range(3)]
+    for call in calls:
+        inbox.watch(call)
+    threads = [threading.Timer(0.01 * i, inbox.put, args=(f"t{i}",)) for i in range(3)]
+    for i, call in enumerate(calls):
+        threads.append(threading.Timer(0.01 * i + 0.005, call.peer.send, args=(b"x",)))
+    for t in threads:
+        t.start()
+    got = {inbox.get(timeout=5.0) for _ in range(6)}
+    assert got == {"t0", "t1", "t2", ("s0", b"x"), ("s1", b"x"), ("s2", b"x")}
+    for call in calls:
+        call.close()
+    inbox.close()
+
+
+def test_without_watched_calls_it_is_a_plain_queue():
+    inbox = CallInbox()
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.01)
+    inbox.put(1)
+    assert inbox.get(timeout=0.01) == 1
+    inbox.close()
+
+
+def test_a_forgotten_call_is_not_completed():
+    inbox = CallInbox()
+    call = _SocketCall(inbox, "gone")
+    inbox.watch(call)
+    inbox.forget(call)
+    call.peer.send(b"late")
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.05)
+    assert call.completed_on is None
+    call.close()
+    inbox.close()
