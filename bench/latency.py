@@ -12,6 +12,9 @@ Both models decode the same fixed token sequence, one step each in turn (the ord
 alternates, so neither always runs right after the other), WARMUP_STEPS untimed, then
 STEPS timed. Logits of the two are compared at every step; fp32 on the wire must agree to
 float rounding or the part fails.
+
+`one_call_p50_ms`: the floor under those expert calls, one signed one-token Forward to one service,
+back to back (see `_one_call`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from moe.lm import MoELM
 from services.router.config import RouterConfig
 from services.router.remote_model import build_remote_lm, export_expert_weights
 from services.stack.placement import deal_experts
+from subnet.tensor_codec import decode, encode_view
 
 PRESET = "small"
 PROMPT_TOKENS, WARMUP_STEPS, STEPS = 8, 10, 100   # 118 positions: fits block_size 128 without a cache reset
@@ -69,9 +73,29 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
                 if missing or unexpected:
                     raise RuntimeError(f"trunk does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
                 models[name] = (remote, ROUTER_THREADS)
-            return _measure(models, tokens, n_threads, len(deals))
+            out = _measure(models, tokens, n_threads, len(deals))
+            out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
+            return out
     finally:
         torch.set_num_threads(n_threads)
+
+
+def _one_call(stack: BenchStack, uid: str, dim: int) -> dict:
+    """The floor under a decode step's expert calls: one signed Forward of one token to one service,
+    each sent as soon as the one before is answered (as a decode step's calls of one layer are), over
+    the path a decode step takes (moe-frames, sent and read on this thread)."""
+    client = stack.clients.get(stack.replicas.replicas(uid)[0].endpoint)
+    x = torch.randn(1, dim)
+    samples = []
+    for i in range(WARMUP_STEPS + 5 * STEPS):
+        start = time.perf_counter()
+        answer = client.forward(uid, encode_view(x), call_id="", step=0, training=False, timeout_s=CALL_TIMEOUT_S,
+                                inline=True).result()
+        if i >= WARMUP_STEPS:
+            samples.append(time.perf_counter() - start)
+    decode(answer.outputs, expected_dim=dim)
+    ms = {k: v * 1e3 for k, v in percentiles(samples, (50, 99)).items()}
+    return {"one_call_p50_ms": ms["p50"], "one_call_p99_ms": ms["p99"]}
 
 
 def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threads: int, n_services: int) -> dict:

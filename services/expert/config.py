@@ -48,8 +48,8 @@ class ExpertConfig:
     max_batch_tokens: int = env("EXPERT_MAX_BATCH_TOKENS", 8192,
                                 "dynamic batching merges requests up to this many tokens per computation")
     batch_wait_ms: float = env("EXPERT_BATCH_WAIT_MS", 2.0,
-                               "how long the first request of a batch waits for others to join; a request "
-                               "that arrives alone, this long after the one before it, does not wait")
+                               "how long the first request of a batch waits for others to join, when it "
+                               "arrives while the expert has work; a request to an idle expert does not wait")
     max_request_tokens: int = env("EXPERT_MAX_REQUEST_TOKENS", 4096,
                                   "tokens per request; more is RESOURCE_EXHAUSTED")
     max_queue_tokens: int = env("EXPERT_MAX_QUEUE_TOKENS", 65536,

@@ -166,16 +166,28 @@ def test_a_small_request_waits_for_the_thread_while_it_is_busy():
     _run(scenario, max_batch_tokens=100, batch_wait_ms=HOUR_MS)
 
 
-def test_a_request_close_behind_another_waits_for_company():
+def test_a_client_calling_again_at_once_does_not_wait_while_the_expert_is_idle():
     async def scenario(backend, batcher, metrics):
-        await batcher.forward("0.0", _xs(1)[0])   # alone: computed at once
-        second = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
+        for n in range(1, 4):   # each call as soon as the one before is answered: never any company
+            await asyncio.wait_for(batcher.forward("0.0", _xs(1)[0]), timeout=30)
+            assert _batch_stats(metrics) == (n, n, n)
+    _run(scenario, max_batch_tokens=100, batch_wait_ms=HOUR_MS)   # waiting at all would time out
+
+
+def test_a_request_arriving_while_the_expert_computes_waits_for_company():
+    async def scenario(backend, batcher, metrics):
+        release, busy = _occupy(batcher.worker)   # the first request's computation cannot finish yet
+        first = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
         await _turns()
-        assert _batch_stats(metrics) == (1, 1, 1)   # within the window of the first: it waits
+        second = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))   # the expert has work: it queues
+        await _turns()
+        assert _batch_stats(metrics) == (1, 1, 1)   # the first went at once; the second waits for company
         third = asyncio.create_task(batcher.forward("0.0", _xs(1)[0]))
-        await asyncio.gather(second, third)
-        assert _batch_stats(metrics) == (2, 3, 3)   # and the next one joined it
-    _run(scenario, max_batch_tokens=2, batch_wait_ms=HOUR_MS)   # full at two tokens
+        await _turns()
+        release.set()
+        await asyncio.gather(busy, first, second, third)
+        assert _batch_stats(metrics) == (2, 3, 3)   # the two late ones went as one batch
+    _run(scenario, max_batch_tokens=2, batch_wait_ms=HOUR_MS, inline_max_macs=0)   # full at two tokens
 
 
 def test_requests_that_arrive_together_still_wait_for_company():
@@ -222,14 +234,18 @@ def test_forward_many_of_lone_experts_computes_each_at_once_and_correctly():
 def test_forward_many_joins_the_queues_when_an_expert_has_company_waiting():
     async def scenario(backend, batcher, metrics):
         x_wait, x0, x1 = _xs(2, 3, 1)
-        await batcher.forward("0.0", _xs(1)[0])        # 0.0's last request: the next one is not alone
-        waiting = asyncio.ensure_future(batcher.forward("0.0", x_wait))
+        release, busy = _occupy(batcher.worker)
+        first = asyncio.ensure_future(batcher.forward("0.0", _xs(1)[0]))   # alone: computing (held)
+        await _turns()
+        waiting = asyncio.ensure_future(batcher.forward("0.0", x_wait))     # 0.0 has work: it queues
         await _turns()
         many = asyncio.ensure_future(batcher.forward_many([("0.0", x0), ("0.1", x1)]))
         await _turns()
         assert not many.done()      # 0.0's rows wait in its queue with the request before them
         batcher.max_batch_tokens = 5   # a full batch goes at once: the waiting request and these rows
         batcher._queues["0.0"].changed.set()
+        release.set()
+        await asyncio.gather(busy, first)
         y0, y1 = await many
         torch.testing.assert_close(await waiting, backend.module("0.0")(x_wait).detach())
         torch.testing.assert_close(y0, backend.module("0.0")(x0).detach())
