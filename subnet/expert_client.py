@@ -47,7 +47,7 @@ import grpc
 from subnet.auth.client import SigningChannel
 from subnet.frames.client import FramesChannel, PendingCall, Unreachable
 from subnet.frames.link import FramesLink
-from subnet.frames.protocol import EXPERT_RPCS, FrameError
+from subnet.frames.protocol import EXPERT_RPCS, RPC_SYSTEM, FrameError
 from subnet.identity import Identity
 from subnet.shm import ShmConfig
 from subnet.shm_link import ShmLink
@@ -162,8 +162,11 @@ class ExpertClient:
         if channel is None:
             return self._calls.submit(_call, method, request, deadline, metadata)
         if inline and _size(request) <= INLINE_MAX_BYTES:
-            return self._start_inline(channel, rpc, method, request, deadline, metadata)
-        return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+            future = self._start_inline(channel, rpc, method, request, deadline, metadata)
+        else:
+            future = self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+        future.rpc_system = RPC_SYSTEM   # for the caller's trace span (gRPC when no attribute: a fallback
+        return future                    # to gRPC after "busy" or a failed connect is not told apart)
 
     def _signed(self, rpc: str, request: Any, metadata: Metadata) -> tuple[str, bytes, tuple]:
         path = f"/{SERVICE}/{rpc}"

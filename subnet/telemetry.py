@@ -112,7 +112,9 @@ class _ServerSpans:
         parent = PROPAGATOR.extract(carrier)
         service, _, rpc = method.lstrip("/").partition("/")
         span = self._tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes={
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc, "client.address": context.peer()})
+            # A context of another transport names it (subnet/frames: "moe-frames"); grpc.aio's has none.
+            "rpc.system": getattr(context, "rpc_system", "grpc"), "rpc.service": service, "rpc.method": rpc,
+            "client.address": context.peer()})
         return span, trace.set_span_in_context(span, parent)
 
 

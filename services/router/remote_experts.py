@@ -656,6 +656,7 @@ class RemoteExpertGroup(ExpertGroup):
                 self.replicas.end_call(endpoint, call.tokens)
                 self.tracer.end(span, grpc.StatusCode.UNKNOWN, "not sent")
                 raise
+            span.set_attribute("rpc.system", getattr(attempt.future, "rpc_system", "grpc"))   # before it can end
             key = id(attempt)
             attempts[key] = attempt
             in_flight.add(key)

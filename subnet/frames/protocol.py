@@ -72,6 +72,7 @@ class ProtocolError(Exception):
         self.code, self.message, self.reason = code, message, reason
 
 
+RPC_SYSTEM = "moe-frames"   # rpc.system of the trace spans of calls over this transport (both ends)
 JOIN_BELOW_BYTES = 64 << 10   # a smaller body goes out joined to its header: one send, one copy of little
 
 

@@ -44,7 +44,9 @@ class _Abort(Exception):
 
 class _Context:
     """The part of grpc.aio.ServicerContext that the expert's handlers and interceptors use (metadata, peer,
-    abort; code and details for the tracing interceptor)."""
+    abort; code and details for the tracing interceptor, and the transport's name for its spans)."""
+
+    rpc_system = p.RPC_SYSTEM
 
     def __init__(self, metadata: tuple, peer: str):
         self._metadata, self._peer = metadata, peer

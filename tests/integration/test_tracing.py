@@ -69,6 +69,7 @@ class Span:
     parent_id: str
     status: int
     grpc_code: int | None
+    rpc_system: str = ""
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -86,8 +87,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                 for scope in resource_spans.scope_spans:
                     for s in scope.spans:
                         code = next((a.value.int_value for a in s.attributes if a.key == "rpc.grpc.status_code"), None)
+                        system = next((a.value.string_value for a in s.attributes if a.key == "rpc.system"), "")
                         self.spans.append(Span(service, s.name, s.kind, s.trace_id.hex(), s.span_id.hex(),
-                                               s.parent_span_id.hex(), s.status.code, code))
+                                               s.parent_span_id.hex(), s.status.code, code, system))
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -183,6 +185,9 @@ def test_one_training_step_is_one_trace_across_router_and_experts(expert_service
     for s in served:
         call = by_id[s.parent_id]
         assert (s.trace_id, s.name, s.grpc_code) == (call.trace_id, call.name, 0)
+        # Both ends name the transport: tensor calls go over moe-frames, the optimizer's over gRPC.
+        tensor_call = call.name.split("/")[1] in ("Forward", "Backward")
+        assert s.rpc_system == call.rpc_system == ("moe-frames" if tensor_call else "grpc"), (s, call)
 
 
 
