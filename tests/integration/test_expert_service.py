@@ -133,28 +133,45 @@ def test_training_step_over_grpc_equals_in_process_training(stub, reference):
     torch.testing.assert_close(decode(reply.outputs), ref(x).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_batching_merges_concurrent_requests(service, reference, client_identity):
-    experts, _ = reference
+def test_requests_arriving_while_the_expert_computes_are_merged(expert_service_factory, client_identity):
+    """Dynamic batching: a request to an idle expert goes at once; those that arrive while it computes
+    (here: behind a large one, which runs on the compute thread) wait for company and go together."""
+    dim, inter, seed = 256, 1024, 3
+    service = expert_service_factory(["0.0"], dim, inter, env={
+        "EXPERT_SEED": str(seed), "EXPERT_BATCH_WAIT_MS": "100", "EXPERT_MAX_REQUEST_TOKENS": "4096",
+        "EXPERT_THREADS": "1", "REDIS_URL": ""})
+    expert = init_expert("0.0", dim, inter, seed=seed)   # the weights EXPERT_SEED gives it
+    big = torch.randn(4096, dim, generator=torch.Generator().manual_seed(1))   # about 3 G multiply-adds
+    xs = [torch.randn(4, dim, generator=torch.Generator().manual_seed(100 + i)) for i in range(8)]
     before = _metrics(service)
-    xs = [_x(4, seed=100 + i) for i in range(8)]
 
     async def fire():
-        async with grpc.aio.insecure_channel(service.endpoint) as channel:
+        async with grpc.aio.insecure_channel(service.endpoint, options=[
+                ("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20)]) as channel:
             stub = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
-            await stub.Info(expert_pb2.InfoRequest())  # connect first, so the 8 arrive together
-            return await asyncio.gather(*(stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(x)),
-                                                       timeout=10) for x in xs))
+            await stub.Info(expert_pb2.InfoRequest())  # connect first
+            first = asyncio.ensure_future(stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0",
+                                                                                 inputs=encode(big)), timeout=30))
+            deadline = time.monotonic() + 20
+            while _metrics(service).get(("expert_queue_tokens", (("expert", "0.0"),)), 0) < len(big):
+                assert time.monotonic() < deadline, "the large request never reached the batcher"
+                await asyncio.sleep(0.002)   # until it is computing (an idle expert takes it at once)
+            small = await asyncio.gather(*(stub.Forward(expert_pb2.ForwardRequest(expert_uid="0.0",
+                                                                                  inputs=encode(x)), timeout=30)
+                                           for x in xs))
+            return await first, small
 
-    replies = asyncio.run(fire())
-    for x, reply in zip(xs, replies):  # every request got its own rows back
-        torch.testing.assert_close(decode(reply.outputs), experts["0.0"](x).detach(), rtol=1e-5, atol=1e-5)
+    first, replies = asyncio.run(fire())
+    with torch.no_grad():
+        torch.testing.assert_close(decode(first.outputs), expert(big), rtol=1e-4, atol=1e-4)
+        for x, reply in zip(xs, replies):  # every request got its own rows back
+            torch.testing.assert_close(decode(reply.outputs), expert(x), rtol=1e-4, atol=1e-4)
     after = _metrics(service)
     key = (("expert", "0.0"),)
     batches = after[("expert_batch_requests_count", key)] - before.get(("expert_batch_requests_count", key), 0)
     requests = after[("expert_batch_requests_sum", key)] - before.get(("expert_batch_requests_sum", key), 0)
-    tokens = after[("expert_batch_tokens_sum", key)] - before.get(("expert_batch_tokens_sum", key), 0)
-    assert requests == 8 and tokens == 32
-    assert batches < 8, f"8 concurrent requests ran as {batches} computations: nothing was merged"
+    assert requests == 9
+    assert batches < 9, f"9 requests ran as {batches} computations: nothing was merged"
 
 
 def _forward(uid="0.0", **tensor):
