@@ -218,8 +218,8 @@ class ExpertClient:
 
 class InlineCall(Future):
     """A small moe-frames call sent from the caller's own thread, whose answer that thread reads too:
-    it watches `fileno()` and calls `complete()` once it is readable (services.router.call_inbox), so no
-    call thread is involved. `result()` and `exception()` complete it themselves when nobody has.
+    it watches `fileno()` and calls `on_readable()` each time it is readable (services.router.call_inbox),
+    so no call thread is involved. `result()` and `exception()` complete it themselves when nobody has.
     `cancel()` gives it up (the connection is closed) and fails it with DEADLINE_EXCEEDED."""
 
     def __init__(self, pending: PendingCall, rpc: str, fall_back: Callable[[], Future]):
@@ -229,6 +229,22 @@ class InlineCall(Future):
 
     def fileno(self) -> int:
         return self._pending.fileno()
+
+    def on_readable(self) -> bool:
+        """Take in what has arrived (never waits); True once the call is settled, False while its answer is
+        still partial: a peer that sends half an answer and stalls cannot hold up the caller's thread,
+        which keeps watching it until the caller's deadline or straggler cut gives it up."""
+        if self.done():
+            return True
+        try:
+            if not self._pending.read_available():
+                return False
+        except FrameError as e:
+            if self._taken.acquire(blocking=False):
+                self._settle(exception=e)
+            return True
+        self.complete()   # the answer is whole: this does not wait
+        return True
 
     def complete(self) -> None:
         """Read the answer (blocking until it is whole, or the deadline) and settle the future."""

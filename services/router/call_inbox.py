@@ -8,8 +8,9 @@
 
 Answers come two ways. A call carried by one of the pool's call threads hands its answer over
 (`put`). An inline call (subnet.expert_client.InlineCall: sent from this thread, a small tensor
-over moe-frames) has no thread of its own: `get` waits on its socket with `select` and, once it
-is readable, reads the answer here (`complete()`, whose done-callbacks `put` it). That saves the
+over moe-frames) has no thread of its own: `get` waits on its socket with `select` and, each time
+it is readable, takes in what arrived here (`on_readable()`, never waiting for the rest; once the
+answer is whole, its done-callbacks `put` it). That saves the
 two thread hand-offs a call thread costs per call (submit, then the answer back), which were the
 largest router-side part of a decode step's latency on two busy cores. While `get` waits in
 `select`, a `put` from another thread wakes it through a socket pair.
@@ -28,7 +29,8 @@ from typing import Any, Protocol
 class Watchable(Protocol):
     def fileno(self) -> int: ...
 
-    def complete(self) -> None: ...
+    def on_readable(self) -> bool:
+        """Take in what arrived, without waiting; True once done (its done-callbacks `put` the answer)."""
 
 
 class CallInbox:
@@ -102,6 +104,6 @@ class CallInbox:
                 except (BlockingIOError, OSError):
                     pass
                 continue
-            call = self._watched.pop(fd, None)
-            if call is not None:
-                call.complete()   # its done-callbacks put the answer
+            call = self._watched.get(fd)
+            if call is not None and call.on_readable():   # its done-callbacks put the answer
+                del self._watched[fd]

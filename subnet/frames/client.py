@@ -148,6 +148,11 @@ class PendingCall:
     def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview]):
         self._channel, self._conn, self.deadline = channel, conn, deadline
         self.unsent = [b for b in frame if len(b)]   # what is still to be sent, in order
+        # The answer, read part by part (header, then details and body once the header says their sizes),
+        # so that a caller can take in what has arrived without waiting for the rest (read_available).
+        self._parts = [bytearray(p.RESPONSE.size)]
+        self._part = self._got = 0
+        self._code: grpc.StatusCode | None = None
 
     def sent(self, n: int) -> None:
         """`n` more bytes went out."""
@@ -169,29 +174,58 @@ class PendingCall:
         """The connection's descriptor: readable once the answer starts to arrive (for select)."""
         return self._conn.fileno()
 
+    def read_available(self) -> bool:
+        """Take in what has arrived of the answer, without waiting; True once it is whole (then `finish()`
+        returns at once). A peer that sends part of an answer and stalls holds up nobody this way.
+        Raises FrameError when the connection breaks or the answer breaks the protocol."""
+        try:
+            return self._fill(blocking=False)
+        except (p.ProtocolError, OSError) as e:
+            raise self._channel._failed(self._conn, e) from None
+
     def finish(self) -> bytearray:
         """Wait for the answer (until the deadline) and return its body; raises FrameError."""
         if self.unsent:
             self.send_rest()
         conn, channel = self._conn, self._channel
         try:
-            header = bytearray(p.RESPONSE.size)
-            _recv_into(conn, memoryview(header), self.deadline)
-            code, details_len, body_len = p.parse_response_header(header, channel.max_body_bytes)
-            details = bytearray(details_len)
-            _recv_into(conn, memoryview(details), self.deadline)
-            answer = bytearray(body_len)
-            _recv_into(conn, memoryview(answer), self.deadline)
+            self._fill(blocking=True)
         except (TimeoutError, p.ProtocolError, OSError) as e:
             raise channel._failed(conn, e) from None
         channel._keep(conn)
         channel.calls += 1
+        code, details, answer = self._code, self._parts[1], self._parts[2]
         if code is not grpc.StatusCode.OK:
             text = details.decode("utf-8", "replace")
             if code is grpc.StatusCode.RESOURCE_EXHAUSTED and text.startswith(p.BUSY):
                 raise Unreachable(code, text)   # refused before the body was read: not processed
             raise p.FrameError(code, text)
         return answer
+
+    def _fill(self, blocking: bool) -> bool:
+        """Read the answer's parts in order; True when all are in. Not blocking: stops at what has arrived."""
+        conn = self._conn
+        while self._part < len(self._parts):
+            view = memoryview(self._parts[self._part])
+            if self._got < len(view):
+                if blocking:
+                    conn.settimeout(_left(self.deadline))
+                else:
+                    conn.setblocking(False)
+                try:
+                    n = conn.recv_into(view[self._got:])
+                except BlockingIOError:
+                    return False
+                if n == 0:
+                    raise ConnectionResetError("the server closed the connection")
+                self._got += n
+                continue
+            if self._part == 0:   # the header: the sizes of what follows
+                code, details_len, body_len = p.parse_response_header(self._parts[0], self._channel.max_body_bytes)
+                self._code = code
+                self._parts += [bytearray(details_len), bytearray(body_len)]
+            self._part, self._got = self._part + 1, 0
+        return True
 
     def abandon(self) -> None:
         """Give the call up: its connection is closed, since the answer may still come."""
@@ -203,13 +237,3 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise TimeoutError
     return left
-
-
-def _recv_into(conn: socket.socket, view: memoryview, deadline: float) -> None:
-    got = 0
-    while got < len(view):
-        conn.settimeout(_left(deadline))
-        n = conn.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionResetError("the server closed the connection")
-        got += n

@@ -3,6 +3,7 @@ go over it and answer exactly as gRPC does; hostile frames get their status (and
 breach a closed connection) while the service keeps serving; a signed request replayed on the
 other transport is refused; an unreachable port falls back to gRPC; deadlines hold."""
 
+import queue
 import socket
 import struct
 import time
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
+from services.router.call_inbox import CallInbox
 from subnet.auth.payload import sign_metadata
 from subnet.expert_client import ExpertClientPool, InlineCall
 from subnet.expert_weights import save_expert_weights
@@ -354,3 +356,26 @@ def test_try_start_never_blocks_and_leaves_what_the_socket_did_not_take():
     peer.close()
     listener.close()
     channel.close()
+
+
+def test_an_inline_call_whose_answer_stalls_halfway_never_blocks_its_caller():
+    """A hostile expert sends part of an answer and stops: the caller's thread takes in what came and
+    goes on (its straggler cut or deadline then gives the call up), instead of waiting in recv."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    channel = FramesChannel("127.0.0.1", listener.getsockname()[1], 64 << 20)
+    channel._keep(channel._connect(time.monotonic() + TIMEOUT_S))
+    peer, _ = listener.accept()
+    pending = channel.try_start(FORWARD, b"request", (), TIMEOUT_S)
+    assert pending is not None and not pending.unsent
+    call = InlineCall(pending, "Forward", fall_back=lambda: pytest.fail("nothing to fall back from"))
+    peer.sendall(p.response_header(grpc.StatusCode.OK, b"", 100)[:7])   # a third of a header, then nothing
+    inbox = CallInbox()
+    inbox.watch(call)
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.3)             # returned at its timeout, not at the call's 10 s deadline
+    assert not call.done()
+    assert call.cancel() is False and call.exception().code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    peer.close()
+    listener.close()
+    channel.close()
+    inbox.close()

@@ -11,7 +11,7 @@ from services.router.call_inbox import CallInbox
 
 
 class _SocketCall:
-    """A watched call: readable when its peer writes; `complete` reads and puts the answer."""
+    """A watched call: readable when its peer writes; `on_readable` reads and puts the answer."""
 
     def __init__(self, inbox: CallInbox, name: str):
         self.inbox, self.name = inbox, name
@@ -21,9 +21,10 @@ class _SocketCall:
     def fileno(self) -> int:
         return self.ours.fileno()
 
-    def complete(self) -> None:
+    def on_readable(self) -> bool:
         self.completed_on = threading.current_thread()
         self.inbox.put((self.name, self.ours.recv(100)))
+        return True
 
     def close(self) -> None:
         self.ours.close()
@@ -88,5 +89,26 @@ def test_a_forgotten_call_is_not_completed():
     with pytest.raises(queue.Empty):
         inbox.get(timeout=0.05)
     assert call.completed_on is None
+    call.close()
+    inbox.close()
+
+
+class _PartialCall(_SocketCall):
+    """An answer that never becomes whole: each wake-up takes in a byte and says "not yet"."""
+
+    def on_readable(self) -> bool:
+        self.ours.recv(1)
+        return False
+
+
+def test_a_call_whose_answer_stays_partial_is_kept_watched_and_get_still_times_out():
+    inbox = CallInbox()
+    call = _PartialCall(inbox, "partial")
+    inbox.watch(call)
+    call.peer.send(b"half")
+    with pytest.raises(queue.Empty):   # it returns at its timeout: the partial answer holds nobody up
+        inbox.get(timeout=0.1)
+    inbox.put("later")
+    assert inbox.get(timeout=5.0) == "later"   # still watched, still waking up for the others
     call.close()
     inbox.close()
