@@ -175,45 +175,47 @@ class ExpertClient:
         return path, *self._signer.sign(path, request, serialize, metadata)
 
     def _call_frames(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
-                     deadline: float, metadata: Metadata) -> Any:
-        path, body, signed = self._signed(rpc, request, metadata)
+                     deadline: float, metadata: Metadata, signed: tuple[str, bytes, tuple] | None = None) -> Any:
+        """The call over moe-frames (`signed`: its `_signed` form, when the caller has it already)."""
+        path, body, signed = signed or self._signed(rpc, request, metadata)
         try:
             pending = channel.start(path, body, signed, max(deadline - time.monotonic(), 0.001))
-        except Unreachable:   # nothing was sent: gRPC instead (signed afresh), now and for a while
-            self.frames.unreachable(self.endpoint)
-            return _call(method, request, deadline, metadata)
+        except Unreachable:   # no connection: nothing was sent
+            return self._over_grpc(method, request, deadline, metadata)
         return self._finish_frames(pending, rpc, method, request, deadline, metadata)
 
     def _finish_frames(self, pending: PendingCall, rpc: str, method: Callable[..., Any], request: Any,
                        deadline: float, metadata: Metadata) -> Any:
         try:
             answer = pending.finish()
-        except Unreachable:   # refused as busy before it was processed: gRPC, now and for a while
-            self.frames.unreachable(self.endpoint)
-            return _call(method, request, deadline, metadata)
+        except Unreachable:   # refused as busy before it was processed
+            return self._over_grpc(method, request, deadline, metadata)
         return FRAMES_RESPONSES[rpc](answer)
+
+    def _over_grpc(self, method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Any:
+        """A call moe-frames did not process, over gRPC instead (signed afresh); the link uses gRPC for a while."""
+        self.frames.unreachable(self.endpoint)
+        return _call(method, request, deadline, metadata)
 
     def _start_inline(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
                       deadline: float, metadata: Metadata) -> Future:
         """Sent from this thread when that cannot block: on a kept connection (no connect here), the frame
         taken by the socket at once. Otherwise a call thread connects, or sends the rest, and reads."""
-        path, body, signed = self._signed(rpc, request, metadata)
+        signed = self._signed(rpc, request, metadata)
         try:
-            pending = channel.try_start(path, body, signed, max(deadline - time.monotonic(), 0.001))
+            pending = channel.try_start(*signed, max(deadline - time.monotonic(), 0.001))
         except FrameError as e:
             failed: Future = Future()
             failed.set_exception(e)
             return failed
-        if pending is None:
-            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata)
+        if pending is None:   # connects there, with the request signed here
+            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata, signed)
         if pending.unsent:
             return self._calls.submit(self._finish_frames, pending, rpc, method, request, deadline, metadata)
-        return InlineCall(pending, rpc, lambda: self._fall_back(method, request, deadline, metadata))
 
-    def _fall_back(self, method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Future:
-        """The server was too busy for a frame (nothing was processed): the call over gRPC, on a call thread."""
-        self.frames.unreachable(self.endpoint)
-        return self._calls.submit(_call, method, request, deadline, metadata)
+        def over_grpc() -> Future:   # refused as busy (nothing processed): over gRPC, on a call thread
+            return self._calls.submit(self._over_grpc, method, request, deadline, metadata)
+        return InlineCall(pending, rpc, over_grpc)
 
 
 class InlineCall(Future):

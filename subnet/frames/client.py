@@ -65,15 +65,7 @@ class FramesChannel:
         if conn is None:
             return None
         pending = PendingCall(self, conn, deadline, frame)
-        try:
-            conn.setblocking(False)
-            while pending.unsent:
-                sent = conn.send(pending.unsent[0])
-                pending.sent(sent)
-        except BlockingIOError:
-            pass   # the rest waits for send_rest()
-        except OSError as e:
-            raise self._failed(conn, e) from None
+        pending.send_available()
         return pending
 
     def _frame(self, method: str, body: bytes, metadata: p.Metadata, deadline: float) -> list[memoryview]:
@@ -154,10 +146,19 @@ class PendingCall:
         self._part = self._got = 0
         self._code: grpc.StatusCode | None = None
 
-    def sent(self, n: int) -> None:
-        """`n` more bytes went out."""
-        first = self.unsent[0][n:]
-        self.unsent[0:1] = [first] if len(first) else []
+    def send_available(self) -> None:
+        """Send what the socket takes at once, without waiting; the rest stays in `unsent` (for
+        `send_rest()`). Raises FrameError when the connection breaks."""
+        conn = self._conn
+        try:
+            conn.setblocking(False)
+            while self.unsent:
+                first = self.unsent[0][conn.send(self.unsent[0]):]
+                self.unsent[0:1] = [first] if len(first) else []
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            raise self._channel._failed(conn, e) from None
 
     def send_rest(self) -> None:
         """Send what is left of the frame (blocking, until the deadline); raises FrameError."""
