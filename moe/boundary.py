@@ -15,12 +15,16 @@ Contract of `ExpertGroup.run`:
   drops its gate weight and renormalizes the others.
 - The outputs are differentiable with respect to the inputs. Parameter gradients are the
   group's business: local experts accumulate them in `.grad`, remote experts on their server.
+
+`ExpertGroup.run_streaming` (inference) hands each output over as soon as it is there, so the
+layer combines the first experts' outputs while the others still compute: for remote experts
+that takes the combine off the critical path (their answers arrive one by one).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +53,21 @@ class ExpertGroup(ABC):
     def run(self, batches: Mapping[int, torch.Tensor],
             token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         """Run each expert on its token batch (see the module docstring for the contract)."""
+
+    #: Whether `run_streaming` hands outputs over as they arrive; the MoE layer uses it without
+    #: autograd only when it does (for the in-process reference, one combine at the end is faster).
+    streams_outputs: bool = False
+
+    def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
+                      on_output: Callable[[int, torch.Tensor], None]) -> tuple[int, ...]:
+        """`run` without autograd, handing each expert's output to `on_output(i, out)` once it is there
+        (in any order, on the calling thread; `out` may be valid only during that call). Returns the
+        experts that gave none (masked), sorted. This default runs `run`, then hands everything over."""
+        outputs = self.run(batches, token_ids)
+        for i, out in outputs.items():
+            if out is not None:
+                on_output(i, out)
+        return tuple(sorted(i for i, out in outputs.items() if out is None))
 
     # Training hooks for experts whose parameters live outside this process (remote
     # experts own their optimizer). The local reference keeps the defaults: its parameters

@@ -9,6 +9,7 @@ runs once on all of its tokens, and the outputs are scattered back with index_ad
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +71,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE input must be floating point, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE input must have shape (..., {self.dim}), got {tuple(x.shape)}")
-        if self.training and not torch.isfinite(x).all():
+        # Only where gradients flow: the check guards training against NaN, and a full pass over
+        # the input costs a no-grad forward (evaluation, serving in train mode) for nothing.
+        if self.training and torch.is_grad_enabled() and not torch.isfinite(x).all():
             raise ValueError("MoE training input contains NaN or Inf")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,14 +103,17 @@ class MoE(nn.Module):
         batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
         token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
-        outputs = self.experts.run(batches, token_ids)
-        masked = tuple(sorted(e for e, out in outputs.items() if out is None))
-        if masked:
-            weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)
-        parts = [outputs[e] if outputs[e] is not None else torch.zeros_like(batches[e])
-                 for e in sorted(batches)]
-        expert_out = torch.cat(parts) if parts else rows            # (M, dim)
-        y = torch.zeros_like(x).index_add_(0, token_of_row, expert_out * weight_of_row[:, None])
+        if self.experts.streams_outputs and not torch.is_grad_enabled():
+            y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, sizes)
+        else:
+            outputs = self.experts.run(batches, token_ids)
+            masked = tuple(sorted(e for e, out in outputs.items() if out is None))
+            if masked:
+                weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)
+            parts = [outputs[e] if outputs[e] is not None else torch.zeros_like(batches[e])
+                     for e in sorted(batches)]
+            expert_out = torch.cat(parts) if parts else rows            # (M, dim)
+            y = torch.zeros_like(x).index_add_(0, token_of_row, expert_out * weight_of_row[:, None])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
@@ -117,6 +123,35 @@ class MoE(nn.Module):
         self.last_stats = LayerStats(expert_counts=counts.detach(), balance_loss=float(balance.detach()),
                                      z_loss=float(z.detach()), dropped=int((~kept).sum()), masked_experts=masked)
         return y.reshape(shape), aux_loss
+
+    def _combine_streaming(self, x: torch.Tensor, batches: dict[int, torch.Tensor], token_ids: dict[int, torch.Tensor],
+                           token_of_row: torch.Tensor, weight_of_row: torch.Tensor,
+                           sizes: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The combine of `forward`, one expert at a time as its output arrives (inference with a
+        group that `streams_outputs`): the experts still computing hide it. The same sums as the
+        one-shot combine (with top-2, bit for bit: each token adds two terms). When experts are masked,
+        each token's sum is then divided by the gate weight of its experts that answered, which is
+        `_mask_weights`' renormalization applied after the sum instead of before."""
+        starts = [0, *itertools.accumulate(sizes)]
+        combined: list[torch.Tensor] = []   # made at the first output: while the first experts compute
+
+        def add(e: int, out: torch.Tensor) -> None:
+            if not combined:
+                combined.append(torch.zeros_like(x))
+            rows = slice(starts[e], starts[e + 1])
+            combined[0].index_add_(0, token_of_row[rows], out.to(x.dtype) * weight_of_row[rows, None])
+
+        masked = self.experts.run_streaming(batches, token_ids, add)
+        y = combined[0] if combined else torch.zeros_like(x)
+        if masked:
+            answered = torch.ones(self.n_experts, dtype=torch.bool, device=x.device)
+            answered[list(masked)] = False
+            expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device),
+                                                    torch.tensor(sizes, device=x.device))
+            alive = weight_of_row * answered[expert_of_row]
+            per_token = torch.zeros(x.shape[0], dtype=alive.dtype, device=x.device).index_add_(0, token_of_row, alive)
+            y /= per_token.clamp_min(torch.finfo(alive.dtype).tiny)[:, None]
+        return y, masked
 
     def _mask_weights(self, weight_of_row: torch.Tensor, token_of_row: torch.Tensor, counts: torch.Tensor,
                       masked: tuple[int, ...], n_tokens: int) -> torch.Tensor:

@@ -116,6 +116,9 @@ class _Call:
     def accept(self, response) -> None:
         """Take the response; raises TensorError when it cannot be used."""
 
+    def hand_over(self) -> None:
+        """After `accept`, before `settle`: outputs go to whoever takes them as they arrive (streaming)."""
+
     def again(self, code: grpc.StatusCode, details: str = "") -> bool:
         """Whether to send another attempt after this status."""
         return False
@@ -196,6 +199,11 @@ class _Forward(_ShmCall):
         self.tried: set[str] = set()
         self.first: str | None = None   # where the first attempt goes, when chosen already
         self.outputs: torch.Tensor | None = None
+        self.answered = False   # outputs accepted (they may have been handed over and dropped since)
+        self.expert = -1        # its index in the layer (set by RemoteExpertGroup._forwards)
+        # Streaming (RemoteExpertGroup.run_streaming): the outputs go to `on_answer` before the call
+        # settles, so an answer in shared memory is read there in place instead of copied out first.
+        self.on_answer: Callable[[_Forward], None] | None = None
 
     def target(self, replicas: ReplicaSet) -> str | None:
         if self.attempts == 0 and self.first is not None:
@@ -225,11 +233,15 @@ class _Forward(_ShmCall):
 
     def accept(self, response):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
-                     name="outputs", shm=self._read_reply)
+                     name="outputs", shm=self._read_reply, shm_copy=self.on_answer is None)
         if out.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
-        self.outputs = out
+        self.outputs, self.answered = out, True
+
+    def hand_over(self):
+        if self.on_answer is not None:
+            self.on_answer(self)
 
     def again(self, code, details=""):
         if self._refused_shm(code, details):
@@ -263,7 +275,11 @@ class _ForwardMany(_Call):
         if out.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
-            forward.outputs, forward.endpoint = rows, self.endpoint
+            forward.outputs, forward.endpoint, forward.answered = rows, self.endpoint, True
+
+    def hand_over(self):
+        for forward in self.forwards:
+            forward.hand_over()
 
     def blames_endpoint(self, code):
         return code is not grpc.StatusCode.UNIMPLEMENTED   # an older service: its Forwards work
@@ -400,7 +416,7 @@ class _Coverage:
         self.need = torch.bincount(torch.cat(list(token_ids.values())), minlength=self.n_tokens).clamp_max(k_min)
 
     def __call__(self) -> bool:
-        answered = [self.token_ids[i] for i, f in self.forwards.items() if f.outputs is not None]
+        answered = [self.token_ids[i] for i, f in self.forwards.items() if f.answered]
         if not answered:
             return False
         have = torch.bincount(torch.cat(answered), minlength=self.n_tokens)
@@ -457,28 +473,14 @@ class RemoteExpertGroup(ExpertGroup):
 
     # ---- ExpertGroup -------------------------------------------------------------------------
 
+    streams_outputs = True
+
     def run(self, batches: Mapping[int, torch.Tensor],
             token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
-        for i, x in batches.items():
-            if not 0 <= i < self.n_experts:
-                raise ValueError(f"expert index {i} out of range for layer {self.layer} "
-                                 f"({self.n_experts} experts)")
-            if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
-                raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
-        forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
-                                f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
-                                self.retries)
-                    for i, x in batches.items()}
-        covered = _Coverage(forwards, token_ids, self.k_min) if self.straggler_s and token_ids else None
-        if training or not self.forward_many_max_tokens:
-            self._gather(list(forwards.values()), self.timeout_s, covered=covered)
-        else:
-            self._serve(list(forwards.values()), covered)
-        self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
-
+        forwards = self._forwards(batches, token_ids, training)
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
-        served = [i for i in batches if forwards[i].outputs is not None]
+        served = [i for i in batches if forwards[i].answered]
         if training and served:
             training_pass = _TrainingPass(self, [forwards[i] for i in served],
                                           [forwards[i].outputs for i in served])
@@ -489,6 +491,43 @@ class RemoteExpertGroup(ExpertGroup):
                 x = batches[i]
                 result[i] = forwards[i].outputs.to(dtype=x.dtype, device=x.device, copy=True)
         return result
+
+    def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
+                      on_output: Callable[[int, torch.Tensor], None]) -> tuple[int, ...]:
+        """Each answer goes to `on_output` as it is accepted, on this thread, while the other calls are
+        still out; an answer in shared memory is read there in place, before its region goes back to
+        the pool (no copy out). Inference only: no autograd graph is built."""
+        def hand_over(forward: _Forward) -> None:
+            on_output(forward.expert, forward.outputs)
+            forward.outputs = None   # possibly a view of a region that is reused once the call settles
+
+        forwards = self._forwards(batches, token_ids, training=False, on_answer=hand_over)
+        return tuple(sorted(i for i, forward in forwards.items() if not forward.answered))
+
+    def _forwards(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
+                  training: bool, on_answer: Callable[[_Forward], None] | None = None) -> dict[int, _Forward]:
+        """The Forward calls of one `run`, sent and collected (each `answered`, or given up); `on_answer`:
+        called with each Forward as its answer is accepted, before the call settles (then the outputs
+        may be borrowed: read in place in shared memory)."""
+        for i, x in batches.items():
+            if not 0 <= i < self.n_experts:
+                raise ValueError(f"expert index {i} out of range for layer {self.layer} "
+                                 f"({self.n_experts} experts)")
+            if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
+                raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
+        forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
+                                f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
+                                self.retries)
+                    for i, x in batches.items()}
+        for i, forward in forwards.items():
+            forward.expert, forward.on_answer = i, on_answer
+        covered = _Coverage(forwards, token_ids, self.k_min) if self.straggler_s and token_ids else None
+        if training or not self.forward_many_max_tokens:
+            self._gather(list(forwards.values()), self.timeout_s, covered=covered)
+        else:
+            self._serve(list(forwards.values()), covered)
+        self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
+        return forwards
 
     def begin_step(self, step: int) -> None:
         with self._lock:
@@ -689,6 +728,7 @@ class RemoteExpertGroup(ExpertGroup):
             if code is grpc.StatusCode.OK:
                 try:
                     call.accept(response)
+                    call.hand_over()
                     call.settle(True)
                     if cut is None and covered is not None and in_flight and covered():
                         now = time.monotonic()

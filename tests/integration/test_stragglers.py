@@ -74,7 +74,7 @@ def test_k_min_two_waits_for_both_experts_and_no_policy_waits_for_all(services, 
 def test_coverage_counts_answers_per_token_up_to_what_each_token_has():
     class Answer:
         def __init__(self, done):
-            self.outputs = torch.zeros(1) if done else None
+            self.answered = done
 
     ids = {0: torch.tensor([0, 1]), 1: torch.tensor([0]), 2: torch.tensor([2])}   # token 2 has one expert
     assert _Coverage({0: Answer(True), 1: Answer(False), 2: Answer(True)}, ids, k_min=1)()

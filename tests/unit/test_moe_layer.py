@@ -191,3 +191,74 @@ def test_bad_configuration_gets_clear_error():
         MoE(dim=8, n_experts=2, n_activated_experts=1, moe_inter_dim=8, capacity_factor=1.0, overflow="spill")
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(dim=8, n_experts=2, n_activated_experts=1, moe_inter_dim=8, capacity_factor=-1.0)
+
+
+class StreamingExperts(MaskingExperts):
+    """Hands outputs over one by one, last expert first, each in a buffer that is overwritten with
+    NaN once `on_output` returns (like a shared-memory region going back to its pool)."""
+    streams_outputs = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streamed = self.ran = 0
+
+    def run(self, batches, token_ids=None):
+        self.ran += 1
+        return super().run(batches, token_ids)
+
+    def run_streaming(self, batches, token_ids, on_output):
+        self.streamed += 1
+        for i in sorted(batches, reverse=True):
+            if i not in self.dead:
+                buffer = self.experts[i](batches[i]).detach().clone()
+                on_output(i, buffer)
+                buffer.fill_(float("nan"))
+        return tuple(sorted(i for i in batches if i in self.dead))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_streaming_combine_equals_the_one_shot_combine(k):
+    torch.manual_seed(6)
+    streaming = StreamingExperts(6, 8, 16)
+    one_shot = MaskingExperts(6, 8, 16)
+    one_shot.load_state_dict(streaming.state_dict())
+    layers = [MoE(dim=8, n_experts=6, n_activated_experts=k, moe_inter_dim=16, experts=g)
+              for g in (streaming, one_shot)]
+    layers[1].gate.load_state_dict(layers[0].gate.state_dict())
+    x = torch.randn(50, 8)
+    with torch.no_grad():
+        y_stream, _ = layers[0](x)
+        y_once, _ = layers[1](x)
+    assert streaming.streamed == 1 and streaming.ran == 0
+    assert torch.isfinite(y_stream).all()   # nothing read from a buffer after it was handed back
+    if k == 2:
+        assert torch.equal(y_stream, y_once)   # each token adds two terms: the order cannot matter
+    else:
+        torch.testing.assert_close(y_stream, y_once, rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_combine_renormalizes_over_the_experts_that_answered():
+    torch.manual_seed(5)
+    group = StreamingExperts(4, 8, 16, dead={1})
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=group)
+    x = torch.randn(20, 8)
+    with torch.no_grad():
+        y, _ = moe(x)
+        routing = moe.gate(x)
+    assert group.streamed == 1 and moe.last_stats.masked_experts == (1,)
+    for t in range(20):
+        alive = [(int(e), float(w)) for e, w in zip(routing.experts[t], routing.weights[t]) if int(e) != 1]
+        total = sum(w for _, w in alive)
+        with torch.no_grad():
+            expected = sum(w / total * group[e](x[t:t + 1])[0] for e, w in alive) if alive else torch.zeros(8)
+        torch.testing.assert_close(y[t], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_forward_does_not_stream():
+    """With autograd the outputs must stay in the graph: the group's `run` serves them."""
+    torch.manual_seed(7)
+    group = StreamingExperts(4, 8, 16)
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=group)
+    y, _ = moe(torch.randn(10, 8, requires_grad=True))
+    y.sum().backward()
+    assert group.ran == 1 and group.streamed == 0
