@@ -280,10 +280,13 @@ class ExpertBackend:
         g = grad_out.to(self.device, torch.float32)             # (N, dim)
         with torch.no_grad():
             s = F.silu(a)                                       # (N, inter)
-            sig = torch.sigmoid(a)
             dh = g @ m.w2.weight                                # (N, inter)
             db = dh * s
-            da = dh * b * (sig * (1 + a * (1 - sig)))
+            # autograd's own kernel for silu's derivative: one pass over (N, inter) where the formula
+            # spelled out took six (sigmoid, then products and sums); these element-wise steps went
+            # from 17 to 10.6 ms at 512 tokens of the benchmark's layer, one thread. The same numbers
+            # as in-process autograd, bit for bit (the spelled-out formula differed by 1e-6).
+            da = torch.ops.aten.silu_backward(dh * b, a)
             grads = {m.w2.weight: g.t() @ (s * b),              # (dim, inter)
                      m.w1.weight: da.t() @ x,                   # (inter, dim)
                      m.w3.weight: db.t() @ x}
