@@ -13,8 +13,11 @@ class StackConfig:
     preset: str = env("STACK_PRESET", "small", "model preset: tiny, small or base")
     train_minutes: float = env("STACK_TRAIN_MINUTES", 5.0, "training budget of `demo` (wall clock)")
     redis_port: int = env("STACK_REDIS_PORT", 6399, "embedded Redis port")
-    router_port: int = env("STACK_ROUTER_PORT", 50050, "router gRPC port")
-    expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("50061", "50062"),
+    # The stack's gRPC ports sit below Linux's ephemeral range (32768-60999 by default): a port in
+    # it can be the local end of some outgoing connection for a while, and the stack then refuses
+    # to start ("already in use"), as `make demo` once did with 50062 right after the test suite.
+    router_port: int = env("STACK_ROUTER_PORT", 15050, "router gRPC port")
+    expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("15061", "15062"),
                                         "one port per honest miner; each hosts every routed expert (replicas); "
                                         "the adversaries take the ports after the last one")
     adversaries: tuple[str, ...] = env("STACK_ADVERSARIES", ("lazy", "copycat"),
@@ -34,7 +37,7 @@ class StackConfig:
         if self.preset not in ("tiny", "small", "base"):
             raise ValueError(f"STACK_PRESET={self.preset!r}: choose tiny, small or base")
         if not self.expert_ports:
-            raise ValueError("STACK_EXPERT_PORTS is empty: give at least one port, e.g. 50061,50062")
+            raise ValueError("STACK_EXPERT_PORTS is empty: give at least one port, e.g. 15061,15062")
         try:
             ports = [int(p) for p in self.expert_ports]
         except ValueError:
