@@ -21,6 +21,13 @@ from moe.experts import SwiGLU
 from moe.gating import Gate, load_balance_loss, router_z_loss
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every element is finite: a finite sum proves it in one read (a NaN or Inf makes the sum
+    NaN or Inf); only a sum that is not finite (that, or large finite values overflowing) needs the exact
+    element-wise check. 0.35 ms instead of 6-7 ms for the benchmark layer's 2048 x 1024 input, one thread."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 @dataclass
 class LayerStats:
     """What the last forward pass routed; read by metrics and plots."""
@@ -73,7 +80,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE input must have shape (..., {self.dim}), got {tuple(x.shape)}")
         # Only where gradients flow: the check guards training against NaN, and a full pass over
         # the input costs a no-grad forward (evaluation, serving in train mode) for nothing.
-        if self.training and torch.is_grad_enabled() and not torch.isfinite(x).all():
+        if self.training and torch.is_grad_enabled() and not _all_finite(x.detach()):
             raise ValueError("MoE training input contains NaN or Inf")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -204,6 +204,7 @@ class _Forward(_ShmCall):
         # Streaming (RemoteExpertGroup.run_streaming): the outputs go to `on_answer` before the call
         # settles, so an answer in shared memory is read there in place instead of copied out first.
         self.on_answer: Callable[[_Forward], None] | None = None
+        self.outputs_view = False   # the outputs view memory they do not own (the response's bytes)
 
     def target(self, replicas: ReplicaSet) -> str | None:
         if self.attempts == 0 and self.first is not None:
@@ -238,6 +239,7 @@ class _Forward(_ShmCall):
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         self.outputs, self.answered = out, True
+        self.outputs_view = self.on_answer is not None or _views_message(response.outputs)
 
     def hand_over(self):
         if self.on_answer is not None:
@@ -315,7 +317,9 @@ class _Backward(_ShmCall):
         if grad.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
-        self.grad_inputs = grad
+        # A view of the response's read-only bytes is copied (autograd may add into it in place); a
+        # tensor decoded into memory of its own (out of shared memory, from bf16) is used as it is.
+        self.grad_inputs = grad.clone() if _views_message(response.grad_inputs) else grad
 
     def again(self, code, details=""):
         if self._refused_shm(code, details):
@@ -392,8 +396,10 @@ class _RemoteExperts(torch.autograd.Function):
         ctx.layouts = [(x.dtype, x.device) for x in inputs]
         ctx.set_materialize_grads(False)  # an unused output gets no Backward call
         outputs, training_pass.outputs = training_pass.outputs, None  # no reference cycle through ctx
-        # copy=True: decoded fp32 shares the read-only response bytes; autograd may write in place.
-        return tuple(out.to(dtype=x.dtype, device=x.device, copy=True) for out, x in zip(outputs, inputs))
+        # Outputs that view the read-only response bytes are copied (autograd may write in place); those
+        # decoded into memory of their own (out of shared memory, from bf16) are handed over as they are.
+        return tuple(out.to(dtype=x.dtype, device=x.device, copy=forward.outputs_view)
+                     for out, x, forward in zip(outputs, inputs, training_pass.forwards))
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -402,8 +408,14 @@ class _RemoteExperts(torch.autograd.Function):
         out = []
         for grad, (dtype, device), needed in zip(grads, ctx.layouts, ctx.needs_input_grad[1:]):
             keep = needed and grad is not None
-            out.append(grad.to(dtype=dtype, device=device, copy=True) if keep else None)
+            out.append(grad.to(dtype=dtype, device=device) if keep else None)   # a tensor of its own (_backward)
         return (None, *out)
+
+
+def _views_message(msg: tensor_pb2.Tensor) -> bool:
+    """Whether `decode(msg)` returns a view of the message's own bytes (fp32 inline) rather than a tensor
+    with memory of its own (copied out of shared memory, or converted from another wire dtype)."""
+    return not msg.HasField("shm") and msg.dtype == tensor_pb2.DTYPE_FLOAT32
 
 
 class _Coverage:

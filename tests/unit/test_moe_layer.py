@@ -262,3 +262,18 @@ def test_training_forward_does_not_stream():
     y, _ = moe(torch.randn(10, 8, requires_grad=True))
     y.sum().backward()
     assert group.ran == 1 and group.streamed == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_training_input_check_finds_one_bad_value_among_many(bad):
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8)
+    x = torch.randn(500, 8)
+    x[321, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        moe(x)
+
+
+def test_training_input_check_accepts_large_finite_values_whose_sum_overflows():
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8)
+    x = torch.full((4, 8), 3e38)   # finite, but their sum is not: the exact check must decide
+    moe(x)   # no error (the outputs may overflow; the input is valid)
