@@ -20,6 +20,11 @@ from moe.config import MoEConfig
 from moe.experts import SwiGLU
 from moe.gating import Gate, load_balance_loss, router_z_loss
 
+# Inference combines outputs as they arrive (`_combine_streaming`) from this many routed values on
+# (rows x dim, about 1 MiB of fp32): below it the combine is cheaper than handing each expert's output
+# over on its own (a decode step routes a few tokens: one index_add beats one per expert).
+STREAM_MIN_ELEMENTS = 1 << 18
+
 
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether every element is finite: a finite sum proves it in one read (a NaN or Inf makes the sum
@@ -110,7 +115,7 @@ class MoE(nn.Module):
         batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
         token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
-        if self.experts.streams_outputs and not torch.is_grad_enabled():
+        if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
             y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, sizes)
         else:
             outputs = self.experts.run(batches, token_ids)

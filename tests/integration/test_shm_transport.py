@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe import MoE
+from moe import layer as moe_layer
 from moe.boundary import LocalExperts, OptimizerSettings
 from moe.experts import expert_uid
 from services.router.metrics import RouterMetrics
@@ -43,6 +45,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _regions(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir() if p.name.startswith("moe-shm-")}
+
+
+def _mapped_from(directory: Path, address: int) -> bool:
+    """Whether `address` lies in this process's mapping of a file in `directory` (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if len(fields) == 6 and fields[5].strip().startswith(str(directory)) and start <= address < end:
+                return True
+    return False
 
 
 def _service(factory, tmp_path, shm_dir: Path, **env):
@@ -93,6 +106,41 @@ def test_training_through_shared_memory_equals_in_process(expert_service_factory
             optimizer.step()
         assert clients.shm.usable(service.endpoint)
         assert _regions(shm_dir), "no region was created: the tensors did not go through shared memory"
+        assert group.metrics.masked_count(LAYER, expert_uid(LAYER, 0)) == 0
+    finally:
+        clients.close()
+    assert not _regions(shm_dir), "the router left regions behind after close"
+
+
+def test_inference_layer_combines_answers_read_in_place_in_shared_memory(expert_service_factory, client_identity,
+                                                                         tmp_path, monkeypatch):
+    """The MoE layer's streaming combine (ExpertGroup.run_streaming) over real shared memory: each
+    answer is read in place in its call's region, before the region goes back to the pool, and the
+    layer's output equals the in-process layer's."""
+    monkeypatch.setattr(moe_layer, "STREAM_MIN_ELEMENTS", 0)
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    service, local = _service(expert_service_factory, tmp_path, shm_dir)
+    group, clients = _group(service, client_identity, ShmConfig(directory=str(shm_dir), min_kb=0))
+    torch.manual_seed(3)
+    reference = MoE(dim=DIM, n_experts=N_EXPERTS, n_activated_experts=2, moe_inter_dim=INTER, experts=local)
+    remote = MoE(dim=DIM, n_experts=N_EXPERTS, n_activated_experts=2, moe_inter_dim=INTER, experts=group)
+    remote.gate.load_state_dict(reference.gate.state_dict())
+    handed: list[bool] = []
+    streaming = group.run_streaming
+
+    def spy(batches, token_ids, on_output):
+        def on_each(i, out):
+            handed.append(_mapped_from(shm_dir, out.data_ptr()))
+            on_output(i, out)
+        return streaming(batches, token_ids, on_each)
+    monkeypatch.setattr(group, "run_streaming", spy)
+    try:
+        for _ in range(3):   # regions are reused from the second pass on
+            x = torch.randn(40, DIM)
+            with torch.no_grad():
+                torch.testing.assert_close(remote(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+        assert len(handed) == 3 * N_EXPERTS and all(handed), "answers were copied out, not read in place"
         assert group.metrics.masked_count(LAYER, expert_uid(LAYER, 0)) == 0
     finally:
         clients.close()

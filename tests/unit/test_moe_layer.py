@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moe import MoE, SwiGLU
+from moe import layer as moe_layer
 from moe.boundary import LocalExperts
 from moe.gating import expert_capacity, load_balance_loss, router_z_loss
 
@@ -216,8 +217,14 @@ class StreamingExperts(MaskingExperts):
         return tuple(sorted(i for i in batches if i in self.dead))
 
 
+@pytest.fixture
+def stream_everything(monkeypatch):
+    """Stream outputs however few values the layer routes (the tests' layers are small)."""
+    monkeypatch.setattr(moe_layer, "STREAM_MIN_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("k", [2, 3])
-def test_streaming_combine_equals_the_one_shot_combine(k):
+def test_streaming_combine_equals_the_one_shot_combine(k, stream_everything):
     torch.manual_seed(6)
     streaming = StreamingExperts(6, 8, 16)
     one_shot = MaskingExperts(6, 8, 16)
@@ -237,7 +244,7 @@ def test_streaming_combine_equals_the_one_shot_combine(k):
         torch.testing.assert_close(y_stream, y_once, rtol=1e-6, atol=1e-6)
 
 
-def test_streaming_combine_renormalizes_over_the_experts_that_answered():
+def test_streaming_combine_renormalizes_over_the_experts_that_answered(stream_everything):
     torch.manual_seed(5)
     group = StreamingExperts(4, 8, 16, dead={1})
     moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=group)
@@ -254,7 +261,19 @@ def test_streaming_combine_renormalizes_over_the_experts_that_answered():
         torch.testing.assert_close(y[t], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_training_forward_does_not_stream():
+def test_small_inference_batches_are_combined_at_once():
+    """A decode step's few tokens: one combine costs less than handing outputs over one by one."""
+    group = StreamingExperts(4, 8, 16)
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=group)
+    with torch.no_grad():
+        moe(torch.randn(16, 8))
+    assert group.ran == 1 and group.streamed == 0
+    with torch.no_grad():
+        moe(torch.randn(moe_layer.STREAM_MIN_ELEMENTS // (2 * 8), 8))   # k x tokens x dim routed values
+    assert group.streamed == 1
+
+
+def test_training_forward_does_not_stream(stream_everything):
     """With autograd the outputs must stay in the graph: the group's `run` serves them."""
     torch.manual_seed(7)
     group = StreamingExperts(4, 8, 16)
