@@ -5,7 +5,8 @@ per expert takes the queue's head, waits up to `batch_wait_ms` for more requests
 `max_batch_tokens` are queued), runs them as one `backend.forward_batch` on the
 `ComputeWorker`, and hands every request its own rows back. While a batch computes, the
 next one gathers, so batches grow by themselves under load. A request that arrives to an idle
-expert is computed at once, without its queue (`Batcher._alone`).
+expert is computed at once, without its queue (`Batcher._alone`): after one loop turn for company when it
+is small enough to run on the loop, straight to the compute thread when it is not.
 
 `ComputeWorker` is a single thread: forwards, backwards and optimizer steps are ordered, so
 they never see half-updated weights. The event loop runs no torch but a forward batch
@@ -185,6 +186,14 @@ class Batcher:
         q.tasks.append(task)
         q.waiting_tokens += task.tokens
         self._report(uid)
+        if alone and task.tokens * self._macs_per_token > self.inline_max_macs:
+            # Too large to run on the event loop: straight to the compute thread. Waiting a turn for
+            # company would put it behind the decoding of every request of that turn (a router sends a
+            # layer's calls to all its experts at once: 2-4 ms before the first matmul starts), and the
+            # requests that come meanwhile merge while it computes.
+            q.tasks.popleft()
+            q.waiting_tokens -= task.tokens
+            return (await self._direct([(uid, x, call_id)], [q]))[0]
         if alone:
             # One turn of the loop for requests already on their way (a burst of them arrives in the
             # same turn) to join it; still alone after that, it is computed here, without the queue's

@@ -58,7 +58,7 @@ def _xs(*sizes):
 def test_concurrent_requests_run_as_one_computation_and_get_their_own_rows():
     async def scenario(backend, batcher, metrics):
         xs = _xs(3, 1, 5, 2)
-        outs = await asyncio.gather(*(batcher.forward("0.0", x) for x in xs))
+        outs = await asyncio.wait_for(asyncio.gather(*(batcher.forward("0.0", x) for x in xs)), timeout=30)
         for x, y in zip(xs, outs):
             torch.testing.assert_close(y, backend.forward("0.0", x), rtol=1e-5, atol=1e-6)
         assert _batch_stats(metrics) == (1, 4, 11)
@@ -199,6 +199,27 @@ def test_requests_that_arrive_together_still_wait_for_company():
         await asyncio.gather(*tasks, late)
         assert _batch_stats(metrics) == (1, 3, 3)
     _run(scenario, max_batch_tokens=3, batch_wait_ms=HOUR_MS)   # full at three tokens
+
+
+def test_requests_too_large_for_the_loop_go_to_the_thread_without_waiting_a_turn():
+    """A router sends a layer's calls to all the experts at once: the first must not wait until every
+    other one of that loop turn has been decoded before its computation starts."""
+    async def scenario(backend, batcher, metrics):
+        first, second = (asyncio.create_task(batcher.forward(uid, x)) for uid, x in zip(("0.0", "0.1"), _xs(3, 3)))
+        await asyncio.sleep(0)   # one turn: each ran up to its hand-off
+        assert not batcher.worker.idle and _batch_stats(metrics, "0.0") == (1, 1, 3)
+        await asyncio.gather(first, second)
+    _run(scenario, uids=("0.0", "0.1"), max_batch_tokens=100, batch_wait_ms=HOUR_MS, inline_max_macs=0)
+
+
+def test_large_requests_arriving_together_the_first_computes_and_the_rest_merge():
+    async def scenario(backend, batcher, metrics):
+        xs = _xs(1, 1, 1)
+        outs = await asyncio.wait_for(asyncio.gather(*(batcher.forward("0.0", x) for x in xs)), timeout=30)
+        assert _batch_stats(metrics) == (2, 3, 3)   # the first alone, the other two as one batch
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, backend.forward("0.0", x), rtol=1e-5, atol=1e-6)
+    _run(scenario, max_batch_tokens=2, batch_wait_ms=HOUR_MS, inline_max_macs=0)   # full at two tokens
 
 
 def test_the_worker_stays_busy_until_its_thread_is_done_even_when_the_caller_left():
