@@ -201,8 +201,7 @@ class _Forward(_ShmCall):
         self.outputs: torch.Tensor | None = None
         self.answered = False   # outputs accepted (they may have been handed over and dropped since)
         self.expert = -1        # its index in the layer (set by RemoteExpertGroup._forwards)
-        # Streaming (RemoteExpertGroup.run_streaming): the outputs go to `on_answer` before the call
-        # settles, so an answer in shared memory is read there in place instead of copied out first.
+        # Streaming (RemoteExpertGroup.run_streaming): the outputs go to `on_answer` once accepted.
         self.on_answer: Callable[[_Forward], None] | None = None
         self.outputs_view = False   # the outputs view memory they do not own (the response's bytes)
 
@@ -234,12 +233,12 @@ class _Forward(_ShmCall):
 
     def accept(self, response):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
-                     name="outputs", shm=self._read_reply, shm_copy=self.on_answer is None)
+                     name="outputs", shm=self._read_reply)
         if out.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL,
                               f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         self.outputs, self.answered = out, True
-        self.outputs_view = self.on_answer is not None or _views_message(response.outputs)
+        self.outputs_view = _views_message(response.outputs)
 
     def hand_over(self):
         if self.on_answer is not None:
@@ -507,11 +506,12 @@ class RemoteExpertGroup(ExpertGroup):
     def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
                       on_output: Callable[[int, torch.Tensor], None]) -> tuple[int, ...]:
         """Each answer goes to `on_output` as it is accepted, on this thread, while the other calls are
-        still out; an answer in shared memory is read there in place, before its region goes back to
-        the pool (no copy out). Inference only: no autograd graph is built."""
+        still out. Inference only: no autograd graph is built. An answer in shared memory is handed over
+        as a copy of its own, never read in place: the expert shares that region and could rewrite it
+        after its answer passed the finiteness check."""
         def hand_over(forward: _Forward) -> None:
             on_output(forward.expert, forward.outputs)
-            forward.outputs = None   # possibly a view of a region that is reused once the call settles
+            forward.outputs = None   # combined: nothing keeps it
 
         forwards = self._forwards(batches, token_ids, training=False, on_answer=hand_over)
         return tuple(sorted(i for i, forward in forwards.items() if not forward.answered))
@@ -519,8 +519,7 @@ class RemoteExpertGroup(ExpertGroup):
     def _forwards(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
                   training: bool, on_answer: Callable[[_Forward], None] | None = None) -> dict[int, _Forward]:
         """The Forward calls of one `run`, sent and collected (each `answered`, or given up); `on_answer`:
-        called with each Forward as its answer is accepted, before the call settles (then the outputs
-        may be borrowed: read in place in shared memory)."""
+        called with each Forward as its answer is accepted."""
         for i, x in batches.items():
             if not 0 <= i < self.n_experts:
                 raise ValueError(f"expert index {i} out of range for layer {self.layer} "
