@@ -17,6 +17,8 @@ import pytest
 import redis
 import torch
 
+from moe import MoE
+from moe import layer as moe_layer
 from moe.boundary import LocalExperts, OptimizerSettings
 from moe.experts import expert_uid
 from services.router.metrics import RouterMetrics
@@ -381,3 +383,37 @@ def test_restarted_router_session_trains_the_experts_again(expert_service_factor
         got, want = restarted.run(probe), local.run(probe)
     for i in probe:
         torch.testing.assert_close(got[i], want[i], **TOL)
+
+
+def test_streaming_layer_over_a_killed_service_renormalizes_over_the_live_experts(expert_service_factory, registry,
+                                                                                   make_group, tmp_path,
+                                                                                   monkeypatch):
+    """The MoE layer's streaming combine (inference) with real services, one of them SIGKILLed: its
+    experts are masked within the deadline, and the layer's output equals the in-process layer with
+    those experts' gate weights dropped and each token's remaining weights renormalized."""
+    monkeypatch.setattr(moe_layer, "STREAM_MIN_ELEMENTS", 0)   # the test's layer is small
+    layer = 9
+    local, ckpt = reference(layer, tmp_path)
+    a = start(expert_service_factory, layer, [0, 1], ckpt)
+    b = start(expert_service_factory, layer, [2, 3], ckpt)
+    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    group = make_group({a.endpoint, b.endpoint}, layer, timeout_s=2.0)
+    torch.manual_seed(4)
+    reference_layer = MoE(dim=DIM, n_experts=N_EXPERTS, n_activated_experts=2, moe_inter_dim=INTER,
+                          experts=local).eval()
+    remote = MoE(dim=DIM, n_experts=N_EXPERTS, n_activated_experts=2, moe_inter_dim=INTER, experts=group).eval()
+    remote.gate.load_state_dict(reference_layer.gate.state_dict())
+    x = torch.randn(30, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(remote(x)[0], reference_layer(x)[0], **TOL)   # all alive
+        b.kill()
+        got, _ = remote(x)
+        routing = remote.gate(x)
+    assert remote.last_stats.masked_experts == (2, 3)
+    for t in range(x.shape[0]):
+        alive = [(int(e), float(w)) for e, w in zip(routing.experts[t], routing.weights[t]) if int(e) < 2]
+        total = sum(w for _, w in alive)
+        with torch.no_grad():
+            want = sum(w / total * local[e](x[t:t + 1])[0] for e, w in alive) if alive else torch.zeros(DIM)
+        torch.testing.assert_close(got[t], want, **TOL)
+    assert all(group.metrics.masked_count(layer, expert_uid(layer, i), "forward") == 1 for i in (2, 3))
