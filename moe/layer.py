@@ -116,7 +116,7 @@ class MoE(nn.Module):
         token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
         if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
-            y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, sizes)
+            y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts)
         else:
             outputs = self.experts.run(batches, token_ids)
             masked = tuple(sorted(e for e, out in outputs.items() if out is None))
@@ -138,13 +138,13 @@ class MoE(nn.Module):
 
     def _combine_streaming(self, x: torch.Tensor, batches: dict[int, torch.Tensor], token_ids: dict[int, torch.Tensor],
                            token_of_row: torch.Tensor, weight_of_row: torch.Tensor,
-                           sizes: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+                           counts: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The combine of `forward`, one expert at a time as its output arrives (inference with a
         group that `streams_outputs`): the experts still computing hide it. The same sums as the
         one-shot combine (with top-2, bit for bit: each token adds two terms). When experts are masked,
         each token's sum is then divided by the gate weight of its experts that answered, which is
         `_mask_weights`' renormalization applied after the sum instead of before."""
-        starts = [0, *itertools.accumulate(sizes)]
+        starts = [0, *itertools.accumulate(counts.tolist())]
         combined: list[torch.Tensor] = []   # made at the first output: while the first experts compute
 
         def add(e: int, out: torch.Tensor) -> None:
@@ -156,13 +156,7 @@ class MoE(nn.Module):
         masked = self.experts.run_streaming(batches, token_ids, add)
         y = combined[0] if combined else torch.zeros_like(x)
         if masked:
-            answered = torch.ones(self.n_experts, dtype=torch.bool, device=x.device)
-            answered[list(masked)] = False
-            expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=x.device),
-                                                    torch.tensor(sizes, device=x.device))
-            alive = weight_of_row * answered[expert_of_row]
-            per_token = torch.zeros(x.shape[0], dtype=alive.dtype, device=x.device).index_add_(0, token_of_row, alive)
-            y /= per_token.clamp_min(torch.finfo(alive.dtype).tiny)[:, None]
+            y /= self._answered_weights(weight_of_row, token_of_row, counts, masked, x.shape[0])[1][:, None]
         return y, masked
 
     def _mask_weights(self, weight_of_row: torch.Tensor, token_of_row: torch.Tensor, counts: torch.Tensor,
@@ -171,8 +165,15 @@ class MoE(nn.Module):
 
         A token whose every expert was masked keeps zero weights (residual pass-through).
         """
+        w, per_token = self._answered_weights(weight_of_row, token_of_row, counts, masked, n_tokens)
+        return w / per_token[token_of_row]
+
+    def _answered_weights(self, weight_of_row: torch.Tensor, token_of_row: torch.Tensor, counts: torch.Tensor,
+                          masked: tuple[int, ...], n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's gate weight, 0 where its expert was masked, and their sum per token (at least the
+        smallest positive float, so that dividing by it leaves a token whose experts were all masked at 0)."""
         expert_of_row = torch.repeat_interleave(torch.arange(self.n_experts, device=counts.device), counts)
         alive = ~torch.isin(expert_of_row, torch.tensor(masked, device=counts.device))
         w = weight_of_row * alive
         per_token = torch.zeros(n_tokens, dtype=w.dtype, device=w.device).index_add_(0, token_of_row, w)
-        return w / per_token[token_of_row].clamp_min(torch.finfo(w.dtype).tiny)
+        return w, per_token.clamp_min(torch.finfo(w.dtype).tiny)

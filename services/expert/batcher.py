@@ -179,21 +179,18 @@ class Batcher:
         if self.max_queue_tokens and load and load + x.shape[0] > self.max_queue_tokens:
             raise Overloaded(f"expert {uid} has {load} tokens queued (limit {self.max_queue_tokens}); "
                              f"retry later or on another replica")
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         alone = self._alone(q)
-        task = _Task(x, call_id, loop.create_future(), now)
+        if alone and x.shape[0] * self._macs_per_token > self.inline_max_macs:
+            # Too large to run on the event loop: straight to the compute thread, not queued. Waiting a
+            # turn for company would put it behind the decoding of every request of that turn (a router
+            # sends a layer's calls to all its experts at once: 2-4 ms before the first matmul starts),
+            # and the requests that come meanwhile merge while it computes.
+            return (await self._direct([(uid, x, call_id)], [q]))[0]
+        loop = asyncio.get_running_loop()
+        task = _Task(x, call_id, loop.create_future(), loop.time())
         q.tasks.append(task)
         q.waiting_tokens += task.tokens
         self._report(uid)
-        if alone and task.tokens * self._macs_per_token > self.inline_max_macs:
-            # Too large to run on the event loop: straight to the compute thread. Waiting a turn for
-            # company would put it behind the decoding of every request of that turn (a router sends a
-            # layer's calls to all its experts at once: 2-4 ms before the first matmul starts), and the
-            # requests that come meanwhile merge while it computes.
-            q.tasks.popleft()
-            q.waiting_tokens -= task.tokens
-            return (await self._direct([(uid, x, call_id)], [q]))[0]
         if alone:
             # One turn of the loop for requests already on their way (a burst of them arrives in the
             # same turn) to join it; still alone after that, it is computed here, without the queue's

@@ -191,7 +191,10 @@ class _Forward(_ShmCall):
     rpc = "Forward"
 
     def __init__(self, uid: str, x: torch.Tensor, wire_dtype: str, dim: int, call_id: str, step: int,
-                 training: bool, retries: int):
+                 training: bool, retries: int, expert: int = -1,
+                 on_answer: Callable[[_Forward], None] | None = None):
+        """`expert`: its index in the layer; `on_answer`: called with this Forward once its answer is
+        accepted (RemoteExpertGroup.run_streaming)."""
         super().__init__(uid, x.shape[0])
         self._x, self._wire_dtype, self._encoded = x, wire_dtype, None
         self.dim, self.call_id, self.step, self.training = dim, call_id, step, training
@@ -200,9 +203,7 @@ class _Forward(_ShmCall):
         self.first: str | None = None   # where the first attempt goes, when chosen already
         self.outputs: torch.Tensor | None = None
         self.answered = False   # outputs accepted (they may have been handed over and dropped since)
-        self.expert = -1        # its index in the layer (set by RemoteExpertGroup._forwards)
-        # Streaming (RemoteExpertGroup.run_streaming): the outputs go to `on_answer` once accepted.
-        self.on_answer: Callable[[_Forward], None] | None = None
+        self.expert, self.on_answer = expert, on_answer
         self.outputs_view = False   # the outputs view memory they do not own (the response's bytes)
 
     def target(self, replicas: ReplicaSet) -> str | None:
@@ -244,6 +245,12 @@ class _Forward(_ShmCall):
         if self.on_answer is not None:
             self.on_answer(self)
 
+    def owned_outputs(self, like: torch.Tensor) -> torch.Tensor:
+        """The outputs in `like`'s dtype and device, in memory of their own: outputs that view the read-only
+        response bytes are copied (autograd may write in place); those decoded into memory of their own
+        (out of shared memory, from bf16) are handed over as they are."""
+        return self.outputs.to(dtype=like.dtype, device=like.device, copy=self.outputs_view)
+
     def again(self, code, details=""):
         if self._refused_shm(code, details):
             self.tried.discard(self.endpoint)   # the same replica may serve it, inline
@@ -277,6 +284,7 @@ class _ForwardMany(_Call):
             raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
         for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
             forward.outputs, forward.endpoint, forward.answered = rows, self.endpoint, True
+            forward.outputs_view = _views_message(response.outputs)
 
     def hand_over(self):
         for forward in self.forwards:
@@ -383,7 +391,6 @@ class _TrainingPass:
 
     group: RemoteExpertGroup
     forwards: list[_Forward]
-    outputs: list[torch.Tensor] | None
 
 
 class _RemoteExperts(torch.autograd.Function):
@@ -394,11 +401,10 @@ class _RemoteExperts(torch.autograd.Function):
         ctx.training_pass = training_pass
         ctx.layouts = [(x.dtype, x.device) for x in inputs]
         ctx.set_materialize_grads(False)  # an unused output gets no Backward call
-        outputs, training_pass.outputs = training_pass.outputs, None  # no reference cycle through ctx
-        # Outputs that view the read-only response bytes are copied (autograd may write in place); those
-        # decoded into memory of their own (out of shared memory, from bf16) are handed over as they are.
-        return tuple(out.to(dtype=x.dtype, device=x.device, copy=forward.outputs_view)
-                     for out, x, forward in zip(outputs, inputs, training_pass.forwards))
+        outputs = tuple(forward.owned_outputs(x) for x, forward in zip(inputs, training_pass.forwards))
+        for forward in training_pass.forwards:
+            forward.outputs = None   # may be the very tensor returned: no reference cycle through ctx
+        return outputs
 
     @staticmethod
     def backward(ctx, *grad_outputs):
@@ -493,14 +499,12 @@ class RemoteExpertGroup(ExpertGroup):
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
         served = [i for i in batches if forwards[i].answered]
         if training and served:
-            training_pass = _TrainingPass(self, [forwards[i] for i in served],
-                                          [forwards[i].outputs for i in served])
+            training_pass = _TrainingPass(self, [forwards[i] for i in served])
             outputs = _RemoteExperts.apply(training_pass, *(batches[i] for i in served))
             result.update(zip(served, outputs))
         else:
             for i in served:
-                x = batches[i]
-                result[i] = forwards[i].outputs.to(dtype=x.dtype, device=x.device, copy=True)
+                result[i] = forwards[i].owned_outputs(batches[i])
         return result
 
     def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
@@ -528,10 +532,8 @@ class RemoteExpertGroup(ExpertGroup):
                 raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
         forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
                                 f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
-                                self.retries)
+                                self.retries, expert=i, on_answer=on_answer)
                     for i, x in batches.items()}
-        for i, forward in forwards.items():
-            forward.expert, forward.on_answer = i, on_answer
         covered = _Coverage(forwards, token_ids, self.k_min) if self.straggler_s and token_ids else None
         if training or not self.forward_many_max_tokens:
             self._gather(list(forwards.values()), self.timeout_s, covered=covered)

@@ -69,6 +69,14 @@ def start(factory, layer: int, indices, ckpt: str, **env):
                    env={"EXPERT_CHECKPOINT": ckpt, "EXPERT_BATCH_WAIT_MS": "0", **env})
 
 
+def two_services(factory, registry: ExpertRegistry, layer: int, ckpt: str, **env):
+    """Experts 0 and 1 of `layer` on one service, 2 and 3 on another, both registered."""
+    a = start(factory, layer, [0, 1], ckpt, **env)
+    b = start(factory, layer, [2, 3], ckpt, **env)
+    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    return a, b
+
+
 def wait_registered(registry: ExpertRegistry, services_and_indices, layer: int, timeout_s: float = 10.0):
     want = {(expert_uid(layer, i), s.endpoint) for s, indices in services_and_indices for i in indices}
     deadline = time.monotonic() + timeout_s
@@ -137,9 +145,7 @@ def test_remote_equals_local_forward_backward_and_adamw_step(expert_service_fact
     local, ckpt = reference(layer, tmp_path)
     # Two services share the layer's experts. Every answer is delayed a little, so calls that are
     # in flight together show as overlapping spans.
-    a = start(expert_service_factory, layer, [0, 1], ckpt, EXPERT_INJECT_DELAY_MS="150")
-    b = start(expert_service_factory, layer, [2, 3], ckpt, EXPERT_INJECT_DELAY_MS="150")
-    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    a, b = two_services(expert_service_factory, registry, layer, ckpt, EXPERT_INJECT_DELAY_MS="150")
 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -210,9 +216,7 @@ def test_killed_service_is_masked_and_the_rest_keeps_working(expert_service_fact
                                                              tmp_path):
     layer = 2
     local, ckpt = reference(layer, tmp_path)
-    a = start(expert_service_factory, layer, [0, 1], ckpt)
-    b = start(expert_service_factory, layer, [2, 3], ckpt)
-    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    a, b = two_services(expert_service_factory, registry, layer, ckpt)
     group = make_group({a.endpoint, b.endpoint}, layer, timeout_s=2.0)
     sizes = {0: 4, 1: 4, 2: 4, 3: 4}
     xs, w = inputs(sizes), inputs(sizes, seed=5)
@@ -394,9 +398,7 @@ def test_streaming_layer_over_a_killed_service_renormalizes_over_the_live_expert
     monkeypatch.setattr(moe_layer, "STREAM_MIN_ELEMENTS", 0)   # the test's layer is small
     layer = 9
     local, ckpt = reference(layer, tmp_path)
-    a = start(expert_service_factory, layer, [0, 1], ckpt)
-    b = start(expert_service_factory, layer, [2, 3], ckpt)
-    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    a, b = two_services(expert_service_factory, registry, layer, ckpt)
     group = make_group({a.endpoint, b.endpoint}, layer, timeout_s=2.0)
     torch.manual_seed(4)
     reference_layer = MoE(dim=DIM, n_experts=N_EXPERTS, n_activated_experts=2, moe_inter_dim=INTER,
