@@ -19,6 +19,7 @@ back to back (see `_one_call`).
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -35,6 +36,7 @@ from moe.lm import MoELM
 from services.router.config import RouterConfig
 from services.router.remote_model import build_remote_lm, export_expert_weights
 from services.stack.placement import deal_experts
+from subnet.gc_pauses import freeze_startup_objects
 from subnet.tensor_codec import decode, encode_view
 
 PRESET = "small"
@@ -73,10 +75,12 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
                 if missing or unexpected:
                     raise RuntimeError(f"trunk does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
                 models[name] = (remote, ROUTER_THREADS)
+            freeze_startup_objects()   # as the router and expert services do once started
             out = _measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
             return out
     finally:
+        gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
 
 

@@ -10,6 +10,7 @@ with ROUTER_THREADS torch threads.
 
 For each concurrency C in CONCURRENCY, C client threads (a channel each) open a Generate
 stream at the same moment (a barrier): PROMPT_TOKENS prompt ids, TOKENS new tokens, greedy.
+The clients run in a process of their own (`bench.serving_clients`), not in the router's.
 - `c{C}_tokens_per_s`: every token received / (last token's arrival - the barrier);
 - `c{C}_token_p50_ms`, `c{C}_token_p99_ms`: per-token latency, the gaps between consecutive
   tokens of one stream as the client sees them, over every stream; the first token is left
@@ -26,18 +27,18 @@ per-token latency / c1's p50 <= 3.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import subprocess
+import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
-import grpc
 import torch
 
 from bench.remote_layer import ROUTER_THREADS
 from bench.stack import BenchStack
-from bench.timing import percentiles
 from moe import preset
 from moe.lm import MoELM
 from services.router.config import RouterConfig
@@ -45,13 +46,14 @@ from services.router.remote_model import build_remote_lm, export_expert_weights
 from services.router.server import RouterServer
 from services.router.servicer import RouterServicer
 from services.stack.placement import deal_experts
-from subnet.wire.v1 import router_pb2, router_pb2_grpc
+from subnet.gc_pauses import freeze_startup_objects
 
 PRESET = "small"
 CONCURRENCY = (1, 4, 16, 64)
 UNBATCHED = 16
 PROMPT_TOKENS, TOKENS = 8, 32
 CALL_TIMEOUT_S = 60.0
+CLIENTS_TIMEOUT_S = 900   # one burst, client start-up included
 TARGET_SPEEDUP_16, TARGET_P99_OVER_P50 = 8.0, 3.0
 
 
@@ -82,6 +84,7 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: every stream's token gaps
             remote = build_remote_lm(cfg, parts, router_cfg).eval()
             remote.load_state_dict(local.state_dict(), strict=False)
             torch.set_num_threads(ROUTER_THREADS)
+            freeze_startup_objects()   # as `python -m services.router serve` does before serving
             variants = [(f"c{c}", c, 64) for c in CONCURRENCY] + [(f"unbatched_c{UNBATCHED}", UNBATCHED, 1)]
             for name, streams, max_batch in variants:
                 # Unbatched streams run one after the other, each warming up the next.
@@ -91,6 +94,7 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: every stream's token gaps
                       flush=True)
             deal_count = len(deals)
     finally:
+        gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
     return _summary(results, cfg, deal_count)
 
@@ -112,41 +116,13 @@ def _serve_and_measure(model: MoELM, parts, streams: int, max_batch: int, warm_u
 
 
 def _clients(endpoint: str, streams: int) -> dict:
-    barrier = threading.Barrier(streams + 1)
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    errors: list[BaseException] = []
-
-    def client(i: int) -> None:
-        request = router_pb2.GenerateRequest(prompt_tokens=[(7 * i + j) % 4096 + 1 for j in range(PROMPT_TOKENS)],
-                                             max_new_tokens=TOKENS, temperature=0.0)
-        try:
-            with grpc.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-                grpc.channel_ready_future(channel).result(timeout=30)
-                stub = router_pb2_grpc.RouterStub(channel)
-                barrier.wait()
-                for _ in stub.Generate(request, timeout=600):
-                    arrivals[i].append(time.perf_counter())
-        except BaseException as e:   # noqa: BLE001 (reported below, with the others)
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(streams)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {streams} streams failed: {errors[0]!r}")
-    if any(len(a) != TOKENS for a in arrivals):
-        raise RuntimeError(f"streams ended early: {[len(a) for a in arrivals]} tokens")
-    gaps = [b - a for times in arrivals for a, b in zip(times, times[1:])]
-    ttft = [times[0] - started for times in arrivals]
-    wall = max(times[-1] for times in arrivals) - started
-    ms = {k: v * 1e3 for k, v in percentiles(gaps, (50, 99)).items()}
-    return {"streams": streams, "tokens_per_s": streams * TOKENS / wall, "token_p50_ms": ms["p50"],
-            "token_p99_ms": ms["p99"], "ttft_p50_ms": percentiles(ttft, (50,))["p50"] * 1e3, "wall_s": wall}
+    """One burst of `streams` streams from a client process of its own (`bench.serving_clients`)."""
+    command = [sys.executable, "-m", "bench.serving_clients", endpoint, str(streams), str(PROMPT_TOKENS), str(TOKENS)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=CLIENTS_TIMEOUT_S,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"serving clients ({streams} streams) failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _summary(results: dict, cfg, n_services: int) -> dict:

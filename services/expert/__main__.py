@@ -17,6 +17,7 @@ from services.expert.config import ExpertConfig
 from services.expert.server import ExpertServer, StartupError
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
+from subnet.gc_pauses import freeze_startup_objects
 from subnet.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("services.expert")
@@ -65,6 +66,7 @@ async def serve(config: ExpertConfig) -> int:
     except BaseException:
         await server.stop(grace_s=0)
         raise
+    freeze_startup_objects()   # the weights and the libraries: full GC passes stop walking them
     await stop.wait()
     log.info("signal received: deregistering and draining (grace %.1f s)", config.grace_s)
     await server.stop()

@@ -20,6 +20,7 @@ import torch
 
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
+from subnet.gc_pauses import freeze_startup_objects
 from subnet.telemetry import setup_tracing, shutdown_tracing
 
 log = logging.getLogger("services.router")
@@ -46,6 +47,7 @@ def _serve(model, tokenizer, parts, config, step: int) -> int:
         access = HttpAccess(token=config.http_token, open=not config.auth.enabled or config.open_generate)
         http = HttpApi(servicer.engine, config.host, config.http_port, access=access,
                        max_body_bytes=config.http_max_body_kb * 1024, timeout_s=config.http_timeout_s)
+    freeze_startup_objects()   # the model and the libraries: full GC passes stop walking them
     server.start()
     hotkey = f" as {parts.identity.hotkey}" if parts.identity else ""
     print(f"router: serving moe.v1.Router on {server.endpoint}{hotkey} (auth {config.auth.mode})", flush=True)
@@ -98,6 +100,7 @@ def cmd_train(args, config) -> int:
 
         rounds = RouterRounds(config, parts.identity, parts.metrics)
         rounds.start(trainer.enable_snapshots(), trainer.model.cfg.to_dict())
+    freeze_startup_objects()
     try:
         row = trainer.train()
     except KeyboardInterrupt:
