@@ -33,6 +33,7 @@ import grpc
 import numpy as np
 import torch
 
+from moe.layer import all_finite as sum_checked_finite
 from subnet.spliced_wire import WireTensor
 from subnet.wire.v1 import tensor_pb2
 
@@ -103,12 +104,12 @@ _SMALL_FINITE_CHECK = 1 << 16
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite. A finite sum proves it at the cost of one read; only when
-    the sum is not finite (a NaN/Inf, or an overflow of large finite values) is the exact check needed."""
+    """Whether every element is finite: numpy's element-wise check for small CPU fp32 tensors, else
+    the model's one-read sum check (`moe.layer.all_finite`)."""
     if t.dtype == torch.float32 and t.numel() <= _SMALL_FINITE_CHECK and t.device.type == "cpu" \
             and not t.requires_grad:
         return bool(np.isfinite(t.numpy()).all())
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return sum_checked_finite(t)
 
 
 def encode(t: torch.Tensor, wire_dtype: str = "fp32", *, check_finite: str | None = None) -> tensor_pb2.Tensor:
