@@ -282,9 +282,10 @@ class _ForwardMany(_Call):
         out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim, name="outputs")
         if out.shape[0] != self.tokens:
             raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
+        views = _views_message(response.outputs)   # one message: the same for every Forward's rows
         for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
             forward.outputs, forward.endpoint, forward.answered = rows, self.endpoint, True
-            forward.outputs_view = _views_message(response.outputs)
+            forward.outputs_view = views
 
     def hand_over(self):
         for forward in self.forwards:
