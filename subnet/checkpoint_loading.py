@@ -26,7 +26,7 @@ from subnet.checkpoints import (
     read_verified,
 )
 from subnet.expert_weights import CheckpointError, experts_from_states, parse_expert_weights
-from subnet.manifest import MANIFEST_NAME, CheckpointVerificationError
+from subnet.manifest import EXPERT_KINDS, MANIFEST_NAME, CheckpointVerificationError
 from subnet.object_store import ObjectStore
 
 
@@ -57,7 +57,8 @@ def load_verified_experts(verified: VerifiedCheckpoint, uids: Iterable[str] | No
     expert in the file) from an expert checkpoint (its weights.safetensors) or a global one (its
     experts.safetensors). InvalidWeightsError if any tensor does not fit dim/inter_dim."""
     m = verified.manifest
-    name = file_name or {"expert": EXPERT_WEIGHTS_FILE, "global": GLOBAL_EXPERTS_FILE}.get(m.kind)
+    name = file_name or {"expert": EXPERT_WEIGHTS_FILE, "recovery": EXPERT_WEIGHTS_FILE,
+                         "global": GLOBAL_EXPERTS_FILE}.get(m.kind)
     if name is None or name not in verified.files:
         raise InvalidWeightsError(f"{verified.manifest_key}: a {m.kind} checkpoint with files "
                                   f"{sorted(verified.files)} has no expert weights file {name or ''}")
@@ -66,8 +67,8 @@ def load_verified_experts(verified: VerifiedCheckpoint, uids: Iterable[str] | No
         states = parse_expert_weights(verified.files[name], source)
     except CheckpointError as e:
         raise InvalidWeightsError(str(e)) from None
-    # An expert checkpoint is signed for one uid: weights for any other uid in it are refused.
-    if m.kind == "expert" and set(states) != {m.uid}:
+    # An expert (or recovery) checkpoint is signed for one uid: weights for any other uid are refused.
+    if m.kind in EXPERT_KINDS and set(states) != {m.uid}:
         raise InvalidWeightsError(f"{source} is the checkpoint of expert {m.uid} but holds "
                                   f"{', '.join(sorted(states))}")
     wanted = sorted(states) if uids is None else list(uids)

@@ -3,13 +3,17 @@
 Key layout (in the S3_BUCKET bucket; manifests are described in subnet.manifest):
 
     checkpoints/experts/<uid>/<hotkey>/<round>/weights.safetensors + manifest.json
+    checkpoints/recovery/<uid>/<hotkey>/weights.safetensors + manifest.json   (one, overwritten)
     checkpoints/trunk/<round>/<any files, e.g. weights.safetensors, config.json> + manifest.json
     checkpoints/global/<version>/<any files; experts in experts.safetensors> + manifest.json
     checkpoints/global/latest    signed JSON pointer: version, manifest_key, manifest_sha256
 
 Writers upload the files first, the manifest after them, and (global) the `latest` pointer
 last; global versions are immutable. So a reader that follows `latest` sees a complete
-version, old or new, never a half-written one.
+version, old or new, never a half-written one. A recovery checkpoint (an expert service's
+restart point between rounds, kind `recovery`) lives outside the rounds: nothing committed can
+name it, so work a service has not committed yet never sits where a round's submissions are
+looked up.
 
     pub = publish_experts(store, hotkey, {"0.3": swiglu}, round=12, parent_version=6,
                           config_hash=config_hash(shape))[0]
@@ -33,6 +37,7 @@ import torch
 from moe.experts import SwiGLU
 from subnet.expert_weights import expert_weights_bytes
 from subnet.manifest import (
+    EXPERT_KINDS,
     MANIFEST_NAME,
     CheckpointVerificationError,
     MalformedManifestError,
@@ -113,6 +118,10 @@ def checkpoint_prefix(kind: str, *, round: int | None = None, hotkey: str | None
         if uid is None or hotkey is None or round is None:
             raise ValueError("an expert checkpoint needs uid, hotkey and round")
         parts = ["experts", uid, hotkey, str(round)]
+    elif kind == "recovery":
+        if uid is None or hotkey is None:
+            raise ValueError("a recovery checkpoint needs uid and hotkey")
+        parts = ["recovery", uid, hotkey]
     elif kind == "trunk":
         if round is None:
             raise ValueError("a trunk checkpoint needs a round")
@@ -151,9 +160,13 @@ def publish_checkpoint(store: ObjectStore, keypair: Signer, *, kind: str, files:
 
 
 def publish_experts(store: ObjectStore, keypair: Signer, experts: Mapping[str, SwiGLU | Mapping[str, torch.Tensor]],
-                    *, round: int, parent_version: int | None, config_hash: str) -> list[PublishedCheckpoint]:
-    """One checkpoint per expert uid (the layout is per uid), in uid order."""
-    return [publish_checkpoint(store, keypair, kind="expert", uid=uid, round=round, parent_version=parent_version,
+                    *, round: int, parent_version: int | None, config_hash: str,
+                    kind: str = "expert") -> list[PublishedCheckpoint]:
+    """One checkpoint per expert uid (the layout is per uid), in uid order; `kind` "recovery"
+    for a service's restart point instead of a round's submission."""
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"kind {kind!r}: experts are published as one of {', '.join(EXPERT_KINDS)}")
+    return [publish_checkpoint(store, keypair, kind=kind, uid=uid, round=round, parent_version=parent_version,
                                config_hash=config_hash,
                                files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: experts[uid]})})
             for uid in sorted(experts)]

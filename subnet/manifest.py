@@ -3,8 +3,8 @@
 A manifest is a JSON object stored next to the files it describes:
 
     {"format": "moe-checkpoint-manifest", "format_version": 1,
-     "kind": "expert" | "trunk" | "global",
-     "uid": "0.3" (expert) or null,  "version": 7 (global) or null,
+     "kind": "expert" | "recovery" | "trunk" | "global",
+     "uid": "0.3" (expert, recovery) or null,  "version": 7 (global) or null,
      "round": 12, "parent_version": 6 or null,
      "config_hash": "<sha256 hex of the model shape config, see config_hash()>",
      "files": {"weights.safetensors": {"sha256": "<hex>", "size": 1234}},
@@ -31,7 +31,10 @@ from bittensor_wallet import Keypair
 
 FORMAT = "moe-checkpoint-manifest"
 FORMAT_VERSION = 1
-KINDS = ("expert", "trunk", "global")
+KINDS = ("expert", "recovery", "trunk", "global")
+# Kinds that hold one expert, named by uid. A `recovery` checkpoint is an expert service's private
+# restart point, never a round's submission: its kind keeps it out of the round layout for good.
+EXPERT_KINDS = ("expert", "recovery")
 MANIFEST_NAME = "manifest.json"
 # A plain file name: it becomes the last part of an S3 key next to the manifest.
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -170,8 +173,8 @@ def _check(obj: Mapping[str, Any]) -> None:
         fail(f"kind {obj['kind']!r} is not one of {', '.join(KINDS)}")
     uid, version = obj["uid"], obj["version"]
     if (uid is not None and not (isinstance(uid, str) and is_plain_name(uid))) or \
-            (obj["kind"] == "expert") != (uid is not None):
-        fail(f"uid {uid!r}: an expert manifest needs a plain uid like '0.3', other kinds null")
+            (obj["kind"] in EXPERT_KINDS) != (uid is not None):
+        fail(f"uid {uid!r}: an expert or recovery manifest needs a plain uid like '0.3', other kinds null")
     if (version is not None and not is_int(version)) or (obj["kind"] == "global") != (version is not None):
         fail(f"version {version!r}: a global manifest needs an int >= 0, other kinds null")
     if not is_int(obj["round"]):

@@ -1,16 +1,19 @@
 """An expert service's checkpoints in S3: every round (committed) and on a timer (recovery).
 
-    checkpoints/experts/<uid>/<hotkey>/<round>/weights.safetensors + manifest.json
+    checkpoints/experts/<uid>/<hotkey>/<round>/weights.safetensors + manifest.json   (round)
+    checkpoints/recovery/<uid>/<hotkey>/weights.safetensors + manifest.json          (recovery)
 
 Round checkpoints: in the commit phase of round r the service publishes each hosted expert
 under round r and commits `sha256(reveal data)`, where the reveal data names each manifest's
 sha256 (`{"0.1": "<sha256>", ...}`); validators fetch by the layout and check the sha256.
 
-Timer checkpoints (`EXPERT_CHECKPOINT_EVERY_S`) bound what a SIGKILL loses. They go to the
-round that is still open for commitment: r while r trains, r + 1 once r's commit phase has
-begun, so a committed checkpoint is never overwritten (the commit-phase publish of r + 1
-replaces the timer's). On start-up `latest_own_round` finds the newest one this hotkey
-signed, and the service resumes from it (optimizer moments are not saved: Adam restarts).
+Recovery checkpoints (`EXPERT_CHECKPOINT_EVERY_S`, and on SIGTERM) bound what a SIGKILL loses.
+They are never put under a round: a snapshot taken while round r trains, left where r's
+submissions are looked up, is work anybody could take and commit before its owner does (the
+end-to-end copycat did, and scored). Their manifest records the round still open for
+commitment when they were taken (r while r trains, r + 1 once r's commit phase has begun), so
+on start-up `load_own_checkpoint` can tell which is newer: this hotkey's newest complete round
+checkpoint or its recovery checkpoint (optimizer moments are not saved: Adam restarts).
 
 Snapshots run on the compute worker, the only thread that touches the weights, so a
 checkpoint never holds half of an optimizer step.
@@ -26,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from subnet.checkpoints import checkpoint_prefix, publish_experts, read_verified
-from subnet.manifest import MANIFEST_NAME, config_hash
+from subnet.manifest import MANIFEST_NAME, CheckpointVerificationError, config_hash
 from subnet.object_store import ObjectStore, StoreError
 from subnet.rounds import RoundSchedule
 
@@ -64,13 +67,21 @@ class ExpertPublisher:
 
     def publish(self, round: int) -> str:
         """Snapshot and publish every hosted expert under `round`; returns the reveal data."""
+        return reveal_data(self._publish(round, "expert"))
+
+    def publish_recovery(self, open_round: int) -> None:
+        """Snapshot every hosted expert into this hotkey's recovery checkpoint (outside the rounds),
+        recording `open_round`, the round still open for commitment."""
+        self._publish(open_round, "recovery")
+
+    def _publish(self, round: int, kind: str) -> list:
         with self._lock:
             states = self.snapshot()
             published = publish_experts(self.store, self.identity, states, round=round,
-                                        parent_version=self.parent_version(), config_hash=self.config_hash)
+                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind)
         if self.on_published is not None:
             self.on_published(round, published)
-        return reveal_data(published)
+        return published
 
 
 def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> int | None:
@@ -89,27 +100,51 @@ def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> in
 
 def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, dim: int,
                         inter_dim: int) -> tuple[int, Mapping[str, object], int | None] | None:
-    """(round, {uid: SwiGLU}, parent global version) from this hotkey's newest complete checkpoint,
-    verified; None if there is none. A checkpoint that fails verification is an error, not
-    silently skipped."""
-    from subnet.checkpoint_loading import load_verified_experts
-    from subnet.expert_weights import experts_from_states
-
+    """(round, {uid: SwiGLU}, parent global version) from this hotkey's newest checkpoint: its
+    newest complete round checkpoint, or its recovery checkpoint when that was taken later (while
+    a later round was open; on a tie the round checkpoint, published after it). None if there is
+    neither. A round checkpoint that fails verification is an error, not silently skipped; a
+    recovery checkpoint that does (e.g. a crash between its files and its manifest) is passed over
+    with a warning: the round checkpoint is still there."""
     uids = list(uids)
     try:
         round = latest_own_round(store, uids, hotkey)
     except StoreError as e:
         log.warning("cannot list own checkpoints (%s); starting without them", e)
         return None
+    recovery = _own_recovery(store, uids, hotkey, dim, inter_dim)
+    if recovery is not None and (round is None or recovery[0] > round):
+        return recovery
     if round is None:
         return None
+    keys = [f"{checkpoint_prefix('expert', uid=uid, hotkey=hotkey, round=round)}/{MANIFEST_NAME}" for uid in uids]
+    return _load_own(store, keys, uids, hotkey, dim, inter_dim, f"own checkpoints of round {round}")
+
+
+def _own_recovery(store: ObjectStore, uids: list[str], hotkey: str, dim: int, inter_dim: int):
+    keys = [f"{checkpoint_prefix('recovery', uid=uid, hotkey=hotkey)}/{MANIFEST_NAME}" for uid in uids]
+    try:
+        if not all(store.exists(key) for key in keys):
+            return None
+        return _load_own(store, keys, uids, hotkey, dim, inter_dim, "own recovery checkpoint")
+    except (StoreError, CheckpointVerificationError) as e:  # InvalidWeightsError is one of those
+        log.warning("passing over this hotkey's recovery checkpoint: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _load_own(store: ObjectStore, keys: list[str], uids: list[str], hotkey: str, dim: int, inter_dim: int,
+              source: str) -> tuple[int, Mapping[str, object], int | None]:
+    """(round, experts, parent) from one manifest per uid; the oldest round among them (a
+    recovery checkpoint's uids are written one after another)."""
+    from subnet.checkpoint_loading import load_verified_experts
+    from subnet.expert_weights import experts_from_states
+
     states: ExpertStates = {}
-    parent = None
-    for uid in uids:
-        key = f"{checkpoint_prefix('expert', uid=uid, hotkey=hotkey, round=round)}/{MANIFEST_NAME}"
+    rounds, parent = [], None
+    for uid, key in zip(uids, keys):
         verified = read_verified(store, key, expected_hotkey=hotkey,
                                  expected_config_hash=expert_config_hash(dim, inter_dim))
         states.update(load_verified_experts(verified, [uid], dim, inter_dim))
+        rounds.append(verified.manifest.round)
         parent = verified.manifest.parent_version
-    experts = experts_from_states(states, uids, dim, inter_dim, source=f"own checkpoints of round {round}")
-    return round, experts, parent
+    return min(rounds), experts_from_states(states, uids, dim, inter_dim, source=source), parent

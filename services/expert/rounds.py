@@ -130,11 +130,12 @@ class ExpertRounds:
             await self.publish_recovery()
 
     async def publish_recovery(self) -> None:
-        """Publish into the round still open for commitment (never over a committed one)."""
+        """Publish this hotkey's recovery checkpoint, stamped with the round still open for commitment
+        (outside the rounds' layout: uncommitted work is nobody's to copy from there)."""
         try:
             round = open_round(self.schedule, await asyncio.to_thread(self.chain.block))
-            await asyncio.to_thread(self.publisher.publish, round)
-            log.info("published a recovery checkpoint under round %d", round)
+            await asyncio.to_thread(self.publisher.publish_recovery, round)
+            log.info("published a recovery checkpoint (round %d open)", round)
         except Exception as e:  # S3 or the chain away: try again at the next tick
             log.warning("recovery checkpoint failed: %s: %s", type(e).__name__, e)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -211,7 +212,7 @@ class Evaluator:
             layer, index = parse_expert_uid(uid)
             similarities[uid] = [output_cosine(outputs[uid], base.global_outputs[f"{layer}.{j}"])
                                  for j in range(glob.lm_cfg.n_experts) if j != index]
-        copy_of = self._copied_from(sub, earlier, glob, base, outputs)
+        copy_of, copy_check = self._copied_from(sub, earlier, glob, base, outputs)
 
         with self._lock:
             early = self._live.get((sub.round, sub.hotkey, sub.digest))
@@ -219,6 +220,7 @@ class Evaluator:
         reasons = [r for r in (f"copy of {copy_of}" if copy_of else "", live_reason) if r]
         details = {"global_version": glob.version, "shares": shares,
                    "diversity": {uid: diversity([similarities[uid]]) for uid in uids}, "live": live,
+                   "copy_check": copy_check,
                    "eval_tokens": sum(int(y.numel()) for _, y in base.batches),
                    "eval_s": round(time.perf_counter() - started, 3)}
         return ValidationResult(**head, experts=tuple(uids), verified=not live_reason, loss=loss,
@@ -246,16 +248,18 @@ class Evaluator:
                 del self._live[key]
 
     def _copied_from(self, sub: Submission, earlier: Sequence[Submission], glob: GlobalModel, base: Baseline,
-                     outputs: dict[str, torch.Tensor]) -> str:
-        """The hotkey of the earliest commitment whose every shared expert computes the same
-        function as this miner's (outputs on the probe), or "".
+                     outputs: dict[str, torch.Tensor]) -> tuple[str, dict]:
+        """(the hotkey of the earliest commitment whose every shared expert computes the same
+        function as this miner's (outputs on the probe), or ""; what was compared, for the record:
+        the lowest cosine with the global experts and with each earlier commitment).
 
         Experts that equal the global model's are nobody's work: two miners that both republish
         the global weights (nobody trained yet, or a lazy miner) are not copies of each other
         (the loss score already pays them nothing). Only what differs from the global can be copied."""
         own = {uid: output_cosine(outputs[uid], base.global_outputs[uid]) for uid in outputs}
+        record: dict = {"global": _lowest(own), "earlier": {}}
         if is_copy(own, self.settings.copy_cosine):
-            return ""
+            return "", record
         for other in sorted(earlier, key=lambda s: s.order):
             if other.order >= sub.order or other.hotkey == sub.hotkey:
                 continue
@@ -268,6 +272,14 @@ class Evaluator:
                 continue
             their_out = expert_outputs({uid: theirs[uid] for uid in shared}, base.probes)
             cosines = {uid: output_cosine(outputs[uid], their_out[uid]) for uid in shared}
+            record["earlier"][other.hotkey] = _lowest(cosines)
             if is_copy(cosines, self.settings.copy_cosine):
-                return other.hotkey
-        return ""
+                return other.hotkey, record
+        return "", record
+
+
+def _lowest(cosines: dict[str, float]) -> float | None:
+    """The lowest cosine (the expert least like the other's), rounded for the record; None if none
+    can be compared."""
+    finite = [c for c in cosines.values() if math.isfinite(c)]
+    return round(min(finite), 6) if finite else None

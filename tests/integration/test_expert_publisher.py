@@ -1,14 +1,16 @@
 """ExpertPublisher and the start-up resume against a real SeaweedFS: a round's reveal data names
-exactly what was published, timer checkpoints go to the round still open for commitment, and a
-restarted service finds its newest complete checkpoint (and nobody else's)."""
+exactly what was published, recovery (timer) checkpoints stay out of the rounds' layout and
+record the round still open for commitment, and a restarted service finds its newest complete
+checkpoint, round or recovery (and nobody else's)."""
 
 import json
+import logging
 
 import pytest
 import torch
 
 from services.expert.publisher import ExpertPublisher, latest_own_round, load_own_checkpoint, open_round
-from subnet.checkpoints import read_verified
+from subnet.checkpoints import MisplacedManifestError, read_verified
 from subnet.expert_weights import init_expert
 from subnet.identity import Identity
 from subnet.manifest import sha256_hex
@@ -57,3 +59,55 @@ def test_restart_resumes_from_the_newest_complete_own_checkpoint(object_store):
 def test_timer_checkpoints_never_go_to_a_committed_round():
     schedule = RoundSchedule.of(train=4, commit=2, reveal=2, validate=1, merge=1)
     assert [open_round(schedule, b) for b in (0, 3, 4, 5, 6, 9, 10)] == [0, 0, 1, 1, 1, 1, 1]
+
+
+def test_recovery_checkpoints_stay_out_of_the_rounds_and_cannot_be_passed_off_as_one(object_store):
+    me = Identity.generate()
+    ExpertPublisher(object_store, me, lambda: experts(seed=5), DIM, INTER).publish_recovery(7)
+    assert not object_store.list("checkpoints/experts/")  # nothing where a round's submissions are looked up
+    for uid in UIDS:
+        key = f"checkpoints/recovery/{uid}/{me.hotkey}/manifest.json"
+        verified = read_verified(object_store, key, expected_hotkey=me.hotkey)
+        assert (verified.manifest.kind, verified.manifest.round, verified.manifest.uid) == ("recovery", 7, uid)
+        # Copied byte for byte to where round 7 would be, it is refused: its kind names another place.
+        round_prefix = f"checkpoints/experts/{uid}/{me.hotkey}/7"
+        for name in ("weights.safetensors", "manifest.json"):
+            object_store.put_bytes(f"{round_prefix}/{name}",
+                                   object_store.get_bytes(f"checkpoints/recovery/{uid}/{me.hotkey}/{name}"))
+        with pytest.raises(MisplacedManifestError):
+            read_verified(object_store, f"{round_prefix}/manifest.json", expected_hotkey=me.hotkey)
+
+
+@pytest.mark.parametrize("recovery_round, want_seed", [(3, 6), (2, 2), (1, 2)])
+def test_restart_takes_the_recovery_checkpoint_only_when_it_is_newer(object_store, recovery_round, want_seed):
+    """Recovery taken while round 3 was open beats round 2's checkpoint; taken while round 2 was
+    open (before round 2's commit-phase publish) or earlier, it does not."""
+    me = Identity.generate()
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(recovery_round)
+    round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert round == (recovery_round if want_seed == 6 else 2)
+    want = experts(seed=want_seed)
+    for uid in UIDS:
+        torch.testing.assert_close(loaded[uid].state_dict()["w1.weight"], want[uid].state_dict()["w1.weight"])
+
+
+def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_store, caplog):
+    me = Identity.generate()
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(3)
+    # A crash between the files and the manifest: new weights under the old manifest.
+    object_store.put_bytes(f"checkpoints/recovery/1.1/{me.hotkey}/weights.safetensors", b"torn")
+    with caplog.at_level(logging.WARNING):
+        round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert round == 2
+    want = experts(seed=2)["0.0"].state_dict()["w1.weight"]
+    torch.testing.assert_close(loaded["0.0"].state_dict()["w1.weight"], want)
+    assert "passing over this hotkey's recovery checkpoint" in caplog.text
+
+
+def test_only_a_recovery_checkpoint_is_enough_to_resume(object_store):
+    me = Identity.generate()
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(0)
+    round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert round == 0 and sorted(loaded) == UIDS

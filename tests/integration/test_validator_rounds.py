@@ -153,6 +153,10 @@ def test_validate_round_scores_unchanged_noisy_copied_and_tampered_miners(world)
     assert results[original.hotkey].copy_of == ""
     assert results[copier.hotkey].copy_of == original.hotkey
     assert f"copy of {original.hotkey}" in results[copier.hotkey].reason
+    # The record says how close it came: the copier matches the original exactly, the original
+    # (trained a little) is further from the global experts than the copy threshold.
+    assert results[copier.hotkey].details["copy_check"]["earlier"][original.hotkey] > 0.999999
+    assert results[original.hotkey].details["copy_check"]["global"] < 0.999
     # Republishing the global experts is nobody's work: not a copy (the loss score pays it nothing).
     assert results[same_again.hotkey].copy_of == "" and abs(results[same_again.hotkey].loss_delta) < 1e-6
     t = results[tamper.hotkey]
