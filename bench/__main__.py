@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per measurement")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {sorted(PARTS)}")
     args = parser.parse_args(argv)
+    # As the router and expert services do first thing (subnet/allocator.py), so this process, which
+    # plays the router and the in-process model alike, allocates as a deployed router does.
+    from subnet.allocator import reuse_freed_memory
+    allocator = "reuse_freed_memory" if reuse_freed_memory() else "default (mallopt unavailable)"
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     chosen = [p for p in args.only.split(",") if p] or list(PARTS)
@@ -38,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} ...", flush=True)
         result = importlib.import_module(PARTS[name]).run(rounds=args.rounds)
         sections.update(result if name in MULTI_SECTION else {name: result})
-    path = report.write(sections, merge=bool(args.only))
+    path = report.write(sections, merge=bool(args.only), allocator=allocator)
     print(report.to_markdown({"meta": {}, **sections}))
     print(f"[bench] wrote {path}")
     return 0

@@ -16,7 +16,8 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def write(sections: dict[str, dict], results_dir: Path = RESULTS_DIR, merge: bool = False) -> Path:
+def write(sections: dict[str, dict], results_dir: Path = RESULTS_DIR, merge: bool = False,
+          allocator: str = "default") -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / "latest.json"
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -29,7 +30,7 @@ def write(sections: dict[str, dict], results_dir: Path = RESULTS_DIR, merge: boo
     fresh = {name: {**values, "measured_at": now} for name, values in sections.items()}
     doc = {"meta": {"time": now, "python": platform.python_version(),
                     "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-                    "machine": platform.machine()}, **previous, **fresh}
+                    "machine": platform.machine(), "allocator": allocator}, **previous, **fresh}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
@@ -55,5 +56,6 @@ def to_markdown(doc: dict) -> str:
     meta = doc.get("meta")
     if meta:
         lines.append("")
-        lines.append(f"Measured {meta['time']} with torch {meta['torch']} on {meta['cpu_threads']} threads.")
+        lines.append(f"Measured {meta['time']} with torch {meta['torch']} on {meta['cpu_threads']} threads "
+                     f"(malloc: {meta.get('allocator', 'default')}).")
     return "\n".join(lines) + "\n"
