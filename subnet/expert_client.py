@@ -111,11 +111,13 @@ class ExpertClient:
 
     def forward(self, uid: str, inputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int, training: bool,
                 timeout_s: float, metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None,
-                inline: bool = False) -> Future:
+                inline: bool = False, committed_round: int | None = None) -> Future:
         """`reply_shm`: where the expert writes the outputs (its inputs came through shared memory too).
-        `inline`: the caller completes the call itself when it may (see InlineCall)."""
+        `inline`: the caller completes the call itself when it may (see InlineCall). `committed_round`
+        (validators): ask for the weights the service committed in that round, not its live ones."""
+        extra = {} if committed_round is None else {"committed_round": committed_round}
         request = build(expert_pb2.ForwardRequest, expert_uid=uid, inputs=inputs, call_id=call_id, step=step,
-                        training=training, reply_shm=reply_shm)
+                        training=training, reply_shm=reply_shm, **extra)
         return self._start("Forward", request, timeout_s, metadata, inline)
 
     def forward_many(self, uids: Sequence[str], tokens: Sequence[int], inputs: tensor_pb2.Tensor | WireTensor, *,

@@ -176,6 +176,8 @@ class ExpertBackend:
         # Sessions replaced by a newer one: a late Backward of a crashed router must not wipe the
         # new session's gradients. Bounded: only the most recent ones matter.
         self._retired_sessions: OrderedDict[str, None] = OrderedDict()
+        # (round, {uid: state dict}) this service committed last: see keep_committed.
+        self._committed: tuple[int, Mapping[str, Mapping[str, torch.Tensor]]] | None = None
 
     @property
     def uids(self) -> list[str]:
@@ -223,6 +225,26 @@ class ExpertBackend:
         if self.answer is not None:
             y = self.answer(y)
         return list(torch.split(y, sizes)) if len(xs) > 1 else [y]
+
+    def keep_committed(self, round: int, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Keep the weights just published and committed for `round` (copies, on the CPU) until the
+        next commitment replaces them, to answer a validator's probe for that round exactly
+        (`forward_committed`): the live weights go on training meanwhile, and a probe answered
+        from them would differ from the published ones by that training. Callable from any thread."""
+        self._committed = (round, {uid: dict(state) for uid, state in states.items()})
+
+    def forward_committed(self, uid: str, x: torch.Tensor, round: int) -> torch.Tensor | None:
+        """`uid`'s outputs for `x` under the weights committed for `round`; None when this service does
+        not hold them (another round, or nothing committed since it started)."""
+        self._get(uid)   # UnknownExpert for an expert not hosted here
+        committed = self._committed
+        if committed is None or committed[0] != round or uid not in committed[1]:
+            return None
+        w = committed[1][uid]
+        with torch.no_grad():
+            x = x.to("cpu", torch.float32)
+            y = F.linear(F.silu(F.linear(x, w["w1.weight"])) * F.linear(x, w["w3.weight"]), w["w2.weight"])
+        return self.answer(y) if self.answer is not None else y
 
     # -- backward ---------------------------------------------------------------------------
 

@@ -76,6 +76,11 @@ class ExpertConfig:
     follow_global: bool = env("EXPERT_FOLLOW_GLOBAL", True,
                               "with S3: at the start of each round load the hosted experts from the newest "
                               "merged global version, if it is newer than the one this service started from")
+    keep_committed: bool = env("EXPERT_KEEP_COMMITTED", True,
+                               "with S3: keep the weights committed last (a CPU copy of the hosted experts) to "
+                               "answer validators' probes for that round exactly; 0 = answer them with the live "
+                               "weights, which have trained since (the validator then allows less drift than "
+                               "early training makes, and may flag an honest miner)")
     adversary: str = env("EXPERT_ADVERSARY", "",
                          "tests and the demo only: play a cheating miner, `lazy`, `noisy`, `copycat` or `liar` "
                          "(services/expert/adversary.py); refused unless EXPERT_ALLOW_ADVERSARY=1")

@@ -58,30 +58,37 @@ class ExpertPublisher:
 
     def __init__(self, store: ObjectStore, identity, snapshot: Callable[[], ExpertStates], dim: int, inter_dim: int,
                  parent_version: Callable[[], int | None] = lambda: None,
-                 on_published: Callable[[int, list], None] | None = None):
+                 on_published: Callable[[int, list], None] | None = None,
+                 on_round_published: Callable[[int, ExpertStates], None] | None = None):
+        """`on_round_published(round, states)`: after a round's publish (the one its commitment names),
+        with the snapshot published (ExpertBackend.keep_committed keeps it)."""
         self.store, self.identity, self.snapshot = store, identity, snapshot
         self.config_hash = expert_config_hash(dim, inter_dim)
         self.parent_version = parent_version
         self.on_published = on_published
+        self.on_round_published = on_round_published
         self._lock = threading.Lock()
 
     def publish(self, round: int) -> str:
         """Snapshot and publish every hosted expert under `round`; returns the reveal data."""
-        return reveal_data(self._publish(round, "expert"))
+        published, states = self._publish(round, "expert")
+        if self.on_round_published is not None:
+            self.on_round_published(round, states)
+        return reveal_data(published)
 
     def publish_recovery(self, open_round: int) -> None:
         """Snapshot every hosted expert into this hotkey's recovery checkpoint (outside the rounds),
         recording `open_round`, the round still open for commitment."""
         self._publish(open_round, "recovery")
 
-    def _publish(self, round: int, kind: str) -> list:
+    def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
         with self._lock:
             states = self.snapshot()
             published = publish_experts(self.store, self.identity, states, round=round,
                                         parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind)
         if self.on_published is not None:
             self.on_published(round, published)
-        return published
+        return published, states
 
 
 def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> int | None:

@@ -81,11 +81,14 @@ class ExpertRounds:
 
     # -- running ----------------------------------------------------------------------------
 
-    def start(self, snapshot, apply) -> None:
+    def start(self, snapshot, apply, keep_committed=None) -> None:
         """`snapshot()` -> {uid: state dict} and `apply(states)` (load weights), callable from any
-        thread (the server runs both on the compute worker)."""
+        thread (the server runs both on the compute worker); `keep_committed(round, states)`: given
+        each round's published snapshot (ExpertBackend.keep_committed), unless EXPERT_KEEP_COMMITTED=0.
+        The adversarial test miners never get it: they keep serving their live weights, as before."""
         c, m = self.config, self.metrics.rounds
         self._apply = apply
+        keep = keep_committed if c.keep_committed and not c.adversary else None
         if c.adversary == "noisy":
             snapshot = adversary.noisy(snapshot, c.adversary_noise)
         elif c.adversary == "copycat":
@@ -93,7 +96,8 @@ class ExpertRounds:
                                          self.schedule, self.chain)
         self.publisher = ExpertPublisher(self.store, self.identity, snapshot, c.dim, c.inter_dim,
                                          parent_version=lambda: self.global_version,
-                                         on_published=lambda round, published: m.checkpoints.inc(len(published)))
+                                         on_published=lambda round, published: m.checkpoints.inc(len(published)),
+                                        on_round_published=keep)
         self.participant = RoundParticipant(self.chain, self.schedule, self.identity, self.publisher.publish,
                                             name=f"expert {self.identity.hotkey[:8]}", on_phase=self._on_phase,
                                             on_record=m.on_record).start()

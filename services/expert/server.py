@@ -242,7 +242,8 @@ class ExpertServer:
             return asyncio.run_coroutine_threadsafe(self.worker.run(fn, *args), loop).result(120)
 
         self.rounds.start(lambda: on_worker(self._snapshot),
-                          lambda states: on_worker(self.backend.replace_weights, states))
+                          lambda states: on_worker(self.backend.replace_weights, states),
+                          self.backend.keep_committed)
 
     def _bind(self, host: str, port: int) -> int:
         if port and port_in_use(port, host):

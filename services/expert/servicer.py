@@ -96,11 +96,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 raise RpcError(Code.INVALID_ARGUMENT, "call_id is required when training is true "
                                                       "(it keys the activations kept for Backward)")
             _check_call_id(request.call_id)
+            committed = _committed_round(request)
             # Inference reads its inputs in the caller's shared-memory region, if that is where they
             # are: the caller keeps the region until the answer. Training keeps them for Backward: a copy.
             x = await self._tensor(request, "inputs", shm_copy=request.training)
             await self._delay()
-            y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
+            y = None
+            if committed is not None:   # a validator's probe: on the compute thread, outside the batches
+                y = await self.worker.run(self.backend.forward_committed, uid, x, committed)
+            if y is None:
+                y = await self.batcher.forward(uid, x, request.call_id if request.training else None)
             self._count(uid, "Forward", x.shape[0])
             outputs = await self._encode(y, request.inputs.dtype, "outputs", _reply_area(request))
             return build(expert_pb2.ForwardResponse, outputs=outputs)
@@ -293,6 +298,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         if self.metrics is not None:
             self.metrics.tokens.labels(expert=uid, rpc=rpc).inc(tokens)
             self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
+
+
+def _committed_round(request) -> int | None:
+    """The round whose committed weights a validator's probe asks for, or None (the live weights)."""
+    if not request.HasField("committed_round"):
+        return None
+    if request.training or request.committed_round < 0:
+        raise RpcError(Code.INVALID_ARGUMENT, f"committed_round {request.committed_round}: a probe of the weights "
+                                              f"committed in a round >= 0, for inference only (training=false)")
+    return request.committed_round
 
 
 def _reply_area(request) -> tensor_pb2.ShmReply | None:

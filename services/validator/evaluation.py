@@ -216,7 +216,7 @@ class Evaluator:
 
         with self._lock:
             early = self._live.get((sub.round, sub.hotkey, sub.digest))
-        live_reason, live = early or self._check_live(sub.hotkey, uids, base, outputs)
+        live_reason, live = early or self._check_live(sub, uids, base, outputs)
         reasons = [r for r in (f"copy of {copy_of}" if copy_of else "", live_reason) if r]
         details = {"global_version": glob.version, "shares": shares,
                    "diversity": {uid: diversity([similarities[uid]]) for uid in uids}, "live": live,
@@ -229,9 +229,10 @@ class Evaluator:
                                 active_ratio=active_ratio(shares.values(), self.settings.active_threshold),
                                 copy_of=copy_of, reason="; ".join(reasons), details=details)
 
-    def _check_live(self, hotkey: str, uids: Sequence[str], base: Baseline, outputs: dict[str, torch.Tensor]):
-        return check_live(self.registry, self.clients, hotkey,
-                          {uid: base.probes[parse_expert_uid(uid)[0]] for uid in uids}, outputs, self.settings.live)
+    def _check_live(self, sub: Submission, uids: Sequence[str], base: Baseline, outputs: dict[str, torch.Tensor]):
+        return check_live(self.registry, self.clients, sub.hotkey,
+                          {uid: base.probes[parse_expert_uid(uid)[0]] for uid in uids}, outputs, self.settings.live,
+                          round=sub.round)
 
     def probe_live(self, glob: GlobalModel, base: Baseline, sub: Submission) -> None:
         """The verification gate for `sub`, now (early, right after its reveal); kept for its evaluation.
@@ -241,7 +242,7 @@ class Evaluator:
         except CheckpointVerificationError:
             return
         uids = sorted(states, key=parse_expert_uid)
-        outcome = self._check_live(sub.hotkey, uids, base, expert_outputs(states, base.probes))
+        outcome = self._check_live(sub, uids, base, expert_outputs(states, base.probes))
         with self._lock:
             self._live[(sub.round, sub.hotkey, sub.digest)] = outcome
             for key in [k for k in self._live if k[0] < sub.round - _KEEP_ROUNDS]:

@@ -30,9 +30,12 @@ class LiveThresholds:
 
 
 def check_live(registry: ExpertRegistry, clients: ExpertClientPool, hotkey: str, probes: Mapping[str, torch.Tensor],
-               expected: Mapping[str, torch.Tensor], limits: LiveThresholds) -> tuple[str, dict]:
+               expected: Mapping[str, torch.Tensor], limits: LiveThresholds,
+               round: int | None = None) -> tuple[str, dict]:
     """("" or the reason the gate fails, {uid: [{endpoint, cosine, max_abs}]}). `probes` and
-    `expected` map each of the miner's uids to inputs (n, dim) and published outputs (n, dim)."""
+    `expected` map each of the miner's uids to inputs (n, dim) and published outputs (n, dim).
+    `round`: the probes ask for the weights committed in it (an honest service keeps them and
+    answers exactly; one that does not answers with its live weights, held to the thresholds)."""
     replicas = {uid: [r for r in reps if r.hotkey == hotkey] for uid, reps in registry.all_replicas().items()}
     missing = [uid for uid in sorted(probes) if not replicas.get(uid)]
     if missing:
@@ -42,7 +45,7 @@ def check_live(registry: ExpertRegistry, clients: ExpertClientPool, hotkey: str,
         for replica in replicas[uid]:
             client = clients.get(replica.endpoint, hotkey)
             future = client.forward(uid, encode(probes[uid].float()), call_id=f"validate-{uuid.uuid4().hex[:12]}",
-                                    step=0, training=False, timeout_s=limits.timeout_s)
+                                    step=0, training=False, timeout_s=limits.timeout_s, committed_round=round)
             calls.append((uid, replica.endpoint, future))
     details: dict[str, list[dict]] = {}
     reason = ""

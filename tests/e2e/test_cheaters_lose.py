@@ -6,9 +6,9 @@ plays the replayer: it captures a signed request and re-sends it. Then it reads 
 wrote (report.json: the chain's weights and incentive; the scoreboards; the validator's merges).
 
 Expected, as the incentive design says: the honest miners hold the highest weights; every
-adversary ends with at most 5% of the total; the liar and the copycat score 0 from the round
-they are caught; replayed requests are refused; a merged global model is not worse than the
-best honest replica it merged plus 1%.
+adversary ends with at most 5% of the total; no honest miner fails the live check; the liar and
+the copycat score 0 from the round they are caught; replayed requests are refused; a merged
+global model is not worse than the best honest replica it merged plus 1%.
 """
 
 from __future__ import annotations
@@ -140,6 +140,13 @@ def test_honest_miners_earn_and_cheaters_lose(stack_run):
         assert w <= 0.05 * total, f"{name} holds {w / total:.1%} of the weight"
 
     boards = _scoreboards(run)
+    # An honest miner trains on after its commitment; asked for its committed round, it answers
+    # with exactly the weights it published (EXPERT_KEEP_COMMITTED), so the live check never flags it.
+    for name in honest:
+        flagged = {r: rows[miners[name]["hotkey"]]["reason"] for r, rows in boards.items()
+                   if "does not serve the published weights" in (rows.get(miners[name]["hotkey"], {}).get("reason")
+                                                                 or "")}
+        assert not flagged, f"honest {name} failed the live check: {flagged}"
     for mode in ("liar", "copycat"):
         name = next(n for n in miners if miners[n]["adversary"] == mode)
         hotkey = miners[name]["hotkey"]

@@ -1,7 +1,8 @@
 """An expert service in the rounds, with real SeaweedFS, real Redis (the local chain) and a real
 service process: it publishes signed checkpoints each round and commits/reveals them on the
 chain; a SIGKILLed service restarts from its own newest checkpoint and loses at most
-EXPERT_CHECKPOINT_EVERY_S of training."""
+EXPERT_CHECKPOINT_EVERY_S of training; a validator's probe for a committed round is answered
+with exactly the weights published for it, while the live ones train on."""
 
 import json
 import time
@@ -13,8 +14,10 @@ import torch
 
 from subnet.chain.local import LocalChain
 from subnet.chain.signing import digest_of
+from subnet.checkpoint_loading import load_verified_experts
 from subnet.checkpoints import read_verified
 from subnet.expert_client import ExpertClientPool
+from subnet.expert_weights import init_expert
 from subnet.rounds import RoundSchedule
 from subnet.tensor_codec import decode, encode
 
@@ -99,4 +102,52 @@ def test_sigkilled_service_resumes_its_own_training(expert_service_factory, roun
     client = pool.get(service.endpoint, service.hotkey)
     torch.testing.assert_close(outputs(), trained)  # nothing lost, not back to the initial weights
     assert "resumed 2 experts" in service.log()
+    pool.close()
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_a_probe_for_the_committed_round_gets_the_published_weights(expert_service_factory, rounds_env,
+                                                                    object_store, client_identity, keep):
+    """EXPERT_KEEP_COMMITTED=0: the probe is answered with the live weights, as before the variable."""
+    env, chain = rounds_env
+    service = expert_service_factory(UIDS, DIM, INTER, env={**env, "EXPERT_KEEP_COMMITTED": keep})
+    chain.register(service.hotkey)
+    start_round = SCHEDULE.at(chain.block()).round
+
+    def early_in_the_next_round():
+        """(r, reveal data) once r is revealed and round r + 1 has just begun training: its commitment,
+        which replaces what the service keeps, is 12 blocks (3 s) away."""
+        now = SCHEDULE.at(chain.block())
+        revealed = revealed_rounds(chain, service.hotkey, now.round)
+        fresh = now.phase == "train" and now.block_in_round <= 2 and now.round - 1 in revealed
+        return fresh and (now.round - 1, revealed[now.round - 1])
+
+    round, data = wait_until(early_in_the_next_round, timeout_s=30, what="a revealed round")
+    assert round >= start_round
+    pool = ExpertClientPool(identity=client_identity)
+    client = pool.get(service.endpoint, service.hotkey)
+    gen = torch.Generator().manual_seed(1)
+    x, g, probe = (torch.randn(6, DIM, generator=gen) for _ in range(3))
+    # Train a step after the commitment: the live weights move away from the published ones.
+    client.forward("0.0", encode(x), call_id="c1", step=1, training=True, timeout_s=10).result()
+    client.backward("0.0", encode(g), call_id="c1", step=1, session_id="s", timeout_s=10).result()
+    client.apply_step("0.0", step=1, lr=0.05, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
+                      session_id="s", timeout_s=10).result()
+
+    def answer(**kwargs):
+        return decode(client.forward("0.0", encode(probe), call_id="", step=0, training=False, timeout_s=10,
+                                     **kwargs).result().outputs)
+
+    key = f"checkpoints/experts/0.0/{service.hotkey}/{round}/manifest.json"
+    verified = read_verified(object_store, key, expected_hotkey=service.hotkey,
+                             expected_manifest_sha256=json.loads(data)["0.0"])
+    published = init_expert("0.0", DIM, INTER, 0)
+    published.load_state_dict(load_verified_experts(verified, ["0.0"], DIM, INTER)["0.0"])
+    want = published(probe).detach()
+    assert (answer() - want).abs().max() > 1e-3            # the live weights trained on
+    if keep == "1":
+        torch.testing.assert_close(answer(committed_round=round), want, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(answer(committed_round=round), answer())
+    torch.testing.assert_close(answer(committed_round=round + 50), answer())   # not held: the live ones
     pool.close()

@@ -213,6 +213,12 @@ MALFORMED = {
         expert_uid="0.0", training=True, inputs=encode(torch.ones(2, DIM)))), Code.INVALID_ARGUMENT, "call_id"),
     "negative step": (("Forward", expert_pb2.ForwardRequest(expert_uid="0.0", step=-1, inputs=encode(
         torch.ones(2, DIM)))), Code.INVALID_ARGUMENT, "step must be >= 0"),
+    "committed_round with training": (("Forward", expert_pb2.ForwardRequest(
+        expert_uid="0.0", training=True, call_id="c", committed_round=3, inputs=encode(torch.ones(2, DIM)))),
+        Code.INVALID_ARGUMENT, "inference only"),
+    "negative committed_round": (("Forward", expert_pb2.ForwardRequest(
+        expert_uid="0.0", committed_round=-2, inputs=encode(torch.ones(2, DIM)))), Code.INVALID_ARGUMENT,
+        "round >= 0"),
     "backward without grad_outputs": (("Backward", expert_pb2.BackwardRequest(expert_uid="0.0", call_id="c")),
                                       Code.INVALID_ARGUMENT, "grad_outputs is required"),
     "backward without call_id": (("Backward", expert_pb2.BackwardRequest(

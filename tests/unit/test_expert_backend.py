@@ -267,3 +267,23 @@ def test_a_late_backward_for_an_applied_step_is_refused():
         backend.backward("0.0", "c2", step=3, grad_out=g, session_id="s")
     backend.backward("0.0", "c2", step=4, grad_out=g, session_id="s")  # the next step is fine
     assert backend.grad_sq_norm("0.0", 4, session_id="s")[1] == 1
+
+
+def test_committed_weights_answer_exactly_while_the_live_ones_train_on():
+    ref, backend = _make(n_experts=2)
+    x = _randn(5, DIM, seed=3)
+    backend.keep_committed(4, {uid: {k: v.clone() for k, v in m.state_dict().items()} for uid, m in ref.items()})
+    with torch.no_grad():
+        backend.module("0.0").w1.weight.add_(0.5)   # training moved the live weights since the commit
+    want = ref["0.0"](x).detach()
+    torch.testing.assert_close(backend.forward_committed("0.0", x, 4), want, rtol=1e-6, atol=1e-6)
+    assert (backend.forward("0.0", x) - want).abs().max() > 1e-2   # the live answer differs
+    assert backend.forward_committed("0.0", x, 3) is None           # another round: not held
+    with pytest.raises(UnknownExpert):
+        backend.forward_committed("9.9", x, 4)
+
+
+def test_a_liar_lies_about_its_committed_weights_too():
+    ref, backend = _make(answer=lambda y: torch.zeros_like(y))
+    backend.keep_committed(0, {"0.0": ref["0.0"].state_dict()})
+    assert backend.forward_committed("0.0", _randn(3, DIM, seed=4), 0).abs().max() == 0

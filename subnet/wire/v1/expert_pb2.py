@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from subnet.wire.v1 import tensor_pb2 as subnet_dot_wire_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsubnet/wire/v1/expert.proto\x12\x06moe.v1\x1a\x1bsubnet/wire/v1/tensor.proto\"\xa0\x01\n\x0e\x46orwardRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x1e\n\x06inputs\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x10\n\x08training\x18\x05 \x01(\x08\x12#\n\treply_shm\x18\x06 \x01(\x0b\x32\x10.moe.v1.ShmReplyJ\x04\x08\x0f\x10\x10\"2\n\x0f\x46orwardResponse\x12\x1f\n\x07outputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"m\n\x12\x46orwardManyRequest\x12\x13\n\x0b\x65xpert_uids\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0c\n\x04step\x18\x04 \x01(\x03J\x04\x08\x0f\x10\x10\"6\n\x13\x46orwardManyResponse\x12\x1f\n\x07outputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"\xc9\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12$\n\x0cgrad_outputs\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1e\n\x06inputs\x18\x05 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12#\n\treply_shm\x18\x07 \x01(\x0b\x32\x10.moe.v1.ShmReplyJ\x04\x08\x0f\x10\x10\"7\n\x10\x42\x61\x63kwardResponse\x12#\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"M\n\x0fGradNormRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\tJ\x04\x08\x0f\x10\x10\";\n\x10GradNormResponse\x12\x0f\n\x07sq_norm\x18\x01 \x01(\x01\x12\x16\n\x0e\x62\x61\x63kward_calls\x18\x02 \x01(\x03\"\xbd\x01\n\x10\x41pplyStepRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x12\n\ngrad_scale\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x07 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x08 \x01(\x01\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x0c\n\x04skip\x18\n \x01(\x08J\x04\x08\x0f\x10\x10\"$\n\x11\x41pplyStepResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\r\n\x0bInfoRequest\"\x85\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x11\n\tinter_dim\x18\x03 \x01(\x05\x12\"\n\x0bparam_dtype\x18\x04 \x01(\x0e\x32\r.moe.v1.DType\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x06 \x01(\x03\"\xd8\x01\n\x0cInfoResponse\x12#\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x12.moe.v1.ExpertInfo\x12\"\n\x0bwire_dtypes\x18\x02 \x03(\x0e\x32\r.moe.v1.DType\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x13\n\x0bshm_host_id\x18\x07 \x01(\t\x12\x13\n\x0b\x66rames_port\x18\x08 \x01(\r2\xff\x02\n\x06\x45xpert\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12\x46\n\x0b\x46orwardMany\x12\x1a.moe.v1.ForwardManyRequest\x1a\x1b.moe.v1.ForwardManyResponse\x12=\n\x08\x42\x61\x63kward\x12\x17.moe.v1.BackwardRequest\x1a\x18.moe.v1.BackwardResponse\x12=\n\x08GradNorm\x12\x17.moe.v1.GradNormRequest\x1a\x18.moe.v1.GradNormResponse\x12@\n\tApplyStep\x12\x18.moe.v1.ApplyStepRequest\x1a\x19.moe.v1.ApplyStepResponse\x12\x31\n\x04Info\x12\x13.moe.v1.InfoRequest\x1a\x14.moe.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsubnet/wire/v1/expert.proto\x12\x06moe.v1\x1a\x1bsubnet/wire/v1/tensor.proto\"\xd2\x01\n\x0e\x46orwardRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x1e\n\x06inputs\x18\x02 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0f\n\x07\x63\x61ll_id\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x10\n\x08training\x18\x05 \x01(\x08\x12#\n\treply_shm\x18\x06 \x01(\x0b\x32\x10.moe.v1.ShmReply\x12\x1c\n\x0f\x63ommitted_round\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_committed_roundJ\x04\x08\x0f\x10\x10\"2\n\x0f\x46orwardResponse\x12\x1f\n\x07outputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"m\n\x12\x46orwardManyRequest\x12\x13\n\x0b\x65xpert_uids\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x1e\n\x06inputs\x18\x03 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x0c\n\x04step\x18\x04 \x01(\x03J\x04\x08\x0f\x10\x10\"6\n\x13\x46orwardManyResponse\x12\x1f\n\x07outputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"\xc9\x01\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12$\n\x0cgrad_outputs\x18\x04 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x1e\n\x06inputs\x18\x05 \x01(\x0b\x32\x0e.moe.v1.Tensor\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12#\n\treply_shm\x18\x07 \x01(\x0b\x32\x10.moe.v1.ShmReplyJ\x04\x08\x0f\x10\x10\"7\n\x10\x42\x61\x63kwardResponse\x12#\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x0e.moe.v1.Tensor\"M\n\x0fGradNormRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\tJ\x04\x08\x0f\x10\x10\";\n\x10GradNormResponse\x12\x0f\n\x07sq_norm\x18\x01 \x01(\x01\x12\x16\n\x0e\x62\x61\x63kward_calls\x18\x02 \x01(\x03\"\xbd\x01\n\x10\x41pplyStepRequest\x12\x12\n\nexpert_uid\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x12\n\ngrad_scale\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x06 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x07 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x08 \x01(\x01\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x0c\n\x04skip\x18\n \x01(\x08J\x04\x08\x0f\x10\x10\"$\n\x11\x41pplyStepResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\r\n\x0bInfoRequest\"\x85\x01\n\nExpertInfo\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x11\n\tinter_dim\x18\x03 \x01(\x05\x12\"\n\x0bparam_dtype\x18\x04 \x01(\x0e\x32\r.moe.v1.DType\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12\x15\n\rqueued_tokens\x18\x06 \x01(\x03\"\xd8\x01\n\x0cInfoResponse\x12#\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x12.moe.v1.ExpertInfo\x12\"\n\x0bwire_dtypes\x18\x02 \x03(\x0e\x32\r.moe.v1.DType\x12\x12\n\nmax_tokens\x18\x03 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x13\n\x0bshm_host_id\x18\x07 \x01(\t\x12\x13\n\x0b\x66rames_port\x18\x08 \x01(\r2\xff\x02\n\x06\x45xpert\x12:\n\x07\x46orward\x12\x16.moe.v1.ForwardRequest\x1a\x17.moe.v1.ForwardResponse\x12\x46\n\x0b\x46orwardMany\x12\x1a.moe.v1.ForwardManyRequest\x1a\x1b.moe.v1.ForwardManyResponse\x12=\n\x08\x42\x61\x63kward\x12\x17.moe.v1.BackwardRequest\x1a\x18.moe.v1.BackwardResponse\x12=\n\x08GradNorm\x12\x17.moe.v1.GradNormRequest\x1a\x18.moe.v1.GradNormResponse\x12@\n\tApplyStep\x12\x18.moe.v1.ApplyStepRequest\x1a\x19.moe.v1.ApplyStepResponse\x12\x31\n\x04Info\x12\x13.moe.v1.InfoRequest\x1a\x14.moe.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'subnet.wire.v1.expert_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARDREQUEST']._serialized_start=69
-  _globals['_FORWARDREQUEST']._serialized_end=229
-  _globals['_FORWARDRESPONSE']._serialized_start=231
-  _globals['_FORWARDRESPONSE']._serialized_end=281
-  _globals['_FORWARDMANYREQUEST']._serialized_start=283
-  _globals['_FORWARDMANYREQUEST']._serialized_end=392
-  _globals['_FORWARDMANYRESPONSE']._serialized_start=394
-  _globals['_FORWARDMANYRESPONSE']._serialized_end=448
-  _globals['_BACKWARDREQUEST']._serialized_start=451
-  _globals['_BACKWARDREQUEST']._serialized_end=652
-  _globals['_BACKWARDRESPONSE']._serialized_start=654
-  _globals['_BACKWARDRESPONSE']._serialized_end=709
-  _globals['_GRADNORMREQUEST']._serialized_start=711
-  _globals['_GRADNORMREQUEST']._serialized_end=788
-  _globals['_GRADNORMRESPONSE']._serialized_start=790
-  _globals['_GRADNORMRESPONSE']._serialized_end=849
-  _globals['_APPLYSTEPREQUEST']._serialized_start=852
-  _globals['_APPLYSTEPREQUEST']._serialized_end=1041
-  _globals['_APPLYSTEPRESPONSE']._serialized_start=1043
-  _globals['_APPLYSTEPRESPONSE']._serialized_end=1079
-  _globals['_INFOREQUEST']._serialized_start=1081
-  _globals['_INFOREQUEST']._serialized_end=1094
-  _globals['_EXPERTINFO']._serialized_start=1097
-  _globals['_EXPERTINFO']._serialized_end=1230
-  _globals['_INFORESPONSE']._serialized_start=1233
-  _globals['_INFORESPONSE']._serialized_end=1449
-  _globals['_EXPERT']._serialized_start=1452
-  _globals['_EXPERT']._serialized_end=1835
+  _globals['_FORWARDREQUEST']._serialized_end=279
+  _globals['_FORWARDRESPONSE']._serialized_start=281
+  _globals['_FORWARDRESPONSE']._serialized_end=331
+  _globals['_FORWARDMANYREQUEST']._serialized_start=333
+  _globals['_FORWARDMANYREQUEST']._serialized_end=442
+  _globals['_FORWARDMANYRESPONSE']._serialized_start=444
+  _globals['_FORWARDMANYRESPONSE']._serialized_end=498
+  _globals['_BACKWARDREQUEST']._serialized_start=501
+  _globals['_BACKWARDREQUEST']._serialized_end=702
+  _globals['_BACKWARDRESPONSE']._serialized_start=704
+  _globals['_BACKWARDRESPONSE']._serialized_end=759
+  _globals['_GRADNORMREQUEST']._serialized_start=761
+  _globals['_GRADNORMREQUEST']._serialized_end=838
+  _globals['_GRADNORMRESPONSE']._serialized_start=840
+  _globals['_GRADNORMRESPONSE']._serialized_end=899
+  _globals['_APPLYSTEPREQUEST']._serialized_start=902
+  _globals['_APPLYSTEPREQUEST']._serialized_end=1091
+  _globals['_APPLYSTEPRESPONSE']._serialized_start=1093
+  _globals['_APPLYSTEPRESPONSE']._serialized_end=1129
+  _globals['_INFOREQUEST']._serialized_start=1131
+  _globals['_INFOREQUEST']._serialized_end=1144
+  _globals['_EXPERTINFO']._serialized_start=1147
+  _globals['_EXPERTINFO']._serialized_end=1280
+  _globals['_INFORESPONSE']._serialized_start=1283
+  _globals['_INFORESPONSE']._serialized_end=1499
+  _globals['_EXPERT']._serialized_start=1502
+  _globals['_EXPERT']._serialized_end=1885
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training", "reply_shm")
+    __slots__ = ("expert_uid", "inputs", "call_id", "step", "training", "reply_shm", "committed_round")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     REPLY_SHM_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     inputs: _tensor_pb2.Tensor
     call_id: str
     step: int
     training: bool
     reply_shm: _tensor_pb2.ShmReply
-    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ...) -> None: ...
+    committed_round: int
+    def __init__(self, expert_uid: _Optional[str] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., training: _Optional[bool] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ..., committed_round: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("outputs",)
