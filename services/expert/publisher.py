@@ -48,7 +48,8 @@ def reveal_data(published: Iterable) -> str:
 
 
 def open_round(schedule: RoundSchedule, block: int) -> int:
-    """The round whose commitment is still ahead at `block`: where a timer checkpoint may go."""
+    """The round whose commitment is still ahead at `block`: what a recovery checkpoint records
+    (it is newer than this hotkey's round checkpoints up to the round before)."""
     now = schedule.at(block)
     return now.round if now.phase == "train" else now.round + 1
 

@@ -56,7 +56,7 @@ def test_restart_resumes_from_the_newest_complete_own_checkpoint(object_store):
     assert load_own_checkpoint(object_store, UIDS, Identity.generate().hotkey, DIM, INTER) is None
 
 
-def test_timer_checkpoints_never_go_to_a_committed_round():
+def test_recovery_checkpoints_record_the_round_still_open_for_commitment():
     schedule = RoundSchedule.of(train=4, commit=2, reveal=2, validate=1, merge=1)
     assert [open_round(schedule, b) for b in (0, 3, 4, 5, 6, 9, 10)] == [0, 0, 1, 1, 1, 1, 1]
 
