@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.experts import SwiGLU
+from subnet.expert_weights import experts_from_states
 from subnet.tensor_codec import all_finite
 
 
@@ -176,8 +177,8 @@ class ExpertBackend:
         # Sessions replaced by a newer one: a late Backward of a crashed router must not wipe the
         # new session's gradients. Bounded: only the most recent ones matter.
         self._retired_sessions: OrderedDict[str, None] = OrderedDict()
-        # (round, {uid: state dict}) this service committed last: see keep_committed.
-        self._committed: tuple[int, Mapping[str, Mapping[str, torch.Tensor]]] | None = None
+        # (round, {uid: SwiGLU on the CPU}) this service committed last: see keep_committed.
+        self._committed: tuple[int, Mapping[str, SwiGLU]] | None = None
 
     @property
     def uids(self) -> list[str]:
@@ -231,7 +232,10 @@ class ExpertBackend:
         next commitment replaces them, to answer a validator's probe for that round exactly
         (`forward_committed`): the live weights go on training meanwhile, and a probe answered
         from them would differ from the published ones by that training. Callable from any thread."""
-        self._committed = (round, {uid: dict(state) for uid, state in states.items()})
+        modules = experts_from_states(states, states, self.dim, self.inter_dim, source=f"round {round}'s weights")
+        for module in modules.values():
+            module.requires_grad_(False)
+        self._committed = (round, modules)
 
     def forward_committed(self, uid: str, x: torch.Tensor, round: int) -> torch.Tensor | None:
         """`uid`'s outputs for `x` under the weights committed for `round`; None when this service does
@@ -240,10 +244,8 @@ class ExpertBackend:
         committed = self._committed
         if committed is None or committed[0] != round or uid not in committed[1]:
             return None
-        w = committed[1][uid]
         with torch.no_grad():
-            x = x.to("cpu", torch.float32)
-            y = F.linear(F.silu(F.linear(x, w["w1.weight"])) * F.linear(x, w["w3.weight"]), w["w2.weight"])
+            y = committed[1][uid](x.to("cpu", torch.float32))
         return self.answer(y) if self.answer is not None else y
 
     # -- backward ---------------------------------------------------------------------------
