@@ -252,10 +252,13 @@ def _view(data: bytes | bytearray | memoryview, dtype: int) -> torch.Tensor:
     if not _LITTLE_ENDIAN_HOST:
         swapped = np.frombuffer(data, dtype=np_dtype).astype(np_dtype[1:])
         return torch.from_numpy(swapped).view(_TORCH_DTYPES[dtype])
-    with warnings.catch_warnings():
-        # `bytes` is read-only; torch warns that writing would be undefined. We never write.
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        t = torch.frombuffer(data, dtype=view_dtype)
+    if isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly):
+        t = torch.frombuffer(data, dtype=view_dtype)   # what moe-frames receives: no warning to silence
+    else:
+        with warnings.catch_warnings():   # costs more than the rest of a decode-sized call's decoding
+            # `bytes` is read-only; torch warns that writing would be undefined. We never write.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(data, dtype=view_dtype)
     return t.view(_TORCH_DTYPES[dtype])
 
 

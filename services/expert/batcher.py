@@ -339,7 +339,7 @@ class Batcher:
 
     def _report(self, uid: str) -> None:
         if self.metrics is not None:
-            self.metrics.queue_tokens.labels(expert=uid).set(self.queued_tokens(uid))
+            self.metrics.queue_tokens_of(uid).set(self.queued_tokens(uid))
 
     async def stop(self) -> None:
         """Stop batching; requests still queued fail with ShuttingDown."""

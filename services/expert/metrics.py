@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from subnet.metric_children import Children
 from subnet.metrics_http import MetricsHttp
 from subnet.round_metrics import RoundMetrics
 
@@ -60,8 +61,12 @@ class ExpertMetrics(MetricsHttp):
             Gauge("expert_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge", registry=r),
             Counter("expert_checkpoints_published", "expert checkpoints uploaded to S3", registry=r),
             Counter("expert_commitments", "commits and reveals by result", ["result"], registry=r))
+        # The children updated on every call, looked up once (subnet/metric_children.py).
+        self.rpc_latency_of, self.tokens_of = Children(self.rpc_latency), Children(self.tokens)
+        self.queue_tokens_of = Children(self.queue_tokens)
+        self._batch_requests_of, self._batch_tokens_of = Children(self.batch_requests), Children(self.batch_tokens)
 
     def observe_batch(self, uid: str, requests: int, tokens: int) -> None:
-        self.batch_requests.labels(expert=uid).observe(requests)
-        self.batch_tokens.labels(expert=uid).observe(tokens)
+        self._batch_requests_of(uid).observe(requests)
+        self._batch_tokens_of(uid).observe(tokens)
 

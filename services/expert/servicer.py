@@ -205,7 +205,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             code, message = Code.INTERNAL, f"{rpc} failed inside the expert service; see its log"
         finally:
             if self.metrics is not None:
-                self.metrics.rpc_latency.labels(rpc=rpc).observe(time.perf_counter() - start)
+                self.metrics.rpc_latency_of(rpc).observe(time.perf_counter() - start)
                 if code != Code.OK:
                     self.metrics.rpc_errors.labels(rpc=rpc, code=code.name).inc()
         await context.abort(code, message)
@@ -296,7 +296,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def _count(self, uid: str, rpc: str, tokens: int) -> None:
         if self.metrics is not None:
-            self.metrics.tokens.labels(expert=uid, rpc=rpc).inc(tokens)
+            self.metrics.tokens_of(uid, rpc).inc(tokens)
             self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
 
 

@@ -13,7 +13,8 @@ it is readable, takes in what arrived here (`on_readable()`, never waiting for t
 answer is whole, its done-callbacks `put` it). That saves the
 two thread hand-offs a call thread costs per call (submit, then the answer back), which were the
 largest router-side part of a decode step's latency on two busy cores. While `get` waits in
-`select`, a `put` from another thread wakes it through a socket pair.
+`select`, a `put` from another thread wakes it through a socket pair. That pair is kept for the
+thread's next inbox (`close` drains it): making and closing one took five system calls per MoE layer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import socket
 import threading
 import time
 from typing import Any, Protocol
+
+_spare = threading.local()   # .pair: the wake-up pair of this thread's last closed inbox, for its next one
 
 
 class Watchable(Protocol):
@@ -75,18 +78,22 @@ class CallInbox:
             self._wait_sockets(left)
 
     def close(self) -> None:
+        """Done with this inbox; on the thread that called `get`. A later `put` wakes nothing."""
         with self._lock:
             wake, self._wake = self._wake, None
-        if wake is not None:
+        if wake is None:
+            return
+        _drain(wake[0])
+        if getattr(_spare, "pair", None) is None:
+            _spare.pair = wake
+        else:
             for end in wake:
                 end.close()
 
     def _wait_sockets(self, timeout: float) -> None:
         """One select on the watched sockets and the wake-up end; completes the readable calls."""
         if self._wake is None:
-            self._wake = socket.socketpair()
-            for end in self._wake:
-                end.setblocking(False)
+            self._wake, _spare.pair = getattr(_spare, "pair", None) or _wake_pair(), None
         with self._lock:
             self._selecting = True
         try:
@@ -98,12 +105,24 @@ class CallInbox:
                 self._selecting = False
         for fd in readable:
             if fd is self._wake[0]:
-                try:
-                    while self._wake[0].recv(4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
+                _drain(fd)
                 continue
             call = self._watched.get(fd)
             if call is not None and call.on_readable():   # its done-callbacks put the answer
                 del self._watched[fd]
+
+
+def _wake_pair() -> tuple[socket.socket, socket.socket]:
+    pair = socket.socketpair()
+    for end in pair:
+        end.setblocking(False)
+    return pair
+
+
+def _drain(end: socket.socket) -> None:
+    """Read (and drop) the wake-up bytes waiting in `end`."""
+    try:
+        while end.recv(4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass

@@ -7,8 +7,8 @@ span goes out as gRPC metadata, and the expert service's SERVER span continues t
 (`subnet.telemetry.AioServerTracing`).
 
 Export is set up once per process by `subnet.telemetry.setup_tracing` (OTEL_EXPORTER_OTLP_ENDPOINT).
-Without a provider the API hands out no-op spans: starting one costs next to nothing and
-no header is sent.
+Without a provider no span is started at all (`subnet.telemetry.spans_recorded`): the calls get
+the API's invalid span, which records nothing, and no header is sent.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from subnet.telemetry import PROPAGATOR
+from subnet.telemetry import PROPAGATOR, spans_recorded
 
 
 class ExpertCallTracer:
@@ -32,10 +32,13 @@ class ExpertCallTracer:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None):
         self._tracer = trace.get_tracer("services.router.remote_experts", tracer_provider=tracer_provider)
+        self._provider = tracer_provider
 
     def start(self, rpc: str, *, layer: int, uid: str, endpoint: str,
               tokens: int | None = None) -> tuple[trace.Span, tuple[tuple[str, str], ...]]:
         """The span and the gRPC metadata that carries its context."""
+        if not spans_recorded(self._provider):
+            return trace.INVALID_SPAN, ()
         attributes = {"rpc.system": "grpc", "rpc.service": "moe.v1.Expert", "rpc.method": rpc,
                       "server.address": endpoint, "moe.layer": layer, "moe.expert_uid": uid}
         if tokens is not None:
@@ -48,6 +51,9 @@ class ExpertCallTracer:
     @contextmanager
     def layer(self, layer: int, rpc: str, calls: int) -> Iterator[trace.Span]:
         """The current span while one MoE layer's `calls` expert RPCs of kind `rpc` are in flight."""
+        if not spans_recorded(self._provider):
+            yield trace.INVALID_SPAN
+            return
         with self._tracer.start_as_current_span(f"moe.layer/{rpc}", attributes={
                 "moe.layer": layer, "rpc.method": rpc, "moe.calls": calls}) as span:
             yield span

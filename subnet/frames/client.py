@@ -151,7 +151,7 @@ class PendingCall:
         `send_rest()`). Raises FrameError when the connection breaks."""
         conn = self._conn
         try:
-            conn.setblocking(False)
+            _nonblocking(conn)
             while self.unsent:
                 first = self.unsent[0][conn.send(self.unsent[0]):]
                 self.unsent[0:1] = [first] if len(first) else []
@@ -212,7 +212,7 @@ class PendingCall:
                 if blocking:
                     conn.settimeout(_left(self.deadline))
                 else:
-                    conn.setblocking(False)
+                    _nonblocking(conn)
                 try:
                     n = conn.recv_into(view[self._got:])
                 except BlockingIOError:
@@ -231,6 +231,13 @@ class PendingCall:
     def abandon(self) -> None:
         """Give the call up: its connection is closed, since the answer may still come."""
         self._conn.close()
+
+
+def _nonblocking(conn: socket.socket) -> None:
+    """`conn.setblocking(False)` unless it already is: each one is a system call, and a decode-sized
+    call's answer is read in three parts, each read once its socket is readable."""
+    if conn.gettimeout() != 0.0:
+        conn.setblocking(False)
 
 
 def _left(deadline: float) -> float:

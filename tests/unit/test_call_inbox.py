@@ -112,3 +112,27 @@ def test_a_call_whose_answer_stays_partial_is_kept_watched_and_get_still_times_o
     assert inbox.get(timeout=5.0) == "later"   # still watched, still waking up for the others
     call.close()
     inbox.close()
+
+
+def test_the_wake_up_pair_is_kept_for_the_threads_next_inbox_without_a_stale_wake_up():
+    first = CallInbox()
+    call = _SocketCall(first, "silent")
+    first.watch(call)
+    with pytest.raises(queue.Empty):   # a wait on sockets: the inbox makes its wake-up pair
+        first.get(timeout=0.01)
+    pair = first._wake
+    first._selecting = True            # a put that lands while the waiting thread is about to close
+    first.put("late")
+    first._selecting = False
+    first.close()
+    with pytest.raises(BlockingIOError):   # the late put's wake-up byte was drained
+        pair[0].recv(1)
+    second = CallInbox()
+    second.watch(call)
+    with pytest.raises(queue.Empty):
+        second.get(timeout=0.01)
+    assert second._wake is pair        # the same two sockets, not a new pair
+    threading.Timer(0.05, lambda: second.put("from a call thread")).start()
+    assert second.get(timeout=5.0) == "from a call thread"   # and it still wakes the wait
+    second.close()
+    call.close()
