@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
+from subnet.metric_children import Children
 from subnet.round_metrics import RoundMetrics
 
 # Expert calls on loopback take a few ms; across a WAN with a GPU queue, seconds.
@@ -39,6 +40,10 @@ class RouterMetrics:
         self.expert_tokens = Counter(
             "router_expert_tokens", "Tokens sent to experts in Forward calls, by MoE layer.",
             ["layer"], registry=self.registry)
+        # Updated on every expert call: the children looked up once (subnet/metric_children.py).
+        self.expert_call_seconds_of = Children(self.expert_call_seconds)
+        self.expert_calls_of = Children(self.expert_calls)
+        self.expert_tokens_of = Children(self.expert_tokens)
         self.tokens_per_second = Gauge(
             "router_tokens_per_second", "Tokens the router processed per second (last step or batch).",
             registry=self.registry)

@@ -467,6 +467,7 @@ class RemoteExpertGroup(ExpertGroup):
         if timeout_s <= 0 or retries < 0:
             raise ValueError(f"timeout_s must be > 0 and retries >= 0, got {timeout_s}, {retries}")
         self.layer, self.n_experts, self.dim = layer, n_experts, dim
+        self._layer_label = str(layer)   # the metrics label
         self.replicas = replicas
         self.wire_dtype = wire_dtype
         self.grad_wire_dtype = grad_wire_dtype(wire_dtype)
@@ -540,7 +541,7 @@ class RemoteExpertGroup(ExpertGroup):
             self._gather(list(forwards.values()), self.timeout_s, covered=covered)
         else:
             self._serve(list(forwards.values()), covered)
-        self.metrics.expert_tokens.labels(str(self.layer)).inc(sum(x.shape[0] for x in batches.values()))
+        self.metrics.expert_tokens_of(self._layer_label).inc(sum(x.shape[0] for x in batches.values()))
         return forwards
 
     def begin_step(self, step: int) -> None:
@@ -783,8 +784,8 @@ class RemoteExpertGroup(ExpertGroup):
             else:
                 code, details = grpc.StatusCode.UNKNOWN, repr(error)
         rpc = attempt.call.rpc.lower()
-        self.metrics.expert_call_seconds.labels(str(self.layer), rpc).observe(elapsed)
-        self.metrics.expert_calls.labels(str(self.layer), rpc, code.name).inc()
+        self.metrics.expert_call_seconds_of(self._layer_label, rpc).observe(elapsed)
+        self.metrics.expert_calls_of(self._layer_label, rpc, code.name).inc()
         self.tracer.end(span, code, details)
         done.put((key, response, code, details))
 
