@@ -43,12 +43,14 @@ class CallInbox:
         self._lock = threading.Lock()
         self._selecting = False
         self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._woken = False   # a put sent a wake-up byte since the last drain
 
     def put(self, item: Any) -> None:
         """Hand an answer to the waiting thread (any thread)."""
         self._queue.put(item)
         with self._lock:
             if self._selecting and self._wake is not None:
+                self._woken = True
                 try:
                     self._wake[1].send(b"\0")
                 except (BlockingIOError, OSError):   # full: a wake-up is pending anyway
@@ -81,9 +83,11 @@ class CallInbox:
         """Done with this inbox; on the thread that called `get`. A later `put` wakes nothing."""
         with self._lock:
             wake, self._wake = self._wake, None
+            woken, self._woken = self._woken, False
         if wake is None:
             return
-        _drain(wake[0])
+        if woken:
+            _drain(wake[0])
         if getattr(_spare, "pair", None) is None:
             _spare.pair = wake
         else:
@@ -105,6 +109,8 @@ class CallInbox:
                 self._selecting = False
         for fd in readable:
             if fd is self._wake[0]:
+                with self._lock:
+                    self._woken = False
                 _drain(fd)
                 continue
             call = self._watched.get(fd)
