@@ -15,6 +15,12 @@ float rounding or the part fails.
 
 `one_call_p50_ms`: the floor under those expert calls, one signed one-token Forward to one service,
 back to back (see `_one_call`).
+
+`cpu_ms_per_step`: after the timed steps, CPU_STEPS more steps of each model alone, with the CPU
+each process spent on them (/proc): this process ("router"; for "inproc" the whole model, on its
+threads, idle OpenMP workers spinning included), and for a remote variant its expert services
+("experts"). The services and the router mostly take turns, so a remote step's wall time
+follows its CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.remote_layer import ROUTER_THREADS
+from bench.remote_layer import ROUTER_THREADS, process_cpu_s
 from bench.stack import BenchStack
 from bench.timing import percentiles
 from moe import preset
@@ -41,6 +47,7 @@ from subnet.tensor_codec import decode, encode_view
 
 PRESET = "small"
 PROMPT_TOKENS, WARMUP_STEPS, STEPS = 8, 10, 100   # 118 positions: fits block_size 128 without a cache reset
+CPU_STEPS = 100   # the CPU accounting's steps per model (from the same prompt, after the timed ones)
 CALL_TIMEOUT_S = 60.0
 TOLERANCE = 1e-4    # max |logits remote - in process| / max |logits in process|
 # Each remote variant gets its own Redis and services. A decode step's requests arrive alone, so
@@ -78,10 +85,38 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             freeze_startup_objects()   # as the router and expert services do once started
             out = _measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
+            out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: _service_pids(stack)
+                                                                    for name, stack in stacks.items()})
             return out
     finally:
         gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
+
+
+def _service_pids(stack: BenchStack) -> list[int]:
+    return [child.process.pid for child in stack.group.children]
+
+
+def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor,
+                  service_pids: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """CPU ms per decode step of each model run alone: this process ("router", which is the whole
+    model in process) and, for a remote variant, its expert services together ("experts")."""
+    out = {}
+    with torch.no_grad():
+        for name, (model, threads) in models.items():
+            torch.set_num_threads(threads)
+            cache = model.new_cache(1)
+            model(tokens[:, :PROMPT_TOKENS], cache=cache)
+            pids = service_pids.get(name, [])
+            before, services_before = time.process_time(), sum(process_cpu_s(pid) for pid in pids)
+            steps = min(CPU_STEPS, tokens.shape[1] - PROMPT_TOKENS)
+            for pos in range(PROMPT_TOKENS, PROMPT_TOKENS + steps):
+                model(tokens[:, pos:pos + 1], cache=cache)
+            out[name] = {"router": round((time.process_time() - before) / steps * 1e3, 3)}
+            if pids:   # /proc counts clock ticks (10 ms): over CPU_STEPS steps, +-0.1 ms a step
+                services_s = sum(process_cpu_s(pid) for pid in pids) - services_before
+                out[name]["experts"] = round(services_s / steps * 1e3, 2)
+    return out
 
 
 def _one_call(stack: BenchStack, uid: str, dim: int) -> dict:

@@ -66,6 +66,13 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` so far, its ended threads included (/proc, Linux only)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 def cpu_per_call(calls: dict[str, Callable[[], None]], router_pid: int, expert_pids: list[int]) -> dict[str, float]:
     """Wall seconds of one call of each variant and the CPU seconds it costs: the router (all its
     threads), the expert services (all threads), and the services' busiest threads (their compute
