@@ -85,16 +85,12 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             freeze_startup_objects()   # as the router and expert services do once started
             out = _measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
-            out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: _service_pids(stack)
+            out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: stack.service_pids()
                                                                     for name, stack in stacks.items()})
             return out
     finally:
         gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
-
-
-def _service_pids(stack: BenchStack) -> list[int]:
-    return [child.process.pid for child in stack.group.children]
 
 
 def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor,

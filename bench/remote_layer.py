@@ -58,17 +58,20 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            out[tid] = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
         except FileNotFoundError:   # the thread ended meanwhile
             continue
-        out[tid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
     return out
 
 
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of process `pid` so far, its ended threads included (/proc, Linux only)."""
-    with open(f"/proc/{pid}/stat") as f:
+    return _stat_cpu_s(f"/proc/{pid}/stat")
+
+
+def _stat_cpu_s(path: str) -> float:
+    """utime + stime of a /proc stat file, in seconds."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
@@ -203,7 +206,7 @@ def run(rounds: int = 5) -> dict:
                                             retries=0, clients=stack.clients) for dt in WIRE_DTYPES}
             one_session(groups.values())
             remotes = {dt: remote_twin(layer, g) for dt, g in groups.items()}
-            expert_pids = [child.process.pid for child in stack.group.children]
+            expert_pids = stack.service_pids()
             return _measure(layer, remotes, groups, x, deals, n_threads, rounds, expert_pids)
     finally:
         torch.set_num_threads(n_threads)

@@ -163,6 +163,10 @@ class BenchStack:
                 if endpoint not in {r.endpoint for r in self.replicas.replicas(uid)}:
                     raise RuntimeError(f"expert {uid} at {endpoint} is SERVING but not in the registry")
 
+    def service_pids(self) -> list[int]:
+        """The process ids of the children started so far (expert services and helpers)."""
+        return [child.process.pid for child in self.group.children]
+
     def remote_parts(self) -> RemoteParts:
         """What `services.router.remote_model.build_remote_lm` needs, on this stack's registry and channels."""
         if self.replicas is None:
