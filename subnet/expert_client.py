@@ -10,7 +10,8 @@ Every request is signed with the pool's `identity` for the hotkey that serves th
 hotkey is looked up on every call, pinned by `get(endpoint, hotkey)` or else asked of
 `hotkeys(endpoint)` (the router passes `ReplicaSet.hotkey`, from the registry), because
 which miner serves an endpoint can change. `identity=None` sends unsigned requests
-(receivers with AUTH_MODE=off).
+(receivers with AUTH_MODE=off). Over moe-frames, each connection opens a session with one
+such signed request and its calls then carry a MAC instead (`subnet.auth.sessions`).
 
 Concurrency model: every call returns at once with a `concurrent.futures.Future` (result =
 the response; a failed call raises its `grpc.RpcError`), so the caller puts the N calls of
@@ -45,6 +46,7 @@ from typing import Any, Self
 import grpc
 
 from subnet.auth.client import SigningChannel
+from subnet.auth.sessions import FramesAuth
 from subnet.frames.client import FramesChannel, PendingCall, Unreachable
 from subnet.frames.link import FramesLink
 from subnet.frames.protocol import EXPERT_RPCS, RPC_SYSTEM, FrameError
@@ -106,6 +108,8 @@ class ExpertClient:
         self.frames = frames   # the pool's moe-frames link (None = gRPC only)
         self._calls = calls
         self._signer = SigningChannel(channel, identity, receiver)
+        # moe-frames calls: a session per connection (one signed key exchange, then a MAC per call)
+        self._frames_auth = FramesAuth(self._signer) if identity is not None else None
         # Signed over the exact bytes sent; tensors copied once on the way out and none on the way in.
         self._stub = expert_pb2_grpc.ExpertStub(SplicingChannel(self._signer))
 
@@ -170,18 +174,16 @@ class ExpertClient:
         future.rpc_system = RPC_SYSTEM   # for the caller's trace span (gRPC when no attribute: a fallback
         return future                    # to gRPC after "busy" or a failed connect is not told apart)
 
-    def _signed(self, rpc: str, request: Any, metadata: Metadata) -> tuple[str, bytes, tuple]:
-        path = f"/{SERVICE}/{rpc}"
-        if self._signer.identity is None:
-            return path, serialize(request), tuple(metadata)
-        return path, *self._signer.sign(path, request, serialize, metadata)
+    def _framed(self, rpc: str, request: Any, metadata: Metadata) -> tuple[str, bytes, tuple]:
+        """(path, body, metadata) of a moe-frames call; the channel adds what authenticates it (`_frames_auth`)."""
+        return f"/{SERVICE}/{rpc}", serialize(request), tuple(metadata)
 
     def _call_frames(self, channel: FramesChannel, rpc: str, method: Callable[..., Any], request: Any,
-                     deadline: float, metadata: Metadata, signed: tuple[str, bytes, tuple] | None = None) -> Any:
-        """The call over moe-frames (`signed`: its `_signed` form, when the caller has it already)."""
-        path, body, signed = signed or self._signed(rpc, request, metadata)
+                     deadline: float, metadata: Metadata, framed: tuple[str, bytes, tuple] | None = None) -> Any:
+        """The call over moe-frames (`framed`: its `_framed` form, when the caller has it already)."""
+        path, body, extra = framed or self._framed(rpc, request, metadata)
         try:
-            pending = channel.start(path, body, signed, max(deadline - time.monotonic(), 0.001))
+            pending = channel.start(path, body, extra, max(deadline - time.monotonic(), 0.001), self._frames_auth)
         except Unreachable:   # no connection: nothing was sent
             return self._over_grpc(method, request, deadline, metadata)
         return self._finish_frames(pending, rpc, method, request, deadline, metadata)
@@ -203,15 +205,15 @@ class ExpertClient:
                       deadline: float, metadata: Metadata) -> Future:
         """Sent from this thread when that cannot block: on a kept connection (no connect here), the frame
         taken by the socket at once. Otherwise a call thread connects, or sends the rest, and reads."""
-        signed = self._signed(rpc, request, metadata)
+        framed = self._framed(rpc, request, metadata)
         try:
-            pending = channel.try_start(*signed, max(deadline - time.monotonic(), 0.001))
+            pending = channel.try_start(*framed, max(deadline - time.monotonic(), 0.001), self._frames_auth)
         except FrameError as e:
             failed: Future = Future()
             failed.set_exception(e)
             return failed
-        if pending is None:   # connects there, with the request signed here
-            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata, signed)
+        if pending is None:   # connects there, with the request serialized here
+            return self._calls.submit(self._call_frames, channel, rpc, method, request, deadline, metadata, framed)
         if pending.unsent:
             return self._calls.submit(self._finish_frames, pending, rpc, method, request, deadline, metadata)
 

@@ -44,6 +44,7 @@ from services.expert.metrics import ExpertMetrics
 from services.expert.rounds import ExpertRounds
 from services.expert.servicer import ExpertServicer
 from subnet.auth import ServerAuth, build_server_auth, service_identity
+from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
 from subnet.chain.config import open_chain
 from subnet.checkpoints import CheckpointVerificationError
@@ -170,7 +171,10 @@ class ExpertServer:
         self.port = self._bind(c.host, c.port)
         await self._grpc.start()
         if c.frames_port >= 0:   # the tensor calls again, on a raw TCP port, behind the same interceptors
-            self.frames = FramesServer({path: handlers[path] for path in FRAMES_METHODS}, interceptors,
+            frames_handlers = {path: handlers[path] for path in FRAMES_METHODS}
+            if self.auth is not None:   # a signed key exchange per connection, then a MAC per call
+                frames_handlers[SESSION_METHOD] = self.auth.session_handler()
+            self.frames = FramesServer(frames_handlers, interceptors,
                                        c.max_message_bytes, on_connections=self.metrics.frames_connections.set,
                                        on_refused=lambda reason: self.metrics.frames_refused.labels(reason).inc())
             try:

@@ -10,6 +10,7 @@ interceptor verifies every protected method before the servicer runs.
     policy.py    who may call: AllowList, ChainPolicy, AnyOf, Anyone
     server.py    ServerAuth: gRPC interceptors (aio and sync), rejection log and counter
     client.py    SigningChannel: serialize once, sign, send the bytes
+    sessions.py  moe-frames connections: one signed X25519 Open, then an HMAC and a seq per call
     config.py    AuthConfig (AUTH_*), service_identity, build_server_auth
 """
 

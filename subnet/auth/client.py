@@ -51,10 +51,14 @@ class SigningChannel:
         raw = self.channel.unary_stream(method, None, response_deserializer, _registered_method=_registered_method)
         return _SignedUnaryStream(self, method, request_serializer, raw)
 
+    def receiver(self) -> str | None:
+        """The receiver's hotkey now."""
+        return self._receiver() if callable(self._receiver) else self._receiver
+
     def sign(self, method: str, request, serializer, metadata) -> tuple[bytes, tuple]:
         """(bytes to send, metadata with the signature entries) for one call."""
         body = serializer(request) if serializer is not None else request
-        receiver = self._receiver() if callable(self._receiver) else self._receiver
+        receiver = self.receiver()
         extra = tuple(metadata or ())
         if receiver:
             return body, extra + sign_metadata(self.identity, method, body, receiver)

@@ -17,6 +17,8 @@ that do not parse are INVALID_ARGUMENT, "request body is not a valid moe.v1.Forw
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import inspect
 import logging
 import threading
@@ -26,13 +28,17 @@ from collections.abc import Callable, Collection
 import grpc
 from google.protobuf.message import DecodeError
 
-from subnet.auth.verify import Rejection, Verifier
+from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
+from subnet.auth.verify import HASH_IN_THREAD_BYTES, Rejection, Verifier
 
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _UNSUPPORTED = Rejection(grpc.StatusCode.UNIMPLEMENTED, "unsupported",
                          "signed requests are supported on unary-request methods only")
+_NO_SESSION = Rejection(grpc.StatusCode.UNAUTHENTICATED, "no_session",
+                        "session call on a connection with no open session: open one first "
+                        f"({SESSION_METHOD}) or sign the call (x-moe-* metadata)")
 
 
 class ServerAuth:
@@ -51,7 +57,25 @@ class ServerAuth:
         self._unlogged = 0
 
     def protects(self, method: str) -> bool:
-        return not method.startswith(HEALTH_PREFIX) and method not in self.open_methods
+        """Whether the interceptor verifies `method`. SESSION_METHOD verifies itself (`session_handler`)."""
+        return not method.startswith(HEALTH_PREFIX) and method not in self.open_methods and method != SESSION_METHOD
+
+    def session_handler(self) -> grpc.RpcMethodHandler:
+        """SESSION_METHOD for a moe-frames server (subnet.auth.sessions): a signed Open whose body is the
+        caller's X25519 key; answers the receiver's. It checks its own signature, whatever the interceptors."""
+        async def open_(raw: bytes, context) -> bytes:
+            connection = getattr(context, "connection", None)
+            if connection is None:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    "sessions are opened on moe-frames connections only")
+            try:
+                connection.auth_session, answer = open_session(raw, context.invocation_metadata(),
+                                                               self.verifier.receiver_hotkey)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return answer
+        handler = grpc.unary_unary_rpc_method_handler(open_)
+        return _wrap_aio(self, SESSION_METHOD, handler)
 
     def close(self) -> None:
         """Release what the verifier holds (metagraph thread, nonce store connections)."""
@@ -142,7 +166,11 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
     parse = handler.request_deserializer
 
     async def admit(raw: bytes, context: grpc.aio.ServicerContext):
-        rejection = await auth.verifier.averify(method, raw, context.invocation_metadata() or ())
+        metadata = context.invocation_metadata() or ()
+        if has_session_entries(metadata):   # a MAC of the connection's session instead of a signature
+            rejection = await _check_session(auth, method, raw, metadata, context)
+        else:
+            rejection = await auth.verifier.averify(method, raw, metadata)
         if rejection is not None:
             auth.reject(rejection, method, context.peer())
             await context.abort(rejection.code, rejection.message)
@@ -165,6 +193,22 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
                 yield item
         return handler._replace(request_deserializer=None, unary_stream=unary_stream)
     return _refusal(auth, method, handler, aio=True)
+
+
+async def _check_session(auth: ServerAuth, method: str, raw: bytes, metadata, context) -> Rejection | None:
+    connection = getattr(context, "connection", None)
+    session: ServerSession | None = getattr(connection, "auth_session", None)
+    if session is None:
+        return _NO_SESSION
+    if len(raw) >= HASH_IN_THREAD_BYTES:   # as Verifier.averify: a big body is hashed off the loop
+        digest = await asyncio.to_thread(_sha256, raw)
+    else:
+        digest = _sha256(raw)
+    return session.check(method, digest, metadata, auth.verifier.policy)
+
+
+def _sha256(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
 
 
 def _wrap_sync(auth: ServerAuth, method: str, handler):

@@ -12,10 +12,15 @@ passes (the connection is dropped: its answer may still come), UNAVAILABLE when 
 breaks, INTERNAL when the server's answer breaks the protocol. `Unreachable` means the call was
 not processed: no connection could be made, or the server had too many (protocol.BUSY), so the
 caller may send it another way.
+
+With `auth` (subnet.auth.sessions.FramesAuth), a new connection first opens a session (a signed
+key exchange) and then carries a MAC per call instead of a signature; where the server opens
+none, calls are signed one by one, and new connections do not ask again for SESSIONS_RETRY_S.
 """
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -23,9 +28,12 @@ import time
 
 import grpc
 
+from subnet.auth.sessions import SESSION_METHOD, ClientSession, FramesAuth, SessionOffer
 from subnet.frames import protocol as p
 
+log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 1.0
+SESSIONS_RETRY_S = 60.0   # after a server opened no session, new connections sign each call this long
 
 
 class Unreachable(p.FrameError):
@@ -37,54 +45,110 @@ class FramesChannel:
         self.address = (host, port)
         self.max_body_bytes = max_body_bytes
         self._max_idle = max_idle
-        self._idle: list[socket.socket] = []
+        self._idle: list[tuple[socket.socket, ClientSession | None]] = []
         self._lock = threading.Lock()
+        self._sessions_refused_at = float("-inf")   # when a server last opened no session
         self._closed = False
         self.calls = 0   # answered calls (any status), for tests and debugging
 
-    def call(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> bytearray:
+    def call(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float,
+             auth: FramesAuth | None = None) -> bytearray:
         """The response body of one unary call; raises FrameError (see the module doc)."""
-        return self.start(method, body, metadata, timeout_s).finish()
+        return self.start(method, body, metadata, timeout_s, auth).finish()
 
-    def start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> PendingCall:
+    def start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float,
+              auth: FramesAuth | None = None) -> PendingCall:
         """Send one call and return without waiting for its answer: `finish()` reads it (at once when the
-        socket, `fileno()`, is readable), `abandon()` gives it up. Raises Unreachable or FrameError."""
+        socket, `fileno()`, is readable), `abandon()` gives it up. Raises Unreachable or FrameError.
+        `auth`: adds what authenticates the call (a session's MAC on a connection that has one, else a
+        signature); a new connection opens a session first where the server offers them."""
         deadline = time.monotonic() + timeout_s
-        frame = self._frame(method, body, metadata, deadline)
-        pending = PendingCall(self, self._take() or self._connect(deadline), deadline, frame)
+        name = _method_name(method, deadline)
+        conn, session = self._take() or self._connect(deadline, auth)
+        pending = PendingCall(self, conn, deadline, self._frame(method, name, body, metadata, auth, session, deadline,
+                                                                conn), session)
         pending.send_rest()
         return pending
 
-    def try_start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float) -> PendingCall | None:
+    def try_start(self, method: str, body: bytes, metadata: p.Metadata, timeout_s: float,
+                  auth: FramesAuth | None = None) -> PendingCall | None:
         """`start` that never blocks: on a kept connection only (None when there is none: no connect here),
         with what the socket takes at once. A frame it did not take whole is finished by `send_rest()`
         (check `pending.unsent`), e.g. on another thread; a slow or dead link cannot hold up the caller."""
         deadline = time.monotonic() + timeout_s
-        frame = self._frame(method, body, metadata, deadline)
-        conn = self._take()
-        if conn is None:
+        name = _method_name(method, deadline)
+        kept = self._take()
+        if kept is None:
             return None
-        pending = PendingCall(self, conn, deadline, frame)
+        conn, session = kept
+        pending = PendingCall(self, conn, deadline, self._frame(method, name, body, metadata, auth, session, deadline,
+                                                                conn), session)
         pending.send_available()
         return pending
 
-    def _frame(self, method: str, body: bytes, metadata: p.Metadata, deadline: float) -> list[memoryview]:
-        name = method.encode("ascii")
-        meta = p.encode_metadata(metadata)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to send the call (moe-frames)")
-        head = p.request_header(name, meta, left, len(body))
+    @staticmethod
+    def _frame(method: str, name: bytes, body: bytes, metadata: p.Metadata, auth: FramesAuth | None,
+               session: ClientSession | None, deadline: float, conn: socket.socket) -> list[memoryview]:
+        """The request frame for `conn`; with `auth`, authenticated for it (a session's seq is used up: the
+        frame must be sent, or the connection closed, as it is here when the frame cannot be made)."""
+        try:
+            if auth is not None:
+                metadata = auth.metadata(session, method, body, metadata)
+            meta = p.encode_metadata(metadata)
+        except BaseException:
+            conn.close()
+            raise
+        head = p.request_header(name, meta, max(deadline - time.monotonic(), 0.001), len(body))
         return [memoryview(b) for b in p.buffers((head, name, meta), body)]
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()
 
-    def _connect(self, deadline: float) -> socket.socket:
+    def _connect(self, deadline: float, auth: FramesAuth | None) -> tuple[socket.socket, ClientSession | None]:
+        """A new connection, with a session opened on it when `auth` can and the server offers them."""
+        conn = self._dial(deadline)
+        if auth is None or time.monotonic() - self._sessions_refused_at < SESSIONS_RETRY_S:
+            return conn, None
+        offer = auth.offer()
+        if offer is None:
+            return conn, None
+        session = self._open(conn, offer, deadline)
+        if session is not None:
+            return conn, session
+        # Refused (an older service, auth off, a busy or stopping one, or the caller is not allowed): the
+        # call goes on a fresh connection without one and gets the server's own answer to a signed call.
+        conn.close()
+        self._sessions_refused_at = time.monotonic()
+        return self._dial(deadline), None
+
+    def _open(self, conn: socket.socket, offer: tuple[SessionOffer, bytes, tuple],
+              deadline: float) -> ClientSession | None:
+        """The session the server opens on `conn`, or None when it answers with an error; Unreachable when
+        the connection breaks (the call was not sent)."""
+        session_offer, body, metadata = offer
+        frame = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), body, metadata, None, None, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, None)
+        try:
+            pending.send_rest()
+            code, details, answer = pending.answer()
+        except p.FrameError as e:
+            raise Unreachable(e.code(), f"opening a session on moe-frames at {self._where()} failed: "
+                                        f"{e.details()}") from None
+        if code is grpc.StatusCode.OK:
+            try:
+                return session_offer.accept(bytes(answer))
+            except ValueError as e:
+                log.warning("moe-frames at %s answered a session with %s; signing each call instead", self._where(), e)
+                return None
+        log.info("moe-frames at %s opened no session (%s: %s); signing each call for %g s", self._where(),
+                 code.name, details, SESSIONS_RETRY_S)
+        return None
+
+    def _dial(self, deadline: float) -> socket.socket:
         try:
             conn = socket.create_connection(self.address, timeout=min(CONNECT_TIMEOUT_S, _left(deadline)))
         except TimeoutError:   # the deadline passed, or the connect took CONNECT_TIMEOUT_S: nothing sent
@@ -96,25 +160,25 @@ class FramesChannel:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def _take(self) -> socket.socket | None:
-        """A kept connection that is still open (a closed one reads as readable: EOF)."""
+    def _take(self) -> tuple[socket.socket, ClientSession | None] | None:
+        """A kept connection that is still open (a closed one reads as readable: EOF), with its session."""
         while True:
             with self._lock:
                 if not self._idle:
                     return None
-                conn = self._idle.pop()
+                conn, session = self._idle.pop()
             try:
                 readable, _, _ = select.select([conn], [], [], 0)
             except (OSError, ValueError):
                 readable = [conn]
             if not readable:
-                return conn
+                return conn, session
             conn.close()
 
-    def _keep(self, conn: socket.socket) -> None:
+    def _keep(self, conn: socket.socket, session: ClientSession | None) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < self._max_idle:
-                self._idle.append(conn)
+                self._idle.append((conn, session))
                 return
         conn.close()
 
@@ -137,8 +201,9 @@ class FramesChannel:
 class PendingCall:
     """A call on one of a channel's connections, sent (or partly: `unsent`), its answer not read yet."""
 
-    def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview]):
-        self._channel, self._conn, self.deadline = channel, conn, deadline
+    def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview],
+                 session: ClientSession | None):
+        self._channel, self._conn, self.deadline, self._session = channel, conn, deadline, session
         self.unsent = [b for b in frame if len(b)]   # what is still to be sent, in order
         # The answer, read part by part (header, then details and body once the header says their sizes),
         # so that a caller can take in what has arrived without waiting for the rest (read_available).
@@ -186,22 +251,25 @@ class PendingCall:
 
     def finish(self) -> bytearray:
         """Wait for the answer (until the deadline) and return its body; raises FrameError."""
+        code, details, answer = self.answer()
+        self._channel._keep(self._conn, self._session)
+        self._channel.calls += 1
+        if code is not grpc.StatusCode.OK:
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(p.BUSY):
+                raise Unreachable(code, details)   # refused before the body was read: not processed
+            raise p.FrameError(code, details)
+        return answer
+
+    def answer(self) -> tuple[grpc.StatusCode, str, bytearray]:
+        """Wait for the answer (until the deadline): (status, details, body). The connection is neither
+        kept nor closed unless it broke (FrameError)."""
         if self.unsent:
             self.send_rest()
-        conn, channel = self._conn, self._channel
         try:
             self._fill(blocking=True)
         except (TimeoutError, p.ProtocolError, OSError) as e:
-            raise channel._failed(conn, e) from None
-        channel._keep(conn)
-        channel.calls += 1
-        code, details, answer = self._code, self._parts[1], self._parts[2]
-        if code is not grpc.StatusCode.OK:
-            text = details.decode("utf-8", "replace")
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and text.startswith(p.BUSY):
-                raise Unreachable(code, text)   # refused before the body was read: not processed
-            raise p.FrameError(code, text)
-        return answer
+            raise self._channel._failed(self._conn, e) from None
+        return self._code, self._parts[1].decode("utf-8", "replace"), self._parts[2]
 
     def _fill(self, blocking: bool) -> bool:
         """Read the answer's parts in order; True when all are in. Not blocking: stops at what has arrived."""
@@ -238,6 +306,12 @@ def _nonblocking(conn: socket.socket) -> None:
     call's answer is read in three parts, each read once its socket is readable."""
     if conn.gettimeout() != 0.0:
         conn.setblocking(False)
+
+
+def _method_name(method: str, deadline: float) -> bytes:
+    if deadline <= time.monotonic():
+        raise p.FrameError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left to send the call (moe-frames)")
+    return method.encode("ascii")
 
 
 def _left(deadline: float) -> float:

@@ -10,7 +10,9 @@ grpc.aio interceptors its gRPC server runs: each call goes through the same chai
 decode guard, request signatures) and the same servicer method, with a context that has what
 they use (metadata, peer, abort, code, details). A call therefore gets the same checks, the same
 status codes and messages, the same metrics and spans as over gRPC; nonces are shared, so a
-request replayed on the other transport is refused too.
+request replayed on the other transport is refused too. Handlers may keep state for the life of a
+connection in `context.connection` (subnet.auth.sessions keeps the connection's session there:
+the expert service adds its Open handler to `handlers`).
 
 Bodies are read straight into one buffer of the announced size (after checking it against the
 message limit) and parsed in place (subnet.spliced_wire); responses are written without a copy.
@@ -42,14 +44,24 @@ class _Abort(Exception):
     """What `context.abort` raises here (grpc.aio raises its own AbortError)."""
 
 
+class Connection:
+    """What the handlers may keep for the life of one connection (subnet.auth: its session)."""
+
+    __slots__ = ("auth_session",)
+
+    def __init__(self) -> None:
+        self.auth_session = None
+
+
 class _Context:
     """The part of grpc.aio.ServicerContext that the expert's handlers and interceptors use (metadata, peer,
-    abort; code and details for the tracing interceptor, and the transport's name for its spans)."""
+    abort; code and details for the tracing interceptor, and the transport's name for its spans), and the
+    call's `connection`."""
 
     rpc_system = p.RPC_SYSTEM
 
-    def __init__(self, metadata: tuple, peer: str):
-        self._metadata, self._peer = metadata, peer
+    def __init__(self, metadata: tuple, peer: str, connection: Connection):
+        self._metadata, self._peer, self.connection = metadata, peer, connection
         self._code: grpc.StatusCode | None = None
         self._details = ""
 
@@ -151,6 +163,7 @@ class FramesServer:
 
     async def _serve(self, conn: socket.socket, peer: str, over: bool) -> None:
         """Calls on one connection, one after the other, until the peer closes it or breaks the protocol."""
+        connection = Connection()
         try:
             while True:
                 try:
@@ -176,7 +189,7 @@ class FramesServer:
                     return
                 self._body_bytes += body_len
                 try:
-                    await self._call(conn, peer, method_len, metadata_len, timeout_s, body_len)
+                    await self._call(conn, peer, connection, method_len, metadata_len, timeout_s, body_len)
                 finally:
                     self._body_bytes -= body_len
         except (TimeoutError, ConnectionError, OSError, _Closed):
@@ -184,7 +197,7 @@ class FramesServer:
         finally:
             conn.close()
 
-    async def _call(self, conn: socket.socket, peer: str, method_len: int, metadata_len: int,
+    async def _call(self, conn: socket.socket, peer: str, connection: Connection, method_len: int, metadata_len: int,
                     timeout_s: float | None, body_len: int) -> None:
         budget = min(timeout_s or self.max_call_s, self.max_call_s)
         deadline = time.monotonic() + budget
@@ -202,7 +215,7 @@ class FramesServer:
                 p.ProtocolError(grpc.StatusCode.INVALID_ARGUMENT, "method name is not ASCII")
             await self._refuse(conn, peer, error)
             raise _Closed from None
-        context = _Context(metadata, peer)
+        context = _Context(metadata, peer, connection)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self._dispatch(method, raw, context)   # parsed in place: no copy

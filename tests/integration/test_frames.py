@@ -30,6 +30,7 @@ from subnet.shm import ShmConfig
 from subnet.spliced_wire import build
 from subnet.tensor_codec import decode, encode, encode_view
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
+from tests.integration.frames_wire import frame, read_response
 
 pytestmark = pytest.mark.integration
 DIM, INTER = 64, 128
@@ -90,31 +91,15 @@ def _signed(identity, service, request, method=FORWARD):
     return body, sign_metadata(identity, method, body, service.hotkey)
 
 
-def _raw_call(port, frame: bytes) -> tuple[grpc.StatusCode, str, bytes, socket.socket]:
+def _raw_call(port, request: bytes) -> tuple[grpc.StatusCode, str, bytes, socket.socket]:
     conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
-    conn.sendall(frame)
-    code, details, body = _read_response(conn)
+    conn.sendall(request)
+    code, details, body = read_response(conn)
     return code, details, body, conn
 
 
-def _read_response(conn):
-    header = _recv(conn, p.RESPONSE.size)
-    code, details_len, body_len = p.parse_response_header(header, 1 << 30)
-    return code, _recv(conn, details_len).decode(), _recv(conn, body_len)
-
-
-def _recv(conn, n):
-    out = b""
-    while len(out) < n:
-        chunk = conn.recv(n - len(out))
-        assert chunk, "the server closed the connection"
-        out += chunk
-    return out
-
-
 def _frame(method: str, metadata, body: bytes, timeout_s=TIMEOUT_S) -> bytes:
-    name, meta = method.encode(), p.encode_metadata(metadata)
-    return p.request_header(name, meta, timeout_s, len(body)) + name + meta + body
+    return frame(method, metadata, body, timeout_s)
 
 
 def test_tensor_calls_go_over_frames_and_answer_as_grpc_does(service, client_identity, frames_port):
@@ -170,16 +155,16 @@ def test_call_errors_keep_the_connection_and_match_grpc(service, client_identity
     assert code is grpc.StatusCode.UNAUTHENTICATED   # the same signature check as gRPC
     body, metadata = _signed(client_identity, service, b"\x0a\xff\xff\xff")   # signed garbage
     conn.sendall(_frame(FORWARD, metadata, body))
-    code, details, _ = _read_response(conn)
+    code, details, _ = read_response(conn)
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "not a valid moe.v1.ForwardRequest" in details
     norm = expert_pb2.GradNormRequest(expert_uid="0.0", step=0)
     body, metadata = _signed(client_identity, service, norm, "/moe.v1.Expert/GradNorm")
     conn.sendall(_frame("/moe.v1.Expert/GradNorm", metadata, body))
-    code, details, _ = _read_response(conn)
+    code, details, _ = read_response(conn)
     assert code is grpc.StatusCode.UNIMPLEMENTED and "gRPC port" in details
     body, metadata = _signed(client_identity, service, request)
     conn.sendall(_frame(FORWARD, metadata, body))        # same connection, a good call
-    code, _, answer = _read_response(conn)
+    code, _, answer = read_response(conn)
     assert code is grpc.StatusCode.OK
     assert decode(expert_pb2.ForwardResponse.FromString(answer).outputs, expected_dim=DIM).shape == (6, DIM)
 
@@ -239,7 +224,7 @@ def test_the_frames_client_sees_a_closed_kept_connection_and_reconnects(service,
     request = build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(_x()))
     body, metadata = _signed(client_identity, service, request)
     channel.call(FORWARD, body, metadata, TIMEOUT_S)
-    kept = channel._idle[0]
+    kept, _ = channel._idle[0]
     kept.shutdown(socket.SHUT_RDWR)   # as if the server had closed it while idle
     body, metadata = _signed(client_identity, service, request)
     answer = channel.call(FORWARD, body, metadata, TIMEOUT_S)
@@ -346,7 +331,7 @@ def test_try_start_never_blocks_and_leaves_what_the_socket_did_not_take():
     listener = socket.create_server(("127.0.0.1", 0))
     channel = FramesChannel("127.0.0.1", listener.getsockname()[1], 64 << 20)
     assert channel.try_start(FORWARD, b"x", (), TIMEOUT_S) is None   # no kept connection: it does not connect
-    channel._keep(channel._connect(time.monotonic() + TIMEOUT_S))
+    channel._keep(*channel._connect(time.monotonic() + TIMEOUT_S, None))
     peer, _ = listener.accept()   # accepted, never read
     pending = channel.try_start(FORWARD, bytes(32 << 20), (), 0.5)
     assert pending is not None and sum(len(b) for b in pending.unsent) > 0
@@ -363,7 +348,7 @@ def test_an_inline_call_whose_answer_stalls_halfway_never_blocks_its_caller():
     goes on (its straggler cut or deadline then gives the call up), instead of waiting in recv."""
     listener = socket.create_server(("127.0.0.1", 0))
     channel = FramesChannel("127.0.0.1", listener.getsockname()[1], 64 << 20)
-    channel._keep(channel._connect(time.monotonic() + TIMEOUT_S))
+    channel._keep(*channel._connect(time.monotonic() + TIMEOUT_S, None))
     peer, _ = listener.accept()
     pending = channel.try_start(FORWARD, b"request", (), TIMEOUT_S)
     assert pending is not None and not pending.unsent

@@ -1,0 +1,167 @@
+"""Sessions on moe-frames connections (subnet.auth.sessions) against a real expert service with request
+signing on: a pool opens one per connection and then sends MACs, not signatures; by hand, a replayed,
+changed or sessionless call is refused with its reason and counted, a recorded connection cannot be
+replayed, an Open is checked like any signed request; a service with auth off opens none and the pool
+signs each call instead."""
+
+import socket
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from moe.experts import SwiGLU
+from subnet.auth.payload import sign_metadata
+from subnet.auth.sessions import MAC_KEY, SEQ_KEY, SESSION_METHOD, SessionOffer
+from subnet.expert_client import ExpertClientPool
+from subnet.expert_weights import save_expert_weights
+from subnet.identity import Identity
+from subnet.spliced_wire import build, serialize
+from subnet.tensor_codec import decode, encode_view
+from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
+from tests.integration.frames_wire import frame, read_response
+
+pytestmark = pytest.mark.integration
+DIM, INTER = 32, 64
+TIMEOUT_S = 10.0
+FORWARD = "/moe.v1.Expert/Forward"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("ckpt") / "experts.safetensors"
+    save_expert_weights(path, {"0.0": SwiGLU(DIM, INTER)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(expert_service_module_factory, checkpoint):
+    return expert_service_module_factory(["0.0"], DIM, INTER, env={"EXPERT_CHECKPOINT": str(checkpoint),
+                                                                   "REDIS_URL": ""})
+
+
+@pytest.fixture(scope="module")
+def frames_port(service, client_identity):
+    with ExpertClientPool(identity=client_identity, frames=False) as pool:
+        return pool.get(service.endpoint, service.hotkey).info(timeout_s=TIMEOUT_S).frames_port
+
+
+def _forward_body(seed=0) -> bytes:
+    x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(seed))
+    return serialize(build(expert_pb2.ForwardRequest, expert_uid="0.0", inputs=encode_view(x)))
+
+
+def _ask(conn: socket.socket, request: bytes) -> tuple[grpc.StatusCode, str, bytes]:
+    conn.sendall(request)
+    return read_response(conn)
+
+
+def _open_frame(identity: Identity, service) -> tuple[SessionOffer, bytes]:
+    offer = SessionOffer(identity.hotkey, service.hotkey)
+    return offer, frame(SESSION_METHOD, sign_metadata(identity, SESSION_METHOD, offer.body, service.hotkey),
+                         offer.body)
+
+
+def _rejections(service) -> dict[str, float]:
+    text = urllib.request.urlopen(service.metrics_url, timeout=TIMEOUT_S).read().decode()
+    return {m.labels["reason"]: m.value for family in text_string_to_metric_families(text)
+            for m in family.samples if m.name == "expert_auth_rejections_total"}
+
+
+def _outputs_ok(code, body) -> bool:
+    return code is grpc.StatusCode.OK and \
+        decode(expert_pb2.ForwardResponse.FromString(body).outputs, expected_dim=DIM).shape == (3, DIM)
+
+
+def test_a_pool_opens_one_session_per_connection_and_then_sends_macs(service, client_identity):
+    calls = 12
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        x = torch.randn(2, DIM)
+        for i in range(calls):   # half from this thread (inline), half on the pool's call threads
+            answer = client.forward("0.0", encode_view(x), call_id="", step=0, training=False, timeout_s=TIMEOUT_S,
+                                    inline=i % 2 == 0).result()
+            assert decode(answer.outputs, expected_dim=DIM).shape == (2, DIM)
+        kept = pool.frames.channel(service.endpoint)._idle
+        sessions = [session for _, session in kept]
+    assert sessions and all(s is not None and s.receiver == service.hotkey for s in sessions)
+    assert sum(s.seq for s in sessions) == calls   # every call was a session's (one MAC each)
+
+
+def test_session_calls_by_hand_replays_and_changes_are_refused_and_the_service_goes_on(
+        service, frames_port, client_identity):
+    before = _rejections(service)
+    conn = socket.create_connection(("127.0.0.1", frames_port), timeout=TIMEOUT_S)
+    offer, open_frame = _open_frame(client_identity, service)
+    code, details, answer = _ask(conn, open_frame)
+    assert code is grpc.StatusCode.OK, details
+    session = offer.accept(answer)
+
+    body = _forward_body()
+    first = frame(FORWARD, session.seal(FORWARD, body), body)   # MAC and seq only: no signature
+    assert _outputs_ok(*_ask(conn, first)[::2])
+    code, details, _ = _ask(conn, first)                          # the same call again
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "out of order" in details
+    other = _forward_body(seed=1)
+    code, details, _ = _ask(conn, frame(FORWARD, session.seal(FORWARD, body), other))   # body swapped
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "bad session MAC" in details
+    session.seq -= 1   # that call was refused: the service still waits for the same seq
+    assert _outputs_ok(*_ask(conn, frame(FORWARD, session.seal(FORWARD, other), other))[::2])
+
+    # The whole connection recorded and played again: the Open's nonce is spent, so no session.
+    again = socket.create_connection(("127.0.0.1", frames_port), timeout=TIMEOUT_S)
+    code, details, _ = _ask(again, open_frame)
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "replayed nonce" in details
+    code, details, _ = _ask(again, first)
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "no open session" in details
+    # Nor over gRPC, which has no sessions.
+    with grpc.insecure_channel(service.endpoint) as channel:
+        call = channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(body, metadata=((SEQ_KEY, "1"), (MAC_KEY, bytes(32))), timeout=TIMEOUT_S)
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED and "no open session" in err.value.details()
+        assert len(expert_pb2_grpc.ExpertStub(channel).Info(expert_pb2.InfoRequest(), timeout=TIMEOUT_S).experts) == 1
+    after = _rejections(service)
+    for reason, count in {"session_seq": 1, "bad_session_mac": 1, "replayed_nonce": 1, "no_session": 2}.items():
+        assert after.get(reason, 0) - before.get(reason, 0) == count, reason
+    assert _outputs_ok(*_ask(conn, frame(FORWARD, session.seal(FORWARD, body), body))[::2])   # still served
+    for c in (conn, again):
+        c.close()
+
+
+def test_an_open_is_checked_like_any_signed_request(service, frames_port, client_identity):
+    conn = socket.create_connection(("127.0.0.1", frames_port), timeout=TIMEOUT_S)
+    offer = SessionOffer(client_identity.hotkey, service.hotkey)
+    code, details, _ = _ask(conn, frame(SESSION_METHOD, (), offer.body))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "not signed" in details
+    stranger = Identity.generate()
+    code, details, _ = _ask(conn, _open_frame(stranger, service)[1])
+    assert code is grpc.StatusCode.PERMISSION_DENIED and stranger.hotkey in details
+    low_order = bytes(32)   # a point whose shared secret anyone knows
+    code, details, _ = _ask(conn, frame(SESSION_METHOD, sign_metadata(client_identity, SESSION_METHOD, low_order,
+                                                                       service.hotkey), low_order))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "Curve25519" in details
+    offer, open_frame = _open_frame(client_identity, service)   # the connection is still good for one
+    code, _, answer = _ask(conn, open_frame)
+    session = offer.accept(answer)
+    body = _forward_body()
+    assert _outputs_ok(*_ask(conn, frame(FORWARD, session.seal(FORWARD, body), body))[::2])
+    conn.close()
+
+
+def test_a_service_with_auth_off_opens_no_session_and_the_pool_signs_each_call(
+        expert_service_factory, checkpoint, client_identity):
+    service = expert_service_factory(["0.0"], DIM, INTER, env={"EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": "",
+                                                               "AUTH_MODE": "off"})
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        for inline in (False, True, False):
+            answer = client.forward("0.0", encode_view(torch.randn(2, DIM)), call_id="", step=0, training=False,
+                                    timeout_s=TIMEOUT_S, inline=inline).result()
+            assert decode(answer.outputs, expected_dim=DIM).shape == (2, DIM)
+        channel = pool.frames.channel(service.endpoint)
+        assert channel._sessions_refused_at > 0 and all(session is None for _, session in channel._idle)
+        assert channel.calls == 3

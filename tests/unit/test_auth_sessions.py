@@ -1,0 +1,101 @@
+"""Sessions on moe-frames connections (subnet.auth.sessions), both halves in one process: the key
+exchange agrees, and a session call is taken only once, unchanged, in order, from an allowed caller."""
+
+import hashlib
+
+import grpc
+import pytest
+
+from subnet.auth.policy import AllowList
+from subnet.auth.sessions import MAC_KEY, SEQ_KEY, SessionOffer, open_session
+from subnet.identity import Identity
+
+FORWARD = "/moe.v1.Expert/Forward"
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return Identity.generate(), Identity.generate()
+
+
+def _opened(keys):
+    """(caller's session, receiver's session) after one Open."""
+    caller, receiver = keys
+    offer = SessionOffer(caller.hotkey, receiver.hotkey)
+    server, answer = open_session(offer.body, (("x-moe-hotkey", caller.hotkey),), receiver.hotkey)
+    return offer.accept(answer), server
+
+
+def _check(server, method, body, metadata, allowed):
+    return server.check(method, hashlib.sha256(body).digest(), metadata, AllowList(allowed))
+
+
+def test_both_ends_derive_one_key_and_calls_go_through_in_order(keys):
+    client, server = _opened(keys)
+    assert client.key == server.key and len(client.key) == 32
+    for i in range(1, 4):
+        body = bytes([i]) * 100
+        metadata = client.seal(FORWARD, body)
+        assert dict(metadata)[SEQ_KEY] == str(i)
+        assert _check(server, FORWARD, body, metadata, [keys[0].hotkey]) is None
+    assert server.seq == 3
+
+
+def test_every_connection_gets_its_own_key(keys):
+    assert _opened(keys)[0].key != _opened(keys)[0].key
+
+
+def test_a_replayed_reordered_or_changed_call_is_refused_and_changes_nothing(keys):
+    client, server = _opened(keys)
+    allowed = [keys[0].hotkey]
+    first = client.seal(FORWARD, b"one")
+    second = client.seal(FORWARD, b"two")
+    out_of_order = _check(server, FORWARD, b"two", second, allowed)
+    assert (out_of_order.code, out_of_order.reason) == (grpc.StatusCode.UNAUTHENTICATED, "session_seq")
+    assert _check(server, FORWARD, b"changed", first, allowed).reason == "bad_session_mac"
+    assert _check(server, "/moe.v1.Expert/Backward", b"one", first, allowed).reason == "bad_session_mac"
+    assert server.seq == 0   # refusals do not move the session on
+    assert _check(server, FORWARD, b"one", first, allowed) is None
+    replay = _check(server, FORWARD, b"one", first, allowed)
+    assert replay.reason == "session_seq" and "call 2 expected" in replay.message
+    assert _check(server, FORWARD, b"two", second, allowed) is None
+
+
+def test_another_sessions_mac_is_refused(keys):
+    client, _ = _opened(keys)
+    _, other_server = _opened(keys)
+    rejection = _check(other_server, FORWARD, b"x", client.seal(FORWARD, b"x"), [keys[0].hotkey])
+    assert rejection.reason == "bad_session_mac"
+
+
+def test_the_policy_is_asked_on_every_call(keys):
+    """A caller dropped from the allowlist (or the metagraph) is refused at its next session call."""
+    client, server = _opened(keys)
+    assert _check(server, FORWARD, b"a", client.seal(FORWARD, b"a"), [keys[0].hotkey]) is None
+    denied = _check(server, FORWARD, b"b", client.seal(FORWARD, b"b"), [])
+    assert denied.code is grpc.StatusCode.PERMISSION_DENIED and keys[0].hotkey in denied.message
+
+
+@pytest.mark.parametrize("metadata", [
+    ((SEQ_KEY, "1"),),                                           # no MAC
+    ((SEQ_KEY, "0"), (MAC_KEY, bytes(32))),                      # seq starts at 1
+    ((SEQ_KEY, "01"), (MAC_KEY, bytes(32))),                     # no leading zeros
+    ((SEQ_KEY, "1"), (MAC_KEY, bytes(31))),                      # short MAC
+    ((SEQ_KEY, "1"), (MAC_KEY, "not bytes")),
+    ((SEQ_KEY, "1"), (SEQ_KEY, "1"), (MAC_KEY, bytes(32))),      # given twice
+])
+def test_malformed_session_entries_are_named(keys, metadata):
+    _, server = _opened(keys)
+    rejection = _check(server, FORWARD, b"x", metadata, [keys[0].hotkey])
+    assert (rejection.code, rejection.reason) == (grpc.StatusCode.UNAUTHENTICATED, "malformed_metadata")
+    assert SEQ_KEY in rejection.message
+
+
+@pytest.mark.parametrize("public", [b"", bytes(31), bytes(32), b"\x01" + bytes(31)])
+def test_a_bad_public_key_is_a_value_error_on_either_side(keys, public):
+    """Wrong length, or a low-order point (all zeros, 1), whose shared secret would be known to anyone."""
+    caller, receiver = keys
+    with pytest.raises(ValueError):
+        open_session(public, (("x-moe-hotkey", caller.hotkey),), receiver.hotkey)
+    with pytest.raises(ValueError):
+        SessionOffer(caller.hotkey, receiver.hotkey).accept(public)
