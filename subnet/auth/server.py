@@ -167,7 +167,8 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
 
     async def admit(raw: bytes, context: grpc.aio.ServicerContext):
         metadata = context.invocation_metadata() or ()
-        if has_session_entries(metadata):   # a MAC of the connection's session instead of a signature
+        # A MAC of the connection's session instead of a signature; never for an Open, which is signed.
+        if method != SESSION_METHOD and has_session_entries(metadata):
             rejection = await _check_session(auth, method, raw, metadata, context)
         else:
             rejection = await auth.verifier.averify(method, raw, metadata)

@@ -173,7 +173,9 @@ def open_session(body: bytes, metadata: Iterable[tuple[str, str | bytes]],
     if len(body) != PUBLIC_KEY_BYTES:
         raise ValueError(f"session request body of {len(body)} bytes; a {PUBLIC_KEY_BYTES}-byte X25519 public key "
                          f"expected")
-    caller = next(value for key, value in metadata if key == HOTKEY_KEY)
+    caller = next((value for key, value in metadata if key == HOTKEY_KEY), None)
+    if not isinstance(caller, str):   # the Open's signature check makes this unreachable; fail closed anyway
+        raise ValueError(f"session request without {HOTKEY_KEY}")
     private = _new_x25519_key()
     answer = _public_bytes(private)
     shared = _shared_secret(private, body)

@@ -149,6 +149,10 @@ def test_an_open_is_checked_like_any_signed_request(service, frames_port, client
     session = offer.accept(answer)
     body = _forward_body()
     assert _outputs_ok(*_ask(conn, frame(FORWARD, session.seal(FORWARD, body), body))[::2])
+    # A new Open must be signed: the session's MAC does not stand in for the signature there.
+    again = SessionOffer(client_identity.hotkey, service.hotkey)
+    code, details, _ = _ask(conn, frame(SESSION_METHOD, session.seal(SESSION_METHOD, again.body), again.body))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and "not signed" in details
     conn.close()
 
 
