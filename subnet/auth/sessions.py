@@ -155,10 +155,10 @@ class ServerSession:
         if not hmac.compare_digest(mac, call_mac(self.key, method, int(seq), body_sha256)):
             return _unauthenticated("bad_session_mac", f"bad session MAC: not this connection's session's MAC of "
                                                        f"this request to {method} (changed on the way?)")
+        self.seq += 1   # an authentic call uses its seq up, allowed or not: the caller counts it too
         denial = policy.denial(self.caller)
         if denial is not None:
             return Rejection(grpc.StatusCode.PERMISSION_DENIED, "not_allowed", f"hotkey {self.caller} {denial}")
-        self.seq += 1
         return None
 
 

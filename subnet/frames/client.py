@@ -34,6 +34,12 @@ from subnet.frames import protocol as p
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 1.0
 SESSIONS_RETRY_S = 60.0   # after a server opened no session, new connections sign each call this long
+# Answers that may come before the server checked a session call (an unknown method, a deadline, the
+# check itself failing, a stopping or broken server): its seq may not have moved, so the connection is
+# not used again. Other errors (bad arguments, overload, missing activations) come after the check.
+_SESSION_UNSURE = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
+                             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 
 class Unreachable(p.FrameError):
@@ -252,7 +258,10 @@ class PendingCall:
     def finish(self) -> bytearray:
         """Wait for the answer (until the deadline) and return its body; raises FrameError."""
         code, details, answer = self.answer()
-        self._channel._keep(self._conn, self._session)
+        if self._session is not None and code in _SESSION_UNSURE:
+            self._conn.close()   # the server's seq may lag ours: the next call would be out of order
+        else:
+            self._channel._keep(self._conn, self._session)
         self._channel.calls += 1
         if code is not grpc.StatusCode.OK:
             if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(p.BUSY):

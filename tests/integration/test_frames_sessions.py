@@ -17,6 +17,7 @@ from subnet.auth.payload import sign_metadata
 from subnet.auth.sessions import MAC_KEY, SEQ_KEY, SESSION_METHOD, SessionOffer
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
+from subnet.frames import protocol as p
 from subnet.identity import Identity
 from subnet.spliced_wire import build, serialize
 from subnet.tensor_codec import decode, encode_view
@@ -89,6 +90,28 @@ def test_a_pool_opens_one_session_per_connection_and_then_sends_macs(service, cl
         sessions = [session for _, session in kept]
     assert sessions and all(s is not None and s.receiver == service.hotkey for s in sessions)
     assert sum(s.seq for s in sessions) == calls   # every call was a session's (one MAC each)
+
+
+def test_a_call_refused_before_its_session_check_costs_its_connection_not_the_next_call(service, client_identity):
+    """An unknown method is answered UNIMPLEMENTED before the session is asked: the service's seq did not
+    move, so the caller drops that connection rather than send the next call out of order on it."""
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        channel = pool.frames.channel(service.endpoint)
+        body = _forward_body()
+        assert _outputs_ok(grpc.StatusCode.OK, channel.call(FORWARD, body, (), TIMEOUT_S, client._frames_auth))
+        with pytest.raises(p.FrameError) as err:
+            channel.call("/moe.v1.Expert/Nope", body, (), TIMEOUT_S, client._frames_auth)
+        assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert _outputs_ok(grpc.StatusCode.OK, channel.call(FORWARD, body, (), TIMEOUT_S, client._frames_auth))
+        assert len(channel._idle) == 1 and channel._idle[0][1].seq == 1   # a fresh connection and session
+        # Refused after the check (an expert not hosted there): the connection and its session go on.
+        unknown = serialize(build(expert_pb2.ForwardRequest, expert_uid="9.9", inputs=encode_view(torch.ones(1, DIM))))
+        with pytest.raises(p.FrameError) as err:
+            channel.call(FORWARD, unknown, (), TIMEOUT_S, client._frames_auth)
+        assert err.value.code() is not grpc.StatusCode.UNAUTHENTICATED
+        assert _outputs_ok(grpc.StatusCode.OK, channel.call(FORWARD, body, (), TIMEOUT_S, client._frames_auth))
+        assert len(channel._idle) == 1 and channel._idle[0][1].seq == 3
 
 
 def test_session_calls_by_hand_replays_and_changes_are_refused_and_the_service_goes_on(

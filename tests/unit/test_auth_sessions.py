@@ -74,6 +74,8 @@ def test_the_policy_is_asked_on_every_call(keys):
     assert _check(server, FORWARD, b"a", client.seal(FORWARD, b"a"), [keys[0].hotkey]) is None
     denied = _check(server, FORWARD, b"b", client.seal(FORWARD, b"b"), [])
     assert denied.code is grpc.StatusCode.PERMISSION_DENIED and keys[0].hotkey in denied.message
+    # The denied call used its seq up on both sides: allowed again, the next call goes through.
+    assert _check(server, FORWARD, b"c", client.seal(FORWARD, b"c"), [keys[0].hotkey]) is None
 
 
 @pytest.mark.parametrize("metadata", [
