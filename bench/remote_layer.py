@@ -6,7 +6,8 @@ EXPERT_CHECKPOINT; the gate is copied), and the same CPU threads in total:
 
 - in process: this process, torch.get_num_threads() = N threads (N = 2 here);
 - remote: N expert services with 1 torch thread each, the 8 experts dealt round robin
-  (8/N per service); this process (the router) does gating, dispatch and combine with
+  (8/N per service), called as the router calls them (moe-frames, tensors through shared memory
+  by default: `tensors` in the result says which); this process (the router) does gating, dispatch and combine with
   ROUTER_THREADS torch threads while the remote variants run, and gets its N threads back
   for the in-process variants. The router's work and the experts' compute hardly overlap
   (the router waits for the experts), and idle OpenMP workers of a 2-thread router spin
@@ -207,9 +208,21 @@ def run(rounds: int = 5) -> dict:
             one_session(groups.values())
             remotes = {dt: remote_twin(layer, g) for dt, g in groups.items()}
             expert_pids = stack.service_pids()
-            return _measure(layer, remotes, groups, x, deals, n_threads, rounds, expert_pids)
+            sections = _measure(layer, remotes, groups, x, deals, n_threads, rounds, expert_pids)
+            tensors = tensor_transport(stack)
+            for section in sections.values():
+                section["tensors"] = tensors
+            return sections
     finally:
         torch.set_num_threads(n_threads)
+
+
+def tensor_transport(stack: BenchStack) -> str:
+    """How the remote variants' tensors travel: as the router's would, through shared memory when the
+    pool and the services share this host's (SHM_TRANSPORT=auto, the default), else inside the frames."""
+    link = stack.clients.shm
+    shared = link is not None and all(link.usable(endpoint) for endpoint in stack.endpoints)
+    return "shared memory (SHM_TRANSPORT=auto)" if shared else "inside the moe-frames messages"
 
 
 def _measure(layer: MoE, remotes: dict[str, MoE], groups: dict[str, RemoteExpertGroup], x: torch.Tensor,

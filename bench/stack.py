@@ -15,6 +15,10 @@ Auth is on by default, as in production: each expert service gets its own develo
 wallet (in the log directory) and allows only this stack's client hotkey, with which the
 channel pool signs every call. `BenchStack(auth=False)` runs them with AUTH_MODE=off.
 
+The channel pool takes the router's transports: moe-frames, and shared memory for tensors of
+SHM_MIN_KB and up (`SHM_*` from the environment, as `services.router` reads them: on by default,
+and used since the services are on this host). `SHM_TRANSPORT=off` makes every tensor inline.
+
 This module only starts and stops processes and hands out the router-side registry view
 and channel pool. It measures nothing.
 """
@@ -37,10 +41,12 @@ from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
 from services.stack.processes import Child, ProcessGroup, wait_serving
 from subnet.dev.redis_server import RedisServer
+from subnet.envconfig import from_env
 from subnet.expert_client import ChannelSettings, ExpertClientPool
 from subnet.identity import create_dev_wallet, load_identity
 from subnet.processes import free_port
 from subnet.registry import ExpertRegistry
+from subnet.shm import ShmConfig
 
 START_TIMEOUT_S = 120.0   # torch import in each child on two busy cores
 PORT_RETRIES = 3          # a port picked by free_port() may be taken before the child binds it
@@ -60,7 +66,7 @@ class BenchStack:
         self.identity = load_identity(create_dev_wallet(self.log_dir / "wallets", "bench-client")) if auth else None
         self.clients = ExpertClientPool(ChannelSettings(max_message_mb=max_message_mb), identity=self.identity,
                                         hotkeys=lambda endpoint: self.replicas.hotkey(endpoint) if self.replicas
-                                        else None)
+                                        else None, shm=from_env(ShmConfig))
         self.registry: ExpertRegistry | None = None
         self.replicas: ReplicaSet | None = None
         self.endpoints: list[str] = []
