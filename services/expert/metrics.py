@@ -14,6 +14,7 @@ servers in one test process do not collide.
     expert_auth_rejections_total{reason}    requests refused by signature checks (subnet.auth)
     expert_frames_connections               open moe-frames connections (subnet/frames)
     expert_frames_refused_total{reason}     frames refused before their call ran: busy, protocol, shutting_down
+    expert_frames_sessions_total            authenticated sessions opened on moe-frames connections (subnet.auth)
     expert_round, expert_round_phase, expert_checkpoints_published_total, expert_commitments_total{result}
                                             rounds (subnet.round_metrics)
 """
@@ -54,6 +55,8 @@ class ExpertMetrics(MetricsHttp):
         self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",
                                        ["reason"], registry=r)
         self.frames_connections = Gauge("expert_frames_connections", "open moe-frames connections", registry=r)
+        self.frames_sessions = Counter("expert_frames_sessions", "authenticated sessions opened on moe-frames "
+                                       "connections (one signed key exchange each)", registry=r)
         self.frames_refused = Counter("expert_frames_refused", "moe-frames frames refused before their call ran, "
                                       "by reason (busy, protocol, shutting_down)", ["reason"], registry=r)
         self.rounds = RoundMetrics(

@@ -173,7 +173,7 @@ class ExpertServer:
         if c.frames_port >= 0:   # the tensor calls again, on a raw TCP port, behind the same interceptors
             frames_handlers = {path: handlers[path] for path in FRAMES_METHODS}
             if self.auth is not None:   # a signed key exchange per connection, then a MAC per call
-                frames_handlers[SESSION_METHOD] = self.auth.session_handler()
+                frames_handlers[SESSION_METHOD] = self.auth.session_handler(self.metrics.frames_sessions.inc)
             self.frames = FramesServer(frames_handlers, interceptors,
                                        c.max_message_bytes, on_connections=self.metrics.frames_connections.set,
                                        on_refused=lambda reason: self.metrics.frames_refused.labels(reason).inc())

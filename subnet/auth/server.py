@@ -60,9 +60,10 @@ class ServerAuth:
         """Whether the interceptor verifies `method`. SESSION_METHOD verifies itself (`session_handler`)."""
         return not method.startswith(HEALTH_PREFIX) and method not in self.open_methods and method != SESSION_METHOD
 
-    def session_handler(self) -> grpc.RpcMethodHandler:
+    def session_handler(self, on_open: Callable[[], None] = lambda: None) -> grpc.RpcMethodHandler:
         """SESSION_METHOD for a moe-frames server (subnet.auth.sessions): a signed Open whose body is the
-        caller's X25519 key; answers the receiver's. It checks its own signature, whatever the interceptors."""
+        caller's X25519 key; answers the receiver's. It checks its own signature, whatever the interceptors.
+        `on_open()`: once per session opened, for metrics."""
         async def open_(raw: bytes, context) -> bytes:
             connection = getattr(context, "connection", None)
             if connection is None:
@@ -73,6 +74,7 @@ class ServerAuth:
                                                                self.verifier.receiver_hotkey)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            on_open()
             return answer
         handler = grpc.unary_unary_rpc_method_handler(open_)
         return _wrap_aio(self, SESSION_METHOD, handler)

@@ -66,6 +66,12 @@ def _open_frame(identity: Identity, service) -> tuple[SessionOffer, bytes]:
                          offer.body)
 
 
+def _sessions_opened(service) -> float:
+    text = urllib.request.urlopen(service.metrics_url, timeout=TIMEOUT_S).read().decode()
+    return sum(m.value for family in text_string_to_metric_families(text) for m in family.samples
+               if m.name == "expert_frames_sessions_total")
+
+
 def _rejections(service) -> dict[str, float]:
     text = urllib.request.urlopen(service.metrics_url, timeout=TIMEOUT_S).read().decode()
     return {m.labels["reason"]: m.value for family in text_string_to_metric_families(text)
@@ -79,6 +85,7 @@ def _outputs_ok(code, body) -> bool:
 
 def test_a_pool_opens_one_session_per_connection_and_then_sends_macs(service, client_identity):
     calls = 12
+    opened_before = _sessions_opened(service)
     with ExpertClientPool(identity=client_identity) as pool:
         client = pool.get(service.endpoint, service.hotkey)
         x = torch.randn(2, DIM)
@@ -90,6 +97,7 @@ def test_a_pool_opens_one_session_per_connection_and_then_sends_macs(service, cl
         sessions = [session for _, session in kept]
     assert sessions and all(s is not None and s.receiver == service.hotkey for s in sessions)
     assert sum(s.seq for s in sessions) == calls   # every call was a session's (one MAC each)
+    assert _sessions_opened(service) - opened_before == len(sessions)   # counted once each (no connection dropped)
 
 
 def test_a_call_refused_before_its_session_check_costs_its_connection_not_the_next_call(service, client_identity):
