@@ -17,7 +17,6 @@ that do not parse are INVALID_ARGUMENT, "request body is not a valid moe.v1.Forw
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import inspect
 import logging
@@ -29,16 +28,15 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
-from subnet.auth.verify import HASH_IN_THREAD_BYTES, Rejection, Verifier
+from subnet.auth.verify import Rejection, Verifier, digest_off_loop, unauthenticated
 
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _UNSUPPORTED = Rejection(grpc.StatusCode.UNIMPLEMENTED, "unsupported",
                          "signed requests are supported on unary-request methods only")
-_NO_SESSION = Rejection(grpc.StatusCode.UNAUTHENTICATED, "no_session",
-                        "session call on a connection with no open session: open one first "
-                        f"({SESSION_METHOD}) or sign the call (x-moe-* metadata)")
+_NO_SESSION = unauthenticated("no_session", "session call on a connection with no open session: open one first "
+                                            f"({SESSION_METHOD}) or sign the call (x-moe-* metadata)")
 
 
 class ServerAuth:
@@ -203,11 +201,7 @@ async def _check_session(auth: ServerAuth, method: str, raw: bytes, metadata, co
     session: ServerSession | None = getattr(connection, "auth_session", None)
     if session is None:
         return _NO_SESSION
-    if len(raw) >= HASH_IN_THREAD_BYTES:   # as Verifier.averify: a big body is hashed off the loop
-        digest = await asyncio.to_thread(_sha256, raw)
-    else:
-        digest = _sha256(raw)
-    return session.check(method, digest, metadata, auth.verifier.policy)
+    return session.check(method, await digest_off_loop(raw, _sha256), metadata, auth.verifier.policy)
 
 
 def _sha256(body: bytes) -> bytes:

@@ -34,14 +34,13 @@ import hmac
 import re
 from collections.abc import Iterable
 
-import grpc
 from Crypto.Protocol.DH import import_x25519_public_key, key_agreement
 from Crypto.PublicKey import ECC
 
 from subnet.auth.client import SigningChannel
 from subnet.auth.payload import HOTKEY_KEY, sign_metadata
 from subnet.auth.policy import Policy
-from subnet.auth.verify import Rejection
+from subnet.auth.verify import Rejection, policy_rejection, unauthenticated
 
 SESSION_METHOD = "/moe.auth.v1.Sessions/Open"
 SEQ_KEY = "x-moe-session-seq"
@@ -117,13 +116,13 @@ class FramesAuth:
     def __init__(self, signer: SigningChannel):
         self._signer = signer
 
-    def offer(self) -> tuple[SessionOffer, bytes, tuple] | None:
-        """(offer, body, signed metadata) of an Open; None without a receiver hotkey to open it with."""
+    def offer(self) -> tuple[SessionOffer, tuple] | None:
+        """(offer, the signed metadata of an Open sending `offer.body`); None without a receiver hotkey."""
         receiver = self._signer.receiver()
         if self._signer.identity is None or not receiver:
             return None
         offer = SessionOffer(self._signer.identity.hotkey, receiver)
-        return offer, offer.body, sign_metadata(self._signer.identity, SESSION_METHOD, offer.body, receiver)
+        return offer, sign_metadata(self._signer.identity, SESSION_METHOD, offer.body, receiver)
 
     def metadata(self, session: ClientSession | None, method: str, body: bytes, metadata: Iterable) -> tuple:
         """`metadata` plus what authenticates this call: the session's MAC while the session is with the
@@ -147,19 +146,16 @@ class ServerSession:
         """None when the call is this session's next one, unchanged, and the caller still allowed."""
         seq, mac = _entries(metadata)
         if not isinstance(seq, str) or not _SEQ.fullmatch(seq) or not isinstance(mac, bytes) or len(mac) != MAC_BYTES:
-            return _unauthenticated("malformed_metadata", f"session calls need {SEQ_KEY} (a positive integer) and "
-                                                          f"{MAC_KEY} ({MAC_BYTES} bytes)")
+            return unauthenticated("malformed_metadata", f"session calls need {SEQ_KEY} (a positive integer) and "
+                                                         f"{MAC_KEY} ({MAC_BYTES} bytes)")
         if int(seq) != self.seq + 1:
-            return _unauthenticated("session_seq", f"session call {seq} out of order: call {self.seq + 1} expected "
-                                                   f"on this connection (a replayed or dropped call)")
+            return unauthenticated("session_seq", f"session call {seq} out of order: call {self.seq + 1} expected "
+                                                  f"on this connection (a replayed or dropped call)")
         if not hmac.compare_digest(mac, call_mac(self.key, method, int(seq), body_sha256)):
-            return _unauthenticated("bad_session_mac", f"bad session MAC: not this connection's session's MAC of "
-                                                       f"this request to {method} (changed on the way?)")
+            return unauthenticated("bad_session_mac", f"bad session MAC: not this connection's session's MAC of "
+                                                      f"this request to {method} (changed on the way?)")
         self.seq += 1   # an authentic call uses its seq up, allowed or not: the caller counts it too
-        denial = policy.denial(self.caller)
-        if denial is not None:
-            return Rejection(grpc.StatusCode.PERMISSION_DENIED, "not_allowed", f"hotkey {self.caller} {denial}")
-        return None
+        return policy_rejection(policy, self.caller)
 
 
 def has_session_entries(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
@@ -190,8 +186,3 @@ def _entries(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str | bytes |
             found[key].append(value)
     seq, mac = found[SEQ_KEY], found[MAC_KEY]
     return (seq[0] if len(seq) == 1 else None), (mac[0] if len(mac) == 1 else None)
-
-
-def _unauthenticated(reason: str, message: str) -> Rejection:
-    return Rejection(grpc.StatusCode.UNAUTHENTICATED, reason, message)
-

@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -44,6 +45,7 @@ _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 # Hashing a body this big would hold the event loop for about a millisecond (~2.4 ms per
 # 4 MiB here); hashlib releases the GIL, so a worker thread does it while the loop serves others.
 HASH_IN_THREAD_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,23 @@ class _Claim:
     signature: bytes
 
 
-def _unauthenticated(reason: str, message: str) -> Rejection:
+def unauthenticated(reason: str, message: str) -> Rejection:
     return Rejection(grpc.StatusCode.UNAUTHENTICATED, reason, message)
+
+
+def policy_rejection(policy: Policy, hotkey: str) -> Rejection | None:
+    """PERMISSION_DENIED when `policy` does not allow `hotkey` (a signed request's, or a session's)."""
+    denial = policy.denial(hotkey)
+    if denial is None:
+        return None
+    return Rejection(grpc.StatusCode.PERMISSION_DENIED, "not_allowed", f"hotkey {hotkey} {denial}")
+
+
+async def digest_off_loop(body: bytes, digest: Callable[[bytes], T] = body_digest) -> T:
+    """`digest(body)` for an asyncio server: a body of HASH_IN_THREAD_BYTES or more on a worker thread."""
+    if len(body) >= HASH_IN_THREAD_BYTES:
+        return await asyncio.to_thread(digest, body)
+    return digest(body)
 
 
 class Verifier:
@@ -97,11 +114,7 @@ class Verifier:
         claim = self._parse(metadata)
         if isinstance(claim, Rejection):
             return claim
-        if len(body) >= HASH_IN_THREAD_BYTES:
-            digest = await asyncio.to_thread(body_digest, body)
-        else:
-            digest = body_digest(body)
-        rejection = self._check_signature(claim, method, digest)
+        rejection = self._check_signature(claim, method, await digest_off_loop(body))
         if rejection is not None:
             return rejection
         try:
@@ -117,26 +130,26 @@ class Verifier:
         for key, value in metadata:
             if key in _KEYS:
                 if key in found:
-                    return _unauthenticated("malformed_metadata", f"{key} appears more than once")
+                    return unauthenticated("malformed_metadata", f"{key} appears more than once")
                 found[key] = value
         missing = [k for k in _KEYS if k not in found]
         if len(missing) == len(_KEYS):
-            return _unauthenticated("missing_metadata", "request is not signed: no x-moe-* metadata (sign it with "
+            return unauthenticated("missing_metadata", "request is not signed: no x-moe-* metadata (sign it with "
                                                         "the caller's hotkey, see protos/subnet/wire/v1/tensor.proto)")
         if missing:
-            return _unauthenticated("missing_metadata", f"signed request lacks {', '.join(missing)}")
+            return unauthenticated("missing_metadata", f"signed request lacks {', '.join(missing)}")
         hotkey, nonce, timestamp, signature = (found[k] for k in _KEYS)
         if not isinstance(hotkey, str) or not is_hotkey(hotkey):
-            return _unauthenticated("malformed_metadata", f"{HOTKEY_KEY} is not an ss58 address")
+            return unauthenticated("malformed_metadata", f"{HOTKEY_KEY} is not an ss58 address")
         if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
-            return _unauthenticated("malformed_metadata", f"{NONCE_KEY} must be 32 lowercase hex characters")
+            return unauthenticated("malformed_metadata", f"{NONCE_KEY} must be 32 lowercase hex characters")
         if not isinstance(timestamp, str) or not _TIMESTAMP.fullmatch(timestamp):
-            return _unauthenticated("malformed_metadata", f"{TIMESTAMP_KEY} must be unix milliseconds (digits)")
+            return unauthenticated("malformed_metadata", f"{TIMESTAMP_KEY} must be unix milliseconds (digits)")
         if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
-            return _unauthenticated("malformed_metadata", f"{SIGNATURE_KEY} must be {SIGNATURE_BYTES} bytes")
+            return unauthenticated("malformed_metadata", f"{SIGNATURE_KEY} must be {SIGNATURE_BYTES} bytes")
         skew_s = int(timestamp) / 1000 - self._clock()
         if abs(skew_s) > self.window_s:
-            return _unauthenticated("stale_timestamp",
+            return unauthenticated("stale_timestamp",
                                     f"stale timestamp: {TIMESTAMP_KEY} is {skew_s:+.1f} s from the receiver's "
                                     f"clock, outside the ±{self.window_s:g} s window (check the caller's clock)")
         return _Claim(hotkey, nonce, timestamp, signature)
@@ -145,16 +158,13 @@ class Verifier:
         payload = signing_payload(method, digest, claim.nonce, claim.timestamp, self.receiver_hotkey)
         if verify_signature(claim.hotkey, payload, claim.signature):
             return None
-        return _unauthenticated("bad_signature",
+        return unauthenticated("bad_signature",
                                 f"bad signature: not {claim.hotkey}'s signature of this request to {method} "
                                 f"for receiver {self.receiver_hotkey} (was it signed for another receiver, "
                                 f"or changed on the way?)")
 
     def _admit(self, claim: _Claim, fresh_nonce: bool) -> Rejection | None:
         if not fresh_nonce:
-            return _unauthenticated("replayed_nonce", f"replayed nonce {claim.nonce} from {claim.hotkey}: "
+            return unauthenticated("replayed_nonce", f"replayed nonce {claim.nonce} from {claim.hotkey}: "
                                                       f"every request needs a new one")
-        denial = self.policy.denial(claim.hotkey)
-        if denial is not None:
-            return Rejection(grpc.StatusCode.PERMISSION_DENIED, "not_allowed", f"hotkey {claim.hotkey} {denial}")
-        return None
+        return policy_rejection(self.policy, claim.hotkey)

@@ -131,12 +131,12 @@ class FramesChannel:
         self._sessions_refused_at = time.monotonic()
         return self._dial(deadline), None
 
-    def _open(self, conn: socket.socket, offer: tuple[SessionOffer, bytes, tuple],
-              deadline: float) -> ClientSession | None:
+    def _open(self, conn: socket.socket, offer: tuple[SessionOffer, tuple], deadline: float) -> ClientSession | None:
         """The session the server opens on `conn`, or None when it answers with an error; Unreachable when
         the connection breaks (the call was not sent)."""
-        session_offer, body, metadata = offer
-        frame = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), body, metadata, None, None, deadline, conn)
+        session_offer, metadata = offer
+        frame = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), session_offer.body, metadata, None, None,
+                            deadline, conn)
         pending = PendingCall(self, conn, deadline, frame, None)
         try:
             pending.send_rest()
