@@ -104,6 +104,7 @@ class S3Server:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._logfile: Path | None = None
         self._grpc_ports: list[int] = []
+        self.master_port: int | None = None  # the master's HTTP API (/dir/status), for checks
 
     @property
     def endpoint(self) -> str:
@@ -161,6 +162,7 @@ class S3Server:
         if self.requested_port:  # only the S3 HTTP port; its gRPC port stays the free one
             ports[0] = self.requested_port
         self.port = ports[0]
+        self.master_port = ports[_COMPONENTS.index("master")]
         port_flags = [flag for name, http, grpc in zip(_COMPONENTS, ports, self._grpc_ports, strict=True)
                       for flag in (f"-{name}.port={http}", f"-{name}.port.grpc={grpc}")]
         args = [weed_binary(), "mini", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
@@ -169,7 +171,12 @@ class S3Server:
                 # Components the S3 API does not need, and their fixed default ports.
                 "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-s3.localSocket={tmp / 's3.sock'}", f"-filer.localSocket={tmp / 'filer.sock'}",
-                "-volume.preStopSeconds=0"]  # the default 1 s only delays a test's teardown
+                "-volume.preStopSeconds=0",  # the default 1 s only delays a test's teardown
+                # Every bucket is a collection with volumes of its own, and mini's default limit
+                # is free disk / 1 GiB: with 35 GiB free the 36th bucket's first write got a 500
+                # ("no free volumes left"). Volumes are sparse files, so a fixed count costs
+                # nothing until written.
+                "-volume.max=2000"]
         self._logfile = tmp / "weed.log"
         with open(self._logfile, "wb") as logf:
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
