@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from moe.experts import SwiGLU
 from subnet.expert_weights import experts_from_states
+from subnet.optimizer_moments import MomentsError, adamw_moments, restore_adamw_moments
 from subnet.tensor_codec import all_finite
 
 
@@ -397,6 +398,31 @@ class ExpertBackend:
             self._clear_grads(e)
             e.optimizer = torch.optim.AdamW(e.module.parameters(), lr=0.0)
             e.applied = None
+
+    def moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{uid: AdamW moments (CPU copies)} of the experts that have taken a step since they were
+        loaded; run it on the compute worker, beside the weight snapshot it belongs to."""
+        out = {}
+        for uid, e in self._experts.items():
+            moments = adamw_moments(e.module, e.optimizer)
+            if moments:
+                out[uid] = moments
+        return out
+
+    def restore_moments(self, moments: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, str]:
+        """Install saved AdamW moments (`moments()` of an earlier run, for the same weights).
+        Returns {uid: why it was not restored} for those that did not fit; those start Adam over."""
+        refused = {}
+        for uid, tensors in moments.items():
+            if uid not in self._experts:
+                refused[uid] = "not hosted here"
+                continue
+            e = self._experts[uid]
+            try:
+                restore_adamw_moments(e.module, e.optimizer, tensors, source=f"moments of expert {uid}")
+            except MomentsError as err:
+                refused[uid] = str(err)
+        return refused
 
     def _retire(self, session_id: str) -> None:
         self._retired_sessions[session_id] = None

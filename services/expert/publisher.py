@@ -13,7 +13,11 @@ submissions are looked up, is work anybody could take and commit before its owne
 end-to-end copycat did, and scored). Their manifest records the round still open for
 commitment when they were taken (r while r trains, r + 1 once r's commit phase has begun), so
 on start-up `load_own_checkpoint` can tell which is newer: this hotkey's newest complete round
-checkpoint or its recovery checkpoint (optimizer moments are not saved: Adam restarts).
+checkpoint or its recovery checkpoint. A recovery checkpoint also carries each expert's AdamW
+moments (`optimizer.safetensors`, subnet/optimizer_moments.py) when the service gives a
+`recovery_snapshot`, so a resumed expert takes its next step as if it had never stopped; a
+round checkpoint carries weights only (what validators download), so resuming from one
+restarts Adam.
 
 Snapshots run on the compute worker, the only thread that touches the weights, so a
 checkpoint never holds half of an optimizer step.
@@ -25,16 +29,27 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 
-from subnet.checkpoints import checkpoint_prefix, publish_experts, read_verified
+from subnet.checkpoints import OPTIMIZER_FILE, checkpoint_prefix, publish_experts, read_verified
 from subnet.manifest import MANIFEST_NAME, CheckpointVerificationError, config_hash
 from subnet.object_store import ObjectStore, StoreError
+from subnet.optimizer_moments import MomentsError, moments_bytes, parse_moments
 from subnet.rounds import RoundSchedule
 
 log = logging.getLogger(__name__)
 ExpertStates = dict[str, dict[str, torch.Tensor]]
+Moments = dict[str, dict[str, torch.Tensor]]   # {uid: AdamW moments}, see subnet/optimizer_moments.py
+
+
+class OwnCheckpoint(NamedTuple):
+    """What a restarting service resumes from (`load_own_checkpoint`)."""
+    round: int
+    experts: Mapping[str, object]           # {uid: SwiGLU}
+    parent_version: int | None              # the global version its weights came from
+    moments: Moments                        # the uids whose AdamW moments were saved with them
 
 
 def expert_config_hash(dim: int, inter_dim: int) -> str:
@@ -60,10 +75,14 @@ class ExpertPublisher:
     def __init__(self, store: ObjectStore, identity, snapshot: Callable[[], ExpertStates], dim: int, inter_dim: int,
                  parent_version: Callable[[], int | None] = lambda: None,
                  on_published: Callable[[int, list], None] | None = None,
-                 on_round_published: Callable[[int, ExpertStates], None] | None = None):
+                 on_round_published: Callable[[int, ExpertStates], None] | None = None,
+                 recovery_snapshot: Callable[[], tuple[ExpertStates, Moments]] | None = None):
         """`on_round_published(round, states)`: after a round's publish (the one its commitment names),
-        with the snapshot published (ExpertBackend.keep_committed keeps it)."""
+        with the snapshot published (ExpertBackend.keep_committed keeps it). `recovery_snapshot()`:
+        the weights and the AdamW moments taken together (no step between them), for recovery
+        checkpoints; without it they hold `snapshot()`'s weights only."""
         self.store, self.identity, self.snapshot = store, identity, snapshot
+        self.recovery_snapshot = recovery_snapshot
         self.config_hash = expert_config_hash(dim, inter_dim)
         self.parent_version = parent_version
         self.on_published = on_published
@@ -84,9 +103,14 @@ class ExpertPublisher:
 
     def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
         with self._lock:
-            states = self.snapshot()
+            if kind == "recovery" and self.recovery_snapshot is not None:
+                states, moments = self.recovery_snapshot()
+            else:
+                states, moments = self.snapshot(), {}
+            extra = {uid: {OPTIMIZER_FILE: moments_bytes(m)} for uid, m in moments.items() if uid in states}
             published = publish_experts(self.store, self.identity, states, round=round,
-                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind)
+                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind,
+                                        extra_files=extra)
         if self.on_published is not None:
             self.on_published(round, published)
         return published, states
@@ -107,13 +131,14 @@ def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> in
 
 
 def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, dim: int,
-                        inter_dim: int) -> tuple[int, Mapping[str, object], int | None] | None:
-    """(round, {uid: SwiGLU}, parent global version) from this hotkey's newest checkpoint: its
-    newest complete round checkpoint, or its recovery checkpoint when that was taken later (while
-    a later round was open; on a tie the round checkpoint, published after it). None if there is
-    neither. A round checkpoint that fails verification is an error, not silently skipped; a
-    recovery checkpoint that does (e.g. a crash between its files and its manifest) is passed over
-    with a warning: the round checkpoint is still there."""
+                        inter_dim: int) -> OwnCheckpoint | None:
+    """This hotkey's newest checkpoint: its newest complete round checkpoint, or its recovery
+    checkpoint when that was taken later (while a later round was open; on a tie the round
+    checkpoint, published after it). None if there is neither. A round checkpoint that fails
+    verification is an error, not silently skipped; a recovery checkpoint that does (e.g. a crash
+    between its files and its manifest) is passed over with a warning: the round checkpoint is
+    still there. Moments that are signed but unreadable are dropped with a warning (Adam restarts
+    for that expert; its weights still load)."""
     uids = list(uids)
     try:
         round = latest_own_round(store, uids, hotkey)
@@ -141,13 +166,14 @@ def _own_recovery(store: ObjectStore, uids: list[str], hotkey: str, dim: int, in
 
 
 def _load_own(store: ObjectStore, keys: list[str], uids: list[str], hotkey: str, dim: int, inter_dim: int,
-              source: str) -> tuple[int, Mapping[str, object], int | None]:
-    """(round, experts, parent) from one manifest per uid; the oldest round among them (a
-    recovery checkpoint's uids are written one after another)."""
+              source: str) -> OwnCheckpoint:
+    """One manifest per uid; the oldest round among them (a recovery checkpoint's uids are written
+    one after another)."""
     from subnet.checkpoint_loading import load_verified_experts
     from subnet.expert_weights import experts_from_states
 
     states: ExpertStates = {}
+    moments: Moments = {}
     rounds, parent = [], None
     for uid, key in zip(uids, keys):
         verified = read_verified(store, key, expected_hotkey=hotkey,
@@ -155,4 +181,10 @@ def _load_own(store: ObjectStore, keys: list[str], uids: list[str], hotkey: str,
         states.update(load_verified_experts(verified, [uid], dim, inter_dim))
         rounds.append(verified.manifest.round)
         parent = verified.manifest.parent_version
-    return min(rounds), experts_from_states(states, uids, dim, inter_dim, source=source), parent
+        if OPTIMIZER_FILE in verified.files:
+            where = store.where(key[: -len(MANIFEST_NAME)] + OPTIMIZER_FILE)
+            try:
+                moments[uid] = parse_moments(verified.files[OPTIMIZER_FILE], where)
+            except MomentsError as e:
+                log.warning("expert %s resumes without its AdamW moments: %s", uid, e)
+    return OwnCheckpoint(min(rounds), experts_from_states(states, uids, dim, inter_dim, source=source), parent, moments)

@@ -45,6 +45,7 @@ class ExpertRounds:
         self.start_source = ""
         self.publisher: ExpertPublisher | None = None
         self.global_version: int | None = None   # the merged version the hosted weights descend from
+        self.initial_moments: dict = {}           # {uid: AdamW moments} saved with the weights resumed from
         self._apply = None
         self.participant: RoundParticipant | None = None
         self._timer: asyncio.Task | None = None
@@ -61,7 +62,7 @@ class ExpertRounds:
         if c.resume:
             found = load_own_checkpoint(self.store, c.uids, self.identity.hotkey, c.dim, c.inter_dim)
             if found is not None:
-                round, experts, self.global_version = found
+                round, experts, self.global_version, self.initial_moments = found
                 self.start_source = f"own checkpoint of round {round}"
                 log.info("resumed %d experts from this hotkey's checkpoint of round %d", len(experts), round)
                 return experts
@@ -81,14 +82,17 @@ class ExpertRounds:
 
     # -- running ----------------------------------------------------------------------------
 
-    def start(self, snapshot, apply, keep_committed=None) -> None:
+    def start(self, snapshot, apply, keep_committed=None, recovery_snapshot=None) -> None:
         """`snapshot()` -> {uid: state dict} and `apply(states)` (load weights), callable from any
         thread (the server runs both on the compute worker); `keep_committed(round, states)`: given
         each round's published snapshot (ExpertBackend.keep_committed), unless EXPERT_KEEP_COMMITTED=0.
-        The adversarial test miners never get it: they keep serving their live weights, as before."""
+        The adversarial test miners never get it: they keep serving their live weights, as before.
+        `recovery_snapshot()` -> (states, {uid: AdamW moments}) for the recovery checkpoints; not
+        used by the adversaries, whose published weights are not the ones their moments belong to."""
         c, m = self.config, self.metrics.rounds
         self._apply = apply
         keep = keep_committed if c.keep_committed and not c.adversary else None
+        recovery = recovery_snapshot if not c.adversary else None
         if c.adversary == "noisy":
             snapshot = adversary.noisy(snapshot, c.adversary_noise)
         elif c.adversary == "copycat":
@@ -97,7 +101,7 @@ class ExpertRounds:
         self.publisher = ExpertPublisher(self.store, self.identity, snapshot, c.dim, c.inter_dim,
                                          parent_version=lambda: self.global_version,
                                          on_published=lambda round, published: m.checkpoints.inc(len(published)),
-                                        on_round_published=keep)
+                                        on_round_published=keep, recovery_snapshot=recovery)
         self.participant = RoundParticipant(self.chain, self.schedule, self.identity, self.publisher.publish,
                                             name=f"expert {self.identity.hotkey[:8]}", on_phase=self._on_phase,
                                             on_record=m.on_record).start()

@@ -189,6 +189,8 @@ class ExpertServer:
                                      lazy=c.adversary == "lazy", answer=liar_answer if c.adversary == "liar" else None)
         if c.adversary:
             log.warning("EXPERT_ADVERSARY=%s: this service plays a cheating miner (tests and demo only)", c.adversary)
+        if self.rounds is not None and self.rounds.initial_moments:
+            self._restore_moments(self.rounds.initial_moments)
         self.batcher = Batcher(self.backend, self.worker, c.max_batch_tokens, c.batch_wait_ms,
                                c.max_queue_tokens, self.metrics)
         await self.batcher.start()
@@ -239,6 +241,19 @@ class ExpertServer:
                       for name, t in self.backend.module(uid).state_dict().items()}
                 for uid in self.backend.uids}
 
+    def _restore_moments(self, moments: dict) -> None:
+        refused = self.backend.restore_moments(moments)
+        for uid, why in refused.items():
+            log.warning("expert %s starts Adam over: its saved moments were not restored: %s", uid, why)
+        restored = sorted(set(moments) - set(refused))
+        if restored:
+            log.info("restored the AdamW moments of %d experts (%s) from the recovery checkpoint",
+                     len(restored), ", ".join(restored))
+
+    def _recovery_snapshot(self) -> tuple[dict, dict]:
+        """The weights and their AdamW moments, in one turn of the compute worker (no step between)."""
+        return self._snapshot(), self.backend.moments()
+
     def _start_rounds(self) -> None:
         loop = asyncio.get_running_loop()
 
@@ -247,7 +262,8 @@ class ExpertServer:
 
         self.rounds.start(lambda: on_worker(self._snapshot),
                           lambda states: on_worker(self.backend.replace_weights, states),
-                          self.backend.keep_committed)
+                          self.backend.keep_committed,
+                          recovery_snapshot=lambda: on_worker(self._recovery_snapshot))
 
     def _bind(self, host: str, port: int) -> int:
         if port and port_in_use(port, host):

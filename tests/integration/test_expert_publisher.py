@@ -1,7 +1,7 @@
 """ExpertPublisher and the start-up resume against a real SeaweedFS: a round's reveal data names
-exactly what was published, recovery (timer) checkpoints stay out of the rounds' layout and
-record the round still open for commitment, and a restarted service finds its newest complete
-checkpoint, round or recovery (and nobody else's)."""
+exactly what was published, recovery (timer) checkpoints stay out of the rounds' layout, record
+the round still open for commitment and carry the AdamW moments, and a restarted service finds
+its newest complete checkpoint, round or recovery (and nobody else's)."""
 
 import json
 import logging
@@ -9,11 +9,24 @@ import logging
 import pytest
 import torch
 
-from services.expert.publisher import ExpertPublisher, latest_own_round, load_own_checkpoint, open_round
-from subnet.checkpoints import MisplacedManifestError, read_verified
-from subnet.expert_weights import init_expert
+from services.expert.publisher import (
+    ExpertPublisher,
+    expert_config_hash,
+    latest_own_round,
+    load_own_checkpoint,
+    open_round,
+)
+from subnet.checkpoints import (
+    EXPERT_WEIGHTS_FILE,
+    OPTIMIZER_FILE,
+    MisplacedManifestError,
+    publish_checkpoint,
+    read_verified,
+)
+from subnet.expert_weights import expert_weights_bytes, init_expert
 from subnet.identity import Identity
 from subnet.manifest import sha256_hex
+from subnet.optimizer_moments import adamw_moments
 from subnet.rounds import RoundSchedule
 
 pytestmark = pytest.mark.integration
@@ -46,8 +59,9 @@ def test_restart_resumes_from_the_newest_complete_own_checkpoint(object_store):
     ExpertPublisher(object_store, me, lambda: {"0.0": experts(seed=3)["0.0"]}, DIM, INTER).publish(4)
     ExpertPublisher(object_store, other, lambda: experts(seed=4), DIM, INTER).publish(9)
     assert latest_own_round(object_store, UIDS, me.hotkey) == 2
-    round, loaded, parent = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, parent, moments = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
     assert parent is None  # published without a global version behind it
+    assert moments == {}  # round checkpoints carry weights only
     assert round == 2
     want = experts(seed=2)
     for uid in UIDS:
@@ -85,7 +99,7 @@ def test_restart_takes_the_recovery_checkpoint_only_when_it_is_newer(object_stor
     me = Identity.generate()
     ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
     ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(recovery_round)
-    round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
     assert round == (recovery_round if want_seed == 6 else 2)
     want = experts(seed=want_seed)
     for uid in UIDS:
@@ -99,7 +113,7 @@ def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_stor
     # A crash between the files and the manifest: new weights under the old manifest.
     object_store.put_bytes(f"checkpoints/recovery/1.1/{me.hotkey}/weights.safetensors", b"torn")
     with caplog.at_level(logging.WARNING):
-        round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+        round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
     assert round == 2
     want = experts(seed=2)["0.0"].state_dict()["w1.weight"]
     torch.testing.assert_close(loaded["0.0"].state_dict()["w1.weight"], want)
@@ -109,5 +123,49 @@ def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_stor
 def test_only_a_recovery_checkpoint_is_enough_to_resume(object_store):
     me = Identity.generate()
     ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(0)
-    round, loaded, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
     assert round == 0 and sorted(loaded) == UIDS
+
+
+def trained_with_moments(seed):
+    """{uid: SwiGLU} after one AdamW step each, and their moments."""
+    modules, moments = experts(seed), {}
+    for uid, module in modules.items():
+        opt = torch.optim.AdamW(module.parameters(), lr=0.01)
+        for p in module.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        moments[uid] = adamw_moments(module, opt)
+    return modules, moments
+
+
+def test_recovery_checkpoints_carry_the_moments_and_round_ones_do_not(object_store):
+    me = Identity.generate()
+    modules, moments = trained_with_moments(seed=7)
+    states = {uid: m.state_dict() for uid, m in modules.items()}
+    publisher = ExpertPublisher(object_store, me, lambda: states, DIM, INTER,
+                                recovery_snapshot=lambda: (states, {"0.0": moments["0.0"]}))
+    publisher.publish(1)
+    publisher.publish_recovery(2)
+    assert not object_store.exists(f"checkpoints/experts/0.0/{me.hotkey}/1/optimizer.safetensors")
+    found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert found.round == 2 and sorted(found.moments) == ["0.0"]  # 1.1 had not stepped: no file for it
+    for key, t in moments["0.0"].items():
+        assert torch.equal(found.moments["0.0"][key], t), key
+
+
+def test_signed_moments_that_cannot_be_read_leave_the_weights_resumable(object_store, caplog):
+    """A file that passes the manifest's checks (its owner signed it) but is not a moments file:
+    the weights still load and that expert starts Adam over, with a warning."""
+    me = Identity.generate()
+    modules = experts(seed=8)
+    for uid in UIDS:
+        publish_checkpoint(object_store, me, kind="recovery", uid=uid, round=3, parent_version=None,
+                           config_hash=expert_config_hash(DIM, INTER),
+                           files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: modules[uid]}),
+                                  OPTIMIZER_FILE: b"not safetensors"})
+    with caplog.at_level(logging.WARNING):
+        found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    assert found.round == 3 and found.moments == {}
+    torch.testing.assert_close(found.experts["1.1"].state_dict()["w2.weight"], modules["1.1"].state_dict()["w2.weight"])
+    assert "resumes without its AdamW moments" in caplog.text

@@ -1,7 +1,7 @@
 """An expert service in the rounds, with real SeaweedFS, real Redis (the local chain) and a real
 service process: it publishes signed checkpoints each round and commits/reveals them on the
-chain; a SIGKILLed service restarts from its own newest checkpoint and loses at most
-EXPERT_CHECKPOINT_EVERY_S of training; a validator's probe for a committed round is answered
+chain; a SIGKILLed service restarts from its own newest checkpoint (weights and AdamW moments)
+and loses at most EXPERT_CHECKPOINT_EVERY_S of training; a validator's probe for a committed round is answered
 with exactly the weights published for it, while the live ones train on."""
 
 import json
@@ -78,30 +78,42 @@ def test_publishes_commits_and_reveals_every_round(expert_service_factory, round
 
 
 def test_sigkilled_service_resumes_its_own_training(expert_service_factory, rounds_env, client_identity):
+    """Killed after a training step, it comes back with that step's weights and AdamW moments: its
+    next step lands exactly where a twin that never stopped lands (fresh moments would not)."""
     env, chain = rounds_env
     service = expert_service_factory(UIDS, DIM, INTER, env=env)
+    twin = expert_service_factory(UIDS, DIM, INTER, env=env)   # same EXPERT_SEED: same initial weights
     pool = ExpertClientPool(identity=client_identity)
-    client = pool.get(service.endpoint, service.hotkey)
     gen = torch.Generator().manual_seed(0)
     x, g, probe = (torch.randn(6, DIM, generator=gen) for _ in range(3))
 
-    def outputs():
+    def outputs(s):
+        client = pool.get(s.endpoint, s.hotkey)
         return decode(client.forward("0.0", encode(probe), call_id="", step=0, training=False,
                                      timeout_s=10).result().outputs)
 
-    before = outputs()
-    client.forward("0.0", encode(x), call_id="c1", step=1, training=True, timeout_s=10).result()
-    client.backward("0.0", encode(g), call_id="c1", step=1, session_id="s", timeout_s=10).result()
-    client.apply_step("0.0", step=1, lr=0.05, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
-                      session_id="s", timeout_s=10).result()
-    trained = outputs()
+    def train_step(s, step):
+        client = pool.get(s.endpoint, s.hotkey)
+        client.forward("0.0", encode(x * step), call_id=f"c{step}", step=step, training=True, timeout_s=10).result()
+        client.backward("0.0", encode(g), call_id=f"c{step}", step=step, session_id="s", timeout_s=10).result()
+        client.apply_step("0.0", step=step, lr=0.05, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95,
+                          eps=1e-8, session_id="s", timeout_s=10).result()
+
+    before = outputs(service)
+    torch.testing.assert_close(outputs(twin), before)
+    for s in (service, twin):
+        train_step(s, 1)
+    trained = outputs(service)
     assert (trained - before).abs().max() > 1e-3
     time.sleep(2.5)  # > EXPERT_CHECKPOINT_EVERY_S: the step is in a recovery checkpoint now
     service.kill()
     service.start()
-    client = pool.get(service.endpoint, service.hotkey)
-    torch.testing.assert_close(outputs(), trained)  # nothing lost, not back to the initial weights
+    torch.testing.assert_close(outputs(service), trained)  # nothing lost, not back to the initial weights
     assert "resumed 2 experts" in service.log()
+    assert "restored the AdamW moments of 1 experts (0.0)" in service.log()   # 0.1 never stepped
+    for s in (service, twin):
+        train_step(s, 2)
+    torch.testing.assert_close(outputs(service), outputs(twin), rtol=0, atol=0)
     pool.close()
 
 
