@@ -62,7 +62,7 @@ ROOT = "checkpoints"
 LATEST_KEY = f"{ROOT}/global/latest"
 EXPERT_WEIGHTS_FILE = "weights.safetensors"  # of one expert checkpoint
 GLOBAL_EXPERTS_FILE = "experts.safetensors"  # of a global checkpoint: every expert of the model
-OPTIMIZER_FILE = "optimizer.safetensors"  # of a recovery checkpoint: the expert's AdamW moments (optional)
+OPTIMIZER_FILE = "optimizer.safetensors"  # beside an expert's weights: its AdamW moments (recovery only)
 MANIFEST_MAX_BYTES = 1024 * 1024  # a manifest lists a few files; anything bigger is not one
 POINTER_FORMAT = "moe-checkpoint-latest"
 
@@ -162,18 +162,15 @@ def publish_checkpoint(store: ObjectStore, keypair: Signer, *, kind: str, files:
 
 def publish_experts(store: ObjectStore, keypair: Signer, experts: Mapping[str, SwiGLU | Mapping[str, torch.Tensor]],
                     *, round: int, parent_version: int | None, config_hash: str,
-                    kind: str = "expert",
-                    extra_files: Mapping[str, Mapping[str, bytes]] | None = None) -> list[PublishedCheckpoint]:
+                    kind: str = "expert") -> list[PublishedCheckpoint]:
     """One checkpoint per expert uid (the layout is per uid), in uid order; `kind` "recovery"
-    for a service's restart point instead of a round's submission. `extra_files` ({uid: {name:
-    bytes}}) go beside an expert's weights, under the same signed manifest."""
+    for a service's restart point instead of a round's submission (in the clear: the expert
+    service seals its own, services/expert/recovery_files.py)."""
     if kind not in EXPERT_KINDS:
         raise ValueError(f"kind {kind!r}: experts are published as one of {', '.join(EXPERT_KINDS)}")
-    extra_files = extra_files or {}
     return [publish_checkpoint(store, keypair, kind=kind, uid=uid, round=round, parent_version=parent_version,
                                config_hash=config_hash,
-                               files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: experts[uid]}),
-                                      **extra_files.get(uid, {})})
+                               files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: experts[uid]})})
             for uid in sorted(experts)]
 
 

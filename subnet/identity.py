@@ -11,11 +11,17 @@ writes it. Only the hotkey is loaded; the coldkey never leaves its file. `create
 makes an unencrypted wallet for the local stack and the tests, never for real funds.
 
 An Identity shows only its public hotkey: repr, str and logs never carry the secret key.
+`identity.derive_key(purpose)` gives a 32-byte symmetric key that only the holder of this hotkey's
+secret can compute (HMAC-SHA256 of the secret key, labelled by purpose): what seals a service's
+private objects, e.g. an expert's recovery checkpoints (subnet/sealed.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
+import json
 import os
 import sys
 import threading
@@ -51,21 +57,33 @@ class IdentityError(RuntimeError):
 class Identity:
     """A hotkey that signs. Holds the key pair privately; shows only the ss58 hotkey."""
 
-    __slots__ = ("hotkey", "_keypair")
+    __slots__ = ("hotkey", "_keypair", "_secret")
 
-    def __init__(self, keypair: Keypair):
+    def __init__(self, keypair: Keypair, secret: bytes | None = None):
+        """`secret`: the key pair's private key bytes, for `derive_key` (the SDK's Keypair does not
+        give them out); without it the identity signs but derives no keys."""
         if keypair.crypto_type != 1:
             raise IdentityError("the hotkey must be an sr25519 key (crypto type 1)")
         self._keypair = keypair
+        self._secret = secret
         self.hotkey: str = keypair.ss58_address
 
     @classmethod
     def generate(cls) -> Identity:
         """A fresh random identity (tests, throwaway clients); nothing is written to disk."""
-        return cls(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()))
+        seed = os.urandom(32)
+        return cls(Keypair.create_from_seed(seed.hex()), secret=seed)
 
     def sign(self, data: bytes) -> bytes:
         return bytes(self._keypair.sign(data))
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A 32-byte key for `purpose` that only this hotkey's holder can compute. IdentityError
+        when this identity was built without its secret."""
+        if self._secret is None:
+            raise IdentityError(f"the identity of {self.hotkey} holds no private key bytes to derive a key "
+                                f"from (load it from its wallet file: subnet.identity.load_identity)")
+        return hmac.new(self._secret, f"moe-subnet derived key v1\n{purpose}".encode(), hashlib.sha256).digest()
 
     def __repr__(self) -> str:
         return f"Identity(hotkey={self.hotkey!r})"
@@ -94,12 +112,22 @@ def load_identity(config: WalletConfig) -> Identity:
         if wallet.hotkey_file.is_encrypted():
             raise IdentityError(f"hotkey file {path} is encrypted; a service cannot ask for its password: "
                                 f"use an unencrypted hotkey (btcli's default for hotkeys)")
-        return Identity(wallet.get_hotkey())
+        return Identity(wallet.get_hotkey(), secret=_private_key_bytes(path))
     except IdentityError:
         raise
     except Exception as e:  # bittensor-wallet raises its own KeyFileError and plain ValueErrors
         # Never include the file's content: it is the secret key.
         raise IdentityError(f"hotkey file {path} is not a usable hotkey ({type(e).__name__}); {create}") from None
+
+
+def _private_key_bytes(path: Path) -> bytes | None:
+    """The `privateKey` of an unencrypted keyfile (bittensor-wallet's JSON), or None if the file
+    has another layout: the identity then signs but derives no keys."""
+    try:
+        value = json.loads(path.read_bytes()).get("privateKey")
+        return bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) and value else None
+    except (ValueError, AttributeError, OSError):
+        return None
 
 
 def create_dev_wallet(path: str | Path, name: str, hotkey: str = "default") -> WalletConfig:

@@ -4,7 +4,8 @@ recovery checkpoint left it instead of restarting Adam from zero.
     data = moments_bytes(adamw_moments(module, optimizer))      # {} before the first step
     restore_adamw_moments(module, optimizer, parse_moments(data, source="..."))
 
-File format (safetensors, one expert per file, the recovery checkpoint's `optimizer.safetensors`):
+File format (safetensors, one expert per file; a recovery checkpoint holds it sealed as
+`optimizer.safetensors.sealed`, services/expert/recovery_files.py):
 for every parameter `p` of the expert (`w1.weight`, `w2.weight`, `w3.weight`), the float32 tensors
 `p.exp_avg` and `p.exp_avg_sq` of its shape and `p.step`, a 0-d tensor holding the number of steps
 taken (torch keeps it that way). Hyperparameters are not stored: every ApplyStep brings its own.

@@ -14,10 +14,11 @@ end-to-end copycat did, and scored). Their manifest records the round still open
 commitment when they were taken (r while r trains, r + 1 once r's commit phase has begun), so
 on start-up `load_own_checkpoint` can tell which is newer: this hotkey's newest complete round
 checkpoint or its recovery checkpoint. A recovery checkpoint also carries each expert's AdamW
-moments (`optimizer.safetensors`, subnet/optimizer_moments.py) when the service gives a
-`recovery_snapshot`, so a resumed expert takes its next step as if it had never stopped; a
-round checkpoint carries weights only (what validators download), so resuming from one
-restarts Adam.
+moments (subnet/optimizer_moments.py) when the service gives a `recovery_snapshot`, so a
+resumed expert takes its next step as if it had never stopped; a round checkpoint carries
+weights only (what validators download), so resuming from one restarts Adam. Recovery files
+are sealed with a key only this hotkey derives (services/expert/recovery_files.py): they sit
+in the bucket while their round trains, and must not be anybody else's to commit.
 
 Snapshots run on the compute worker, the only thread that touches the weights, so a
 checkpoint never holds half of an optimizer step.
@@ -33,11 +34,14 @@ from typing import NamedTuple
 
 import torch
 
-from subnet.checkpoints import OPTIMIZER_FILE, checkpoint_prefix, publish_experts, read_verified
+from services.expert.recovery_files import RECOVERY_KEY_PURPOSE, open_recovery_files, sealed_recovery_files
+from subnet.checkpoints import OPTIMIZER_FILE, checkpoint_prefix, publish_checkpoint, publish_experts, read_verified
+from subnet.identity import IdentityError
 from subnet.manifest import MANIFEST_NAME, CheckpointVerificationError, config_hash
 from subnet.object_store import ObjectStore, StoreError
-from subnet.optimizer_moments import MomentsError, moments_bytes, parse_moments
+from subnet.optimizer_moments import MomentsError, parse_moments
 from subnet.rounds import RoundSchedule
+from subnet.sealed import SealError
 
 log = logging.getLogger(__name__)
 ExpertStates = dict[str, dict[str, torch.Tensor]]
@@ -83,6 +87,11 @@ class ExpertPublisher:
         checkpoints; without it they hold `snapshot()`'s weights only."""
         self.store, self.identity, self.snapshot = store, identity, snapshot
         self.recovery_snapshot = recovery_snapshot
+        try:
+            self.recovery_key: bytes | None = identity.derive_key(RECOVERY_KEY_PURPOSE)
+        except IdentityError as e:
+            self.recovery_key = None
+            log.warning("recovery checkpoints are off (they are sealed with a key derived from the hotkey): %s", e)
         self.config_hash = expert_config_hash(dim, inter_dim)
         self.parent_version = parent_version
         self.on_published = on_published
@@ -98,19 +107,29 @@ class ExpertPublisher:
 
     def publish_recovery(self, open_round: int) -> None:
         """Snapshot every hosted expert into this hotkey's recovery checkpoint (outside the rounds),
-        recording `open_round`, the round still open for commitment."""
-        self._publish(open_round, "recovery")
-
-    def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
+        sealed, recording `open_round`, the round still open for commitment. Nothing without a key."""
+        if self.recovery_key is None:
+            return
         with self._lock:
-            if kind == "recovery" and self.recovery_snapshot is not None:
+            if self.recovery_snapshot is not None:
                 states, moments = self.recovery_snapshot()
             else:
                 states, moments = self.snapshot(), {}
-            extra = {uid: {OPTIMIZER_FILE: moments_bytes(m)} for uid, m in moments.items() if uid in states}
+            published = []
+            for uid in sorted(states):
+                prefix = checkpoint_prefix("recovery", uid=uid, hotkey=self.identity.hotkey)
+                files = sealed_recovery_files(self.recovery_key, prefix, uid, states[uid], moments.get(uid))
+                published.append(publish_checkpoint(
+                    self.store, self.identity, kind="recovery", uid=uid, round=open_round,
+                    parent_version=self.parent_version(), config_hash=self.config_hash, files=files))
+        if self.on_published is not None:
+            self.on_published(open_round, published)
+
+    def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
+        with self._lock:
+            states = self.snapshot()
             published = publish_experts(self.store, self.identity, states, round=round,
-                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind,
-                                        extra_files=extra)
+                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind)
         if self.on_published is not None:
             self.on_published(round, published)
         return published, states
@@ -131,13 +150,14 @@ def latest_own_round(store: ObjectStore, uids: Iterable[str], hotkey: str) -> in
 
 
 def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, dim: int,
-                        inter_dim: int) -> OwnCheckpoint | None:
+                        inter_dim: int, recovery_key: bytes | None = None) -> OwnCheckpoint | None:
     """This hotkey's newest checkpoint: its newest complete round checkpoint, or its recovery
     checkpoint when that was taken later (while a later round was open; on a tie the round
     checkpoint, published after it). None if there is neither. A round checkpoint that fails
     verification is an error, not silently skipped; a recovery checkpoint that does (e.g. a crash
     between its files and its manifest) is passed over with a warning: the round checkpoint is
-    still there. Moments that are signed but unreadable are dropped with a warning (Adam restarts
+    still there; so is one that does not open with `recovery_key` (the publisher's, derived from
+    the hotkey). Moments that are signed but unreadable are dropped with a warning (Adam restarts
     for that expert; its weights still load)."""
     uids = list(uids)
     try:
@@ -145,8 +165,8 @@ def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, di
     except StoreError as e:
         log.warning("cannot list own checkpoints (%s); starting without them", e)
         return None
-    recovery = _own_recovery(store, uids, hotkey, dim, inter_dim)
-    if recovery is not None and (round is None or recovery[0] > round):
+    recovery = _own_recovery(store, uids, hotkey, dim, inter_dim, recovery_key)
+    if recovery is not None and (round is None or recovery.round > round):
         return recovery
     if round is None:
         return None
@@ -154,19 +174,19 @@ def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, di
     return _load_own(store, keys, uids, hotkey, dim, inter_dim, f"own checkpoints of round {round}")
 
 
-def _own_recovery(store: ObjectStore, uids: list[str], hotkey: str, dim: int, inter_dim: int):
+def _own_recovery(store: ObjectStore, uids: list[str], hotkey: str, dim: int, inter_dim: int, key: bytes | None):
     keys = [f"{checkpoint_prefix('recovery', uid=uid, hotkey=hotkey)}/{MANIFEST_NAME}" for uid in uids]
     try:
-        if not all(store.exists(key) for key in keys):
+        if not all(store.exists(k) for k in keys):
             return None
-        return _load_own(store, keys, uids, hotkey, dim, inter_dim, "own recovery checkpoint")
-    except (StoreError, CheckpointVerificationError) as e:  # InvalidWeightsError is one of those
+        return _load_own(store, keys, uids, hotkey, dim, inter_dim, "own recovery checkpoint", key)
+    except (StoreError, CheckpointVerificationError, SealError) as e:  # InvalidWeightsError is one of those
         log.warning("passing over this hotkey's recovery checkpoint: %s: %s", type(e).__name__, e)
         return None
 
 
 def _load_own(store: ObjectStore, keys: list[str], uids: list[str], hotkey: str, dim: int, inter_dim: int,
-              source: str) -> OwnCheckpoint:
+              source: str, recovery_key: bytes | None = None) -> OwnCheckpoint:
     """One manifest per uid; the oldest round among them (a recovery checkpoint's uids are written
     one after another)."""
     from subnet.checkpoint_loading import load_verified_experts
@@ -178,6 +198,8 @@ def _load_own(store: ObjectStore, keys: list[str], uids: list[str], hotkey: str,
     for uid, key in zip(uids, keys):
         verified = read_verified(store, key, expected_hotkey=hotkey,
                                  expected_config_hash=expert_config_hash(dim, inter_dim))
+        if verified.manifest.kind == "recovery":
+            verified = open_recovery_files(recovery_key, verified)
         states.update(load_verified_experts(verified, [uid], dim, inter_dim))
         rounds.append(verified.manifest.round)
         parent = verified.manifest.parent_version

@@ -16,22 +16,27 @@ from services.expert.publisher import (
     load_own_checkpoint,
     open_round,
 )
+from services.expert.recovery_files import RECOVERY_KEY_PURPOSE, open_recovery_files, sealed_recovery_files
 from subnet.checkpoints import (
-    EXPERT_WEIGHTS_FILE,
     OPTIMIZER_FILE,
     MisplacedManifestError,
     publish_checkpoint,
     read_verified,
 )
-from subnet.expert_weights import expert_weights_bytes, init_expert
+from subnet.expert_weights import init_expert
 from subnet.identity import Identity
 from subnet.manifest import sha256_hex
 from subnet.optimizer_moments import adamw_moments
 from subnet.rounds import RoundSchedule
+from subnet.sealed import SealError, seal
 
 pytestmark = pytest.mark.integration
 DIM, INTER = 8, 16
 UIDS = ["0.0", "1.1"]
+
+
+def key(identity):
+    return identity.derive_key(RECOVERY_KEY_PURPOSE)
 
 
 def experts(seed):
@@ -85,7 +90,7 @@ def test_recovery_checkpoints_stay_out_of_the_rounds_and_cannot_be_passed_off_as
         assert (verified.manifest.kind, verified.manifest.round, verified.manifest.uid) == ("recovery", 7, uid)
         # Copied byte for byte to where round 7 would be, it is refused: its kind names another place.
         round_prefix = f"checkpoints/experts/{uid}/{me.hotkey}/7"
-        for name in ("weights.safetensors", "manifest.json"):
+        for name in ("weights.safetensors.sealed", "manifest.json"):
             object_store.put_bytes(f"{round_prefix}/{name}",
                                    object_store.get_bytes(f"checkpoints/recovery/{uid}/{me.hotkey}/{name}"))
         with pytest.raises(MisplacedManifestError):
@@ -99,7 +104,7 @@ def test_restart_takes_the_recovery_checkpoint_only_when_it_is_newer(object_stor
     me = Identity.generate()
     ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
     ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(recovery_round)
-    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert round == (recovery_round if want_seed == 6 else 2)
     want = experts(seed=want_seed)
     for uid in UIDS:
@@ -111,9 +116,9 @@ def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_stor
     ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
     ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(3)
     # A crash between the files and the manifest: new weights under the old manifest.
-    object_store.put_bytes(f"checkpoints/recovery/1.1/{me.hotkey}/weights.safetensors", b"torn")
+    object_store.put_bytes(f"checkpoints/recovery/1.1/{me.hotkey}/weights.safetensors.sealed", b"torn")
     with caplog.at_level(logging.WARNING):
-        round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+        round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert round == 2
     want = experts(seed=2)["0.0"].state_dict()["w1.weight"]
     torch.testing.assert_close(loaded["0.0"].state_dict()["w1.weight"], want)
@@ -123,7 +128,7 @@ def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_stor
 def test_only_a_recovery_checkpoint_is_enough_to_resume(object_store):
     me = Identity.generate()
     ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(0)
-    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert round == 0 and sorted(loaded) == UIDS
 
 
@@ -148,24 +153,52 @@ def test_recovery_checkpoints_carry_the_moments_and_round_ones_do_not(object_sto
     publisher.publish(1)
     publisher.publish_recovery(2)
     assert not object_store.exists(f"checkpoints/experts/0.0/{me.hotkey}/1/optimizer.safetensors")
-    found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+    found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert found.round == 2 and sorted(found.moments) == ["0.0"]  # 1.1 had not stepped: no file for it
-    for key, t in moments["0.0"].items():
-        assert torch.equal(found.moments["0.0"][key], t), key
+    for name, t in moments["0.0"].items():
+        assert torch.equal(found.moments["0.0"][name], t), name
 
 
 def test_signed_moments_that_cannot_be_read_leave_the_weights_resumable(object_store, caplog):
-    """A file that passes the manifest's checks (its owner signed it) but is not a moments file:
+    """A file that passes the manifest's checks (its owner signed and sealed it) but is not a moments file:
     the weights still load and that expert starts Adam over, with a warning."""
     me = Identity.generate()
     modules = experts(seed=8)
     for uid in UIDS:
+        prefix = f"checkpoints/recovery/{uid}/{me.hotkey}"
+        files = sealed_recovery_files(key(me), prefix, uid, modules[uid].state_dict(), None)
+        name = OPTIMIZER_FILE + ".sealed"
+        files[name] = seal(key(me), b"not safetensors", f"{prefix}/{name}")
         publish_checkpoint(object_store, me, kind="recovery", uid=uid, round=3, parent_version=None,
-                           config_hash=expert_config_hash(DIM, INTER),
-                           files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: modules[uid]}),
-                                  OPTIMIZER_FILE: b"not safetensors"})
+                           config_hash=expert_config_hash(DIM, INTER), files=files)
     with caplog.at_level(logging.WARNING):
-        found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
+        found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert found.round == 3 and found.moments == {}
     torch.testing.assert_close(found.experts["1.1"].state_dict()["w2.weight"], modules["1.1"].state_dict()["w2.weight"])
     assert "resumes without its AdamW moments" in caplog.text
+
+
+def test_recovery_checkpoints_are_sealed_for_their_own_hotkey(object_store, caplog):
+    """A rival reading the bucket finds the signed manifest and sealed bytes it cannot open, so it
+    cannot publish the weights as its own before their owner commits them."""
+    me, rival = Identity.generate(), Identity.generate()
+    modules, moments = trained_with_moments(seed=9)
+    states = {uid: m.state_dict() for uid, m in modules.items()}
+    ExpertPublisher(object_store, me, lambda: states, DIM, INTER,
+                    recovery_snapshot=lambda: (states, moments)).publish_recovery(4)
+    manifest_key = f"checkpoints/recovery/0.0/{me.hotkey}/manifest.json"
+    verified = read_verified(object_store, manifest_key, expected_hotkey=me.hotkey)   # anyone can check who
+    assert sorted(verified.files) == ["optimizer.safetensors.sealed", "weights.safetensors.sealed"]
+    for blob in verified.files.values():
+        assert b"w1.weight" not in blob   # no safetensors header in the clear
+    with pytest.raises(SealError, match="does not open with this hotkey's key"):
+        open_recovery_files(key(rival), verified)
+    opened = open_recovery_files(key(me), verified)
+    assert sorted(opened.files) == ["optimizer.safetensors", "weights.safetensors"]
+    # Without the key the owner's own recovery checkpoint is passed over, never loaded half-read.
+    with caplog.at_level(logging.WARNING):
+        assert load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER) is None
+    assert "passing over this hotkey's recovery checkpoint: SealError" in caplog.text
+    found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
+    assert found.round == 4 and sorted(found.moments) == UIDS
+    torch.testing.assert_close(found.experts["1.1"].state_dict()["w3.weight"], states["1.1"]["w3.weight"])
