@@ -105,11 +105,12 @@ class ExpertPublisher:
             self.on_round_published(round, states)
         return reveal_data(published)
 
-    def publish_recovery(self, open_round: int) -> None:
+    def publish_recovery(self, open_round: int) -> bool:
         """Snapshot every hosted expert into this hotkey's recovery checkpoint (outside the rounds),
-        sealed, recording `open_round`, the round still open for commitment. Nothing without a key."""
+        sealed, recording `open_round`, the round still open for commitment. False (nothing
+        published) without a key to seal it with."""
         if self.recovery_key is None:
-            return
+            return False
         with self._lock:
             if self.recovery_snapshot is not None:
                 states, moments = self.recovery_snapshot()
@@ -124,6 +125,7 @@ class ExpertPublisher:
                     parent_version=self.parent_version(), config_hash=self.config_hash, files=files))
         if self.on_published is not None:
             self.on_published(open_round, published)
+        return True
 
     def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
         with self._lock:

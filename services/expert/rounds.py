@@ -153,8 +153,8 @@ class ExpertRounds:
         (outside the rounds' layout: uncommitted work is nobody's to copy from there)."""
         try:
             round = open_round(self.schedule, await asyncio.to_thread(self.chain.block))
-            await asyncio.to_thread(self.publisher.publish_recovery, round)
-            log.info("published a recovery checkpoint (round %d open)", round)
+            if await asyncio.to_thread(self.publisher.publish_recovery, round):
+                log.info("published a recovery checkpoint (round %d open)", round)
         except Exception as e:  # S3 or the chain away: try again at the next tick
             log.warning("recovery checkpoint failed: %s: %s", type(e).__name__, e)
 

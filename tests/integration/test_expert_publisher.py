@@ -202,3 +202,16 @@ def test_recovery_checkpoints_are_sealed_for_their_own_hotkey(object_store, capl
     found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert found.round == 4 and sorted(found.moments) == UIDS
     torch.testing.assert_close(found.experts["1.1"].state_dict()["w3.weight"], states["1.1"]["w3.weight"])
+
+
+def test_without_the_private_key_bytes_no_recovery_checkpoint_is_written(object_store, caplog):
+    """Nothing is published in the clear: an identity that cannot derive the sealing key writes none."""
+    from bittensor_wallet import Keypair
+    bare = Identity(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()))
+    with caplog.at_level(logging.WARNING):
+        publisher = ExpertPublisher(object_store, bare, lambda: experts(seed=1), DIM, INTER)
+    assert publisher.publish_recovery(1) is False
+    assert object_store.list("checkpoints/recovery/") == []
+    assert "recovery checkpoints are off" in caplog.text
+    publisher.publish(1)   # round checkpoints do not need the key
+    assert object_store.list(f"checkpoints/experts/0.0/{bare.hotkey}/1/")
