@@ -1,7 +1,8 @@
 """An expert service's checkpoints in S3: every round (committed) and on a timer (recovery).
 
-    checkpoints/experts/<uid>/<hotkey>/<round>/weights.safetensors + manifest.json   (round)
-    checkpoints/recovery/<uid>/<hotkey>/weights.safetensors + manifest.json          (recovery)
+    checkpoints/experts/<uid>/<hotkey>/<round>/weights.safetensors + manifest.json      (round)
+    checkpoints/recovery/<uid>/<hotkey>/weights.safetensors.sealed, optimizer.safetensors.sealed
+                                                           + manifest.json            (recovery)
 
 Round checkpoints: in the commit phase of round r the service publishes each hosted expert
 under round r and commits `sha256(reveal data)`, where the reveal data names each manifest's
