@@ -35,9 +35,8 @@ from typing import NamedTuple
 
 import torch
 
-from services.expert.recovery_files import RECOVERY_KEY_PURPOSE, open_recovery_files, sealed_recovery_files
+from services.expert.recovery_files import open_recovery_files, recovery_key, sealed_recovery_files
 from subnet.checkpoints import OPTIMIZER_FILE, checkpoint_prefix, publish_checkpoint, publish_experts, read_verified
-from subnet.identity import IdentityError
 from subnet.manifest import MANIFEST_NAME, CheckpointVerificationError, config_hash
 from subnet.object_store import ObjectStore, StoreError
 from subnet.optimizer_moments import MomentsError, parse_moments
@@ -88,11 +87,7 @@ class ExpertPublisher:
         checkpoints; without it they hold `snapshot()`'s weights only."""
         self.store, self.identity, self.snapshot = store, identity, snapshot
         self.recovery_snapshot = recovery_snapshot
-        try:
-            self.recovery_key: bytes | None = identity.derive_key(RECOVERY_KEY_PURPOSE)
-        except IdentityError as e:
-            self.recovery_key = None
-            log.warning("recovery checkpoints are off (they are sealed with a key derived from the hotkey): %s", e)
+        self.recovery_key = recovery_key(identity)
         self.config_hash = expert_config_hash(dim, inter_dim)
         self.parent_version = parent_version
         self.on_published = on_published

@@ -1,6 +1,6 @@
 """The files of an expert's recovery checkpoint, sealed so that only its own hotkey reads them.
 
-    key = identity.derive_key(RECOVERY_KEY_PURPOSE)
+    key = recovery_key(identity)                                        # None: cannot seal or open
     files = sealed_recovery_files(key, prefix, uid, state, moments)     # {name: bytes} to publish
     verified = open_recovery_files(key, verified)                       # the same checkpoint, in the clear
 
@@ -18,19 +18,32 @@ existed): they are the service's own, signed by its own hotkey.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 
 import torch
 
 from subnet.checkpoints import EXPERT_WEIGHTS_FILE, OPTIMIZER_FILE, VerifiedCheckpoint
 from subnet.expert_weights import expert_weights_bytes
+from subnet.identity import IdentityError
 from subnet.manifest import MANIFEST_NAME
 from subnet.optimizer_moments import moments_bytes
 from subnet.sealed import SealError, seal, unseal
 
+log = logging.getLogger(__name__)
 RECOVERY_KEY_PURPOSE = "expert recovery checkpoints"
 SEALED_SUFFIX = ".sealed"
 _PLAIN_NAMES = (EXPERT_WEIGHTS_FILE, OPTIMIZER_FILE)
+
+
+def recovery_key(identity) -> bytes | None:
+    """The key that seals and opens this hotkey's recovery checkpoints; None (with a warning) when
+    the identity holds no private key bytes: then none are written, and sealed ones are passed over."""
+    try:
+        return identity.derive_key(RECOVERY_KEY_PURPOSE)
+    except IdentityError as e:
+        log.warning("recovery checkpoints are off (they are sealed with a key derived from the hotkey): %s", e)
+        return None
 
 
 def sealed_recovery_files(key: bytes, prefix: str, uid: str, state: Mapping[str, torch.Tensor],

@@ -23,11 +23,10 @@ from services.expert import adversary
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.publisher import ExpertPublisher, load_own_checkpoint, open_round
-from services.expert.recovery_files import RECOVERY_KEY_PURPOSE
+from services.expert.recovery_files import recovery_key
 from subnet.chain.base import Chain
 from subnet.checkpoint_loading import load_experts_from_url, load_verified_experts
 from subnet.checkpoints import GLOBAL_EXPERTS_FILE, latest_global_version, read_latest_global
-from subnet.identity import IdentityError
 from subnet.object_store import ObjectStore, StoreError
 from subnet.round_participant import RoundParticipant
 
@@ -63,7 +62,7 @@ class ExpertRounds:
             log.warning("could not ensure bucket %s (%s); going on", self.store.bucket, e)
         if c.resume:
             found = load_own_checkpoint(self.store, c.uids, self.identity.hotkey, c.dim, c.inter_dim,
-                                        recovery_key=self._recovery_key())
+                                        recovery_key=recovery_key(self.identity))
             if found is not None:
                 round, experts, self.global_version, self.initial_moments = found
                 self.start_source = f"own checkpoint of round {round}"
@@ -77,14 +76,6 @@ class ExpertRounds:
                 self.global_version = latest_global_version(self.store)
             return experts
         return None
-
-    def _recovery_key(self) -> bytes | None:
-        """What opens this hotkey's sealed recovery checkpoints (None: they are passed over)."""
-        try:
-            return self.identity.derive_key(RECOVERY_KEY_PURPOSE)
-        except IdentityError as e:
-            log.warning("cannot open this hotkey's recovery checkpoints: %s", e)
-            return None
 
     def trusted_signers(self) -> set[str]:
         if self.config.s3.signers:
