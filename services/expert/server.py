@@ -46,7 +46,7 @@ from services.expert.servicer import ExpertServicer
 from subnet.auth import ServerAuth, build_server_auth, service_identity
 from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
-from subnet.chain.config import open_chain
+from subnet.chain.config import open_chain, signing_wallet
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
@@ -232,7 +232,9 @@ class ExpertServer:
 
     def _chain(self) -> Chain:
         if self.chain is None:
-            self.chain = open_chain(self.config.chain, self.config.rounds.schedule())
+            # Rounds commit and reveal through it: on Bittensor those are extrinsics the hotkey signs.
+            self.chain = open_chain(self.config.chain, self.config.rounds.schedule(),
+                                    wallet=signing_wallet(self.config.chain, self.config.wallet))
         return self.chain
 
     def _snapshot(self) -> dict:

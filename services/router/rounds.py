@@ -13,7 +13,7 @@ from pathlib import Path
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.trunk_publisher import TrunkSnapshots, fetch_trunk, publish_trunk_round
-from subnet.chain.config import open_chain
+from subnet.chain.config import open_chain, signing_wallet
 from subnet.object_store import ObjectStore
 from subnet.round_participant import RoundParticipant
 
@@ -26,7 +26,9 @@ class RouterRounds:
             raise ValueError("publishing the trunk needs a hotkey to sign it: set AUTH_MODE=on and WALLET_*")
         self.config, self.identity, self.metrics = config, identity, metrics
         self.store = ObjectStore(config.s3)
-        self.chain = open_chain(config.chain, config.rounds.schedule())
+        # It commits and reveals: on Bittensor those are extrinsics its hotkey signs.
+        self.chain = open_chain(config.chain, config.rounds.schedule(),
+                                wallet=signing_wallet(config.chain, config.wallet))
         self.participant: RoundParticipant | None = None
 
     def start(self, snapshots: TrunkSnapshots, lm_config: dict) -> None:

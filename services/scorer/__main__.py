@@ -20,7 +20,7 @@ from services.scorer.config import ScorerConfig
 from services.scorer.metrics import ScorerMetrics
 from services.scorer.scorer import Scorer
 from subnet.chain.base import ChainError
-from subnet.chain.config import open_chain
+from subnet.chain.config import open_chain, signing_wallet
 from subnet.envconfig import ConfigError, from_env, markdown_table
 from subnet.identity import IdentityError, load_identity
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The socket timeout must outlast the stream read's BLOCK (poll_s).
     client = redis.Redis.from_url(config.redis_url, socket_timeout=config.poll_s + 10.0, socket_connect_timeout=5.0)
-    chain = open_chain(config.chain, config.rounds.schedule(), wallet=_chain_wallet(config))
+    chain = open_chain(config.chain, config.rounds.schedule(), wallet=signing_wallet(config.chain, config.wallet))
     metrics = ScorerMetrics()
     try:
         scorer = Scorer(config, identity, chain, client, metrics)  # creates the consumer group: fails fast
@@ -70,15 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         chain.close()
         client.close()
     return 0
-
-
-def _chain_wallet(config: ScorerConfig):
-    """Bittensor signs extrinsics with the SDK's wallet; the local chain needs none."""
-    if config.chain.chain != "bittensor":
-        return None
-    from bittensor_wallet import Wallet
-
-    return Wallet(name=config.wallet.name, hotkey=config.wallet.hotkey, path=config.wallet.path)
 
 
 def _warn_without_permit(chain, hotkey: str) -> None:

@@ -1,6 +1,7 @@
 """Which chain a process talks to, from the environment, and the one function that opens it.
 
-    chain = open_chain(from_env(ChainConfig), from_env(RoundConfig).schedule(), wallet=wallet)
+    chain = open_chain(from_env(ChainConfig), from_env(RoundConfig).schedule(),
+                       wallet=signing_wallet(from_env(ChainConfig), from_env(WalletConfig)))
 
 `CHAIN=local` (the default) is the Redis chain of the local stack; `CHAIN=bittensor` the
 Bittensor network named by `CHAIN_NETWORK`, on subnet `CHAIN_NETUID`.
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from bittensor_wallet import Wallet   # not the SDK (slow to import): subnet.identity loads it anyway
 
 from subnet.chain.base import Chain
 from subnet.envconfig import ConfigError, env
+from subnet.identity import WalletConfig
 from subnet.rounds import RoundSchedule
 
 KINDS = ("local", "bittensor")
@@ -61,3 +66,13 @@ def open_chain(config: ChainConfig, schedule: RoundSchedule, wallet: Any = None)
     from subnet.chain.bittensor_chain import BittensorChain
 
     return BittensorChain(config.network, config.netuid, wallet=wallet, schedule=schedule)
+
+
+def signing_wallet(config: ChainConfig, wallet: WalletConfig) -> Any:
+    """What signs this service's own extrinsics (commitments, weights) on Bittensor: the SDK's wallet
+    over the same hotkey file its Identity loads (WALLET_*). None for the local chain, whose records
+    the services sign with their Identity. A service that writes to the chain passes it to
+    `open_chain`; without it a BittensorChain can only read."""
+    if config.chain != "bittensor":
+        return None
+    return Wallet(name=wallet.name, hotkey=wallet.hotkey, path=str(Path(wallet.path).expanduser()))

@@ -17,11 +17,17 @@ from bittensor.intents.weights import SetWeights
 from bittensor.reads.subnets import SubnetInfo
 from bittensor_wallet import Keypair
 
+from services.expert.config import ExpertConfig
+from services.expert.server import ExpertServer
+from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
+from services.router.rounds import RouterRounds
 from subnet.chain.base import ChainError, Hyperparameters, Neuron
 from subnet.chain.bittensor_chain import BittensorChain, commitment_info, decode_commitment, encode_commitment
-from subnet.chain.config import ChainConfig, open_chain
+from subnet.chain.config import ChainConfig, open_chain, signing_wallet
 from subnet.chain.signing import commit_payload, digest_of, reveal_payload, weights_payload
 from subnet.envconfig import ConfigError, from_env
+from subnet.identity import create_dev_wallet, load_identity
 from subnet.rounds import RoundSchedule
 
 NETUID = 7
@@ -109,7 +115,8 @@ class RecordingSubtensor:
     def submit_call(self, call, wallet, **kwargs):
         self.calls.append(("submit_call", (call, wallet), kwargs))
         data = b"".join(next(iter(f.values())) for f in call.params["info"]["fields"])
-        self.published.append((self.block, wallet.ss58_address, data.decode()))
+        signer = wallet.hotkey if kwargs.get("signer") == "hotkey" and hasattr(wallet, "hotkey") else wallet
+        self.published.append((self.block, signer.ss58_address, data.decode()))
         return self.result
 
     def execute(self, intent, wallet, **kwargs):
@@ -286,3 +293,29 @@ def test_open_chain_builds_a_cold_bittensor_chain_from_env_config():
     assert isinstance(chain, BittensorChain) and (chain.network, chain.netuid, chain.wallet) == ("test", 7, HOT)
     assert isinstance(chain.subtensor, bt.Subtensor) and "mode=cold" in repr(chain.subtensor)  # nothing dialed
     chain.close()
+
+
+def test_signing_wallet_is_the_services_own_hotkey_and_only_for_bittensor(tmp_path):
+    wallet = create_dev_wallet(tmp_path, "svc")
+    assert signing_wallet(from_env(ChainConfig, {}), wallet) is None   # the local chain: records signed by Identity
+    sdk_wallet = signing_wallet(from_env(ChainConfig, {"CHAIN": "bittensor", "CHAIN_NETUID": "7"}), wallet)
+    assert sdk_wallet.hotkey.ss58_address == load_identity(wallet).hotkey
+
+
+@pytest.mark.parametrize("service", ["expert", "router"])
+def test_services_that_commit_open_bittensor_with_a_wallet_that_signs_their_commits(tmp_path, service):
+    """Expert services and the router commit checkpoints every round: on Bittensor each commit is an
+    extrinsic their hotkey signs, so their chain needs the wallet (before, they opened it read-only)."""
+    wallet = create_dev_wallet(tmp_path, service)
+    identity = load_identity(wallet)
+    env = {"CHAIN": "bittensor", "CHAIN_NETWORK": "test", "CHAIN_NETUID": str(NETUID), "WALLET_PATH": str(tmp_path),
+           "WALLET_NAME": service, "S3_ENDPOINT": "127.0.0.1:9"}
+    if service == "expert":
+        chain = ExpertServer(from_env(ExpertConfig, {**env, "EXPERT_UIDS": "0.0"}), identity=identity)._chain()
+    else:
+        chain = RouterRounds(from_env(RouterConfig, env), identity, RouterMetrics()).chain
+    fake = RecordingSubtensor(block=chain.schedule.phase_start(1, "commit"))
+    chain.subtensor = fake   # no chain is reachable here: the SDK stand-in records what would be sent
+    digest = digest_of(DATA)
+    chain.commit(identity.hotkey, 1, digest, identity.sign(commit_payload(identity.hotkey, 1, digest)))
+    assert fake.published == [(fake.block, identity.hotkey, f"moe1:c:1:{digest}")]
