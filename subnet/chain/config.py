@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bittensor_wallet import Wallet   # not the SDK (slow to import): subnet.identity loads it anyway
+from bittensor_wallet import Wallet  # not the SDK (slow to import): subnet.identity loads it anyway
 
 from subnet.chain.base import Chain
 from subnet.envconfig import ConfigError, env
