@@ -141,32 +141,37 @@ class ExpertClient:
         return self._start("Backward", request, timeout_s, metadata, inline)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",
-                  metadata: Metadata = ()) -> Future:
+                  metadata: Metadata = (), wait_for_ready: bool = False) -> Future:
+        """`wait_for_ready`: wait (within the timeout) for a channel that is reconnecting, instead of
+        failing at once with UNAVAILABLE (gRPC's default), as for ApplyStep."""
         request = expert_pb2.GradNormRequest(expert_uid=uid, step=step, session_id=session_id)
-        return self._start("GradNorm", request, timeout_s, metadata)
+        return self._start("GradNorm", request, timeout_s, metadata, wait_for_ready=wait_for_ready)
 
     def apply_step(self, uid: str, *, step: int, lr: float, grad_scale: float, weight_decay: float,
                    beta1: float, beta2: float, eps: float, timeout_s: float, session_id: str = "",
-                   skip: bool = False, metadata: Metadata = ()) -> Future:
-        """`skip`: discard the step's gradients without an update (the other numbers are then ignored)."""
+                   skip: bool = False, metadata: Metadata = (), wait_for_ready: bool = False) -> Future:
+        """`skip`: discard the step's gradients without an update (the other numbers are then ignored).
+        `wait_for_ready`: as for `grad_norm`."""
         request = expert_pb2.ApplyStepRequest(expert_uid=uid, step=step, lr=lr, grad_scale=grad_scale,
                                               weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps,
                                               session_id=session_id, skip=skip)
-        return self._start("ApplyStep", request, timeout_s, metadata)
+        return self._start("ApplyStep", request, timeout_s, metadata, wait_for_ready=wait_for_ready)
 
     def info(self, *, timeout_s: float, metadata: Metadata = ()) -> expert_pb2.InfoResponse:
         """Blocking: Info is for probes and start-up checks, not the hot path."""
         return self._stub.Info(expert_pb2.InfoRequest(), timeout=timeout_s, metadata=metadata)
 
-    def _start(self, rpc: str, request: Any, timeout_s: float, metadata: Metadata, inline: bool = False) -> Future:
+    def _start(self, rpc: str, request: Any, timeout_s: float, metadata: Metadata, inline: bool = False,
+               wait_for_ready: bool = False) -> Future:
         """The call on a call thread, over moe-frames when it is a tensor call and the endpoint takes them,
         else gRPC; the deadline counts from now, not from when a thread is free. `inline` and a small
-        frames request: sent from this thread instead, as an InlineCall."""
+        frames request: sent from this thread instead, as an InlineCall. `wait_for_ready` (gRPC calls):
+        a channel that is not connected is waited for until the deadline, not failed at once."""
         deadline = time.monotonic() + timeout_s
         method = getattr(self._stub, rpc)
         channel = self.frames.channel(self.endpoint) if self.frames is not None and rpc in FRAMES_RESPONSES else None
         if channel is None:
-            return self._calls.submit(_call, method, request, deadline, metadata)
+            return self._calls.submit(_call, method, request, deadline, metadata, wait_for_ready)
         if inline and _size(request) <= INLINE_MAX_BYTES:
             future = self._start_inline(channel, rpc, method, request, deadline, metadata)
         else:
@@ -305,9 +310,13 @@ def _size(request: Any) -> int:
     return len(request) if isinstance(request, bytes) else request.ByteSize()
 
 
-def _call(method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata) -> Any:
+def _call(method: Callable[..., Any], request: Any, deadline: float, metadata: Metadata,
+          wait_for_ready: bool = False) -> Any:
     # Past the deadline already (it waited for a thread): gRPC answers DEADLINE_EXCEEDED itself.
-    return method(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=metadata)
+    timeout = max(deadline - time.monotonic(), 0.0)
+    if wait_for_ready:
+        return method(request, timeout=timeout, metadata=metadata, wait_for_ready=True)
+    return method(request, timeout=timeout, metadata=metadata)
 
 
 class ExpertClientPool:

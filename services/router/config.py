@@ -38,7 +38,8 @@ class RouterConfig:
                       "messages and signatures) to experts whose Info offers it, else gRPC; `off`: gRPC only")
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
-    retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas")
+    retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas "
+                                         "(GradNorm and ApplyStep: on the same one, which holds the gradients)")
     forward_many_max_tokens: int = env("ROUTER_FORWARD_MANY_MAX_TOKENS", 256,
                                        "serving: the Forwards of one MoE layer to one service go as one ForwardMany "
                                        "call when they hold at most this many tokens together (decode steps); "

@@ -99,6 +99,8 @@ class _Call:
         self.tokens = tokens
         self.endpoint = endpoint
         self.attempts = 0
+        self.attempt_budget_s: float | None = None   # the most one attempt may take; None = all that is left
+        self.failed_at: set[str] = set()   # endpoints an attempt failed at (and made suspect)
         self.failed: tuple[str, str] | None = None  # (reason, details) once given up
 
     @property
@@ -338,18 +340,47 @@ class _Backward(_ShmCall):
         return False
 
 
-class _GradNorm(_Call):
+class _StepCall(_Call):
+    """GradNorm or ApplyStep: the end of a step on the one replica that holds its gradients. Both may be
+    sent again there: GradNorm only reads, and an expert applies (or skips) a (session, step) once, so a
+    second ApplyStep after a first that did arrive finds no gradients and changes nothing. A failure that
+    may pass (the connection, a deadline, a full queue) gets up to `retries` more attempts within the
+    budget, which is split evenly between the attempts: a first attempt that hangs leaves time for the
+    next. Without this, one lost ApplyStep left that replica a step behind the others for good."""
+
+    RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int, budget_s: float):
+        super().__init__(uid, 0, endpoint)
+        self.step, self.session_id, self.retries = step, session_id, retries
+        self.attempt_budget_s = budget_s / (retries + 1)
+
+    def target(self, replicas):
+        return self.endpoint if self.attempts <= self.retries else None
+
+    def again(self, code, details=""):
+        return code in self.RETRY_ON and self.attempts <= self.retries
+
+    @property
+    def wait_for_ready(self) -> bool:
+        """A second attempt waits for the channel to reconnect (within its budget) instead of failing at
+        once while gRPC backs off after the first one's broken connection."""
+        return self.attempts > 1
+
+
+class _GradNorm(_StepCall):
     rpc = "GradNorm"
 
-    def __init__(self, uid: str, endpoint: str, step: int, session_id: str):
-        super().__init__(uid, 0, endpoint)
-        self.step, self.session_id = step, session_id
+    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int = 0,
+                 budget_s: float = 0.0):
+        super().__init__(uid, endpoint, step, session_id, retries, budget_s)
         self.sq_norm = 0.0
         self.usable = False
 
     def send(self, client, timeout_s, metadata):
         return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, session_id=self.session_id,
-                                metadata=metadata)
+                                metadata=metadata, wait_for_ready=self.wait_for_ready)
 
     def accept(self, response):
         sq = float(response.sq_norm)
@@ -362,21 +393,21 @@ class _GradNorm(_Call):
         self.sq_norm = sq if self.usable else 0.0
 
 
-class _ApplyStep(_Call):
+class _ApplyStep(_StepCall):
     rpc = "ApplyStep"
 
     def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
-                 settings: OptimizerSettings, session_id: str, skip: bool = False):
-        super().__init__(uid, 0, endpoint)
-        self.step, self.lr, self.grad_scale, self.settings = step, lr, grad_scale, settings
-        self.session_id, self.skip = session_id, skip
+                 settings: OptimizerSettings, session_id: str, skip: bool = False, retries: int = 0,
+                 budget_s: float = 0.0):
+        super().__init__(uid, endpoint, step, session_id, retries, budget_s)
+        self.lr, self.grad_scale, self.settings, self.skip = lr, grad_scale, settings, skip
 
     def send(self, client, timeout_s, metadata):
         s = self.settings
         return client.apply_step(self.uid, step=self.step, lr=self.lr, grad_scale=self.grad_scale,
                                  weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2, eps=s.eps,
                                  timeout_s=timeout_s, session_id=self.session_id, skip=self.skip,
-                                 metadata=metadata)
+                                 metadata=metadata, wait_for_ready=self.wait_for_ready)
 
 
 @dataclass
@@ -554,7 +585,8 @@ class RemoteExpertGroup(ExpertGroup):
         """The squared norm over the replicas that answered with a usable one; the others (failed,
         timed out, not finite) are left out of it and get skip=true at the end of the step, since the
         clip factor never saw their gradients."""
-        calls = [_GradNorm(uid, endpoint, self._step, self.session_id) for uid, endpoint in self._participants()]
+        calls = [_GradNorm(uid, endpoint, self._step, self.session_id, self.retries, self.step_timeout_s)
+                 for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         for c in calls:
             if c.failed is None and not c.usable:
@@ -575,7 +607,7 @@ class RemoteExpertGroup(ExpertGroup):
         with self._lock:
             unnormed = set(self._unnormed)
         calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id,
-                            skip or (uid, endpoint) in unnormed)
+                            skip or (uid, endpoint) in unnormed, self.retries, self.step_timeout_s)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         with self._lock:
@@ -697,6 +729,8 @@ class RemoteExpertGroup(ExpertGroup):
             remaining = deadline - time.monotonic()
             if endpoint is None or remaining < MIN_ATTEMPT_S:
                 return False
+            if call.attempt_budget_s is not None:
+                remaining = min(remaining, call.attempt_budget_s)
             attempt = _Attempt(call, endpoint)
             span, metadata = self.tracer.start(call.rpc, layer=self.layer, uid=call.uid, endpoint=endpoint,
                                                tokens=call.tokens or None)
@@ -745,6 +779,9 @@ class RemoteExpertGroup(ExpertGroup):
                     call.accept(response)
                     call.hand_over()
                     call.settle(True)
+                    if attempts[key].endpoint in call.failed_at:   # answered where it had failed
+                        for uid in call.uids:
+                            self.replicas.mark_answered(attempts[key].endpoint, uid)
                     if cut is None and covered is not None and in_flight and covered():
                         now = time.monotonic()
                         if now + self.straggler_s < deadline:
@@ -756,6 +793,7 @@ class RemoteExpertGroup(ExpertGroup):
             call.settle(False)
             endpoint = attempts[key].endpoint
             if (code not in _ENDPOINT_OK or reason == "bad_response") and call.blames_endpoint(code):
+                call.failed_at.add(endpoint)
                 for uid in call.uids:
                     self.replicas.mark_failed(endpoint, uid)
             if call.again(code, details) and launch(call):

@@ -245,6 +245,12 @@ class ReplicaSet:
         with self._lock:
             self._suspect_until[(endpoint, uid)] = self._clock() + self._suspect_s
 
+    def mark_answered(self, endpoint: str, uid: str) -> None:
+        """`endpoint` answered a call for `uid` after failing one: it is not suspect for `uid` any more
+        (a GradNorm or ApplyStep sent again to the same replica, which cannot go elsewhere)."""
+        with self._lock:
+            self._suspect_until.pop((endpoint, uid), None)
+
     def is_suspect(self, endpoint: str, uid: str | None = None) -> bool:
         with self._lock:
             now = self._clock()

@@ -29,9 +29,9 @@ class _Channel:
         self.calls: list[dict] = []
 
     def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
-        def call(request, timeout=None, metadata=None):
+        def call(request, timeout=None, metadata=None, **options):
             self.calls.append({"method": method, "request": request, "timeout": timeout, "metadata": metadata,
-                               "thread": threading.current_thread().name})
+                               "thread": threading.current_thread().name, "options": options})
             return self.answer(method)
         return call
 
@@ -88,6 +88,19 @@ def test_a_failed_call_raises_its_rpc_error_from_the_future():
                                                              timeout_s=5.0)
         error = future.exception()
     assert isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_step_call_sent_again_waits_for_the_channel_only_when_asked():
+    """GradNorm/ApplyStep retries (services.router.remote_experts._StepCall) wait for a reconnecting
+    channel; every other call keeps gRPC's fail-fast default."""
+    channel = _Channel()
+    with ThreadPoolExecutor(1) as calls:
+        client = _client(channel, calls)
+        client.grad_norm("0.0", step=0, timeout_s=5.0).result()
+        client.grad_norm("0.0", step=0, timeout_s=5.0, wait_for_ready=True).result()
+        client.apply_step("0.0", step=0, lr=0.1, grad_scale=1.0, weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
+                          timeout_s=5.0, wait_for_ready=True).result()
+    assert [c["options"] for c in channel.calls] == [{}, {"wait_for_ready": True}, {"wait_for_ready": True}]
 
 
 def test_a_call_not_started_yet_can_be_cancelled():
