@@ -75,6 +75,11 @@ class ExpertGroup(ABC):
     def begin_step(self, step: int) -> None:  # noqa: B027 (a no-op default, on purpose)
         """Called before the forward pass of training step `step`."""
 
+    def step_settings(self, lr: float, settings: OptimizerSettings, grad_clip: float) -> None:  # noqa: B027
+        """Called after `begin_step`: the step's learning rate, AdamW settings and clipping norm. A group
+        that steps its experts during backward (remote asynchronous training) needs them then; the
+        others get lr and settings again with `apply_external_step`."""
+
     def external_grad_sq_norm(self) -> float:
         """Squared L2 norm of the gradients accumulated outside this process this step."""
         return 0.0

@@ -134,10 +134,12 @@ class ExpertClient:
     def backward(self, uid: str, grad_outputs: tensor_pb2.Tensor | WireTensor, *, call_id: str, step: int,
                  timeout_s: float, inputs: tensor_pb2.Tensor | WireTensor | None = None, session_id: str = "",
                  metadata: Metadata = (), reply_shm: tensor_pb2.ShmReply | None = None,
-                 inline: bool = False) -> Future:
-        """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations)."""
+                 inline: bool = False, apply_now: expert_pb2.ApplyNow | None = None) -> Future:
+        """`inputs` only when the expert answered FAILED_PRECONDITION (it lost the activations).
+        `apply_now`: asynchronous training, the expert steps on this call's gradients at once."""
         request = build(expert_pb2.BackwardRequest, expert_uid=uid, call_id=call_id, step=step,
-                        grad_outputs=grad_outputs, inputs=inputs, session_id=session_id, reply_shm=reply_shm)
+                        grad_outputs=grad_outputs, inputs=inputs, session_id=session_id, reply_shm=reply_shm,
+                        apply_now=apply_now)
         return self._start("Backward", request, timeout_s, metadata, inline)
 
     def grad_norm(self, uid: str, *, step: int, timeout_s: float, session_id: str = "",

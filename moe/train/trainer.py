@@ -184,9 +184,11 @@ class Trainer:
     def train_step(self) -> float:
         """Run optimizer step `self.step`; returns its loss."""
         groups = self.model.expert_groups()
+        lr = self.lr_for(self.step)
+        settings = self.cfg.optimizer_settings()
         for g in groups:
             g.begin_step(self.step)
-        lr = self.lr_for(self.step)
+            g.step_settings(lr, settings, self.cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, _domains = self.sampler.next()
@@ -204,7 +206,6 @@ class Trainer:
                 g.skip_external_step()
         else:
             self.optimizer.step()
-            settings = self.cfg.optimizer_settings()
             for g in groups:
                 g.apply_external_step(lr, clip, settings)
         self._last_grad_norm = norm

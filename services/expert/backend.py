@@ -56,6 +56,18 @@ class BadRequest(ExpertError):
     pass
 
 
+@dataclass(frozen=True)
+class StepNow:
+    """The optimizer step of an asynchronous Backward (moe.v1.ApplyNow), already checked."""
+
+    lr: float
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 0.0   # 0 = no clipping
+
+
 class NonFiniteGradients(ExpertError):
     """The step's gradients hold NaN or Inf: they were discarded, nothing was applied."""
 
@@ -252,27 +264,25 @@ class ExpertBackend:
     # -- backward ---------------------------------------------------------------------------
 
     def backward(self, uid: str, call_id: str, step: int, grad_out: torch.Tensor,
-                 inputs: torch.Tensor | None = None, session_id: str = "") -> torch.Tensor:
+                 inputs: torch.Tensor | None = None, session_id: str = "", apply_now: StepNow | None = None,
+                 ) -> torch.Tensor:
         """grad w.r.t. the inputs of training Forward `call_id`; accumulates parameter grads
         under (`session_id`, `step`). A new session discards the gradients another session left
         (a router that crashed between Backward and ApplyStep and came back with a new session).
+        With `apply_now` (asynchronous training) the call's parameter gradients are not accumulated:
+        one AdamW step is taken on them alone, at once (`_step_now`), and any gradients a synchronous
+        session is accumulating stay as they are.
         Raises ActivationsMissing when the activations are gone and no `inputs` were given,
         StepConflict for a step older than the one being accumulated or a retired session,
-        DuplicateBackward when `call_id` already contributed to this step."""
+        DuplicateBackward when `call_id` already contributed to this step, NonFiniteGradients when
+        `apply_now` meets gradients that are not finite (nothing applied)."""
         e = self._get(uid)
         if session_id in self._retired_sessions:
             raise StepConflict(f"training session {session_id!r} was replaced by a newer one on expert {uid}; "
                                f"its late Backward is refused")
         same_session = e.grad_step is None or e.grad_session == session_id
-        if e.applied is not None and e.applied[0] == session_id and step <= e.applied[1]:
-            raise StepConflict(f"step {step} of this session was already applied (or skipped) on expert {uid} "
-                               f"(last step {e.applied[1]}); a late Backward cannot change it")
-        if same_session and e.grad_step is not None and step < e.grad_step:
-            raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
-                               f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
-        if same_session and e.grad_step == step and call_id in e.grad_calls:
-            raise DuplicateBackward(f"call_id {call_id!r} already contributed gradients to step {step} "
-                                    f"of expert {uid}; a Forward is backpropagated once")
+        if apply_now is None:
+            self._check_accumulation(e, uid, call_id, step, session_id, same_session)
         key = (uid, call_id)
         saved = self.cache.peek(key)
         n_rows = saved.x.shape[0] if saved is not None else (inputs.shape[0] if inputs is not None else None)
@@ -295,13 +305,14 @@ class ExpertBackend:
             with torch.no_grad():
                 a = F.linear(x, m.w1.weight)
                 b = F.linear(x, m.w3.weight)
-        if not same_session:  # a new session: the old one's gradients will never be applied
-            self._retire(e.grad_session)
-            self._clear_grads(e)
-        if e.grad_step is None or step > e.grad_step:  # a new step; older grads are stale
-            self._clear_grads(e)
-            e.grad_step = step
-            e.grad_session = session_id
+        if apply_now is None:
+            if not same_session:  # a new session: the old one's gradients will never be applied
+                self._retire(e.grad_session)
+                self._clear_grads(e)
+            if e.grad_step is None or step > e.grad_step:  # a new step; older grads are stale
+                self._clear_grads(e)
+                e.grad_step = step
+                e.grad_session = session_id
         g = grad_out.to(self.device, torch.float32)             # (N, dim)
         with torch.no_grad():
             s = F.silu(a)                                       # (N, inter)
@@ -315,14 +326,55 @@ class ExpertBackend:
             grads = {m.w2.weight: g.t() @ (s * b),              # (dim, inter)
                      m.w1.weight: da.t() @ x,                   # (inter, dim)
                      m.w3.weight: db.t() @ x}
+            dx = da @ m.w1.weight + db @ m.w3.weight            # (N, dim), before a step changes W1, W3
+            if apply_now is not None:
+                self._step_now(e, uid, grads, apply_now)
+                return dx.cpu()
             for p, d in grads.items():
                 if p.grad is None:
                     p.grad = d
                 else:
                     p.grad.add_(d)
-            dx = da @ m.w1.weight + db @ m.w3.weight            # (N, dim)
         e.grad_calls.add(call_id)
         return dx.cpu()
+
+    def _check_accumulation(self, e: _Expert, uid: str, call_id: str, step: int, session_id: str,
+                            same_session: bool) -> None:
+        """A synchronous Backward may add to (`session_id`, `step`): StepConflict or DuplicateBackward if not."""
+        if e.applied is not None and e.applied[0] == session_id and step <= e.applied[1]:
+            raise StepConflict(f"step {step} of this session was already applied (or skipped) on expert {uid} "
+                               f"(last step {e.applied[1]}); a late Backward cannot change it")
+        if same_session and e.grad_step is not None and step < e.grad_step:
+            raise StepConflict(f"Backward for step {step} arrived while expert {uid} accumulates step "
+                               f"{e.grad_step}; a step's gradients are discarded once a newer step starts")
+        if same_session and e.grad_step == step and call_id in e.grad_calls:
+            raise DuplicateBackward(f"call_id {call_id!r} already contributed gradients to step {step} "
+                                    f"of expert {uid}; a Forward is backpropagated once")
+
+    def _step_now(self, e: _Expert, uid: str, grads: dict[torch.nn.Parameter, torch.Tensor], s: StepNow) -> None:
+        """One AdamW step on one call's gradients (asynchronous training): clipped to `s.max_grad_norm`,
+        then applied through the expert's own optimizer, so its moments carry over from call to call.
+        The gradients a synchronous session may be accumulating are put aside and back meanwhile."""
+        if not all(all_finite(d) for d in grads.values()):
+            raise NonFiniteGradients(f"the gradients of this Backward on expert {uid} are not finite (NaN or Inf); "
+                                     f"nothing was applied")
+        if s.max_grad_norm > 0:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in grads.values()])))
+            if norm > s.max_grad_norm:
+                torch._foreach_mul_(list(grads.values()), s.max_grad_norm / (norm + 1e-6))
+        params = list(e.module.parameters())
+        pending = [p.grad for p in params]
+        for p in params:
+            p.grad = grads.get(p)
+        group = e.optimizer.param_groups[0]
+        group.update(lr=s.lr, weight_decay=s.weight_decay, betas=(s.beta1, s.beta2), eps=s.eps)
+        try:
+            if not self.lazy:
+                e.optimizer.step()
+        finally:
+            for p, grad in zip(params, pending):
+                p.grad = grad
+        e.version += 1
 
     # -- optimizer --------------------------------------------------------------------------
 

@@ -136,13 +136,17 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
             _check_call_id(request.call_id)
             g = await self._tensor(request, "grad_outputs")
             x = await self._tensor(request, "inputs") if request.HasField("inputs") else None
+            apply_now = _apply_now(request)
             await self._delay()
             session = _session(request.session_id)
-            dx = await self.worker.submit("Backward", self.backend.backward, uid, request.call_id, request.step, g,
-                                          x, session)
+            dx, version = await self.worker.submit("Backward", self._backward, uid, request.call_id, request.step, g,
+                                                   x, session, apply_now)
             self._count(uid, "Backward", g.shape[0])
+            if apply_now is not None and self.metrics is not None:
+                self.metrics.version.labels(expert=uid).set(version)
             grad_inputs = await self._encode(dx, request.grad_outputs.dtype, "grad_inputs", _reply_area(request))
-            return build(expert_pb2.BackwardResponse, grad_inputs=grad_inputs)
+            return build(expert_pb2.BackwardResponse, grad_inputs=grad_inputs,
+                         version=version if apply_now is not None else 0)
         return await self._handle("Backward", context, run)
 
     async def GradNorm(self, request: expert_pb2.GradNormRequest, context) -> expert_pb2.GradNormResponse:
@@ -186,6 +190,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         return await self._handle("Info", context, run)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _backward(self, uid: str, call_id: str, step: int, g: torch.Tensor, x: torch.Tensor | None, session: str,
+                  apply_now: be.StepNow | None) -> tuple[torch.Tensor, int]:
+        """The backend's Backward and the version after it, in one turn of the compute thread."""
+        dx = self.backend.backward(uid, call_id, step, g, x, session, apply_now=apply_now)
+        return dx, self.backend.version(uid)
 
     async def _handle(self, rpc: str, context, run: Callable[[], Awaitable[Any]]) -> Any:
         """Run one RPC body: time it, turn every failure into a status code, count errors."""
@@ -352,15 +362,29 @@ MAX_LR = 1.0
 MIN_EPS = 1e-30
 
 
-def _check_step_settings(r: expert_pb2.ApplyStepRequest) -> None:
-    """The optimizer numbers of an ApplyStep, each finite and in its range, before any is used."""
+def _check_step_settings(r: expert_pb2.ApplyStepRequest | expert_pb2.ApplyNow) -> None:
+    """The optimizer numbers of an ApplyStep (or of a Backward's ApplyNow), each finite and in its
+    range, before any is used."""
     _check_hyper("lr", r.lr, 0 <= r.lr <= MAX_LR, f"in [0, {MAX_LR:g}]")
-    _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
+    if hasattr(r, "grad_scale"):   # ApplyStep (parsed plainly or spliced)
+        _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
+    else:
+        _check_hyper("apply_now.max_grad_norm", r.max_grad_norm, r.max_grad_norm >= 0, ">= 0 (0 = no clipping)")
     _check_hyper("weight_decay", r.weight_decay, r.weight_decay >= 0 and r.lr * r.weight_decay <= 1,
                  f">= 0 with lr * weight_decay <= 1 (lr={r.lr})")
     _check_hyper("beta1", r.beta1, 0 <= r.beta1 < 1, "in [0, 1)")
     _check_hyper("beta2", r.beta2, 0 <= r.beta2 < 1, "in [0, 1)")
     _check_hyper("eps", r.eps, r.eps >= MIN_EPS, f">= {MIN_EPS:g} (0 usually means the field was not set)")
+
+
+def _apply_now(request) -> be.StepNow | None:
+    """A Backward's asynchronous step, checked; None for a synchronous Backward."""
+    if not request.HasField("apply_now"):
+        return None
+    a = request.apply_now
+    _check_step_settings(a)
+    return be.StepNow(lr=a.lr, weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, eps=a.eps,
+                      max_grad_norm=a.max_grad_norm)
 
 
 def _check_hyper(name: str, value: float, ok: bool, rule: str) -> None:

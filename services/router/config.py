@@ -38,6 +38,11 @@ class RouterConfig:
                       "messages and signatures) to experts whose Info offers it, else gRPC; `off`: gRPC only")
     expert_timeout_s: float = env("ROUTER_EXPERT_TIMEOUT_S", 5.0,
                                   "deadline of all expert calls of one layer; a late expert is masked")
+    training: str = env("ROUTER_TRAINING", "sync",
+                        "`sync`: experts accumulate a step's gradients and apply them when the router says, with "
+                        "global-norm clipping (remote training equals in-process training); `async`: each Backward "
+                        "applies its own AdamW step at once (hivemind style: no GradNorm/ApplyStep round trips, "
+                        "each call's expert gradients clipped on their own)")
     retries: int = env("ROUTER_RETRIES", 1, "a failed expert call is retried on this many other replicas "
                                          "(GradNorm and ApplyStep: on the same one, which holds the gradients)")
     forward_many_max_tokens: int = env("ROUTER_FORWARD_MANY_MAX_TOKENS", 256,
@@ -128,6 +133,8 @@ class RouterConfig:
         if self.straggler_ms < 0 or self.k_min < 1:
             raise ValueError(f"ROUTER_STRAGGLER_MS must be >= 0 and ROUTER_K_MIN >= 1, got {self.straggler_ms} "
                              f"and {self.k_min}")
+        if self.training not in ("sync", "async"):
+            raise ValueError(f"ROUTER_TRAINING={self.training!r} must be sync or async")
         if self.forward_many_max_tokens < 0:
             raise ValueError(f"ROUTER_FORWARD_MANY_MAX_TOKENS must be >= 0 (0 = off), "
                              f"got {self.forward_many_max_tokens}")

@@ -23,7 +23,10 @@ training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step
 `skip_external_step`, when the global norm is not finite) then drive the experts' own
 optimizers (GradNorm, ApplyStep) for the replicas that received a Backward this step; a
 replica whose GradNorm fails or is not finite is left out of the norm and skips its own step,
-so one miner's overflow (or a hostile answer) never stalls the others'.
+so one miner's overflow (or a hostile answer) never stalls the others'. With
+`apply_on_backward` (asynchronous training, ROUTER_TRAINING=async) each Backward carries the step's
+AdamW settings and the expert steps on that call's gradients at once; GradNorm and ApplyStep are
+not sent.
 
 Gradients travel in `grad_wire_dtype(wire_dtype)`: fp16's range ends near 6e-8, where
 gradients often are, so with an fp16 activation wire they go as bf16 (the expert answers
@@ -68,7 +71,7 @@ from subnet.tensor_codec import (
     shm_dtype,
     shm_tensor,
 )
-from subnet.wire.v1 import tensor_pb2
+from subnet.wire.v1 import expert_pb2, tensor_pb2
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +303,11 @@ class _ForwardMany(_Call):
 class _Backward(_ShmCall):
     rpc = "Backward"
 
-    def __init__(self, forward: _Forward, grad_outputs: torch.Tensor, wire_dtype: str, session_id: str):
+    def __init__(self, forward: _Forward, grad_outputs: torch.Tensor, wire_dtype: str, session_id: str,
+                 apply_now: expert_pb2.ApplyNow | None = None):
         super().__init__(forward.uid, forward.tokens, forward.endpoint)
         self.forward, self._grad, self.session_id = forward, grad_outputs, session_id
+        self.apply_now = apply_now   # asynchronous training: the expert steps on this call's gradients
         self._wire_dtype, self._encoded = wire_dtype, None
         self.with_inputs = False
         self.grad_inputs: torch.Tensor | None = None
@@ -319,7 +324,8 @@ class _Backward(_ShmCall):
             grad = self._encoded
         return client.backward(self.uid, grad, call_id=f.served_call_id, step=f.step,
                                inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
-                               session_id=self.session_id, metadata=metadata, reply_shm=reply, inline=True)
+                               session_id=self.session_id, metadata=metadata, reply_shm=reply, inline=True,
+                               apply_now=self.apply_now)
 
     def accept(self, response):
         grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
@@ -480,7 +486,7 @@ class RemoteExpertGroup(ExpertGroup):
                  timeout_s: float = 5.0, retries: int = 1, metrics: RouterMetrics | None = None, *,
                  clients: ExpertClientPool | None = None, tracer: ExpertCallTracer | None = None,
                  step_timeout_s: float | None = None, forward_many_max_tokens: int = 0,
-                 straggler_ms: float = 0.0, k_min: int = 1):
+                 straggler_ms: float = 0.0, k_min: int = 1, apply_on_backward: bool = False):
         """`clients`: the router's shared channel pool (one per process; a private one if None).
         `timeout_s`: budget of one run (all Forward calls) and of one backward (all Backward calls).
         `step_timeout_s`: budget of GradNorm and ApplyStep (default `timeout_s`).
@@ -488,7 +494,11 @@ class RemoteExpertGroup(ExpertGroup):
         together go as one ForwardMany call (0 = never; see `_serve`).
         `straggler_ms` > 0: once every token has answers from `k_min` of its experts (the MoE layer
         passes `token_ids`), the Forwards still out get this much longer, then they are masked
-        (hivemind's policy; 0 = wait for every expert up to `timeout_s`)."""
+        (hivemind's policy; 0 = wait for every expert up to `timeout_s`).
+        `apply_on_backward`: asynchronous training (hivemind style): each Backward carries the step's
+        AdamW settings (from `step_settings`) and the expert applies them to that call's gradients at once;
+        there is no GradNorm or ApplyStep, so the trainer's global norm covers the trunk only and each
+        call's expert gradients are clipped to the same norm on their own."""
         if n_experts <= 0 or dim <= 0:
             raise ValueError(f"n_experts and dim must be positive, got {n_experts}, {dim}")
         if wire_dtype not in WIRE_DTYPES:
@@ -519,6 +529,8 @@ class RemoteExpertGroup(ExpertGroup):
         self._step = 0
         self._lock = threading.Lock()
         self._stepped: set[tuple[str, str]] = set()  # (uid, endpoint) that received Backward this step
+        self.apply_on_backward = apply_on_backward
+        self._apply_now: expert_pb2.ApplyNow | None = None   # this step's, in asynchronous training
         self._unnormed: set[tuple[str, str]] = set()  # of those, the ones without a usable GradNorm
 
     # ---- ExpertGroup -------------------------------------------------------------------------
@@ -581,6 +593,12 @@ class RemoteExpertGroup(ExpertGroup):
             self._stepped.clear()
             self._unnormed.clear()
 
+    def step_settings(self, lr: float, settings: OptimizerSettings, grad_clip: float) -> None:
+        if self.apply_on_backward:
+            with self._lock:
+                self._apply_now = expert_pb2.ApplyNow(lr=lr, weight_decay=settings.weight_decay, beta1=settings.beta1,
+                                                      beta2=settings.beta2, eps=settings.eps, max_grad_norm=grad_clip)
+
     def external_grad_sq_norm(self) -> float:
         """The squared norm over the replicas that answered with a usable one; the others (failed,
         timed out, not finite) are left out of it and get skip=true at the end of the step, since the
@@ -626,7 +644,12 @@ class RemoteExpertGroup(ExpertGroup):
 
     def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
         """Backward for one training pass; zero gradient for an expert whose call fails."""
-        calls = [None if g is None else _Backward(f, g.detach(), self.grad_wire_dtype, self.session_id)
+        with self._lock:
+            apply_now = self._apply_now
+        if self.apply_on_backward and apply_now is None:
+            raise RuntimeError(f"layer {self.layer}: asynchronous training needs the step's learning rate before "
+                               f"backward: call step_settings(lr, settings, grad_clip) after begin_step")
+        calls = [None if g is None else _Backward(f, g.detach(), self.grad_wire_dtype, self.session_id, apply_now)
                  for f, g in zip(forwards, grad_outputs)]
         self._gather([c for c in calls if c is not None], self.timeout_s)
         grads = []
@@ -636,8 +659,9 @@ class RemoteExpertGroup(ExpertGroup):
             elif call.grad_inputs is None:
                 grads.append(torch.zeros(forward.tokens, self.dim))
             else:
-                with self._lock:
-                    self._stepped.add((call.uid, call.endpoint))
+                if apply_now is None:   # synchronous: this replica gets GradNorm and ApplyStep at the end
+                    with self._lock:
+                        self._stepped.add((call.uid, call.endpoint))
                 grads.append(call.grad_inputs)
         return grads
 

@@ -78,7 +78,8 @@ def build_remote_lm(cfg: LMConfig, parts: RemoteParts, config: RouterConfig) -> 
                                        wire_dtype=config.wire_dtype, timeout_s=config.expert_timeout_s,
                                        retries=config.retries, metrics=parts.metrics, clients=parts.clients,
                                        tracer=parts.tracer, forward_many_max_tokens=config.forward_many_max_tokens,
-                                       straggler_ms=config.straggler_ms, k_min=config.k_min)
+                                       straggler_ms=config.straggler_ms, k_min=config.k_min,
+                                       apply_on_backward=config.training == "async")
               for layer in cfg.moe_layers()}
     return MoELM(cfg, expert_groups=groups)
 

@@ -127,6 +127,10 @@ def apply(step=0, session_id="table", **kw):
                                                     session_id=session_id, **hyper)
 
 
+def apply_now(**kw):
+    return expert_pb2.ApplyNow(**{"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, **kw})
+
+
 def norm(uid="0.1", step=0, session_id="table"):
     return "GradNorm", expert_pb2.GradNormRequest(expert_uid=uid, step=step, session_id=session_id)
 
@@ -221,6 +225,12 @@ STATELESS = {
     "backward session with a newline": (bwd(session_id="\n"), BAD),
     "backward unknown expert": (bwd(uid="8.8"), MISSING),
     "backward too many tokens": (bwd(grad_outputs=t(shape=(MAX_TOKENS + 1, DIM))), FULL),
+    # Backward's asynchronous step: its numbers are checked like ApplyStep's, before anything runs
+    **{f"backward apply_now {name}={value}": (bwd(apply_now=apply_now(**{name: value})), BAD)
+       for name, values in {"lr": (math.nan, -1e-3, 1.5), "weight_decay": (math.inf, -0.1),
+                            "beta1": (1.0,), "beta2": (math.nan,), "eps": (0.0, 1e-40),
+                            "max_grad_norm": (math.nan, -1.0, math.inf)}.items() for value in values},
+    "backward apply_now, unknown call_id, no inputs": (bwd(call_id="nobody", apply_now=apply_now()), STALE),
     # Info: nothing to get wrong but unknown fields
     "info with unknown fields": (("Info", b"\x08\x01\x12\x03abc"), OK),
 }
@@ -250,6 +260,11 @@ def test_backward_and_apply_step_sequences(call):
         ("skip step int64 max", apply(INT64_MAX, s, skip=True), OK),
         ("a late Backward for the skipped step", bwd("r6", INT64_MAX, s, inputs=x2), STALE),
         ("grad norm after the skip", norm("0.1", INT64_MAX, s), OK),
+        # Asynchronous Backwards step at once and leave the synchronous bookkeeping alone.
+        ("an asynchronous Backward (recompute)", bwd("a1", 0, "async", inputs=x2, apply_now=apply_now()), OK),
+        ("another, at the same step", bwd("a2", 0, "async", inputs=x2, apply_now=apply_now()), OK),
+        ("a synchronous one after them, in a session of its own", bwd("r7", 9, "sync", inputs=x2), OK),
+        ("whose step applies as usual", apply(9, "sync"), OK),
     ]
     for what, (rpc, request), code in steps:
         check(call(rpc, request), code, what)
@@ -304,16 +319,18 @@ def test_any_forward_many_gets_a_request_code(call, many, tokens, inputs, step):
     check(call("ForwardMany", request), REQUEST_CODES, request)
 
 
+hyper = st.one_of(st.floats(), st.sampled_from([0.0, 1e-8, 0.5, 0.9, 1.0]))
+apply_nows = st.one_of(st.none(), st.builds(expert_pb2.ApplyNow, lr=hyper, weight_decay=hyper, beta1=hyper,
+                                            beta2=hyper, eps=hyper, max_grad_norm=hyper))
+
+
 @FUZZ
 @given(uid=st.sampled_from(["0.1", "", "9.9"]), call_id=text, step=int64, session_id=text,
-       grad_outputs=st.one_of(st.none(), tensors()), inputs=st.one_of(st.none(), tensors()))
-def test_any_backward_gets_a_request_code(call, uid, call_id, step, session_id, grad_outputs, inputs):
+       grad_outputs=st.one_of(st.none(), tensors()), inputs=st.one_of(st.none(), tensors()), apply_now=apply_nows)
+def test_any_backward_gets_a_request_code(call, uid, call_id, step, session_id, grad_outputs, inputs, apply_now):
     request = expert_pb2.BackwardRequest(expert_uid=uid, call_id=call_id, step=step, session_id=session_id,
-                                         grad_outputs=grad_outputs, inputs=inputs)
+                                         grad_outputs=grad_outputs, inputs=inputs, apply_now=apply_now)
     check(call("Backward", request), REQUEST_CODES, request)
-
-
-hyper = st.one_of(st.floats(), st.sampled_from([0.0, 1e-8, 0.5, 0.9, 1.0]))
 
 
 @FUZZ

@@ -4,6 +4,7 @@ survives a killed expert service."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -116,6 +117,47 @@ def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_
     finally:
         server.stop(grace_s=1)
         parts.close()
+
+
+def _rpc_calls(metrics, rpc: str) -> int:
+    return int(sum(s.value for m in metrics.expert_calls.collect() for s in m.samples
+                   if s.name.endswith("_total") and s.labels["rpc"] == rpc and s.labels["code"] == "OK"))
+
+
+def test_async_remote_training_steps_on_every_backward_and_learns(tmp_path, corpus_cfg, expert_service_factory,
+                                                                 redis_server, dev_wallets):
+    """ROUTER_TRAINING=async: each Backward applies its own AdamW step on the expert (hivemind style), no
+    GradNorm or ApplyStep is sent, and the model still learns. It is not the in-process run any more
+    (delayed, per-call-clipped expert updates), so only its first loss, before any update, equals it."""
+    torch.set_num_threads(1)
+    steps = 2 * STEPS
+    ckpt, experts, lm_cfg, train_cfg = _init(tmp_path, corpus_cfg, steps=steps)
+    redis_url = _private_db(redis_server, 5)
+    services = _services(expert_service_factory, redis_url, lm_cfg, experts)
+
+    config = dataclasses.replace(_router_config(redis_url, dev_wallets.router), training="async")
+    remote, parts, corpus = build_remote_trainer(ckpt, tmp_path / "async", config, progress=False)
+    local_model, _ = load_lm(ckpt)
+    local = Trainer(local_model, corpus, train_cfg, tmp_path / "local", progress=False)
+    try:
+        local_first = local.train_step()
+        remote.train()
+        backwards = _rpc_calls(parts.metrics, "backward")
+        assert _rpc_calls(parts.metrics, "gradnorm") == _rpc_calls(parts.metrics, "applystep") == 0
+        assert backwards >= steps * len(lm_cfg.moe_layers())   # at least one expert per layer per step
+        versions = sum(versions_of(service, parts) for service in services)
+        assert versions == backwards   # one optimizer step per Backward, none lost, none twice
+    finally:
+        parts.close()
+    assert len(remote.step_losses) == steps and remote.last_row["masked_calls"] == 0
+    assert abs(remote.step_losses[0] - local_first) <= 1e-4 * local_first
+    assert remote.step_losses[-1] < remote.step_losses[0] - 0.2, remote.step_losses   # it really trained
+
+
+def versions_of(service, parts) -> int:
+    """Optimizer steps the service applied, over all its experts (its own Info)."""
+    info = parts.clients.get(service.endpoint, service.hotkey).info(timeout_s=10.0)
+    return sum(int(e.version) for e in info.experts)
 
 
 def test_training_survives_a_killed_expert_service(tmp_path, corpus_cfg, expert_service_factory, redis_server,

@@ -12,7 +12,9 @@ from services.expert.backend import (
     BadRequest,
     DuplicateBackward,
     ExpertBackend,
+    NonFiniteGradients,
     StepConflict,
+    StepNow,
     UnknownExpert,
 )
 
@@ -190,6 +192,69 @@ def test_apply_step_equals_torch_adamw_in_process():
                                        rtol=1e-5, atol=1e-7, msg=f"{uid}.{name}")
             assert backend.module(uid).get_parameter(name).grad is None
     assert backend.grad_sq_norm("0.0", 3) == (0.0, 0)
+
+
+def test_an_async_backward_steps_at_once_like_adamw_on_that_calls_gradients():
+    """apply_now: every Backward is one AdamW step on its own call's gradients (clipped to max_grad_norm),
+    with the moments carried over from call to call, as torch AdamW does it in process. Three Forwards
+    go first, so the later Backwards are delayed gradients (hivemind's): the activations their Forward
+    kept, the weights as they are when the Backward comes."""
+    ref, backend = _make()
+    module, opt = ref["0.0"], torch.optim.AdamW(ref["0.0"].parameters(), lr=0.0)
+    clip, hyper = 0.5, {"weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8}
+    xs = [_randn(6, DIM, seed=k) for k in range(3)]
+    with torch.no_grad():
+        kept = [(x @ module.w1.weight.t(), x @ module.w3.weight.t()) for x in xs]   # what each Forward keeps
+    for k, x in enumerate(xs):
+        backend.forward("0.0", x, call_id=f"c{k}")
+    for k, (x, (a, b), lr) in enumerate(zip(xs, kept, [1e-2, 5e-3, 2e-3])):
+        g = _randn(6, DIM, seed=10 + k)
+        dx = backend.backward("0.0", f"c{k}", step=0, grad_out=g,
+                              apply_now=StepNow(lr=lr, max_grad_norm=clip, **hyper))
+        with torch.no_grad():
+            w1, w2, w3 = module.w1.weight, module.w2.weight, module.w3.weight
+            s, dh = torch.nn.functional.silu(a), g @ w2
+            da, db = torch.ops.aten.silu_backward(dh * b, a), dh * s
+            grads = {"w1.weight": da.t() @ x, "w2.weight": g.t() @ (s * b), "w3.weight": db.t() @ x}
+            torch.testing.assert_close(dx, da @ w1 + db @ w3, rtol=1e-5, atol=1e-6)
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in grads.values()])))
+        for name, p in module.named_parameters():
+            p.grad = grads[name] * min(1.0, clip / (norm + 1e-6))
+        for group in opt.param_groups:
+            group.update(lr=lr, weight_decay=hyper["weight_decay"], betas=(hyper["beta1"], hyper["beta2"]),
+                         eps=hyper["eps"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert backend.version("0.0") == k + 1
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(backend.module("0.0").get_parameter(name), p.detach(), rtol=1e-5, atol=1e-7,
+                                   msg=name)
+        assert backend.module("0.0").get_parameter(name).grad is None
+
+
+def test_an_async_backward_leaves_a_synchronous_sessions_gradients_alone():
+    ref, backend = _make()
+    x, g = _randn(5, DIM, seed=1), _randn(5, DIM, seed=2)
+    backend.forward("0.0", x, call_id="sync")
+    backend.backward("0.0", "sync", step=3, grad_out=g, session_id="s")
+    pending = {n: p.grad.clone() for n, p in backend.module("0.0").named_parameters()}
+    backend.forward("0.0", x, call_id="async")
+    backend.backward("0.0", "async", step=0, grad_out=g, session_id="a", apply_now=StepNow(lr=1e-2))
+    assert backend.version("0.0") == 1
+    for n, p in backend.module("0.0").named_parameters():
+        assert torch.equal(p.grad, pending[n]), n
+    assert backend.grad_sq_norm("0.0", 3, "s")[1] == 1   # the synchronous step goes on as if nothing happened
+
+
+def test_an_async_backward_with_gradients_that_are_not_finite_applies_nothing():
+    _, backend = _make()
+    before = {n: p.clone() for n, p in backend.module("0.0").named_parameters()}
+    backend.forward("0.0", _randn(4, DIM, seed=1) * 3e18, call_id="c")
+    with pytest.raises(NonFiniteGradients):
+        backend.backward("0.0", "c", step=0, grad_out=_randn(4, DIM, seed=2) * 3e18, apply_now=StepNow(lr=1e-2))
+    assert backend.version("0.0") == 0
+    for n, p in backend.module("0.0").named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
 
 
 def test_apply_step_without_grads_is_a_noop():

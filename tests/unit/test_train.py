@@ -223,6 +223,9 @@ class SpyGroup(ExpertGroup):
     def begin_step(self, step):
         self.calls.append(("begin", step))
 
+    def step_settings(self, lr, settings, grad_clip):
+        self.calls.append(("settings", lr, settings, grad_clip))
+
     def external_grad_sq_norm(self):
         return self.ext_sq
 
@@ -238,10 +241,13 @@ def test_clipping_includes_external_gradients_and_drives_the_hooks(corpus, tmp_p
     trainer = make_trainer(corpus, tmp_path, cfg, model)
     trainer.train_step()
     local_sq = sum(float(p.grad.square().sum()) for p in model.parameters() if p.grad is not None)
-    begin, apply = spy.calls
+    begin, before, apply = spy.calls
     assert begin == ("begin", 0)
+    # The step's learning rate, AdamW settings and clip norm are known before backward (a group that
+    # steps its experts during backward, remote asynchronous training, needs them then) ...
+    assert before == ("settings", pytest.approx(trainer.lr_for(0)), cfg.optimizer_settings(), cfg.grad_clip)
     _, lr, clip, settings = apply
-    assert lr == pytest.approx(trainer.lr_for(0))
+    assert lr == pytest.approx(trainer.lr_for(0))   # ... and again at the end, with the clip factor
     assert settings == cfg.optimizer_settings()
     # Local grads were scaled by `clip`; undo that to get the pre-clip total norm.
     total = math.sqrt(local_sq / clip ** 2 + 100.0)

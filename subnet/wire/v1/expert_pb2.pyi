@@ -50,7 +50,7 @@ class ForwardManyResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id", "reply_shm")
+    __slots__ = ("expert_uid", "call_id", "step", "grad_outputs", "inputs", "session_id", "reply_shm", "apply_now")
     EXPERT_UID_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class BackwardRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REPLY_SHM_FIELD_NUMBER: _ClassVar[int]
+    APPLY_NOW_FIELD_NUMBER: _ClassVar[int]
     expert_uid: str
     call_id: str
     step: int
@@ -65,13 +66,32 @@ class BackwardRequest(_message.Message):
     inputs: _tensor_pb2.Tensor
     session_id: str
     reply_shm: _tensor_pb2.ShmReply
-    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ...) -> None: ...
+    apply_now: ApplyNow
+    def __init__(self, expert_uid: _Optional[str] = ..., call_id: _Optional[str] = ..., step: _Optional[int] = ..., grad_outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., session_id: _Optional[str] = ..., reply_shm: _Optional[_Union[_tensor_pb2.ShmReply, _Mapping]] = ..., apply_now: _Optional[_Union[ApplyNow, _Mapping]] = ...) -> None: ...
+
+class ApplyNow(_message.Message):
+    __slots__ = ("lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    max_grad_norm: float
+    def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs",)
+    __slots__ = ("grad_inputs", "version")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: _tensor_pb2.Tensor
-    def __init__(self, grad_inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, grad_inputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GradNormRequest(_message.Message):
     __slots__ = ("expert_uid", "step", "session_id")
