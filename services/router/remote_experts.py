@@ -357,10 +357,11 @@ class _StepCall(_Call):
     RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                           grpc.StatusCode.RESOURCE_EXHAUSTED})
 
-    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int, budget_s: float):
+    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int, budget_s: float | None):
+        """`budget_s`: what all attempts may take together (None: each may take what is left)."""
         super().__init__(uid, 0, endpoint)
         self.step, self.session_id, self.retries = step, session_id, retries
-        self.attempt_budget_s = budget_s / (retries + 1)
+        self.attempt_budget_s = None if budget_s is None else budget_s / (retries + 1)
 
     def target(self, replicas):
         return self.endpoint if self.attempts <= self.retries else None
@@ -379,7 +380,7 @@ class _GradNorm(_StepCall):
     rpc = "GradNorm"
 
     def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int = 0,
-                 budget_s: float = 0.0):
+                 budget_s: float | None = None):
         super().__init__(uid, endpoint, step, session_id, retries, budget_s)
         self.sq_norm = 0.0
         self.usable = False
@@ -404,7 +405,7 @@ class _ApplyStep(_StepCall):
 
     def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
                  settings: OptimizerSettings, session_id: str, skip: bool = False, retries: int = 0,
-                 budget_s: float = 0.0):
+                 budget_s: float | None = None):
         super().__init__(uid, endpoint, step, session_id, retries, budget_s)
         self.lr, self.grad_scale, self.settings, self.skip = lr, grad_scale, settings, skip
 
