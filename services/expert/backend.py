@@ -17,6 +17,7 @@ and b = x W3^T, so the Backward does no forward matmul again and holds no autogr
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -360,6 +361,9 @@ class ExpertBackend:
                                      f"nothing was applied")
         if s.max_grad_norm > 0:
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in grads.values()])))
+            if not math.isfinite(norm):   # finite entries whose norm overflows fp32: no scale makes them usable
+                raise NonFiniteGradients(f"the gradient norm of this Backward on expert {uid} overflows fp32; "
+                                         f"nothing was applied")
             if norm > s.max_grad_norm:
                 torch._foreach_mul_(list(grads.values()), s.max_grad_norm / (norm + 1e-6))
         params = list(e.module.parameters())
