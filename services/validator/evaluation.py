@@ -254,13 +254,19 @@ class Evaluator:
         function as this miner's (outputs on the probe), or ""; what was compared, for the record:
         the lowest cosine with the global experts and with each earlier commitment).
 
-        Experts that equal the global model's are nobody's work: two miners that both republish
-        the global weights (nobody trained yet, or a lazy miner) are not copies of each other
-        (the loss score already pays them nothing). Only what differs from the global can be copied."""
+        Only what differs from the global model can be copied: two miners that both republish the
+        global weights (nobody trained yet, or a lazy miner) are not copies of each other (the loss
+        score already pays them nothing). Experts still within the copy threshold of the global ones
+        (a round that trained little, as the first rounds do) would match any other such miner's on
+        their outputs, so there the changes are compared instead: outputs minus the global experts'
+        outputs. Miners that trained on their own tokens changed their experts differently; a copy
+        changed them exactly as its source did; a republished global expert changed nothing (no
+        direction to compare: never a copy). Before this, a copy of a round-0 checkpoint went
+        unflagged and was paid its source's loss_delta."""
         own = {uid: output_cosine(outputs[uid], base.global_outputs[uid]) for uid in outputs}
-        record: dict = {"global": _lowest(own), "earlier": {}}
-        if is_copy(own, self.settings.copy_cosine):
-            return "", record
+        near_global = is_copy(own, self.settings.copy_cosine)
+        record: dict = {"global": _lowest(own), "earlier": {},
+                        "compared": "changes from the global experts" if near_global else "outputs"}
         for other in sorted(earlier, key=lambda s: s.order):
             if other.order >= sub.order or other.hotkey == sub.hotkey:
                 continue
@@ -272,11 +278,30 @@ class Evaluator:
             if not shared:
                 continue
             their_out = expert_outputs({uid: theirs[uid] for uid in shared}, base.probes)
-            cosines = {uid: output_cosine(outputs[uid], their_out[uid]) for uid in shared}
+            if near_global:
+                g = base.global_outputs
+                cosines = {uid: _change_cosine(outputs[uid], their_out[uid], g[uid]) for uid in shared}
+            else:
+                cosines = {uid: output_cosine(outputs[uid], their_out[uid]) for uid in shared}
             record["earlier"][other.hotkey] = _lowest(cosines)
             if is_copy(cosines, self.settings.copy_cosine):
                 return other.hotkey, record
         return "", record
+
+
+# A change of the outputs smaller than this (relative to the global expert's outputs) is float
+# rounding, not training: two lazy miners must not be copies of each other by their rounding.
+_MIN_CHANGE = 1e-6
+
+
+def _change_cosine(a: torch.Tensor, b: torch.Tensor, global_out: torch.Tensor) -> float:
+    """Cosine of what two experts changed from the global expert (outputs minus its outputs); NaN
+    when either changed nothing beyond rounding (no direction to compare)."""
+    da, db = (a.double() - global_out.double()), (b.double() - global_out.double())
+    floor = _MIN_CHANGE * float(global_out.double().norm())
+    if float(da.norm()) <= floor or float(db.norm()) <= floor:
+        return math.nan
+    return output_cosine(da, db)
 
 
 def _lowest(cosines: dict[str, float]) -> float | None:

@@ -159,6 +159,7 @@ def test_validate_round_scores_unchanged_noisy_copied_and_tampered_miners(world)
     assert results[original.hotkey].details["copy_check"]["global"] < 0.999
     # Republishing the global experts is nobody's work: not a copy (the loss score pays it nothing).
     assert results[same_again.hotkey].copy_of == "" and abs(results[same_again.hotkey].loss_delta) < 1e-6
+    assert results[same_again.hotkey].details["copy_check"]["compared"] == "changes from the global experts"
     t = results[tamper.hotkey]
     assert not t.verified and "checkpoint not verified" in t.reason and "committed digest" in t.reason
     assert math.isnan(t.loss) and math.isnan(t.loss_delta) and math.isnan(t.diversity)
@@ -171,6 +172,32 @@ def test_validate_round_scores_unchanged_noisy_copied_and_tampered_miners(world)
     assert world.validator.work_once("test-dup", block_ms=100) == 1
     assert q.redis.xlen(q.results_key) == 6 and q.results(1) == results
     assert q.redis.xpending(q.tasks_key, "validators")["pending"] == 0
+
+
+def test_a_copy_of_a_checkpoint_that_barely_moved_is_still_a_copy(world):
+    """A first round trains little: every miner's experts stay within the copy threshold of the
+    global ones, so outputs alone cannot tell a copy from an honest miner with the same start. The
+    changes can: the copier's equal its source's, another honest miner's point elsewhere."""
+    uids = ["0.0", "0.1", "1.2"]
+    original, copier, honest = (world.miner() for _ in range(3))
+    little = global_states(world.glob, uids, noise=2e-4, seed=5)   # a few small steps
+    reveals = []
+    for offset, (miner, states) in enumerate([(original, little), (copier, little),
+                                              (honest, global_states(world.glob, uids, noise=2e-4, seed=6))]):
+        data = world.publish(miner, 2, states)
+        world.commit(miner, 2, data, offset=offset)
+        reveals.append((miner, data))
+    world.reveal_all(2, reveals)
+
+    results = world.validator.validate_round(2, timeout_s=120)
+    for miner in (original, copier, honest):   # all three within the threshold of the global experts
+        check = results[miner.hotkey].details["copy_check"]
+        assert check["global"] > world.validator.evaluator.settings.copy_cosine
+        assert check["compared"] == "changes from the global experts"
+    assert results[original.hotkey].copy_of == "" and results[honest.hotkey].copy_of == ""
+    assert results[copier.hotkey].copy_of == original.hotkey
+    assert results[copier.hotkey].details["copy_check"]["earlier"][original.hotkey] > 0.999999
+    assert results[honest.hotkey].details["copy_check"]["earlier"][original.hotkey] < 0.5
 
 
 def test_live_service_must_serve_the_published_weights(world, expert_service_factory, tmp_path):
