@@ -96,7 +96,7 @@ class ExpertPublisher:
 
     def publish(self, round: int) -> str:
         """Snapshot and publish every hosted expert under `round`; returns the reveal data."""
-        published, states = self._publish(round, "expert")
+        published, states = self._publish(round)
         if self.on_round_published is not None:
             self.on_round_published(round, states)
         return reveal_data(published)
@@ -123,11 +123,11 @@ class ExpertPublisher:
             self.on_published(open_round, published)
         return True
 
-    def _publish(self, round: int, kind: str) -> tuple[list, ExpertStates]:
+    def _publish(self, round: int) -> tuple[list, ExpertStates]:
         with self._lock:
             states = self.snapshot()
             published = publish_experts(self.store, self.identity, states, round=round,
-                                        parent_version=self.parent_version(), config_hash=self.config_hash, kind=kind)
+                                        parent_version=self.parent_version(), config_hash=self.config_hash)
         if self.on_published is not None:
             self.on_published(round, published)
         return published, states
