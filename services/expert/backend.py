@@ -359,20 +359,18 @@ class ExpertBackend:
         if not all(all_finite(d) for d in grads.values()):
             raise NonFiniteGradients(f"the gradients of this Backward on expert {uid} are not finite (NaN or Inf); "
                                      f"nothing was applied")
-        if s.max_grad_norm > 0:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in grads.values()])))
-            if not math.isfinite(norm):   # finite entries whose norm overflows fp32: no scale makes them usable
-                raise NonFiniteGradients(f"the gradient norm of this Backward on expert {uid} overflows fp32; "
-                                         f"nothing was applied")
-            if norm > s.max_grad_norm:
-                torch._foreach_mul_(list(grads.values()), s.max_grad_norm / (norm + 1e-6))
         params = list(e.module.parameters())
         pending = [p.grad for p in params]
         for p in params:
             p.grad = grads.get(p)
-        group = e.optimizer.param_groups[0]
-        group.update(lr=s.lr, weight_decay=s.weight_decay, betas=(s.beta1, s.beta2), eps=s.eps)
         try:
+            if s.max_grad_norm > 0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm))
+                if not math.isfinite(norm):   # finite entries whose norm overflows fp32: no scale makes them usable
+                    raise NonFiniteGradients(f"the gradient norm of this Backward on expert {uid} overflows fp32; "
+                                             f"nothing was applied")
+            group = e.optimizer.param_groups[0]
+            group.update(lr=s.lr, weight_decay=s.weight_decay, betas=(s.beta1, s.beta2), eps=s.eps)
             if not self.lazy:
                 e.optimizer.step()
         finally:
