@@ -7,8 +7,8 @@ Each run gets fresh expert services (a BenchStack: Redis, 2 services, auth on, e
 the local stack deals them) that load the init's expert file, and a router-side trainer built as
 `python -m services.router train` builds it, on one torch thread. Synchronous runs are
 deterministic (remote training equals in-process training), and so are asynchronous ones with one
-router, so the pairs differ in time only. Reported per mode: seconds per step (the trainer's own
-step times, evaluation left out), the final validation loss and bits per byte, masked calls.
+router, so the pairs differ in time only. Reported per mode: seconds per step (from the trainer's
+metrics row: its steps' own times, evaluation left out), the final validation loss and bits per byte, masked calls.
 Writes section `async_training` of bench/results/latest.json (other sections are kept).
 """
 
@@ -41,8 +41,9 @@ def train_once(mode: str, ckpt: Path, experts: Path, lm_cfg, out: Path) -> dict:
         config = RouterConfig(redis_url=stack.redis.url, wire_dtype="fp32", expert_timeout_s=60.0, training=mode)
         trainer, _, _ = build_remote_trainer(ckpt, out, config, progress=False, parts=stack.remote_parts())
         row = trainer.train()
-        times = trainer._step_times
-        return {"s_per_step": statistics.fmean(times), "steps": len(trainer.step_losses),
+        # One evaluation, at the end: the row's interval is every step, its rate without evaluation.
+        tokens_per_step = trainer.cfg.batch_size * lm_cfg.block_size
+        return {"s_per_step": tokens_per_step / row["tokens_per_s"], "steps": len(trainer.step_losses),
                 "first_loss": trainer.step_losses[0], "val_loss": row["val_loss"], "val_bpb": row["val_bpb"],
                 "masked_calls": row["masked_calls"]}
 
