@@ -32,6 +32,7 @@ from services.router.tracing import ExpertCallTracer
 from subnet.dev.redis_server import RedisServer
 from subnet.expert_client import ExpertClientPool
 from subnet.identity import Identity
+from tests.integration.counter_totals import counter_total
 
 RESULTS_DIR = Path(__file__).resolve().parent / ".results"
 
@@ -175,13 +176,11 @@ class LayerTrainer:
         return n
 
     def masked(self, rpc: str | None = None) -> int:
-        return int(sum(s.value for m in self.parts.metrics.masked_calls.collect() for s in m.samples
-                       if s.name.endswith("_total") and s.labels["layer"] == str(self.layer)
-                       and (rpc is None or s.labels["rpc"] == rpc)))
+        labels = {"layer": str(self.layer)} | ({"rpc": rpc} if rpc is not None else {})
+        return int(counter_total(self.parts.metrics.masked_calls, **labels))
 
     def retries(self) -> int:
-        return int(sum(s.value for m in self.parts.metrics.expert_retries.collect() for s in m.samples
-                       if s.name.endswith("_total") and s.labels["layer"] == str(self.layer)))
+        return int(counter_total(self.parts.metrics.expert_retries, layer=str(self.layer)))
 
 
 def versions(endpoint: str, hotkey: str, identity: Identity) -> dict[str, int]:

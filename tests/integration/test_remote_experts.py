@@ -28,6 +28,7 @@ from services.router.tracing import ExpertCallTracer
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
 from subnet.registry import ExpertRegistry
+from tests.integration.counter_totals import counter_total
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -125,8 +126,7 @@ def counter(metrics: RouterMetrics, name: str, **labels) -> float:
 
 
 def masked_total(metrics: RouterMetrics, rpc: str) -> float:
-    return sum(s.value for m in metrics.masked_calls.collect() for s in m.samples
-               if s.name.endswith("_total") and s.labels["rpc"] == rpc)
+    return counter_total(metrics.masked_calls, rpc=rpc)
 
 
 def finished(exporter, rpc: str):

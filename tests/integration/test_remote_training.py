@@ -23,6 +23,7 @@ from services.router.train import build_remote_trainer, prepare_initial_checkpoi
 from services.stack.placement import deal_experts
 from subnet.tensor_codec import decode
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
+from tests.integration.counter_totals import counter_total
 
 pytestmark = pytest.mark.integration
 
@@ -120,8 +121,7 @@ def test_remote_training_equals_in_process(tmp_path, corpus_cfg, expert_service_
 
 
 def _rpc_calls(metrics, rpc: str) -> int:
-    return int(sum(s.value for m in metrics.expert_calls.collect() for s in m.samples
-                   if s.name.endswith("_total") and s.labels["rpc"] == rpc and s.labels["code"] == "OK"))
+    return int(counter_total(metrics.expert_calls, rpc=rpc, code="OK"))
 
 
 def test_async_remote_training_steps_on_every_backward_and_learns(tmp_path, corpus_cfg, expert_service_factory,

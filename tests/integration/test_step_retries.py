@@ -19,6 +19,7 @@ from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from subnet.expert_client import ExpertClientPool
+from tests.integration.counter_totals import counter_total
 from tests.integration.cutting_proxy import CuttingProxy
 from tests.integration.one_service import OneService
 
@@ -59,8 +60,7 @@ def versions(group: RemoteExpertGroup, clients: ExpertClientPool) -> dict[str, i
 
 
 def counted(metric, rpc: str) -> int:
-    return int(sum(s.value for m in metric.collect() for s in m.samples
-                   if s.name.endswith("_total") and s.labels["rpc"] == rpc))
+    return int(counter_total(metric, rpc=rpc))
 
 
 def test_a_lost_apply_step_is_sent_again_and_applied_once(behind_proxy):
