@@ -103,6 +103,7 @@ class _Call:
         self.endpoint = endpoint
         self.attempts = 0
         self.attempt_budget_s: float | None = None   # the most one attempt may take; None = all that is left
+        self.retry_pause_s = 0.0   # waited before another attempt (see _StepCall)
         self.failed_at: set[str] = set()   # endpoints an attempt failed at (and made suspect)
         self.failed: tuple[str, str] | None = None  # (reason, details) once given up
 
@@ -356,12 +357,18 @@ class _StepCall(_Call):
 
     RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                           grpc.StatusCode.RESOURCE_EXHAUSTED})
+    # The retry goes to the same endpoint. gRPC fails a reset connection's calls before its channel
+    # stops picking that connection, so an attempt sent at once can land on the dying connection and
+    # fail too ("Stream removed: Broken pipe"; seen in CI). A short pause lets the channel move on.
+    RETRY_PAUSE_S = 0.05
 
     def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int, budget_s: float | None):
         """`budget_s`: what all attempts may take together (None: each may take what is left)."""
         super().__init__(uid, 0, endpoint)
         self.step, self.session_id, self.retries = step, session_id, retries
         self.attempt_budget_s = None if budget_s is None else budget_s / (retries + 1)
+        self.retry_pause_s = self.RETRY_PAUSE_S if budget_s is None else min(self.RETRY_PAUSE_S,
+                                                                              self.attempt_budget_s / 10)
 
     def target(self, replicas):
         return self.endpoint if self.attempts <= self.retries else None
@@ -821,11 +828,15 @@ class RemoteExpertGroup(ExpertGroup):
                 call.failed_at.add(endpoint)
                 for uid in call.uids:
                     self.replicas.mark_failed(endpoint, uid)
-            if call.again(code, details) and launch(call):
-                self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
-                log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",
-                         self.layer, call.uid, call.rpc, endpoint, code.name, details, call.endpoint)
-                continue
+            if call.again(code, details):
+                pause = min(call.retry_pause_s, deadline - time.monotonic() - MIN_ATTEMPT_S)
+                if pause > 0:
+                    time.sleep(pause)   # a failure path only; answers meanwhile wait in `done`
+                if launch(call):
+                    self.metrics.expert_retries.labels(str(self.layer), call.rpc.lower()).inc()
+                    log.info("layer %d expert %s: %s at %s failed (%s: %s); sent again to %s",
+                             self.layer, call.uid, call.rpc, endpoint, code.name, details, call.endpoint)
+                    continue
             call.endpoint = endpoint
             self._give_up(call, reason, details)
 
