@@ -80,6 +80,7 @@ class _Saved:
     b: torch.Tensor   # (N, inter)  x W3^T
     nbytes: int
     created: float
+    version: int = 0   # the expert's version when the Forward ran (asynchronous staleness)
 
 
 class ActivationCache:
@@ -104,7 +105,7 @@ class ActivationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, key: tuple[str, str], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    def put(self, key: tuple[str, str], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, version: int = 0) -> bool:
         nbytes = sum(t.numel() * t.element_size() for t in (x, a, b))
         with self._lock:
             self._sweep_locked()
@@ -114,7 +115,7 @@ class ActivationCache:
             while self.nbytes + nbytes > self.max_bytes:
                 self._remove_locked(next(iter(self._entries)))
                 self.evicted += 1
-            self._entries[key] = _Saved(x, a, b, nbytes, self.clock())
+            self._entries[key] = _Saved(x, a, b, nbytes, self.clock(), version)
             self.nbytes += nbytes
             return True
 
@@ -169,8 +170,13 @@ class ExpertBackend:
     def __init__(self, experts: Mapping[str, SwiGLU], device: str | torch.device = "cpu",
                  activation_ttl_s: float = 60.0, activation_cache_mb: float = 512.0,
                  clock: Callable[[], float] = time.monotonic, *, lazy: bool = False,
-                 answer: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`lazy` and `answer` exist for the adversarial test miners only (services/expert/adversary.py):
+                 answer: Callable[[torch.Tensor], torch.Tensor] | None = None, max_staleness: int = 16,
+                 on_stale: Callable[[str], None] = lambda uid: None):
+        """`max_staleness`: an asynchronous Backward (`apply_now`) updates its expert only when at most this
+        many updates came between its Forward and it; a staler one answers its input gradient and skips its
+        update, `on_stale(uid)` (a metric). Gradients computed on activations of weights that many updates
+        old point elsewhere than the current weights' (hivemind bounds such delay the same way).
+        `lazy` and `answer` exist for the adversarial test miners only (services/expert/adversary.py):
         `lazy` acknowledges ApplyStep without stepping; `answer` replaces every Forward output."""
         if not experts:
             raise ValueError("an expert backend needs at least one expert")
@@ -187,6 +193,9 @@ class ExpertBackend:
             optimizer = torch.optim.AdamW(module.parameters(), lr=0.0)
             self._experts[uid] = _Expert(module, optimizer)
         self.lazy, self.answer = lazy, answer
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness} must be >= 0")
+        self.max_staleness, self._on_stale = max_staleness, on_stale
         self.cache = ActivationCache(int(activation_cache_mb * 1024 * 1024), activation_ttl_s, clock)
         # Sessions replaced by a newer one: a late Backward of a crashed router must not wipe the
         # new session's gradients. Bounded: only the most recent ones matter.
@@ -219,7 +228,8 @@ class ExpertBackend:
     def forward_batch(self, uid: str, xs: Sequence[torch.Tensor],
                       call_ids: Sequence[str | None]) -> list[torch.Tensor]:
         """Several requests for one expert as one computation; outputs split back, on the CPU."""
-        m = self._get(uid).module
+        e = self._get(uid)
+        m = e.module
         sizes = [x.shape[0] for x in xs]
         x = (xs[0] if len(xs) == 1 else torch.cat(list(xs))).to(self.device, torch.float32)  # (N, dim)
         with torch.no_grad():
@@ -231,10 +241,10 @@ class ExpertBackend:
             for n, x_i, call_id in zip(sizes, xs, call_ids):
                 if call_id is not None:
                     if len(xs) == 1:
-                        self.cache.put((uid, call_id), x, a, b)
+                        self.cache.put((uid, call_id), x, a, b, e.version)
                     else:  # copies, so one entry never pins the whole batch's memory
                         self.cache.put((uid, call_id), x_i.to(self.device, torch.float32),
-                                       a[start:start + n].clone(), b[start:start + n].clone())
+                                       a[start:start + n].clone(), b[start:start + n].clone(), e.version)
                 start += n
         y = y.cpu()
         if self.answer is not None:
@@ -272,7 +282,8 @@ class ExpertBackend:
         (a router that crashed between Backward and ApplyStep and came back with a new session).
         With `apply_now` (asynchronous training) the call's parameter gradients are not accumulated:
         one AdamW step is taken on them alone, at once (`_step_now`), and any gradients a synchronous
-        session is accumulating stay as they are.
+        session is accumulating stay as they are; a Forward more than `max_staleness` updates old gets no
+        step (its input gradient is answered all the same).
         Raises ActivationsMissing when the activations are gone and no `inputs` were given,
         StepConflict for a step older than the one being accumulated or a retired session,
         DuplicateBackward when `call_id` already contributed to this step, NonFiniteGradients when
@@ -329,7 +340,11 @@ class ExpertBackend:
                      m.w3.weight: db.t() @ x}
             dx = da @ m.w1.weight + db @ m.w3.weight            # (N, dim), before a step changes W1, W3
             if apply_now is not None:
-                self._step_now(e, uid, grads, apply_now)
+                # Resent inputs are recomputed under the current weights: no delay to bound.
+                if saved is not None and e.version - saved.version > self.max_staleness:
+                    self._on_stale(uid)
+                else:
+                    self._step_now(e, uid, grads, apply_now)
                 return dx.cpu()
             for p, d in grads.items():
                 if p.grad is None:

@@ -62,6 +62,10 @@ class ExpertConfig:
                                   "training activations kept for Backward at most this long")
     activation_cache_mb: float = env("EXPERT_ACTIVATION_CACHE_MB", 512.0,
                                      "memory bound of the activation cache; oldest entries are evicted")
+    max_staleness: int = env("EXPERT_MAX_STALENESS", 16,
+                             "asynchronous training: a Backward whose Forward came more than this many updates of "
+                             "its expert ago answers its input gradient but updates nothing (0 = only Backwards "
+                             "with no update between them and their Forward update)")
     redis_url: str = env("REDIS_URL", "", "registry Redis, e.g. `redis://127.0.0.1:6379/0`; empty = do not register")
     registry_ttl_s: float = env("EXPERT_REGISTRY_TTL_S", 10.0,
                                 "registry entry TTL; refreshed every TTL/3, gone this long after a crash")
@@ -136,6 +140,7 @@ class ExpertConfig:
                         "EXPERT_MAX_QUEUE_TOKENS": self.max_queue_tokens,
                         "EXPERT_MAX_PENDING_TASKS": self.max_pending_tasks,
                         "EXPERT_ACTIVATION_CACHE_MB": self.activation_cache_mb,
+                        "EXPERT_MAX_STALENESS": self.max_staleness,
                         "EXPERT_THREADS": self.threads, "EXPERT_GRACE_S": self.grace_s,
                         "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms,
                         "EXPERT_CHECKPOINT_EVERY_S": self.checkpoint_every_s}

@@ -50,6 +50,9 @@ class ExpertMetrics(MetricsHttp):
         self.queue_tokens = Gauge("expert_queue_tokens", "tokens accepted and not yet answered",
                                   ["expert"], registry=r)
         self.version = Gauge("expert_version", "optimizer steps applied", ["expert"], registry=r)
+        self.stale_updates = Counter("expert_stale_updates", "asynchronous Backwards whose update was skipped: "
+                                     "more than EXPERT_MAX_STALENESS updates after their Forward", ["expert"],
+                                     registry=r)
         self.activation_cache_bytes = Gauge("expert_activation_cache_bytes",
                                             "bytes of activations held for pending Backwards", registry=r)
         self.auth_rejections = Counter("expert_auth_rejections", "requests refused by signature checks, by reason",

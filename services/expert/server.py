@@ -186,7 +186,9 @@ class ExpertServer:
         self.worker = ComputeWorker(c.threads, c.max_pending_tasks)
         experts = await self.worker.run(self._load_experts)
         self.backend = ExpertBackend(experts, c.device, c.activation_ttl_s, c.activation_cache_mb,
-                                     lazy=c.adversary == "lazy", answer=liar_answer if c.adversary == "liar" else None)
+                                     lazy=c.adversary == "lazy", answer=liar_answer if c.adversary == "liar" else None,
+                                     max_staleness=c.max_staleness,
+                                     on_stale=lambda uid: self.metrics.stale_updates.labels(expert=uid).inc())
         if c.adversary:
             log.warning("EXPERT_ADVERSARY=%s: this service plays a cheating miner (tests and demo only)", c.adversary)
         if self.rounds is not None and self.rounds.initial_moments:

@@ -246,6 +246,45 @@ def test_an_async_backward_leaves_a_synchronous_sessions_gradients_alone():
     assert backend.grad_sq_norm("0.0", 3, "s")[1] == 1   # the synchronous step goes on as if nothing happened
 
 
+def test_an_async_backward_staler_than_max_staleness_answers_its_gradient_but_updates_nothing():
+    """Three Forwards, then their Backwards: the k-th Backward comes k updates after its Forward. With
+    max_staleness 1 the first two update and the third (2 updates old) does not; its input gradient is
+    still the right one (the activations its Forward kept, the weights of the moment)."""
+    stale = []
+    _, backend = _make(max_staleness=1, on_stale=stale.append)
+    m = backend.module("0.0")
+    initial = {n: p.clone() for n, p in m.named_parameters()}
+    xs = [_randn(4, DIM, seed=k) for k in range(3)]
+    for k, x in enumerate(xs):
+        backend.forward("0.0", x, call_id=f"c{k}")
+    for k in range(2):
+        backend.backward("0.0", f"c{k}", step=0, grad_out=_randn(4, DIM, seed=10 + k), apply_now=StepNow(lr=1e-2))
+    assert backend.version("0.0") == 2 and stale == []
+    now = {n: p.clone() for n, p in m.named_parameters()}
+    g = _randn(4, DIM, seed=12)
+    dx = backend.backward("0.0", "c2", step=0, grad_out=g, apply_now=StepNow(lr=1e-2))
+    assert stale == ["0.0"] and backend.version("0.0") == 2
+    for n, p in m.named_parameters():
+        assert torch.equal(p, now[n]), n
+    with torch.no_grad():
+        a, b = xs[2] @ initial["w1.weight"].t(), xs[2] @ initial["w3.weight"].t()
+        dh = g @ now["w2.weight"]
+        da, db = torch.ops.aten.silu_backward(dh * b, a), dh * torch.nn.functional.silu(a)
+        torch.testing.assert_close(dx, da @ now["w1.weight"] + db @ now["w3.weight"], rtol=1e-5, atol=1e-6)
+    # Under the default bound (16) the same sequence updates three times.
+    _, fresh = _make()
+    for k, x in enumerate(xs):
+        fresh.forward("0.0", x, call_id=f"c{k}")
+    for k in range(3):
+        fresh.backward("0.0", f"c{k}", step=0, grad_out=_randn(4, DIM, seed=10 + k), apply_now=StepNow(lr=1e-2))
+    assert fresh.version("0.0") == 3
+
+
+def test_max_staleness_must_not_be_negative():
+    with pytest.raises(ValueError, match="max_staleness"):
+        _make(max_staleness=-1)
+
+
 def test_an_async_backward_with_gradients_that_are_not_finite_applies_nothing():
     _, backend = _make()
     before = {n: p.clone() for n, p in backend.module("0.0").named_parameters()}

@@ -1,0 +1,60 @@
+"""Asynchronous Backwards are bounded in staleness on a real expert service (EXPERT_MAX_STALENESS).
+
+Three training Forwards go first, then their Backwards with `apply_now`, so the k-th Backward comes
+k updates after its Forward (as when several routers train one expert). With EXPERT_MAX_STALENESS=0
+only the first updates; the others answer their input gradients, leave the version where it is and
+are counted in expert_stale_updates_total.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from subnet.tensor_codec import decode, encode
+from subnet.wire.v1 import expert_pb2
+from tests.integration.test_hostile_battery import Caller, apply_now
+
+pytestmark = pytest.mark.integration
+DIM, INTER = 16, 32
+
+
+@pytest.fixture
+def service(expert_service_factory):
+    return expert_service_factory(["0.0"], DIM, INTER, env={"EXPERT_MAX_STALENESS": "0", "EXPERT_BATCH_WAIT_MS": "0",
+                                                            "REDIS_URL": ""})
+
+
+def stale_updates(service) -> float:
+    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('expert_stale_updates_total{expert="0.0"}'))
+
+
+def test_backwards_later_than_max_staleness_answer_but_do_not_update(service, client_identity):
+    call = Caller(service, client_identity)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for k in range(3):
+            forward = expert_pb2.ForwardRequest(expert_uid="0.0", inputs=encode(torch.randn(4, DIM, generator=gen)),
+                                                call_id=f"c{k}", training=True)
+            code, details, _ = call("Forward", forward)
+            assert code == grpc.StatusCode.OK, details
+        versions, grads = [], []
+        for k in range(3):
+            backward = expert_pb2.BackwardRequest(expert_uid="0.0", call_id=f"c{k}", step=0, session_id="async",
+                                                  grad_outputs=encode(torch.randn(4, DIM, generator=gen)),
+                                                  apply_now=apply_now())
+            code, details, reply = call("Backward", backward)
+            assert code == grpc.StatusCode.OK, details
+            answer = expert_pb2.BackwardResponse.FromString(reply)
+            versions.append(answer.version)
+            grads.append(decode(answer.grad_inputs))
+        assert versions == [1, 1, 1]   # the first one updated; the two later ones came 1 update late
+        assert all(g.shape == (4, DIM) and bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0 for g in grads)
+        assert stale_updates(service) == 2
+    finally:
+        call.channel.close()
