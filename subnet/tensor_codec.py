@@ -204,6 +204,10 @@ SHM_WIRE_DTYPES = ("fp32", "bf16", "fp16")   # what shared memory carries (int8 
 # Ends every FAILED_PRECONDITION that means "shared memory does not work between us": the caller
 # then sends the same call again with its tensors inside the message.
 SHM_INLINE_HINT = "resend with the tensors inline"
+# In the FAILED_PRECONDITION of a Backward whose Forward's activations the expert no longer holds (and
+# in no other): the caller then sends the Backward again with the Forward's inputs. Other refusals
+# of a Backward (a step conflict, gradients that overflow) would only fail again that way.
+RESEND_INPUTS_HINT = "resend the Backward with `inputs`"
 
 
 def shm_dtype(wire_dtype: str) -> torch.dtype:

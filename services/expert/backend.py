@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from moe.experts import SwiGLU
 from subnet.expert_weights import experts_from_states
 from subnet.optimizer_moments import MomentsError, adamw_moments, restore_adamw_moments
-from subnet.tensor_codec import all_finite
+from subnet.tensor_codec import RESEND_INPUTS_HINT, all_finite
 
 
 class ExpertError(Exception):
@@ -300,7 +300,7 @@ class ExpertBackend:
         n_rows = saved.x.shape[0] if saved is not None else (inputs.shape[0] if inputs is not None else None)
         if n_rows is None:
             raise ActivationsMissing(f"expert {uid} no longer holds the activations of call_id {call_id!r} "
-                                     f"(expired or evicted); resend the Backward with `inputs` set to the "
+                                     f"(expired or evicted); {RESEND_INPUTS_HINT} set to the "
                                      f"Forward's inputs")
         if grad_out.shape[0] != n_rows:
             raise BadRequest(f"grad_outputs has {grad_out.shape[0]} tokens but the Forward of call_id "

@@ -15,11 +15,11 @@ the pool's call threads, or small moe-frames calls sent and read on this thread,
 
 Training (grad enabled and some input requires grad): the outputs hang off one
 `torch.autograd.Function`, whose backward sends every expert's `grad_output` at once to
-the replica that served its Forward (it holds the activations; on FAILED_PRECONDITION
-the inputs go along so it recomputes them). Backward is never sent twice on a transport
-error: it accumulates gradients on the server, so a duplicate would double them. A
-failed Backward gives zero gradient to that expert's tokens and is counted as masked;
-training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` (or
+the replica that served its Forward (it holds the activations; on a FAILED_PRECONDITION that
+says they are gone, RESEND_INPUTS_HINT, the inputs go along so it recomputes them). Backward is
+never sent twice on a transport error: it accumulates gradients on the server, so a duplicate
+would double them. A failed Backward gives zero gradient to that expert's tokens and is
+counted as masked; training goes on. `begin_step`, `external_grad_sq_norm` and `apply_external_step` (or
 `skip_external_step`, when the global norm is not finite) then drive the experts' own
 optimizers (GradNorm, ApplyStep) for the replicas that received a Backward this step; a
 replica whose GradNorm fails or is not finite is left out of the norm and skips its own step,
@@ -62,6 +62,7 @@ from subnet.expert_client import ExpertClient, ExpertClientPool, InlineCall
 from subnet.shm import ShmError, ShmRegion
 from subnet.shm_link import ShmLink
 from subnet.tensor_codec import (
+    RESEND_INPUTS_HINT,
     SHM_INLINE_HINT,
     SHM_WIRE_DTYPES,
     WIRE_DTYPES,
@@ -341,10 +342,10 @@ class _Backward(_ShmCall):
     def again(self, code, details=""):
         if self._refused_shm(code, details):
             return True   # refused before any gradient was accumulated: the same call, inline
-        if code is grpc.StatusCode.FAILED_PRECONDITION and not self.with_inputs:
+        if code is grpc.StatusCode.FAILED_PRECONDITION and RESEND_INPUTS_HINT in details and not self.with_inputs:
             self.with_inputs = True  # the expert lost the activations: send the inputs to recompute
             return True
-        return False
+        return False   # a step conflict or overflowing gradients would be refused again
 
 
 class _StepCall(_Call):
