@@ -155,10 +155,10 @@ class Scorer:
             if self.board:
                 self.board.append_history(fold.round, fold.ema, registered)
         ema, scores, banned = self.store.ema(), self.store.round_scores(round), self.store.banned()
-        weights = weights_by_uid(ema, registered)
+        weights = weights_by_uid(ema, registered, banned)
         skipped = ""
         if not weights:
-            skipped = "every registered miner's EMA is 0"
+            skipped = "every registered miner's EMA is 0, or the miner is banned"
             log.warning("round %d: %s; setting no weights (the chain keeps the previous ones)", round, skipped)
         else:
             uids, values = list(weights), list(weights.values())

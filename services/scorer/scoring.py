@@ -28,7 +28,7 @@ registered hotkey with no result in a round gets score 0 for it, so absent miner
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from subnet.validation_results import ValidationResult
@@ -135,12 +135,16 @@ def fold_round(ema: Mapping[str, float], uid_of_ema: Mapping[str, int], scores: 
     return out
 
 
-def weights_by_uid(ema: Mapping[str, float], registered: Mapping[str, int]) -> dict[int, float]:
-    """{uid: weight} summing to 1 over registered hotkeys with a positive EMA; {} when all are 0.
+def weights_by_uid(ema: Mapping[str, float], registered: Mapping[str, int],
+                   banned: Collection[str] = ()) -> dict[int, float]:
+    """{uid: weight} summing to 1 over registered hotkeys with a positive EMA that are not `banned`;
+    {} when none is left.
 
     Each EMA is clipped to [0, 1] first, so one absurd stored value can take at most the share
-    a perfect miner would have."""
-    raw = {uid: unit(ema.get(hotkey)) for hotkey, uid in registered.items()}
+    a perfect miner would have. A banned hotkey (its newest result failed the gate: a copy, not
+    verified) keeps its EMA, which decays while it fails, but is paid nothing meanwhile: the EMA
+    smooths honest work over rounds, it must not keep paying a miner caught cheating."""
+    raw = {uid: unit(ema.get(hotkey)) for hotkey, uid in registered.items() if hotkey not in banned}
     raw = {uid: v for uid, v in raw.items() if v > 0}
     total = sum(raw.values())
     if total <= 0:

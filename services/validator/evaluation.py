@@ -261,7 +261,9 @@ class Evaluator:
         their outputs, so there the changes are compared instead: outputs minus the global experts'
         outputs. Miners that trained on their own tokens changed their experts differently; a copy
         changed them exactly as its source did; a republished global expert changed nothing (no
-        direction to compare: never a copy). Before this, a copy of a round-0 checkpoint went
+        direction to compare: never a copy). An expert that neither changed (a miner hosting every
+        expert may be routed no tokens for some in a round) is left out of the comparison; one that
+        only one of them changed differs. Before this, a copy of a round-0 checkpoint went
         unflagged and was paid its source's loss_delta."""
         own = {uid: output_cosine(outputs[uid], base.global_outputs[uid]) for uid in outputs}
         near_global = is_copy(own, self.settings.copy_cosine)
@@ -281,6 +283,9 @@ class Evaluator:
             if near_global:
                 g = base.global_outputs
                 cosines = {uid: _change_cosine(outputs[uid], their_out[uid], g[uid]) for uid in shared}
+                # An expert neither miner changed (no tokens routed to it this round) says nothing
+                # either way: the ones that changed decide. None changed by either: not a copy.
+                cosines = {uid: c for uid, c in cosines.items() if not math.isnan(c)}
             else:
                 cosines = {uid: output_cosine(outputs[uid], their_out[uid]) for uid in shared}
             record["earlier"][other.hotkey] = _lowest(cosines)
@@ -296,11 +301,12 @@ _MIN_CHANGE = 1e-6
 
 def _change_cosine(a: torch.Tensor, b: torch.Tensor, global_out: torch.Tensor) -> float:
     """Cosine of what two experts changed from the global expert (outputs minus its outputs); NaN
-    when either changed nothing beyond rounding (no direction to compare)."""
+    when neither changed beyond rounding (nothing to compare), 0.0 when only one did (they differ)."""
     da, db = (a.double() - global_out.double()), (b.double() - global_out.double())
     floor = _MIN_CHANGE * float(global_out.double().norm())
-    if float(da.norm()) <= floor or float(db.norm()) <= floor:
-        return math.nan
+    moved_a, moved_b = float(da.norm()) > floor, float(db.norm()) > floor
+    if not (moved_a and moved_b):
+        return 0.0 if moved_a or moved_b else math.nan
     return output_cosine(da, db)
 
 

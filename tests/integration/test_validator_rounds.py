@@ -200,6 +200,33 @@ def test_a_copy_of_a_checkpoint_that_barely_moved_is_still_a_copy(world):
     assert results[honest.hotkey].details["copy_check"]["earlier"][original.hotkey] < 0.5
 
 
+def test_a_copy_is_a_copy_even_where_its_source_left_some_experts_untouched(world):
+    """A miner that hosts every expert but was routed no tokens for some of them in a round publishes
+    those unchanged (seen in `make demo`: round 0's copy went unflagged and was paid its source's
+    score). An expert neither changed says nothing either way; the ones that changed must match.
+    One changed by one miner and left as it was by the other differs."""
+    original, copier, honest, partial = (world.miner() for _ in range(4))
+    trained = global_states(world.glob, ["0.0", "0.1"], noise=2e-4, seed=5)
+    untouched = global_states(world.glob, ["1.2"])   # exactly the global expert
+    source = {**trained, **untouched}
+    other = {**global_states(world.glob, ["0.0", "0.1"], noise=2e-4, seed=6), **untouched}
+    # Copies what the source trained, but trains 1.2 itself: not the same function there.
+    mixed = {**trained, **global_states(world.glob, ["1.2"], noise=2e-4, seed=7)}
+    reveals = []
+    for offset, (miner, states) in enumerate([(original, source), (copier, source), (honest, other),
+                                              (partial, mixed)]):
+        data = world.publish(miner, 2, states)
+        world.commit(miner, 2, data, offset=offset)
+        reveals.append((miner, data))
+    world.reveal_all(2, reveals)
+
+    results = world.validator.validate_round(2, timeout_s=120)
+    assert results[copier.hotkey].copy_of == original.hotkey
+    assert results[original.hotkey].copy_of == "" and results[honest.hotkey].copy_of == ""
+    assert results[partial.hotkey].copy_of == ""
+    assert results[partial.hotkey].details["copy_check"]["earlier"][original.hotkey] == 0.0
+
+
 def test_live_service_must_serve_the_published_weights(world, expert_service_factory, tmp_path):
     uids = ["1.0", "1.1"]
     cfg = world.glob.lm_cfg

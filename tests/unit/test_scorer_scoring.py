@@ -141,6 +141,16 @@ def test_weights_normalize_over_registered_uids_and_resist_bad_values():
     assert sum(w.values()) == pytest.approx(1.0) and list(w) == sorted(w)
 
 
+def test_a_banned_miner_keeps_its_ema_but_gets_no_weight():
+    """Caught copying (or unverified) after earning: its EMA decays over the following rounds, but the
+    weights leave it out while it is banned, and the others share its part."""
+    registered = {"a": 0, "b": 1, "copier": 2}
+    ema = {"a": 0.3, "b": 0.1, "copier": 0.2}
+    assert weights_by_uid(ema, registered)[2] == pytest.approx(1 / 3)
+    assert weights_by_uid(ema, registered, banned={"copier"}) == pytest.approx({0: 0.75, 1: 0.25})
+    assert weights_by_uid(ema, registered, banned={"a", "b", "copier"}) == {}
+
+
 def test_banned_hotkeys():
     registered = {"a": 0, "b": 1, "c": 2, "d": 3}
     ema = {"a": 0.5, "b": 0.001, "c": 0.5}
