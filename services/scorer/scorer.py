@@ -158,7 +158,7 @@ class Scorer:
         weights = weights_by_uid(ema, registered, banned)
         skipped = ""
         if not weights:
-            skipped = "every registered miner's EMA is 0, or the miner is banned"
+            skipped = "every registered miner's EMA is 0 or it is banned"
             log.warning("round %d: %s; setting no weights (the chain keeps the previous ones)", round, skipped)
         else:
             uids, values = list(weights), list(weights.values())

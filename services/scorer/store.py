@@ -17,7 +17,7 @@ Keys, under SCORER_KEY_PREFIX (default `moe:scores:`):
     last            hash    hotkey -> JSON {round, zero, reason} of the hotkey's newest result
     banned          set     hotkeys whose newest result scored 0 (not verified, a copy, any reason;
                             added as soon as that result is consumed) or whose EMA is below
-                            SCORER_BAN_EMA (at fold time). Read by the router.
+                            SCORER_BAN_EMA (at fold time). Read by the router; gets no weight.
     submitted       hash    scorer hotkey -> the last round it set weights for (or chose not to)
 
 Recording and folding are atomic (a Lua script; WATCH/MULTI), so a scorer killed at any point
