@@ -168,6 +168,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
                 version = await self.worker.submit("ApplyStep", self.backend.skip_step, uid, r.step, session)
             else:
                 _check_step_settings(r)
+                _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
                 version = await self.worker.submit("ApplyStep", self.backend.apply_step, uid, r.step, r.lr,
                                                    r.grad_scale, r.weight_decay, r.beta1, r.beta2, r.eps, session)
             if self.metrics is not None:
@@ -363,13 +364,9 @@ MIN_EPS = 1e-30
 
 
 def _check_step_settings(r: expert_pb2.ApplyStepRequest | expert_pb2.ApplyNow) -> None:
-    """The optimizer numbers of an ApplyStep (or of a Backward's ApplyNow), each finite and in its
-    range, before any is used."""
+    """The AdamW numbers an ApplyStep and a Backward's ApplyNow share, each finite and in its range,
+    before any is used; each caller checks its own other field."""
     _check_hyper("lr", r.lr, 0 <= r.lr <= MAX_LR, f"in [0, {MAX_LR:g}]")
-    if hasattr(r, "grad_scale"):   # ApplyStep (parsed plainly or spliced)
-        _check_hyper("grad_scale", r.grad_scale, r.grad_scale >= 0, ">= 0 (0 means 1)")
-    else:
-        _check_hyper("apply_now.max_grad_norm", r.max_grad_norm, r.max_grad_norm >= 0, ">= 0 (0 = no clipping)")
     _check_hyper("weight_decay", r.weight_decay, r.weight_decay >= 0 and r.lr * r.weight_decay <= 1,
                  f">= 0 with lr * weight_decay <= 1 (lr={r.lr})")
     _check_hyper("beta1", r.beta1, 0 <= r.beta1 < 1, "in [0, 1)")
@@ -383,6 +380,7 @@ def _apply_now(request) -> be.StepNow | None:
         return None
     a = request.apply_now
     _check_step_settings(a)
+    _check_hyper("apply_now.max_grad_norm", a.max_grad_norm, a.max_grad_norm >= 0, ">= 0 (0 = no clipping)")
     return be.StepNow(lr=a.lr, weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2, eps=a.eps,
                       max_grad_norm=a.max_grad_norm)
 
