@@ -8,8 +8,6 @@ are counted in expert_stale_updates_total. Then the same through two routers' as
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import pytest
 import torch
@@ -21,6 +19,7 @@ from subnet.expert_client import ExpertClientPool
 from subnet.tensor_codec import decode, encode
 from subnet.wire.v1 import expert_pb2
 from tests.integration.one_service import OneService
+from tests.integration.test_expert_service import _metrics as service_metrics
 from tests.integration.test_hostile_battery import Caller, apply_now
 
 pytestmark = pytest.mark.integration
@@ -34,9 +33,7 @@ def service(expert_service_factory):
 
 
 def stale_updates(service) -> float:
-    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('expert_stale_updates_total{expert="0.0"}'))
+    return service_metrics(service).get(("expert_stale_updates_total", (("expert", "0.0"),)), 0.0)
 
 
 def test_backwards_later_than_max_staleness_answer_but_do_not_update(service, client_identity):
