@@ -19,6 +19,9 @@ Contract of `ExpertGroup.run`:
 `ExpertGroup.run_streaming` (inference) hands each output over as soon as it is there, so the
 layer combines the first experts' outputs while the others still compute: for remote experts
 that takes the combine off the critical path (their answers arrive one by one).
+
+`ExpertGroup.run_meanwhile` is `run` with the layer's work that does not need the outputs (its
+routing losses) done while the experts compute: for remote experts, once the calls are sent.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ class ExpertGroup(ABC):
     def run(self, batches: Mapping[int, torch.Tensor],
             token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
         """Run each expert on its token batch (see the module docstring for the contract)."""
+
+    def run_meanwhile(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
+                      meanwhile: Callable[[], None]) -> dict[int, torch.Tensor | None]:
+        """`run`, calling `meanwhile()` once on this thread while the experts compute. A group whose
+        experts are elsewhere calls it once its calls are out, so that the work hides behind the
+        wait; this default (experts that compute on this thread) calls it after `run`."""
+        outputs = self.run(batches, token_ids)
+        meanwhile()
+        return outputs
 
     #: Whether `run_streaming` hands outputs over as they arrive; the MoE layer uses it without
     #: autograd only when it does (for the in-process reference, one combine at the end is faster).

@@ -116,10 +116,20 @@ class MoE(nn.Module):
         batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
         token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
+        losses: list[tuple[torch.Tensor, float, float, int]] = []
+
+        def routing_losses() -> None:
+            """What the gate alone decides (aux loss, its parts, drops): once, while the experts compute."""
+            if not losses:
+                balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
+                z = router_z_loss(routing.logits)
+                losses.append((self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z,
+                               float(balance.detach()), float(z.detach()), int((~kept).sum())))
+
         if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
             y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts)
         else:
-            outputs = self.experts.run(batches, token_ids)
+            outputs = self.experts.run_meanwhile(batches, token_ids, routing_losses)
             masked = tuple(sorted(e for e, out in outputs.items() if out is None))
             if masked:
                 weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)
@@ -130,11 +140,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
 
-        balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
-        z = router_z_loss(routing.logits)
-        aux_loss = self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z
-        self.last_stats = LayerStats(expert_counts=counts.detach(), balance_loss=float(balance.detach()),
-                                     z_loss=float(z.detach()), dropped=int((~kept).sum()), masked_experts=masked)
+        routing_losses()   # if the group did not
+        aux_loss, balance, z, dropped = losses[0]
+        self.last_stats = LayerStats(expert_counts=counts.detach(), balance_loss=balance, z_loss=z, dropped=dropped,
+                                     masked_experts=masked)
         return y.reshape(shape), aux_loss
 
     def _combine_streaming(self, x: torch.Tensor, batches: dict[int, torch.Tensor], token_ids: dict[int, torch.Tensor],

@@ -548,8 +548,14 @@ class RemoteExpertGroup(ExpertGroup):
 
     def run(self, batches: Mapping[int, torch.Tensor],
             token_ids: Mapping[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor | None]:
+        return self.run_meanwhile(batches, token_ids, None)
+
+    def run_meanwhile(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
+                      meanwhile: Callable[[], None] | None) -> dict[int, torch.Tensor | None]:
+        """`run`; `meanwhile()` is called once the first calls are sent, before their answers are awaited
+        (a decode step's layer then computes its routing losses during the experts' round trip)."""
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
-        forwards = self._forwards(batches, token_ids, training)
+        forwards = self._forwards(batches, token_ids, training, meanwhile=meanwhile)
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}
         served = [i for i in batches if forwards[i].answered]
         if training and served:
@@ -575,9 +581,11 @@ class RemoteExpertGroup(ExpertGroup):
         return tuple(sorted(i for i, forward in forwards.items() if not forward.answered))
 
     def _forwards(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
-                  training: bool, on_answer: Callable[[_Forward], None] | None = None) -> dict[int, _Forward]:
+                  training: bool, on_answer: Callable[[_Forward], None] | None = None,
+                  meanwhile: Callable[[], None] | None = None) -> dict[int, _Forward]:
         """The Forward calls of one `run`, sent and collected (each `answered`, or given up); `on_answer`:
-        called with each Forward as its answer is accepted."""
+        called with each Forward as its answer is accepted; `meanwhile`: see `run_meanwhile` (called at
+        most once)."""
         for i, x in batches.items():
             if not 0 <= i < self.n_experts:
                 raise ValueError(f"expert index {i} out of range for layer {self.layer} "
@@ -590,9 +598,9 @@ class RemoteExpertGroup(ExpertGroup):
                     for i, x in batches.items()}
         covered = _Coverage(forwards, token_ids, self.k_min) if self.straggler_s and token_ids else None
         if training or not self.forward_many_max_tokens:
-            self._gather(list(forwards.values()), self.timeout_s, covered=covered)
+            self._gather(list(forwards.values()), self.timeout_s, covered=covered, meanwhile=meanwhile)
         else:
-            self._serve(list(forwards.values()), covered)
+            self._serve(list(forwards.values()), covered, meanwhile)
         self.metrics.expert_tokens_of(self._layer_label).inc(sum(x.shape[0] for x in batches.values()))
         return forwards
 
@@ -674,7 +682,8 @@ class RemoteExpertGroup(ExpertGroup):
                 grads.append(call.grad_inputs)
         return grads
 
-    def _serve(self, forwards: list[_Forward], covered: Callable[[], bool] | None = None) -> None:
+    def _serve(self, forwards: list[_Forward], covered: Callable[[], bool] | None = None,
+               meanwhile: Callable[[], None] | None = None) -> None:
         """Serving Forwards: those bound for the same endpoint go as one ForwardMany when they are
         small together (a decode step sends a few tokens to most experts of a layer: per call, not
         per token, is what costs). A failed ForwardMany's Forwards are sent again one by one, within
@@ -698,7 +707,7 @@ class RemoteExpertGroup(ExpertGroup):
                 calls.extend(group)
             else:
                 calls.append(_ForwardMany(group, endpoint, self.wire_dtype, self.dim, self._step))
-        self._gather(calls, self.timeout_s, phase="Forward", covered=covered)
+        self._gather(calls, self.timeout_s, phase="Forward", covered=covered, meanwhile=meanwhile)
         again: list[_Forward] = []
         for call in calls:
             if not isinstance(call, _ForwardMany) or call.failed is None:
@@ -727,31 +736,32 @@ class RemoteExpertGroup(ExpertGroup):
                 self._give_up(forward, "deadline_exceeded", "no time left to send it again on its own")
 
     def _gather(self, calls: Sequence[_Call], timeout_s: float, phase: str | None = None,
-                covered: Callable[[], bool] | None = None) -> None:
+                covered: Callable[[], bool] | None = None, meanwhile: Callable[[], None] | None = None) -> None:
         """Send every call at once and collect them, under one `moe.layer/<phase>` span (default: the
         calls' RPC) whose children are the call spans (and, through the `traceparent` they send, the
         experts' server spans)."""
         if not calls:
             return
         with self.tracer.layer(self.layer, phase or calls[0].rpc, len(calls)) as span:
-            self._send_and_collect(calls, timeout_s, covered)
+            self._send_and_collect(calls, timeout_s, covered, meanwhile)
             failed = sorted(f"{c.uid}:{c.failed[0]}" for c in calls if c.failed is not None)
             if failed:
                 span.set_attribute("moe.given_up", failed)
 
-    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float,
-                          covered: Callable[[], bool] | None = None) -> None:
+    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float, covered: Callable[[], bool] | None = None,
+                          meanwhile: Callable[[], None] | None = None) -> None:
         """Retries and give-ups happen here. Returns by the deadline (+ GRACE_S at worst); afterwards
         each call has succeeded or has `failed` set. `covered()` True (checked after each answer):
-        what is still out gets `straggler_s` more, then is given up as a straggler."""
+        what is still out gets `straggler_s` more, then is given up as a straggler. `meanwhile()`: called
+        once every call is sent, before any answer is awaited."""
         done = CallInbox()
         try:
-            self._collect(calls, timeout_s, covered, done)
+            self._collect(calls, timeout_s, covered, done, meanwhile)
         finally:
             done.close()
 
     def _collect(self, calls: Sequence[_Call], timeout_s: float, covered: Callable[[], bool] | None,
-                 done: CallInbox) -> None:
+                 done: CallInbox, meanwhile: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         cut: float | None = None   # the straggler deadline, once covered
         in_flight: set[int] = set()
@@ -790,6 +800,8 @@ class RemoteExpertGroup(ExpertGroup):
             if not launch(call):
                 self._give_up(call, "no_replica", "no replica to call (none registered, or all failed "
                                                   "within the suspect cooldown)")
+        if meanwhile is not None:
+            meanwhile()
         while in_flight:
             limit = cut if cut is not None else deadline + GRACE_S
             try:

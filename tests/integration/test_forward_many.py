@@ -30,7 +30,7 @@ from tests.integration.test_remote_experts import DIM, INTER, TOL, inputs, refer
 pytestmark = pytest.mark.integration
 make_group, registry = test_remote_experts.make_group, test_remote_experts.registry   # its fixtures, here too
 Code = grpc.StatusCode
-LAYER = 20   # this file's own layers (20, 21, 22): services of other tests never answer
+LAYER = 20   # this file's own layers (20 to 23): services of other tests never answer
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +174,29 @@ def test_a_service_without_forward_many_gets_forwards(redis_server, registry, ma
         assert _forward_many_calls(group, "UNIMPLEMENTED") == 1
     finally:
         old.close()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_work_meanwhile_runs_once_while_the_calls_are_out(expert_service_factory, registry, make_group, tmp_path,
+                                                          training):
+    """`run_meanwhile` (what the MoE layer computes its routing losses in): called once, after every
+    call was sent and before any answer was taken, for serving (ForwardMany) and training (Forward)."""
+    layer = LAYER + 3
+    local, ckpt = reference(layer, tmp_path)
+    a = start(expert_service_factory, layer, [0, 1], ckpt)
+    b = start(expert_service_factory, layer, [2, 3], ckpt)
+    wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
+    group = make_group({a.endpoint, b.endpoint}, layer, forward_many_max_tokens=256)
+    xs = {i: x.requires_grad_(training) for i, x in inputs({0: 2, 1: 1, 3: 3}).items()}
+    seen = []
+
+    def meanwhile():
+        seen.append({e: group.replicas.in_flight(e) for e in (a.endpoint, b.endpoint)})
+
+    with torch.set_grad_enabled(training):
+        outs = group.run_meanwhile(xs, None, meanwhile)
+    # Tokens still out at each service: 3 at a (experts 0 and 1), 3 at b (expert 3).
+    assert seen == [{a.endpoint: 3, b.endpoint: 3}]
+    assert all(group.replicas.in_flight(e) == 0 for e in (a.endpoint, b.endpoint))   # all answered since
+    for i, x in xs.items():
+        torch.testing.assert_close(outs[i], local[i](x).detach(), **TOL)

@@ -194,6 +194,41 @@ def test_bad_configuration_gets_clear_error():
         MoE(dim=8, n_experts=2, n_activated_experts=1, moe_inter_dim=8, capacity_factor=-1.0)
 
 
+class EarlyExperts(LocalExperts):
+    """Calls `meanwhile` before computing, twice, as a group whose experts are elsewhere calls it once
+    its calls are out (and as a careless one might call it again)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.order = []
+
+    def run_meanwhile(self, batches, token_ids, meanwhile):
+        self.order.append("meanwhile")
+        meanwhile()
+        meanwhile()
+        self.order.append("run")
+        return self.run(batches, token_ids)
+
+
+def test_routing_losses_computed_while_the_experts_run_are_the_same():
+    torch.manual_seed(3)
+    x = torch.randn(24, 8)
+    ref = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=LocalExperts(4, 8, 16))
+    early = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=EarlyExperts(4, 8, 16))
+    early.load_state_dict(ref.state_dict())
+    got = []
+    for moe in (ref, early):
+        leaf = x.clone().requires_grad_()
+        y, aux = moe(leaf)
+        (y.square().sum() + 100 * aux).backward()
+        got.append((y, aux, leaf.grad, moe.gate.weight.grad))
+    assert early.experts.order == ["meanwhile", "run"]
+    for want, have in zip(*got):
+        torch.testing.assert_close(have, want)   # outputs, aux loss, input and gate gradients
+    assert early.last_stats.balance_loss == ref.last_stats.balance_loss > 0
+    assert early.last_stats.z_loss == ref.last_stats.z_loss > 0
+
+
 class StreamingExperts(MaskingExperts):
     """Hands outputs over one by one, last expert first, each in a buffer that is overwritten with
     NaN once `on_output` returns (like a shared-memory region going back to its pool)."""
