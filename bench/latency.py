@@ -19,8 +19,9 @@ back to back (see `_one_call`).
 `cpu_ms_per_step`: after the timed steps, CPU_STEPS more steps of each model alone, with the CPU
 each process spent on them (/proc): this process ("router"; for "inproc" the whole model, on its
 threads, idle OpenMP workers spinning included), and for a remote variant its expert services
-("experts"). The services and the router mostly take turns, so a remote step's wall time
-follows its CPU.
+("experts"), the expert calls a step made ("calls_per_step": a Forward, or a ForwardMany for the
+experts of a layer on one service) and the services' CPU per call ("experts_us_per_call"). The
+services and the router mostly take turns, so a remote step's wall time follows its CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import gc
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ from bench.timing import percentiles
 from moe import preset
 from moe.lm import MoELM
 from services.router.config import RouterConfig
+from services.router.metrics import RouterMetrics
 from services.router.remote_model import build_remote_lm, export_expert_weights
 from services.stack.placement import deal_experts
 from subnet.gc_pauses import freeze_startup_objects
@@ -73,10 +77,13 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             for name, env in REMOTE_VARIANTS.items():   # all services start side by side
                 stacks[name].spawn_experts(deals, cfg.dim, cfg.moe_inter_dim, checkpoint, threads=1, env=env)
             models = {"inproc": (local, n_threads)}
+            call_counts = {}
             for name, stack in stacks.items():
                 stack.wait_experts()
                 router_cfg = RouterConfig(wire_dtype="fp32", expert_timeout_s=CALL_TIMEOUT_S, retries=0)
-                remote = build_remote_lm(cfg, stack.remote_parts(), router_cfg).eval()
+                parts = stack.remote_parts()
+                remote = build_remote_lm(cfg, parts, router_cfg).eval()
+                call_counts[name] = partial(_expert_calls, parts.metrics)
                 missing, unexpected = remote.load_state_dict(local.state_dict(), strict=False)
                 unexpected = [k for k in unexpected if ".ffn.experts.experts." not in k]
                 if missing or unexpected:
@@ -86,17 +93,18 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             out = _measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
             out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: stack.service_pids()
-                                                                    for name, stack in stacks.items()})
+                                                                    for name, stack in stacks.items()}, call_counts)
             return out
     finally:
         gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
 
 
-def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor,
-                  service_pids: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, service_pids: dict[str, list[int]],
+                  call_counts: dict[str, Callable[[], float]]) -> dict[str, dict[str, float]]:
     """CPU ms per decode step of each model run alone: this process ("router", which is the whole
-    model in process) and, for a remote variant, its expert services together ("experts")."""
+    model in process) and, for a remote variant, its expert services together ("experts"), with the
+    calls a step made and the services' CPU per call."""
     out = {}
     with torch.no_grad():
         for name, (model, threads) in models.items():
@@ -104,6 +112,8 @@ def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor,
             cache = model.new_cache(1)
             model(tokens[:, :PROMPT_TOKENS], cache=cache)
             pids = service_pids.get(name, [])
+            calls = call_counts.get(name, lambda: 0.0)
+            calls_before = calls()
             before, services_before = time.process_time(), sum(process_cpu_s(pid) for pid in pids)
             steps = min(CPU_STEPS, tokens.shape[1] - PROMPT_TOKENS)
             for pos in range(PROMPT_TOKENS, PROMPT_TOKENS + steps):
@@ -112,7 +122,16 @@ def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor,
             if pids:   # /proc counts clock ticks (10 ms): over CPU_STEPS steps, +-0.1 ms a step
                 services_s = sum(process_cpu_s(pid) for pid in pids) - services_before
                 out[name]["experts"] = round(services_s / steps * 1e3, 2)
+                n_calls = calls() - calls_before
+                out[name]["calls_per_step"] = round(n_calls / steps, 2)
+                out[name]["experts_us_per_call"] = round(services_s / n_calls * 1e6) if n_calls else None
     return out
+
+
+def _expert_calls(metrics: RouterMetrics) -> float:
+    """Expert call attempts the router has made so far, every layer, RPC and status together."""
+    return sum(sample.value for family in metrics.registry.collect() if family.name == "router_expert_calls"
+               for sample in family.samples if sample.name.endswith("_total"))
 
 
 def _one_call(stack: BenchStack, uid: str, dim: int) -> dict:
