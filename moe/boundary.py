@@ -21,7 +21,8 @@ layer combines the first experts' outputs while the others still compute: for re
 that takes the combine off the critical path (their answers arrive one by one).
 
 `ExpertGroup.run_meanwhile` is `run` with the layer's work that does not need the outputs (its
-routing losses) done while the experts compute: for remote experts, once the calls are sent.
+routing losses, its shared experts) done while the experts compute: for remote experts, once the
+calls are sent.
 """
 
 from __future__ import annotations

@@ -116,20 +116,22 @@ class MoE(nn.Module):
         batches = {e: chunk for e, chunk in enumerate(chunks) if chunk.shape[0] > 0}
         token_ids = {e: ids for e, ids in enumerate(token_of_row.split(sizes)) if ids.shape[0] > 0}
 
-        losses: list[tuple[torch.Tensor, float, float, int]] = []
+        local: list[tuple[torch.Tensor, float, float, int, torch.Tensor | None]] = []
 
-        def routing_losses() -> None:
-            """What the gate alone decides (aux loss, its parts, drops): once, while the experts compute."""
-            if not losses:
+        def local_work() -> None:
+            """What needs no routed expert's output (the routing losses and their parts, the drops, the
+            shared experts): once, while the routed experts compute (`ExpertGroup.run_meanwhile`)."""
+            if not local:
                 balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
                 z = router_z_loss(routing.logits)
-                losses.append((self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z,
-                               float(balance.detach()), float(z.detach()), int((~kept).sum())))
+                local.append((self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z,
+                              float(balance.detach()), float(z.detach()), int((~kept).sum()),
+                              self.shared_experts(x) if self.shared_experts is not None else None))
 
         if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
             y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts)
         else:
-            outputs = self.experts.run_meanwhile(batches, token_ids, routing_losses)
+            outputs = self.experts.run_meanwhile(batches, token_ids, local_work)
             masked = tuple(sorted(e for e, out in outputs.items() if out is None))
             if masked:
                 weight_of_row = self._mask_weights(weight_of_row, token_of_row, counts, masked, n)
@@ -137,11 +139,10 @@ class MoE(nn.Module):
                      for e in sorted(batches)]
             expert_out = torch.cat(parts) if parts else rows            # (M, dim)
             y = torch.zeros_like(x).index_add_(0, token_of_row, expert_out * weight_of_row[:, None])
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-
-        routing_losses()   # if the group did not
-        aux_loss, balance, z, dropped = losses[0]
+        local_work()   # if the group did not
+        aux_loss, balance, z, dropped, shared = local[0]
+        if shared is not None:
+            y = y + shared
         self.last_stats = LayerStats(expert_counts=counts.detach(), balance_loss=balance, z_loss=z, dropped=dropped,
                                      masked_experts=masked)
         return y.reshape(shape), aux_loss

@@ -553,7 +553,7 @@ class RemoteExpertGroup(ExpertGroup):
     def run_meanwhile(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
                       meanwhile: Callable[[], None] | None) -> dict[int, torch.Tensor | None]:
         """`run`; `meanwhile()` is called once the first calls are sent, before their answers are awaited
-        (a decode step's layer then computes its routing losses during the experts' round trip)."""
+        (the MoE layer then computes its routing losses and shared experts during the round trip)."""
         training = torch.is_grad_enabled() and any(x.requires_grad for x in batches.values())
         forwards = self._forwards(batches, token_ids, training, meanwhile=meanwhile)
         result: dict[int, torch.Tensor | None] = {i: None for i in batches}

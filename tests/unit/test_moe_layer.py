@@ -210,21 +210,26 @@ class EarlyExperts(LocalExperts):
         return self.run(batches, token_ids)
 
 
-def test_routing_losses_computed_while_the_experts_run_are_the_same():
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_work_done_while_the_experts_run_gives_the_same_results(n_shared):
+    """The routing losses and the shared experts, computed while the routed experts run (a remote
+    group's calls are out) instead of after: the same outputs, losses, statistics and gradients."""
     torch.manual_seed(3)
     x = torch.randn(24, 8)
-    ref = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=LocalExperts(4, 8, 16))
-    early = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=16, experts=EarlyExperts(4, 8, 16))
+    kw = {"dim": 8, "n_experts": 4, "n_activated_experts": 2, "moe_inter_dim": 16, "n_shared_experts": n_shared}
+    ref = MoE(**kw, experts=LocalExperts(4, 8, 16))
+    early = MoE(**kw, experts=EarlyExperts(4, 8, 16))
     early.load_state_dict(ref.state_dict())
     got = []
     for moe in (ref, early):
         leaf = x.clone().requires_grad_()
         y, aux = moe(leaf)
         (y.square().sum() + 100 * aux).backward()
-        got.append((y, aux, leaf.grad, moe.gate.weight.grad))
+        got.append((y, aux, leaf.grad, moe.gate.weight.grad) +
+                   ((moe.shared_experts.w1.weight.grad,) if n_shared else ()))
     assert early.experts.order == ["meanwhile", "run"]
     for want, have in zip(*got):
-        torch.testing.assert_close(have, want)   # outputs, aux loss, input and gate gradients
+        torch.testing.assert_close(have, want)   # outputs, aux loss, input, gate (and shared expert) gradients
     assert early.last_stats.balance_loss == ref.last_stats.balance_loss > 0
     assert early.last_stats.z_loss == ref.last_stats.z_loss > 0
 
