@@ -151,7 +151,9 @@ def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, di
                         inter_dim: int, recovery_key: bytes | None = None) -> OwnCheckpoint | None:
     """This hotkey's newest checkpoint: its newest complete round checkpoint, or its recovery
     checkpoint when that was taken later (while a later round was open; on a tie the round
-    checkpoint, published after it). None if there is neither. A round checkpoint that fails
+    checkpoint, published after it). None if there is neither. A round checkpoint (weights only)
+    takes the AdamW moments of a recovery checkpoint taken while the same or the previous round was
+    open, from the same merged global version. A round checkpoint that fails
     verification is an error, not silently skipped; a recovery checkpoint that does (e.g. a crash
     between its files and its manifest) is passed over with a warning: the round checkpoint is
     still there; so is one that does not open with `recovery_key` (the publisher's, derived from
@@ -169,7 +171,16 @@ def load_own_checkpoint(store: ObjectStore, uids: Iterable[str], hotkey: str, di
     if round is None:
         return None
     keys = [f"{checkpoint_prefix('expert', uid=uid, hotkey=hotkey, round=round)}/{MANIFEST_NAME}" for uid in uids]
-    return _load_own(store, keys, uids, hotkey, dim, inter_dim, f"own checkpoints of round {round}")
+    own = _load_own(store, keys, uids, hotkey, dim, inter_dim, f"own checkpoints of round {round}")
+    if recovery is not None and not own.moments and recovery.moments and \
+            recovery.parent_version == own.parent_version and recovery.round >= own.round - 1:
+        # Round checkpoints carry weights only. The recovery checkpoint's moments were taken at most
+        # one recovery interval before these weights, on the same line of descent (no merge between):
+        # closer to the truth than zeros, whose first Adam steps are full-size steps of the sign.
+        log.info("resuming the AdamW moments of %s from the recovery checkpoint of round %d", ", ".join(
+            sorted(recovery.moments)), recovery.round)
+        own = own._replace(moments=recovery.moments)
+    return own
 
 
 def _own_recovery(store: ObjectStore, uids: list[str], hotkey: str, dim: int, inter_dim: int, key: bytes | None):

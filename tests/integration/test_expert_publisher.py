@@ -159,6 +159,33 @@ def test_recovery_checkpoints_carry_the_moments_and_round_ones_do_not(object_sto
         assert torch.equal(found.moments["0.0"][name], t), name
 
 
+@pytest.mark.parametrize("recovery_round, recovery_parent, takes_moments", [
+    (5, 3, True),    # taken while round 5 was open, just before its publish: the usual case
+    (4, 3, True),    # taken while the previous round was open
+    (3, 3, False),   # two rounds older: too stale
+    (5, 2, False),   # from before a merge (another global version): not these weights' moments
+])
+def test_a_round_checkpoint_takes_the_moments_of_a_close_recovery_checkpoint(object_store, recovery_round,
+                                                                             recovery_parent, takes_moments):
+    me = Identity.generate()
+    modules, moments = trained_with_moments(seed=7)
+    states = {uid: m.state_dict() for uid, m in modules.items()}
+    ExpertPublisher(object_store, me, lambda: states, DIM, INTER, parent_version=lambda: recovery_parent,
+                    recovery_snapshot=lambda: (states, moments)).publish_recovery(recovery_round)
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, parent_version=lambda: 3).publish(5)
+    found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
+    assert found.round == 5 and found.parent_version == 3
+    want = experts(seed=2)["0.0"].state_dict()["w1.weight"]
+    torch.testing.assert_close(found.experts["0.0"].state_dict()["w1.weight"], want)   # the round's weights
+    if not takes_moments:
+        assert found.moments == {}
+        return
+    assert sorted(found.moments) == UIDS
+    for uid in UIDS:
+        for name, t in moments[uid].items():
+            assert torch.equal(found.moments[uid][name], t), (uid, name)
+
+
 def test_signed_moments_that_cannot_be_read_leave_the_weights_resumable(object_store, caplog):
     """A file that passes the manifest's checks (its owner signed and sealed it) but is not a moments file:
     the weights still load and that expert starts Adam over, with a warning."""
