@@ -72,11 +72,15 @@ class ExpertGroup(ABC):
     streams_outputs: bool = False
 
     def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
-                      on_output: Callable[[int, torch.Tensor], None]) -> tuple[int, ...]:
+                      on_output: Callable[[int, torch.Tensor], None],
+                      meanwhile: Callable[[], None] | None = None) -> tuple[int, ...]:
         """`run` without autograd, handing each expert's output to `on_output(i, out)` once it is there
         (in any order, on the calling thread; `out` may be valid only during that call). Returns the
-        experts that gave none (masked), sorted. This default runs `run`, then hands everything over."""
+        experts that gave none (masked), sorted. `meanwhile()`: as in `run_meanwhile`. This default
+        runs `run`, then `meanwhile`, then hands everything over."""
         outputs = self.run(batches, token_ids)
+        if meanwhile is not None:
+            meanwhile()
         for i, out in outputs.items():
             if out is not None:
                 on_output(i, out)

@@ -10,6 +10,7 @@ runs once on all of its tokens, and the outputs are scattered back with index_ad
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -129,7 +130,8 @@ class MoE(nn.Module):
                               self.shared_experts(x) if self.shared_experts is not None else None))
 
         if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
-            y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts)
+            y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts,
+                                                local_work)
         else:
             outputs = self.experts.run_meanwhile(batches, token_ids, local_work)
             masked = tuple(sorted(e for e, out in outputs.items() if out is None))
@@ -148,8 +150,8 @@ class MoE(nn.Module):
         return y.reshape(shape), aux_loss
 
     def _combine_streaming(self, x: torch.Tensor, batches: dict[int, torch.Tensor], token_ids: dict[int, torch.Tensor],
-                           token_of_row: torch.Tensor, weight_of_row: torch.Tensor,
-                           counts: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+                           token_of_row: torch.Tensor, weight_of_row: torch.Tensor, counts: torch.Tensor,
+                           meanwhile: Callable[[], None]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The combine of `forward`, one expert at a time as its output arrives (inference with a
         group that `streams_outputs`): the experts still computing hide it. The same sums as the
         one-shot combine (with top-2, bit for bit: each token adds two terms). When experts are masked,
@@ -164,7 +166,7 @@ class MoE(nn.Module):
             rows = slice(starts[e], starts[e + 1])
             combined[0].index_add_(0, token_of_row[rows], out.to(x.dtype) * weight_of_row[rows, None])
 
-        masked = self.experts.run_streaming(batches, token_ids, add)
+        masked = self.experts.run_streaming(batches, token_ids, add, meanwhile)
         y = combined[0] if combined else torch.zeros_like(x)
         if masked:
             y /= self._answered_weights(weight_of_row, token_of_row, counts, masked, x.shape[0])[1][:, None]

@@ -568,7 +568,8 @@ class RemoteExpertGroup(ExpertGroup):
         return result
 
     def run_streaming(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
-                      on_output: Callable[[int, torch.Tensor], None]) -> tuple[int, ...]:
+                      on_output: Callable[[int, torch.Tensor], None],
+                      meanwhile: Callable[[], None] | None = None) -> tuple[int, ...]:
         """Each answer goes to `on_output` as it is accepted, on this thread, while the other calls are
         still out. Inference only: no autograd graph is built. An answer in shared memory is handed over
         as a copy of its own, never read in place: the expert shares that region and could rewrite it
@@ -577,7 +578,7 @@ class RemoteExpertGroup(ExpertGroup):
             on_output(forward.expert, forward.outputs)
             forward.outputs = None   # combined: nothing keeps it
 
-        forwards = self._forwards(batches, token_ids, training=False, on_answer=hand_over)
+        forwards = self._forwards(batches, token_ids, training=False, on_answer=hand_over, meanwhile=meanwhile)
         return tuple(sorted(i for i, forward in forwards.items() if not forward.answered))
 
     def _forwards(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,

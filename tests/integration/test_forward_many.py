@@ -176,25 +176,31 @@ def test_a_service_without_forward_many_gets_forwards(redis_server, registry, ma
         old.close()
 
 
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("path", ["serving", "streaming", "training"])
 def test_work_meanwhile_runs_once_while_the_calls_are_out(expert_service_factory, registry, make_group, tmp_path,
-                                                          training):
-    """`run_meanwhile` (what the MoE layer computes its routing losses in): called once, after every
-    call was sent and before any answer was taken, for serving (ForwardMany) and training (Forward)."""
+                                                          path):
+    """What the MoE layer computes its routing losses and shared experts in (`run_meanwhile`, and
+    `run_streaming`'s `meanwhile`): called once, after every call was sent and before any answer was
+    taken, for serving (ForwardMany), streamed serving and training (Forward)."""
     layer = LAYER + 3
     local, ckpt = reference(layer, tmp_path)
     a = start(expert_service_factory, layer, [0, 1], ckpt)
     b = start(expert_service_factory, layer, [2, 3], ckpt)
     wait_registered(registry, [(a, [0, 1]), (b, [2, 3])], layer)
     group = make_group({a.endpoint, b.endpoint}, layer, forward_many_max_tokens=256)
-    xs = {i: x.requires_grad_(training) for i, x in inputs({0: 2, 1: 1, 3: 3}).items()}
+    xs = {i: x.requires_grad_(path == "training") for i, x in inputs({0: 2, 1: 1, 3: 3}).items()}
     seen = []
 
     def meanwhile():
         seen.append({e: group.replicas.in_flight(e) for e in (a.endpoint, b.endpoint)})
 
-    with torch.set_grad_enabled(training):
-        outs = group.run_meanwhile(xs, None, meanwhile)
+    with torch.set_grad_enabled(path == "training"):
+        if path == "streaming":
+            outs = {}
+            masked = group.run_streaming(xs, None, lambda i, out: outs.__setitem__(i, out.clone()), meanwhile)
+            assert masked == ()
+        else:
+            outs = group.run_meanwhile(xs, None, meanwhile)
     # Tokens still out at each service: 3 at a (experts 0 and 1), 3 at b (expert 3).
     assert seen == [{a.endpoint: 3, b.endpoint: 3}]
     assert all(group.replicas.in_flight(e) == 0 for e in (a.endpoint, b.endpoint))   # all answered since

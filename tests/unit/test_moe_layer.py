@@ -247,8 +247,10 @@ class StreamingExperts(MaskingExperts):
         self.ran += 1
         return super().run(batches, token_ids)
 
-    def run_streaming(self, batches, token_ids, on_output):
+    def run_streaming(self, batches, token_ids, on_output, meanwhile=None):
         self.streamed += 1
+        if meanwhile is not None:   # as a remote group does: once its calls are out
+            meanwhile()
         for i in sorted(batches, reverse=True):
             if i not in self.dead:
                 buffer = self.experts[i](batches[i]).detach().clone()
@@ -263,20 +265,21 @@ def stream_everything(monkeypatch):
     monkeypatch.setattr(moe_layer, "STREAM_MIN_ELEMENTS", 0)
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_streaming_combine_equals_the_one_shot_combine(k, stream_everything):
+@pytest.mark.parametrize("k, n_shared", [(2, 0), (3, 0), (2, 1)])
+def test_streaming_combine_equals_the_one_shot_combine(k, n_shared, stream_everything):
     torch.manual_seed(6)
     streaming = StreamingExperts(6, 8, 16)
     one_shot = MaskingExperts(6, 8, 16)
     one_shot.load_state_dict(streaming.state_dict())
-    layers = [MoE(dim=8, n_experts=6, n_activated_experts=k, moe_inter_dim=16, experts=g)
-              for g in (streaming, one_shot)]
-    layers[1].gate.load_state_dict(layers[0].gate.state_dict())
+    layers = [MoE(dim=8, n_experts=6, n_activated_experts=k, moe_inter_dim=16, n_shared_experts=n_shared,
+                  experts=g) for g in (streaming, one_shot)]
+    layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(50, 8)
     with torch.no_grad():
-        y_stream, _ = layers[0](x)
-        y_once, _ = layers[1](x)
+        y_stream, aux_stream = layers[0](x)
+        y_once, aux_once = layers[1](x)
     assert streaming.streamed == 1 and streaming.ran == 0
+    assert torch.equal(aux_stream, aux_once)   # computed while the (fake) calls were out, the same
     assert torch.isfinite(y_stream).all()   # nothing read from a buffer after it was handed back
     if k == 2:
         assert torch.equal(y_stream, y_once)   # each token adds two terms: the order cannot matter
