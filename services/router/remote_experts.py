@@ -802,7 +802,14 @@ class RemoteExpertGroup(ExpertGroup):
                 self._give_up(call, "no_replica", "no replica to call (none registered, or all failed "
                                                   "within the suspect cooldown)")
         if meanwhile is not None:
-            meanwhile()
+            try:
+                meanwhile()
+            except BaseException:   # the caller's work failed: nobody will read these answers
+                for key in in_flight:
+                    done.forget(attempts[key].future)   # an inline call's socket is closed by cancel()
+                    attempts[key].future.cancel()
+                    attempts[key].call.settle(False)
+                raise
         while in_flight:
             limit = cut if cut is not None else deadline + GRACE_S
             try:

@@ -206,3 +206,17 @@ def test_work_meanwhile_runs_once_while_the_calls_are_out(expert_service_factory
     assert all(group.replicas.in_flight(e) == 0 for e in (a.endpoint, b.endpoint))   # all answered since
     for i, x in xs.items():
         torch.testing.assert_close(outs[i], local[i](x).detach(), **TOL)
+    if path != "serving":
+        return
+
+    def fails():
+        raise RuntimeError("the layer's own work failed")
+
+    with torch.no_grad():   # the calls that were out are cancelled; the next run is served as before
+        with pytest.raises(RuntimeError, match="own work failed"):
+            group.run_meanwhile(xs, None, fails)
+        assert all(group.replicas.in_flight(e) == 0 for e in (a.endpoint, b.endpoint))
+        outs = group.run_meanwhile(xs, None, meanwhile)
+    assert seen[-1] == {a.endpoint: 3, b.endpoint: 3}
+    for i, x in xs.items():
+        torch.testing.assert_close(outs[i], local[i](x).detach(), **TOL)
