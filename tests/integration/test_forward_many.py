@@ -195,6 +195,7 @@ def test_work_meanwhile_runs_once_while_the_calls_are_out(expert_service_factory
         seen.append({e: group.replicas.in_flight(e) for e in (a.endpoint, b.endpoint)})
 
     with torch.set_grad_enabled(path == "training"):
+        group.run(xs)   # connects: a first call to an endpoint goes on a call thread and may be answered early
         if path == "streaming":
             outs = {}
             masked = group.run_streaming(xs, None, lambda i, out: outs.__setitem__(i, out.clone()), meanwhile)
