@@ -130,11 +130,11 @@ def test_inference_layer_combines_private_copies_of_answers_in_shared_memory(exp
     handed: list[bool] = []
     streaming = group.run_streaming
 
-    def spy(batches, token_ids, on_output):
+    def spy(batches, token_ids, on_output, meanwhile=None):
         def on_each(i, out):
             handed.append(_mapped_from(shm_dir, out.data_ptr()))
             on_output(i, out)
-        return streaming(batches, token_ids, on_each)
+        return streaming(batches, token_ids, on_each, meanwhile)
     monkeypatch.setattr(group, "run_streaming", spy)
     try:
         for _ in range(3):   # regions are reused from the second pass on
