@@ -15,8 +15,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 # Each part is a module with run(rounds) -> dict (or -> dict of sections when it returns several).
 PARTS = {"moe_layer": "bench.moe_layer", "remote_moe_layer": "bench.remote_layer", "wire": "bench.wire",
-         "latency": "bench.latency", "serving": "bench.serving", "straggler": "bench.straggler",
-         "auth": "bench.auth", "wire8": "bench.wire8"}
+         "latency": "bench.latency", "latency_base": "bench.latency_base", "serving": "bench.serving",
+         "straggler": "bench.straggler", "auth": "bench.auth", "wire8": "bench.wire8"}
 MULTI_SECTION = {"remote_moe_layer"}
 
 

@@ -44,7 +44,7 @@ from moe import preset
 from moe.lm import MoELM
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
-from services.router.remote_model import build_remote_lm, export_expert_weights
+from services.router.remote_model import RemoteParts, build_remote_lm, export_expert_weights
 from services.stack.placement import deal_experts
 from subnet.gc_pauses import freeze_startup_objects
 from subnet.tensor_codec import decode, encode_view
@@ -80,17 +80,11 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             call_counts = {}
             for name, stack in stacks.items():
                 stack.wait_experts()
-                router_cfg = RouterConfig(wire_dtype="fp32", expert_timeout_s=CALL_TIMEOUT_S, retries=0)
-                parts = stack.remote_parts()
-                remote = build_remote_lm(cfg, parts, router_cfg).eval()
+                remote, parts = remote_model(cfg, stack, local)
                 call_counts[name] = partial(_expert_calls, parts.metrics)
-                missing, unexpected = remote.load_state_dict(local.state_dict(), strict=False)
-                unexpected = [k for k in unexpected if ".ffn.experts.experts." not in k]
-                if missing or unexpected:
-                    raise RuntimeError(f"trunk does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
                 models[name] = (remote, ROUTER_THREADS)
             freeze_startup_objects()   # as the router and expert services do once started
-            out = _measure(models, tokens, n_threads, len(deals))
+            out = measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
             out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: stack.service_pids()
                                                                     for name, stack in stacks.items()}, call_counts)
@@ -98,6 +92,18 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
     finally:
         gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
+
+
+def remote_model(cfg, stack: BenchStack, local: MoELM) -> tuple[MoELM, RemoteParts]:
+    """The router's model on `stack`'s services (which serve `local`'s experts), with `local`'s trunk."""
+    router_cfg = RouterConfig(wire_dtype="fp32", expert_timeout_s=CALL_TIMEOUT_S, retries=0)
+    parts = stack.remote_parts()
+    remote = build_remote_lm(cfg, parts, router_cfg).eval()
+    missing, unexpected = remote.load_state_dict(local.state_dict(), strict=False)
+    unexpected = [k for k in unexpected if ".ffn.experts.experts." not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"trunk does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return remote, parts
 
 
 def _cpu_per_step(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, service_pids: dict[str, list[int]],
@@ -152,8 +158,10 @@ def _one_call(stack: BenchStack, uid: str, dim: int) -> dict:
     return {"one_call_p50_ms": ms["p50"], "one_call_p99_ms": ms["p99"]}
 
 
-def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threads: int, n_services: int) -> dict:
-    """Decode step latencies of every model, interleaved; the first model is the reference."""
+def measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threads: int, n_services: int,
+            warmup: int = WARMUP_STEPS, steps: int = STEPS, preset_name: str = PRESET) -> dict:
+    """Decode step latencies of every model, interleaved, after `warmup` untimed steps; the first model
+    is the reference. `tokens` holds PROMPT_TOKENS + warmup + steps tokens."""
     names = list(models)
     caches = {name: m.new_cache(1) for name, (m, _) in models.items()}
     samples: dict[str, list[float]] = {name: [] for name in models}
@@ -162,7 +170,7 @@ def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threa
         for name, (model, threads) in models.items():
             torch.set_num_threads(threads)
             model(tokens[:, :PROMPT_TOKENS], cache=caches[name])
-        for step in range(WARMUP_STEPS + STEPS):
+        for step in range(warmup + steps):
             pos = PROMPT_TOKENS + step
             token = tokens[:, pos:pos + 1]
             logits = {}
@@ -173,7 +181,7 @@ def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threa
                 start = time.perf_counter()
                 logits[name], _ = model(token, cache=caches[name])
                 elapsed = time.perf_counter() - start
-                if step >= WARMUP_STEPS:
+                if step >= warmup:
                     samples[name].append(elapsed)
                 if model.last_stats["masked_calls"]:
                     raise RuntimeError(f"{name}, step {step}: {model.last_stats['masked_calls']} expert calls masked")
@@ -185,9 +193,9 @@ def _measure(models: dict[str, tuple[MoELM, int]], tokens: torch.Tensor, n_threa
         raise RuntimeError(f"remote logits differ from in-process ones: relative {worst:.3g} > {TOLERANCE:g}")
     ms = {name: {k: v * 1e3 for k, v in percentiles(s, (50, 90, 99)).items()} for name, s in samples.items()}
     cfg = models[names[0]][0].cfg
-    out = {"model": f"preset {PRESET}: {cfg.n_layer} MoE blocks, dim {cfg.dim}, {cfg.n_experts} experts "
-                    f"top-{cfg.n_activated_experts}, batch 1, one token per step with a KV cache",
-           "steps": STEPS}
+    out = {"model": f"preset {preset_name}: {cfg.n_layer} MoE blocks, dim {cfg.dim}, {cfg.n_experts} experts "
+                    f"top-{cfg.n_activated_experts}, {cfg.n_shared_experts} shared, batch 1, one token per step "
+                    f"with a KV cache", "steps": steps}
     for name in names:
         out[f"{name}_p50_ms"] = ms[name]["p50"]
         out[f"{name}_p99_ms"] = ms[name]["p99"]
