@@ -41,6 +41,7 @@ from bench.remote_layer import ROUTER_THREADS, process_cpu_s
 from bench.stack import BenchStack
 from bench.timing import percentiles
 from moe import preset
+from moe.config import LMConfig
 from moe.lm import MoELM
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
@@ -94,7 +95,7 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
         torch.set_num_threads(n_threads)
 
 
-def remote_model(cfg, stack: BenchStack, local: MoELM) -> tuple[MoELM, RemoteParts]:
+def remote_model(cfg: LMConfig, stack: BenchStack, local: MoELM) -> tuple[MoELM, RemoteParts]:
     """The router's model on `stack`'s services (which serve `local`'s experts), with `local`'s trunk."""
     router_cfg = RouterConfig(wire_dtype="fp32", expert_timeout_s=CALL_TIMEOUT_S, retries=0)
     parts = stack.remote_parts()
