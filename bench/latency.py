@@ -65,11 +65,7 @@ REMOTE_VARIANTS = {"remote": {}, "remote_batch_wait_0": {"EXPERT_BATCH_WAIT_MS":
 
 def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side give the percentiles
     n_threads = torch.get_num_threads()
-    cfg = preset(PRESET)
-    torch.manual_seed(0)
-    local = MoELM(cfg).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS + WARMUP_STEPS + STEPS))
-    deals = deal_experts(cfg.moe_layers(), cfg.n_experts, n_threads)
+    cfg, local, tokens, deals = reference_model(PRESET, WARMUP_STEPS + STEPS, n_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="moe-bench-weights-") as tmp, ExitStack() as exits:
             checkpoint = Path(tmp) / "experts.safetensors"
@@ -93,6 +89,16 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
     finally:
         gc.unfreeze()   # the parts after this one start as they would alone
         torch.set_num_threads(n_threads)
+
+
+def reference_model(preset_name: str, steps: int, n_services: int) -> tuple[LMConfig, MoELM, torch.Tensor, list]:
+    """The in-process model (seed 0), the fixed tokens every model decodes (PROMPT_TOKENS, then
+    `steps`), and its experts dealt over `n_services` services as `services.stack` deals them."""
+    cfg = preset(preset_name)
+    torch.manual_seed(0)
+    local = MoELM(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS + steps))
+    return cfg, local, tokens, deal_experts(cfg.moe_layers(), cfg.n_experts, n_services)
 
 
 def remote_model(cfg: LMConfig, stack: BenchStack, local: MoELM) -> tuple[MoELM, RemoteParts]:

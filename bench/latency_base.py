@@ -20,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-from bench.latency import PROMPT_TOKENS, measure, remote_model
+from bench.latency import measure, reference_model, remote_model
 from bench.remote_layer import ROUTER_THREADS
 from bench.stack import BenchStack
-from moe import preset
-from moe.lm import MoELM
 from services.router.remote_model import export_expert_weights
-from services.stack.placement import deal_experts
 from subnet.gc_pauses import freeze_startup_objects
 
 PRESET = "base"
@@ -35,11 +32,7 @@ WARMUP_STEPS, STEPS = 5, 40   # 53 positions, within block_size 512
 
 def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side give the percentiles
     n_threads = torch.get_num_threads()
-    cfg = preset(PRESET)
-    torch.manual_seed(0)
-    local = MoELM(cfg).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS + WARMUP_STEPS + STEPS))
-    deals = deal_experts(cfg.moe_layers(), cfg.n_experts, n_threads)
+    cfg, local, tokens, deals = reference_model(PRESET, WARMUP_STEPS + STEPS, n_threads)
     try:
         with tempfile.TemporaryDirectory(prefix="moe-bench-weights-") as tmp, BenchStack() as stack:
             checkpoint = Path(tmp) / "experts.safetensors"
