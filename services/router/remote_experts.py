@@ -768,6 +768,12 @@ class RemoteExpertGroup(ExpertGroup):
         in_flight: set[int] = set()
         attempts: dict[int, _Attempt] = {}
 
+        def abandon(key: int) -> None:
+            """Stop waiting for an attempt whose answer nobody will read."""
+            done.forget(attempts[key].future)   # an inline call's socket is closed by cancel()
+            attempts[key].future.cancel()
+            attempts[key].call.settle(False)
+
         def launch(call: _Call) -> bool:
             endpoint = call.target(self.replicas)
             remaining = deadline - time.monotonic()
@@ -805,10 +811,8 @@ class RemoteExpertGroup(ExpertGroup):
             try:
                 meanwhile()
             except BaseException:   # the caller's work failed: nobody will read these answers
-                for key in in_flight:
-                    done.forget(attempts[key].future)   # an inline call's socket is closed by cancel()
-                    attempts[key].future.cancel()
-                    attempts[key].call.settle(False)
+                for key in list(in_flight):
+                    abandon(key)
                 raise
         while in_flight:
             limit = cut if cut is not None else deadline + GRACE_S
@@ -819,9 +823,7 @@ class RemoteExpertGroup(ExpertGroup):
                                             f"{self.straggler_s * 1e3:.0f} ms more") if cut is not None else \
                               ("deadline_exceeded", "no answer by the deadline")
                 for key in list(in_flight):
-                    done.forget(attempts[key].future)   # an inline call's socket is closed by cancel()
-                    attempts[key].future.cancel()
-                    attempts[key].call.settle(False)
+                    abandon(key)
                     self._give_up(attempts[key].call, reason, why)
                 break
             in_flight.discard(key)
