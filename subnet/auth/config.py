@@ -95,4 +95,4 @@ def build_server_auth(config: AuthConfig, identity: Identity, *, open_methods: C
     nonces = RedisNonceStore(config.redis_url, ttl_s) if config.redis_url else MemoryNonceStore(ttl_s)
     verifier = Verifier(identity.hotkey, parts[0] if len(parts) == 1 else AnyOf(*parts), nonces, config.window_s)
     return ServerAuth(verifier, open_methods, on_reject=on_reject,
-                      close=chain_policy.stop if chain_policy is not None else None)
+                      close=chain_policy.stop if chain_policy is not None else None, identity=identity)

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 
 from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
 from subnet.auth.verify import Rejection, Verifier, digest_off_loop, unauthenticated
+from subnet.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,12 @@ class ServerAuth:
 
     def __init__(self, verifier: Verifier, open_methods: Collection[str] = (),
                  on_reject: Callable[[str], None] | None = None, log_interval_s: float = 10.0,
-                 close: Callable[[], None] | None = None):
+                 close: Callable[[], None] | None = None, identity: Identity | None = None):
+        """`identity`: the receiver's, which signs its answers to session Opens (`session_handler`); its
+        hotkey must be the verifier's."""
+        if identity is not None and identity.hotkey != verifier.receiver_hotkey:
+            raise ValueError(f"identity {identity.hotkey} is not the verifier's receiver {verifier.receiver_hotkey}")
+        self.identity = identity
         self.verifier = verifier
         self.open_methods = frozenset(open_methods)
         self._on_reject = on_reject or (lambda reason: None)
@@ -60,16 +66,19 @@ class ServerAuth:
 
     def session_handler(self, on_open: Callable[[], None] = lambda: None) -> grpc.RpcMethodHandler:
         """SESSION_METHOD for a moe-frames server (subnet.auth.sessions): a signed Open whose body is the
-        caller's X25519 key; answers the receiver's. It checks its own signature, whatever the interceptors.
-        `on_open()`: once per session opened, for metrics."""
+        caller's X25519 key; answers the receiver's, signed with `identity`. It checks its own signature,
+        whatever the interceptors. `on_open()`: once per session opened, for metrics."""
+        if self.identity is None:
+            raise ValueError("sessions need the receiver's identity to sign their Open answers (ServerAuth identity=)")
+        identity = self.identity
+
         async def open_(raw: bytes, context) -> bytes:
             connection = getattr(context, "connection", None)
             if connection is None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     "sessions are opened on moe-frames connections only")
             try:
-                connection.auth_session, answer = open_session(raw, context.invocation_metadata(),
-                                                               self.verifier.receiver_hotkey)
+                connection.auth_session, answer = open_session(raw, context.invocation_metadata(), identity)
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             on_open()

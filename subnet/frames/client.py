@@ -14,8 +14,10 @@ not processed: no connection could be made, or the server had too many (protocol
 caller may send it another way.
 
 With `auth` (subnet.auth.sessions.FramesAuth), a new connection first opens a session (a signed
-key exchange) and then carries a MAC per call instead of a signature; where the server opens
-none, calls are signed one by one, and new connections do not ask again for SESSIONS_RETRY_S.
+key exchange, whose answer the server signs) and then carries a MAC per call instead of a
+signature, and takes an OK answer only with the session's MAC of it (else INTERNAL, and the
+connection is closed); where the server opens none, calls are signed one by one, and new
+connections do not ask again for SESSIONS_RETRY_S.
 """
 
 from __future__ import annotations
@@ -71,8 +73,8 @@ class FramesChannel:
         deadline = time.monotonic() + timeout_s
         name = _method_name(method, deadline)
         conn, session = self._take() or self._connect(deadline, auth)
-        pending = PendingCall(self, conn, deadline, self._frame(method, name, body, metadata, auth, session, deadline,
-                                                                conn), session)
+        frame, seq = self._frame(method, name, body, metadata, auth, session, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, session, method, seq)
         pending.send_rest()
         return pending
 
@@ -87,25 +89,31 @@ class FramesChannel:
         if kept is None:
             return None
         conn, session = kept
-        pending = PendingCall(self, conn, deadline, self._frame(method, name, body, metadata, auth, session, deadline,
-                                                                conn), session)
+        frame, seq = self._frame(method, name, body, metadata, auth, session, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, session, method, seq)
         pending.send_available()
         return pending
 
     @staticmethod
     def _frame(method: str, name: bytes, body: bytes, metadata: p.Metadata, auth: FramesAuth | None,
-               session: ClientSession | None, deadline: float, conn: socket.socket) -> list[memoryview]:
-        """The request frame for `conn`; with `auth`, authenticated for it (a session's seq is used up: the
-        frame must be sent, or the connection closed, as it is here when the frame cannot be made)."""
+               session: ClientSession | None, deadline: float,
+               conn: socket.socket) -> tuple[list[memoryview], int | None]:
+        """The request frame for `conn` and the session seq it uses (None: not a session call); with `auth`,
+        authenticated for it (a session's seq is used up: the frame must be sent, or the connection closed,
+        as it is here when the frame cannot be made)."""
+        seq = None
         try:
             if auth is not None:
+                before = session.seq if session is not None else None
                 metadata = auth.metadata(session, method, body, metadata)
+                if session is not None and session.seq != before:
+                    seq = session.seq
             meta = p.encode_metadata(metadata)
         except BaseException:
             conn.close()
             raise
         head = p.request_header(name, meta, max(deadline - time.monotonic(), 0.001), len(body))
-        return [memoryview(b) for b in p.buffers((head, name, meta), body)]
+        return [memoryview(b) for b in p.buffers((head, name, meta), body)], seq
 
     def close(self) -> None:
         with self._lock:
@@ -135,9 +143,9 @@ class FramesChannel:
         """The session the server opens on `conn`, or None when it answers with an error; Unreachable when
         the connection breaks (the call was not sent)."""
         session_offer, metadata = offer
-        frame = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), session_offer.body, metadata, None, None,
-                            deadline, conn)
-        pending = PendingCall(self, conn, deadline, frame, None)
+        frame, _ = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), session_offer.body, metadata, None,
+                               None, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, None, SESSION_METHOD, None)
         try:
             pending.send_rest()
             code, details, answer = pending.answer()
@@ -208,11 +216,13 @@ class PendingCall:
     """A call on one of a channel's connections, sent (or partly: `unsent`), its answer not read yet."""
 
     def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview],
-                 session: ClientSession | None):
+                 session: ClientSession | None, method: str, seq: int | None):
+        """`seq`: the session seq this call used (its answer must carry the session's MAC), or None."""
         self._channel, self._conn, self.deadline, self._session = channel, conn, deadline, session
+        self._method, self._seq = method, seq
         self.unsent = [b for b in frame if len(b)]   # what is still to be sent, in order
-        # The answer, read part by part (header, then details and body once the header says their sizes),
-        # so that a caller can take in what has arrived without waiting for the rest (read_available).
+        # The answer, read part by part (header, then MAC, details and body once the header says their
+        # sizes), so that a caller can take in what has arrived without waiting for the rest (read_available).
         self._parts = [bytearray(p.RESPONSE.size)]
         self._part = self._got = 0
         self._code: grpc.StatusCode | None = None
@@ -276,9 +286,16 @@ class PendingCall:
             self.send_rest()
         try:
             self._fill(blocking=True)
+            mac, details, body = self._parts[1:]
+            if self._seq is not None:
+                refused = self._session.answer_error(self._method, self._seq, self._code.value[0], bytes(details), body,
+                                                     bytes(mac) if mac else None)
+                if refused is not None:
+                    raise p.ProtocolError(grpc.StatusCode.INTERNAL, f"{refused}; moe-frames at "
+                                                                    f"{self._channel._where()}")
         except (TimeoutError, p.ProtocolError, OSError) as e:
             raise self._channel._failed(self._conn, e) from None
-        return self._code, self._parts[1].decode("utf-8", "replace"), self._parts[2]
+        return self._code, details.decode("utf-8", "replace"), body
 
     def _fill(self, blocking: bool) -> bool:
         """Read the answer's parts in order; True when all are in. Not blocking: stops at what has arrived."""
@@ -301,7 +318,8 @@ class PendingCall:
             if self._part == 0:   # the header: the sizes of what follows
                 code, details_len, body_len = p.parse_response_header(self._parts[0], self._channel.max_body_bytes)
                 self._code = code
-                self._parts += [bytearray(details_len), bytearray(body_len)]
+                self._parts += [bytearray(p.answer_mac_bytes(self._parts[0])), bytearray(details_len),
+                                bytearray(body_len)]
             self._part, self._got = self._part + 1, 0
         return True
 

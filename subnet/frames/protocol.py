@@ -17,8 +17,11 @@ Metadata: entry count u16, then per entry key length u16, key (ASCII), value len
     value (UTF-8; raw bytes for keys ending in "-bin"), i.e. what gRPC metadata would carry,
     signature entries (subnet.auth) and `traceparent` included.
 Response frame:
-    magic "MOER" | version u8 = 1 | status u8 (grpc.StatusCode value) | reserved u16 = 0
-    | details length u32 | body length u64 | details (UTF-8) | body (the serialized response)
+    magic "MOER" | version u8 = 1 | status u8 (grpc.StatusCode value) | flags u16
+    | details length u32 | body length u64 | [answer MAC] | details (UTF-8) | body (the serialized response)
+Flags: FLAG_ANSWER_MAC (1): ANSWER_MAC_BYTES of the session's MAC of this answer follow the header
+    (subnet.auth.sessions; only on a connection whose session asked for them, so a client from
+    before them never gets one). Other bits are 0.
 
 A frame that breaks these rules (bad magic or version, lengths over the limits below or over the
 server's message limit) gets one error response (INVALID_ARGUMENT or RESOURCE_EXHAUSTED, the
@@ -40,6 +43,8 @@ RESPONSE = struct.Struct("<4sBBHIQ")
 MAX_METHOD_BYTES = 256
 MAX_METADATA_BYTES = 16 << 10
 MAX_DETAILS_BYTES = 64 << 10
+FLAG_ANSWER_MAC = 1
+ANSWER_MAC_BYTES = 32   # subnet.auth.sessions.ANSWER_MAC_BYTES
 # Starts the details of the RESOURCE_EXHAUSTED a server answers when it has too many connections or
 # request bytes in hand: it read no more than the header, so the caller may send the call over gRPC.
 BUSY = "moe-frames: busy"
@@ -109,18 +114,27 @@ def parse_request_header(header: bytes, max_body_bytes: int) -> tuple[int, int, 
     return method_len, metadata_len, (timeout_ms / 1000 if timeout_ms else None), body_len
 
 
-def response_header(code: grpc.StatusCode, details: bytes, body_len: int) -> bytes:
-    return RESPONSE.pack(RESPONSE_MAGIC, VERSION, code.value[0], 0, len(details), body_len)
+def response_header(code: grpc.StatusCode, details: bytes, body_len: int, answer_mac: bytes = b"") -> bytes:
+    """The response header; with `answer_mac` (sent right after it), FLAG_ANSWER_MAC set."""
+    flags = FLAG_ANSWER_MAC if answer_mac else 0
+    return RESPONSE.pack(RESPONSE_MAGIC, VERSION, code.value[0], flags, len(details), body_len)
+
+
+def answer_mac_bytes(header: bytes) -> int:
+    """How many bytes of answer MAC follow a (parsed, valid) response header: 0 or ANSWER_MAC_BYTES."""
+    return ANSWER_MAC_BYTES if RESPONSE.unpack(header)[3] & FLAG_ANSWER_MAC else 0
 
 
 def parse_response_header(header: bytes, max_body_bytes: int) -> tuple[grpc.StatusCode, int, int]:
     """(status, details length, body length); ProtocolError when the server broke the protocol."""
-    magic, version, code, _reserved, details_len, body_len = RESPONSE.unpack(header)
+    magic, version, code, flags, details_len, body_len = RESPONSE.unpack(header)
     bad = grpc.StatusCode.INTERNAL
     if magic != RESPONSE_MAGIC or version != VERSION:
         raise ProtocolError(bad, "the answer is not a moe-frames/1 response")
     if code not in CODES:
         raise ProtocolError(bad, f"the answer has an unknown status {code}")
+    if flags & ~FLAG_ANSWER_MAC:
+        raise ProtocolError(bad, f"the answer has unknown flags {flags:#x}")
     if details_len > MAX_DETAILS_BYTES or body_len > max_body_bytes:
         raise ProtocolError(bad, f"the answer is too large ({details_len} bytes of details, {body_len} of body)")
     return CODES[code], details_len, body_len

@@ -5,6 +5,7 @@ replayed, an Open is checked like any signed request; a service with auth off op
 signs each call instead."""
 
 import socket
+import threading
 import urllib.request
 
 import grpc
@@ -14,15 +15,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
 from subnet.auth.payload import sign_metadata
-from subnet.auth.sessions import MAC_KEY, SEQ_KEY, SESSION_METHOD, SessionOffer
+from subnet.auth.sessions import MAC_KEY, PUBLIC_KEY_BYTES, SEQ_KEY, SESSION_METHOD, SessionOffer
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
+from subnet.frames import client as p_client
 from subnet.frames import protocol as p
 from subnet.identity import Identity
 from subnet.spliced_wire import build, serialize
 from subnet.tensor_codec import decode, encode_view
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
-from tests.integration.frames_wire import frame, read_response
+from tests.integration.frames_wire import frame, read_answer, read_response
 
 pytestmark = pytest.mark.integration
 DIM, INTER = 32, 64
@@ -133,9 +135,15 @@ def test_session_calls_by_hand_replays_and_changes_are_refused_and_the_service_g
 
     body = _forward_body()
     first = frame(FORWARD, session.seal(FORWARD, body), body)   # MAC and seq only: no signature
-    assert _outputs_ok(*_ask(conn, first)[::2])
-    code, details, _ = _ask(conn, first)                          # the same call again
+    conn.sendall(first)
+    code, details, answer, mac = read_answer(conn)
+    assert _outputs_ok(code, answer)
+    assert mac is not None and session.answer_error(FORWARD, 1, 0, details.encode(), answer, mac) is None
+    assert session.answer_error(FORWARD, 1, 0, details.encode(), answer[:-1] + b"\0", mac) is not None
+    conn.sendall(first)                                            # the same call again
+    code, details, _, mac = read_answer(conn)
     assert code is grpc.StatusCode.UNAUTHENTICATED and "out of order" in details
+    assert mac is None   # refused by the session check: no call of the session to answer
     other = _forward_body(seed=1)
     code, details, _ = _ask(conn, frame(FORWARD, session.seal(FORWARD, body), other))   # body swapped
     assert code is grpc.StatusCode.UNAUTHENTICATED and "bad session MAC" in details
@@ -200,3 +208,71 @@ def test_a_service_with_auth_off_opens_no_session_and_the_pool_signs_each_call(
         channel = pool.frames.channel(service.endpoint)
         assert channel._sessions_refused_at > 0 and all(session is None for _, session in channel._idle)
         assert channel.calls == 3
+
+
+class _TamperingProxy:
+    """A man in the middle on loopback: relays one connection at a time to `upstream`, and from the
+    service's `skip`-th byte on, flips the last byte of every chunk it relays back to the caller."""
+
+    def __init__(self, upstream: tuple[str, int], skip: int):
+        self.upstream, self.skip = upstream, skip
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                caller, _ = self.listener.accept()
+            except OSError:
+                return
+            service = socket.create_connection(self.upstream)
+            threading.Thread(target=self._relay, args=(caller, service, None), daemon=True).start()
+            threading.Thread(target=self._relay, args=(service, caller, self.skip), daemon=True).start()
+
+    @staticmethod
+    def _relay(source: socket.socket, sink: socket.socket, skip: int | None) -> None:
+        seen = 0
+        try:
+            while chunk := source.recv(1 << 16):
+                seen += len(chunk)
+                if skip is not None and seen > skip:
+                    chunk = chunk[:-1] + bytes([chunk[-1] ^ 1])
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+OPEN_ANSWER_BYTES = p.RESPONSE.size + PUBLIC_KEY_BYTES + 64
+
+
+@pytest.mark.parametrize("skip", [OPEN_ANSWER_BYTES, OPEN_ANSWER_BYTES - 1])
+def test_an_answer_changed_on_the_path_is_refused(service, frames_port, client_identity, skip):
+    """A changed session answer fails its MAC (INTERNAL, the connection dropped); a changed Open answer
+    fails its signature, so no session is opened on it (and the caller signs each call instead)."""
+    proxy = _TamperingProxy(("127.0.0.1", frames_port), skip)
+    try:
+        with ExpertClientPool(identity=client_identity, frames=False) as pool:
+            auth = pool.get(service.endpoint, service.hotkey)._frames_auth
+            channel = p_client.FramesChannel("127.0.0.1", proxy.port, max_body_bytes=1 << 20)
+            if skip == OPEN_ANSWER_BYTES:
+                with pytest.raises(p.FrameError) as err:
+                    channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
+                assert err.value.code() is grpc.StatusCode.INTERNAL and "does not match" in err.value.details()
+                assert not channel._idle   # not kept: its session cannot be trusted any more
+            else:   # no session: the call goes signed on a fresh connection (its answer unauthenticated)
+                channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
+                assert channel._sessions_refused_at > 0 and all(session is None for _, session in channel._idle)
+            channel.close()
+            untouched = p_client.FramesChannel("127.0.0.1", frames_port, max_body_bytes=1 << 20)
+            assert _outputs_ok(grpc.StatusCode.OK, untouched.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth))
+            assert untouched._idle[0][1] is not None   # the same caller, straight to the service: a session
+            untouched.close()
+    finally:
+        proxy.close()
