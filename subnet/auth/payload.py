@@ -1,8 +1,10 @@
-"""The signed-request vocabulary both sides share: metadata keys and the signed payload.
+"""The signed-request vocabulary both sides share: metadata keys and the signed payloads.
 
 The scheme is defined in protos/subnet/wire/v1/tensor.proto; this module is its only
 implementation. The signature covers the exact serialized request bytes, so a receiver
-hashes what it received before parsing it, and a sender signs what it sends.
+hashes what it received before parsing it, and a sender signs what it sends. The receiver's
+answer to a signed unary request is signed the same way (`answer_payload`, in the trailing
+metadata entry ANSWER_SIGNATURE_KEY), bound to that request by its nonce.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ HOTKEY_KEY = "x-moe-hotkey"
 NONCE_KEY = "x-moe-nonce"
 TIMESTAMP_KEY = "x-moe-timestamp-ms"
 SIGNATURE_KEY = "x-moe-signature-bin"  # "-bin": gRPC carries the 64 raw bytes (base64 on the wire)
+ANSWER_SIGNATURE_KEY = "x-moe-answer-signature-bin"   # trailing metadata of a signed request's OK answer
+ANSWER_DOMAIN = "moe-subnet/auth/v1/answer"
 NONCE_HEX_CHARS = 32
 SIGNATURE_BYTES = 64
 
@@ -38,10 +42,31 @@ def new_nonce() -> str:
 
 
 def sign_metadata(identity: Identity, method: str, body: bytes, receiver: str,
-                  now_ms: int | None = None) -> tuple[tuple[str, str | bytes], ...]:
-    """The four metadata entries that make `body`, sent to `method` of `receiver`, a signed request."""
+                  now_ms: int | None = None, digest: str | None = None) -> tuple[tuple[str, str | bytes], ...]:
+    """The four metadata entries that make `body`, sent to `method` of `receiver`, a signed request
+    (`digest`: body_digest(body), when the caller has it already)."""
     nonce = new_nonce()
     timestamp_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    signature = identity.sign(signing_payload(method, body_digest(body), nonce, timestamp_ms, receiver))
+    signature = identity.sign(signing_payload(method, digest or body_digest(body), nonce, timestamp_ms, receiver))
     return ((HOTKEY_KEY, identity.hotkey), (NONCE_KEY, nonce), (TIMESTAMP_KEY, str(timestamp_ms)),
             (SIGNATURE_KEY, signature))
+
+
+def answer_payload(method: str, nonce: str, request_digest: str, caller: str, receiver: str, digest: str) -> bytes:
+    """What the receiver signs in its OK answer to a signed request: answer domain, method, the request's
+    nonce and body sha256 (hex), the caller's and the receiver's ss58 hotkeys, and the answer body's sha256
+    (hex), one per line. The request's digest binds the answer to that request's bytes even where the
+    receiver does not check the request's signature (its open methods)."""
+    return f"{ANSWER_DOMAIN}\n{method}\n{nonce}\n{request_digest}\n{caller}\n{receiver}\n{digest}".encode()
+
+
+def request_claim(metadata) -> tuple[str, str] | None:
+    """(caller hotkey, nonce) of a request carrying one of each, as strings; None otherwise."""
+    found: dict[str, list] = {HOTKEY_KEY: [], NONCE_KEY: []}
+    for key, value in metadata or ():
+        if key in found:
+            found[key].append(value)
+    hotkeys, nonces = found[HOTKEY_KEY], found[NONCE_KEY]
+    if len(hotkeys) != 1 or len(nonces) != 1 or not isinstance(hotkeys[0], str) or not isinstance(nonces[0], str):
+        return None
+    return hotkeys[0], nonces[0]

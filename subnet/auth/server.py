@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection
 import grpc
 from google.protobuf.message import DecodeError
 
+from subnet.auth.payload import ANSWER_SIGNATURE_KEY, answer_payload, body_digest, request_claim
 from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
 from subnet.auth.verify import Rejection, Verifier, digest_off_loop, unauthenticated
 from subnet.identity import Identity
@@ -140,24 +141,29 @@ def unparsable_message(deserializer, method: str) -> str:
 
 
 class _Wrapping:
-    """Caches the wrapped handler of each method: the interceptor runs on every call."""
+    """Caches the wrapped handler of each method: the interceptor runs on every call. Protected methods get
+    the check and a signed answer; open ones (not health) a signed answer to a request that carries a claim."""
 
-    def __init__(self, auth: ServerAuth, wrap: Callable):
-        self._auth, self._wrap = auth, wrap
+    def __init__(self, auth: ServerAuth, wrap: Callable, sign_only: Callable):
+        self._auth, self._wrap, self._sign_only = auth, wrap, sign_only
         self._cache: dict[str, tuple[object, object]] = {}
 
     def handler(self, method: str, handler):
-        if handler is None or not self._auth.protects(method):
+        if handler is None or method.startswith(HEALTH_PREFIX) or method == SESSION_METHOD:
+            return handler
+        if not self._auth.protects(method) and (self._auth.identity is None or handler.request_streaming
+                                                or handler.response_streaming):
             return handler
         cached = self._cache.get(method)
         if cached is None or cached[0] is not handler:
-            cached = self._cache[method] = (handler, self._wrap(self._auth, method, handler))
+            wrap = self._wrap if self._auth.protects(method) else self._sign_only
+            cached = self._cache[method] = (handler, wrap(self._auth, method, handler))
         return cached[1]
 
 
 class _AioInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: ServerAuth):
-        self._handlers = _Wrapping(auth, _wrap_aio)
+        self._handlers = _Wrapping(auth, _wrap_aio, _sign_only_aio)
 
     async def intercept_service(self, continuation, details):
         return self._handlers.handler(details.method, await continuation(details))
@@ -165,7 +171,7 @@ class _AioInterceptor(grpc.aio.ServerInterceptor):
 
 class _SyncInterceptor(grpc.ServerInterceptor):
     def __init__(self, auth: ServerAuth):
-        self._handlers = _Wrapping(auth, _wrap_sync)
+        self._handlers = _Wrapping(auth, _wrap_sync, _sign_only_sync)
 
     def intercept_service(self, continuation, details):
         return self._handlers.handler(details.method, continuation(details))
@@ -175,34 +181,76 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
     parse = handler.request_deserializer
 
     async def admit(raw: bytes, context: grpc.aio.ServicerContext):
+        """(the request, the sha256 hex of its bytes when it was signed, else None)."""
         metadata = context.invocation_metadata() or ()
+        digest = None
         # A MAC of the connection's session instead of a signature; never for an Open, which is signed.
         if method != SESSION_METHOD and has_session_entries(metadata):
             rejection = await _check_session(auth, method, raw, metadata, context)
         else:
-            rejection = await auth.verifier.averify(method, raw, metadata)
+            rejection, digest = await auth.verifier.acheck(method, raw, metadata)
         if rejection is not None:
             auth.reject(rejection, method, context.peer())
             await context.abort(rejection.code, rejection.message)
         request = _parse(parse, raw)
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
-        return request
+        return request, digest
 
     if not handler.request_streaming and not handler.response_streaming:
-        inner = handler.unary_unary
+        inner, serialize = handler.unary_unary, handler.response_serializer
 
         async def unary_unary(raw, context):
-            return await inner(await admit(raw, context), context)
-        return handler._replace(request_deserializer=None, unary_unary=unary_unary)
+            request, digest = await admit(raw, context)
+            answer = await inner(request, context)
+            if digest is None or method == SESSION_METHOD:   # a session call (its MAC), or the Open (signed body)
+                return answer if serialize is None else serialize(answer)
+            return await _asigned_answer(auth, method, digest, context, answer, serialize)
+        return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary_unary)
     if not handler.request_streaming and inspect.isasyncgenfunction(handler.unary_stream):
         inner_stream = handler.unary_stream
 
         async def unary_stream(raw, context):
-            async for item in inner_stream(await admit(raw, context), context):
+            async for item in inner_stream((await admit(raw, context))[0], context):
                 yield item
         return handler._replace(request_deserializer=None, unary_stream=unary_stream)
     return _refusal(auth, method, handler, aio=True)
+
+
+def _sign_only_aio(auth: ServerAuth, method: str, handler):
+    """An open unary method: not checked, but its answer to a request that claims a caller and a nonce is
+    signed, bound to the request's bytes, as a protected method's is (a caller that signs its calls takes
+    only signed answers)."""
+    parse, inner, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
+
+    async def unary_unary(raw, context):
+        request = _parse(parse, raw)
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
+        answer = await inner(request, context)
+        if request_claim(context.invocation_metadata()) is None:
+            return answer if serialize is None else serialize(answer)
+        return await _asigned_answer(auth, method, await digest_off_loop(raw), context, answer, serialize)
+    return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary_unary)
+
+
+async def _asigned_answer(auth: ServerAuth, method: str, request_digest: str, context, answer, serialize) -> bytes:
+    """The serialized answer, its signature set in the trailing metadata (ANSWER_SIGNATURE_KEY)."""
+    body = answer if serialize is None else serialize(answer)
+    entry = _answer_signature(auth, method, request_digest, context.invocation_metadata(), await digest_off_loop(body))
+    if entry is not None:
+        context.set_trailing_metadata((entry,))
+    return body
+
+
+def _answer_signature(auth: ServerAuth, method: str, request_digest: str, metadata,
+                      digest: str) -> tuple[str, bytes] | None:
+    claim = request_claim(metadata)
+    if claim is None or auth.identity is None:
+        return None
+    caller, nonce = claim
+    return ANSWER_SIGNATURE_KEY, auth.identity.sign(answer_payload(method, nonce, request_digest, caller,
+                                                                   auth.identity.hotkey, digest))
 
 
 async def _check_session(auth: ServerAuth, method: str, raw: bytes, metadata, context) -> Rejection | None:
@@ -219,22 +267,55 @@ def _sha256(body: bytes) -> bytes:
 
 def _wrap_sync(auth: ServerAuth, method: str, handler):
     parse = handler.request_deserializer
-    inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    if handler.request_streaming:
+        return _refusal(auth, method, handler, aio=False)
+    if handler.response_streaming:
+        inner_stream = handler.unary_stream
 
-    def behavior(raw: bytes, context: grpc.ServicerContext):
-        rejection = auth.verifier.verify(method, raw, context.invocation_metadata() or ())
-        if rejection is not None:
-            auth.reject(rejection, method, context.peer())
-            context.abort(rejection.code, rejection.message)   # raises
+        def stream(raw: bytes, context: grpc.ServicerContext):
+            return inner_stream(_admit_sync(auth, method, parse, raw, context)[0], context)
+        return handler._replace(request_deserializer=None, unary_stream=stream)
+    inner, serialize = handler.unary_unary, handler.response_serializer
+
+    def unary(raw: bytes, context: grpc.ServicerContext):
+        request, digest = _admit_sync(auth, method, parse, raw, context)
+        return _signed_answer(auth, method, digest, context, inner(request, context), serialize)
+    return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary)
+
+
+def _admit_sync(auth: ServerAuth, method: str, parse, raw: bytes, context: grpc.ServicerContext):
+    rejection, digest = auth.verifier.check(method, raw, context.invocation_metadata() or ())
+    if rejection is not None:
+        auth.reject(rejection, method, context.peer())
+        context.abort(rejection.code, rejection.message)   # raises
+    request = _parse(parse, raw)
+    if request is None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
+    return request, digest
+
+
+def _sign_only_sync(auth: ServerAuth, method: str, handler):
+    """`_sign_only_aio` for a sync server."""
+    parse, inner, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
+
+    def unary(raw: bytes, context: grpc.ServicerContext):
         request = _parse(parse, raw)
         if request is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
-        return inner(request, context)   # a response, or the iterator of a streaming response
+        answer = inner(request, context)
+        if request_claim(context.invocation_metadata()) is None:
+            return answer if serialize is None else serialize(answer)
+        return _signed_answer(auth, method, body_digest(raw), context, answer, serialize)
+    return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary)
 
-    if handler.request_streaming:
-        return _refusal(auth, method, handler, aio=False)
-    field = "unary_stream" if handler.response_streaming else "unary_unary"
-    return handler._replace(request_deserializer=None, **{field: behavior})
+
+def _signed_answer(auth: ServerAuth, method: str, request_digest: str, context, answer, serialize) -> bytes:
+    """`_asigned_answer` for a sync server."""
+    body = answer if serialize is None else serialize(answer)
+    entry = _answer_signature(auth, method, request_digest, context.invocation_metadata(), body_digest(body))
+    if entry is not None:
+        context.set_trailing_metadata((entry,))
+    return body
 
 
 def _refusal(auth: ServerAuth, method: str, handler, aio: bool):

@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from Crypto.Protocol.DH import import_x25519_public_key, key_agreement
 from Crypto.PublicKey import ECC
@@ -177,12 +177,34 @@ class FramesAuth:
         offer = SessionOffer(self._signer.identity.hotkey, receiver)
         return offer, sign_metadata(self._signer.identity, SESSION_METHOD, offer.body, receiver)
 
-    def metadata(self, session: ClientSession | None, method: str, body: bytes, metadata: Iterable) -> tuple:
+    def metadata(self, session: ClientSession | None, method: str, body: bytes,
+                 metadata: Iterable) -> tuple[tuple, AnswerTest | None]:
         """`metadata` plus what authenticates this call: the session's MAC while the session is with the
-        receiver the signer names now, else a signature."""
+        receiver the signer names now, else a signature; and the test its answer must pass (`AnswerTest`;
+        None for a call sent unsigned, for want of a receiver hotkey)."""
         if session is not None and session.receiver == self._signer.receiver():
-            return tuple(metadata) + session.seal(method, body)
-        return self._signer.sign(method, body, None, metadata)[1]
+            sealed = tuple(metadata) + session.seal(method, body)
+            seq = session.seq
+
+            def session_test(code: int, details: bytes, body_: bytes, tag: bytes | None) -> str | None:
+                mac = tag if tag is not None and len(tag) == ANSWER_MAC_BYTES else None
+                if tag is not None and mac is None and code == 0:
+                    return "the answer to a session call carries a signature, not the session's MAC"
+                return session.answer_error(method, seq, code, details, body_, mac)
+            return sealed, session_test
+        _, signed, check = self._signer.sign_call(method, body, None, metadata)
+        if check is None:
+            return signed, None
+
+        def signature_test(code: int, details: bytes, body_: bytes, tag: bytes | None) -> str | None:
+            if code != 0:   # an error is taken as it comes
+                return None
+            return check.problem(body_, tag if tag is not None and len(tag) == SIGNATURE_BYTES else None)
+        return signed, signature_test
+
+
+# (status code value, details, body, answer tag or None) -> None, or why the answer is not taken
+AnswerTest = Callable[[int, bytes, bytes, "bytes | None"], "str | None"]
 
 
 # ---- the receiver's side -------------------------------------------------------------------------

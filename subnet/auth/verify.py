@@ -96,32 +96,44 @@ class Verifier:
         self._clock = clock
 
     def verify(self, method: str, body: bytes, metadata: Iterable[tuple[str, str | bytes]]) -> Rejection | None:
+        return self.check(method, body, metadata)[0]
+
+    def check(self, method: str, body: bytes,
+              metadata: Iterable[tuple[str, str | bytes]]) -> tuple[Rejection | None, str | None]:
+        """(`verify`'s answer, the body's digest once it was computed: the receiver's answer signature uses it)."""
         claim = self._parse(metadata)
         if isinstance(claim, Rejection):
-            return claim
-        rejection = self._check_signature(claim, method, body_digest(body))
+            return claim, None
+        digest = body_digest(body)
+        rejection = self._check_signature(claim, method, digest)
         if rejection is not None:
-            return rejection
+            return rejection, digest
         try:
             fresh = self.nonces.claim(f"{claim.hotkey}:{claim.nonce}")
         except NonceStoreError as e:
-            return Rejection(grpc.StatusCode.UNAVAILABLE, "nonce_store_unavailable", str(e))
-        return self._admit(claim, fresh)
+            return Rejection(grpc.StatusCode.UNAVAILABLE, "nonce_store_unavailable", str(e)), digest
+        return self._admit(claim, fresh), digest
 
     async def averify(self, method: str, body: bytes,
                       metadata: Iterable[tuple[str, str | bytes]]) -> Rejection | None:
         """`verify` for an asyncio server: big bodies are hashed off the loop, the nonce store awaited."""
+        return (await self.acheck(method, body, metadata))[0]
+
+    async def acheck(self, method: str, body: bytes,
+                     metadata: Iterable[tuple[str, str | bytes]]) -> tuple[Rejection | None, str | None]:
+        """`check` for an asyncio server (as `averify`)."""
         claim = self._parse(metadata)
         if isinstance(claim, Rejection):
-            return claim
-        rejection = self._check_signature(claim, method, await digest_off_loop(body))
+            return claim, None
+        digest = await digest_off_loop(body)
+        rejection = self._check_signature(claim, method, digest)
         if rejection is not None:
-            return rejection
+            return rejection, digest
         try:
             fresh = await self.nonces.aclaim(f"{claim.hotkey}:{claim.nonce}")
         except NonceStoreError as e:
-            return Rejection(grpc.StatusCode.UNAVAILABLE, "nonce_store_unavailable", str(e))
-        return self._admit(claim, fresh)
+            return Rejection(grpc.StatusCode.UNAVAILABLE, "nonce_store_unavailable", str(e)), digest
+        return self._admit(claim, fresh), digest
 
     # ---- the steps --------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ caller may send it another way.
 With `auth` (subnet.auth.sessions.FramesAuth), a new connection first opens a session (a signed
 key exchange, whose answer the server signs) and then carries a MAC per call instead of a
 signature, and takes an OK answer only with the session's MAC of it (else INTERNAL, and the
-connection is closed); where the server opens none, calls are signed one by one, and new
-connections do not ask again for SESSIONS_RETRY_S.
+connection is closed); where the server opens none, calls are signed one by one (and an OK answer
+taken only with the server's signature of it), and new connections do not ask again for
+SESSIONS_RETRY_S.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 
 import grpc
 
-from subnet.auth.sessions import SESSION_METHOD, ClientSession, FramesAuth, SessionOffer
+from subnet.auth.sessions import SESSION_METHOD, AnswerTest, ClientSession, FramesAuth, SessionOffer
 from subnet.frames import protocol as p
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ class FramesChannel:
         deadline = time.monotonic() + timeout_s
         name = _method_name(method, deadline)
         conn, session = self._take() or self._connect(deadline, auth)
-        frame, seq = self._frame(method, name, body, metadata, auth, session, deadline, conn)
-        pending = PendingCall(self, conn, deadline, frame, session, method, seq)
+        frame, test = self._frame(method, name, body, metadata, auth, session, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, session, test)
         pending.send_rest()
         return pending
 
@@ -89,31 +90,28 @@ class FramesChannel:
         if kept is None:
             return None
         conn, session = kept
-        frame, seq = self._frame(method, name, body, metadata, auth, session, deadline, conn)
-        pending = PendingCall(self, conn, deadline, frame, session, method, seq)
+        frame, test = self._frame(method, name, body, metadata, auth, session, deadline, conn)
+        pending = PendingCall(self, conn, deadline, frame, session, test)
         pending.send_available()
         return pending
 
     @staticmethod
     def _frame(method: str, name: bytes, body: bytes, metadata: p.Metadata, auth: FramesAuth | None,
                session: ClientSession | None, deadline: float,
-               conn: socket.socket) -> tuple[list[memoryview], int | None]:
-        """The request frame for `conn` and the session seq it uses (None: not a session call); with `auth`,
-        authenticated for it (a session's seq is used up: the frame must be sent, or the connection closed,
-        as it is here when the frame cannot be made)."""
-        seq = None
+               conn: socket.socket) -> tuple[list[memoryview], AnswerTest | None]:
+        """The request frame for `conn` and the test its answer must pass (None: none, the call is not
+        authenticated); with `auth`, authenticated for it (a session's seq is used up: the frame must be
+        sent, or the connection closed, as it is here when the frame cannot be made)."""
+        test = None
         try:
             if auth is not None:
-                before = session.seq if session is not None else None
-                metadata = auth.metadata(session, method, body, metadata)
-                if session is not None and session.seq != before:
-                    seq = session.seq
+                metadata, test = auth.metadata(session, method, body, metadata)
             meta = p.encode_metadata(metadata)
         except BaseException:
             conn.close()
             raise
         head = p.request_header(name, meta, max(deadline - time.monotonic(), 0.001), len(body))
-        return [memoryview(b) for b in p.buffers((head, name, meta), body)], seq
+        return [memoryview(b) for b in p.buffers((head, name, meta), body)], test
 
     def close(self) -> None:
         with self._lock:
@@ -145,7 +143,7 @@ class FramesChannel:
         session_offer, metadata = offer
         frame, _ = self._frame(SESSION_METHOD, SESSION_METHOD.encode("ascii"), session_offer.body, metadata, None,
                                None, deadline, conn)
-        pending = PendingCall(self, conn, deadline, frame, None, SESSION_METHOD, None)
+        pending = PendingCall(self, conn, deadline, frame, None, None)   # the answer's signature is in its body
         try:
             pending.send_rest()
             code, details, answer = pending.answer()
@@ -216,10 +214,10 @@ class PendingCall:
     """A call on one of a channel's connections, sent (or partly: `unsent`), its answer not read yet."""
 
     def __init__(self, channel: FramesChannel, conn: socket.socket, deadline: float, frame: list[memoryview],
-                 session: ClientSession | None, method: str, seq: int | None):
-        """`seq`: the session seq this call used (its answer must carry the session's MAC), or None."""
+                 session: ClientSession | None, test: AnswerTest | None):
+        """`test`: what the answer must pass to be taken (its session MAC or its signature), or None."""
         self._channel, self._conn, self.deadline, self._session = channel, conn, deadline, session
-        self._method, self._seq = method, seq
+        self._test = test
         self.unsent = [b for b in frame if len(b)]   # what is still to be sent, in order
         # The answer, read part by part (header, then MAC, details and body once the header says their
         # sizes), so that a caller can take in what has arrived without waiting for the rest (read_available).
@@ -286,10 +284,9 @@ class PendingCall:
             self.send_rest()
         try:
             self._fill(blocking=True)
-            mac, details, body = self._parts[1:]
-            if self._seq is not None:
-                refused = self._session.answer_error(self._method, self._seq, self._code.value[0], bytes(details), body,
-                                                     bytes(mac) if mac else None)
+            tag, details, body = self._parts[1:]
+            if self._test is not None:
+                refused = self._test(self._code.value[0], bytes(details), body, bytes(tag) if tag else None)
                 if refused is not None:
                     raise p.ProtocolError(grpc.StatusCode.INTERNAL, f"{refused}; moe-frames at "
                                                                     f"{self._channel._where()}")
@@ -318,7 +315,7 @@ class PendingCall:
             if self._part == 0:   # the header: the sizes of what follows
                 code, details_len, body_len = p.parse_response_header(self._parts[0], self._channel.max_body_bytes)
                 self._code = code
-                self._parts += [bytearray(p.answer_mac_bytes(self._parts[0])), bytearray(details_len),
+                self._parts += [bytearray(p.answer_tag_bytes(self._parts[0])), bytearray(details_len),
                                 bytearray(body_len)]
             self._part, self._got = self._part + 1, 0
         return True

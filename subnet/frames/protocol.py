@@ -18,10 +18,12 @@ Metadata: entry count u16, then per entry key length u16, key (ASCII), value len
     signature entries (subnet.auth) and `traceparent` included.
 Response frame:
     magic "MOER" | version u8 = 1 | status u8 (grpc.StatusCode value) | flags u16
-    | details length u32 | body length u64 | [answer MAC] | details (UTF-8) | body (the serialized response)
-Flags: FLAG_ANSWER_MAC (1): ANSWER_MAC_BYTES of the session's MAC of this answer follow the header
-    (subnet.auth.sessions; only on a connection whose session asked for them, so a client from
-    before them never gets one). Other bits are 0.
+    | details length u32 | body length u64 | [answer tag] | details (UTF-8) | body (the serialized response)
+Flags (at most one): FLAG_ANSWER_MAC (1): the answer tag is ANSWER_MAC_BYTES of the session's MAC
+    of this answer (subnet.auth.sessions; only on a connection whose session asked for them);
+    FLAG_ANSWER_SIGNATURE (2): the answer tag is the receiver's ANSWER_SIGNATURE_BYTES signature of
+    its OK answer to a signed request (subnet.auth.payload.answer_payload; what gRPC carries in the
+    trailing metadata entry x-moe-answer-signature-bin). Other bits are 0.
 
 A frame that breaks these rules (bad magic or version, lengths over the limits below or over the
 server's message limit) gets one error response (INVALID_ARGUMENT or RESOURCE_EXHAUSTED, the
@@ -43,8 +45,10 @@ RESPONSE = struct.Struct("<4sBBHIQ")
 MAX_METHOD_BYTES = 256
 MAX_METADATA_BYTES = 16 << 10
 MAX_DETAILS_BYTES = 64 << 10
-FLAG_ANSWER_MAC = 1
-ANSWER_MAC_BYTES = 32   # subnet.auth.sessions.ANSWER_MAC_BYTES
+FLAG_ANSWER_MAC, FLAG_ANSWER_SIGNATURE = 1, 2
+ANSWER_MAC_BYTES = 32         # subnet.auth.sessions.ANSWER_MAC_BYTES
+ANSWER_SIGNATURE_BYTES = 64   # sr25519
+_TAG_BYTES = {0: 0, FLAG_ANSWER_MAC: ANSWER_MAC_BYTES, FLAG_ANSWER_SIGNATURE: ANSWER_SIGNATURE_BYTES}
 # Starts the details of the RESOURCE_EXHAUSTED a server answers when it has too many connections or
 # request bytes in hand: it read no more than the header, so the caller may send the call over gRPC.
 BUSY = "moe-frames: busy"
@@ -114,15 +118,17 @@ def parse_request_header(header: bytes, max_body_bytes: int) -> tuple[int, int, 
     return method_len, metadata_len, (timeout_ms / 1000 if timeout_ms else None), body_len
 
 
-def response_header(code: grpc.StatusCode, details: bytes, body_len: int, answer_mac: bytes = b"") -> bytes:
-    """The response header; with `answer_mac` (sent right after it), FLAG_ANSWER_MAC set."""
-    flags = FLAG_ANSWER_MAC if answer_mac else 0
+def response_header(code: grpc.StatusCode, details: bytes, body_len: int, answer_tag: bytes = b"") -> bytes:
+    """The response header; with `answer_tag` (sent right after it: a session MAC or an answer signature,
+    told apart by its size), the flag that says which."""
+    flags = {0: 0, ANSWER_MAC_BYTES: FLAG_ANSWER_MAC, ANSWER_SIGNATURE_BYTES: FLAG_ANSWER_SIGNATURE}[len(answer_tag)]
     return RESPONSE.pack(RESPONSE_MAGIC, VERSION, code.value[0], flags, len(details), body_len)
 
 
-def answer_mac_bytes(header: bytes) -> int:
-    """How many bytes of answer MAC follow a (parsed, valid) response header: 0 or ANSWER_MAC_BYTES."""
-    return ANSWER_MAC_BYTES if RESPONSE.unpack(header)[3] & FLAG_ANSWER_MAC else 0
+def answer_tag_bytes(header: bytes) -> int:
+    """How many bytes of answer tag follow a (parsed, valid) response header: 0, ANSWER_MAC_BYTES (a session
+    MAC) or ANSWER_SIGNATURE_BYTES (a signature)."""
+    return _TAG_BYTES[RESPONSE.unpack(header)[3]]
 
 
 def parse_response_header(header: bytes, max_body_bytes: int) -> tuple[grpc.StatusCode, int, int]:
@@ -133,7 +139,7 @@ def parse_response_header(header: bytes, max_body_bytes: int) -> tuple[grpc.Stat
         raise ProtocolError(bad, "the answer is not a moe-frames/1 response")
     if code not in CODES:
         raise ProtocolError(bad, f"the answer has an unknown status {code}")
-    if flags & ~FLAG_ANSWER_MAC:
+    if flags not in _TAG_BYTES:
         raise ProtocolError(bad, f"the answer has unknown flags {flags:#x}")
     if details_len > MAX_DETAILS_BYTES or body_len > max_body_bytes:
         raise ProtocolError(bad, f"the answer is too large ({details_len} bytes of details, {body_len} of body)")

@@ -35,6 +35,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from subnet.auth.payload import ANSWER_SIGNATURE_KEY
 from subnet.frames import protocol as p
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class Connection:
 
     async def seal_answer(self, method: str, code: grpc.StatusCode, details: bytes, body) -> bytes:
         """The session's MAC of this answer (subnet.auth.sessions.ServerSession.seal_answer), or b"" when
-        there is none to send. A large body is hashed off the event loop (hashlib releases the GIL)."""
+        there is none to send (not a session call: its answer is signed, if at all, in the trailing metadata).
+        A large body is hashed off the event loop (hashlib releases the GIL)."""
         session = self.auth_session
         if session is None:
             return b""
@@ -77,6 +79,13 @@ class _Context:
         self._metadata, self._peer, self.connection = metadata, peer, connection
         self._code: grpc.StatusCode | None = None
         self._details = ""
+        self.answer_signature = b""   # ANSWER_SIGNATURE_KEY of the trailing metadata (subnet.auth.server)
+
+    def set_trailing_metadata(self, metadata) -> None:
+        """Only the answer's signature has a place in a response frame (FLAG_ANSWER_SIGNATURE)."""
+        for key, value in metadata:
+            if key == ANSWER_SIGNATURE_KEY and isinstance(value, bytes) and len(value) == p.ANSWER_SIGNATURE_BYTES:
+                self.answer_signature = value
 
     def invocation_metadata(self):
         return self._metadata
@@ -244,8 +253,10 @@ class FramesServer:
         if code is not grpc.StatusCode.OK:
             body = b""
         details_bytes = details.encode("utf-8")[:p.MAX_DETAILS_BYTES]
-        mac = await connection.seal_answer(method, code, details_bytes, body)
-        await _send(conn, p.response_header(code, details_bytes, len(body), mac), details_bytes, body, mac)
+        tag = await connection.seal_answer(method, code, details_bytes, body)
+        if not tag and code is grpc.StatusCode.OK:
+            tag = context.answer_signature
+        await _send(conn, p.response_header(code, details_bytes, len(body), tag), details_bytes, body, tag)
 
     async def _dispatch(self, method: str, raw: bytearray, context: _Context) -> bytes:
         """The method's handler behind the same interceptors as gRPC; the serialized response."""
@@ -318,7 +329,7 @@ async def _read_into(conn: socket.socket, view: memoryview, eof_ok: bool = False
     return True
 
 
-async def _send(conn: socket.socket, header: bytes, details: bytes, body: bytes, mac: bytes = b"") -> None:
+async def _send(conn: socket.socket, header: bytes, details: bytes, body: bytes, tag: bytes = b"") -> None:
     loop = asyncio.get_running_loop()
-    for buffer in p.buffers((header, mac, details), body):
+    for buffer in p.buffers((header, tag, details), body):
         await loop.sock_sendall(conn, buffer)

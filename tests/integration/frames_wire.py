@@ -14,16 +14,16 @@ def frame(method: str, metadata, body: bytes, timeout_s: float = 10.0) -> bytes:
 
 
 def read_response(conn: socket.socket) -> tuple[grpc.StatusCode, str, bytes]:
-    """(status, details, body) of the next response frame on `conn` (its answer MAC, if any, read and dropped)."""
+    """(status, details, body) of the next response frame on `conn` (its answer tag, if any, read and dropped)."""
     return read_answer(conn)[:3]
 
 
 def read_answer(conn: socket.socket) -> tuple[grpc.StatusCode, str, bytes, bytes | None]:
-    """(status, details, body, answer MAC or None) of the next response frame on `conn`."""
+    """(status, details, body, answer tag or None: a session MAC or a signature) of the next response frame."""
     header = recv_exactly(conn, p.RESPONSE.size)
     code, details_len, body_len = p.parse_response_header(header, 1 << 30)
-    mac = recv_exactly(conn, p.answer_mac_bytes(header)) or None
-    return code, recv_exactly(conn, details_len).decode(), recv_exactly(conn, body_len), mac
+    tag = recv_exactly(conn, p.answer_tag_bytes(header)) or None
+    return code, recv_exactly(conn, details_len).decode(), recv_exactly(conn, body_len), tag
 
 
 def recv_exactly(conn: socket.socket, n: int) -> bytes:

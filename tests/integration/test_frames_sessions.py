@@ -1,8 +1,8 @@
 """Sessions on moe-frames connections (subnet.auth.sessions) against a real expert service with request
 signing on: a pool opens one per connection and then sends MACs, not signatures; by hand, a replayed,
 changed or sessionless call is refused with its reason and counted, a recorded connection cannot be
-replayed, an Open is checked like any signed request; a service with auth off opens none and the pool
-signs each call instead."""
+replayed, an Open is checked like any signed request; answers carry the session's MAC, and one changed on
+the path (through a tampering proxy) is refused, as is an unsigned one from a service with auth off."""
 
 import socket
 import threading
@@ -195,19 +195,24 @@ def test_an_open_is_checked_like_any_signed_request(service, frames_port, client
     conn.close()
 
 
-def test_a_service_with_auth_off_opens_no_session_and_the_pool_signs_each_call(
+def test_a_service_with_auth_off_is_refused_by_a_signing_pool_and_serves_one_that_does_not_sign(
         expert_service_factory, checkpoint, client_identity):
+    """A signing pool takes no unsigned answer (it cannot tell that service from someone on the path): each
+    call fails with a message naming AUTH_MODE (its Info too, so the pool never learns of moe-frames there).
+    A pool that does not sign (AUTH_MODE=off too) is served."""
     service = expert_service_factory(["0.0"], DIM, INTER, env={"EXPERT_CHECKPOINT": str(checkpoint), "REDIS_URL": "",
                                                                "AUTH_MODE": "off"})
     with ExpertClientPool(identity=client_identity) as pool:
         client = pool.get(service.endpoint, service.hotkey)
         for inline in (False, True, False):
-            answer = client.forward("0.0", encode_view(torch.randn(2, DIM)), call_id="", step=0, training=False,
-                                    timeout_s=TIMEOUT_S, inline=inline).result()
-            assert decode(answer.outputs, expected_dim=DIM).shape == (2, DIM)
-        channel = pool.frames.channel(service.endpoint)
-        assert channel._sessions_refused_at > 0 and all(session is None for _, session in channel._idle)
-        assert channel.calls == 3
+            with pytest.raises(grpc.RpcError) as err:
+                client.forward("0.0", encode_view(torch.randn(2, DIM)), call_id="", step=0, training=False,
+                               timeout_s=TIMEOUT_S, inline=inline).result()
+            assert err.value.code() is grpc.StatusCode.INTERNAL and "AUTH_MODE" in err.value.details()
+    with ExpertClientPool() as pool:
+        answer = pool.get(service.endpoint).forward("0.0", encode_view(torch.randn(2, DIM)), call_id="", step=0,
+                                                    training=False, timeout_s=TIMEOUT_S).result()
+        assert decode(answer.outputs, expected_dim=DIM).shape == (2, DIM)
 
 
 class _TamperingProxy:
@@ -255,7 +260,8 @@ OPEN_ANSWER_BYTES = p.RESPONSE.size + PUBLIC_KEY_BYTES + 64
 @pytest.mark.parametrize("skip", [OPEN_ANSWER_BYTES, OPEN_ANSWER_BYTES - 1])
 def test_an_answer_changed_on_the_path_is_refused(service, frames_port, client_identity, skip):
     """A changed session answer fails its MAC (INTERNAL, the connection dropped); a changed Open answer
-    fails its signature, so no session is opened on it (and the caller signs each call instead)."""
+    fails its signature, so no session is opened on it, and the call signed on its own then gets a changed
+    answer too, which fails the answer's signature."""
     proxy = _TamperingProxy(("127.0.0.1", frames_port), skip)
     try:
         with ExpertClientPool(identity=client_identity, frames=False) as pool:
@@ -266,9 +272,11 @@ def test_an_answer_changed_on_the_path_is_refused(service, frames_port, client_i
                     channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
                 assert err.value.code() is grpc.StatusCode.INTERNAL and "does not match" in err.value.details()
                 assert not channel._idle   # not kept: its session cannot be trusted any more
-            else:   # no session: the call goes signed on a fresh connection (its answer unauthenticated)
-                channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
-                assert channel._sessions_refused_at > 0 and all(session is None for _, session in channel._idle)
+            else:   # no session: the call goes signed on a fresh connection
+                with pytest.raises(p.FrameError) as err:
+                    channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
+                assert err.value.code() is grpc.StatusCode.INTERNAL and "signature of it" in err.value.details()
+                assert channel._sessions_refused_at > 0 and not channel._idle
             channel.close()
             untouched = p_client.FramesChannel("127.0.0.1", frames_port, max_body_bytes=1 << 20)
             assert _outputs_ok(grpc.StatusCode.OK, untouched.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth))

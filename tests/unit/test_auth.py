@@ -25,7 +25,8 @@ from subnet.auth import (
     sign_metadata,
     signing_payload,
 )
-from subnet.auth.payload import SIGNATURE_KEY, TIMESTAMP_KEY, body_digest
+from subnet.auth.client import AnswerRefused
+from subnet.auth.payload import ANSWER_SIGNATURE_KEY, SIGNATURE_KEY, TIMESTAMP_KEY, answer_payload, body_digest
 from subnet.auth.verify import HASH_IN_THREAD_BYTES
 from subnet.chain.base import Metagraph, Neuron
 from subnet.envconfig import ConfigError, from_env
@@ -264,51 +265,99 @@ def test_auth_config_checks_mode_and_allowlist(caller):
 # ---- client and server wrappers ---------------------------------------------------------------
 
 
+class FakeCall:
+    def __init__(self, trailing):
+        self._trailing = trailing
+
+    def trailing_metadata(self):
+        return self._trailing
+
+    def result(self, timeout=None):
+        return self.answer
+
+    def exception(self, timeout=None):
+        return None
+
+    def add_done_callback(self, fn):
+        fn(self)
+
+
 class FakeMultiCallable:
-    def __init__(self, calls):
-        self.calls = calls
+    """Answers `answer` to every call; signed by `answerer` (for the hotkey the call was signed for) unless None."""
 
-    def __call__(self, request, timeout=None, metadata=None):
-        self.calls.append((request, dict(metadata or ())))
-        return "response"
+    def __init__(self, calls, answerer, answer, tamper):
+        self.calls, self.answerer, self.answer, self.tamper = calls, answerer, answer, tamper
 
-    future = __call__
+    def with_call(self, request, timeout=None, metadata=None):
+        metadata = dict(metadata or ())
+        self.calls.append((request, metadata))
+        trailing = ()
+        if self.answerer is not None and "x-moe-nonce" in metadata:
+            payload = answer_payload(METHOD, metadata["x-moe-nonce"], body_digest(request), metadata["x-moe-hotkey"],
+                                     self.answerer.hotkey, body_digest(self.answer))
+            trailing = ((ANSWER_SIGNATURE_KEY, self.answerer.sign(payload)),)
+        call = FakeCall(trailing)
+        call.answer = self.answer + self.tamper
+        return call.answer, call
+
+    def future(self, request, timeout=None, metadata=None):
+        return self.with_call(request, timeout, metadata)[1]
 
 
 class FakeChannel:
-    def __init__(self):
-        self.calls, self.serializers = [], []
+    def __init__(self, answerer=None, answer=b"response", tamper=b""):
+        self.calls, self.serializers, self.deserializers = [], [], []
+        self.answerer, self.answer, self.tamper = answerer, answer, tamper
 
     def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
         self.serializers.append(request_serializer)
-        return FakeMultiCallable(self.calls)
+        self.deserializers.append(response_deserializer)
+        return FakeMultiCallable(self.calls, self.answerer, self.answer, self.tamper)
 
 
 def test_signing_channel_serializes_once_and_signs_those_bytes(caller, receiver):
-    channel = FakeChannel()
+    channel = FakeChannel(answerer=receiver)
     serialized = []
 
     def serializer(message):
         serialized.append(message)
         return message.SerializeToString()
 
-    call = SigningChannel(channel, caller, lambda: receiver.hotkey).unary_unary(METHOD, serializer)
+    call = SigningChannel(channel, caller, lambda: receiver.hotkey).unary_unary(METHOD, serializer, bytes.upper)
     request = expert_pb2.ForwardRequest(expert_uid="0.1", call_id="c")
-    assert call.future(request, timeout=1.0, metadata=[("traceparent", "t")]) == "response"
+    assert call.future(request, timeout=1.0, metadata=[("traceparent", "t")]).result() == b"RESPONSE"
     body, metadata = channel.calls[0]
     assert serialized == [request] and channel.serializers == [None]   # the channel sends the bytes as they are
+    assert channel.deserializers == [None]                             # and parses the answer once it is checked
     assert body == request.SerializeToString() and metadata["traceparent"] == "t"
     assert verifier_for(receiver, clock=time.time).verify(METHOD, body, list(metadata.items())) is None
 
-    SigningChannel(channel, caller, lambda: None).unary_unary(METHOD, serializer)(request)
-    assert "x-moe-hotkey" not in channel.calls[1][1]                   # no receiver known: unsigned
+    unsigned = FakeChannel()
+    SigningChannel(unsigned, caller, lambda: None).unary_unary(METHOD, serializer)(request)
+    assert "x-moe-hotkey" not in unsigned.calls[0][1]                  # no receiver known: unsigned, answer taken
     SigningChannel(channel, None, receiver.hotkey).unary_unary(METHOD, serializer)
     assert channel.serializers[-1] is serializer                       # no identity: the plain multi-callable
 
 
+@pytest.mark.parametrize("answerer, tamper, why", [
+    (None, b"", "is not signed by"),                      # a service with auth off, or someone else answering
+    ("receiver", b"!", "does not carry"),                 # changed on the way
+    ("stranger", b"", "does not carry"),                  # signed, by another hotkey
+])
+def test_an_answer_is_taken_only_with_the_receivers_signature_of_it(caller, receiver, answerer, tamper, why):
+    signer = {"receiver": receiver, "stranger": Identity.generate(), None: None}[answerer]
+    channel = FakeChannel(answerer=signer, tamper=tamper)
+    call = SigningChannel(channel, caller, receiver.hotkey).unary_unary(METHOD, None, bytes.upper)
+    for attempt in (lambda: call(b"request"), lambda: call.future(b"request").result()):
+        with pytest.raises(AnswerRefused) as err:
+            attempt()
+        assert err.value.code() is grpc.StatusCode.INTERNAL and why in err.value.details()
+    assert isinstance(call.future(b"request").exception(), AnswerRefused)
+
+
 class FakeContext:
     def __init__(self, metadata):
-        self.metadata, self.aborted = metadata, None
+        self.metadata, self.aborted, self.trailing = metadata, None, ()
 
     def invocation_metadata(self):
         return self.metadata
@@ -320,23 +369,34 @@ class FakeContext:
         self.aborted = (code, details)
         raise RuntimeError("aborted")
 
+    def set_trailing_metadata(self, metadata):
+        self.trailing = tuple(metadata)
+
 
 def test_server_wrapper_verifies_before_the_servicer_and_logs_rejections_rarely(caller, receiver, caplog):
     reasons, served = [], []
-    auth = ServerAuth(verifier_for(receiver), open_methods={"/moe.v1.Expert/Info"}, on_reject=reasons.append)
+    auth = ServerAuth(verifier_for(receiver), open_methods={"/moe.v1.Expert/Info"}, on_reject=reasons.append,
+                      identity=receiver)
     assert not auth.protects("/moe.v1.Expert/Info") and not auth.protects("/grpc.health.v1.Health/Check")
     assert auth.protects(METHOD)
 
     def forward(request, context):
         served.append(request)
         return "ok"
-    handler = grpc.unary_unary_rpc_method_handler(forward, expert_pb2.ForwardRequest.FromString)
+    handler = grpc.unary_unary_rpc_method_handler(forward, expert_pb2.ForwardRequest.FromString, str.encode)
     wrapped = auth.interceptor().intercept_service(lambda details: handler, type("D", (), {"method": METHOD}))
     assert wrapped.request_deserializer is None                        # the behaviour gets the raw bytes
 
     body = expert_pb2.ForwardRequest(expert_uid="0.1").SerializeToString()
-    assert wrapped.unary_unary(body, FakeContext(signed(caller, receiver.hotkey, body))) == "ok"
+    metadata = signed(caller, receiver.hotkey, body)
+    context = FakeContext(metadata)
+    assert wrapped.unary_unary(body, context) == b"ok"                 # serialized here: its bytes are signed
     assert served == [expert_pb2.ForwardRequest(expert_uid="0.1")]
+    (key, signature), = context.trailing
+    nonce = dict(metadata)["x-moe-nonce"]
+    assert key == ANSWER_SIGNATURE_KEY and verify_signature(
+        receiver.hotkey, answer_payload(METHOD, nonce, body_digest(body), caller.hotkey, receiver.hotkey,
+                                        body_digest(b"ok")), signature)
     with caplog.at_level(logging.WARNING, logger="subnet.auth.server"):
         for _ in range(5):
             context = FakeContext([])
