@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-
 from dataclasses import dataclass
 from typing import Any
 
