@@ -220,18 +220,31 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
 def _sign_only_aio(auth: ServerAuth, method: str, handler):
     """An open unary method: not checked, but its answer to a request that claims a caller and a nonce is
     signed, bound to the request's bytes, as a protected method's is (a caller that signs its calls takes
-    only signed answers)."""
-    parse, inner, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
+    only signed answers). Its deserializer keeps the raw bytes beside the request (`_keeping_raw`), so
+    whatever parses requests before it (the expert's DecodeGuard, gRPC) still does."""
+    inner, serialize = handler.unary_unary, handler.response_serializer
 
-    async def unary_unary(raw, context):
-        request = _parse(parse, raw)
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
-        answer = await inner(request, context)
+    async def unary_unary(kept: _Kept, context):
+        answer = await inner(kept.request, context)
         if request_claim(context.invocation_metadata()) is None:
             return answer if serialize is None else serialize(answer)
-        return await _asigned_answer(auth, method, await digest_off_loop(raw), context, answer, serialize)
-    return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary_unary)
+        return await _asigned_answer(auth, method, await digest_off_loop(kept.raw), context, answer, serialize)
+    return handler._replace(request_deserializer=_keeping_raw(handler.request_deserializer), response_serializer=None,
+                            unary_unary=unary_unary)
+
+
+class _Kept:
+    __slots__ = ("raw", "request")
+
+    def __init__(self, raw: bytes, request):
+        self.raw, self.request = raw, request
+
+
+def _keeping_raw(deserializer):
+    """A deserializer that returns the request with its raw bytes (a DecodeError still raises)."""
+    def parse(raw: bytes) -> _Kept:
+        return _Kept(raw, raw if deserializer is None else deserializer(raw))
+    return parse
 
 
 async def _asigned_answer(auth: ServerAuth, method: str, request_digest: str, context, answer, serialize) -> bytes:
@@ -296,17 +309,15 @@ def _admit_sync(auth: ServerAuth, method: str, parse, raw: bytes, context: grpc.
 
 def _sign_only_sync(auth: ServerAuth, method: str, handler):
     """`_sign_only_aio` for a sync server."""
-    parse, inner, serialize = handler.request_deserializer, handler.unary_unary, handler.response_serializer
+    inner, serialize = handler.unary_unary, handler.response_serializer
 
-    def unary(raw: bytes, context: grpc.ServicerContext):
-        request = _parse(parse, raw)
-        if request is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, unparsable_message(parse, method))
-        answer = inner(request, context)
+    def unary(kept: _Kept, context: grpc.ServicerContext):
+        answer = inner(kept.request, context)
         if request_claim(context.invocation_metadata()) is None:
             return answer if serialize is None else serialize(answer)
-        return _signed_answer(auth, method, body_digest(raw), context, answer, serialize)
-    return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary)
+        return _signed_answer(auth, method, body_digest(kept.raw), context, answer, serialize)
+    return handler._replace(request_deserializer=_keeping_raw(handler.request_deserializer), response_serializer=None,
+                            unary_unary=unary)
 
 
 def _signed_answer(auth: ServerAuth, method: str, request_digest: str, context, answer, serialize) -> bytes:

@@ -25,6 +25,7 @@ from services.router.replicas import ReplicaSet
 from services.router.server import RouterServer, router_auth
 from services.router.servicer import RouterServicer
 from subnet.auth import AuthConfig, SigningChannel, sign_metadata
+from subnet.auth.client import answer_signature
 from subnet.auth.nonces import REDIS_PREFIX
 from subnet.envconfig import from_env
 from subnet.identity import Identity, WalletConfig
@@ -139,6 +140,22 @@ def test_every_expert_rpc_is_protected(channel, service, client_identity):
         assert info.value.code() == Code.UNAUTHENTICATED, rpc
     signed = expert_pb2_grpc.ExpertStub(SigningChannel(channel, client_identity, service.hotkey))
     assert signed.GradNorm(expert_pb2.GradNormRequest(expert_uid="0.0", step=0), timeout=10).backward_calls == 0
+
+
+def test_answers_to_signed_calls_carry_the_services_signature_of_them(channel, service, client_identity):
+    """Over gRPC, a protected method's answer and an open one's (Info) carry the service's signature in the
+    trailing metadata, bound to the request's nonce and bytes; an unsigned request to Info gets none."""
+    signer = SigningChannel(channel, client_identity, service.hotkey)
+    raw = channel.unary_unary(FORWARD, request_serializer=None, response_deserializer=None)
+    for method, body in ((FORWARD, forward_body()), ("/moe.v1.Expert/Info", b"")):
+        body, metadata, check = signer.sign_call(method, body, None, ())
+        raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        answer, call = raw.with_call(body, metadata=metadata, timeout=10)
+        signature = answer_signature(call.trailing_metadata())
+        assert signature is not None and check.problem(answer, signature) is None, method
+        assert check.problem(answer + b"\0", signature) is not None
+    _, call = raw.with_call(b"", timeout=10)   # Info, unsigned: nothing to sign for
+    assert answer_signature(call.trailing_metadata()) is None
 
 
 # ---- start-up (in process: the checks run before any port is bound) ----------------------------

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 from bittensor_wallet import Keypair
+from google.protobuf.message import DecodeError
 
 from subnet.auth import (
     AllowList,
@@ -407,3 +408,23 @@ def test_server_wrapper_verifies_before_the_servicer_and_logs_rejections_rarely(
     lines = [r for r in caplog.records if r.name == "subnet.auth.server"]
     assert len(lines) == 1 and "rejected /moe.v1.Expert/Forward" in lines[0].getMessage()
     assert lines[0].exc_info is None                                   # one line, no traceback
+
+
+def test_an_open_method_is_not_checked_but_its_answer_to_a_signed_request_is_signed(caller, receiver):
+    auth = ServerAuth(verifier_for(receiver), open_methods={"/moe.v1.Expert/Info"}, identity=receiver)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request.SerializeToString(),
+                                                  expert_pb2.InfoRequest.FromString)
+    wrapped = auth.interceptor().intercept_service(lambda details: handler,
+                                                   type("D", (), {"method": "/moe.v1.Expert/Info"}))
+    raw = expert_pb2.InfoRequest().SerializeToString()
+    with pytest.raises(DecodeError):   # the deserializer still parses (and refuses) before anything runs
+        wrapped.request_deserializer(b"\xff\xff")
+    unsigned = FakeContext([])
+    assert wrapped.unary_unary(wrapped.request_deserializer(raw), unsigned) == raw and unsigned.trailing == ()
+    metadata = replace(signed(caller, receiver.hotkey, raw, method="/moe.v1.Expert/Info"), SIGNATURE_KEY, bytes(64))
+    context = FakeContext(metadata)   # not verified (an open method), but answered signed, bound to its bytes
+    assert wrapped.unary_unary(wrapped.request_deserializer(raw), context) == raw
+    (key, signature), = context.trailing
+    payload = answer_payload("/moe.v1.Expert/Info", dict(metadata)["x-moe-nonce"], body_digest(raw), caller.hotkey,
+                             receiver.hotkey, body_digest(raw))
+    assert key == ANSWER_SIGNATURE_KEY and verify_signature(receiver.hotkey, payload, signature)
