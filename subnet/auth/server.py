@@ -241,9 +241,12 @@ class _Kept:
 
 
 def _keeping_raw(deserializer):
-    """A deserializer that returns the request with its raw bytes (a DecodeError still raises)."""
+    """A deserializer that returns the request with its raw bytes (a DecodeError still raises), and names the
+    same message type (`unparsable_message`)."""
     def parse(raw: bytes) -> _Kept:
         return _Kept(raw, raw if deserializer is None else deserializer(raw))
+    parse.DESCRIPTOR = getattr(deserializer, "DESCRIPTOR", None) or \
+        getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
     return parse
 
 

@@ -27,6 +27,7 @@ from subnet.auth import (
     signing_payload,
 )
 from subnet.auth.client import AnswerRefused
+from subnet.auth.server import unparsable_message
 from subnet.auth.payload import ANSWER_SIGNATURE_KEY, SIGNATURE_KEY, TIMESTAMP_KEY, answer_payload, body_digest
 from subnet.auth.verify import HASH_IN_THREAD_BYTES
 from subnet.chain.base import Metagraph, Neuron
@@ -419,6 +420,8 @@ def test_an_open_method_is_not_checked_but_its_answer_to_a_signed_request_is_sig
     raw = expert_pb2.InfoRequest().SerializeToString()
     with pytest.raises(DecodeError):   # the deserializer still parses (and refuses) before anything runs
         wrapped.request_deserializer(b"\xff\xff")
+    assert unparsable_message(wrapped.request_deserializer, "/moe.v1.Expert/Info") == \
+        "request body is not a valid moe.v1.InfoRequest"   # what the expert's DecodeGuard then answers
     unsigned = FakeContext([])
     assert wrapped.unary_unary(wrapped.request_deserializer(raw), unsigned) == raw and unsigned.trailing == ()
     metadata = replace(signed(caller, receiver.hotkey, raw, method="/moe.v1.Expert/Info"), SIGNATURE_KEY, bytes(64))
