@@ -27,8 +27,8 @@ from subnet.auth import (
     signing_payload,
 )
 from subnet.auth.client import AnswerRefused
-from subnet.auth.server import unparsable_message
 from subnet.auth.payload import ANSWER_SIGNATURE_KEY, SIGNATURE_KEY, TIMESTAMP_KEY, answer_payload, body_digest
+from subnet.auth.server import unparsable_message
 from subnet.auth.verify import HASH_IN_THREAD_BYTES
 from subnet.chain.base import Metagraph, Neuron
 from subnet.envconfig import ConfigError, from_env
