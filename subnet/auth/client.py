@@ -14,11 +14,13 @@ The answer to a signed unary request is taken only with the receiver's signature
 trailing metadata (`AnswerCheck`: bound to the request's nonce and bytes, the two hotkeys and the
 answer's bytes); otherwise the call fails with INTERNAL (`AnswerRefused`), as an answer that does
 not parse would. Error answers are taken as they come: someone on the path can always make a call
-fail. Streamed answers (unary_stream) are not signed.
+fail. A streamed answer (unary_stream) is signed as a whole, in the trailing metadata after its last
+message: its messages are handed over as they come, and the check comes at its end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -28,7 +30,14 @@ from typing import Any
 
 import grpc
 
-from subnet.auth.payload import ANSWER_SIGNATURE_KEY, NONCE_KEY, answer_payload, body_digest, sign_metadata
+from subnet.auth.payload import (
+    ANSWER_SIGNATURE_KEY,
+    NONCE_KEY,
+    answer_payload,
+    body_digest,
+    sign_metadata,
+    stream_digest,
+)
 from subnet.identity import Identity, verify_signature
 
 log = logging.getLogger(__name__)
@@ -57,8 +66,8 @@ class SigningChannel:
         if self.identity is None:
             return self.channel.unary_stream(method, request_serializer, response_deserializer,
                                              _registered_method=_registered_method)
-        raw = self.channel.unary_stream(method, None, response_deserializer, _registered_method=_registered_method)
-        return _SignedUnaryStream(self, method, request_serializer, raw)
+        raw = self.channel.unary_stream(method, None, None, _registered_method=_registered_method)
+        return _SignedUnaryStream(self, method, request_serializer, response_deserializer, raw)
 
     def receiver(self) -> str | None:
         """The receiver's hotkey now."""
@@ -97,11 +106,14 @@ class AnswerCheck:
 
     def problem(self, body, signature: bytes | None) -> str | None:
         """None when `signature` is the receiver's of `body` as the answer to this request; else why not."""
+        return self.digest_problem(body_digest(body), signature)
+
+    def digest_problem(self, digest: str, signature: bytes | None) -> str | None:
+        """`problem` for an answer whose digest the caller has (a streamed one: payload.stream_digest)."""
         if signature is None:
             return (f"the answer to {self.method} is not signed by {self.receiver}: a service with AUTH_MODE=off, or "
                     f"from before signed answers, or someone else answered; give every service the same AUTH_MODE")
-        payload = answer_payload(self.method, self.nonce, self.request_digest, self.caller, self.receiver,
-                                 body_digest(body))
+        payload = answer_payload(self.method, self.nonce, self.request_digest, self.caller, self.receiver, digest)
         if not verify_signature(self.receiver, payload, signature):
             return (f"the answer to {self.method} does not carry {self.receiver}'s signature of it (changed on the "
                     f"way, or not from that service)")
@@ -207,9 +219,60 @@ class _CheckedFuture:
 
 
 class _SignedUnaryStream:
-    def __init__(self, channel: SigningChannel, method: str, serializer, raw):
-        self._channel, self._method, self._serializer, self._raw = channel, method, serializer, raw
+    def __init__(self, channel: SigningChannel, method: str, serializer, deserializer, raw):
+        self._channel, self._method, self._serializer, self._deserializer, self._raw = \
+            channel, method, serializer, deserializer, raw
 
     def __call__(self, request, timeout=None, metadata=None, **kwargs):
-        body, metadata = self._channel.sign(self._method, request, self._serializer, metadata)
-        return self._raw(body, timeout=timeout, metadata=metadata, **kwargs)
+        body, metadata, check = self._channel.sign_call(self._method, request, self._serializer, metadata)
+        return _CheckedStream(self._raw(body, timeout=timeout, metadata=metadata, **kwargs), check, self._deserializer)
+
+
+class _CheckedStream:
+    """A streamed answer's messages, parsed as they come; once the stream ends well, its signature is checked
+    (over all its messages: payload.stream_digest), and AnswerRefused is raised instead of the end when it
+    fails. A message read before the end is therefore not yet vouched for. Everything else is the call's own."""
+
+    def __init__(self, call, check: AnswerCheck | None, deserializer):
+        self._call, self._check, self._deserializer = call, check, deserializer
+        self._digests: list[bytes] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            raw = next(self._call)
+        except StopIteration:
+            self._check_end(self._call.trailing_metadata())
+            raise
+        return self._message(raw)
+
+    def __aiter__(self):   # a grpc.aio channel's call
+        return self
+
+    async def __anext__(self):
+        try:
+            raw = await self._call.__aiter__().__anext__()
+        except StopAsyncIteration:
+            self._check_end(await self._call.trailing_metadata())
+            raise
+        return self._message(raw)
+
+    def _check_end(self, trailing_metadata) -> None:
+        if self._check is not None:
+            problem = self._check.digest_problem(stream_digest(self._digests), answer_signature(trailing_metadata))
+            if problem is not None:
+                raise AnswerRefused(problem) from None
+
+    def _message(self, raw: bytes):
+        self._digests.append(hashlib.sha256(raw).digest())
+        if self._deserializer is None:
+            return raw
+        try:
+            return self._deserializer(raw)
+        except Exception as e:
+            raise AnswerRefused(f"a message of the answer does not parse: {e}") from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)

@@ -60,6 +60,12 @@ def answer_payload(method: str, nonce: str, request_digest: str, caller: str, re
     return f"{ANSWER_DOMAIN}\n{method}\n{nonce}\n{request_digest}\n{caller}\n{receiver}\n{digest}".encode()
 
 
+def stream_digest(message_digests: list[bytes]) -> str:
+    """The answer digest of a streamed answer: hex sha256 of its messages' raw sha256 digests, in order (the
+    boundaries count, so messages cannot be split, joined or reordered under the signature)."""
+    return hashlib.sha256(b"".join(message_digests)).hexdigest()
+
+
 def request_claim(metadata) -> tuple[str, str] | None:
     """(caller hotkey, nonce) of a request carrying one of each, as strings; None otherwise."""
     found: dict[str, list] = {HOTKEY_KEY: [], NONCE_KEY: []}

@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection
 import grpc
 from google.protobuf.message import DecodeError
 
-from subnet.auth.payload import ANSWER_SIGNATURE_KEY, answer_payload, body_digest, request_claim
+from subnet.auth.payload import ANSWER_SIGNATURE_KEY, answer_payload, body_digest, request_claim, stream_digest
 from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
 from subnet.auth.verify import Rejection, Verifier, digest_off_loop, unauthenticated
 from subnet.identity import Identity
@@ -151,8 +151,7 @@ class _Wrapping:
     def handler(self, method: str, handler):
         if handler is None or method.startswith(HEALTH_PREFIX) or method == SESSION_METHOD:
             return handler
-        if not self._auth.protects(method) and (self._auth.identity is None or handler.request_streaming
-                                                or handler.response_streaming):
+        if not self._auth.protects(method) and (self._auth.identity is None or handler.request_streaming):
             return handler
         cached = self._cache.get(method)
         if cached is None or cached[0] is not handler:
@@ -208,12 +207,16 @@ def _wrap_aio(auth: ServerAuth, method: str, handler):
             return await _asigned_answer(auth, method, digest, context, answer, serialize)
         return handler._replace(request_deserializer=None, response_serializer=None, unary_unary=unary_unary)
     if not handler.request_streaming and inspect.isasyncgenfunction(handler.unary_stream):
-        inner_stream = handler.unary_stream
+        inner_stream, serialize = handler.unary_stream, handler.response_serializer
 
         async def unary_stream(raw, context):
-            async for item in inner_stream((await admit(raw, context))[0], context):
-                yield item
-        return handler._replace(request_deserializer=None, unary_stream=unary_stream)
+            request, digest = await admit(raw, context)
+            digests: list[bytes] = []
+            async for item in inner_stream(request, context):
+                yield _streamed(item, serialize, digests)
+            if digest is not None:
+                _sign_stream(auth, method, digest, context, digests)
+        return handler._replace(request_deserializer=None, response_serializer=None, unary_stream=unary_stream)
     return _refusal(auth, method, handler, aio=True)
 
 
@@ -222,6 +225,8 @@ def _sign_only_aio(auth: ServerAuth, method: str, handler):
     signed, bound to the request's bytes, as a protected method's is (a caller that signs its calls takes
     only signed answers). Its deserializer keeps the raw bytes beside the request (`_keeping_raw`), so
     whatever parses requests before it (the expert's DecodeGuard, gRPC) still does."""
+    if handler.response_streaming or not inspect.iscoroutinefunction(handler.unary_unary):
+        return handler   # no open streaming method on an asyncio server here: left as it is
     inner, serialize = handler.unary_unary, handler.response_serializer
 
     async def unary_unary(kept: _Kept, context):
@@ -286,11 +291,15 @@ def _wrap_sync(auth: ServerAuth, method: str, handler):
     if handler.request_streaming:
         return _refusal(auth, method, handler, aio=False)
     if handler.response_streaming:
-        inner_stream = handler.unary_stream
+        inner_stream, serialize = handler.unary_stream, handler.response_serializer
 
         def stream(raw: bytes, context: grpc.ServicerContext):
-            return inner_stream(_admit_sync(auth, method, parse, raw, context)[0], context)
-        return handler._replace(request_deserializer=None, unary_stream=stream)
+            request, digest = _admit_sync(auth, method, parse, raw, context)
+            digests: list[bytes] = []
+            for item in inner_stream(request, context):
+                yield _streamed(item, serialize, digests)
+            _sign_stream(auth, method, digest, context, digests)
+        return handler._replace(request_deserializer=None, response_serializer=None, unary_stream=stream)
     inner, serialize = handler.unary_unary, handler.response_serializer
 
     def unary(raw: bytes, context: grpc.ServicerContext):
@@ -311,8 +320,19 @@ def _admit_sync(auth: ServerAuth, method: str, parse, raw: bytes, context: grpc.
 
 
 def _sign_only_sync(auth: ServerAuth, method: str, handler):
-    """`_sign_only_aio` for a sync server."""
+    """`_sign_only_aio` for a sync server, streamed answers included (the router's Generate when open)."""
     inner, serialize = handler.unary_unary, handler.response_serializer
+    if handler.response_streaming:
+        inner_stream = handler.unary_stream
+
+        def stream(kept: _Kept, context: grpc.ServicerContext):
+            digests: list[bytes] = []
+            for item in inner_stream(kept.request, context):
+                yield _streamed(item, handler.response_serializer, digests)
+            if request_claim(context.invocation_metadata()) is not None:
+                _sign_stream(auth, method, body_digest(kept.raw), context, digests)
+        return handler._replace(request_deserializer=_keeping_raw(handler.request_deserializer),
+                                response_serializer=None, unary_stream=stream)
 
     def unary(kept: _Kept, context: grpc.ServicerContext):
         answer = inner(kept.request, context)
@@ -321,6 +341,20 @@ def _sign_only_sync(auth: ServerAuth, method: str, handler):
         return _signed_answer(auth, method, body_digest(kept.raw), context, answer, serialize)
     return handler._replace(request_deserializer=_keeping_raw(handler.request_deserializer), response_serializer=None,
                             unary_unary=unary)
+
+
+def _streamed(item, serialize, digests: list[bytes]) -> bytes:
+    """One message of a streamed answer, serialized, its digest kept for the stream's signature."""
+    body = item if serialize is None else serialize(item)
+    digests.append(hashlib.sha256(body).digest())
+    return body
+
+
+def _sign_stream(auth: ServerAuth, method: str, request_digest: str, context, digests: list[bytes]) -> None:
+    """Once a streamed answer ended well: its signature in the trailing metadata (payload.stream_digest)."""
+    entry = _answer_signature(auth, method, request_digest, context.invocation_metadata(), stream_digest(digests))
+    if entry is not None:
+        context.set_trailing_metadata((entry,))
 
 
 def _signed_answer(auth: ServerAuth, method: str, request_digest: str, context, answer, serialize) -> bytes:

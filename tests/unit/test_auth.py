@@ -26,7 +26,7 @@ from subnet.auth import (
     sign_metadata,
     signing_payload,
 )
-from subnet.auth.client import AnswerRefused
+from subnet.auth.client import AnswerRefused, _SignedUnaryStream
 from subnet.auth.payload import ANSWER_SIGNATURE_KEY, SIGNATURE_KEY, TIMESTAMP_KEY, answer_payload, body_digest
 from subnet.auth.server import unparsable_message
 from subnet.auth.verify import HASH_IN_THREAD_BYTES
@@ -431,3 +431,51 @@ def test_an_open_method_is_not_checked_but_its_answer_to_a_signed_request_is_sig
     payload = answer_payload("/moe.v1.Expert/Info", dict(metadata)["x-moe-nonce"], body_digest(raw), caller.hotkey,
                              receiver.hotkey, body_digest(raw))
     assert key == ANSWER_SIGNATURE_KEY and verify_signature(receiver.hotkey, payload, signature)
+
+
+class FakeStream:
+    """A streamed call that yields `messages`, then (when iterated to its end) has `trailing` metadata."""
+
+    def __init__(self, messages, trailing):
+        self._messages, self._trailing = iter(messages), trailing
+
+    def __next__(self):
+        return next(self._messages)
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_a_streamed_answer_is_signed_as_a_whole_and_checked_at_its_end(caller, receiver):
+    """The server wrapper signs a streamed answer once it ends (over every message, in order); the client
+    hands the messages over as they come and refuses the end of a stream whose messages were changed,
+    dropped or reordered, or which is not signed."""
+    method = "/moe.v1.Router/Generate"
+    auth = ServerAuth(verifier_for(receiver, clock=time.time), identity=receiver)
+    handler = grpc.unary_stream_rpc_method_handler(lambda request, context: iter([b"a", b"bc", b"d"]))
+    wrapped = auth.interceptor().intercept_service(lambda details: handler, type("D", (), {"method": method}))
+    signer = SigningChannel(FakeChannel(), caller, receiver.hotkey)
+    body, metadata, check = signer.sign_call(method, b"prompt", None, ())
+    context = FakeContext(list(metadata))
+    assert list(wrapped.unary_stream(body, context)) == [b"a", b"bc", b"d"]
+    (key, signature), = context.trailing
+
+    class Raw:
+        def __init__(self, messages, trailing):
+            self.messages, self.trailing = messages, trailing
+
+        def __call__(self, body, timeout=None, metadata=None):
+            return FakeStream(self.messages, self.trailing)
+
+    def received(messages, trailing=((key, signature),)):
+        stream = _SignedUnaryStream(signer, method, None, bytes.upper, Raw(messages, trailing))
+        return [m for m in stream(b"prompt")]
+
+    # The client's check needs the nonce the server signed for: replay the one it sent.
+    signer.sign_call = lambda *a: (body, metadata, check)
+    assert received([b"a", b"bc", b"d"]) == [b"A", b"BC", b"D"]
+    for changed in ([b"a", b"bd", b"d"], [b"a", b"bc"], [b"ab", b"c", b"d"], [b"bc", b"a", b"d"]):
+        with pytest.raises(AnswerRefused, match="does not carry"):
+            received(changed)
+    with pytest.raises(AnswerRefused, match="is not signed"):
+        received([b"a", b"bc", b"d"], trailing=())
