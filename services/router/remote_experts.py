@@ -58,6 +58,7 @@ from services.router.call_inbox import CallInbox
 from services.router.metrics import RouterMetrics
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
+from subnet.auth.client import AnswerRefused
 from subnet.expert_client import ExpertClient, ExpertClientPool, InlineCall
 from subnet.shm import ShmError, ShmRegion
 from subnet.shm_link import ShmLink
@@ -817,7 +818,7 @@ class RemoteExpertGroup(ExpertGroup):
         while in_flight:
             limit = cut if cut is not None else deadline + GRACE_S
             try:
-                key, response, code, details = done.get(timeout=max(0.0, limit - time.monotonic()))
+                key, response, code, details, refused = done.get(timeout=max(0.0, limit - time.monotonic()))
             except queue.Empty:
                 reason, why = ("straggler", f"every token had {self.k_min} answer(s); waited "
                                             f"{self.straggler_s * 1e3:.0f} ms more") if cut is not None else \
@@ -828,7 +829,7 @@ class RemoteExpertGroup(ExpertGroup):
                 break
             in_flight.discard(key)
             call = attempts[key].call
-            reason = code.name.lower()
+            reason = refused or code.name.lower()   # an answer refused here: why (subnet.auth.client.AnswerRefused)
             if code is grpc.StatusCode.OK:
                 try:
                     call.accept(response)
@@ -869,7 +870,7 @@ class RemoteExpertGroup(ExpertGroup):
         of one attempt, then hand it to the waiting thread."""
         elapsed = time.perf_counter() - started
         self.replicas.end_call(attempt.endpoint, attempt.call.tokens)
-        response, details = None, ""
+        response, details, refused = None, "", None
         if future.cancelled():
             code = grpc.StatusCode.CANCELLED
         else:
@@ -878,13 +879,14 @@ class RemoteExpertGroup(ExpertGroup):
                 code, response = grpc.StatusCode.OK, future.result()
             elif isinstance(error, grpc.RpcError):
                 code, details = error.code(), error.details() or ""
+                refused = error.reason if isinstance(error, AnswerRefused) else None
             else:
                 code, details = grpc.StatusCode.UNKNOWN, repr(error)
         rpc = attempt.call.rpc.lower()
         self.metrics.expert_call_seconds_of(self._layer_label, rpc).observe(elapsed)
         self.metrics.expert_calls_of(self._layer_label, rpc, code.name).inc()
         self.tracer.end(span, code, details)
-        done.put((key, response, code, details))
+        done.put((key, response, code, details, refused))
 
     def _give_up(self, call: _Call, reason: str, details: str) -> None:
         call.failed = (reason, details)

@@ -43,6 +43,7 @@ from subnet.identity import Identity, verify_signature
 log = logging.getLogger(__name__)
 
 Receiver = str | Callable[[], str | None] | None
+UNAUTHENTICATED_ANSWER, BAD_RESPONSE = "unauthenticated_answer", "bad_response"   # AnswerRefused.reason
 _WARN_INTERVAL_S = 10.0
 
 
@@ -121,12 +122,13 @@ class AnswerCheck:
 
 
 class AnswerRefused(grpc.RpcError):
-    """An OK answer that was not taken (not signed as it must be, or not parseable): INTERNAL, as gRPC
-    fails an answer it cannot deserialize. Shaped like grpc's errors: `.code()`, `.details()`."""
+    """An OK answer that was not taken: INTERNAL, as gRPC fails an answer it cannot deserialize. Shaped like
+    grpc's errors (`.code()`, `.details()`); `reason` says why, for metrics: UNAUTHENTICATED_ANSWER (no
+    valid signature or session MAC) or BAD_RESPONSE (it does not parse)."""
 
-    def __init__(self, details: str):
+    def __init__(self, details: str, reason: str = UNAUTHENTICATED_ANSWER):
         super().__init__(f"INTERNAL: {details}")
-        self._details = details
+        self._details, self.reason = details, reason
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.INTERNAL
@@ -152,7 +154,7 @@ def take_answer(raw: bytes, check: AnswerCheck | None, trailing_metadata, deseri
     try:
         return deserializer(raw)
     except Exception as e:   # what grpc does with an answer its deserializer cannot take
-        raise AnswerRefused(f"the answer does not parse: {e}") from None
+        raise AnswerRefused(f"the answer does not parse: {e}", BAD_RESPONSE) from None
 
 
 class _SignedUnaryUnary:
@@ -272,7 +274,7 @@ class _CheckedStream:
         try:
             return self._deserializer(raw)
         except Exception as e:
-            raise AnswerRefused(f"a message of the answer does not parse: {e}") from None
+            raise AnswerRefused(f"a message of the answer does not parse: {e}", BAD_RESPONSE) from None
 
     def __getattr__(self, name: str):
         return getattr(self._call, name)

@@ -15,8 +15,8 @@ caller may send it another way.
 
 With `auth` (subnet.auth.sessions.FramesAuth), a new connection first opens a session (a signed
 key exchange, whose answer the server signs) and then carries a MAC per call instead of a
-signature, and takes an OK answer only with the session's MAC of it (else INTERNAL, and the
-connection is closed); where the server opens none, calls are signed one by one (and an OK answer
+signature, and takes an OK answer only with the session's MAC of it (else AnswerRefused, INTERNAL,
+and the connection is closed); where the server opens none, calls are signed one by one (and an OK answer
 taken only with the server's signature of it), and new connections do not ask again for
 SESSIONS_RETRY_S.
 """
@@ -31,6 +31,7 @@ import time
 
 import grpc
 
+from subnet.auth.client import AnswerRefused
 from subnet.auth.sessions import SESSION_METHOD, AnswerTest, ClientSession, FramesAuth, SessionOffer
 from subnet.frames import protocol as p
 
@@ -285,13 +286,13 @@ class PendingCall:
         try:
             self._fill(blocking=True)
             tag, details, body = self._parts[1:]
-            if self._test is not None:
-                refused = self._test(self._code.value[0], bytes(details), body, bytes(tag) if tag else None)
-                if refused is not None:
-                    raise p.ProtocolError(grpc.StatusCode.INTERNAL, f"{refused}; moe-frames at "
-                                                                    f"{self._channel._where()}")
         except (TimeoutError, p.ProtocolError, OSError) as e:
             raise self._channel._failed(self._conn, e) from None
+        if self._test is not None:
+            refused = self._test(self._code.value[0], bytes(details), body, bytes(tag) if tag else None)
+            if refused is not None:   # the connection (and its session) cannot be trusted any more
+                self._conn.close()
+                raise AnswerRefused(f"{refused}; moe-frames at {self._channel._where()}")
         return self._code, details.decode("utf-8", "replace"), body
 
     def _fill(self, blocking: bool) -> bool:

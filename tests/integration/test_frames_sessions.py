@@ -14,6 +14,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe.experts import SwiGLU
+from subnet.auth.client import AnswerRefused
 from subnet.auth.payload import sign_metadata
 from subnet.auth.sessions import MAC_KEY, PUBLIC_KEY_BYTES, SEQ_KEY, SESSION_METHOD, SessionOffer
 from subnet.expert_client import ExpertClientPool
@@ -267,16 +268,14 @@ def test_an_answer_changed_on_the_path_is_refused(service, frames_port, client_i
         with ExpertClientPool(identity=client_identity, frames=False) as pool:
             auth = pool.get(service.endpoint, service.hotkey)._frames_auth
             channel = p_client.FramesChannel("127.0.0.1", proxy.port, max_body_bytes=1 << 20)
+            with pytest.raises(AnswerRefused) as err:
+                channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
+            assert err.value.code() is grpc.StatusCode.INTERNAL and err.value.reason == "unauthenticated_answer"
+            assert not channel._idle   # not kept: what comes on it cannot be trusted any more
             if skip == OPEN_ANSWER_BYTES:
-                with pytest.raises(p.FrameError) as err:
-                    channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
-                assert err.value.code() is grpc.StatusCode.INTERNAL and "does not match" in err.value.details()
-                assert not channel._idle   # not kept: its session cannot be trusted any more
-            else:   # no session: the call goes signed on a fresh connection
-                with pytest.raises(p.FrameError) as err:
-                    channel.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth)
-                assert err.value.code() is grpc.StatusCode.INTERNAL and "signature of it" in err.value.details()
-                assert channel._sessions_refused_at > 0 and not channel._idle
+                assert "does not match" in err.value.details()
+            else:   # no session: the call went signed on a fresh connection
+                assert "signature of it" in err.value.details() and channel._sessions_refused_at > 0
             channel.close()
             untouched = p_client.FramesChannel("127.0.0.1", frames_port, max_body_bytes=1 << 20)
             assert _outputs_ok(grpc.StatusCode.OK, untouched.call(FORWARD, _forward_body(), (), TIMEOUT_S, auth))

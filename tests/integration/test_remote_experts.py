@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent import futures
 
+import grpc
 import pytest
 import redis
 import torch
@@ -28,6 +30,8 @@ from services.router.tracing import ExpertCallTracer
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import save_expert_weights
 from subnet.registry import ExpertRegistry
+from subnet.tensor_codec import encode
+from subnet.wire.v1 import expert_pb2
 from tests.integration.counter_totals import counter_total
 
 pytestmark = pytest.mark.integration
@@ -266,6 +270,48 @@ def test_slow_expert_is_masked_not_waited_for(expert_service_factory, registry, 
     torch.testing.assert_close(got[0], local.run({0: xs[0]})[0], **TOL)
     assert counter(group.metrics, "masked_calls", layer=str(layer), uid=expert_uid(layer, 1), rpc="forward",
                    reason="deadline_exceeded") == 1
+
+
+class _Impostor:
+    """A gRPC server on loopback that answers every Forward with zeros, unsigned, and Info with nothing:
+    someone answering in an expert's place (it checks no signature and has no key to sign with)."""
+
+    def __init__(self):
+        def forward(raw, context):
+            request = expert_pb2.ForwardRequest.FromString(raw)
+            zeros = torch.zeros(tuple(request.inputs.shape))
+            return expert_pb2.ForwardResponse(outputs=encode(zeros)).SerializeToString()
+        handlers = {"Forward": grpc.unary_unary_rpc_method_handler(forward),
+                    "Info": grpc.unary_unary_rpc_method_handler(lambda raw, context: b"")}
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("moe.v1.Expert", handlers)])
+        self.endpoint = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+def test_an_answer_not_signed_by_the_listed_hotkey_is_refused_and_masked(
+        expert_service_factory, registry, make_group, tmp_path):
+    """An endpoint listed under an expert's hotkey whose answers are not signed by it (here an impostor that
+    answers zeros; an expert with AUTH_MODE=off alike) is refused: masked with reason
+    unauthenticated_answer, the replica suspect; the expert next to it is served."""
+    layer = 6
+    local, ckpt = reference(layer, tmp_path)
+    honest = start(expert_service_factory, layer, [0], ckpt)
+    wait_registered(registry, [(honest, [0])], layer)
+    impostor = _Impostor()
+    try:
+        registry.register(expert_uid(layer, 1), impostor.endpoint, hotkey=honest.hotkey)
+        group = make_group({honest.endpoint, impostor.endpoint}, layer, retries=0)
+        xs = inputs({0: 3, 1: 3})
+        with torch.no_grad():
+            got = group.run(xs)
+        assert got[1] is None   # not the impostor's zeros
+        torch.testing.assert_close(got[0], local.run({0: xs[0]})[0], **TOL)
+        assert counter(group.metrics, "masked_calls", layer=str(layer), uid=expert_uid(layer, 1), rpc="forward",
+                       reason="unauthenticated_answer") == 1
+        assert group.replicas.is_suspect(impostor.endpoint, expert_uid(layer, 1))
+    finally:
+        impostor.server.stop(None)
 
 
 def test_replica_failover_masks_nothing(expert_service_factory, registry, make_group, tmp_path):
