@@ -9,6 +9,12 @@ method's handler for one whose deserializer keeps the raw bytes; the new behavio
 verifies them (`Verifier`), and only an accepted request is parsed and handed to the real
 servicer method. Health (`/grpc.health.v1.Health/*`) and the `open_methods` skip it.
 
+Answers: the OK answer to an accepted signed request is serialized here and signed with the
+receiver's `identity` (subnet.auth.payload.answer_payload) in the trailing metadata; a streamed
+one once it ends, over all its messages. Open methods (not health) sign their answers too when
+the request claims a caller and a nonce, bound to the request's bytes since nobody checked them.
+Session calls are answered with the session's MAC by the moe-frames server instead.
+
 A rejected request is aborted with the Verifier's code and message, counted through
 `on_reject(reason)` and logged as one line, at most once per `log_interval_s` (a flood of
 bad requests must not flood the log). Nothing about it raises in the server. Accepted bytes
