@@ -15,9 +15,10 @@ import torch
 from subnet.chain.local import LocalChain
 from subnet.chain.signing import digest_of
 from subnet.checkpoint_loading import load_verified_experts
-from subnet.checkpoints import read_verified
+from subnet.checkpoints import checkpoint_prefix, read_verified
 from subnet.expert_client import ExpertClientPool
 from subnet.expert_weights import init_expert
+from subnet.manifest import MANIFEST_NAME
 from subnet.rounds import RoundSchedule
 from subnet.tensor_codec import decode, encode
 
@@ -77,7 +78,27 @@ def test_publishes_commits_and_reveals_every_round(expert_service_factory, round
     assert "expert_commitments_total{result=\"revealed\"}" in metrics
 
 
-def test_sigkilled_service_resumes_its_own_training(expert_service_factory, rounds_env, client_identity):
+def recovery_manifests(store, hotkey) -> tuple[bytes | None, ...]:
+    """The current recovery manifest of each of UIDS (None where there is none yet)."""
+    keys = [f"{checkpoint_prefix('recovery', uid=uid, hotkey=hotkey)}/{MANIFEST_NAME}" for uid in UIDS]
+    return tuple(store.get_bytes(k) if store.exists(k) else None for k in keys)
+
+
+def wait_for_recovery_after(store, hotkey, timeout_s=30.0) -> None:
+    """Until a recovery checkpoint whose snapshot was surely taken after now is in the store: the second
+    one published from now on (the first may have snapshotted before now; publications take turns)."""
+    seen = [recovery_manifests(store, hotkey)]
+
+    def another():
+        current = recovery_manifests(store, hotkey)
+        if all(m is not None for m in current) and all(m != old for m, old in zip(current, seen[-1])):
+            seen.append(current)
+        return len(seen) >= 3
+    wait_until(another, timeout_s, "two recovery checkpoints published after the step")
+
+
+def test_sigkilled_service_resumes_its_own_training(expert_service_factory, rounds_env, client_identity,
+                                                    object_store):
     """Killed after a training step, it comes back with that step's weights and AdamW moments: its
     next step lands exactly where a twin that never stopped lands (fresh moments would not)."""
     env, chain = rounds_env
@@ -105,7 +126,9 @@ def test_sigkilled_service_resumes_its_own_training(expert_service_factory, roun
         train_step(s, 1)
     trained = outputs(service)
     assert (trained - before).abs().max() > 1e-3
-    time.sleep(2.5)  # > EXPERT_CHECKPOINT_EVERY_S: the step is in a recovery checkpoint now
+    # The step is in a recovery checkpoint then (EXPERT_CHECKPOINT_EVERY_S=1). A fixed 2.5 s sleep failed once
+    # in CI on a loaded machine: the service was killed before a checkpoint taken after the step was stored.
+    wait_for_recovery_after(object_store, service.hotkey)
     service.kill()
     service.start()
     torch.testing.assert_close(outputs(service), trained)  # nothing lost, not back to the initial weights
