@@ -51,7 +51,7 @@ from Crypto.Protocol.DH import import_x25519_public_key, key_agreement
 from Crypto.PublicKey import ECC
 
 from subnet.auth.client import SigningChannel
-from subnet.auth.payload import HOTKEY_KEY, sign_metadata
+from subnet.auth.payload import HOTKEY_KEY, SIGNATURE_BYTES, sign_metadata
 from subnet.auth.policy import Policy
 from subnet.auth.verify import Rejection, policy_rejection, unauthenticated
 from subnet.identity import Identity, verify_signature
@@ -62,7 +62,6 @@ MAC_KEY = "x-moe-session-mac-bin"
 PUBLIC_KEY_BYTES = 32
 MAC_BYTES = 32
 ANSWER_MAC_BYTES = 32
-SIGNATURE_BYTES = 64
 # Appended to the caller's key in an Open's body: "sign the Open answer and MAC every answer". A
 # receiver from before it refuses the longer body, and the caller then signs each call.
 ANSWERS_FLAG = b"\x01"

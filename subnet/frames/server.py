@@ -36,10 +36,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from subnet.auth.payload import ANSWER_SIGNATURE_KEY
+from subnet.auth.verify import digest_off_loop
 from subnet.frames import protocol as p
 
 log = logging.getLogger(__name__)
-_HASH_IN_THREAD_BYTES = 1 << 20   # as subnet.auth.verify.HASH_IN_THREAD_BYTES: about 0.6 ms of sha256
 
 
 class _Abort(Exception):
@@ -57,15 +57,11 @@ class Connection:
     async def seal_answer(self, method: str, code: grpc.StatusCode, details: bytes, body) -> bytes:
         """The session's MAC of this answer (subnet.auth.sessions.ServerSession.seal_answer), or b"" when
         there is none to send (not a session call: its answer is signed, if at all, in the trailing metadata).
-        A large body is hashed off the event loop (hashlib releases the GIL)."""
+        A large body is hashed off the event loop (subnet.auth.verify.digest_off_loop)."""
         session = self.auth_session
         if session is None:
             return b""
-        if len(body) >= _HASH_IN_THREAD_BYTES:
-            mac = await asyncio.to_thread(session.seal_answer, method, code.value[0], details, body)
-        else:
-            mac = session.seal_answer(method, code.value[0], details, body)
-        return mac or b""
+        return await digest_off_loop(body, lambda b: session.seal_answer(method, code.value[0], details, b)) or b""
 
 
 class _Context:
