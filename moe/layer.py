@@ -10,6 +10,7 @@ runs once on all of its tokens, and the outputs are scattered back with index_ad
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,8 +41,8 @@ class LayerStats:
     """What the last forward pass routed; read by metrics and plots."""
 
     expert_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    balance_loss: float = 0.0          # raw load-balance loss, 1.0 = balanced
-    z_loss: float = 0.0                # raw router z-loss
+    balance_loss: float = 0.0          # raw load-balance loss, 1.0 = balanced; NaN = not computed
+    z_loss: float = 0.0                # raw router z-loss; NaN = not computed
     dropped: int = 0                   # assignments dropped by capacity
     masked_experts: tuple[int, ...] = ()   # experts that did not answer (remote only)
 
@@ -50,7 +51,8 @@ class MoE(nn.Module):
     """Mixture-of-Experts FFN returning `(y, aux_loss)`.
 
     `aux_loss` is already weighted: aux_loss_coef * balance + z_loss_coef * z; add it to the
-    training loss. Pass `experts=` to reach the routed experts some other way (remote);
+    training loss. `forward(x, routing_losses=False)` skips computing it (a zero, and NaN in
+    `last_stats`): for a pass whose loss nobody takes, such as a decode step. Pass `experts=` to reach the routed experts some other way (remote);
     by default they live in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
     """
 
@@ -90,7 +92,7 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled() and not all_finite(x.detach()):
             raise ValueError("MoE training input contains NaN or Inf")
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, routing_losses: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         shape = x.shape
         x = x.reshape(-1, self.dim)                                 # (N, dim)
@@ -102,7 +104,8 @@ class MoE(nn.Module):
         flat_expert = routing.experts.flatten()                     # (N*k,)
         flat_token = torch.arange(n, device=x.device).repeat_interleave(self.k)
         kept = routing.kept.flatten()
-        if not bool(kept.all()):
+        all_kept = bool(kept.all())
+        if not all_kept:
             flat_expert, flat_token = flat_expert[kept], flat_token[kept]
             flat_weight = routing.weights.flatten()[kept]
         else:
@@ -122,12 +125,17 @@ class MoE(nn.Module):
         def local_work() -> None:
             """What needs no routed expert's output (the routing losses and their parts, the drops, the
             shared experts): once, while the routed experts compute (`ExpertGroup.run_meanwhile`)."""
-            if not local:
-                balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
-                z = router_z_loss(routing.logits)
-                local.append((self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z,
-                              float(balance.detach()), float(z.detach()), int((~kept).sum()),
-                              self.shared_experts(x) if self.shared_experts is not None else None))
+            if local:
+                return
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            dropped = 0 if all_kept else int((~kept).sum())
+            if not routing_losses:   # a quarter of a one-token layer's own work in process: skipped
+                local.append((x.new_zeros(()), math.nan, math.nan, dropped, shared))
+                return
+            balance = load_balance_loss(routing.probs, routing.experts, self.n_experts)
+            z = router_z_loss(routing.logits)
+            local.append((self.cfg.aux_loss_coef * balance + self.cfg.z_loss_coef * z,
+                          float(balance.detach()), float(z.detach()), dropped, shared))
 
         if self.experts.streams_outputs and not torch.is_grad_enabled() and rows.numel() >= STREAM_MIN_ELEMENTS:
             y, masked = self._combine_streaming(x, batches, token_ids, token_of_row, weight_of_row, counts,

@@ -105,11 +105,11 @@ class Block(nn.Module):
         self.ffn = (MoE.from_config(cfg.moe_config(), experts=experts) if self.is_moe
                     else SwiGLU(cfg.dim, cfg.dense_inter_dim))
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, routing_losses=True):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         h = self.ffn_norm(x)
         if self.is_moe:
-            h, aux = self.ffn(h)
+            h, aux = self.ffn(h, routing_losses=routing_losses)
         else:
             h, aux = self.ffn(h), None
         return x + h, aux
@@ -185,8 +185,11 @@ class MoELM(nn.Module):
             cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         x = self.tok_emb(idx)                                   # (B, T, C)
         aux_total = x.new_zeros(())
+        # The routing losses only matter to a loss: without targets or gradients (a decode step,
+        # serving) nothing takes them, and they cost a quarter of a one-token MoE layer.
+        routing_losses = targets is not None or torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, cache, i)
+            x, aux = block(x, cos, sin, cache, i, routing_losses)
             if aux is not None:
                 aux_total = aux_total + aux
         if cache is not None:

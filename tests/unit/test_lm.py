@@ -58,6 +58,20 @@ def test_loss_is_cross_entropy_plus_weighted_aux():
     assert s["expert_counts"].shape == (2, 4) and int(s["expert_counts"].sum()) == 2 * 32 * 2
 
 
+def test_routing_losses_are_computed_only_for_a_loss_or_gradients():
+    model = tiny().eval()
+    idx, targets = torch.randint(0, 97, (2, 2, 16))
+    with torch.no_grad():
+        logits_loss, loss = model(idx, targets)
+        assert loss is not None and not math.isnan(model.last_stats["aux_loss"])
+        logits_plain, none = model(idx)   # serving: no targets, no gradients
+        assert none is None
+        assert math.isnan(model.last_stats["aux_loss"]) and math.isnan(model.last_stats["z_loss"])
+    assert torch.equal(logits_loss, logits_plain)
+    model(idx)   # gradients on: the losses may be wanted through some other path
+    assert model.last_stats["aux_loss"] >= 1.0 - 1e-6
+
+
 def test_dense_every_and_tied_head():
     model = MoELM(LMConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, dim=16, n_experts=4,
                            moe_inter_dim=16, dense_every=2))

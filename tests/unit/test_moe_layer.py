@@ -1,5 +1,7 @@
 """The MoE layer against a naive per-token reference, plus its options and its errors."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,22 @@ def test_z_loss_matches_its_formula_and_layer_reports_both():
     assert s.z_loss == pytest.approx(router_z_loss(logits).item(), rel=1e-5)
     assert aux.item() == pytest.approx(0.5 * s.balance_loss + 0.25 * s.z_loss, rel=1e-5)
     assert int(s.expert_counts.sum()) == 16 * 2
+
+
+def test_routing_losses_off_gives_the_same_outputs_and_no_losses():
+    torch.manual_seed(3)
+    moe = MoE(dim=8, n_experts=4, n_activated_experts=2, moe_inter_dim=8, aux_loss_coef=0.5, z_loss_coef=0.25,
+              capacity_factor=0.5)   # some assignments dropped: the count must not depend on the losses
+    x = torch.randn(16, 8)
+    y_on, aux_on = moe(x)
+    on = moe.last_stats
+    y_off, aux_off = moe(x, routing_losses=False)
+    off = moe.last_stats
+    assert torch.equal(y_on, y_off)
+    assert aux_on.item() > 0 and aux_off.item() == 0.0
+    assert math.isnan(off.balance_loss) and math.isnan(off.z_loss)   # not computed, not "balanced"
+    assert off.dropped == on.dropped > 0
+    assert torch.equal(off.expert_counts, on.expert_counts)
 
 
 def test_capacity_drop_limits_load_and_zeroes_dropped_slots():
