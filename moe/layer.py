@@ -52,8 +52,9 @@ class MoE(nn.Module):
 
     `aux_loss` is already weighted: aux_loss_coef * balance + z_loss_coef * z; add it to the
     training loss. `forward(x, routing_losses=False)` skips computing it (a zero, and NaN in
-    `last_stats`): for a pass whose loss nobody takes, such as a decode step. Pass `experts=` to reach the routed experts some other way (remote);
-    by default they live in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
+    `last_stats`): for a pass whose loss nobody takes, such as a decode step.
+
+    Pass `experts=` to reach the routed experts some other way (remote); by default they live in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
     """
 
     def __init__(self, dim: int, n_experts: int, n_activated_experts: int, moe_inter_dim: int,
