@@ -54,7 +54,8 @@ class MoE(nn.Module):
     training loss. `forward(x, routing_losses=False)` skips computing it (a zero, and NaN in
     `last_stats`): for a pass whose loss nobody takes, such as a decode step.
 
-    Pass `experts=` to reach the routed experts some other way (remote); by default they live in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
+    Pass `experts=` to reach the routed experts some other way (remote); by default they live
+    in this process as `LocalExperts` (`moe.experts[i]` is a SwiGLU).
     """
 
     def __init__(self, dim: int, n_experts: int, n_activated_experts: int, moe_inter_dim: int,
