@@ -73,14 +73,18 @@ INLINE_MAX_BYTES = 256 << 10
 class ChannelSettings:
     """gRPC channel options shared by every expert channel."""
 
-    max_message_mb: int = 64               # one micro-batch of one expert; 64 MB = 16M fp32 values
+    max_message_mb: float = 64.0           # one micro-batch of one expert; 64 MB = 16M fp32 values
     keepalive_time_s: float = 30.0         # ping a connection that carries a call this long without data
     keepalive_timeout_s: float = 10.0      # a ping unanswered this long closes the connection
     initial_reconnect_backoff_s: float = 0.2  # a restarted expert is reachable again quickly
     max_reconnect_backoff_s: float = 2.0   # gRPC's default (120 s) would hide a restarted expert for minutes
 
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
     def options(self) -> list[tuple[str, int]]:
-        max_bytes = self.max_message_mb * 1024 * 1024
+        max_bytes = self.max_bytes
         return [
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
@@ -344,7 +348,7 @@ class ExpertClientPool:
         self._calls: ThreadPoolExecutor | None = None   # started by the first `get`
         self._infos: dict[str, tuple[expert_pb2.InfoResponse, float, set[str]]] = {}   # see _transport_info
         self.shm = ShmLink(shm, self._shm_host_id) if shm is not None and shm.enabled else None
-        self.frames = FramesLink(self._frames_port, settings.max_message_mb << 20) if frames else None
+        self.frames = FramesLink(self._frames_port, settings.max_bytes) if frames else None
 
     def _shm_host_id(self, endpoint: str) -> str:
         return self._transport_info(endpoint, "shm").shm_host_id

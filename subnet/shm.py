@@ -406,9 +406,12 @@ class ShmAttachments:
             return len(self._maps)
 
     def maintain(self) -> list[str]:
-        """Drop mappings of removed files and sweep dead creators' regions; returns the names swept."""
+        """Drop mappings of removed files, and sweep dead creators' regions when SHM_SWEEP_INTERVAL_S
+        has passed since the last sweep (0: never here, only on a new attachment); returns the names
+        swept. Cheap enough for a timer that ticks more often than the interval."""
         with self._lock:
-            return self._maintain()
+            self._drop_removed()
+            return self._maintain() if self._sweep_due() else []
 
     def close(self) -> None:
         with self._lock:
@@ -420,7 +423,7 @@ class ShmAttachments:
     def _get(self, name: str) -> _Attachment:
         if not isinstance(name, str):
             raise ShmUnavailableError(f"region name {name!r} is not a string")
-        if self.config.sweep_interval_s and time.monotonic() - self._last_sweep >= self.config.sweep_interval_s:
+        if self._sweep_due():
             self._maintain()
         att = self._maps.get(name)
         if att is None:
@@ -467,10 +470,17 @@ class ShmAttachments:
         os.close(att.fd)
         att.mm = None   # unmapped by the garbage collector once no view of it is left
 
-    def _maintain(self) -> list[str]:
-        self._last_sweep = time.monotonic()
+    def _sweep_due(self) -> bool:
+        interval = self.config.sweep_interval_s
+        return bool(interval) and time.monotonic() - self._last_sweep >= interval
+
+    def _drop_removed(self) -> None:
         for name in [n for n, att in self._maps.items() if os.fstat(att.fd).st_nlink == 0]:
             self._drop(name)
+
+    def _maintain(self) -> list[str]:
+        self._last_sweep = time.monotonic()
+        self._drop_removed()
         return sweep(self.directory)
 
 

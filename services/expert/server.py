@@ -324,7 +324,7 @@ class ExpertServer:
             n = self.backend.cache.sweep()
             self.metrics.activation_cache_bytes.set(self.backend.cache.nbytes)
             if self.shm is not None:
-                self.shm.maintain()   # unmap regions their routers removed; sweep dead routers' regions
+                self.shm.maintain()   # unmap regions their routers removed; sweep dead routers' (SHM_SWEEP_INTERVAL_S)
             if n:
                 log.info("expired %d unused training activations (no Backward within %.0f s)",
                          n, self.config.activation_ttl_s)

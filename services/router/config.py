@@ -69,6 +69,9 @@ class RouterConfig:
                               "skip banned miners (moe:scores:banned) and route serving calls by the scorer's "
                               "EMA (moe:scores:ema); training calls are spread over every non-banned replica by "
                               "the replica policy")
+    scores_prefix: str = env("SCORER_KEY_PREFIX", "moe:scores:",
+                             "where the scorer writes (its SCORER_KEY_PREFIX): the router reads <prefix>ema and "
+                             "<prefix>banned")
     min_ema: float = env("ROUTER_MIN_EMA", 0.01,
                          "with scores: replicas whose EMA is below this get only ROUTER_EXPLORE of the serving "
                          "calls while another replica of the same expert has earned more (see "

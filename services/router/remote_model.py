@@ -56,10 +56,11 @@ class RemoteParts:
         registry = ExpertRegistry(client)
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
-                              scores=RedisScores(client) if config.follow_scores else None,
+                              scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
+                              if config.follow_scores else None,
                               min_ema=config.min_ema, grace_s=config.registry_grace_s,
                               explore=config.explore).start()
-        clients = ExpertClientPool(ChannelSettings(max_message_mb=int(config.max_message_mb)), identity=identity,
+        clients = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity,
                                    hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
         metrics = metrics or RouterMetrics()
         if config.metrics_port:

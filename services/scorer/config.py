@@ -28,7 +28,8 @@ class ScorerConfig:
                                                 "e.g. `redis://127.0.0.1:6379/0`")
     validation_prefix: str = env("SCORER_VALIDATION_PREFIX", VALIDATION_PREFIX,
                                  "key prefix of the validators' results (subnet/validation_results.py)")
-    key_prefix: str = env("SCORER_KEY_PREFIX", "moe:scores:", "key prefix of what the scorer writes")
+    key_prefix: str = env("SCORER_KEY_PREFIX", "moe:scores:",
+                          "key prefix of what the scorer writes; set the same on the routers and validators")
     consumer: str = env("SCORER_CONSUMER", "", "consumer name in the `scorers` group; empty = `<host>-<pid>`")
     w_loss: float = env("SCORER_W_LOSS", _W.loss, "weight of the loss-improvement score in the composite")
     w_diversity: float = env("SCORER_W_DIVERSITY", _W.diversity, "weight of expert diversity in the composite")

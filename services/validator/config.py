@@ -62,6 +62,8 @@ class ValidatorConfig:
                               "global model's config.json")
     host: str = env("VALIDATOR_HOST", "127.0.0.1", "address the metrics server binds; `0.0.0.0` in containers")
     metrics_port: int = env("VALIDATOR_METRICS_PORT", 0, "Prometheus metrics port; 0 = off")
+    scores_prefix: str = env("SCORER_KEY_PREFIX", "moe:scores:",
+                             "where the scorer writes (its SCORER_KEY_PREFIX): the merge reads <prefix>round:<round>")
     merge_top_k: int = env("MERGE_TOP_K", 2, "per expert, the best this many verified replicas are averaged")
     merge_outer_lr: float = env("MERGE_OUTER_LR", 0.7,
                                 "outer learning rate of the merge (DiLoCo); 1 with no momentum = take the average")

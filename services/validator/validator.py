@@ -48,7 +48,6 @@ from subnet.registry import ExpertRegistry
 from subnet.validation_results import ValidationResult
 
 log = logging.getLogger(__name__)
-SCORES_PREFIX = "moe:scores:"  # the scorer writes <prefix>round:<round>, a hash hotkey -> score
 
 
 class Validator:
@@ -56,7 +55,7 @@ class Validator:
 
     def __init__(self, config: ValidatorConfig, identity, chain: Chain, store: ObjectStore, redis_client: redis.Redis,
                  *, metrics: ValidatorMetrics | None = None, registry: ExpertRegistry | None = None,
-                 clients: ExpertClientPool | None = None, scores_prefix: str = SCORES_PREFIX):
+                 clients: ExpertClientPool | None = None):
         self.config, self.identity, self.chain, self.store, self.redis = config, identity, chain, store, redis_client
         self.metrics = metrics or ValidatorMetrics()
         self.queue = TaskQueue(redis_client, config.key_prefix)
@@ -66,7 +65,7 @@ class Validator:
         self.evaluator = Evaluator(EvalSettings.from_config(config), store, self.registry, self.clients)
         self.merger = Merger(store, identity, config.run_dir, config.merge_top_k, config.merge_outer_lr,
                              config.merge_momentum)
-        self.scores_prefix = scores_prefix
+        self.scores_prefix = config.scores_prefix   # the scorer writes <prefix>round:<round>, hotkey -> score
         self.name = f"{identity.hotkey[:10]}-{os.getpid()}"
         self._lock = threading.Lock()
         self._globals: dict[int, GlobalModel] = {}

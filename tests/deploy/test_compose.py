@@ -130,6 +130,31 @@ def test_redis_urls_point_at_the_redis_service():
                 assert value.startswith("redis://redis:6379/"), f"{name}: {key}={value}"
 
 
+# The services that publish to or read from the checkpoint store each round: without S3 an expert
+# never publishes or commits and the router never reveals its trunk, so the validator has nothing to
+# validate and the scorer nothing to score.
+STORE_USERS = ("services.expert", "services.router", "services.validator")
+S3_KEYS = ("S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET")
+
+
+def test_every_service_of_the_rounds_reaches_the_same_checkpoint_store():
+    config = compose()   # both profiles' experts
+    minio = [n for n, s in config["services"].items() if "minio/minio" in s.get("image", "")
+             and s.get("command", [None])[0] == "server"]
+    assert minio == ["minio"]
+    stores = {}
+    for name, (module, service) in our_services(config).items():
+        if module not in STORE_USERS or service.get("restart") == "no":   # one-shot tools (model-init)
+            continue
+        env = environment(service)
+        assert all(env.get(key) for key in S3_KEYS), f"{name}: {[k for k in S3_KEYS if not env.get(k)]} unset"
+        stores[name] = tuple(env[key] for key in S3_KEYS)
+        assert env["S3_ENDPOINT"] == "minio:9000", name
+        assert service["depends_on"]["minio-buckets"]["condition"] == "service_completed_successfully", name
+    assert {module for module, _ in our_services(config).values() if module in STORE_USERS} == set(STORE_USERS)
+    assert len(set(stores.values())) == 1, stores   # one bucket, one key pair
+
+
 def test_paths_lie_on_mounted_volumes_and_volumes_exist():
     config = compose()
     named = set(config.get("volumes") or {})

@@ -275,6 +275,20 @@ def test_experts_serve_the_model_the_router_initializes():
             assert (int(o.env["EXPERT_DIM"]), int(o.env["EXPERT_INTER_DIM"])) == (lm.dim, lm.moe_inter_dim), o.where
 
 
+def test_every_service_of_the_rounds_reaches_the_same_checkpoint_store():
+    """Experts publish and commit there, the router reveals its trunk there, the validator reads
+    both: one without S3 leaves the rounds with nothing to validate."""
+    stores = {}
+    for o in our_containers():
+        if o.role == "initContainer" or o.module not in ("services.expert", "services.router", "services.validator"):
+            continue
+        keys = ("S3_ENDPOINT", "S3_ACCESS_KEY", "S3_SECRET_KEY", "S3_BUCKET")
+        assert all(o.env.get(k) for k in keys), f"{o.where}: {[k for k in keys if not o.env.get(k)]} unset"
+        stores[o.where] = tuple(o.env[k] for k in keys)
+    assert {w.split()[0].split("/")[-1] for w in stores} >= {"expert", "router", "validator"}, sorted(stores)
+    assert len(set(stores.values())) == 1, stores
+
+
 def test_prometheus_in_the_cluster_scrapes_what_the_services_expose():
     config_map = by_kind("ConfigMap")["prometheus-config"]["data"]
     assert config_map["prometheus.yml"] == (PROMETHEUS_DIR / "prometheus-k8s.yml").read_text(), \

@@ -286,3 +286,28 @@ def test_run_recreates_its_group_after_redis_lost_the_stream(env):
         stop.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_router_and_validator_read_what_a_scorer_with_another_key_prefix_writes(redis_server, redis_client):
+    """SCORER_KEY_PREFIX is one variable for the three services: the router's replica scores and the
+    validator's merge read under the prefix the scorer writes under."""
+    from services.router.config import RouterConfig
+    from services.router.remote_model import RemoteParts
+    from services.scorer.store import ScoreStore
+    from services.validator.config import ValidatorConfig
+    from subnet.envconfig import from_env
+
+    prefix = f"other-{uuid.uuid4().hex[:6]}:"
+    store = ScoreStore(redis_client, prefix)
+    store.record(3, "hk-good", 0.8, zero=False, reason="", ban_ema=0.01)
+    store.record(3, "hk-bad", 0.0, zero=True, reason="not verified", ban_ema=0.01)
+    store.fold(3, {"hk-good": 1, "hk-bad": 2}, alpha=1.0, ban_ema=0.01, keep_rounds=4)
+    env = {"SCORER_KEY_PREFIX": prefix, "REDIS_URL": redis_server.url, "AUTH_MODE": "off"}
+    parts = RemoteParts.connect(from_env(RouterConfig, env))
+    try:
+        ema, banned = parts.replicas._scores.scores()
+    finally:
+        parts.close()
+    assert ema["hk-good"] > 0 and "hk-bad" in banned
+    validator_config = from_env(ValidatorConfig, {**env, "S3_ENDPOINT": "127.0.0.1:1"})   # not reached
+    assert redis_client.hgetall(f"{validator_config.scores_prefix}round:3")[b"hk-good"] == b"0.8"

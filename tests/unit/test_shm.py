@@ -239,6 +239,23 @@ def test_server_sweeps_when_it_attaches_a_new_region(shm_dir):
     live.close()
 
 
+@pytest.mark.parametrize("interval_s", [0.0, 3600.0])
+def test_maintain_sweeps_only_once_the_sweep_interval_has_passed(shm_dir, interval_s):
+    """The expert's timer calls maintain() every few seconds; SHM_SWEEP_INTERVAL_S decides how often
+    that lists the directory (0: never, only a new attachment does)."""
+    live = ShmRegion.create(1, shm_dir)
+    namespace, pid, start = live.name.split("-")[2:5]
+    attachments = ShmAttachments(ShmConfig(directory=shm_dir, sweep_interval_s=interval_s))
+    attachments.read(live.name, 0, 4, torch.float32, [1])   # a new attachment: swept now
+    stale = Path(shm_dir, f"moe-shm-{namespace}-{pid}-{int(start) + 1}-{'0' * 16}")
+    stale.write_bytes(b"x")
+    assert attachments.maintain() == [] and stale.exists()   # within the interval (or 0): no sweep
+    if interval_s:
+        attachments._last_sweep -= interval_s   # as if the interval had passed
+        assert attachments.maintain() == [stale.name] and not stale.exists()
+    live.close()
+
+
 def test_a_collected_region_is_unlinked(shm_dir):
     region = ShmRegion.create(1, shm_dir)
     path = region.path
