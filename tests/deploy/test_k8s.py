@@ -134,6 +134,36 @@ def test_no_secret_is_applied_and_the_template_holds_no_real_value():
                     assert item["key"] in template, f"{where}: key {item['key']} is not in the Secret template"
 
 
+def wallet_names(workload: dict, container: dict, env: dict[str, str]) -> list[str]:
+    """The wallet each pod of `workload` signs with: WALLET_NAME, or, taken from the pod's name
+    (a StatefulSet's pods are <name>-0, <name>-1, ...), one per replica."""
+    by_pod_name = any(item["name"] == "WALLET_NAME" and
+                      item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name"
+                      for item in container.get("env") or [])
+    if not by_pod_name:
+        return [env["WALLET_NAME"]]
+    assert workload["kind"] == "StatefulSet", "only a StatefulSet's pod names are known in advance"
+    return [f"{workload['metadata']['name']}-{i}" for i in range(workload["spec"]["replicas"])]
+
+
+def test_expert_pods_are_miners_of_their_own():
+    """Pods sharing a hotkey would overwrite each other's checkpoints and commitments: each expert
+    pod signs with a wallet of its own, and the local chain registers every one of them."""
+    job_spec = by_kind("Job")["local-chain-register"]["spec"]["template"]["spec"]
+    registered = " ".join(word for _, c in containers(job_spec) for word in c.get("command", []))
+    experts = 0
+    for where, obj in workloads():
+        for role, c in containers(pod_spec(obj)):
+            env = container_environment(c, configmaps(), template_secrets())
+            if role == "container" and service_module(c.get("command", [])) == "services.expert":
+                names = wallet_names(obj, c, env)
+                assert len(set(names)) == obj["spec"]["replicas"], f"{where}: wallets {names}"
+                for name in names:
+                    assert f" {name}" in registered, f"{where}: {name} is not registered on the local chain"
+                experts += 1
+    assert experts == 2   # GPU and CPU StatefulSets
+
+
 def test_wallets_are_mounted_read_only_where_the_services_look():
     checked = 0
     for where, obj in workloads():
@@ -150,8 +180,9 @@ def test_wallets_are_mounted_read_only_where_the_services_look():
             mount = mounts.get(env["WALLET_PATH"])
             assert mount is not None, f"{where} {c['name']}: nothing mounted at WALLET_PATH={env['WALLET_PATH']}"
             items = {item["path"] for item in volumes[mount["name"]]["secret"]["items"]}
-            hotkey = f"{env['WALLET_NAME']}/hotkeys/{env.get('WALLET_HOTKEY', 'default')}"
-            assert hotkey in items, f"{where} {c['name']}: the wallet volume has no {hotkey}"
+            for name in wallet_names(obj, c, env):
+                hotkey = f"{name}/hotkeys/{env.get('WALLET_HOTKEY', 'default')}"
+                assert hotkey in items, f"{where} {c['name']}: the wallet volume has no {hotkey}"
             checked += 1
     assert checked >= 5  # router, validator, scorer, GPU experts, CPU experts
 
