@@ -86,7 +86,7 @@ class ShmConfig:
                         "costs more than copying a few KiB); 0 = every tensor")
     max_idle_regions: int = env("SHM_MAX_IDLE_REGIONS", 8,
                                 "router: free regions kept for reuse; more are unlinked when released")
-    sweep_interval_s: float = env("SHM_SWEEP_INTERVAL_S", 60.0,
+    sweep_interval_s: float = env("SHM_SWEEP_INTERVAL_S", 10.0,
                                   "expert: remove dead creators' regions this often, besides on every new "
                                   "attachment; 0 = only then")
 

@@ -193,7 +193,7 @@ def test_regions_of_a_killed_router_are_removed_by_the_expert(expert_service_fac
                                                                dev_wallets, tmp_path):
     shm_dir = tmp_path / "shm"
     shm_dir.mkdir()
-    service, _ = _service(expert_service_factory, tmp_path, shm_dir)
+    service, _ = _service(expert_service_factory, tmp_path, shm_dir, SHM_SWEEP_INTERVAL_S="1")
     wallet = dev_wallets.client
     router = subprocess.Popen([sys.executable, "-c", _ROUTER, service.endpoint, service.hotkey, str(shm_dir),
                                wallet.path, wallet.name], cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -203,7 +203,7 @@ def test_regions_of_a_killed_router_are_removed_by_the_expert(expert_service_fac
         assert left, "the router made no region"
         os.kill(router.pid, signal.SIGKILL)
         router.wait(10)
-        # The expert's janitor (every few seconds here) unmaps them and sweeps dead creators' regions.
+        # The expert's janitor (every second here) unmaps them and sweeps dead creators' regions.
         deadline = time.monotonic() + 60
         while _regions(shm_dir) & left and time.monotonic() < deadline:
             time.sleep(0.2)
