@@ -20,6 +20,7 @@ Each config class validates cross-field rules in its own `__post_init__`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -70,10 +71,17 @@ class EnvVar:
             raise ConfigError(f"{self.name}={raw!r} is not a bool (use 1/0, true/false)")
         if typ in (int, float):
             try:
-                return typ(text)
+                value = typ(text)
             except ValueError:
                 raise ConfigError(f"{self.name}={raw!r} is not a{'n' if typ is int else ''} "
                                   f"{typ.__name__}") from None
+            # float() takes "nan" and "inf", which slip past every `value <= 0` check (NaN compares
+            # false to everything): a NaN AUTH_WINDOW_S accepted any timestamp. No variable means
+            # "unlimited" by infinity; each says which value (usually 0) turns its limit off.
+            if typ is float and not math.isfinite(value):
+                raise ConfigError(f"{self.name}={raw!r} is not a finite number; give a number "
+                                  f"(see the variable's help for the value that turns it off)")
+            return value
         if typ == tuple[str, ...]:
             return tuple(part.strip() for part in text.split(",") if part.strip())
         raise TypeError(f"envconfig does not support type {typ!r} (variable {self.name})")

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -34,6 +35,7 @@ from bittensor_wallet import Keypair, Wallet
 from subnet.envconfig import env
 
 DEFAULT_WALLET_PATH = "~/.bittensor/wallets"   # btcli's default, so an existing wallet is found as is
+_FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PUBLIC_KEYS_CACHED = 4096                     # verifying keys parsed from ss58, most recently used
 
 
@@ -44,6 +46,13 @@ class WalletConfig:
     name: str = env("WALLET_NAME", "default", "wallet (coldkey) name: the directory under WALLET_PATH")
     hotkey: str = env("WALLET_HOTKEY", "default", "hotkey name: the file `<WALLET_PATH>/<WALLET_NAME>/hotkeys/<name>`")
     path: str = env("WALLET_PATH", DEFAULT_WALLET_PATH, "directory holding the wallets (btcli's `--wallet.path`)")
+
+    def __post_init__(self) -> None:
+        # Both name files under WALLET_PATH: "../x" or "a/b" would read (or create) keys elsewhere.
+        for var, value in (("WALLET_NAME", self.name), ("WALLET_HOTKEY", self.hotkey)):
+            if not _FILE_NAME.fullmatch(value) or value in (".", ".."):
+                raise ValueError(f"{var}={value!r} must be a plain file name (letters, digits, '.', '_', '-'; "
+                                 f"no '/'), e.g. default")
 
     @property
     def hotkey_file(self) -> Path:
@@ -139,10 +148,13 @@ def create_dev_wallet(path: str | Path, name: str, hotkey: str = "default") -> W
     config = WalletConfig(name=name, hotkey=hotkey, path=str(path))
     root = Path(path).expanduser()
     wallet = Wallet(name=name, hotkey=hotkey, path=str(root))
-    if not (root / name / "coldkeypub.txt").exists():
-        wallet.create_new_coldkey(use_password=False, overwrite=False, suppress=True)
-    if not config.hotkey_file.exists():
-        wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    try:
+        if not (root / name / "coldkeypub.txt").exists():
+            wallet.create_new_coldkey(use_password=False, overwrite=False, suppress=True)
+        if not config.hotkey_file.exists():
+            wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    except Exception as e:   # the SDK's KeyFileError (no common base): an unwritable or missing path
+        raise IdentityError(f"cannot create the wallet {name!r} under {root}: {e}") from None
     return config
 
 
@@ -197,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--name", default="default")
     dev.add_argument("--hotkey", default="default")
     args = parser.parse_args(argv)
-    config = create_dev_wallet(args.path, args.name, args.hotkey)
-    print(load_identity(config).hotkey)
+    try:
+        config = create_dev_wallet(args.path, args.name, args.hotkey)
+        print(load_identity(config).hotkey)
+    except (ValueError, OSError, IdentityError) as e:
+        print(f"subnet.identity dev-wallet: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

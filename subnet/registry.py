@@ -7,6 +7,11 @@ a live expert service refreshes it (`Heartbeat`), so a dead one disappears by it
 Readers (the router) call `replicas(uid)` or `all_replicas()`; they use SCAN, never KEYS,
 so a big registry does not block Redis. The client is the synchronous `redis.Redis`;
 async callers run it in a thread (as `Heartbeat` does).
+
+Every miner can write to this Redis, so a read trusts no entry: one that is not a hash, has
+bytes that are not UTF-8, or a missing, non-numeric or negative field is skipped (counted in
+`ExpertRegistry.skipped`, logged once per key and reason per `SKIP_LOG_INTERVAL_S`,
+truncated) and every other entry is still returned. Only Redis itself failing raises.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import redis
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "moe:expert:"
+SKIP_LOG_INTERVAL_S = 300.0  # a bad entry is logged again after this long if it is still there
+_SHOW_CHARS = 200            # how much of a hostile key a log line may quote (keys can be megabytes)
+_SHOW_ENTRIES = 10           # new bad entries logged one per line per read; the rest only counted
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
@@ -43,7 +51,8 @@ def replica_key(uid: str, endpoint: str, prefix: str = KEY_PREFIX) -> str:
 
 
 class ExpertRegistry:
-    """Register, refresh, remove and list expert replicas. Holds no state besides the client."""
+    """Register, refresh, remove and list expert replicas. Besides the client it holds only the
+    count of skipped entries and when each bad key was last logged. Thread-safe."""
 
     def __init__(self, redis_client: redis.Redis, ttl_s: float = 10.0, prefix: str = KEY_PREFIX):
         if ttl_s <= 0:
@@ -51,6 +60,9 @@ class ExpertRegistry:
         self.redis = redis_client
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.skipped = 0  # unusable entries skipped by reads so far (one per entry per read)
+        self._logged: dict[bytes, tuple[str, float]] = {}  # bad key -> (reason, when last logged)
+        self._lock = threading.Lock()
 
     def register(self, uid: str, endpoint: str, hotkey: str = "", load: int = 0, version: int = 0) -> None:
         """Create or refresh the replica's hash and reset its TTL (one round trip)."""
@@ -86,27 +98,69 @@ class ExpertRegistry:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(key)
-        out = []
-        for key, raw in zip(keys, pipe.execute()):
+        out, skipped = [], []
+        # raise_on_error=False: a key that is not a hash answers WRONGTYPE for itself only, and
+        # must not fail the whole read (anyone who can register can write such a key).
+        for key, raw in zip(keys, pipe.execute(raise_on_error=False)):
+            if isinstance(raw, redis.exceptions.ResponseError):
+                if not str(raw).startswith("WRONGTYPE"):
+                    raise raw  # a server-side refusal (ACL, OOM...), not a bad entry
+                skipped.append((key, "not a hash"))
+                continue
             if not raw:  # expired between SCAN and HGETALL
                 continue
             replica = _parse(raw)
-            if replica is None:
-                log.warning("ignoring malformed registry entry %r: %r", key, raw)
-            else:
+            if isinstance(replica, Replica):
                 out.append(replica)
+            else:
+                skipped.append((key, replica))
+        if skipped:
+            self._note_skipped(skipped)
         return out
 
+    def _note_skipped(self, skipped: list[tuple[bytes, str]]) -> None:
+        """Count the skipped entries; log those not logged with the same reason within
+        SKIP_LOG_INTERVAL_S, so a bad key costs one line per interval, not one per read."""
+        now = time.monotonic()
+        with self._lock:
+            self.skipped += len(skipped)
+            # Forgetting the old ones keeps this no bigger than the bad keys of one interval.
+            self._logged = {k: v for k, v in self._logged.items() if now - v[1] < SKIP_LOG_INTERVAL_S}
+            new = [(k, why) for k, why in skipped if self._logged.get(k, ("",))[0] != why]
+            for k, why in new:
+                self._logged[k] = (why, now)
+        for k, why in new[:_SHOW_ENTRIES]:
+            log.warning("skipping unusable registry entry %s: %s", _show(k), why)
+        if len(new) > _SHOW_ENTRIES:
+            log.warning("skipping %d more unusable registry entries (not listed)", len(new) - _SHOW_ENTRIES)
 
-def _parse(raw: dict) -> Replica | None:
-    h = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-         for k, v in raw.items()}
+
+def _show(value: bytes | str) -> str:
+    """`value` (a key) quoted for a log line, cut to _SHOW_CHARS: a hostile key may be megabytes."""
+    text = repr(value[:_SHOW_CHARS])
+    return text if len(value) <= _SHOW_CHARS else f"{text}... ({len(value)} long)"
+
+
+def _parse(raw: dict) -> Replica | str:
+    """The replica in an HGETALL reply, or why it is unusable. The reason never quotes the
+    entry, so it stays the same while the entry is bad (one log line) and stays short."""
     try:
-        return Replica(uid=h["uid"], endpoint=h["endpoint"], hotkey=h.get("hotkey", ""),
-                       load=int(h.get("load", 0)), version=int(h.get("version", 0)),
-                       updated_ms=int(h.get("updated_ms", 0)))
-    except (KeyError, ValueError):
-        return None
+        h = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in raw.items()}
+    except UnicodeDecodeError:
+        return "a field is not UTF-8"
+    for name in ("uid", "endpoint"):
+        if name not in h:
+            return f"no {name!r} field"
+    numbers = {}
+    for name in ("load", "version", "updated_ms"):
+        try:
+            numbers[name] = int(h.get(name, 0))
+        except ValueError:
+            return f"{name!r} is not an integer"
+        if numbers[name] < 0:  # a negative load would win every least-loaded choice
+            return f"{name!r} is negative"
+    return Replica(uid=h["uid"], endpoint=h["endpoint"], hotkey=h.get("hotkey", ""), **numbers)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from moe.config import LMConfig
 from moe.experts import parse_expert_uid
 from subnet.auth.config import AuthConfig
 from subnet.chain.config import ChainConfig
+from subnet.config_checks import check_log_level, check_message_mb, check_redis_url, check_torch_device
 from subnet.envconfig import REQUIRED, env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
@@ -164,6 +166,15 @@ class ExpertConfig:
             parse_wire_dtypes(self.wire_dtypes)
         except ValueError as e:
             raise ValueError(f"EXPERT_WIRE_DTYPES={self.wire_dtypes!r}: {e}") from None
+        check_message_mb("EXPERT_MAX_MESSAGE_MB", self.max_message_mb)
+        check_log_level("EXPERT_LOG_LEVEL", self.log_level)
+        check_redis_url("REDIS_URL", self.redis_url)
+        check_torch_device("EXPERT_DEVICE", self.device)
+        if self.save_path:   # found out at SIGTERM, the trained weights would be lost
+            folder = os.path.dirname(os.path.abspath(self.save_path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"EXPERT_SAVE_PATH={self.save_path!r}: {folder} is not a writable directory; "
+                                 f"create it (or mount a volume there) or leave EXPERT_SAVE_PATH empty")
 
     @property
     def allowed_dtypes(self) -> tuple[int, ...]:

@@ -39,7 +39,6 @@ from services.expert.adversary import liar_answer
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
 from services.expert.config import ExpertConfig
-from services.expert.decode_guard import DecodeGuard
 from services.expert.metrics import ExpertMetrics
 from services.expert.rounds import ExpertRounds
 from services.expert.servicer import ExpertServicer
@@ -48,6 +47,7 @@ from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
 from subnet.chain.config import open_chain, signing_wallet
 from subnet.checkpoints import CheckpointVerificationError
+from subnet.decode_guard import DecodeGuard
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
 from subnet.frames.protocol import EXPERT_RPCS
@@ -372,7 +372,11 @@ class ExpertServer:
             await asyncio.to_thread(self.worker.shutdown)
             self.worker = None
         if self.config.save_path and self.backend is not None:
-            self._save_weights(self.config.save_path)
+            try:
+                self._save_weights(self.config.save_path)
+            except Exception as e:   # a full disk: still release the rest (shm, Redis, chain, metrics)
+                log.error("could not save the weights to EXPERT_SAVE_PATH=%s: %s: %s", self.config.save_path,
+                          type(e).__name__, e)
         if self.shm is not None:
             self.shm.close()
             self.shm = None

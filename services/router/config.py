@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from services.router.replicas import POLICIES
 from subnet.auth.config import AuthConfig
 from subnet.chain.config import ChainConfig
+from subnet.config_checks import check_log_level, check_message_mb, check_redis_url
 from subnet.envconfig import env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
@@ -114,6 +115,9 @@ class RouterConfig:
     shm: ShmConfig = nested(ShmConfig)   # SHM_*: tensors to expert services on this host via shared memory
 
     def __post_init__(self):
+        check_log_level("ROUTER_LOG_LEVEL", self.log_level)
+        check_redis_url("REDIS_URL", self.redis_url)
+        check_message_mb("ROUTER_MAX_MESSAGE_MB", self.max_message_mb)
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"ROUTER_WIRE_DTYPE={self.wire_dtype!r}: choose one of {sorted(WIRE_DTYPES)}")
         if self.frames not in ("auto", "off"):

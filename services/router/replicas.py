@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICIES = ("least_loaded", "round_robin")
+REGISTRY_DOWN_LOG_S = 60.0  # while the registry fails, how often to say it still does
 
 
 class ReplicaSource(Protocol):
@@ -103,6 +104,9 @@ class ReplicaSet:
         self._rng = rng or random.Random()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # While the registry fails: since when, and when that was last logged (clock times).
+        self._registry_down_since: float | None = None
+        self._registry_down_logged: float | None = None
 
     def refresh(self) -> None:
         """Read the registry now. On error keep the last snapshot and try again after `refresh_s`."""
@@ -110,15 +114,15 @@ class ReplicaSet:
         try:
             snapshot = {uid: sorted(reps, key=lambda r: r.endpoint)
                         for uid, reps in self._registry.all_replicas().items()}
-        except Exception:  # the registry is another process; its failure must not stop the router
-            log.warning("registry refresh failed; keeping %d known experts", len(self._snapshot),
-                        exc_info=True)
+        except Exception as e:  # the registry is another process; its failure must not stop the router
+            self._note_registry_down(e, now)
             with self._lock:
                 self._refreshed_at = now
             return
         hotkeys = {r.endpoint: r.hotkey for reps in snapshot.values() for r in reps if r.hotkey}
         ema, banned = self._read_scores()
         with self._lock:
+            down_since, self._registry_down_since = self._registry_down_since, None
             self._snapshot = self._with_recently_seen(snapshot, now)
             # Hotkeys are remembered, not replaced: a step's Backward/GradNorm/ApplyStep must still be
             # signed for a replica whose registry entry vanished mid-step.
@@ -126,6 +130,28 @@ class ReplicaSet:
             self._refreshed_at = now
             if ema is not None:
                 self._ema, self._banned = ema, banned
+        if down_since is not None:
+            log.info("registry answers again after %.0f s", now - down_since)
+
+    def _note_registry_down(self, e: Exception, now: float) -> None:
+        """One line when the registry stops answering, then one per REGISTRY_DOWN_LOG_S: an outage
+        otherwise logs a traceback every `refresh_s` (the cause does not change between refreshes).
+        The traceback goes to DEBUG, for a failure that is a bug rather than an outage."""
+        error = f"{type(e).__name__}: {str(e)[:200]}"
+        with self._lock:
+            first = self._registry_down_since is None
+            if first:
+                self._registry_down_since = self._registry_down_logged = now
+            elif now - self._registry_down_logged < REGISTRY_DOWN_LOG_S:
+                return
+            self._registry_down_logged = now
+            down_s, known = now - self._registry_down_since, len(self._snapshot)
+        if first:
+            log.warning("registry unreachable (%s); routing on the %d experts known until it answers",
+                        error, known)
+            log.debug("registry refresh failed", exc_info=e)
+        else:
+            log.warning("registry still unreachable after %.0f s (%s)", down_s, error)
 
     def _with_recently_seen(self, snapshot: dict[str, list[Replica]], now: float) -> dict[str, list[Replica]]:
         """`snapshot` plus the replicas seen within the last `grace_s` that it lacks: a Redis that

@@ -18,6 +18,7 @@ from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.servicer import RouterServicer
 from subnet.auth import ServerAuth, build_server_auth
+from subnet.decode_guard import SyncDecodeGuard
 from subnet.identity import Identity
 from subnet.telemetry import ServerTracing
 from subnet.wire.v1 import router_pb2_grpc
@@ -54,8 +55,9 @@ class RouterServer:
         loop = servicer.engine.loop
         workers = workers or loop.max_batch + min(loop.max_queued, 64) + 8
         self._auth = auth
-        # Tracing outermost: a request the auth check rejects still gets its (ERROR) span.
-        interceptors = [ServerTracing(tracer_provider)] + ([auth.interceptor()] if auth else [])
+        # Tracing outermost: a request the auth check rejects still gets its (ERROR) span. The decode guard
+        # parses bodies itself, so garbage is INVALID_ARGUMENT with no traceback logged (subnet.decode_guard).
+        interceptors = [ServerTracing(tracer_provider), SyncDecodeGuard()] + ([auth.interceptor()] if auth else [])
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
                                    options=[("grpc.max_send_message_length", max_bytes),
                                             ("grpc.max_receive_message_length", max_bytes)])

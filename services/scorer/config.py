@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from services.scorer.scoring import ScoreWeights
 from subnet.chain.config import ChainConfig
+from subnet.config_checks import check_log_level, check_redis_url
 from subnet.envconfig import REQUIRED, env, nested
 from subnet.identity import WalletConfig
 from subnet.rounds import RoundConfig
@@ -66,6 +67,8 @@ class ScorerConfig:
             raise ValueError("REDIS_URL is empty: the scorer reads results from Redis")
         if not self.key_prefix or not self.validation_prefix:
             raise ValueError("SCORER_KEY_PREFIX and SCORER_VALIDATION_PREFIX must not be empty")
+        check_log_level("SCORER_LOG_LEVEL", self.log_level)
+        check_redis_url("REDIS_URL", self.redis_url)
         try:
             _ = self.score_weights  # its own checks, named after the variables
         except ValueError as e:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from subnet.chain.config import ChainConfig
+from subnet.config_checks import check_log_level, check_redis_url
 from subnet.envconfig import ConfigError, env, nested
 from subnet.identity import WalletConfig
 from subnet.object_store import S3Config
@@ -90,6 +91,8 @@ class ValidatorConfig:
                               "the global model in S3")
         if not self.key_prefix:
             raise ConfigError("VALIDATOR_KEY_PREFIX must not be empty")
+        check_log_level("VALIDATOR_LOG_LEVEL", self.log_level)
+        check_redis_url("REDIS_URL", self.redis_url)
         positive = {"VALIDATOR_WORKERS": self.workers, "VALIDATOR_CLAIM_IDLE_S": self.claim_idle_s,
                     "VALIDATOR_MAX_DELIVERIES": self.max_deliveries, "VALIDATOR_EVAL_BATCHES": self.eval_batches,
                     "VALIDATOR_EVAL_BATCH_SIZE": self.eval_batch_size, "VALIDATOR_PROBE_TOKENS": self.probe_tokens,

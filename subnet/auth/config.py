@@ -16,6 +16,7 @@ from subnet.auth.policy import AllowList, AnyOf, ChainPolicy, Policy
 from subnet.auth.server import ServerAuth
 from subnet.auth.verify import Verifier
 from subnet.chain.base import Chain
+from subnet.config_checks import check_redis_url
 from subnet.envconfig import env, from_env
 from subnet.identity import Identity, WalletConfig, is_hotkey, load_identity
 
@@ -46,6 +47,7 @@ class AuthConfig:
             raise ValueError(f"AUTH_MODE={self.mode!r}: choose one of {', '.join(AUTH_MODES)}")
         if self.window_s <= 0 or self.chain_refresh_s <= 0:
             raise ValueError("AUTH_WINDOW_S and AUTH_CHAIN_REFRESH_S must be positive")
+        check_redis_url("AUTH_REDIS_URL", self.redis_url)
         bad = [h for h in self.allowlist if not is_hotkey(h)]
         if bad:
             raise ValueError(f"AUTH_ALLOWLIST has entries that are not ss58 hotkeys: {', '.join(bad[:3])}")

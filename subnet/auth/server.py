@@ -230,7 +230,7 @@ def _sign_only_aio(auth: ServerAuth, method: str, handler):
     """An open unary method: not checked, but its answer to a request that claims a caller and a nonce is
     signed, bound to the request's bytes, as a protected method's is (a caller that signs its calls takes
     only signed answers). Its deserializer keeps the raw bytes beside the request (`_keeping_raw`), so
-    whatever parses requests before it (the expert's DecodeGuard, gRPC) still does."""
+    whatever parses requests before it (subnet.decode_guard, gRPC) still does."""
     if handler.response_streaming or not inspect.iscoroutinefunction(handler.unary_unary):
         return handler   # no open streaming method on an asyncio server here: left as it is
     inner, serialize = handler.unary_unary, handler.response_serializer

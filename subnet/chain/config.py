@@ -17,6 +17,7 @@ from typing import Any
 from bittensor_wallet import Wallet  # not the SDK (slow to import): subnet.identity loads it anyway
 
 from subnet.chain.base import Chain
+from subnet.config_checks import check_redis_url
 from subnet.envconfig import ConfigError, env
 from subnet.identity import WalletConfig
 from subnet.rounds import RoundSchedule
@@ -45,6 +46,11 @@ class ChainConfig:
             raise ConfigError(f"CHAIN_REDIS_TIMEOUT_S must be positive, got {self.timeout_s}")
         if self.chain == "local" and not self.redis_url:
             raise ConfigError("CHAIN_REDIS_URL is required when CHAIN=local")
+        if self.chain == "local":
+            try:
+                check_redis_url("CHAIN_REDIS_URL", self.redis_url)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.chain == "bittensor":
             if self.netuid <= 0:
                 raise ConfigError("CHAIN_NETUID is required when CHAIN=bittensor (a subnet uid > 0)")

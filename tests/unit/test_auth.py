@@ -33,6 +33,7 @@ from subnet.auth.verify import HASH_IN_THREAD_BYTES
 from subnet.chain.base import Metagraph, Neuron
 from subnet.envconfig import ConfigError, from_env
 from subnet.identity import Identity, IdentityError, WalletConfig, create_dev_wallet, load_identity, verify_signature
+from subnet.identity import main as identity_main
 from subnet.wire.v1 import expert_pb2
 
 METHOD = "/moe.v1.Expert/Forward"
@@ -240,6 +241,22 @@ def test_dev_wallet_is_created_quietly_once_and_loads(tmp_path, capfd):
     assert load_identity(config).hotkey == load_identity(again).hotkey
     env = {"WALLET_NAME": "dev", "WALLET_HOTKEY": "hk", "WALLET_PATH": str(tmp_path / "wallets")}
     assert from_env(WalletConfig, env) == config
+
+
+@pytest.mark.parametrize("name,hotkey", [("../../etc", "default"), ("dev", "../hk"), ("a/b", "hk"), ("..", "hk")])
+def test_wallet_names_that_leave_the_wallet_path_are_refused(tmp_path, name, hotkey):
+    with pytest.raises(ConfigError, match="must be a plain file name"):
+        from_env(WalletConfig, {"WALLET_NAME": name, "WALLET_HOTKEY": hotkey, "WALLET_PATH": str(tmp_path)})
+    assert identity_main(["dev-wallet", "--path", str(tmp_path / "w"), "--name", name, "--hotkey", hotkey]) == 2
+    assert not any(tmp_path.parent.glob("etc")) and not (tmp_path / "w").exists()
+
+
+def test_dev_wallet_in_an_unwritable_place_is_one_line(tmp_path, capsys):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert identity_main(["dev-wallet", "--path", str(blocked / "wallets"), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("subnet.identity dev-wallet: cannot create the wallet 'x'") and "Traceback" not in err
 
 
 def test_missing_or_broken_hotkey_file_names_the_path_and_the_fix(tmp_path):

@@ -30,6 +30,9 @@ def test_values_are_parsed_by_type_and_defaults_fill_the_rest():
     ({"DEMO_NAME": "x", "DEMO_PORT": "abc"}, "DEMO_PORT='abc' is not an int"),
     ({"DEMO_NAME": "x", "DEMO_WAIT_MS": "soon"}, "DEMO_WAIT_MS='soon' is not a float"),
     ({"DEMO_NAME": "x", "DEMO_VERBOSE": "maybe"}, "DEMO_VERBOSE='maybe' is not a bool"),
+    ({"DEMO_NAME": "x", "DEMO_WAIT_MS": "nan"}, "DEMO_WAIT_MS='nan' is not a finite number"),
+    ({"DEMO_NAME": "x", "DEMO_WAIT_MS": "-inf"}, "DEMO_WAIT_MS='-inf' is not a finite number"),
+    ({"DEMO_NAME": "x", "DEMO_WAIT_MS": "1e400"}, "DEMO_WAIT_MS='1e400' is not a finite number"),
 ])
 def test_bad_values_fail_with_the_variable_name(environ, message):
     with pytest.raises(ConfigError) as info:
@@ -74,3 +77,28 @@ def test_expert_config_requires_uids_and_checks_them():
         from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_WIRE_DTYPES": "fp32,fp64"})
     c = from_env(ExpertConfig, {"EXPERT_UIDS": "0.0,1.2", "EXPERT_MAX_MESSAGE_MB": "2"})
     assert c.uids == ("0.0", "1.2") and c.max_message_bytes == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ["AUTH_WINDOW_S", "EXPERT_ACTIVATION_TTL_S", "EXPERT_BATCH_WAIT_MS",
+                                  "EXPERT_MAX_MESSAGE_MB", "S3_MAX_OBJECT_MB"])
+def test_a_nan_in_a_real_service_variable_is_refused(name):
+    """A NaN passed every `<= 0` check: AUTH_WINDOW_S=nan accepted any timestamp (replays included)."""
+    with pytest.raises(ConfigError, match=f"{name}='nan' is not a finite number"):
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", name: "nan"})
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("EXPERT_LOG_LEVEL", "bogus", "EXPERT_LOG_LEVEL='bogus' is not a logging level"),
+    ("EXPERT_DEVICE", "bogus", "EXPERT_DEVICE='bogus' is not a torch device"),
+    ("EXPERT_DEVICE", "meta", "only cpu and cuda devices"),
+    ("REDIS_URL", "garbage", "REDIS_URL='garbage' is not a Redis URL"),
+    ("AUTH_REDIS_URL", "redis://host:port", "AUTH_REDIS_URL='redis://host:port' is not a Redis URL"),
+    ("EXPERT_MAX_MESSAGE_MB", "3000", "EXPERT_MAX_MESSAGE_MB=3000 must be in (0, 2047]"),
+    ("EXPERT_SAVE_PATH", "/nonexistent/dir/x.safetensors", "/nonexistent/dir is not a writable directory"),
+])
+def test_expert_settings_that_failed_late_are_refused_at_start(name, value, message):
+    """Each of these started a service that then failed with a traceback (a bad log level or device at
+    start, a bad Redis URL on every call, a save path at SIGTERM, losing the trained weights)."""
+    with pytest.raises(ConfigError) as info:
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", name: value})
+    assert message in str(info.value)

@@ -37,7 +37,9 @@ def test_config_defaults_and_clear_errors():
                                 ("VALIDATOR_VERIFY_COSINE", "1.5", "must be in \\(0, 1\\]"),
                                 ("MERGE_MOMENTUM", "1", "MERGE_MOMENTUM=1.0 must be in \\[0, 1\\)"),
                                 ("VALIDATOR_ACTIVE_THRESHOLD", "nope", "is not a float"),
-                                ("VALIDATOR_CLAIM_IDLE_S", "nan", "VALIDATOR_CLAIM_IDLE_S=nan must be positive")]:
+                                ("VALIDATOR_CLAIM_IDLE_S", "nan", "'nan' is not a finite number"),
+                                ("VALIDATOR_LOG_LEVEL", "loud", "VALIDATOR_LOG_LEVEL='loud' is not a logging level"),
+                                ("REDIS_URL", "localhost:6379", "REDIS_URL='localhost:6379' is not a Redis URL")]:
         with pytest.raises(ConfigError, match=message):
             from_env(ValidatorConfig, {**S3, var: value})
 
