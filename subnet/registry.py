@@ -9,7 +9,8 @@ so a big registry does not block Redis. The client is the synchronous `redis.Red
 async callers run it in a thread (as `Heartbeat` does).
 
 Every miner can write to this Redis, so a read trusts no entry: one that is not a hash, has
-bytes that are not UTF-8, or a missing, non-numeric or negative field is skipped (counted in
+bytes that are not UTF-8, a missing, non-numeric or negative field, or a uid and endpoint other
+than its key's is skipped (counted in
 `ExpertRegistry.skipped`, logged once per key and reason per `SKIP_LOG_INTERVAL_S`,
 truncated) and every other entry is still returned. Only Redis itself failing raises.
 """
@@ -110,6 +111,10 @@ class ExpertRegistry:
             if not raw:  # expired between SCAN and HGETALL
                 continue
             replica = _parse(raw)
+            if isinstance(replica, Replica) and replica_key(replica.uid, replica.endpoint, self.prefix).encode() != \
+                    (key if isinstance(key, bytes) else key.encode()):
+                # replicas(uid) scans by the key: an entry must not claim another expert or endpoint there.
+                replica = "its uid and endpoint do not match its key"
             if isinstance(replica, Replica):
                 out.append(replica)
             else:

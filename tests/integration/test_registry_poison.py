@@ -26,6 +26,8 @@ POISONS = {
     "no uid": lambda r, key: r.hset(key, mapping={"endpoint": "e"}),
     "load not a number": lambda r, key: r.hset(key, mapping={"uid": "0.1", "endpoint": "e", "load": "many"}),
     "negative load": lambda r, key: r.hset(key, mapping={"uid": "0.1", "endpoint": "e", "load": "-1000000"}),
+    # Under expert 0.1's key, claiming to be expert 0.2 (with its own endpoint, so only the key gives it away).
+    "claims another expert": lambda r, key: r.hset(key, mapping={"uid": "0.2", "endpoint": "zz"}),
 }
 
 
