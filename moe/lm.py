@@ -283,8 +283,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
         return logits.argmax(dim=-1, keepdim=True)
     # Shift so the best logit is 0 before dividing: a tiny temperature then sends the others to
     # -inf (argmax in the limit) instead of overflowing every logit to inf and softmax to NaN.
+    # The division is in float32, where a temperature like 1e-46 is 0 and the best logit's 0/0 would
+    # be NaN: one below float32's smallest normal divides as that instead (the same argmax).
     logits = logits.float()
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -9,7 +9,8 @@
 
 Fields (https://platform.openai.com/docs/api-reference/completions): `prompt` (one string),
 `max_tokens` (default 16, or ROUTER_MAX_NEW_TOKENS if lower), `temperature` (default 1,
-0 = greedy), `top_k` (an extension, 0 = off), `seed`, `stop` (a string or up to 4), `stream`.
+0 = greedy, else at least 0.01), `top_k` (an extension, 0 = off), `seed`, `stop` (a string or up
+to 4), `stream`.
 `model` and `user` are accepted and ignored. Fields that would change the result are refused
 unless they hold their neutral value: `top_p` 1 (nucleus sampling is not implemented),
 `n`/`best_of` 1, `echo` false, `logprobs`/`suffix`/`logit_bias` null, the penalties 0. Any
@@ -66,6 +67,11 @@ def parse_request(body: object, max_new_tokens: int) -> CompletionRequest:
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise RequestError("prompt must be one string (lists of prompts and token arrays are not supported)")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:   # JSON's "\ud800" escape: no tokenizer takes it
+        raise RequestError(f"prompt is not valid Unicode: a lone surrogate {prompt[e.start]!r} at character "
+                           f"{e.start}; send text that encodes as UTF-8") from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(f"stream must be true or false, got {stream!r}")

@@ -14,7 +14,8 @@ Each iteration of the loop (vLLM's engine loop is the model):
    row right-padded to the longest; each MoE layer makes one call per expert for the tokens of
    all streams, instead of one per stream. A stream whose context is full is prefilled again
    from its last block_size/2 tokens, as `MoELM.stream` does;
-4. samples each stream's next token with its own parameters and generator;
+4. samples each stream's next token with its own parameters and generator (a stream whose
+   sampling fails ends alone, with StreamFailed; the others go on);
 5. retires the finished, cancelled and expired streams; their slots are free at once.
 
 A stream's tokens go into its own queue and the loop never waits for a reader: a client that
@@ -55,7 +56,14 @@ class Expired(RuntimeError):
     """The deadline passed before the work was done (or before it started)."""
 
 
+class StreamFailed(RuntimeError):
+    """Computing a stream's next token failed (its pass, or its own sampling); the stream ended."""
+
+
 END = object()   # the last item of a stream's queue after its final token
+# One warning at most per this many seconds for streams whose sampling failed: a request that makes
+# sampling fail on purpose must not flood the log.
+FAILURE_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -69,7 +77,7 @@ class SamplingParams:
 @dataclass(eq=False)
 class Stream:
     """One Generate request inside the loop. Its reader takes items from `out`: (token id, masked
-    calls) tuples, then END, or an exception (Expired, or what broke the step)."""
+    calls) tuples, then END, or an exception (Expired, or StreamFailed: what broke the step)."""
 
     ids: list[int]
     params: SamplingParams
@@ -121,6 +129,9 @@ class DecodeLoop:
         self._cache = SlotCache.for_model(model, slots=1)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.failed_streams = 0                  # streams ended by their own sampling failing (tests read it)
+        self._failure_logged_at = float("-inf")
+        self._failures_unlogged = 0
 
     # ---- the callers' side -------------------------------------------------------------------
 
@@ -196,7 +207,7 @@ class DecodeLoop:
                     self._step()
                 except Exception as e:   # a bug here must end the streams, not the thread serving them
                     log.exception("the decode loop failed; ending its streams")
-                    self._fail_active(RuntimeError(f"generation failed: {e}"))
+                    self._fail_active(StreamFailed(f"generation failed: {e}"))
         self._fail_all(RuntimeError("the router is shutting down"))
 
     def _run_job(self, job: _Job) -> None:
@@ -282,7 +293,7 @@ class DecodeLoop:
         except Exception as e:
             log.exception("a decode step failed for %d stream(s)", len(streams))
             for stream in streams:
-                stream.out.put(RuntimeError(f"generation failed: {e}"))
+                stream.out.put(StreamFailed(f"generation failed: {e}"))
                 stream.left = 0
             return False
         masked = int(self.model.last_stats.get("masked_calls", 0))
@@ -297,12 +308,32 @@ class DecodeLoop:
             p = stream.params
             token = tokens.get(row)
             if token is None:
-                token = int(sample_next(logits[row:row + 1, positions[row]], p.temperature, p.top_k,
-                                        p.generator)[0, 0])
+                try:
+                    token = int(sample_next(logits[row:row + 1, positions[row]], p.temperature, p.top_k,
+                                            p.generator)[0, 0])
+                except Exception as e:   # this stream's parameters or logits: it alone ends, the others go on
+                    self._sampling_failed(stream, e)
+                    continue
             stream.ids.append(token)
             stream.left -= 1
             stream.out.put((token, masked))
         return True
+
+    def _sampling_failed(self, stream: Stream, error: Exception) -> None:
+        """End `stream` with the error; one log line per FAILURE_LOG_INTERVAL_S at most, without a
+        traceback (a request can cause it on purpose, and each would be the same)."""
+        stream.out.put(StreamFailed(f"sampling the next token failed ({error.__class__.__name__}: "
+                                    f"{str(error)[:200]})"))
+        stream.left = 0
+        self.failed_streams += 1
+        now = time.monotonic()
+        if now - self._failure_logged_at < FAILURE_LOG_INTERVAL_S:
+            self._failures_unlogged += 1
+            return
+        suppressed, self._failures_unlogged, self._failure_logged_at = self._failures_unlogged, 0, now
+        log.warning("sampling failed for a stream (temperature %g, top_k %s), ended it alone: %s: %s%s",
+                    stream.params.temperature, stream.params.top_k, error.__class__.__name__, str(error)[:200],
+                    f"; {suppressed} more not logged in the last {FAILURE_LOG_INTERVAL_S:g} s" if suppressed else "")
 
     def _retire(self) -> None:
         with self._cond:

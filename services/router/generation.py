@@ -35,6 +35,9 @@ from services.router.remote_model import required_expert_uids
 from services.router.replicas import ReplicaSet
 
 INT64 = 2**63
+# The lowest temperature that samples (0 is greedy). Below it sampling is all but greedy anyway, and
+# one that is 0 in float32 (1e-46) made every logit NaN and the sampling raise.
+MIN_TEMPERATURE = 0.01
 
 
 class RequestError(ValueError):
@@ -72,9 +75,10 @@ def check_params(params: GenerateParams, max_new_tokens: int, names: Mapping[str
     if not 1 <= params.max_new_tokens <= max_new_tokens:
         raise RequestError(f"{field('max_new_tokens')} must be in 1..{max_new_tokens} (ROUTER_MAX_NEW_TOKENS), "
                            f"got {params.max_new_tokens}")
-    if not (math.isfinite(params.temperature) and params.temperature >= 0):
-        raise RequestError(f"{field('temperature')} must be a finite number >= 0 (0 = greedy), "
-                           f"got {params.temperature}")
+    temperature = params.temperature
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+        raise RequestError(f"{field('temperature')} must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                           f"got {temperature:.4g}")
     if params.top_k < 0:
         raise RequestError(f"{field('top_k')} must be >= 0 (0 = no filter), got {params.top_k}")
     if params.seed is not None and not -INT64 <= params.seed < INT64:

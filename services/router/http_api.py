@@ -17,10 +17,12 @@ otherwise. The HTTP API has no request signing: it is for people and OpenAI clie
 front of it. /health and /model_info are open, like gRPC Health and Info.
 
 Errors are JSON, `{"error": {"message": ..., "type": ...}}`: 400 for a request the gRPC API
-would refuse too (same checks, same limits), 411/413 for a missing or too large body, 503 when
-the model stays busy longer than ROUTER_HTTP_TIMEOUT_S. Each connection has its own thread (at
-most MAX_CONNECTIONS; more get 503) and carries one request; a client that stops reading blocks
-only its own thread, and only until the socket timeout.
+would refuse too (same checks, same limits) or a body too deeply nested to parse, 404 for
+another path, 405 (with `Allow`) for another method, 411/413 for a missing or too large body,
+503 when the model stays busy longer than ROUTER_HTTP_TIMEOUT_S. Each connection has its own
+thread (at most MAX_CONNECTIONS; more get 503) and carries one request; a client that stops
+reading blocks only its own thread, and only until the socket timeout. A client that goes away
+before its answer stops the generation for it, and is logged at debug level only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import select
+import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.router import completions
+from services.router.decode_loop import StreamFailed
 from services.router.generation import Overloaded, RequestError, RouterEngine
 from subnet.telemetry import PROPAGATOR
 
@@ -53,6 +59,7 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
                 413: "invalid_request_error", 503: "server_error"}
+_METHODS = {"/v1/completions": "POST", "/health": "GET", "/model_info": "GET"}   # each route's `Allow`
 
 
 @dataclass(frozen=True)
@@ -145,12 +152,22 @@ class _Server(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request, client_address):
+        # socketserver's default prints a traceback to stderr. A connection that fails (the client
+        # reset it, or sent less body than it announced) is the client's doing: no traceback for it.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("HTTP connection from %s failed: %s", client_address[0], error)
+        else:
+            log.exception("HTTP connection from %s failed", client_address[0])
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"   # for `Expect: 100-continue`; every answer still closes the connection
     server_version = "moe-router"
     server: ThreadingHTTPServer
     _answered = False   # status line sent: an error can no longer be answered with a status
+    _poller = None      # select.poll on the connection, made when first asked whether the client is gone
 
     @property
     def api(self) -> HttpApi:
@@ -174,7 +191,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, {**self.api.engine.info(), "max_new_tokens": self.api.engine.max_new_tokens,
                                         "model": self.api.model_name})
             if path == "/v1/completions":
-                return self._error(405, "use POST for /v1/completions")
+                return self._error(405, "use POST for /v1/completions", [("Allow", "POST")])
             return self._error(404, f"no route {path}: try POST /v1/completions, GET /health, GET /model_info")
 
     def do_POST(self):
@@ -184,12 +201,27 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, f"no route POST {path}: try POST /v1/completions")
             try:
                 self._completions()
-            except OSError:
-                raise   # the connection failed: nobody to answer
+            except OSError as e:   # the connection failed: nobody to answer, and nothing to log loudly
+                self.close_connection = True
+                log.debug("POST /v1/completions: the connection failed (%s: %s)", e.__class__.__name__, e)
             except Exception:  # a bug or a broken model: one request fails, the server goes on
                 log.exception("POST /v1/completions failed")
                 if not self._answered:
                     self._error(500, "internal error in the router; see its log")
+
+    def _not_allowed(self):
+        """PUT, DELETE, PATCH, OPTIONS: 405 naming the method a route takes (stdlib's default is an
+        HTML 501)."""
+        path = self.path.split("?", 1)[0]
+        with self._span(path):
+            self._drain(self._length())   # an unread body would reset the connection before the answer
+            allowed = _METHODS.get(path)
+            if allowed is None:
+                return self._error(404, f"no route {self.command} {path}: try POST /v1/completions, "
+                                        f"GET /health, GET /model_info")
+            return self._error(405, f"{self.command} is not allowed on {path}: use {allowed}", [("Allow", allowed)])
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def handle_expect_100(self):
         # Refuse an oversized body before the client sends it.
@@ -221,11 +253,17 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
             return self._error(400, f"the body is not valid JSON: {e}")
+        except RecursionError:   # b"[" * 60000: the parser's recursion, not a server error
+            return self._error(400, "the body nests arrays or objects too deeply to parse; send one flat JSON "
+                                    "object, e.g. {\"prompt\": \"...\", \"max_tokens\": 16}")
         try:
             request = completions.parse_request(body, api.engine.max_new_tokens)
             idx = api.engine.prompt(request.prompt)
             gone = threading.Event()
-            tokens = api.engine.generate(idx, request.params, wait_s=api.timeout_s, active=lambda: not gone.is_set())
+            # Streamed, a failed write says the client is gone; otherwise nothing is written until
+            # the end, so the connection itself is looked at between tokens.
+            active = (lambda: not gone.is_set()) if request.stream else (lambda: not self._client_gone())
+            tokens = api.engine.generate(idx, request.params, wait_s=api.timeout_s, active=active)
         except RequestError as e:
             return self._error(400, str(e))
         answer = _Answer(completions.new_id(), int(time.time()), api.model_name, idx.shape[1],
@@ -236,8 +274,14 @@ class _Handler(BaseHTTPRequestHandler):
             text = "".join(answer.pieces(tokens))
         except Overloaded as e:
             return self._error(503, str(e))
+        except StreamFailed as e:   # logged by the decode loop already (rate-limited)
+            return self._error(500, f"{e}; see the router's log")
         finally:
             tokens.close()   # a stop sequence ended it early: free the model's stream now
+        if self._client_gone():
+            log.debug("completion cut short: the client went away before the answer")
+            self.close_connection = True
+            return
         self._json(200, answer.completion(text))
 
     def _stream(self, tokens, answer: _Answer, gone: threading.Event) -> None:
@@ -255,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
                         self._event(answer.chunk(piece))
                 self._event(answer.chunk("", answer.text.finish))
                 self._event("[DONE]")
-            except Overloaded as e:
+            except (Overloaded, StreamFailed) as e:
                 self._event({"error": {"message": str(e), "type": "server_error"}})
         except OSError as e:  # the client went away or stopped reading: stop computing for it
             gone.set()
@@ -281,16 +325,31 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return length if length >= 0 else None
 
+    def _client_gone(self) -> bool:
+        """The client closed or reset its connection. It sends nothing after its body, so a readable
+        socket means end of file (or a pipelined request: not gone). poll, not select: a router's
+        sockets may be numbered beyond select's 1024."""
+        try:
+            if self._poller is None:
+                self._poller = select.poll()
+                self._poller.register(self.connection, select.POLLIN)
+            return bool(self._poller.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except (OSError, ValueError):   # reset, or already closed
+            return True
+
+    def _drain(self, length: int | None) -> None:
+        """Read and drop a body of up to DRAIN_MAX_BYTES: closing with it unread resets the
+        connection before the client reads the answer."""
+        left = length if length is not None and length <= DRAIN_MAX_BYTES else 0
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+
     def _too_large(self, length: int, drain: bool) -> None:
-        if drain and length <= DRAIN_MAX_BYTES:
-            # Read and drop the body: closing with it unread resets the connection before the
-            # client reads the answer.
-            left = length
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
+        if drain:
+            self._drain(length)
         self._error(413, f"the body has {length} bytes; the limit is {self.api.max_body_bytes} "
                          f"(ROUTER_HTTP_MAX_BODY_KB)")
 

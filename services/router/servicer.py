@@ -15,6 +15,7 @@ import time
 import grpc
 
 from moe import MoELM
+from services.router.decode_loop import StreamFailed
 from services.router.generation import (
     DeadlineExceeded,
     GenerateParams,
@@ -29,8 +30,10 @@ from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# StreamFailed: the decode loop already logged it (rate-limited); answered INTERNAL here, so gRPC
+# does not log its own traceback per failed stream.
 _CODES = {RequestError: grpc.StatusCode.INVALID_ARGUMENT, DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED}
+          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, StreamFailed: grpc.StatusCode.INTERNAL}
 
 
 def _deadline(context) -> float | None:
@@ -59,7 +62,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             tokens = self.engine.generate(idx, params, deadline=_deadline(context), active=context.is_active)
             for token in tokens:
                 yield router_pb2.GenerateResponse(token=token.id, text=token.text, masked_calls=token.masked_calls)
-        except (RequestError, DeadlineExceeded, Overloaded) as e:
+        except (RequestError, DeadlineExceeded, Overloaded, StreamFailed) as e:
             _abort(context, e)
 
     def Logits(self, request, context):

@@ -16,11 +16,14 @@ the expert service adds its Open handler to `handlers`).
 
 Bodies are read straight into one buffer of the announced size (after checking it against the
 message limit) and parsed in place (subnet.spliced_wire); responses are written without a copy.
-Limits against a hostile or stuck peer: header within `idle_timeout_s` of the previous call, the
-rest of the frame and the call within the request's timeout (at most `max_call_s`), at most
-`max_connections` at once and `body_budget_bytes` of request bodies held at once (more get
-RESOURCE_EXHAUSTED, protocol.BUSY), protocol errors answered once and the connection closed, and
-logged once per `log_interval_s` with a count of the others.
+Limits against a hostile or stuck peer: the first header within `handshake_timeout_s` of the
+connect, each next one within `idle_timeout_s` of the previous call, the rest of the frame and the
+call within the request's timeout (at most `max_call_s`), at most `max_connections` at once and
+`body_budget_bytes` of request bodies held at once (more get RESOURCE_EXHAUSTED, protocol.BUSY: a
+connection over the limit gets it as soon as it is accepted, and is closed), protocol errors
+answered once and the connection closed, and logged once per `log_interval_s` with a count of the
+others. A failed accept (out of file descriptors) is logged the same way, and accepting waits
+longer after each (ACCEPT_BACKOFF_S), so a flood of connections neither spins the loop nor the log.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ from subnet.auth.verify import digest_off_loop
 from subnet.frames import protocol as p
 
 log = logging.getLogger(__name__)
+# After a failed accept (EMFILE, ENFILE, ENOBUFS: what is pending stays in the listen backlog), the wait
+# before the next try: doubled after each failure from the first to the last, back to none after a success.
+ACCEPT_BACKOFF_S = (0.1, 1.0)
+# How long a refused connection is kept after its answer, reading (and dropping) what the peer still sends:
+# closing with unread input resets the connection, which can drop the answer before the peer reads it.
+ANSWER_LINGER_S = 2.0
+_SINK = bytearray(256 << 10)   # where _drop_arrived drops what it reads: never read back, so one will do
 
 
 class _Abort(Exception):
@@ -107,17 +117,37 @@ class _CallDetails:
         self.method, self.invocation_metadata = method, metadata
 
 
+class _Throttled:
+    """A warning logged at most once per `interval_s`, the next one saying how many were left out meanwhile
+    (a peer, or a flood of them, must not be able to fill the log)."""
+
+    def __init__(self, interval_s: float):
+        self._interval_s, self._logged_at, self._unlogged = interval_s, float("-inf"), 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= self._interval_s:
+            log.warning(message + "%s", *args, f" ({self._unlogged} more not logged)" if self._unlogged else "")
+            self._logged_at, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
+
+
 class FramesServer:
     def __init__(self, handlers: Mapping[str, Any], interceptors: Sequence[grpc.aio.ServerInterceptor],
                  max_body_bytes: int, max_connections: int = 256, idle_timeout_s: float = 300.0,
                  max_call_s: float = 300.0, log_interval_s: float = 10.0, body_budget_bytes: int | None = None,
                  on_connections: Callable[[int], None] = lambda n: None,
-                 on_refused: Callable[[str], None] = lambda reason: None):
+                 on_refused: Callable[[str], None] = lambda reason: None, handshake_timeout_s: float = 5.0):
         """`body_budget_bytes`: request bodies held at once, all connections together (default 4 x
         `max_body_bytes`); a frame that would go over it is refused (protocol.BUSY: the caller sends it
         over gRPC), so headers that announce large bodies cannot make the server allocate without bound.
-        `on_connections(n)`: the open connections, at each change; `on_refused(reason)`: a frame refused
-        before its call ran ("busy", "protocol" or "shutting_down"), for metrics."""
+        `handshake_timeout_s`: how long a new connection may take to send its first header (a client sends
+        it right after connecting); `idle_timeout_s` applies only between the calls of a connection that
+        made one, so connections that never call cannot hold the `max_connections` slots for long.
+        `on_connections(n)`: the open connections, at each change (not those over `max_connections`, which
+        are answered and closed at once); `on_refused(reason)`: a frame or connection refused before a call
+        ran ("busy", "protocol" or "shutting_down"), for metrics."""
         self._on_connections, self._on_refused = on_connections, on_refused
         self._handlers = dict(handlers)
         self._interceptors = list(interceptors)
@@ -125,11 +155,16 @@ class FramesServer:
         self.body_budget_bytes = 4 * max_body_bytes if body_budget_bytes is None else body_budget_bytes
         self._body_bytes = 0   # held by calls now
         self.max_connections = max_connections
-        self.idle_timeout_s, self.max_call_s = idle_timeout_s, max_call_s
-        self._log_interval_s, self._logged_at, self._unlogged = log_interval_s, float("-inf"), 0
+        self.handshake_timeout_s, self.idle_timeout_s, self.max_call_s = handshake_timeout_s, idle_timeout_s, max_call_s
+        self._refusals, self._accept_failures = _Throttled(log_interval_s), _Throttled(log_interval_s)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
+        # Connections over the limit, answered and kept ANSWER_LINGER_S for the answer to get through; at
+        # most this many at once (more are closed right after their answer), so that a flood of connects
+        # holds no more than max_connections + this many descriptors.
+        self._lingering: set[asyncio.Task] = set()
+        self._max_lingering = max(4, max_connections // 8)
         self.port: int | None = None
         self.refused = 0   # frames answered with a protocol error since start (tests read it)
         self._draining = False
@@ -153,24 +188,33 @@ class FramesServer:
 
     async def stop(self) -> None:
         await self.stop_accepting()
-        for task in list(self._connections):
+        for task in [*self._connections, *self._lingering]:
             task.cancel()
-        await asyncio.gather(*self._connections, *([self._accepting] if self._accepting else []),
+        await asyncio.gather(*self._connections, *self._lingering, *([self._accepting] if self._accepting else []),
                              return_exceptions=True)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        first, last = ACCEPT_BACKOFF_S
+        backoff = 0.0
         while True:
             try:
                 conn, address = await loop.sock_accept(self._listener)
             except OSError as e:   # e.g. out of file descriptors: the service itself goes on
-                log.warning("moe-frames: accept failed: %s", e)
-                await asyncio.sleep(0.1)
+                # Trying again at once would fail the same way until descriptors are freed: wait longer
+                # after each failure, and log them once per interval, not once per try.
+                backoff = min(max(2 * backoff, first), last)
+                self._accept_failures.warning("moe-frames: accept failed: %s; next try in %g s", e, backoff)
+                await asyncio.sleep(backoff)
                 continue
+            backoff = 0.0
             conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"ipv{6 if conn.family == socket.AF_INET6 else 4}:{address[0]}:{address[1]}"
-            task = asyncio.create_task(self._serve(conn, peer, over=len(self._connections) >= self.max_connections))
+            if len(self._connections) >= self.max_connections:
+                self._turn_away(conn, peer)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._serve(conn, peer))
             self._connections.add(task)
             task.add_done_callback(self._closed)
             self._on_connections(len(self._connections))
@@ -179,23 +223,53 @@ class FramesServer:
         self._connections.discard(task)
         self._on_connections(len(self._connections))
 
-    async def _serve(self, conn: socket.socket, peer: str, over: bool) -> None:
+    def _turn_away(self, conn: socket.socket, peer: str) -> None:
+        """A connection over `max_connections`: protocol.BUSY at once, without waiting for its header (a peer
+        that sends none must not hold a descriptor), then closed. The answer waits in the peer's socket until
+        it has sent its frame and reads it, as any answer does (the client takes it as "not processed")."""
+        error = p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{p.BUSY}: more than {self.max_connections} connections; use the gRPC port", "busy")
+        self._count_refused(peer, error)
+        details = error.message.encode("utf-8")
+        answer = p.response_header(error.code, details, 0) + details
+        try:
+            sent = conn.send(answer)   # a new connection's send buffer takes these few bytes whole
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            sent = 0
+        if sent != len(answer) or len(self._lingering) >= self._max_lingering:
+            _drop_arrived(conn)   # what is read need not reset the connection on close
+            conn.close()
+            return
+        task = asyncio.create_task(self._linger(conn))
+        self._lingering.add(task)
+        task.add_done_callback(self._lingering.discard)
+
+    async def _linger(self, conn: socket.socket) -> None:
+        """Read (and drop) what the peer sends after its answer, for at most ANSWER_LINGER_S, then close."""
+        try:
+            async with asyncio.timeout(ANSWER_LINGER_S):
+                await _drain(conn)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            conn.close()
+
+    async def _serve(self, conn: socket.socket, peer: str) -> None:
         """Calls on one connection, one after the other, until the peer closes it or breaks the protocol."""
         connection = Connection()
+        wait = self.handshake_timeout_s   # for the first header; then idle_timeout_s between calls
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):
+                    async with asyncio.timeout(wait):
                         header = bytearray(p.REQUEST.size)
                         if not await _read_into(conn, memoryview(header), eof_ok=True):
                             return
+                    wait = self.idle_timeout_s
                     if self._draining:
                         raise p.ProtocolError(grpc.StatusCode.UNAVAILABLE, "the expert service is shutting down",
                                               "shutting_down")
-                    if over:
-                        raise p.ProtocolError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                              f"{p.BUSY}: more than {self.max_connections} connections; "
-                                              f"use the gRPC port", "busy")
                     method_len, metadata_len, timeout_s, body_len = p.parse_request_header(header,
                                                                                            self.max_body_bytes)
                     if self._body_bytes + body_len > self.body_budget_bytes:
@@ -211,7 +285,7 @@ class FramesServer:
                 finally:
                     self._body_bytes -= body_len
         except (TimeoutError, ConnectionError, OSError, _Closed):
-            return   # idle too long, or the peer went away mid-frame: nothing to answer
+            return   # no header in time, or the peer went away mid-frame: nothing to answer
         finally:
             conn.close()
 
@@ -277,26 +351,21 @@ class FramesServer:
             continuation = _chain(interceptor, continuation)
         return await continuation(_CallDetails(method, metadata))
 
-    async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
+    def _count_refused(self, peer: str, error: p.ProtocolError) -> None:
         self.refused += 1
         self._on_refused(error.reason)
-        now = time.monotonic()
-        if now - self._logged_at >= self._log_interval_s:
-            log.warning("moe-frames: refused a frame from %s: %s %s%s", peer, error.code.name, error.message,
-                        f" ({self._unlogged} more not logged)" if self._unlogged else "")
-            self._logged_at, self._unlogged = now, 0
-        else:
-            self._unlogged += 1
+        self._refusals.warning("moe-frames: refused a frame from %s: %s %s", peer, error.code.name, error.message)
+
+    async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
+        self._count_refused(peer, error)
         details = error.message.encode("utf-8")
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(ANSWER_LINGER_S):
                 await _send(conn, p.response_header(error.code, details, 0), details, b"")
                 # Closing with unread input would reset the connection and could drop the answer on its
                 # way: say we are done, then read (and discard) what the peer still sends, briefly.
                 conn.shutdown(socket.SHUT_WR)
-                sink, loop = bytearray(64 << 10), asyncio.get_running_loop()
-                while await loop.sock_recv_into(conn, sink):
-                    pass
+                await _drain(conn)
         except (TimeoutError, OSError):
             pass
 
@@ -323,6 +392,22 @@ async def _read_into(conn: socket.socket, view: memoryview, eof_ok: bool = False
             raise ConnectionResetError("the peer closed the connection mid-frame")
         got += n
     return True
+
+
+async def _drain(conn: socket.socket) -> None:
+    """Read and drop what the peer sends until it closes."""
+    sink, loop = bytearray(64 << 10), asyncio.get_running_loop()
+    while await loop.sock_recv_into(conn, sink):
+        pass
+
+
+def _drop_arrived(conn: socket.socket) -> None:
+    """Read and drop what has arrived on a non-blocking `conn`, without waiting for more (and not more than a
+    new connection's receive window: a peer that keeps sending cannot hold up the accept loop)."""
+    try:
+        conn.recv_into(_SINK)
+    except OSError:   # BlockingIOError: nothing has arrived
+        pass
 
 
 async def _send(conn: socket.socket, header: bytes, details: bytes, body: bytes, tag: bytes = b"") -> None:

@@ -146,7 +146,10 @@ def test_health_and_model_info(router):
     ({"prompt": "hi", "max_tokens": LIMIT + 1}, f"max_tokens must be in 1..{LIMIT}"),
     ({"prompt": "hi", "max_tokens": 0}, f"max_tokens must be in 1..{LIMIT}"),
     ({"prompt": "hi", "max_tokens": "8"}, "max_tokens must be an integer"),
-    ({"prompt": "hi", "temperature": -0.5}, "temperature must be a finite number >= 0"),
+    ({"prompt": "hi", "temperature": -0.5}, "temperature must be 0 (greedy) or a finite number >= 0.01, got -0.5"),
+    ({"prompt": "hi", "temperature": 1e-46}, "temperature must be 0 (greedy) or a finite number >= 0.01, got 1e-46"),
+    (b'{"prompt": "hi \\ud800"}', "prompt is not valid Unicode: a lone surrogate '\\ud800' at character 3"),
+    (b"[" * 3000, "the body nests arrays or objects too deeply to parse"),
     ({"prompt": "hi", "temperature": True}, "temperature must be a number"),
     ({"prompt": "hi", "top_p": 0.5}, "top_p=0.5 is not supported"),
     ({"prompt": "hi", "n": 2}, "n=2 is not supported"),
@@ -173,7 +176,10 @@ def test_limits_and_routes_and_the_server_serves_on(router):
     assert head.startswith("HTTP/1.1 413")
     status, _, _ = request(api, "POST", "/v1/completions", None, {"Transfer-Encoding": "chunked"})
     assert status == 411
-    assert request(api, "GET", "/v1/completions")[0] == 405
+    status, headers, _ = request(api, "GET", "/v1/completions")
+    assert status == 405 and headers["Allow"] == "POST"
+    status, headers, raw = request(api, "PUT", "/v1/completions", b"{}")
+    assert status == 405 and headers["Allow"] == "POST" and json.loads(raw)["error"]["type"] == "invalid_request_error"
     assert request(api, "GET", "/nowhere")[0] == 404
     # gRPC refuses the same request with the same check's message.
     with pytest.raises(grpc.RpcError) as info:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe import MoELM, preset
-from services.router.decode_loop import END, DecodeLoop, Expired, QueueFull, SamplingParams
+from services.router.decode_loop import END, DecodeLoop, Expired, QueueFull, SamplingParams, StreamFailed
 
 
 def _model(block_size: int = 32):
@@ -187,6 +187,31 @@ def test_a_failing_pass_ends_its_streams_with_the_error_and_the_loop_goes_on():
         assert _drain(loop.submit([1], _greedy(3))) == _alone(model, [1], 3)
     finally:
         loop.close()
+
+
+def test_a_stream_whose_sampling_fails_ends_alone_and_is_logged_once(caplog):
+    model = _model()
+    loop = DecodeLoop(model, max_batch=8)
+    # top_k -1 makes torch.topk raise inside sampling: what any stream-specific sampling failure does
+    # (a temperature that turned the logits to NaN did, before it was refused).
+    broken = SamplingParams(3, 1.0, -1, None)
+    try:
+        with caplog.at_level("WARNING", logger="services.router.decode_loop"), loop.model_lock:
+            good = [loop.submit([1, 2], _greedy(5)), loop.submit([4], SamplingParams(5, 1.0, 20, None))]
+            bad = [loop.submit([i + 5], broken) for i in range(3)]   # all in the same pass as the good ones
+        got = _drain(good[0])
+        assert len(_drain(good[1])) == 5
+        for stream in bad:
+            with pytest.raises(StreamFailed, match="sampling the next token failed .RuntimeError: selected index"):
+                _drain(stream)
+        assert loop.failed_streams == 3
+        assert _drain(loop.submit([1], _greedy(3))) == _alone(model, [1], 3)   # the loop goes on
+    finally:
+        loop.close()
+    assert got == _alone(model, [1, 2], 5)
+    records = [r for r in caplog.records if r.name == "services.router.decode_loop"]
+    assert len(records) == 1 and records[0].levelname == "WARNING" and records[0].exc_info is None
+    assert "ended it alone" in records[0].getMessage()
 
 
 def test_close_ends_waiting_streams_and_refuses_new_ones():
