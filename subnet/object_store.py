@@ -55,6 +55,9 @@ class S3Config:
             raise ValueError("S3_ACCESS_KEY and S3_SECRET_KEY must be set together (or both empty)")
         if self.max_object_mb <= 0:
             raise ValueError(f"S3_MAX_OBJECT_MB={self.max_object_mb} must be positive")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError(f"S3_CONNECT_TIMEOUT_S={self.connect_timeout_s} and S3_READ_TIMEOUT_S="
+                             f"{self.read_timeout_s} must be positive")
 
     def __repr__(self) -> str:  # configs get logged; the secret must not be
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from moe.config import LMConfig
@@ -24,6 +23,8 @@ from subnet.telemetry import TracingConfig
 from subnet.tensor_codec import parse_wire_dtypes
 
 _LM = LMConfig()
+
+MAX_WIDTH = 1 << 17   # EXPERT_DIM and EXPERT_INTER_DIM: far above any preset, far below a typo
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,9 @@ class ExpertConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
+        for name, value in (("EXPERT_DIM", self.dim), ("EXPERT_INTER_DIM", self.inter_dim)):
+            if value > MAX_WIDTH:   # a typo (1e9) would otherwise die allocating, with a traceback
+                raise ValueError(f"{name}={value} is larger than any model here (at most {MAX_WIDTH})")
         non_negative = {"EXPERT_PORT": self.port, "EXPERT_METRICS_PORT": self.metrics_port,
                         "EXPERT_BATCH_WAIT_MS": self.batch_wait_ms,
                         "EXPERT_MAX_QUEUE_TOKENS": self.max_queue_tokens,
@@ -170,11 +174,6 @@ class ExpertConfig:
         check_log_level("EXPERT_LOG_LEVEL", self.log_level)
         check_redis_url("REDIS_URL", self.redis_url)
         check_torch_device("EXPERT_DEVICE", self.device)
-        if self.save_path:   # found out at SIGTERM, the trained weights would be lost
-            folder = os.path.dirname(os.path.abspath(self.save_path))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise ValueError(f"EXPERT_SAVE_PATH={self.save_path!r}: {folder} is not a writable directory; "
-                                 f"create it (or mount a volume there) or leave EXPERT_SAVE_PATH empty")
 
     @property
     def allowed_dtypes(self) -> tuple[int, ...]:

@@ -283,6 +283,11 @@ class ExpertServer:
 
     def _load_experts(self) -> dict[str, SwiGLU]:
         c = self.config
+        if c.save_path:   # found out at SIGTERM, the trained weights would be lost
+            folder = os.path.dirname(os.path.abspath(c.save_path))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise StartupError(f"EXPERT_SAVE_PATH={c.save_path!r}: {folder} is not a writable directory; "
+                                   f"create it (or mount a volume there) or leave EXPERT_SAVE_PATH empty")
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise StartupError(f"EXPERT_DEVICE={c.device} but torch sees no CUDA device")
         if self._given_experts is not None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import threading
 import time
@@ -87,6 +88,7 @@ class ReplicaSet:
         self._refresh_s = refresh_s
         self._suspect_s = suspect_s
         self._clock = clock
+        self._scores_logged_at = float("-inf")   # when "scores unavailable" was last logged
         self._lock = threading.Lock()
         self._snapshot: dict[str, list[Replica]] = {}
         self._hotkeys: dict[str, str] = {}   # endpoint -> hotkey, from the same snapshot
@@ -173,10 +175,21 @@ class ReplicaSet:
             return None, frozenset()
         try:
             ema, banned = self._scores.scores()
-            return {k: float(v) for k, v in ema.items()}, frozenset(banned)
         except Exception as e:  # keep the last scores; routing must not depend on the scorer being up
-            log.warning("scores unavailable (%s); keeping the last ones", e)
+            now = self._clock()
+            if now - self._scores_logged_at >= REGISTRY_DOWN_LOG_S:   # not once per refresh
+                self._scores_logged_at = now
+                log.warning("scores unavailable (%s: %s); keeping the last ones", type(e).__name__, str(e)[:200])
             return None, frozenset()
+        parsed = {}
+        for hotkey, value in ema.items():   # one bad value (the Redis is shared) must not void the others
+            try:
+                score = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(score):
+                parsed[hotkey] = score
+        return parsed, frozenset(banned)
 
     def start(self) -> ReplicaSet:
         """Refresh in a background thread from now on (first read inline)."""

@@ -38,6 +38,9 @@ class StackConfig:
             raise ValueError(f"STACK_PRESET={self.preset!r}: choose tiny, small or base")
         if not self.expert_ports:
             raise ValueError("STACK_EXPERT_PORTS is empty: give at least one port, e.g. 15061,15062")
+        if self.expert_timeout_s <= 0 or self.train_minutes <= 0:
+            raise ValueError(f"STACK_EXPERT_TIMEOUT_S={self.expert_timeout_s} and STACK_TRAIN_MINUTES="
+                             f"{self.train_minutes} must be positive")
         try:
             ports = [int(p) for p in self.expert_ports]
         except ValueError:

@@ -132,6 +132,8 @@ def container_environment(container: dict, configmaps: dict[str, dict], secrets:
                 env[item["name"]] = str(configmaps[ref["configMapKeyRef"]["name"]][ref["configMapKeyRef"]["key"]])
             elif "secretKeyRef" in ref:
                 env[item["name"]] = str(secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]])
+            elif ref.get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                env[item["name"]] = "pod-0"   # the pod's name, known once it runs; a name of that form
             else:
                 env[item["name"]] = ""
     return env

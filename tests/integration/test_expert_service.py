@@ -343,3 +343,22 @@ def test_server_runs_in_process_with_its_lifecycle_methods(client_identity):
             await server.stop(grace_s=1)
 
     torch.testing.assert_close(asyncio.run(scenario()), module(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_save_path_in_a_missing_directory_stops_the_start(tmp_path):
+    """Found out at SIGTERM instead, the trained weights would be lost with the traceback."""
+    from services.expert.server import StartupError
+
+    config = from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_DIM": "8", "EXPERT_INTER_DIM": "16",
+                                     "EXPERT_PORT": "0", "EXPERT_FRAMES_PORT": "-1", "AUTH_MODE": "off",
+                                     "EXPERT_SAVE_PATH": str(tmp_path / "missing" / "experts.safetensors")})
+
+    async def start():
+        server = ExpertServer(config)
+        try:
+            await server.start()
+        finally:
+            await server.stop(grace_s=0)
+
+    with pytest.raises(StartupError, match=r"EXPERT_SAVE_PATH=.*missing is not a writable directory"):
+        asyncio.run(start())

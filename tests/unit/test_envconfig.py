@@ -94,7 +94,6 @@ def test_a_nan_in_a_real_service_variable_is_refused(name):
     ("REDIS_URL", "garbage", "REDIS_URL='garbage' is not a Redis URL"),
     ("AUTH_REDIS_URL", "redis://host:port", "AUTH_REDIS_URL='redis://host:port' is not a Redis URL"),
     ("EXPERT_MAX_MESSAGE_MB", "3000", "EXPERT_MAX_MESSAGE_MB=3000 must be in (0, 2047]"),
-    ("EXPERT_SAVE_PATH", "/nonexistent/dir/x.safetensors", "/nonexistent/dir is not a writable directory"),
 ])
 def test_expert_settings_that_failed_late_are_refused_at_start(name, value, message):
     """Each of these started a service that then failed with a traceback (a bad log level or device at
@@ -102,3 +101,15 @@ def test_expert_settings_that_failed_late_are_refused_at_start(name, value, mess
     with pytest.raises(ConfigError) as info:
         from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", name: value})
     assert message in str(info.value)
+
+
+def test_widths_timeouts_and_budgets_that_cannot_work_are_refused():
+    from services.stack.config import StackConfig
+    from subnet.object_store import S3Config
+
+    with pytest.raises(ConfigError, match="EXPERT_DIM=1000000000 is larger than any model here"):
+        from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_DIM": "1000000000"})
+    with pytest.raises(ConfigError, match="STACK_EXPERT_TIMEOUT_S=-1.0 .* must be positive"):
+        from_env(StackConfig, {"STACK_EXPERT_TIMEOUT_S": "-1"})
+    with pytest.raises(ConfigError, match="S3_CONNECT_TIMEOUT_S=0.0 .* must be positive"):
+        from_env(S3Config, {"S3_CONNECT_TIMEOUT_S": "0"})

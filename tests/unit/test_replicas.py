@@ -167,6 +167,26 @@ def test_scores_that_cannot_be_read_keep_the_last_ones():
     assert {replicas.choose("0.1").endpoint for _ in range(20)} == {"a:1"}
 
 
+def test_an_unreadable_score_is_skipped_and_an_outage_logged_once_a_minute(caplog):
+    """The scores' Redis is shared: one value that is not a number must not void the others (it had
+    made the router drop every update), and an outage is not a warning per refresh."""
+    import random
+
+    entries = {"0.1": [keyed("0.1", "a:1", "A"), keyed("0.1", "b:1", "B")]}
+    scores = Scores({"A": 0.9, "B": 0.001}, banned=set())
+    replicas, _, clock = make(entries, scores=scores, rng=random.Random(0), explore=0.0)
+    assert {replicas.choose("0.1").endpoint for _ in range(50)} == {"a:1"}   # B has not earned yet
+    scores.ema = {"A": 0.9, "B": 0.9, "C": b"lots", "D": "nan"}   # B earned; C and D are garbage
+    clock.now += 3
+    assert {replicas.choose("0.1").endpoint for _ in range(200)} == {"a:1", "b:1"}
+    scores.fail = True
+    with caplog.at_level("WARNING", logger="services.router.replicas"):
+        for _ in range(10):
+            clock.now += 3
+            replicas.choose("0.1")
+    assert len([r for r in caplog.records if "scores unavailable" in r.getMessage()]) == 1
+
+
 def test_background_refresh_never_makes_a_choice_wait_for_a_stalled_registry():
     import threading
     import time
