@@ -72,8 +72,9 @@ class World:
         self.chain.register(identity.hotkey, stake=1.0)  # the validator holds a permit
         settings = {"eval_batches": 2, "eval_batch_size": 4, "probe_tokens": 64, "rpc_timeout_s": 5.0,
                     "claim_idle_s": 5.0, **overrides}
-        self.config = ValidatorConfig(redis_url="unused://", key_prefix=self.prefix, s3=object_store.config,
-                                      rounds=ROUNDS, init_checkpoint=str(init_dir), run_dir=str(run_dir), **settings)
+        self.config = ValidatorConfig(redis_url="redis://unused.invalid:6379/0",   # redis_client is passed
+                                      key_prefix=self.prefix, s3=object_store.config, rounds=ROUNDS,
+                                      init_checkpoint=str(init_dir), run_dir=str(run_dir), **settings)
         self.validator = Validator(self.config, identity, self.chain, object_store, redis_client)
         self.glob = self.validator.bootstrap()
 
