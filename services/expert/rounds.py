@@ -27,7 +27,7 @@ from services.expert.recovery_files import recovery_key
 from subnet.chain.base import Chain
 from subnet.checkpoint_loading import load_experts_from_url, load_verified_experts
 from subnet.checkpoints import GLOBAL_EXPERTS_FILE, latest_global_version, read_latest_global
-from subnet.object_store import ObjectStore, StoreError
+from subnet.object_store import ObjectNotFoundError, ObjectStore, StoreError
 from subnet.round_participant import RoundParticipant
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,15 @@ class ExpertRounds:
                 log.info("resumed %d experts from this hotkey's checkpoint of round %d", len(experts), round)
                 return experts
         if c.checkpoint.startswith("s3://"):
-            experts = load_experts_from_url(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
-                                            trusted_hotkeys=self.trusted_signers())
+            try:
+                experts = load_experts_from_url(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
+                                                trusted_hotkeys=self.trusted_signers())
+            except ObjectNotFoundError as e:
+                if not c.checkpoint.endswith("/global/latest"):
+                    raise
+                raise ObjectNotFoundError(f"{e}: no global version has been published yet (a validator "
+                                          f"publishes version 0 when it starts, from VALIDATOR_INIT_CHECKPOINT); "
+                                          f"start this service after it, or let it be restarted") from None
             self.start_source = c.checkpoint
             if c.checkpoint.endswith("/global/latest"):
                 self.global_version = latest_global_version(self.store)

@@ -304,6 +304,9 @@ def test_experts_serve_the_model_the_router_initializes():
         if o.module == "services.expert":
             assert sorted(o.env["EXPERT_UIDS"].split(",")) == sorted(required_expert_uids(lm)), o.where
             assert (int(o.env["EXPERT_DIM"]), int(o.env["EXPERT_INTER_DIM"])) == (lm.dim, lm.moe_inter_dim), o.where
+            # The router's init checkpoint is on its own volume: the pods start from the global version
+            # the validator publishes from it, in the bucket they use.
+            assert o.env["EXPERT_CHECKPOINT"] == f"s3://{o.env['S3_BUCKET']}/checkpoints/global/latest", o.where
 
 
 def test_every_service_of_the_rounds_reaches_the_same_checkpoint_store():

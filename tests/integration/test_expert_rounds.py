@@ -186,3 +186,39 @@ def test_a_probe_for_the_committed_round_gets_the_published_weights(expert_servi
         torch.testing.assert_close(answer(committed_round=round), answer())
     torch.testing.assert_close(answer(committed_round=round + 50), answer())   # not held: the live ones
     pool.close()
+
+
+def test_a_service_starting_from_the_global_version_exits_until_there_is_one(expert_service_factory, rounds_env,
+                                                                            object_store, client_identity):
+    """What the Kubernetes expert pods do (EXPERT_CHECKPOINT=s3://<bucket>/checkpoints/global/latest): before
+    the validator has published a global version the service exits with the reason, and Kubernetes starts it
+    again; once one is published, signed by a hotkey with stake, it serves exactly those weights."""
+    from bittensor_wallet import Keypair
+
+    from subnet.checkpoints import GLOBAL_EXPERTS_FILE, publish_global
+    from subnet.expert_weights import expert_weights_bytes
+    from subnet.manifest import config_hash
+
+    env, chain = rounds_env
+    # A bucket of its own: the session's other tests publish global versions in the shared one.
+    bucket = f"global-{uuid.uuid4().hex[:8]}"
+    store = object_store.for_bucket(bucket)
+    store.ensure_bucket()
+    env = {**env, "S3_BUCKET": bucket, "EXPERT_CHECKPOINT": f"s3://{bucket}/checkpoints/global/latest"}
+    with pytest.raises(RuntimeError, match=r"exited with code 2(.|\n)*no global version has been published yet"):
+        expert_service_factory(UIDS, DIM, INTER, env=env)
+
+    validator = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    chain.register(validator.ss58_address, stake=1.0)   # the service trusts the chain's validators
+    experts = {uid: init_expert(uid, DIM, INTER, seed=7) for uid in UIDS}
+    publish_global(store, validator, version=0, round=0, parent_version=None,
+                   config_hash=config_hash({"dim": DIM, "inter_dim": INTER}),
+                   files={GLOBAL_EXPERTS_FILE: expert_weights_bytes(experts), "config.json": b"{}"})
+    service = expert_service_factory(UIDS, DIM, INTER, env=env)
+    probe = torch.randn(5, DIM, generator=torch.Generator().manual_seed(2))
+    with ExpertClientPool(identity=client_identity) as pool:
+        client = pool.get(service.endpoint, service.hotkey)
+        for uid in UIDS:
+            got = decode(client.forward(uid, encode(probe), call_id="", step=0, training=False,
+                                        timeout_s=10).result().outputs)
+            torch.testing.assert_close(got, experts[uid](probe).detach(), rtol=1e-5, atol=1e-6)
