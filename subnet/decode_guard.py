@@ -21,12 +21,12 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-import time
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from subnet.auth.server import unparsable_message
+from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,9 @@ class _Guard:
     """What both flavours share: which handlers to wrap (cached per method), and the rate-limited log."""
 
     def __init__(self, log_interval_s: float = 10.0):
-        self.log_interval_s = log_interval_s
         self.refused = 0                      # bodies refused since start (tests read it)
         self._lock = threading.Lock()         # the sync server notes refusals from its worker threads
-        self._logged_at = float("-inf")
-        self._unlogged = 0
+        self._log_throttle = LogThrottle(log_interval_s)
         self._cache: dict[str, tuple[object, object]] = {}   # method -> (handler, wrapped handler)
 
     def _handler(self, method: str, handler):
@@ -55,15 +53,14 @@ class _Guard:
 
     def _note(self, method: str, peer: str, error: DecodeError) -> None:
         """One log line per `log_interval_s` at most."""
-        now = time.monotonic()
         with self._lock:
             self.refused += 1
-            if now - self._logged_at < self.log_interval_s:
-                self._unlogged += 1
-                return
-            suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
+        suppressed = self._log_throttle.due()
+        if suppressed is None:
+            return
         log.warning("refused %s from %s: request body does not parse (%s)%s", method, peer, str(error)[:200],
-                    f"; {suppressed} more not logged in the last {self.log_interval_s:g} s" if suppressed else "")
+                    f"; {suppressed} more not logged in the last {self._log_throttle.interval_s:g} s"
+                    if suppressed else "")
 
 
 class DecodeGuard(_Guard, grpc.aio.ServerInterceptor):

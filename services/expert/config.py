@@ -132,7 +132,6 @@ class ExpertConfig:
         positive = {"EXPERT_DIM": self.dim, "EXPERT_INTER_DIM": self.inter_dim,
                     "EXPERT_MAX_BATCH_TOKENS": self.max_batch_tokens,
                     "EXPERT_MAX_REQUEST_TOKENS": self.max_request_tokens,
-                    "EXPERT_MAX_MESSAGE_MB": self.max_message_mb,
                     "EXPERT_ACTIVATION_TTL_S": self.activation_ttl_s,
                     "EXPERT_REGISTRY_TTL_S": self.registry_ttl_s}
         for name, value in positive.items():

@@ -145,6 +145,6 @@ class RouterConfig:
         if self.forward_many_max_tokens < 0:
             raise ValueError(f"ROUTER_FORWARD_MANY_MAX_TOKENS must be >= 0 (0 = off), "
                              f"got {self.forward_many_max_tokens}")
-        if self.retries < 0 or self.max_new_tokens <= 0 or self.max_message_mb <= 0 or self.threads < 0:
-            raise ValueError("ROUTER_RETRIES and ROUTER_THREADS must be >= 0; ROUTER_MAX_NEW_TOKENS and "
-                             "ROUTER_MAX_MESSAGE_MB must be positive")
+        if self.retries < 0 or self.max_new_tokens <= 0 or self.threads < 0:
+            raise ValueError("ROUTER_RETRIES and ROUTER_THREADS must be >= 0; ROUTER_MAX_NEW_TOKENS must be "
+                             "positive")

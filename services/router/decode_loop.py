@@ -44,6 +44,7 @@ import torch
 from moe import MoELM
 from moe.lm import sample_next
 from moe.slot_cache import SlotCache
+from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ class DecodeLoop:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.failed_streams = 0                  # streams ended by their own sampling failing (tests read it)
-        self._failure_logged_at = float("-inf")
-        self._failures_unlogged = 0
+        self._failure_log = LogThrottle(FAILURE_LOG_INTERVAL_S)
 
     # ---- the callers' side -------------------------------------------------------------------
 
@@ -326,11 +326,9 @@ class DecodeLoop:
                                     f"{str(error)[:200]})"))
         stream.left = 0
         self.failed_streams += 1
-        now = time.monotonic()
-        if now - self._failure_logged_at < FAILURE_LOG_INTERVAL_S:
-            self._failures_unlogged += 1
+        suppressed = self._failure_log.due()
+        if suppressed is None:
             return
-        suppressed, self._failures_unlogged, self._failure_logged_at = self._failures_unlogged, 0, now
         log.warning("sampling failed for a stream (temperature %g, top_k %s), ended it alone: %s: %s%s",
                     stream.params.temperature, stream.params.top_k, error.__class__.__name__, str(error)[:200],
                     f"; {suppressed} more not logged in the last {FAILURE_LOG_INTERVAL_S:g} s" if suppressed else "")

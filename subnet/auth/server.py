@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import threading
-import time
 from collections.abc import Callable, Collection
 
 import grpc
@@ -37,6 +35,7 @@ from subnet.auth.payload import ANSWER_SIGNATURE_KEY, answer_payload, body_diges
 from subnet.auth.sessions import SESSION_METHOD, ServerSession, has_session_entries, open_session
 from subnet.auth.verify import Rejection, Verifier, digest_off_loop, unauthenticated
 from subnet.identity import Identity
+from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +60,8 @@ class ServerAuth:
         self.verifier = verifier
         self.open_methods = frozenset(open_methods)
         self._on_reject = on_reject or (lambda reason: None)
-        self._log_interval_s = log_interval_s
+        self._log_throttle = LogThrottle(log_interval_s)
         self._close = close
-        self._log_lock = threading.Lock()
-        self._logged_at = float("-inf")
-        self._unlogged = 0
 
     def protects(self, method: str) -> bool:
         """Whether the interceptor verifies `method`. SESSION_METHOD verifies itself (`session_handler`)."""
@@ -116,14 +112,11 @@ class ServerAuth:
 
     def reject(self, rejection: Rejection, method: str, peer: str) -> None:
         self._on_reject(rejection.reason)
-        now = time.monotonic()
-        with self._log_lock:
-            if now - self._logged_at < self._log_interval_s:
-                self._unlogged += 1
-                return
-            suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
+        suppressed = self._log_throttle.due()
+        if suppressed is None:
+            return
         log.warning("rejected %s from %s: %s %s%s", method, peer, rejection.code.name, rejection.message,
-                    f" ({suppressed} more rejections not logged in the last {self._log_interval_s:g} s)"
+                    f" ({suppressed} more rejections not logged in the last {self._log_throttle.interval_s:g} s)"
                     if suppressed else "")
 
 

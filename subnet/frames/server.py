@@ -41,6 +41,7 @@ from google.protobuf.message import DecodeError
 from subnet.auth.payload import ANSWER_SIGNATURE_KEY
 from subnet.auth.verify import digest_off_loop
 from subnet.frames import protocol as p
+from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 # After a failed accept (EMFILE, ENFILE, ENOBUFS: what is pending stays in the listen backlog), the wait
@@ -49,7 +50,7 @@ ACCEPT_BACKOFF_S = (0.1, 1.0)
 # How long a refused connection is kept after its answer, reading (and dropping) what the peer still sends:
 # closing with unread input resets the connection, which can drop the answer before the peer reads it.
 ANSWER_LINGER_S = 2.0
-_SINK = bytearray(256 << 10)   # where _drop_arrived drops what it reads: never read back, so one will do
+_SINK = bytearray(256 << 10)   # where _drain and _drop_arrived drop what they read: never read back, so one will do
 
 
 class _Abort(Exception):
@@ -117,22 +118,6 @@ class _CallDetails:
         self.method, self.invocation_metadata = method, metadata
 
 
-class _Throttled:
-    """A warning logged at most once per `interval_s`, the next one saying how many were left out meanwhile
-    (a peer, or a flood of them, must not be able to fill the log)."""
-
-    def __init__(self, interval_s: float):
-        self._interval_s, self._logged_at, self._unlogged = interval_s, float("-inf"), 0
-
-    def warning(self, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._logged_at >= self._interval_s:
-            log.warning(message + "%s", *args, f" ({self._unlogged} more not logged)" if self._unlogged else "")
-            self._logged_at, self._unlogged = now, 0
-        else:
-            self._unlogged += 1
-
-
 class FramesServer:
     def __init__(self, handlers: Mapping[str, Any], interceptors: Sequence[grpc.aio.ServerInterceptor],
                  max_body_bytes: int, max_connections: int = 256, idle_timeout_s: float = 300.0,
@@ -156,7 +141,7 @@ class FramesServer:
         self._body_bytes = 0   # held by calls now
         self.max_connections = max_connections
         self.handshake_timeout_s, self.idle_timeout_s, self.max_call_s = handshake_timeout_s, idle_timeout_s, max_call_s
-        self._refusals, self._accept_failures = _Throttled(log_interval_s), _Throttled(log_interval_s)
+        self._refusals, self._accept_failures = LogThrottle(log_interval_s), LogThrottle(log_interval_s)
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
@@ -204,7 +189,7 @@ class FramesServer:
                 # Trying again at once would fail the same way until descriptors are freed: wait longer
                 # after each failure, and log them once per interval, not once per try.
                 backoff = min(max(2 * backoff, first), last)
-                self._accept_failures.warning("moe-frames: accept failed: %s; next try in %g s", e, backoff)
+                _warn(self._accept_failures, "moe-frames: accept failed: %s; next try in %g s", e, backoff)
                 await asyncio.sleep(backoff)
                 continue
             backoff = 0.0
@@ -354,7 +339,7 @@ class FramesServer:
     def _count_refused(self, peer: str, error: p.ProtocolError) -> None:
         self.refused += 1
         self._on_refused(error.reason)
-        self._refusals.warning("moe-frames: refused a frame from %s: %s %s", peer, error.code.name, error.message)
+        _warn(self._refusals, "moe-frames: refused a frame from %s: %s %s", peer, error.code.name, error.message)
 
     async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
         self._count_refused(peer, error)
@@ -368,6 +353,12 @@ class FramesServer:
                 await _drain(conn)
         except (TimeoutError, OSError):
             pass
+
+
+def _warn(throttle: LogThrottle, message: str, *args) -> None:
+    suppressed = throttle.due()
+    if suppressed is not None:
+        log.warning(message + "%s", *args, f" ({suppressed} more not logged)" if suppressed else "")
 
 
 def _chain(interceptor, continuation):
@@ -396,8 +387,8 @@ async def _read_into(conn: socket.socket, view: memoryview, eof_ok: bool = False
 
 async def _drain(conn: socket.socket) -> None:
     """Read and drop what the peer sends until it closes."""
-    sink, loop = bytearray(64 << 10), asyncio.get_running_loop()
-    while await loop.sock_recv_into(conn, sink):
+    loop = asyncio.get_running_loop()
+    while await loop.sock_recv_into(conn, _SINK):
         pass
 
 
