@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import redis
 
+from subnet.redis_urls import redact
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 GRPC_MAX_MESSAGE_MB = 2047
@@ -27,7 +29,8 @@ def check_redis_url(name: str, value: str) -> None:
         except ValueError as e:
             problem = str(e)
     if problem:
-        raise ValueError(f"{name}={value!r} is not a Redis URL ({problem}); e.g. redis://127.0.0.1:6379/0")
+        raise ValueError(f"{name}={redact(value)!r} is not a Redis URL ({problem}); e.g. redis://127.0.0.1:6379/0 "
+                         f"or redis://user:password@host:6379/0")
 
 
 def check_message_mb(name: str, value: float) -> None:

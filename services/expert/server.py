@@ -50,6 +50,7 @@ from subnet.checkpoints import CheckpointVerificationError
 from subnet.decode_guard import DecodeGuard
 from subnet.envconfig import ConfigError
 from subnet.expert_weights import CheckpointError, experts_from_checkpoint, init_expert, save_expert_weights
+from subnet.fd_limits import connection_limit
 from subnet.frames.protocol import EXPERT_RPCS
 from subnet.frames.server import FramesServer
 from subnet.identity import Identity, IdentityError
@@ -174,8 +175,9 @@ class ExpertServer:
             frames_handlers = {path: handlers[path] for path in FRAMES_METHODS}
             if self.auth is not None:   # a signed key exchange per connection, then a MAC per call
                 frames_handlers[SESSION_METHOD] = self.auth.session_handler(self.metrics.frames_sessions.inc)
-            self.frames = FramesServer(frames_handlers, interceptors,
-                                       c.max_message_bytes, on_connections=self.metrics.frames_connections.set,
+            self.frames = FramesServer(frames_handlers, interceptors, c.max_message_bytes,
+                                       max_connections=connection_limit(),   # a quarter of the descriptors at most
+                                       on_connections=self.metrics.frames_connections.set,
                                        on_refused=lambda reason: self.metrics.frames_refused.labels(reason).inc())
             try:
                 self.frames_port = await self.frames.start(c.host, c.frames_port)

@@ -20,6 +20,7 @@ import torch
 
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
+from subnet.fd_limits import raise_fd_limit
 from subnet.gc_pauses import freeze_startup_objects
 from subnet.telemetry import setup_tracing, shutdown_tracing
 
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"router: configuration error: {e}", file=sys.stderr)
         return 2
     reuse_freed_memory()   # before any thread: payload-sized buffers are reused, not faulted in afresh
+    raise_fd_limit()       # one descriptor per connection: take the hard limit, not the 1024 default
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -18,11 +18,12 @@ front of it. /health and /model_info are open, like gRPC Health and Info.
 
 Errors are JSON, `{"error": {"message": ..., "type": ...}}`: 400 for a request the gRPC API
 would refuse too (same checks, same limits) or a body too deeply nested to parse, 404 for
-another path, 405 (with `Allow`) for another method, 411/413 for a missing or too large body,
-503 when the model stays busy longer than ROUTER_HTTP_TIMEOUT_S. Each connection has its own
-thread (at most MAX_CONNECTIONS; more get 503) and carries one request; a client that stops
-reading blocks only its own thread, and only until the socket timeout. A client that goes away
-before its answer stops the generation for it, and is logged at debug level only.
+another path, 405 (with `Allow`) for another method (HEAD gets GET's status and headers),
+411/413 for a missing or too large body, 503 when the model stays busy longer than
+ROUTER_HTTP_TIMEOUT_S. Each connection has its own thread (at most MAX_CONNECTIONS; more get
+503) and carries one request; a client that stops reading blocks only its own thread, and only
+until the socket timeout. A client that goes away before its answer stops the generation for it,
+and is logged at debug level only.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "moe-router"
     server: ThreadingHTTPServer
     _answered = False   # status line sent: an error can no longer be answered with a status
+    _head = False       # a HEAD request: answers carry GET's headers and no body
     _poller = None      # select.poll on the connection, made when first asked whether the client is gone
 
     @property
@@ -222,6 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(405, f"{self.command} is not allowed on {path}: use {allowed}", [("Allow", allowed)])
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def do_HEAD(self):
+        """What GET would answer, headers only (probes and curl -I use it; stdlib's default is a 501)."""
+        self._head = True
+        self.do_GET()
 
     def handle_expect_100(self):
         # Refuse an oversized body before the client sends it.
@@ -372,7 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.close_connection = True
-        self.wfile.write(data)
+        if not self._head:
+            self.wfile.write(data)
 
     def _event(self, payload) -> None:
         data = payload if isinstance(payload, str) else json.dumps(payload)

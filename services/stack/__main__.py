@@ -17,8 +17,10 @@ Every process has its own development wallet under `<STACK_RUN_DIR>/wallets` (un
 made by `subnet.identity.create_dev_wallet`), registered on the local chain (in the stack's
 Redis; router, validator and scorer with stake, so they hold validator permits): the miners
 accept the router (allow-list) and validators (chain), the router accepts the stack's client
-hotkey, which signs Generate. An embedded S3 server (SeaweedFS) holds the checkpoints
-(services/stack/subnet_layer.py); its data is a temporary directory, removed at the end.
+hotkey, which signs Generate. The miners reach Redis as the ACL user `miner` (subnet/redis_acl.py:
+the registry, the nonces and the local chain, not the validators' queue or the scores). An embedded
+S3 server (SeaweedFS) holds the checkpoints (services/stack/subnet_layer.py); its data is a
+temporary directory, removed at the end.
 """
 
 from __future__ import annotations
@@ -187,9 +189,12 @@ def run_stack(mode: str, cfg) -> int:
     from services.router.train import prepare_initial_checkpoint
     from services.stack.miners import plan_miners
     from services.stack.processes import ProcessGroup, check_ports_free, wait_serving
+    from services.stack.redis_users import stack_redis_users
     from services.stack.report import ScoreboardPrinter, chain_status, global_history, training_summary
     from services.stack.wallets import StackWallets
     from subnet.dev.redis_server import RedisServer
+    from subnet.redis_acl import MINER_USER
+    from subnet.redis_urls import redact
 
     run = Path(cfg.run_dir)
     demo = mode == "demo"
@@ -215,15 +220,17 @@ def run_stack(mode: str, cfg) -> int:
         lm_cfg = LMConfig.from_dict(read_config(ckpt)["lm_config"])
 
     group = ProcessGroup(run / "logs")
-    redis = RedisServer(port=cfg.redis_port)
+    redis = RedisServer(port=cfg.redis_port, users=stack_redis_users())
     wallets = StackWallets(run)
     subnet, miners = None, planned
     try:
         redis.start()
-        _say(f"redis on {redis.url}")
+        _say(f"redis on {redact(redis.url)}; the miners connect as the ACL user `{MINER_USER}` "
+             f"(the registry, nonces and local chain only)")
         subnet = _start_subnet(cfg, redis.url, wallets, planned)
         subnet_env = subnet.env()
-        miners = _start_miners(group, cfg, lm_cfg, redis.url, experts_file, run, wallets, subnet_env, demo)
+        miners = _start_miners(group, cfg, lm_cfg, redis.url_for(MINER_USER), experts_file, run, wallets,
+                               subnet_env, demo)
         router_endpoint = f"127.0.0.1:{cfg.router_port}"
         if demo:
             _start_judges(group, cfg, redis.url, run, run / "init", wallets, subnet_env, len(miners))

@@ -42,7 +42,9 @@ def miner_env(miner: Miner, index: int, cfg, lm_cfg, redis_url: str, checkpoint:
            # The router by allow-list; validators (stake on the chain) by AUTH_CHAIN.
            **wallets.env(miner.wallet, allow=wallets.router.hotkey), "AUTH_CHAIN": "1",
            # A fresh start each run: the S3 data is the run's own anyway.
-           "EXPERT_RESUME": "0", **subnet_env}
+           "EXPERT_RESUME": "0", **subnet_env,
+           # The local chain is in the same Redis; the miner reaches it as the restricted user too.
+           "CHAIN_REDIS_URL": redis_url}
     if miner.adversary:
         env.update({"EXPERT_ADVERSARY": miner.adversary, "EXPERT_ALLOW_ADVERSARY": "1"})
     return env

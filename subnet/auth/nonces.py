@@ -24,6 +24,8 @@ from typing import Protocol
 import redis
 import redis.asyncio
 
+from subnet.redis_urls import redact
+
 log = logging.getLogger(__name__)
 
 REDIS_PREFIX = "moe:auth:nonce:"
@@ -99,7 +101,7 @@ class RedisNonceStore:
         try:
             return bool(self._sync.set(self.prefix + key, 1, nx=True, px=self._ttl_ms))
         except (redis.exceptions.RedisError, OSError) as e:
-            raise NonceStoreError(f"nonce store {self.url} unreachable: {e}") from None
+            raise NonceStoreError(f"nonce store {redact(self.url)} unreachable: {e}") from None
 
     async def aclaim(self, key: str) -> bool:
         # The asyncio client belongs to the event loop that first uses it (the server's loop).
@@ -109,7 +111,7 @@ class RedisNonceStore:
         try:
             return bool(await self._async.set(self.prefix + key, 1, nx=True, px=self._ttl_ms))
         except (redis.exceptions.RedisError, OSError) as e:
-            raise NonceStoreError(f"nonce store {self.url} unreachable: {e}") from None
+            raise NonceStoreError(f"nonce store {redact(self.url)} unreachable: {e}") from None
 
     def close(self) -> None:
         if self._sync is not None:

@@ -4,6 +4,11 @@ the local stack. Loopback only, no persistence, its files in a temporary directo
     with RedisServer(port=0) as server:      # 0 = any free port
         client = redis.Redis.from_url(server.url)
 
+    # ACL users: name -> (password, rules); "default" is the user of `url`
+    users = {"default": (admin_pw, ["~*", "&*", "+@all"]), MINER_USER: (miner_pw, miner_rules())}
+    with RedisServer(users=users) as server:
+        miner = redis.Redis.from_url(server.url_for(MINER_USER))
+
 Not for deployments: there Redis is its own container or an external service.
 """
 
@@ -15,12 +20,14 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
 import redis
 
 from subnet.processes import die_with_parent, free_port, port_in_use
+from subnet.redis_urls import with_credentials
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,13 @@ def redis_server_binary() -> str:
 class RedisServer:
     """One `redis-server` child process on `host:port`. `start()` returns once it answers PING."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0):
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", start_timeout_s: float = 10.0,
+                 users: Mapping[str, tuple[str, Sequence[str]]] | None = None):
+        for name, (password, rules) in (users or {}).items():
+            for token in (name, password, *rules):
+                if not token or any(c.isspace() for c in token) or '"' in token:
+                    raise ValueError(f"ACL user {name!r}: {token!r} is empty or has spaces or quotes")
+        self.users = dict(users or {})
         self.host = host
         self.requested_port = port
         self.port = port
@@ -50,7 +63,16 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The default user's URL (with its password when `users` gives it one)."""
+        return self.url_for("default")
+
+    def url_for(self, user: str) -> str:
+        plain = f"redis://{self.host}:{self.port}/0"
+        if user not in self.users:
+            if user == "default":
+                return plain
+            raise KeyError(f"no ACL user {user!r} on this server (users: {sorted(self.users)})")
+        return with_credentials(plain, "" if user == "default" else user, self.users[user][0])
 
     def start(self) -> Self:
         if self.process is not None:
@@ -74,13 +96,19 @@ class RedisServer:
     def _launch(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="moe-redis-")
         logfile = Path(self._tmp.name) / "redis.log"
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", self.host,
+        # Users go in a config file (mode 0600 in a private directory), not the command line, which
+        # every local user can read from /proc.
+        conf = Path(self._tmp.name) / "redis.conf"
+        conf.touch(mode=0o600)
+        conf.write_text("".join(f"user {name} reset on >{password} {' '.join(rules)}\n"
+                                for name, (password, rules) in self.users.items()))
+        args = [redis_server_binary(), str(conf), "--port", str(self.port), "--bind", self.host,
                 "--save", "", "--appendonly", "no", "--dir", self._tmp.name,
                 "--logfile", str(logfile), "--daemonize", "no", "--protected-mode", "yes"]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL,
                                         preexec_fn=die_with_parent)  # noqa: PLW1509 - see die_with_parent
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = redis.Redis.from_url(self.url, socket_timeout=1.0, socket_connect_timeout=1.0)
         deadline = time.monotonic() + self.start_timeout_s
         try:
             while True:

@@ -3,12 +3,17 @@ declares, and every port, path, volume and healthcheck refers to something real.
 
 from __future__ import annotations
 
+import subprocess
+import time
+from urllib.parse import urlsplit
+
 import pytest
 import yaml
 
 from moe.config import preset
 from services.router.remote_model import required_expert_uids
 from services.router.train import EXPERTS_FILE
+from subnet.redis_acl import MINER_USER, miner_rules
 from tests.deploy.declared import (
     HEALTH_PROBE_MODULE,
     ROOT,
@@ -120,14 +125,84 @@ def test_the_health_probe_module_is_real():
     assert health_probe.main.__module__ == HEALTH_PROBE_MODULE
 
 
-def test_redis_urls_point_at_the_redis_service():
+def redis_urls(service: dict) -> dict[str, str]:
+    return {k: v for k, v in environment(service).items() if k.endswith("REDIS_URL") and v}
+
+
+def test_redis_urls_point_at_the_redis_service_as_the_right_user():
+    """The expert services (miners) connect as the restricted `miner` user; everything else as the
+    default user, with the password the redis service requires."""
     config = compose()
-    redis = [n for n, s in config["services"].items() if s.get("image", "").startswith("redis:")]
-    assert redis == ["redis"]
-    for name, (_, service) in our_services(config).items():
-        for key, value in environment(service).items():
-            if key.endswith("REDIS_URL") and value:
-                assert value.startswith("redis://redis:6379/"), f"{name}: {key}={value}"
+    redis_services = [n for n, s in config["services"].items() if s.get("image", "").startswith("redis:")]
+    assert redis_services == ["redis"]
+    admin_password = option(config["services"]["redis"]["command"], "--requirepass")
+    checked = 0
+    for name, (module, service) in our_services(config, tools=True).items():
+        for key, value in redis_urls(service).items():
+            url = urlsplit(value)
+            assert (url.hostname, url.port, url.path) == ("redis", 6379, "/0"), f"{name}: {key}={value}"
+            if module == "services.expert":
+                assert (url.username, url.password) == (MINER_USER, miner_password(config)), f"{name}: {key}"
+            else:
+                assert (url.username or "", url.password) == ("", admin_password), f"{name}: {key}"
+            checked += 1
+    assert checked >= 12
+
+
+def miner_password(config: dict) -> str:
+    command = config["services"]["redis"]["command"]
+    user = command.index("--user")
+    assert command[user + 1:user + 3] == [MINER_USER, "on"] and command[user + 3].startswith(">")
+    return command[user + 3][1:]
+
+
+def test_the_miner_user_has_the_rules_the_code_defines():
+    command = compose()["services"]["redis"]["command"]
+    user = command.index("--user")
+    assert command[user + 4:] == miner_rules(local_chain=True)
+
+
+def test_the_compose_redis_command_runs_and_keeps_miners_off_the_scores(tmp_path):
+    """The redis service's own command line (users and all), run by the redis-server here (6.2; the
+    image runs 7.4, which reads these rules the same way), reached with the services' URLs."""
+    import redis
+
+    from subnet.dev.redis_server import redis_server_binary
+    from subnet.processes import free_port
+
+    config = compose()
+    command = config["services"]["redis"]["command"]
+    port = free_port()
+    process = subprocess.Popen([redis_server_binary(), *command[1:], "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(tmp_path), "--save", ""],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def client(service: str, key: str = "REDIS_URL") -> redis.Redis:
+            url = redis_urls(config["services"][service])[key].replace("@redis:6379", f"@127.0.0.1:{port}")
+            c = redis.Redis.from_url(url, socket_timeout=2)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    c.ping()
+                    return c
+                except redis.exceptions.ConnectionError:
+                    assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                    time.sleep(0.05)
+
+        miner, scorer = client("expert-0"), client("scorer")
+        miner.hset("moe:expert:0.0:expert-0:50051", "uid", "0.0")
+        assert client("expert-0", "AUTH_REDIS_URL").set("moe:auth:nonce:x", 1, nx=True)
+        assert client("expert-0", "CHAIN_REDIS_URL").get("moe:chain:genesis") is None
+        scorer.hset("moe:scores:ema", "5Fminer", "0.1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            miner.hset("moe:scores:ema", "5Fminer", "1.0")
+        assert scorer.hget("moe:scores:ema", "5Fminer") == b"0.1"
+        assert client("router").hgetall("moe:expert:0.0:expert-0:50051") == {b"uid": b"0.0"}
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 # The services that publish to or read from the checkpoint store each round: without S3 an expert

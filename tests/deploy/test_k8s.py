@@ -3,14 +3,18 @@ against the code: env keys, ports, probes, images and the GPU/CPU variants."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from moe.config import preset
 from services.router.remote_model import required_expert_uids
+from subnet.redis_acl import MINER_USER, miner_rules
 from tests.deploy.declared import (
     IMAGE_HOME,
     ROOT,
@@ -36,6 +40,15 @@ from tests.deploy.files import (
 NAMESPACE = "moe-subnet"
 OPTIONAL = "moe-subnet.io/optional"
 PLACEHOLDER = "REPLACE-ME"
+SECRET_TEMPLATE = K8S_DIR / "templates" / "secret.yaml"
+SECRET = "moe-subnet-secrets"
+# The Secret's Redis URLs: the default user's (router, validator, scorer, local chain) and the miners'.
+ADMIN_URL_KEY, MINER_URL_KEY = "REDIS_URL", "REDIS_MINER_URL"
+# `KEY: REPLACE-ME  # form`: the form of the value, <OTHER_KEY> standing for another key's value.
+_DOCUMENTED_FORM = re.compile(rf"^\s+([A-Za-z0-9_.-]+):\s*{PLACEHOLDER}\s*#\s*(\S+)\s*$", re.M)
+_KEY_IN_FORM = re.compile(r"<([A-Za-z0-9_.-]+)>")
+# Kubernetes' expansion in command, args and env values: $(NAME), and $$ for a literal $.
+_K8S_EXPANSION = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 def objects(folder: str = "") -> list[dict]:
@@ -53,6 +66,35 @@ def configmaps() -> dict[str, dict]:
 def template_secrets() -> dict[str, dict]:
     return {name: {**(o.get("data") or {}), **(o.get("stringData") or {})}
             for name, o in by_kind("Secret", "templates").items()}
+
+
+def documented_forms() -> dict[str, str]:
+    """Keys of the Secret template whose comment gives the form of their value."""
+    return dict(_DOCUMENTED_FORM.findall(SECRET_TEMPLATE.read_text()))
+
+
+def fill_form(form: str, values: dict[str, str]) -> str:
+    return _KEY_IN_FORM.sub(lambda m: values[m.group(1)], form)
+
+
+def filled_secrets() -> dict[str, dict]:
+    """The Secret template filled in as its comments say: a distinct URL-safe value for every key,
+    each documented form with those values in it (what a deployment's Secret holds)."""
+    forms = documented_forms()
+    out = {}
+    for name, values in template_secrets().items():
+        plain = {k: hashlib.sha256(f"{name}/{k}".encode()).hexdigest()[:24] for k in values}
+        out[name] = {k: fill_form(forms[k], plain) if k in forms else v for k, v in plain.items()}
+    return out
+
+
+def k8s_expand(word: str, env: dict[str, str]) -> str:
+    """`word` as Kubernetes passes it to the container (an unknown $(NAME) stays as it is)."""
+    return _K8S_EXPANSION.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), word)
+
+
+def is_redis_url_variable(name: str) -> bool:
+    return name.endswith("REDIS_URL")   # REDIS_URL, AUTH_REDIS_URL, CHAIN_REDIS_URL
 
 
 def workloads(folders=("", "cpu")) -> list[tuple[str, dict]]:
@@ -80,7 +122,7 @@ def our_containers(folders=("", "cpu"), tools: bool = False) -> list[Ours]:
             command = c.get("command", []) + c.get("args", [])
             module = service_module(command)
             if module is not None and (tools or module in SERVICES):
-                env = container_environment(c, configmaps(), template_secrets())
+                env = container_environment(c, configmaps(), filled_secrets())
                 out.append(Ours(f"{where} {role} {c['name']}", role, c, module, env, command_args(command)))
     return out
 
@@ -344,3 +386,140 @@ def test_prometheus_in_the_cluster_scrapes_what_the_services_expose():
                 assert svc["spec"].get("publishNotReadyAddresses") is True, f"{svc_name}: scrape pods not yet ready"
                 assert sd["port"] in {p["port"] for p in svc["spec"]["ports"] if p["name"] == "metrics"}, dns_name
                 assert sd["port"] in metrics_ports[f"services.{job['job_name']}"], job["job_name"]
+
+
+# --- Redis: passwords, and a restricted user for the miners ----------------------------------------
+
+def redis_container() -> dict:
+    spec = pod_spec(by_kind("StatefulSet")["redis"])
+    [c] = [c for _, c in containers(spec) if c["name"] == "redis"]
+    return c
+
+
+def chain_of_the_miners() -> set[str]:
+    return {o.env.get("CHAIN", "") for o in our_containers() if o.module == "services.expert"}
+
+
+def test_redis_requires_a_password_and_restricts_the_miners_to_their_keys():
+    """The miners share Redis with the validation queue and the scores: the user `miner` has
+    exactly the rules of subnet/redis_acl.py, the default user a password, both from the Secret."""
+    c = redis_container()
+    words = c.get("command", []) + c.get("args", [])
+    assert words[0] == "redis-server", words
+    assert option(words, "--requirepass") == "$(REDIS_PASSWORD)", "the default user needs a password"
+    assert words.count("--user") == 1, words
+    at = words.index("--user")
+    assert words[at + 1:at + 4] == [MINER_USER, "on", ">$(REDIS_MINER_PASSWORD)"], words[at:]
+    rules = words[at + 4:]
+    rules = rules[:next((i for i, w in enumerate(rules) if w.startswith("--")), len(rules))]
+    # With CHAIN=local (as shipped) the miners write the chain in Redis: miner_rules(local_chain=True);
+    # with CHAIN=bittensor they must not: miner_rules(local_chain=False).
+    local_chain = chain_of_the_miners() == {"local"}
+    assert rules == miner_rules(local_chain=local_chain), \
+        f"20-redis.yaml: the miner's rules must be miner_rules(local_chain={local_chain})"
+
+    env = {item["name"]: item for item in c.get("env") or []}
+    referenced = {name for w in words for name in _K8S_EXPANSION.findall(w) if name}
+    assert referenced == {"REDIS_PASSWORD", "REDIS_MINER_PASSWORD"}, referenced
+    secrets = template_secrets()
+    for name in referenced | {"REDISCLI_AUTH"}:
+        assert name in env, f"redis: $({name}) is not in its env (Kubernetes would pass it literally)"
+        ref = env[name].get("valueFrom", {}).get("secretKeyRef")
+        assert ref and ref["name"] == SECRET and ref["key"] in secrets[SECRET], f"redis: {name} is not from {SECRET}"
+        if name != "REDISCLI_AUTH":
+            assert ref["key"] == name, f"redis: {name} comes from key {ref['key']}"
+    # redis-cli authenticates with REDISCLI_AUTH: the probes' ping must use the default user's password.
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    for kind in ("readinessProbe", "livenessProbe"):
+        assert c[kind]["exec"]["command"][0] == "redis-cli", f"redis: {kind}"
+
+
+def test_redis_urls_come_from_the_secret_and_the_miners_connect_as_miner():
+    """No Redis URL (it holds a password) in a ConfigMap or a literal value: the expert pods' from
+    the Secret's REDIS_MINER_URL, every other container's from its REDIS_URL."""
+    problems = []
+    for name, data in configmaps().items():
+        problems += [f"ConfigMap {name}: {k}" for k, v in data.items()
+                     if is_redis_url_variable(k) or "redis://" in str(v)]
+    users: dict[str, set[str]] = {}
+    for where, obj in workloads():
+        for role, c in containers(pod_spec(obj)):
+            name = f"{where} {role} {c['name']}"
+            module = service_module(c.get("command", []) + c.get("args", []))
+            expected = MINER_URL_KEY if module == "services.expert" else ADMIN_URL_KEY
+            for source in c.get("envFrom") or []:
+                if "secretRef" in source:
+                    keys = template_secrets().get(source["secretRef"]["name"], {})
+                    problems += [f"{name}: {k} through envFrom" for k in keys if is_redis_url_variable(k)]
+            for item in c.get("env") or []:
+                if not is_redis_url_variable(item["name"]):
+                    assert "redis://" not in str(item.get("value", "")), f"{name}: {item['name']}"
+                    continue
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref != {"name": SECRET, "key": expected}:
+                    problems.append(f"{name}: {item['name']} must come from secret {SECRET} key {expected}, not {item}")
+                users.setdefault(module or c["name"], set()).add(expected)
+    assert problems == [], "\n".join(problems)
+    assert users == {"services.expert": {MINER_URL_KEY}, "services.router": {ADMIN_URL_KEY},
+                     "services.validator": {ADMIN_URL_KEY}, "services.scorer": {ADMIN_URL_KEY},
+                     "subnet.chain": {ADMIN_URL_KEY}}, users
+
+
+def test_the_secret_template_documents_the_redis_urls_of_both_users():
+    forms = documented_forms()
+    assert forms.get(ADMIN_URL_KEY) == "redis://:<REDIS_PASSWORD>@redis:6379/0", forms
+    assert forms.get(MINER_URL_KEY) == f"redis://{MINER_USER}:<REDIS_MINER_PASSWORD>@redis:6379/0", forms
+    filled = filled_secrets()[SECRET]
+    miner, admin = urlsplit(filled[MINER_URL_KEY]), urlsplit(filled[ADMIN_URL_KEY])
+    assert (miner.username, miner.password) == (MINER_USER, filled["REDIS_MINER_PASSWORD"])
+    assert (admin.username or "", admin.password) == ("", filled["REDIS_PASSWORD"])
+
+
+def test_every_redis_url_logs_in_as_a_user_the_redis_of_the_manifests_creates():
+    """The Secret filled in as its template says, the URLs each container gets match the users and
+    passwords the redis container starts with, at the Service's name and port."""
+    secrets = filled_secrets()
+    c = redis_container()
+    words = [k8s_expand(w, container_environment(c, configmaps(), secrets)) for w in c["args"]]
+    at = words.index("--user")
+    passwords = {"": option(words, "--requirepass"), words[at + 1]: words[at + 3].removeprefix(">")}
+    assert "$(" not in " ".join(words) and len(set(passwords.values())) == 2, words
+    service = by_kind("Service")["redis"]
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "redis")
+    checked = set()
+    for o in our_containers(tools=True):
+        for name, url in o.env.items():
+            if not is_redis_url_variable(name):
+                continue
+            parts = urlsplit(url)
+            user = parts.username or ""
+            assert user == (MINER_USER if o.module == "services.expert" else ""), f"{o.where}: {name} user {user!r}"
+            assert parts.password == passwords[user], f"{o.where}: {name} has not the password of {user or 'default'}"
+            assert (parts.hostname, parts.port) == (service["metadata"]["name"], port), f"{o.where}: {name}"
+            checked.add(o.module)
+    assert checked == {"services.expert", "services.router", "services.validator", "services.scorer", "subnet.chain"}
+
+
+def kubectl_secret_literals(text: str) -> list[dict[str, str]]:
+    """The --from-literal KEY=VALUE of each `kubectl create secret generic moe-subnet-secrets` in
+    `text` (a shell block, or the same commented out)."""
+    lines = "\n".join(re.sub(r"^\s*#?\s*", "", line) for line in text.splitlines()).replace("\\\n", " ")
+    found = []
+    for line in lines.splitlines():
+        if f"create secret generic {SECRET}" in line:
+            words = shlex.split(line)
+            found.append(dict(w.removeprefix("--from-literal=").split("=", 1) for w in words
+                              if w.startswith("--from-literal=")))
+    return found
+
+
+@pytest.mark.parametrize("path", [SECRET_TEMPLATE, K8S_DIR / "README.md"], ids=lambda p: p.name)
+def test_the_kubectl_example_creates_every_key_and_fills_each_url_with_its_password(path):
+    examples = kubectl_secret_literals(path.read_text())
+    assert examples, f"{path.name}: no `kubectl create secret generic {SECRET}` example"
+    forms = documented_forms()
+    for literals in examples:
+        assert set(literals) == set(template_secrets()[SECRET]), f"{path.name}: {sorted(literals)}"
+        for key, form in forms.items():
+            expected = fill_form(form, literals)
+            assert literals[key] == expected, f"{path.name}: {key}={literals[key]}, the form says {expected}"

@@ -147,6 +147,25 @@ def test_other_methods_get_405_with_allow_and_a_json_error(router, method):
     assert request(api, "GET", "/health")[0] == 200
 
 
+def test_head_answers_gets_status_and_headers_without_a_body(router):
+    _, api, _ = router
+    for path, status in (("/health", 200), ("/model_info", 200), ("/v1/completions", 405), ("/nowhere", 404)):
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].split(" ")[1] == str(status), (path, lines[0])
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        _, get_headers, get_body = request(api, "GET", path)
+        assert rest == b"", f"HEAD {path} sent a body"
+        assert headers["Content-Type"] == "application/json"
+        if path != "/model_info":   # its body may change between the two requests; the others do not
+            assert int(headers["Content-Length"]) == len(get_body)
+
+
 @pytest.mark.usefixtures("quiet")
 def test_a_client_that_goes_away_stops_its_generation_and_logs_no_traceback(router):
     _, api, engine = router
