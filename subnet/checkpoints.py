@@ -145,10 +145,13 @@ def _prefix_of(manifest: Manifest) -> str:
 
 def publish_checkpoint(store: ObjectStore, keypair: Signer, *, kind: str, files: Mapping[str, bytes],
                        round: int, parent_version: int | None, config_hash: str, uid: str | None = None,
-                       version: int | None = None, created_at: str | None = None) -> PublishedCheckpoint:
-    """Upload `files` ({name: bytes}) and then their manifest signed by `keypair`."""
+                       version: int | None = None, created_at: str | None = None,
+                       endpoint: str | None = None) -> PublishedCheckpoint:
+    """Upload `files` ({name: bytes}) and then their manifest signed by `keypair`. `endpoint`: where
+    the publisher serves the expert (kind `expert`; see subnet.manifest)."""
     manifest = build_manifest(keypair, kind=kind, files=files, round=round, parent_version=parent_version,
-                              config_hash=config_hash, uid=uid, version=version, created_at=created_at)
+                              config_hash=config_hash, uid=uid, version=version, created_at=created_at,
+                              endpoint=endpoint)
     prefix = _prefix_of(manifest)
     keys = []
     for name in sorted(files):
@@ -162,14 +165,15 @@ def publish_checkpoint(store: ObjectStore, keypair: Signer, *, kind: str, files:
 
 def publish_experts(store: ObjectStore, keypair: Signer, experts: Mapping[str, SwiGLU | Mapping[str, torch.Tensor]],
                     *, round: int, parent_version: int | None, config_hash: str,
-                    kind: str = "expert") -> list[PublishedCheckpoint]:
+                    kind: str = "expert", endpoint: str | None = None) -> list[PublishedCheckpoint]:
     """One checkpoint per expert uid (the layout is per uid), in uid order; `kind` "recovery"
     for a service's restart point instead of a round's submission (in the clear: the expert
-    service seals its own, services/expert/recovery_files.py)."""
+    service seals its own, services/expert/recovery_files.py). `endpoint` (kind `expert`, required
+    there): where the publisher's live service answers for these experts."""
     if kind not in EXPERT_KINDS:
         raise ValueError(f"kind {kind!r}: experts are published as one of {', '.join(EXPERT_KINDS)}")
     return [publish_checkpoint(store, keypair, kind=kind, uid=uid, round=round, parent_version=parent_version,
-                               config_hash=config_hash,
+                               config_hash=config_hash, endpoint=endpoint if kind == "expert" else None,
                                files={EXPERT_WEIGHTS_FILE: expert_weights_bytes({uid: experts[uid]})})
             for uid in sorted(experts)]
 

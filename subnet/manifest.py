@@ -2,9 +2,10 @@
 
 A manifest is a JSON object stored next to the files it describes:
 
-    {"format": "moe-checkpoint-manifest", "format_version": 1,
+    {"format": "moe-checkpoint-manifest", "format_version": 2,
      "kind": "expert" | "recovery" | "trunk" | "global",
      "uid": "0.3" (expert, recovery) or null,  "version": 7 (global) or null,
+     "endpoint": "10.0.0.5:50051" (expert: where the publisher serves it) or null,
      "round": 12, "parent_version": 6 or null,
      "config_hash": "<sha256 hex of the model shape config, see config_hash()>",
      "files": {"weights.safetensors": {"sha256": "<hex>", "size": 1234}},
@@ -15,6 +16,12 @@ It is stored as canonical JSON (sorted keys, no whitespace, ASCII); the sha256 o
 bytes (`Manifest.sha256`) is what a publisher commits to the chain. Parsing checks the
 structure; `verify_signature` checks the signer. Neither touches storage: subnet.checkpoints
 reads the bytes and checks the files against `files`.
+
+`endpoint` (format 2): the miner's own statement of where its live service of the expert answers,
+signed with the weights. Validators probe that endpoint, not what the Redis registry lists, which
+every miner can write: a rival could otherwise delete a miner's entries or add some in its name
+that point nowhere, and fail its live check. Format 1 manifests (no endpoint) still parse and
+verify; an expert one then declares no endpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from typing import Any, Protocol
 from bittensor_wallet import Keypair
 
 FORMAT = "moe-checkpoint-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: before `endpoint`
 KINDS = ("expert", "recovery", "trunk", "global")
 # Kinds that hold one expert, named by uid. A `recovery` checkpoint is an expert service's private
 # restart point, never a round's submission: its kind keeps it out of the round layout for good.
@@ -39,8 +47,11 @@ MANIFEST_NAME = "manifest.json"
 # A plain file name: it becomes the last part of an S3 key next to the manifest.
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_FIELDS = {"format", "format_version", "kind", "uid", "version", "round", "parent_version", "config_hash",
-           "files", "hotkey", "created_at", "signature"}
+_FIELDS_V1 = {"format", "format_version", "kind", "uid", "version", "round", "parent_version", "config_hash",
+              "files", "hotkey", "created_at", "signature"}
+_FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {"endpoint"}}
+# host:port, the host a DNS name, IPv4 address or bracketed IPv6 address
+_ENDPOINT = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")
 
 
 class Signer(Protocol):
@@ -113,10 +124,12 @@ class Manifest:
     signature: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    endpoint: str | None = None
 
     def payload(self) -> dict[str, Any]:
-        """Every field but the signature: what is signed."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "signature"}
+        """Every field but the signature: what is signed (a format 1 manifest has no `endpoint`)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name in _FIELDS.get(self.format_version, _FIELDS[FORMAT_VERSION]) and f.name != "signature"}
         out["files"] = {name: {"sha256": e.sha256, "size": e.size} for name, e in sorted(self.files.items())}
         return out
 
@@ -132,12 +145,15 @@ class Manifest:
 
 def build_manifest(keypair: Signer, *, kind: str, files: Mapping[str, bytes], round: int,
                    parent_version: int | None, config_hash: str, uid: str | None = None,
-                   version: int | None = None, created_at: str | None = None) -> Manifest:
-    """A manifest for `files` ({name: content}), signed by `keypair` (its ss58 is the hotkey)."""
+                   version: int | None = None, created_at: str | None = None,
+                   endpoint: str | None = None) -> Manifest:
+    """A manifest for `files` ({name: content}), signed by `keypair` (its ss58 is the hotkey).
+    `endpoint`: where the publisher serves the expert (kind `expert` only; required there)."""
     entries = {name: FileEntry(sha256=sha256_hex(data), size=len(data)) for name, data in files.items()}
     created = created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     unsigned = Manifest(kind=kind, uid=uid, version=version, round=round, parent_version=parent_version,
-                        config_hash=config_hash, files=entries, hotkey=signer_hotkey(keypair), created_at=created)
+                        config_hash=config_hash, files=entries, hotkey=signer_hotkey(keypair), created_at=created,
+                        endpoint=endpoint)
     _check(unsigned.payload())  # a publisher gets the reader's error before anything is uploaded
     return dataclasses.replace(unsigned, signature=sign_payload(keypair, unsigned.payload()))
 
@@ -164,13 +180,24 @@ def _check(obj: Mapping[str, Any]) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    if set(obj) - {"signature"} != _FIELDS - {"signature"}:
-        missing, extra = _FIELDS - {"signature"} - set(obj), set(obj) - _FIELDS
+    version_of = obj.get("format_version")
+    if obj.get("format") != FORMAT or isinstance(version_of, bool) or version_of not in READABLE_VERSIONS:
+        fail(f"format {obj.get('format')!r} v{version_of!r}; this reader knows {FORMAT!r} "
+             f"v{', v'.join(map(str, READABLE_VERSIONS))}")
+    fields = _FIELDS[version_of]
+    if set(obj) - {"signature"} != fields - {"signature"}:
+        missing, extra = fields - {"signature"} - set(obj), set(obj) - fields
         fail(f"missing fields {sorted(missing)}, unexpected fields {sorted(extra)}")
-    if obj["format"] != FORMAT or obj["format_version"] != FORMAT_VERSION:
-        fail(f"format {obj['format']!r} v{obj['format_version']!r}; this reader knows {FORMAT!r} v{FORMAT_VERSION}")
     if obj["kind"] not in KINDS:
         fail(f"kind {obj['kind']!r} is not one of {', '.join(KINDS)}")
+    if version_of >= 2:
+        endpoint = obj["endpoint"]
+        if obj["kind"] == "expert":
+            if not (isinstance(endpoint, str) and _ENDPOINT.match(endpoint)
+                    and 0 < int(endpoint.rsplit(":", 1)[1]) < 65536):
+                fail(f"endpoint {endpoint!r}: an expert manifest names where its publisher serves it, as host:port")
+        elif endpoint is not None:
+            fail(f"endpoint {endpoint!r}: only an expert manifest names one; {obj['kind']} manifests have null")
     uid, version = obj["uid"], obj["version"]
     if (uid is not None and not (isinstance(uid, str) and is_plain_name(uid))) or \
             (obj["kind"] in EXPERT_KINDS) != (uid is not None):

@@ -77,15 +77,16 @@ class ExpertPublisher:
     """Uploads snapshots of the hosted experts. Thread-safe: one upload at a time."""
 
     def __init__(self, store: ObjectStore, identity, snapshot: Callable[[], ExpertStates], dim: int, inter_dim: int,
-                 parent_version: Callable[[], int | None] = lambda: None,
+                 endpoint: str, parent_version: Callable[[], int | None] = lambda: None,
                  on_published: Callable[[int, list], None] | None = None,
                  on_round_published: Callable[[int, ExpertStates], None] | None = None,
                  recovery_snapshot: Callable[[], tuple[ExpertStates, Moments]] | None = None):
         """`on_round_published(round, states)`: after a round's publish (the one its commitment names),
         with the snapshot published (ExpertBackend.keep_committed keeps it). `recovery_snapshot()`:
         the weights and the AdamW moments taken together (no step between them), for recovery
-        checkpoints; without it they hold `snapshot()`'s weights only."""
-        self.store, self.identity, self.snapshot = store, identity, snapshot
+        checkpoints; without it they hold `snapshot()`'s weights only. `endpoint`: where this service
+        answers (its advertised host:port), named in every round manifest: validators probe it there."""
+        self.store, self.identity, self.snapshot, self.endpoint = store, identity, snapshot, endpoint
         self.recovery_snapshot = recovery_snapshot
         self.recovery_key = recovery_key(identity)
         self.config_hash = expert_config_hash(dim, inter_dim)
@@ -127,7 +128,8 @@ class ExpertPublisher:
         with self._lock:
             states = self.snapshot()
             published = publish_experts(self.store, self.identity, states, round=round,
-                                        parent_version=self.parent_version(), config_hash=self.config_hash)
+                                        parent_version=self.parent_version(), config_hash=self.config_hash,
+                                        endpoint=self.endpoint)
         if self.on_published is not None:
             self.on_published(round, published)
         return published, states

@@ -91,9 +91,10 @@ class ExpertRounds:
 
     # -- running ----------------------------------------------------------------------------
 
-    def start(self, snapshot, apply, keep_committed=None, recovery_snapshot=None) -> None:
+    def start(self, snapshot, apply, endpoint: str, keep_committed=None, recovery_snapshot=None) -> None:
         """`snapshot()` -> {uid: state dict} and `apply(states)` (load weights), callable from any
-        thread (the server runs both on the compute worker); `keep_committed(round, states)`: given
+        thread (the server runs both on the compute worker); `endpoint`: the service's advertised
+        host:port, which its round manifests name for the validators' live check; `keep_committed(round, states)`: given
         each round's published snapshot (ExpertBackend.keep_committed), unless EXPERT_KEEP_COMMITTED=0.
         The adversarial test miners never get it: they keep serving their live weights, as before.
         `recovery_snapshot()` -> (states, {uid: AdamW moments}) for the recovery checkpoints; not
@@ -107,7 +108,7 @@ class ExpertRounds:
         elif c.adversary == "copycat":
             snapshot = adversary.copycat(self.store, self.identity.hotkey, c.uids, c.dim, c.inter_dim,
                                          self.schedule, self.chain)
-        self.publisher = ExpertPublisher(self.store, self.identity, snapshot, c.dim, c.inter_dim,
+        self.publisher = ExpertPublisher(self.store, self.identity, snapshot, c.dim, c.inter_dim, endpoint,
                                          parent_version=lambda: self.global_version,
                                          on_published=lambda round, published: m.checkpoints.inc(len(published)),
                                         on_round_published=keep, recovery_snapshot=recovery)

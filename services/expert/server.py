@@ -268,7 +268,7 @@ class ExpertServer:
 
         self.rounds.start(lambda: on_worker(self._snapshot),
                           lambda states: on_worker(self.backend.replace_weights, states),
-                          self.backend.keep_committed,
+                          self.endpoint, self.backend.keep_committed,
                           recovery_snapshot=lambda: on_worker(self._recovery_snapshot))
 
     def _bind(self, host: str, port: int) -> int:

@@ -25,7 +25,7 @@ class ValidatorConfig:
     """Everything `services.validator` reads from the environment; checked at construction."""
 
     redis_url: str = env("REDIS_URL", "redis://127.0.0.1:6379/0",
-                         "Redis holding the validation streams and the expert registry")
+                         "Redis holding the validation streams and the scores")
     key_prefix: str = env("VALIDATOR_KEY_PREFIX", DEFAULT_PREFIX,
                           "prefix of the validation streams and result hashes (subnet/validation_results.py); "
                           "the scorer must use the same")

@@ -1,6 +1,6 @@
 """One miner, one round -> a ValidationResult (subnet/validation_results.py).
 
-    evaluator = Evaluator(EvalSettings.from_config(config), store, registry, clients)
+    evaluator = Evaluator(EvalSettings.from_config(config), store, clients)
     result = evaluator.evaluate(glob, corpus, submission, earlier_submissions, chain_uid=3)
 
 Per round and global version a `Baseline` is computed once and shared by every miner: the
@@ -37,11 +37,10 @@ from moe.experts import SwiGLU, parse_expert_uid
 from services.validator.global_model import GlobalModel, set_experts
 from services.validator.live_check import LiveThresholds, check_live
 from services.validator.scoring import active_ratio, diversity, is_copy, loss_delta, output_cosine, token_shares
-from services.validator.submissions import Submission, load_submission
+from services.validator.submissions import LoadedSubmission, Submission, load_submission
 from subnet.expert_client import ExpertClientPool
 from subnet.manifest import CheckpointVerificationError
 from subnet.object_store import ObjectStore
-from subnet.registry import ExpertRegistry
 from subnet.validation_results import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -109,12 +108,11 @@ def expert_outputs(states: dict, probes: dict[int, torch.Tensor]) -> dict[str, t
 class Evaluator:
     """Computes ValidationResults; thread-safe (the workers share one)."""
 
-    def __init__(self, settings: EvalSettings, store: ObjectStore, registry: ExpertRegistry,
-                 clients: ExpertClientPool):
-        self.settings, self.store, self.registry, self.clients = settings, store, registry, clients
+    def __init__(self, settings: EvalSettings, store: ObjectStore, clients: ExpertClientPool):
+        self.settings, self.store, self.clients = settings, store, clients
         self._lock = threading.Lock()
         self._baselines: dict[tuple[int, int, int], Baseline] = {}
-        self._loaded: dict[tuple[int, str, str], dict | Exception] = {}
+        self._loaded: dict[tuple[int, str, str], LoadedSubmission | Exception] = {}
         self._local = threading.local()
         self._live: dict[tuple[int, str, str], tuple] = {}  # early verification gates, per submission
 
@@ -155,6 +153,9 @@ class Evaluator:
 
     def submission_states(self, sub: Submission, glob: GlobalModel) -> dict:
         """The verified expert states of a submission (cached per round); raises what loading raised."""
+        return self._loaded_submission(sub, glob).states
+
+    def _loaded_submission(self, sub: Submission, glob: GlobalModel) -> LoadedSubmission:
         key = (sub.round, sub.hotkey, sub.digest)
         with self._lock:
             found = self._loaded.get(key)
@@ -216,7 +217,7 @@ class Evaluator:
 
         with self._lock:
             early = self._live.get((sub.round, sub.hotkey, sub.digest))
-        live_reason, live = early or self._check_live(sub, uids, base, outputs)
+        live_reason, live = early or self._check_live(sub, glob, uids, base, outputs)
         reasons = [r for r in (f"copy of {copy_of}" if copy_of else "", live_reason) if r]
         details = {"global_version": glob.version, "shares": shares,
                    "diversity": {uid: diversity([similarities[uid]]) for uid in uids}, "live": live,
@@ -229,8 +230,10 @@ class Evaluator:
                                 active_ratio=active_ratio(shares.values(), self.settings.active_threshold),
                                 copy_of=copy_of, reason="; ".join(reasons), details=details)
 
-    def _check_live(self, sub: Submission, uids: Sequence[str], base: Baseline, outputs: dict[str, torch.Tensor]):
-        return check_live(self.registry, self.clients, sub.hotkey,
+    def _check_live(self, sub: Submission, glob: GlobalModel, uids: Sequence[str], base: Baseline,
+                    outputs: dict[str, torch.Tensor]):
+        endpoints = self._loaded_submission(sub, glob).endpoints
+        return check_live({uid: endpoints.get(uid) for uid in uids}, self.clients, sub.hotkey,
                           {uid: base.probes[parse_expert_uid(uid)[0]] for uid in uids}, outputs, self.settings.live,
                           round=sub.round)
 
@@ -242,7 +245,7 @@ class Evaluator:
         except CheckpointVerificationError:
             return
         uids = sorted(states, key=parse_expert_uid)
-        outcome = self._check_live(sub, uids, base, expert_outputs(states, base.probes))
+        outcome = self._check_live(sub, glob, uids, base, expert_outputs(states, base.probes))
         with self._lock:
             self._live[(sub.round, sub.hotkey, sub.digest)] = outcome
             for key in [k for k in self._live if k[0] < sub.round - _KEEP_ROUNDS]:

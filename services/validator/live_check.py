@@ -1,8 +1,11 @@
 """The verification gate: does the miner's live service compute what its published weights compute?
 
-The validator sends the round's probe activations to every replica the registry lists for
-the miner's hotkey (one signed, non-training Forward per expert and replica, all in flight
-at once) and compares the answers with the published weights' outputs on the same inputs.
+The validator sends the round's probe activations to the endpoint the miner's signed manifest
+names for each expert (one signed, non-training Forward per expert, all in flight at once) and
+compares the answers with the published weights' outputs on the same inputs. Not the Redis
+registry: every miner can write it, so a rival could delete the miner's entries, or add entries
+in its name that point nowhere, and fail it (a miner that declares another's endpoint gets answers
+signed by that other hotkey, which the client refuses).
 Weights keep training between the commit and the validate phase, so the thresholds allow a
 little drift; a service serving other weights, or none, fails.
 """
@@ -18,7 +21,6 @@ import torch
 
 from services.validator.scoring import live_mismatch, max_abs_diff, output_cosine
 from subnet.expert_client import ExpertClientPool
-from subnet.registry import ExpertRegistry
 from subnet.tensor_codec import TensorError, decode, encode
 
 
@@ -29,24 +31,25 @@ class LiveThresholds:
     timeout_s: float
 
 
-def check_live(registry: ExpertRegistry, clients: ExpertClientPool, hotkey: str, probes: Mapping[str, torch.Tensor],
-               expected: Mapping[str, torch.Tensor], limits: LiveThresholds,
+def check_live(endpoints: Mapping[str, str | None], clients: ExpertClientPool, hotkey: str,
+               probes: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], limits: LiveThresholds,
                round: int | None = None) -> tuple[str, dict]:
-    """("" or the reason the gate fails, {uid: [{endpoint, cosine, max_abs}]}). `probes` and
-    `expected` map each of the miner's uids to inputs (n, dim) and published outputs (n, dim).
-    `round`: the probes ask for the weights committed in it (an honest service keeps them and
-    answers exactly; one that does not answers with its live weights, held to the thresholds)."""
-    replicas = {uid: [r for r in reps if r.hotkey == hotkey] for uid, reps in registry.all_replicas().items()}
-    missing = [uid for uid in sorted(probes) if not replicas.get(uid)]
+    """("" or the reason the gate fails, {uid: [{endpoint, cosine, max_abs}]}). `endpoints` maps
+    each of the miner's uids to where its manifest says it serves it (None: the manifest names
+    none); `probes` and `expected` to inputs (n, dim) and published outputs (n, dim). `round`: the
+    probes ask for the weights committed in it (an honest service keeps them and answers exactly;
+    one that does not answers with its live weights, held to the thresholds)."""
+    missing = [uid for uid in sorted(probes) if not endpoints.get(uid)]
     if missing:
-        return f"no live service of {hotkey} is registered for expert {', '.join(missing)}", {}
+        return (f"the checkpoint of expert {', '.join(missing)} names no endpoint of a live service "
+                f"(manifest format 1)"), {}
     calls = []
     for uid in sorted(probes):
-        for replica in replicas[uid]:
-            client = clients.get(replica.endpoint, hotkey)
-            future = client.forward(uid, encode(probes[uid].float()), call_id=f"validate-{uuid.uuid4().hex[:12]}",
-                                    step=0, training=False, timeout_s=limits.timeout_s, committed_round=round)
-            calls.append((uid, replica.endpoint, future))
+        endpoint = endpoints[uid]
+        client = clients.get(endpoint, hotkey)   # the answer must be signed by `hotkey`
+        future = client.forward(uid, encode(probes[uid].float()), call_id=f"validate-{uuid.uuid4().hex[:12]}",
+                                step=0, training=False, timeout_s=limits.timeout_s, committed_round=round)
+        calls.append((uid, endpoint, future))
     details: dict[str, list[dict]] = {}
     reason = ""
     for uid, endpoint, future in calls:  # every answer is awaited: none is left running

@@ -6,7 +6,7 @@ chain already checked that the revealed data hashes to the committed digest; it 
 again here, since a validator should not have to trust the chain's Redis.
 
     miners, trunks = round_submissions(chain.commitments(round))
-    states = load_submission(store, miners[0], lm_cfg)      # {uid: SwiGLU state}, or SubmissionError
+    loaded = load_submission(store, miners[0], lm_cfg)   # .states {uid: SwiGLU state}, .endpoints; or SubmissionError
 """
 
 from __future__ import annotations
@@ -93,12 +93,19 @@ def manifests_of(sub: Submission, lm_cfg: LMConfig) -> dict[str, str]:
     return manifests
 
 
-def load_submission(store: ObjectStore, sub: Submission, lm_cfg: LMConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """{uid: SwiGLU state} of every expert the miner revealed, each checkpoint verified (signed by
-    the miner, the committed manifest sha256, this model's expert shape, file digests, tensors).
-    SubmissionError / CheckpointVerificationError when anything fails; StoreError (S3 down) passes."""
+@dataclasses.dataclass(frozen=True)
+class LoadedSubmission:
+    states: dict[str, dict[str, torch.Tensor]]   # uid -> SwiGLU state
+    endpoints: dict[str, str | None]              # uid -> where the miner serves it (its manifest; None: format 1)
+
+
+def load_submission(store: ObjectStore, sub: Submission, lm_cfg: LMConfig) -> LoadedSubmission:
+    """The state of every expert the miner revealed and the endpoint its signed manifest names, each
+    checkpoint verified (signed by the miner, the committed manifest sha256, this model's expert
+    shape, file digests, tensors). SubmissionError / CheckpointVerificationError when anything
+    fails; StoreError (S3 down) passes."""
     dim, inter = lm_cfg.dim, lm_cfg.moe_inter_dim
-    states = {}
+    states, endpoints = {}, {}
     for uid, sha in sorted(manifests_of(sub, lm_cfg).items()):
         key = f"{checkpoint_prefix('expert', uid=uid, hotkey=sub.hotkey, round=sub.round)}/{MANIFEST_NAME}"
         try:
@@ -107,7 +114,8 @@ def load_submission(store: ObjectStore, sub: Submission, lm_cfg: LMConfig) -> di
         except ObjectNotFoundError as e:
             raise SubmissionError(f"checkpoint of expert {uid} revealed by {sub.hotkey} is missing: {e}") from None
         states.update(load_verified_experts(verified, [uid], dim, inter))
-    return states
+        endpoints[uid] = verified.manifest.endpoint
+    return LoadedSubmission(states, endpoints)
 
 
 def load_trunk(store: ObjectStore, sub: Submission, lm_config: dict,

@@ -44,7 +44,6 @@ from subnet.chain.base import Chain
 from subnet.checkpoints import PublishError, latest_global_version
 from subnet.expert_client import ExpertClientPool
 from subnet.object_store import ObjectStore
-from subnet.registry import ExpertRegistry
 from subnet.validation_results import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -54,15 +53,13 @@ class Validator:
     """Validation and merging for one validator hotkey. Thread-safe: worker threads share it."""
 
     def __init__(self, config: ValidatorConfig, identity, chain: Chain, store: ObjectStore, redis_client: redis.Redis,
-                 *, metrics: ValidatorMetrics | None = None, registry: ExpertRegistry | None = None,
-                 clients: ExpertClientPool | None = None):
+                 *, metrics: ValidatorMetrics | None = None, clients: ExpertClientPool | None = None):
         self.config, self.identity, self.chain, self.store, self.redis = config, identity, chain, store, redis_client
         self.metrics = metrics or ValidatorMetrics()
         self.queue = TaskQueue(redis_client, config.key_prefix)
-        self.registry = registry or ExpertRegistry(redis_client)
         self._own_clients = clients is None
         self.clients = clients or ExpertClientPool(identity=identity)
-        self.evaluator = Evaluator(EvalSettings.from_config(config), store, self.registry, self.clients)
+        self.evaluator = Evaluator(EvalSettings.from_config(config), store, self.clients)
         self.merger = Merger(store, identity, config.run_dir, config.merge_top_k, config.merge_outer_lr,
                              config.merge_momentum)
         self.scores_prefix = config.scores_prefix   # the scorer writes <prefix>round:<round>, hotkey -> score

@@ -44,6 +44,7 @@ from subnet.object_store import ObjectNotFoundError, ObjectStore, ObjectTooLarge
 
 DIM, INTER = 8, 16
 SHAPE = config_hash({"dim": DIM, "inter_dim": INTER, "n_experts": 4})
+ENDPOINT = "127.0.0.1:50051"
 torch.set_num_threads(1)
 
 
@@ -61,7 +62,8 @@ def other() -> Keypair:
 def published(object_store, owner):
     """One expert checkpoint of uid 0.1 at round 3: (store, PublishedCheckpoint, SwiGLU)."""
     expert = init_expert("0.1", DIM, INTER, seed=1)
-    pub = publish_experts(object_store, owner, {"0.1": expert}, round=3, parent_version=2, config_hash=SHAPE)[0]
+    pub = publish_experts(object_store, owner, {"0.1": expert}, round=3, parent_version=2, config_hash=SHAPE,
+                          endpoint=ENDPOINT)[0]
     return object_store, pub, expert
 
 
@@ -72,7 +74,8 @@ def _read(store, pub, owner, **kw):
 
 def test_experts_round_trip_verified_and_equal(object_store, owner):
     experts = {uid: init_expert(uid, DIM, INTER, seed=5) for uid in ("0.0", "1.2")}
-    pubs = publish_experts(object_store, owner, experts, round=7, parent_version=None, config_hash=SHAPE)
+    pubs = publish_experts(object_store, owner, experts, round=7, parent_version=None, config_hash=SHAPE,
+                           endpoint=ENDPOINT)
     assert [p.manifest.uid for p in pubs] == ["0.0", "1.2"]
     prefix = f"checkpoints/experts/1.2/{owner.ss58_address}/7"
     assert pubs[1].keys == (f"{prefix}/weights.safetensors", f"{prefix}/manifest.json")
@@ -177,7 +180,7 @@ def test_files_over_the_limit_are_refused_before_download(published, owner, monk
 def test_signed_but_unusable_weights_are_refused(object_store, owner):
     def publish(tensors, uid="0.0"):
         pub = publish_checkpoint(object_store, owner, kind="expert", uid=uid, round=1, parent_version=None,
-                                 config_hash=SHAPE, files={"weights.safetensors": save(tensors)})
+                                 config_hash=SHAPE, files={"weights.safetensors": save(tensors)}, endpoint=ENDPOINT)
         return read_verified(object_store, pub.manifest_key, expected_hotkey=owner.ss58_address)
 
     good = {f"0.0.{k}": v for k, v in init_expert("0.0", DIM, INTER, seed=0).state_dict().items()}

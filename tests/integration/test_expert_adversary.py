@@ -84,10 +84,10 @@ def test_noisy_and_copycat_publish_what_they_should_not(object_store):
 
     # A recovery checkpoint taken while round 2 trains is not where round 2's work is looked up:
     # before the honest miner's commit-phase publish there is nothing to steal.
-    ExpertPublisher(object_store, honest, lambda: weights, DIM, INTER).publish_recovery(2)
+    ExpertPublisher(object_store, honest, lambda: weights, DIM, INTER, "127.0.0.1:50051").publish_recovery(2)
     with pytest.raises(RuntimeError, match="nobody else published"):
         copycat(object_store, cheat.hotkey, UIDS, DIM, INTER, schedule, Block(), wait_s=1)()
-    ExpertPublisher(object_store, honest, lambda: weights, DIM, INTER).publish(2)
+    ExpertPublisher(object_store, honest, lambda: weights, DIM, INTER, "127.0.0.1:50051").publish(2)
     stolen = copycat(object_store, cheat.hotkey, UIDS, DIM, INTER, schedule, Block(), wait_s=2)()
     for uid in UIDS:
         for name, t in weights[uid].items():

@@ -32,6 +32,7 @@ from subnet.sealed import SealError, seal
 
 pytestmark = pytest.mark.integration
 DIM, INTER = 8, 16
+ENDPOINT = "127.0.0.1:50051"   # where the publishing service says it serves
 UIDS = ["0.0", "1.1"]
 
 
@@ -46,7 +47,7 @@ def experts(seed):
 def test_round_publish_reveals_the_manifests_it_wrote(object_store):
     me = Identity.generate()
     current = experts(seed=1)
-    publisher = ExpertPublisher(object_store, me, lambda: current, DIM, INTER)
+    publisher = ExpertPublisher(object_store, me, lambda: current, DIM, INTER, ENDPOINT)
     data = json.loads(publisher.publish(3))
     assert sorted(data) == UIDS
     for uid, sha in data.items():
@@ -58,11 +59,11 @@ def test_round_publish_reveals_the_manifests_it_wrote(object_store):
 
 def test_restart_resumes_from_the_newest_complete_own_checkpoint(object_store):
     me, other = Identity.generate(), Identity.generate()
-    ExpertPublisher(object_store, me, lambda: experts(seed=1), DIM, INTER).publish(1)
-    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
+    ExpertPublisher(object_store, me, lambda: experts(seed=1), DIM, INTER, ENDPOINT).publish(1)
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, ENDPOINT).publish(2)
     # Round 4 is incomplete (one uid only) and another hotkey published round 9: neither is ours to resume.
-    ExpertPublisher(object_store, me, lambda: {"0.0": experts(seed=3)["0.0"]}, DIM, INTER).publish(4)
-    ExpertPublisher(object_store, other, lambda: experts(seed=4), DIM, INTER).publish(9)
+    ExpertPublisher(object_store, me, lambda: {"0.0": experts(seed=3)["0.0"]}, DIM, INTER, ENDPOINT).publish(4)
+    ExpertPublisher(object_store, other, lambda: experts(seed=4), DIM, INTER, ENDPOINT).publish(9)
     assert latest_own_round(object_store, UIDS, me.hotkey) == 2
     round, loaded, parent, moments = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER)
     assert parent is None  # published without a global version behind it
@@ -82,7 +83,7 @@ def test_recovery_checkpoints_record_the_round_still_open_for_commitment():
 
 def test_recovery_checkpoints_stay_out_of_the_rounds_and_cannot_be_passed_off_as_one(object_store):
     me = Identity.generate()
-    ExpertPublisher(object_store, me, lambda: experts(seed=5), DIM, INTER).publish_recovery(7)
+    ExpertPublisher(object_store, me, lambda: experts(seed=5), DIM, INTER, ENDPOINT).publish_recovery(7)
     assert not object_store.list("checkpoints/experts/")  # nothing where a round's submissions are looked up
     for uid in UIDS:
         key = f"checkpoints/recovery/{uid}/{me.hotkey}/manifest.json"
@@ -102,8 +103,8 @@ def test_restart_takes_the_recovery_checkpoint_only_when_it_is_newer(object_stor
     """Recovery taken while round 3 was open beats round 2's checkpoint; taken while round 2 was
     open (before round 2's commit-phase publish) or earlier, it does not."""
     me = Identity.generate()
-    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
-    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(recovery_round)
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, ENDPOINT).publish(2)
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER, ENDPOINT).publish_recovery(recovery_round)
     round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert round == (recovery_round if want_seed == 6 else 2)
     want = experts(seed=want_seed)
@@ -113,8 +114,8 @@ def test_restart_takes_the_recovery_checkpoint_only_when_it_is_newer(object_stor
 
 def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_store, caplog):
     me = Identity.generate()
-    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER).publish(2)
-    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(3)
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, ENDPOINT).publish(2)
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER, ENDPOINT).publish_recovery(3)
     # A crash between the files and the manifest: new weights under the old manifest.
     object_store.put_bytes(f"checkpoints/recovery/1.1/{me.hotkey}/weights.safetensors.sealed", b"torn")
     with caplog.at_level(logging.WARNING):
@@ -127,7 +128,7 @@ def test_a_torn_recovery_checkpoint_is_passed_over_for_the_round_one(object_stor
 
 def test_only_a_recovery_checkpoint_is_enough_to_resume(object_store):
     me = Identity.generate()
-    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER).publish_recovery(0)
+    ExpertPublisher(object_store, me, lambda: experts(seed=6), DIM, INTER, ENDPOINT).publish_recovery(0)
     round, loaded, _, _ = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert round == 0 and sorted(loaded) == UIDS
 
@@ -148,7 +149,7 @@ def test_recovery_checkpoints_carry_the_moments_and_round_ones_do_not(object_sto
     me = Identity.generate()
     modules, moments = trained_with_moments(seed=7)
     states = {uid: m.state_dict() for uid, m in modules.items()}
-    publisher = ExpertPublisher(object_store, me, lambda: states, DIM, INTER,
+    publisher = ExpertPublisher(object_store, me, lambda: states, DIM, INTER, ENDPOINT,
                                 recovery_snapshot=lambda: (states, {"0.0": moments["0.0"]}))
     publisher.publish(1)
     publisher.publish_recovery(2)
@@ -170,9 +171,10 @@ def test_a_round_checkpoint_takes_the_moments_of_a_close_recovery_checkpoint(obj
     me = Identity.generate()
     modules, moments = trained_with_moments(seed=7)
     states = {uid: m.state_dict() for uid, m in modules.items()}
-    ExpertPublisher(object_store, me, lambda: states, DIM, INTER, parent_version=lambda: recovery_parent,
+    ExpertPublisher(object_store, me, lambda: states, DIM, INTER, ENDPOINT, parent_version=lambda: recovery_parent,
                     recovery_snapshot=lambda: (states, moments)).publish_recovery(recovery_round)
-    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, parent_version=lambda: 3).publish(5)
+    ExpertPublisher(object_store, me, lambda: experts(seed=2), DIM, INTER, ENDPOINT,
+                    parent_version=lambda: 3).publish(5)
     found = load_own_checkpoint(object_store, UIDS, me.hotkey, DIM, INTER, recovery_key=key(me))
     assert found.round == 5 and found.parent_version == 3
     want = experts(seed=2)["0.0"].state_dict()["w1.weight"]
@@ -211,7 +213,7 @@ def test_recovery_checkpoints_are_sealed_for_their_own_hotkey(object_store, capl
     me, rival = Identity.generate(), Identity.generate()
     modules, moments = trained_with_moments(seed=9)
     states = {uid: m.state_dict() for uid, m in modules.items()}
-    ExpertPublisher(object_store, me, lambda: states, DIM, INTER,
+    ExpertPublisher(object_store, me, lambda: states, DIM, INTER, ENDPOINT,
                     recovery_snapshot=lambda: (states, moments)).publish_recovery(4)
     manifest_key = f"checkpoints/recovery/0.0/{me.hotkey}/manifest.json"
     verified = read_verified(object_store, manifest_key, expected_hotkey=me.hotkey)   # anyone can check who
@@ -236,7 +238,7 @@ def test_without_the_private_key_bytes_no_recovery_checkpoint_is_written(object_
     from bittensor_wallet import Keypair
     bare = Identity(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()))
     with caplog.at_level(logging.WARNING):
-        publisher = ExpertPublisher(object_store, bare, lambda: experts(seed=1), DIM, INTER)
+        publisher = ExpertPublisher(object_store, bare, lambda: experts(seed=1), DIM, INTER, ENDPOINT)
     assert publisher.publish_recovery(1) is False
     assert object_store.list("checkpoints/recovery/") == []
     assert "recovery checkpoints are off" in caplog.text

@@ -165,7 +165,7 @@ def test_service_validates_and_merges_as_the_chain_moves(make_world):
         _wait(lambda: latest_global_version(w.store) == 1, "global version 1")
     finally:
         service.stop(grace_s=10)
-    assert "no live service" in queue.results(1)[miner.hotkey].reason  # evaluated, not merged
+    assert "unreachable" in queue.results(1)[miner.hotkey].reason  # evaluated, not merged
     assert w.validator.global_model().files[WEIGHTS_FILE] != w.glob.files[WEIGHTS_FILE]  # the router's trunk
     assert queue.redis.xpending(queue.tasks_key, TASK_GROUP)["pending"] == 0
     assert w.validator.metrics.reclaims._value.get() >= 1

@@ -27,6 +27,7 @@ from subnet.chain.signing import commit_payload, digest_of, reveal_payload
 from subnet.checkpoints import publish_experts
 from subnet.expert_weights import save_expert_weights
 from subnet.identity import Identity, WalletConfig, load_identity
+from subnet.registry import ExpertRegistry
 from subnet.rounds import RoundConfig
 
 pytestmark = pytest.mark.integration
@@ -59,6 +60,9 @@ def _pretrained_init(out: Path) -> Path:
     return out / "init"
 
 
+NOBODY = "127.0.0.1:9"   # the endpoint miners without a live service declare: refused at once
+
+
 class World:
     """A local chain on a fake clock, a validator, and helpers to publish and commit as miners."""
 
@@ -87,10 +91,10 @@ class World:
         self.chain.register(identity.hotkey, stake=stake)
         return identity
 
-    def publish(self, miner: Identity, round: int, experts: dict) -> str:
+    def publish(self, miner: Identity, round: int, experts: dict, endpoint: str = NOBODY) -> str:
         cfg = self.glob.lm_cfg
         published = publish_experts(self.store, miner, experts, round=round, parent_version=self.glob.version,
-                                    config_hash=expert_config_hash(cfg.dim, cfg.moe_inter_dim))
+                                    config_hash=expert_config_hash(cfg.dim, cfg.moe_inter_dim), endpoint=endpoint)
         return reveal_data(published)
 
     def commit(self, miner: Identity, round: int, data: str, offset: int = 0) -> None:
@@ -146,8 +150,8 @@ def test_validate_round_scores_unchanged_noisy_copied_and_tampered_miners(world)
     assert abs(r.loss_delta) < 1e-6 and math.isfinite(r.global_loss)
     assert 0.0 <= r.diversity <= 1.0 and 0.0 <= r.active_ratio <= 1.0
     assert set(r.details["shares"]) == set(uids)
-    # No live service serves these experts: the verification gate fails, the numbers remain.
-    assert not r.verified and "no live service" in r.reason
+    # No live service serves these experts where the manifest says: the gate fails, the numbers remain.
+    assert not r.verified and "live service 127.0.0.1:9 of expert" in r.reason and "unreachable" in r.reason
 
     assert results[noisy.hotkey].loss_delta < -0.01
     assert results[noisy.hotkey].copy_of == ""
@@ -230,16 +234,10 @@ def test_a_copy_is_a_copy_even_where_its_source_left_some_experts_untouched(worl
 
 def test_live_service_must_serve_the_published_weights(world, expert_service_factory, tmp_path):
     uids = ["1.0", "1.1"]
-    cfg = world.glob.lm_cfg
-    served = tmp_path / "served.safetensors"
-    save_expert_weights(served, {uid: _module(world.glob.experts[uid], cfg) for uid in uids})
-    service = expert_service_factory(uids, cfg.dim, cfg.moe_inter_dim, env={"EXPERT_CHECKPOINT": str(served)})
-    e = service.env
-    miner = world.miner(load_identity(WalletConfig(name=e["WALLET_NAME"], hotkey=e["WALLET_HOTKEY"],
-                                                   path=e["WALLET_PATH"])))
+    service, miner = _serving_miner(world, expert_service_factory, tmp_path, uids)
 
     def validate(round, states):
-        data = world.publish(miner, round, states)
+        data = world.publish(miner, round, states, endpoint=service.endpoint)
         world.commit(miner, round, data)
         world.reveal_all(round, [(miner, data)])
         return world.validator.validate_round(round, timeout_s=60)[miner.hotkey]
@@ -252,9 +250,42 @@ def test_live_service_must_serve_the_published_weights(world, expert_service_fac
     assert not other.verified and "live service does not serve the published weights" in other.reason
     assert math.isfinite(other.loss_delta)
 
-    service.kill()  # its registry entry outlives it for the TTL: the probe finds nobody there
+    service.kill()  # the endpoint its manifest names: the probe finds nobody there
     gone = validate(3, global_states(world.glob, uids))
     assert not gone.verified and "unreachable" in gone.reason
+
+
+def test_a_rival_writing_the_registry_cannot_fail_a_miners_live_check(world, expert_service_factory, tmp_path,
+                                                                      redis_client):
+    """Every miner can write the registry. Before the live check went by the manifest's endpoint, a rival
+    that deleted a miner's entries ("no live service registered") or added one in its name pointing
+    nowhere ("unreachable") failed it, and the miner scored 0."""
+    uids = ["1.0", "1.1"]
+    service, miner = _serving_miner(world, expert_service_factory, tmp_path, uids)
+    registry = ExpertRegistry(redis_client)
+    for uid in uids:
+        registry.register(uid, "127.0.0.1:9", hotkey=miner.hotkey)       # in its name, pointing nowhere
+    for round in (1, 2):
+        for uid in uids:
+            registry.deregister(uid, service.endpoint)                   # its own entries gone (until it beats)
+        data = world.publish(miner, round, global_states(world.glob, uids), endpoint=service.endpoint)
+        world.commit(miner, round, data)
+        world.reveal_all(round, [(miner, data)])
+        result = world.validator.validate_round(round, timeout_s=60)[miner.hotkey]
+        assert result.verified and result.reason == "", result.reason
+        assert [c["endpoint"] for c in result.details["live"]["1.0"]] == [service.endpoint]
+
+
+def _serving_miner(world, expert_service_factory, tmp_path, uids):
+    """An expert service serving the global weights of `uids`, and its wallet registered as a miner."""
+    cfg = world.glob.lm_cfg
+    served = tmp_path / "served.safetensors"
+    save_expert_weights(served, {uid: _module(world.glob.experts[uid], cfg) for uid in uids})
+    service = expert_service_factory(uids, cfg.dim, cfg.moe_inter_dim, env={"EXPERT_CHECKPOINT": str(served)})
+    e = service.env
+    miner = world.miner(load_identity(WalletConfig(name=e["WALLET_NAME"], hotkey=e["WALLET_HOTKEY"],
+                                                   path=e["WALLET_PATH"])))
+    return service, miner
 
 
 def _module(state, cfg):

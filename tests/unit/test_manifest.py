@@ -15,6 +15,7 @@ from subnet.manifest import (
     canonical_json,
     config_hash,
     parse_manifest,
+    sign_payload,
     verify_config,
     verify_signature,
 )
@@ -32,9 +33,13 @@ def mallory() -> Keypair:
     return Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
 
 
+ENDPOINT = "10.0.0.5:50051"
+
+
 def _manifest(keypair, **overrides):
     kwargs = dict(kind="expert", uid="0.3", files={"weights.safetensors": b"\x00weights"}, round=12,
-                  parent_version=6, config_hash=config_hash(CONFIG), created_at="2025-01-01T00:00:00Z")
+                  parent_version=6, config_hash=config_hash(CONFIG), created_at="2025-01-01T00:00:00Z",
+                  endpoint=ENDPOINT if overrides.get("kind", "expert") == "expert" else None)
     return build_manifest(keypair, **{**kwargs, **overrides})
 
 
@@ -68,7 +73,7 @@ def test_manifest_is_stored_canonically_and_its_digest_covers_the_stored_bytes(a
 def test_signature_covers_every_field(alice):
     m = _manifest(alice)
     for change in ({"round": 13}, {"parent_version": None}, {"uid": "0.4"}, {"created_at": "2030-01-01T00:00:00Z"},
-                   {"config_hash": config_hash({**CONFIG, "dim": 65})}):
+                   {"config_hash": config_hash({**CONFIG, "dim": 65})}, {"endpoint": "10.0.0.6:50051"}):
         tampered = parse_manifest(dataclasses.replace(m, **change).to_bytes())
         with pytest.raises(SignatureError, match="does not verify"):
             verify_signature(tampered, alice.ss58_address)
@@ -114,7 +119,18 @@ def test_config_mismatch_is_refused(alice):
     (lambda o: o.update(uid=None), "uid"),
     (lambda o: o.update(uid="../0.3"), "uid"),
     (lambda o: o.update(version=3), "version"),
-    (lambda o: o.update(format_version=2), "format"),
+    (lambda o: o.update(format_version=3), "format"),
+    (lambda o: o.update(format_version=True), "format"),
+    (lambda o: o.update(format_version=1), "unexpected fields"),   # format 1 has no endpoint
+    (lambda o: o.pop("endpoint"), "missing fields"),
+    (lambda o: o.update(endpoint=None), "endpoint"),
+    (lambda o: o.update(endpoint="10.0.0.5"), "endpoint"),
+    (lambda o: o.update(endpoint="10.0.0.5:0"), "endpoint"),
+    (lambda o: o.update(endpoint="10.0.0.5:70000"), "endpoint"),
+    (lambda o: o.update(endpoint="a b:50051"), "endpoint"),
+    (lambda o: o.update(endpoint="http://x:1/"), "endpoint"),
+    (lambda o: o.update(endpoint=["10.0.0.5:50051"]), "endpoint"),
+    (lambda o: o.update(kind="recovery", endpoint=ENDPOINT), "endpoint"),
     (lambda o: o.update(files={}), "files"),
     (lambda o: o.update(files={"../escape": {"sha256": "0" * 64, "size": 1}}), "file name"),
     (lambda o: o.update(files={"manifest.json": {"sha256": "0" * 64, "size": 1}}), "file name"),
@@ -142,3 +158,21 @@ def test_publisher_gets_the_readers_error_before_uploading(alice):
         _manifest(alice, files={"a/b": b""})
     global_manifest = _manifest(alice, kind="global", uid=None, version=7)
     assert parse_manifest(global_manifest.to_bytes()).version == 7
+
+
+def test_endpoints_a_publisher_may_name(alice):
+    for endpoint in ("expert-0:50051", "10.0.0.5:1", "[::1]:65535", "expert-1.moe-subnet.svc.cluster.local:50051"):
+        assert parse_manifest(_manifest(alice, endpoint=endpoint).to_bytes()).endpoint == endpoint
+
+
+def test_a_format_1_manifest_still_parses_and_verifies_and_names_no_endpoint(alice):
+    """Written before the endpoint existed: its signature covers the fields it has, and no other."""
+    unsigned = dataclasses.replace(_manifest(alice), format_version=1, endpoint=None, signature="")
+    assert "endpoint" not in unsigned.payload()
+    old = dataclasses.replace(unsigned, signature=sign_payload(alice, unsigned.payload()))
+    parsed = parse_manifest(old.to_bytes())
+    assert parsed.format_version == 1 and parsed.endpoint is None
+    verify_signature(parsed, alice.ss58_address)
+    # Declaring an endpoint in it afterwards breaks the signature, as any other change does.
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_signature(dataclasses.replace(parsed, format_version=2, endpoint=ENDPOINT), alice.ss58_address)
