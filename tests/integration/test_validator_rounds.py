@@ -276,6 +276,24 @@ def test_a_rival_writing_the_registry_cannot_fail_a_miners_live_check(world, exp
         assert [c["endpoint"] for c in result.details["live"]["1.0"]] == [service.endpoint]
 
 
+def test_a_miner_that_names_another_miners_endpoint_fails_the_live_check(world, expert_service_factory, tmp_path):
+    """The endpoint is the publisher's own word: naming a rival's service (which serves exactly the weights
+    it copied) gets the probe addressed to its own hotkey there, which that service refuses."""
+    uids = ["1.0", "1.1"]
+    service, owner = _serving_miner(world, expert_service_factory, tmp_path, uids)
+    squatter = world.miner()
+    states = global_states(world.glob, uids)
+    reveals = [(owner, world.publish(owner, 1, states, endpoint=service.endpoint)),
+               (squatter, world.publish(squatter, 1, states, endpoint=service.endpoint))]
+    for offset, (miner, data) in enumerate(reveals):
+        world.commit(miner, 1, data, offset=offset)
+    world.reveal_all(1, reveals)
+    results = world.validator.validate_round(1, timeout_s=60)
+    assert results[owner.hotkey].verified, results[owner.hotkey].reason
+    assert not results[squatter.hotkey].verified
+    assert f"live service {service.endpoint} of expert 1.0" in results[squatter.hotkey].reason
+
+
 def _serving_miner(world, expert_service_factory, tmp_path, uids):
     """An expert service serving the global weights of `uids`, and its wallet registered as a miner."""
     cfg = world.glob.lm_cfg
