@@ -13,6 +13,14 @@ bytes that are not UTF-8, a missing, non-numeric or negative field, or a uid and
 than its key's is skipped (counted in
 `ExpertRegistry.skipped`, logged once per key and reason per `SKIP_LOG_INTERVAL_S`,
 truncated) and every other entry is still returned. Only Redis itself failing raises.
+
+Signed entries: a service with a hotkey signs each entry (field `sig`, sr25519 over
+`entry_payload`), and a reader built with `require_signed=True` (the router with AUTH_MODE=on)
+skips entries that are unsigned, signed by another key than the hotkey they name, or older than
+`max_age_s` (a copy of someone's old entry). So an entry is its hotkey's own word: a miner cannot
+list endpoints in a rival's name, and what a replica does is held against the hotkey that
+advertised it (the scorer's bans apply). Entries can still be deleted by anyone who can write
+the registry; the routers keep a replica they saw for ROUTER_REGISTRY_GRACE_S.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from dataclasses import dataclass
 
 import redis
 
+from subnet.identity import verify_signature
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "moe:expert:"
@@ -33,6 +43,8 @@ SKIP_LOG_INTERVAL_S = 300.0  # a bad entry is logged again after this long if it
 _SHOW_CHARS = 200            # how much of a hostile key a log line may quote (keys can be megabytes)
 _SHOW_ENTRIES = 10           # new bad entries logged one per line per read; the rest only counted
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+_VERIFIED_CACHE = 4096       # (key, signature) pairs remembered as checked: an unchanged entry is verified once
+DEFAULT_MAX_AGE_S = 60.0     # a signed entry refreshed less recently is skipped (clocks may differ by seconds)
 
 
 @dataclass(frozen=True)
@@ -51,25 +63,49 @@ def replica_key(uid: str, endpoint: str, prefix: str = KEY_PREFIX) -> str:
     return f"{prefix}{uid}:{endpoint}"
 
 
+def entry_payload(uid: str, endpoint: str, hotkey: str, load: int, version: int, updated_ms: int) -> bytes:
+    """The bytes a registry entry's `sig` signs: every field, in a fixed order."""
+    return "\n".join(["moe-registry/v1", uid, endpoint, hotkey, str(int(load)), str(int(version)),
+                      str(int(updated_ms))]).encode()
+
+
 class ExpertRegistry:
     """Register, refresh, remove and list expert replicas. Besides the client it holds only the
     count of skipped entries and when each bad key was last logged. Thread-safe."""
 
-    def __init__(self, redis_client: redis.Redis, ttl_s: float = 10.0, prefix: str = KEY_PREFIX):
+    def __init__(self, redis_client: redis.Redis, ttl_s: float = 10.0, prefix: str = KEY_PREFIX,
+                 require_signed: bool = False, max_age_s: float = DEFAULT_MAX_AGE_S):
+        """`require_signed`: reads skip entries that their hotkey did not sign, or signed more than
+        `max_age_s` ago."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if max_age_s <= 0:
+            raise ValueError(f"max_age_s must be positive, got {max_age_s}")
         self.redis = redis_client
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.require_signed, self.max_age_s = require_signed, max_age_s
+        self._verified: dict[tuple[bytes, str], bool] = {}   # (signed payload, signature) -> valid
         self.skipped = 0  # unusable entries skipped by reads so far (one per entry per read)
         self._logged: dict[bytes, tuple[str, float]] = {}  # bad key -> (reason, when last logged)
         self._lock = threading.Lock()
 
-    def register(self, uid: str, endpoint: str, hotkey: str = "", load: int = 0, version: int = 0) -> None:
-        """Create or refresh the replica's hash and reset its TTL (one round trip)."""
+    def register(self, uid: str, endpoint: str, hotkey: str = "", load: int = 0, version: int = 0,
+                 signer=None) -> None:
+        """Create or refresh the replica's hash and reset its TTL (one round trip). `signer` (an
+        Identity: `.hotkey`, `.sign(bytes)`) signs the entry; its hotkey is the entry's."""
         key = replica_key(uid, endpoint, self.prefix)
+        if signer is not None:
+            if hotkey and hotkey != signer.hotkey:
+                raise ValueError(f"entry names hotkey {hotkey} but {signer.hotkey} signs it")
+            hotkey = signer.hotkey
         fields = {"endpoint": endpoint, "uid": uid, "hotkey": hotkey, "load": int(load),
                   "version": int(version), "updated_ms": int(time.time() * 1000)}
+        if signer is not None:
+            fields["sig"] = signer.sign(entry_payload(uid, endpoint, hotkey, fields["load"], fields["version"],
+                                                      fields["updated_ms"])).hex()
+        else:
+            fields["sig"] = ""   # a refreshed entry must not keep an older signature
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.pexpire(key, int(self.ttl_s * 1000))
@@ -115,6 +151,8 @@ class ExpertRegistry:
                     (key if isinstance(key, bytes) else key.encode()):
                 # replicas(uid) scans by the key: an entry must not claim another expert or endpoint there.
                 replica = "its uid and endpoint do not match its key"
+            if isinstance(replica, Replica) and self.require_signed:
+                replica = self._check_signed(raw, replica)
             if isinstance(replica, Replica):
                 out.append(replica)
             else:
@@ -122,6 +160,30 @@ class ExpertRegistry:
         if skipped:
             self._note_skipped(skipped)
         return out
+
+    def _check_signed(self, raw: dict, replica: Replica) -> Replica | str:
+        sig = raw.get(b"sig", raw.get("sig", b""))
+        sig = sig.decode("ascii", "replace") if isinstance(sig, bytes) else str(sig)
+        if not sig:
+            return "not signed (this reader takes signed entries only)"
+        if time.time() * 1000 - replica.updated_ms > self.max_age_s * 1000:
+            return f"signed more than {self.max_age_s:g} s ago"
+        payload = entry_payload(replica.uid, replica.endpoint, replica.hotkey, replica.load, replica.version,
+                                replica.updated_ms)
+        cache_key = (payload, sig)   # what is signed and the signature: any change is checked anew
+        with self._lock:
+            known = self._verified.get(cache_key)
+        if known is None:
+            try:
+                signature = bytes.fromhex(sig)
+            except ValueError:
+                signature = b""
+            known = bool(replica.hotkey) and verify_signature(replica.hotkey, payload, signature)
+            with self._lock:
+                if len(self._verified) >= _VERIFIED_CACHE:
+                    self._verified.clear()
+                self._verified[cache_key] = known
+        return replica if known else "its signature is not its hotkey's"
 
     def _note_skipped(self, skipped: list[tuple[bytes, str]]) -> None:
         """Count the skipped entries; log those not logged with the same reason within
@@ -187,8 +249,10 @@ class Heartbeat:
 
     def __init__(self, registry: ExpertRegistry,
                  entries: Iterable[HeartbeatEntry | tuple[str, str, Callable[[], int]]],
-                 hotkey: str = "", interval_s: float | None = None):
+                 hotkey: str = "", interval_s: float | None = None, signer=None):
+        """`signer` (the service's Identity) signs every entry at every beat."""
         self.registry = registry
+        self.signer = signer
         self.entries = [e if isinstance(e, HeartbeatEntry) else HeartbeatEntry(*e) for e in entries]
         self.hotkey = hotkey
         self.interval_s = interval_s if interval_s is not None else registry.ttl_s / 3
@@ -222,7 +286,7 @@ class Heartbeat:
                 return
             for e in self.entries:
                 self.registry.register(e.uid, e.endpoint, hotkey=self.hotkey, load=e.load(),
-                                       version=e.version())
+                                       version=e.version(), signer=self.signer)
             self.beats += 1
 
     async def stop(self, deregister: bool = True) -> None:

@@ -321,7 +321,9 @@ class ExpertServer:
         entries = [HeartbeatEntry(uid, endpoint, load=lambda u=uid: self.batcher.queued_tokens(u),
                                   version=lambda u=uid: self.backend.version(u))
                    for uid in c.uids]
-        self.heartbeat = Heartbeat(registry, entries, hotkey=self.identity.hotkey if self.identity else "")
+        # Signed with the service's hotkey when it has one: routers with AUTH_MODE=on take signed entries only.
+        self.heartbeat = Heartbeat(registry, entries, hotkey=self.identity.hotkey if self.identity else "",
+                                   signer=self.identity)
         await self.heartbeat.start()
 
     async def _sweep_forever(self) -> None:

@@ -53,7 +53,8 @@ class RemoteParts:
         identity = service_identity(config.auth, config.wallet, identity, what="router")
         # Timeouts: a stalled Redis must fail a registry read, not hang the router's training.
         client = redis.Redis.from_url(config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        registry = ExpertRegistry(client)
+        # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
+        registry = ExpertRegistry(client, require_signed=config.auth.enabled)
         replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
