@@ -200,6 +200,9 @@ def test_the_compose_redis_command_runs_and_keeps_miners_off_the_scores(tmp_path
         assert client("router").hgetall("moe:expert:0.0:expert-0:50051") == {b"uid": b"0.0"}
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).ping()
+        # What miners write is bounded, and past the bound writes fail instead of evicting the scores.
+        assert scorer.config_get("maxmemory") == {"maxmemory": str(768 << 20)}
+        assert scorer.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
     finally:
         process.terminate()
         process.wait(10)

@@ -400,6 +400,17 @@ def chain_of_the_miners() -> set[str]:
     return {o.env.get("CHAIN", "") for o in our_containers() if o.module == "services.expert"}
 
 
+def test_what_miners_write_to_redis_is_bounded_below_its_memory_limit():
+    c = redis_container()
+    words = c.get("command", []) + c.get("args", [])
+    assert option(words, "--maxmemory-policy") == "noeviction", "past the bound, refuse writes; never evict scores"
+    value = option(words, "--maxmemory")
+    assert value and value.endswith("mb"), words
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert int(value[:-2]) < int(limit[:-2]) * 1024, f"--maxmemory {value} must leave room under the {limit} limit"
+
+
 def test_redis_requires_a_password_and_restricts_the_miners_to_their_keys():
     """The miners share Redis with the validation queue and the scores: the user `miner` has
     exactly the rules of subnet/redis_acl.py, the default user a password, both from the Secret."""
