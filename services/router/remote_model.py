@@ -22,11 +22,14 @@ from moe.experts import ROUTED_EXPERT_KEY, expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
+from services.router.registered import RegisteredReplicas
 from services.router.remote_experts import RemoteExpertGroup
 from services.router.replicas import ReplicaSet
 from services.router.scores import RedisScores
 from services.router.tracing import ExpertCallTracer
 from subnet.auth import service_identity
+from subnet.auth.policy import ChainPolicy
+from subnet.chain.config import open_chain
 from subnet.expert_client import ChannelSettings, ExpertClientPool
 from subnet.expert_weights import save_expert_weights
 from subnet.identity import Identity
@@ -44,6 +47,7 @@ class RemoteParts:
     metrics: RouterMetrics
     tracer: ExpertCallTracer
     identity: Identity | None = None
+    registered: RegisteredReplicas | None = None   # ROUTER_REGISTERED_EXPERTS_ONLY's filter (its metagraph thread)
 
     @classmethod
     def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None,
@@ -55,7 +59,12 @@ class RemoteParts:
         client = redis.Redis.from_url(config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
         registry = ExpertRegistry(client, require_signed=config.auth.enabled)
-        replicas = ReplicaSet(registry, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
+        source = registry
+        if config.registered_only:   # only hotkeys registered on the chain (services/router/registered.py)
+            chain = open_chain(config.chain, config.rounds.schedule())
+            source = RegisteredReplicas(registry, ChainPolicy(chain, require_validator_permit=False,
+                                                              refresh_s=config.auth.chain_refresh_s).start())
+        replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
                               if config.follow_scores else None,
@@ -66,10 +75,13 @@ class RemoteParts:
         metrics = metrics or RouterMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)
-        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity)
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity,
+                   source if isinstance(source, RegisteredReplicas) else None)
 
     def close(self) -> None:
         self.replicas.stop()
+        if self.registered is not None:
+            self.registered.stop()
         self.clients.close()
 
 

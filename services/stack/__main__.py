@@ -92,6 +92,8 @@ def _router_env(cfg, redis_url: str, wallets, subnet_env: dict[str, str]) -> dic
     return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
             "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
             "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s),
+            # Every miner is registered before the router starts: route to registered hotkeys only.
+            "ROUTER_REGISTERED_EXPERTS_ONLY": "1",
             **wallets.env("stack-router", allow=wallets.client.hotkey), **subnet_env}
 
 
