@@ -74,9 +74,11 @@ class ExpertRegistry:
     count of skipped entries and when each bad key was last logged. Thread-safe."""
 
     def __init__(self, redis_client: redis.Redis, ttl_s: float = 10.0, prefix: str = KEY_PREFIX,
-                 require_signed: bool = False, max_age_s: float = DEFAULT_MAX_AGE_S):
+                 require_signed: bool = False, max_age_s: float = DEFAULT_MAX_AGE_S,
+                 on_skip: Callable[[str], None] = lambda category: None):
         """`require_signed`: reads skip entries that their hotkey did not sign, or signed more than
-        `max_age_s` ago."""
+        `max_age_s` ago. `on_skip(category)`: once per skipped entry and read, with one of
+        SKIP_CATEGORIES (for metrics)."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         if max_age_s <= 0:
@@ -85,6 +87,7 @@ class ExpertRegistry:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.require_signed, self.max_age_s = require_signed, max_age_s
+        self.on_skip = on_skip
         self._verified: dict[tuple[bytes, str], bool] = {}   # (signed payload, signature) -> valid
         self.skipped = 0  # unusable entries skipped by reads so far (one per entry per read)
         self._logged: dict[bytes, tuple[str, float]] = {}  # bad key -> (reason, when last logged)
@@ -188,6 +191,8 @@ class ExpertRegistry:
     def _note_skipped(self, skipped: list[tuple[bytes, str]]) -> None:
         """Count the skipped entries; log those not logged with the same reason within
         SKIP_LOG_INTERVAL_S, so a bad key costs one line per interval, not one per read."""
+        for _, why in skipped:
+            self.on_skip(skip_category(why))
         now = time.monotonic()
         with self._lock:
             self.skipped += len(skipped)
@@ -200,6 +205,21 @@ class ExpertRegistry:
             log.warning("skipping unusable registry entry %s: %s", _show(k), why)
         if len(new) > _SHOW_ENTRIES:
             log.warning("skipping %d more unusable registry entries (not listed)", len(new) - _SHOW_ENTRIES)
+
+
+SKIP_CATEGORIES = ("malformed", "unsigned", "forged", "stale")
+
+
+def skip_category(reason: str) -> str:
+    """The metric label of a skip reason: `unsigned`, `forged` (a signature that is not the named
+    hotkey's: another key, or an altered entry), `stale` (signed too long ago), else `malformed`."""
+    if reason.startswith("not signed"):
+        return "unsigned"
+    if reason.startswith("its signature"):
+        return "forged"
+    if reason.startswith("signed more than"):
+        return "stale"
+    return "malformed"
 
 
 def _show(value: bytes | str) -> str:

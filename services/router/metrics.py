@@ -54,6 +54,11 @@ class RouterMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.training_loss = Gauge(
             "router_training_loss", "Training loss of the last step.", registry=self.registry)
+        self.registry_skipped = Counter(
+            "router_registry_entries_skipped",
+            "Registry entries left out of a read, once per entry and read (every ROUTER_REGISTRY_REFRESH_S), by "
+            "why: malformed, unsigned, forged (not the named hotkey's signature), stale, unregistered.",
+            ["reason"], registry=self.registry)
         self.auth_rejections = Counter(
             "router_auth_rejections", "Generate/Logits requests refused by signature checks, by reason.",
             ["reason"], registry=self.registry)

@@ -16,7 +16,7 @@ Fails closed: until the metagraph has been read once, no replica is routable.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from subnet.auth.policy import ChainPolicy
 from subnet.log_throttle import LogThrottle
@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 class RegisteredReplicas:
     """A ReplicaSource (`all_replicas()`) keeping only the replicas whose hotkey `policy` admits."""
 
-    def __init__(self, source, policy: ChainPolicy, log_interval_s: float = 60.0):
-        self.source, self.policy = source, policy
+    def __init__(self, source, policy: ChainPolicy, log_interval_s: float = 60.0,
+                 on_skip: Callable[[str], None] = lambda category: None):
+        """`on_skip("unregistered")`: once per replica left out, per read (for metrics)."""
+        self.source, self.policy, self.on_skip = source, policy, on_skip
         self.skipped = 0   # replicas left out so far, one per replica per read
         self._throttle = LogThrottle(log_interval_s)
 
@@ -44,6 +46,7 @@ class RegisteredReplicas:
                     kept.append(r)
                 else:
                     left_out[r.hotkey] = why
+                    self.on_skip("unregistered")
             if kept:
                 out[uid] = kept
         if left_out:

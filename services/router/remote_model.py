@@ -57,13 +57,19 @@ class RemoteParts:
         identity = service_identity(config.auth, config.wallet, identity, what="router")
         # Timeouts: a stalled Redis must fail a registry read, not hang the router's training.
         client = redis.Redis.from_url(config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        metrics = metrics or RouterMetrics()
+
+        def count_skipped(reason: str) -> None:   # router_registry_entries_skipped{reason}
+            metrics.registry_skipped.labels(reason).inc()
+
         # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
-        registry = ExpertRegistry(client, require_signed=config.auth.enabled)
+        registry = ExpertRegistry(client, require_signed=config.auth.enabled, on_skip=count_skipped)
         source = registry
         if config.registered_only:   # only hotkeys registered on the chain (services/router/registered.py)
             chain = open_chain(config.chain, config.rounds.schedule())
             source = RegisteredReplicas(registry, ChainPolicy(chain, require_validator_permit=False,
-                                                              refresh_s=config.auth.chain_refresh_s).start())
+                                                              refresh_s=config.auth.chain_refresh_s).start(),
+                                        on_skip=count_skipped)
         replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
@@ -72,7 +78,6 @@ class RemoteParts:
                               explore=config.explore).start()
         clients = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity,
                                    hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
-        metrics = metrics or RouterMetrics()
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)
         return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity,

@@ -38,12 +38,13 @@ def test_only_registered_hotkeys_are_routable(world):
     registry.register("0.1", "10.0.0.2:50051", signer=SYBIL)     # signed, but never registered
     registry.register("0.2", "10.0.0.2:50051", signer=SYBIL)
     policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=3600).start()
-    source = RegisteredReplicas(registry, policy)
+    seen = []
+    source = RegisteredReplicas(registry, policy, on_skip=seen.append)
     try:
         replicas = ReplicaSet(source, refresh_s=0.0)
         assert [r.endpoint for r in replicas.replicas("0.1")] == ["10.0.0.1:50051"]
         assert replicas.choose("0.2") is None
-        assert source.skipped >= 1       # the Sybil's hotkey
+        assert source.skipped >= 1 and set(seen) == {"unregistered"}   # the Sybil's replicas
         chain.register(SYBIL.hotkey)     # registered now: routable after the next metagraph read
         assert policy.refresh()
         assert sorted(r.endpoint for r in replicas.replicas("0.1")) == ["10.0.0.1:50051", "10.0.0.2:50051"]

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import redis
 
 import subnet.registry as registry_module
 from subnet.identity import Identity
@@ -96,3 +97,44 @@ def test_a_heartbeat_with_a_signer_signs_every_beat(writer, reader):
         return found, beat.beats
     found, beats = asyncio.run(run())
     assert beats >= 2 and [(r.endpoint, r.load, r.hotkey) for r in found] == [("10.0.0.1:50051", 5, HONEST.hotkey)]
+
+
+def test_each_skipped_entry_is_reported_with_its_category(redis_client, prefix, writer):
+    """What router_registry_entries_skipped_total{reason} counts (and MoeRegistryEntriesRefused alerts on)."""
+    seen = []
+    reader = ExpertRegistry(redis_client, prefix=prefix, require_signed=True, on_skip=seen.append)
+    writer.register("0.1", "10.0.0.1:50051", signer=HONEST)                       # kept
+    writer.register("0.1", "10.0.0.2:50051", hotkey=HONEST.hotkey)               # unsigned
+    writer.register("0.1", "10.0.0.3:50051", signer=RIVAL)
+    redis_client.hset(replica_key("0.1", "10.0.0.3:50051", prefix), "hotkey", HONEST.hotkey)   # forged
+    old = {"uid": "0.1", "endpoint": "10.0.0.4:50051", "hotkey": HONEST.hotkey, "load": 0, "version": 0,
+           "updated_ms": int((time.time() - 2 * reader.max_age_s) * 1000)}
+    redis_client.hset(replica_key("0.1", "10.0.0.4:50051", prefix),
+                      mapping={**old, "sig": HONEST.sign(entry_payload(**old)).hex()})     # stale
+    redis_client.hset(replica_key("0.1", "10.0.0.5:50051", prefix), mapping={"uid": "0.1"})   # malformed
+    assert [r.endpoint for r in reader.replicas("0.1")] == ["10.0.0.1:50051"]
+    assert sorted(seen) == ["forged", "malformed", "stale", "unsigned"]
+    reader.replicas("0.1")
+    assert len(seen) == 8   # once per entry and read
+
+
+def test_the_router_counts_what_it_leaves_out_in_its_metrics():
+    """The wiring behind router_registry_entries_skipped_total: a router (AUTH_MODE=on) reading a
+    registry with one unsigned entry, on a Redis of its own (the default key prefix)."""
+    from services.router.config import RouterConfig
+    from services.router.remote_model import RemoteParts
+    from subnet.dev.redis_server import RedisServer
+    from subnet.envconfig import from_env
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        ExpertRegistry(client).register("0.1", "10.0.0.1:50051", hotkey=HONEST.hotkey)        # unsigned
+        ExpertRegistry(client).register("0.1", "10.0.0.2:50051", signer=HONEST)
+        parts = RemoteParts.connect(from_env(RouterConfig, {"REDIS_URL": server.url, "ROUTER_FOLLOW_SCORES": "0"}),
+                                    identity=RIVAL)
+        try:
+            assert [r.endpoint for r in parts.replicas.replicas("0.1")] == ["10.0.0.2:50051"]
+            assert parts.metrics.registry_skipped.labels("unsigned")._value.get() >= 1
+            assert parts.metrics.registry_skipped.labels("forged")._value.get() == 0
+        finally:
+            parts.close()
