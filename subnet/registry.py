@@ -45,6 +45,7 @@ _SHOW_ENTRIES = 10           # new bad entries logged one per line per read; the
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 _VERIFIED_CACHE = 4096       # (key, signature) pairs remembered as checked: an unchanged entry is verified once
 DEFAULT_MAX_AGE_S = 60.0     # a signed entry refreshed less recently is skipped (clocks may differ by seconds)
+_MAX_CHARS = {"uid": 64, "endpoint": 300, "hotkey": 64, "sig": 128}   # an sr25519 signature is 128 hex digits
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class ExpertRegistry:
         sig = sig.decode("ascii", "replace") if isinstance(sig, bytes) else str(sig)
         if not sig:
             return "not signed (this reader takes signed entries only)"
+        if len(sig) != 128:
+            return "its signature is not its hotkey's (not 64 bytes)"
         if time.time() * 1000 - replica.updated_ms > self.max_age_s * 1000:
             return f"signed more than {self.max_age_s:g} s ago"
         payload = entry_payload(replica.uid, replica.endpoint, replica.hotkey, replica.load, replica.version,
@@ -239,6 +242,9 @@ def _parse(raw: dict) -> Replica | str:
     for name in ("uid", "endpoint"):
         if name not in h:
             return f"no {name!r} field"
+    for name, limit in _MAX_CHARS.items():   # what a reader keeps (and caches) stays small
+        if len(h.get(name, "")) > limit:
+            return f"{name!r} is longer than {limit} characters"
     numbers = {}
     for name in ("load", "version", "updated_ms"):
         try:

@@ -138,3 +138,20 @@ def test_the_router_counts_what_it_leaves_out_in_its_metrics():
             assert parts.metrics.registry_skipped.labels("forged")._value.get() == 0
         finally:
             parts.close()
+
+
+@pytest.mark.parametrize("field, value", [("sig", "ab" * 5000), ("uid", "9" * 100), ("endpoint", "h" * 400 + ":1"),
+                                          ("hotkey", "5" * 1000)])
+def test_oversized_fields_are_skipped_and_not_remembered(writer, reader, redis_client, field, value):
+    """Whatever a miner writes, a reader keeps at most a small payload per entry in its cache."""
+    key = replica_key("0.1", "10.0.0.1:50051", writer.prefix)
+    writer.register("0.1", "10.0.0.1:50051", signer=HONEST)
+    if field == "uid":   # a huge uid lives under a key of its own
+        key = replica_key(value, "10.0.0.1:50051", writer.prefix)
+        redis_client.hset(key, mapping={"uid": value, "endpoint": "10.0.0.1:50051", "hotkey": HONEST.hotkey,
+                                        "sig": "00" * 64})
+        assert reader.replicas(value) == []
+    else:
+        redis_client.hset(key, field, value)
+        assert reader.replicas("0.1") == []
+    assert all(len(payload) < 1024 for payload, _ in reader._verified)
