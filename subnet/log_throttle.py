@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class LogThrottle:
     """Thread-safe: the sync gRPC servers note events from their worker threads."""
 
-    def __init__(self, interval_s: float):
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic):
         self.interval_s = interval_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._logged_at = float("-inf")
         self._unlogged = 0
 
     def due(self) -> int | None:
         """None: do not log this one (it is counted); else log it, with this many left out since the last."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if now - self._logged_at < self.interval_s:
                 self._unlogged += 1

@@ -61,6 +61,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
                 413: "invalid_request_error", 503: "server_error"}
 _METHODS = {"/v1/completions": "POST", "/health": "GET", "/model_info": "GET"}   # each route's `Allow`
+_ROUTES = ", ".join(f"{method} {path}" for path, method in _METHODS.items())    # for "no route" answers
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
                                         "model": self.api.model_name})
             if path == "/v1/completions":
                 return self._error(405, "use POST for /v1/completions", [("Allow", "POST")])
-            return self._error(404, f"no route {path}: try POST /v1/completions, GET /health, GET /model_info")
+            return self._error(404, f"no route {path}: try {_ROUTES}")
 
     def do_POST(self):
         path = self.path.split("?", 1)[0]
@@ -219,8 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._drain(self._length())   # an unread body would reset the connection before the answer
             allowed = _METHODS.get(path)
             if allowed is None:
-                return self._error(404, f"no route {self.command} {path}: try POST /v1/completions, "
-                                        f"GET /health, GET /model_info")
+                return self._error(404, f"no route {self.command} {path}: try {_ROUTES}")
             return self._error(405, f"{self.command} is not allowed on {path}: use {allowed}", [("Allow", allowed)])
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed

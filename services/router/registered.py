@@ -38,6 +38,7 @@ class RegisteredReplicas:
     def all_replicas(self) -> Mapping[str, Sequence[Replica]]:
         out: dict[str, list[Replica]] = {}
         left_out: dict[str, str] = {}   # hotkey -> why
+        skipped = 0
         for uid, replicas in self.source.all_replicas().items():
             kept = []
             for r in replicas:
@@ -46,11 +47,12 @@ class RegisteredReplicas:
                     kept.append(r)
                 else:
                     left_out[r.hotkey] = why
+                    skipped += 1
                     self.on_skip("unregistered")
             if kept:
                 out[uid] = kept
         if left_out:
-            self.skipped += len(left_out)
+            self.skipped += skipped
             if self._throttle.due() is not None:
                 hotkey, why = next(iter(left_out.items()))
                 log.warning("routing around the replicas of %d hotkey(s) the chain does not admit, e.g. %r: %s",

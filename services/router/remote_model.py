@@ -64,12 +64,11 @@ class RemoteParts:
 
         # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
         registry = ExpertRegistry(client, require_signed=config.auth.enabled, on_skip=count_skipped)
-        source = registry
+        source, registered = registry, None
         if config.registered_only:   # only hotkeys registered on the chain (services/router/registered.py)
-            chain = open_chain(config.chain, config.rounds.schedule())
-            source = RegisteredReplicas(registry, ChainPolicy(chain, require_validator_permit=False,
-                                                              refresh_s=config.auth.chain_refresh_s).start(),
-                                        on_skip=count_skipped)
+            policy = ChainPolicy(open_chain(config.chain, config.rounds.schedule()), require_validator_permit=False,
+                                 refresh_s=config.auth.chain_refresh_s).start()
+            source = registered = RegisteredReplicas(registry, policy, on_skip=count_skipped)
         replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
@@ -80,8 +79,7 @@ class RemoteParts:
                                    hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)
-        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity,
-                   source if isinstance(source, RegisteredReplicas) else None)
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity, registered)
 
     def close(self) -> None:
         self.replicas.stop()

@@ -51,6 +51,8 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from subnet.log_throttle import LogThrottle
+
 if TYPE_CHECKING:
     from subnet.registry import Replica
 
@@ -88,7 +90,7 @@ class ReplicaSet:
         self._refresh_s = refresh_s
         self._suspect_s = suspect_s
         self._clock = clock
-        self._scores_logged_at = float("-inf")   # when "scores unavailable" was last logged
+        self._scores_log = LogThrottle(REGISTRY_DOWN_LOG_S, clock=clock)   # "scores unavailable": not once per refresh
         self._lock = threading.Lock()
         self._snapshot: dict[str, list[Replica]] = {}
         self._hotkeys: dict[str, str] = {}   # endpoint -> hotkey, from the same snapshot
@@ -176,9 +178,7 @@ class ReplicaSet:
         try:
             ema, banned = self._scores.scores()
         except Exception as e:  # keep the last scores; routing must not depend on the scorer being up
-            now = self._clock()
-            if now - self._scores_logged_at >= REGISTRY_DOWN_LOG_S:   # not once per refresh
-                self._scores_logged_at = now
+            if self._scores_log.due() is not None:
                 log.warning("scores unavailable (%s: %s); keeping the last ones", type(e).__name__, str(e)[:200])
             return None, frozenset()
         parsed = {}

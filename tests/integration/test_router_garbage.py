@@ -21,6 +21,7 @@ from services.router.servicer import RouterServicer
 from subnet.auth import AuthConfig, SigningChannel, sign_metadata
 from subnet.identity import Identity, WalletConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
+from tests.raw_grpc import raw_call
 
 pytestmark = pytest.mark.integration
 Code = grpc.StatusCode
@@ -62,16 +63,6 @@ def model():
     return MoELM(preset("tiny", vocab_size=64, block_size=16))
 
 
-def _send(channel, method: str, body: bytes, streamed: bool, metadata=()):
-    call = (channel.unary_stream if streamed else channel.unary_unary)(
-        method, request_serializer=None, response_deserializer=None)
-    try:
-        answer = call(body, timeout=10, metadata=metadata)
-        return list(answer) if streamed else answer
-    except grpc.RpcError as e:
-        return e
-
-
 @pytest.mark.parametrize("mode", ["auth off", "auth on", "auth on, open generate"])
 def test_garbage_is_invalid_argument_and_logs_no_traceback(model, client_identity, caplog, mode):
     caplog.set_level(logging.INFO)
@@ -95,7 +86,7 @@ def test_garbage_is_invalid_argument_and_logs_no_traceback(model, client_identit
                     for signed in signings:
                         metadata = sign_metadata(client_identity, method, body, router_identity.hotkey) \
                             if signed else ()
-                        error = _send(channel, method, body, streamed, metadata)
+                        error = raw_call(channel, method, body, streamed, metadata)
                         assert isinstance(error, grpc.RpcError), (method, case, signed)
                         if auth is not None and not signed and auth.protects(method):
                             assert error.code() == Code.UNAUTHENTICATED, (method, case)   # checked before parsing

@@ -14,6 +14,7 @@ from subnet.auth import Anyone, MemoryNonceStore, ServerAuth, Verifier, sign_met
 from subnet.decode_guard import SyncDecodeGuard
 from subnet.identity import Identity
 from subnet.wire.v1 import router_pb2
+from tests.raw_grpc import raw_call
 
 SERVICE = "test.Guarded"
 GARBAGE = b"\xff\xff\xff"
@@ -47,14 +48,7 @@ def _server(interceptors):
 
 
 def _call(channel, rpc: str, body: bytes, metadata=()):
-    streamed = rpc == "Stream"
-    call = (channel.unary_stream if streamed else channel.unary_unary)(
-        f"/{SERVICE}/{rpc}", request_serializer=None, response_deserializer=None)
-    try:
-        answer = call(body, timeout=10, metadata=metadata)
-        return list(answer) if streamed else answer
-    except grpc.RpcError as e:
-        return e
+    return raw_call(channel, f"/{SERVICE}/{rpc}", body, streamed=rpc == "Stream", metadata=metadata)
 
 
 @pytest.mark.parametrize("order", ["guard first", "auth first", "no auth"])
