@@ -68,8 +68,9 @@ class RouterConfig:
                            "endpoint and expert; overload answers do not count)")
     registered_only: bool = env("ROUTER_REGISTERED_EXPERTS_ONLY", False,
                                 "1 = route only to replicas whose hotkey is registered on the chain (CHAIN_*; the "
-                                "metagraph is re-read every AUTH_CHAIN_REFRESH_S): fresh hotkeys nobody registered "
-                                "get no calls. Fails closed until the metagraph was read once")
+                                "metagraph is re-read every AUTH_CHAIN_REFRESH_S, and AUTH_CHAIN_RETRY_S after an "
+                                "unregistered hotkey's entry was skipped): fresh hotkeys nobody registered get no "
+                                "calls. Fails closed until the metagraph was read once")
     follow_scores: bool = env("ROUTER_FOLLOW_SCORES", True,
                               "skip banned miners (moe:scores:banned) and route serving calls by the scorer's "
                               "EMA (moe:scores:ema); training calls are spread over every non-banned replica by "

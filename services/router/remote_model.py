@@ -67,7 +67,7 @@ class RemoteParts:
         source, registered = registry, None
         if config.registered_only:   # only hotkeys registered on the chain (services/router/registered.py)
             policy = ChainPolicy(open_chain(config.chain, config.rounds.schedule()), require_validator_permit=False,
-                                 refresh_s=config.auth.chain_refresh_s).start()
+                                 refresh_s=config.auth.chain_refresh_s, retry_s=config.auth.chain_retry_s).start()
             source = registered = RegisteredReplicas(registry, policy, on_skip=count_skipped)
         replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,

@@ -39,14 +39,17 @@ class AuthConfig:
                                            "permit; router: any registered hotkey); the chain is configured by "
                                            "subnet.chain's variables")
     chain_refresh_s: float = env("AUTH_CHAIN_REFRESH_S", 60.0, "how often AUTH_CHAIN re-reads the metagraph")
+    chain_retry_s: float = env("AUTH_CHAIN_RETRY_S", 5.0, "re-read the metagraph this soon (never sooner) after a "
+                                                          "failed read or a denied hotkey, which may have registered "
+                                                          "since; at most AUTH_CHAIN_REFRESH_S")
     redis_url: str = env("AUTH_REDIS_URL", "", "Redis remembering seen nonces, shared by every process with this "
                                                "hotkey; empty = this process's memory")
 
     def __post_init__(self):
         if self.mode not in AUTH_MODES:
             raise ValueError(f"AUTH_MODE={self.mode!r}: choose one of {', '.join(AUTH_MODES)}")
-        if self.window_s <= 0 or self.chain_refresh_s <= 0:
-            raise ValueError("AUTH_WINDOW_S and AUTH_CHAIN_REFRESH_S must be positive")
+        if self.window_s <= 0 or self.chain_refresh_s <= 0 or self.chain_retry_s <= 0:
+            raise ValueError("AUTH_WINDOW_S, AUTH_CHAIN_REFRESH_S and AUTH_CHAIN_RETRY_S must be positive")
         check_redis_url("AUTH_REDIS_URL", self.redis_url)
         bad = [h for h in self.allowlist if not is_hotkey(h)]
         if bad:
@@ -89,7 +92,8 @@ def build_server_auth(config: AuthConfig, identity: Identity, *, open_methods: C
         parts.append(AllowList(allowed))
     chain_policy = None
     if config.chain:
-        chain_policy = ChainPolicy(chain or open_auth_chain(), validator_permit, config.chain_refresh_s).start()
+        chain_policy = ChainPolicy(chain or open_auth_chain(), validator_permit, config.chain_refresh_s,
+                                   retry_s=config.chain_retry_s).start()
         parts.append(chain_policy)
     if not allowed and not config.chain:
         log.warning("AUTH_ALLOWLIST is empty and AUTH_CHAIN is off: every signed request will be refused")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from subnet.chain.base import Chain
+from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +78,48 @@ class ChainPolicy:
     `start()` reads the metagraph once (a failure is logged: until a read succeeds every
     hotkey is denied) and refreshes it every `refresh_s` in a daemon thread; a failed
     refresh keeps the last sets. `stop()` ends the thread.
+
+    Sooner, but never within `retry_s` of the last read: after a failed read, and after a hotkey
+    was denied (it may have registered since the last read). Otherwise a miner registered a
+    moment after the router's read would get no traffic, and a validator registered after the
+    expert's read would be refused, for up to `refresh_s`. A flood of unknown hotkeys costs at
+    most one metagraph read per `retry_s`; `denial()` itself still never waits on the chain.
     """
 
-    def __init__(self, chain: Chain, require_validator_permit: bool, refresh_s: float = 60.0):
-        if refresh_s <= 0:
-            raise ValueError(f"refresh_s must be positive, got {refresh_s}")
+    def __init__(self, chain: Chain, require_validator_permit: bool, refresh_s: float = 60.0,
+                 retry_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        if refresh_s <= 0 or retry_s <= 0:
+            raise ValueError(f"refresh_s and retry_s must be positive, got {refresh_s} and {retry_s}")
         self.chain = chain
         self.require_validator_permit = require_validator_permit
         self.refresh_s = refresh_s
+        self.retry_s = min(retry_s, refresh_s)
+        self.reads = 0                         # metagraph reads tried so far
+        self._clock = clock
         self._registered: frozenset[str] | None = None
         self._validators: frozenset[str] = frozenset()
+        self._last_read = float("-inf")
+        self._failed = False
+        self._wanted = False                   # a hotkey was denied since the last read
+        self._wake = threading.Event()         # set by stop() and by the first denial after a read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure_log = LogThrottle(refresh_s, clock=clock)
 
     def refresh(self) -> bool:
         """Read the metagraph now; False (and the last sets kept) when the chain fails."""
+        self.reads += 1
+        self._last_read, self._wanted = self._clock(), False
         try:
             metagraph = self.chain.metagraph()
         except Exception as e:  # the chain is remote and may fail in any way; requests must not
-            log.warning("metagraph refresh failed (keeping the last one, retrying in %.0f s): %s",
-                        self.refresh_s, e)
+            self._failed = True
+            suppressed = self._failure_log.due()
+            if suppressed is not None:
+                log.warning("metagraph read failed (keeping the last one, retrying every %.0f s%s): %s",
+                            self.retry_s, f"; {suppressed} more failures not logged" if suppressed else "", e)
             return False
+        self._failed = False
         # Two attribute writes, each atomic; a reader between them sees a consistent-enough pair.
         self._validators = metagraph.validator_hotkeys
         self._registered = metagraph.hotkeys
@@ -108,23 +131,42 @@ class ChainPolicy:
         self._thread.start()
         return self
 
+    def next_read_in(self) -> float:
+        """Seconds until the background thread reads the metagraph again (0: now)."""
+        wait = self.retry_s if (self._failed or self._wanted) else self.refresh_s
+        return max(0.0, self._last_read + wait - self._clock())
+
     def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
+        while not self._stop.is_set():
+            delay = self.next_read_in()
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue   # woken early (a denial, or stop): work the delay out again
             self.refresh()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=1.0)
             self._thread = None
 
+    def _want_read(self) -> None:
+        if not self._wanted:   # one wake-up per read, however many hotkeys are denied meanwhile
+            self._wanted = True
+            self._wake.set()
+
     def denial(self, hotkey: str) -> str | None:
         registered = self._registered
         if registered is None:
+            self._want_read()
             return "cannot be checked: the metagraph has not been read yet"
         if hotkey not in registered:
+            self._want_read()
             return "is not registered on the subnet"
         if self.require_validator_permit and hotkey not in self._validators:
+            self._want_read()
             return "has no validator permit"
         return None
 

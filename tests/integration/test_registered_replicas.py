@@ -1,7 +1,9 @@
 """ROUTER_REGISTERED_EXPERTS_ONLY against a real Redis (registry and local chain): replicas of
-hotkeys nobody registered on the chain are not routable, and become routable once registered;
-before the metagraph has been read, nothing is (fail closed)."""
+hotkeys nobody registered on the chain are not routable, and become routable once registered
+(within AUTH_CHAIN_RETRY_S of being seen, not AUTH_CHAIN_REFRESH_S); before the metagraph has
+been read, nothing is (fail closed)."""
 
+import time
 import uuid
 
 import pytest
@@ -66,5 +68,27 @@ def test_nothing_is_routable_before_the_metagraph_is_read(world):
                                                       refresh_s=3600).start())
     try:
         assert source.all_replicas() == {}
+    finally:
+        source.stop()
+
+
+def test_a_miner_registered_after_the_routers_read_is_routable_without_waiting_for_the_refresh(world):
+    """What a Kubernetes router meets when it starts before the chain Job registers the miners: its
+    first read finds nobody; the miner's entry being skipped makes the policy read again within
+    retry_s, not refresh_s (an hour here)."""
+    chain, registry = world
+    registry.register("0.1", "10.0.0.1:50051", signer=MINER)
+    policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=3600, retry_s=0.05).start()
+    source = RegisteredReplicas(registry, policy)
+    try:
+        replicas = ReplicaSet(source, refresh_s=0.0)
+        assert replicas.choose("0.1") is None
+        chain.register(MINER.hotkey)
+        started = time.monotonic()
+        deadline = started + 30.0
+        while replicas.choose("0.1") is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert replicas.choose("0.1").endpoint == "10.0.0.1:50051"
+        assert policy.reads <= 2 + (time.monotonic() - started) / 0.05   # at most one read per retry_s
     finally:
         source.stop()

@@ -216,6 +216,62 @@ def test_chain_policy_reads_a_cached_metagraph_and_keeps_it_when_the_chain_fails
         any_registered.stop()
 
 
+class ManualClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_chain_policy_reads_again_soon_after_a_denial_or_a_failure_but_never_sooner_than_retry_s():
+    chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="m"),)))
+    clock = ManualClock()
+    policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=60.0, retry_s=5.0, clock=clock)
+    assert policy.refresh() and policy.next_read_in() == 60.0      # nothing denied: the full interval
+    clock.now += 2.0
+    assert policy.denial("m") is None and policy.next_read_in() == 58.0
+    for _ in range(1000):                                          # a flood of unknown hotkeys
+        assert policy.denial("fresh") == "is not registered on the subnet"
+    assert policy.next_read_in() == 3.0                            # 5 s after the read, not at once
+    clock.now += 3.0
+    assert policy.next_read_in() == 0.0
+    chain.metagraph_value = Metagraph(block=2, neurons=(Neuron(uid=0, hotkey="m"), Neuron(uid=1, hotkey="fresh")))
+    assert policy.refresh() and policy.denial("fresh") is None
+    assert policy.next_read_in() == 60.0                           # the denial was answered by that read
+    chain.fail = True
+    assert not policy.refresh() and policy.next_read_in() == 5.0   # a failed read is tried again soon
+    assert policy.denial("fresh") is None                          # meanwhile the last metagraph holds
+    chain.fail = False
+    clock.now += 5.0
+    assert policy.refresh() and policy.next_read_in() == 60.0
+    assert chain.calls == 4
+
+
+def test_chain_policy_thread_reads_again_when_an_unknown_hotkey_is_denied():
+    """The background thread, for real: a hotkey registered after the policy's read is admitted
+    without waiting for refresh_s (an hour here); a thousand denials cost a handful of reads."""
+    chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="m"),)))
+    policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=3600.0, retry_s=0.05).start()
+    try:
+        chain.metagraph_value = Metagraph(block=2, neurons=(Neuron(uid=0, hotkey="m"), Neuron(uid=1, hotkey="late")))
+        started = time.monotonic()
+        assert policy.denial("late") == "is not registered on the subnet"
+        deadline = started + 30.0
+        while policy.denial("late") is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert policy.denial("late") is None
+        reads_before, flood_started = chain.calls, time.monotonic()
+        for _ in range(1000):
+            policy.denial("never-registered")
+        time.sleep(0.2)
+        elapsed = time.monotonic() - flood_started
+        assert chain.calls - reads_before <= elapsed / 0.05 + 2     # at most one read per retry_s
+    finally:
+        policy.stop()
+    assert policy._thread is None
+
+
 # ---- identity ---------------------------------------------------------------------------------
 
 
