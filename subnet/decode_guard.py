@@ -55,12 +55,8 @@ class _Guard:
         """One log line per `log_interval_s` at most."""
         with self._lock:
             self.refused += 1
-        suppressed = self._log_throttle.due()
-        if suppressed is None:
-            return
-        log.warning("refused %s from %s: request body does not parse (%s)%s", method, peer, str(error)[:200],
-                    f"; {suppressed} more not logged in the last {self._log_throttle.interval_s:g} s"
-                    if suppressed else "")
+        self._log_throttle.warning(log, "refused %s from %s: request body does not parse (%s)", method, peer,
+                                   str(error)[:200])
 
 
 class DecodeGuard(_Guard, grpc.aio.ServerInterceptor):

@@ -3,13 +3,15 @@ a hostile peer can trigger at will (refused frames, bad signatures, unparsable b
 able to fill the log.
 
     throttle = LogThrottle(10.0)
-    suppressed = throttle.due()
-    if suppressed is not None:
-        log.warning("refused ...%s", f" ({suppressed} more not logged)" if suppressed else "")
+    throttle.warning(log, "refused %s from %s", method, peer)
+    # logs "refused ... from ..." at most every 10 s, then with " (12 more not logged in the last 10 s)"
+
+`due()` is the bare decision, for callers that do more than log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -34,3 +36,16 @@ class LogThrottle:
                 return None
             suppressed, self._unlogged, self._logged_at = self._unlogged, 0, now
             return suppressed
+
+    def warning(self, logger: logging.Logger, message: str, *args) -> bool:
+        """`logger.warning(message % args)` when due, saying how many were left out since the last
+        one; else only counts it. True when it logged."""
+        suppressed = self.due()
+        if suppressed is None:
+            return False
+        logger.warning(message + "%s", *args, self.left_out(suppressed))
+        return True
+
+    def left_out(self, suppressed: int) -> str:
+        """The suffix of a logged line: how many like it were not logged ("" when none)."""
+        return f" ({suppressed} more not logged in the last {self.interval_s:g} s)" if suppressed else ""

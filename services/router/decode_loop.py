@@ -326,12 +326,9 @@ class DecodeLoop:
                                     f"{str(error)[:200]})"))
         stream.left = 0
         self.failed_streams += 1
-        suppressed = self._failure_log.due()
-        if suppressed is None:
-            return
-        log.warning("sampling failed for a stream (temperature %g, top_k %s), ended it alone: %s: %s%s",
-                    stream.params.temperature, stream.params.top_k, error.__class__.__name__, str(error)[:200],
-                    f"; {suppressed} more not logged in the last {FAILURE_LOG_INTERVAL_S:g} s" if suppressed else "")
+        self._failure_log.warning(log, "sampling failed for a stream (temperature %g, top_k %s), ended it alone: "
+                                  "%s: %s", stream.params.temperature, stream.params.top_k,
+                                  error.__class__.__name__, str(error)[:200])
 
     def _retire(self) -> None:
         with self._cond:

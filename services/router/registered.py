@@ -53,10 +53,9 @@ class RegisteredReplicas:
                 out[uid] = kept
         if left_out:
             self.skipped += skipped
-            if self._throttle.due() is not None:
-                hotkey, why = next(iter(left_out.items()))
-                log.warning("routing around the replicas of %d hotkey(s) the chain does not admit, e.g. %r: %s",
-                            len(left_out), hotkey[:48], why)
+            hotkey, why = next(iter(left_out.items()))
+            self._throttle.warning(log, "routing around the replicas of %d hotkey(s) the chain does not admit, "
+                                   "e.g. %r: %s", len(left_out), hotkey[:48], why)
         return out
 
     def stop(self) -> None:

@@ -178,8 +178,8 @@ class ReplicaSet:
         try:
             ema, banned = self._scores.scores()
         except Exception as e:  # keep the last scores; routing must not depend on the scorer being up
-            if self._scores_log.due() is not None:
-                log.warning("scores unavailable (%s: %s); keeping the last ones", type(e).__name__, str(e)[:200])
+            self._scores_log.warning(log, "scores unavailable (%s: %s); keeping the last ones", type(e).__name__,
+                                     str(e)[:200])
             return None, frozenset()
         parsed = {}
         for hotkey, value in ema.items():   # one bad value (the Redis is shared) must not void the others

@@ -114,10 +114,8 @@ class ChainPolicy:
             metagraph = self.chain.metagraph()
         except Exception as e:  # the chain is remote and may fail in any way; requests must not
             self._failed = True
-            suppressed = self._failure_log.due()
-            if suppressed is not None:
-                log.warning("metagraph read failed (keeping the last one, retrying every %.0f s%s): %s",
-                            self.retry_s, f"; {suppressed} more failures not logged" if suppressed else "", e)
+            self._failure_log.warning(log, "metagraph read failed (keeping the last one, retrying every %.0f s): %s",
+                                      self.retry_s, e)
             return False
         self._failed = False
         # Two attribute writes, each atomic; a reader between them sees a consistent-enough pair.

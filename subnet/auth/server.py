@@ -112,12 +112,8 @@ class ServerAuth:
 
     def reject(self, rejection: Rejection, method: str, peer: str) -> None:
         self._on_reject(rejection.reason)
-        suppressed = self._log_throttle.due()
-        if suppressed is None:
-            return
-        log.warning("rejected %s from %s: %s %s%s", method, peer, rejection.code.name, rejection.message,
-                    f" ({suppressed} more rejections not logged in the last {self._log_throttle.interval_s:g} s)"
-                    if suppressed else "")
+        self._log_throttle.warning(log, "rejected %s from %s: %s %s", method, peer, rejection.code.name,
+                                   rejection.message)
 
 
 def _parse(deserializer, raw: bytes):

@@ -189,7 +189,7 @@ class FramesServer:
                 # Trying again at once would fail the same way until descriptors are freed: wait longer
                 # after each failure, and log them once per interval, not once per try.
                 backoff = min(max(2 * backoff, first), last)
-                _warn(self._accept_failures, "moe-frames: accept failed: %s; next try in %g s", e, backoff)
+                self._accept_failures.warning(log, "moe-frames: accept failed: %s; next try in %g s", e, backoff)
                 await asyncio.sleep(backoff)
                 continue
             backoff = 0.0
@@ -339,7 +339,7 @@ class FramesServer:
     def _count_refused(self, peer: str, error: p.ProtocolError) -> None:
         self.refused += 1
         self._on_refused(error.reason)
-        _warn(self._refusals, "moe-frames: refused a frame from %s: %s %s", peer, error.code.name, error.message)
+        self._refusals.warning(log, "moe-frames: refused a frame from %s: %s %s", peer, error.code.name, error.message)
 
     async def _refuse(self, conn: socket.socket, peer: str, error: p.ProtocolError) -> None:
         self._count_refused(peer, error)
@@ -354,11 +354,6 @@ class FramesServer:
         except (TimeoutError, OSError):
             pass
 
-
-def _warn(throttle: LogThrottle, message: str, *args) -> None:
-    suppressed = throttle.due()
-    if suppressed is not None:
-        log.warning(message + "%s", *args, f" ({suppressed} more not logged)" if suppressed else "")
 
 
 def _chain(interceptor, continuation):
