@@ -44,8 +44,12 @@ class ExpertConfig:
                            "(moe-frames/1, advertised in Info; routers fall back to gRPC when they cannot "
                            "reach it); 0 = any free port, -1 = off")
     advertise_endpoint: str = env("EXPERT_ADVERTISE_ENDPOINT", "",
-                                  "`host:port` routers should dial, written to the registry; "
-                                  "empty = `EXPERT_HOST:port` (set it when binding 0.0.0.0)")
+                                  "`host:port` routers should dial, written to the registry (and the chain, "
+                                  "EXPERT_SERVE_ON_CHAIN); empty = `EXPERT_HOST:port` (set it when binding 0.0.0.0)")
+    serve_on_chain: bool = env("EXPERT_SERVE_ON_CHAIN", False,
+                               "1 = publish the endpoint on the chain (CHAIN_*; Bittensor's serve_axon, which needs "
+                               "an IP address) once serving, for routers with ROUTER_DISCOVERY=chain; needs "
+                               "AUTH_MODE=on (the hotkey signs it). Retried every 30 s while it fails")
     device: str = env("EXPERT_DEVICE", "cpu", "torch device of the weights: `cpu`, `cuda`, `cuda:1`")
     wire_dtypes: str = env("EXPERT_WIRE_DTYPES", "fp32,bf16,fp16,int8", "wire dtypes accepted in requests")
     max_batch_tokens: int = env("EXPERT_MAX_BATCH_TOKENS", 8192,

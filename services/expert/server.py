@@ -38,6 +38,7 @@ from moe.experts import SwiGLU
 from services.expert.adversary import liar_answer
 from services.expert.backend import ExpertBackend
 from services.expert.batcher import Batcher, ComputeWorker
+from services.expert.chain_listing import ChainListing
 from services.expert.config import ExpertConfig
 from services.expert.metrics import ExpertMetrics
 from services.expert.rounds import ExpertRounds
@@ -46,6 +47,7 @@ from subnet.auth import ServerAuth, build_server_auth, service_identity
 from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
 from subnet.chain.config import open_chain, signing_wallet
+from subnet.chain.rules import check_endpoint
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.decode_guard import DecodeGuard
 from subnet.envconfig import ConfigError
@@ -117,6 +119,8 @@ class ExpertServer:
         self.auth: ServerAuth | None = None
         self.chain: Chain | None = None
         self.rounds: ExpertRounds | None = None
+        self.listing: ChainListing | None = None   # EXPERT_SERVE_ON_CHAIN
+        self._listing_task: asyncio.Task | None = None
         self.port: int | None = None
         self.frames: FramesServer | None = None
         self.frames_port: int | None = None   # moe-frames/1 (subnet/frames), when on
@@ -211,6 +215,9 @@ class ExpertServer:
             await self.health.set(service, _SERVING)
         if self.rounds is not None:
             self._start_rounds()
+        if c.serve_on_chain:   # after SERVING: a router that finds the endpoint can use it at once
+            self.listing = ChainListing(self._chain(), self.identity, self.endpoint)
+            self._listing_task = asyncio.create_task(self.listing.run(), name="chain-listing")
         self._ready.set()
         log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s, hotkey %s, "
                  "auth %s%s", self.endpoint, ",".join(c.uids), c.dim, c.inter_dim, self.backend.device,
@@ -222,6 +229,8 @@ class ExpertServer:
         c = self.config
         try:
             self.identity = service_identity(c.auth, c.wallet, self.identity, what="expert service")
+            if c.serve_on_chain:
+                self._check_listing()
             if not c.auth.enabled:
                 return
             if not c.auth.allowlist and not c.auth.chain:
@@ -233,6 +242,17 @@ class ExpertServer:
                 chain=self._chain() if c.auth.chain else None)
         except (IdentityError, ConfigError, ChainError) as e:
             raise StartupError(str(e)) from None
+
+    def _check_listing(self) -> None:
+        """What EXPERT_SERVE_ON_CHAIN needs, found out at start rather than retried for ever."""
+        c = self.config
+        if self.identity is None:
+            raise StartupError("EXPERT_SERVE_ON_CHAIN=1 needs AUTH_MODE=on: the listing is signed by the hotkey")
+        if c.advertise_endpoint:
+            check_endpoint(c.advertise_endpoint, "EXPERT_ADVERTISE_ENDPOINT")
+        elif c.host in ("0.0.0.0", "::", ""):
+            raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: set EXPERT_ADVERTISE_ENDPOINT "
+                               f"to the address routers should dial (`<public ip>:<port>`)")
 
     def _chain(self) -> Chain:
         if self.chain is None:
@@ -358,6 +378,9 @@ class ExpertServer:
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
             self.heartbeat = None
+        if self._listing_task is not None:   # the listing stays on the chain: it names where we serve next time too
+            self._listing_task.cancel()
+            self._listing_task = None
         await self.health.enter_graceful_shutdown()
         if self.frames is not None:   # new frames are refused; calls already running finish below
             await self.frames.stop_accepting()

@@ -66,6 +66,14 @@ class RouterConfig:
     suspect_s: float = env("ROUTER_SUSPECT_S", 5.0,
                            "an expert replica that failed or missed a deadline gets no calls for this long (per "
                            "endpoint and expert; overload answers do not count)")
+    discovery: str = env("ROUTER_DISCOVERY", "registry",
+                         "where expert replicas are found: `registry` (the Redis registry the expert services "
+                         "heartbeat to) or `chain` (the endpoints registered miners publish on the chain, "
+                         "EXPERT_SERVE_ON_CHAIN, each asked what it hosts with a signed Info; miners need no "
+                         "Redis and cannot touch each other's listing; registered hotkeys only, as with "
+                         "ROUTER_REGISTERED_EXPERTS_ONLY)")
+    discovery_timeout_s: float = env("ROUTER_DISCOVERY_TIMEOUT_S", 2.0,
+                                     "ROUTER_DISCOVERY=chain: each Info to a listed endpoint gives up after this")
     registered_only: bool = env("ROUTER_REGISTERED_EXPERTS_ONLY", False,
                                 "1 = route only to replicas whose hotkey is registered on the chain (CHAIN_*; the "
                                 "metagraph is re-read every AUTH_CHAIN_REFRESH_S, and AUTH_CHAIN_RETRY_S after an "
@@ -145,6 +153,10 @@ class RouterConfig:
         if self.straggler_ms < 0 or self.k_min < 1:
             raise ValueError(f"ROUTER_STRAGGLER_MS must be >= 0 and ROUTER_K_MIN >= 1, got {self.straggler_ms} "
                              f"and {self.k_min}")
+        if self.discovery not in ("registry", "chain"):
+            raise ValueError(f"ROUTER_DISCOVERY={self.discovery!r} must be `registry` or `chain`")
+        if self.discovery_timeout_s <= 0:
+            raise ValueError(f"ROUTER_DISCOVERY_TIMEOUT_S must be positive, got {self.discovery_timeout_s}")
         if self.training not in ("sync", "async"):
             raise ValueError(f"ROUTER_TRAINING={self.training!r} must be sync or async")
         if self.forward_many_max_tokens < 0:

@@ -59,6 +59,11 @@ class RouterMetrics:
             "Registry entries left out of a read, once per entry and read (every ROUTER_REGISTRY_REFRESH_S), by "
             "why: malformed, unsigned, forged (not the named hotkey's signature), stale, unregistered.",
             ["reason"], registry=self.registry)
+        self.chain_endpoints_skipped = Counter(
+            "router_chain_endpoints_skipped",
+            "ROUTER_DISCOVERY=chain: endpoints listed on the chain left out of a refresh, once per endpoint "
+            "and hotkey and refresh, by why: unreachable (no signed Info answer in time), malformed.",
+            ["reason"], registry=self.registry)
         self.auth_rejections = Counter(
             "router_auth_rejections", "Generate/Logits requests refused by signature checks, by reason.",
             ["reason"], registry=self.registry)

@@ -20,6 +20,7 @@ from moe import MoELM
 from moe.config import LMConfig
 from moe.experts import ROUTED_EXPERT_KEY, expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
+from services.router.chain_directory import ChainDirectory
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.registered import RegisteredReplicas
@@ -47,7 +48,9 @@ class RemoteParts:
     metrics: RouterMetrics
     tracer: ExpertCallTracer
     identity: Identity | None = None
-    registered: RegisteredReplicas | None = None   # ROUTER_REGISTERED_EXPERTS_ONLY's filter (its metagraph thread)
+    # ROUTER_REGISTERED_EXPERTS_ONLY's filter or ROUTER_DISCOVERY=chain's directory (each has a metagraph thread)
+    registered: RegisteredReplicas | ChainDirectory | None = None
+    probes: ExpertClientPool | None = None          # the directory's Info calls
 
     @classmethod
     def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None,
@@ -64,11 +67,18 @@ class RemoteParts:
 
         # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
         registry = ExpertRegistry(client, require_signed=config.auth.enabled, on_skip=count_skipped)
-        source, registered = registry, None
-        if config.registered_only:   # only hotkeys registered on the chain (services/router/registered.py)
+        source, registered, probes = registry, None, None
+        if config.discovery == "chain" or config.registered_only:
             policy = ChainPolicy(open_chain(config.chain, config.rounds.schedule()), require_validator_permit=False,
                                  refresh_s=config.auth.chain_refresh_s, retry_s=config.auth.chain_retry_s).start()
-            source = registered = RegisteredReplicas(registry, policy, on_skip=count_skipped)
+            if config.discovery == "chain":   # services/router/chain_directory.py
+                probes = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity)
+                source = registered = ChainDirectory(
+                    policy, lambda endpoint, hotkey, timeout_s: probes.get(endpoint, hotkey).info(timeout_s=timeout_s),
+                    timeout_s=config.discovery_timeout_s,
+                    on_skip=lambda reason: metrics.chain_endpoints_skipped.labels(reason).inc())
+            else:   # only hotkeys registered on the chain (services/router/registered.py)
+                source = registered = RegisteredReplicas(registry, policy, on_skip=count_skipped)
         replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
                               suspect_s=config.suspect_s,
                               scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
@@ -79,12 +89,14 @@ class RemoteParts:
                                    hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
         if config.metrics_port:
             metrics.serve(config.metrics_port, addr=config.host)
-        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity, registered)
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity, registered, probes)
 
     def close(self) -> None:
         self.replicas.stop()
         if self.registered is not None:
             self.registered.stop()
+        if self.probes is not None:
+            self.probes.close()
         self.clients.close()
 
 

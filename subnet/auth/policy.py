@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from subnet.chain.base import Chain
+from subnet.chain.base import Chain, Metagraph
 from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class ChainPolicy:
         self._clock = clock
         self._registered: frozenset[str] | None = None
         self._validators: frozenset[str] = frozenset()
+        self.metagraph: Metagraph | None = None   # the last one read (services/router/chain_directory.py)
         self._last_read = float("-inf")
         self._failed = False
         self._wanted = False                   # a hotkey was denied since the last read
@@ -121,6 +122,7 @@ class ChainPolicy:
         # Two attribute writes, each atomic; a reader between them sees a consistent-enough pair.
         self._validators = metagraph.validator_hotkeys
         self._registered = metagraph.hotkeys
+        self.metagraph = metagraph
         return True
 
     def start(self) -> ChainPolicy:
@@ -150,21 +152,23 @@ class ChainPolicy:
             self._thread.join(timeout=1.0)
             self._thread = None
 
-    def _want_read(self) -> None:
-        if not self._wanted:   # one wake-up per read, however many hotkeys are denied meanwhile
+    def want_read(self) -> None:
+        """Ask for a read `retry_s` after the last one (sooner than `refresh_s`): something was
+        seen that the last metagraph may not know yet. One wake-up per read, however often asked."""
+        if not self._wanted:
             self._wanted = True
             self._wake.set()
 
     def denial(self, hotkey: str) -> str | None:
         registered = self._registered
         if registered is None:
-            self._want_read()
+            self.want_read()
             return "cannot be checked: the metagraph has not been read yet"
         if hotkey not in registered:
-            self._want_read()
+            self.want_read()
             return "is not registered on the subnet"
         if self.require_validator_permit and hotkey not in self._validators:
-            self._want_read()
+            self.want_read()
             return "has no validator permit"
         return None
 

@@ -5,7 +5,8 @@ Vocabulary shared by every implementation:
 - a *neuron* is a registered hotkey with a uid on the subnet;
 - a *validator permit* lets a hotkey set weights (and, here, call expert services);
 - a *commitment* is a hash a hotkey publishes first (commit) and opens later (reveal), so
-  nobody can copy a checkpoint after seeing it and claim it as their own.
+  nobody can copy a checkpoint after seeing it and claim it as their own;
+- an *endpoint* is the `host:port` a hotkey serves at, published by the hotkey (`serve`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Neuron:
     validator_permit: bool = False
     incentive: float = 0.0
     last_weights_block: int | None = None   # block of this hotkey's last set_weights, if it set any
+    # Where this hotkey serves (`host:port`, its axon on Bittensor), so callers find its services on
+    # the chain; "" = it serves nothing. Last, with a default: callers build Neurons positionally.
+    endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,12 @@ class Chain(abc.ABC):
     def set_weights(self, hotkey: str, uids: list[int], weights: list[float], signature: bytes) -> None:
         """Set `hotkey`'s weights (validator permit required); normalized to sum 1 by the chain.
         `signature` signs `weights_payload(hotkey, uids, weights)`."""
+
+    @abc.abstractmethod
+    def serve(self, hotkey: str, endpoint: str, signature: bytes) -> None:
+        """Publish `endpoint` ("host:port", see `rules.check_endpoint`) as where `hotkey` (registered)
+        serves; replaces its earlier endpoint. `signature` is the hotkey's sr25519 signature of
+        `serve_payload(hotkey, endpoint)`."""
 
     @abc.abstractmethod
     def weights(self) -> dict[int, dict[int, float]]:

@@ -10,6 +10,9 @@ What maps to what:
   coldkey, which an operator does with `btcli subnets register`.
 - set_weights: the SDK's `SetWeights` intent, which clips, u16-quantizes and picks plain or
   timelocked commit-reveal weights by itself, as the subnet is configured.
+- serve / Neuron.endpoint: the SDK's `ServeAxon` intent (`serve_axon`, which stores an IP
+  address and a port, so a hostname is refused) / the metagraph neuron's `axon`
+  ("ip:port" or "[v6]:port"; "" when it serves nothing or reads as no valid endpoint).
 - commit / reveal: a plaintext `Commitments.set_commitment` (signed by the hotkey) holding
   `moe1:c:<round>:<digest>`, later replaced by `moe1:r:<round>:<data>`. The pallet keeps only
   a hotkey's latest commitment, so `commitments(round)` reads the commits as of the last
@@ -31,12 +34,26 @@ The SDK is imported on first use only: importing it takes most of a second.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
 from subnet.chain.base import Chain, ChainError, Commitment, Hyperparameters, Metagraph, Neuron
-from subnet.chain.rules import check_commit_block, check_digest, check_reveal_block, check_reveal_matches
-from subnet.chain.signing import commit_payload, digest_of, reveal_payload, verify_signature, weights_payload
+from subnet.chain.rules import (
+    check_commit_block,
+    check_digest,
+    check_endpoint,
+    check_reveal_block,
+    check_reveal_matches,
+)
+from subnet.chain.signing import (
+    commit_payload,
+    digest_of,
+    reveal_payload,
+    serve_payload,
+    verify_signature,
+    weights_payload,
+)
 from subnet.chain.weights import normalize_weights
 from subnet.rounds import RoundSchedule
 
@@ -62,6 +79,16 @@ def commitment_info(text: str) -> dict:
     data = text.encode()
     chunks = [data[i:i + RAW_MAX_BYTES] for i in range(0, len(data), RAW_MAX_BYTES)] or [b""]
     return {"fields": [{f"Raw{len(chunk)}": chunk} for chunk in chunks]}
+
+
+def _served(axon: Any) -> str:
+    """Neuron.endpoint of an SDK neuron's `axon`: "" unless it is a valid endpoint (an axon
+    published by other software may hold anything, port 0 included)."""
+    try:
+        check_endpoint(axon or "", "axon")
+    except ChainError:
+        return ""
+    return axon
 
 
 def _amount(balance: Any) -> float:
@@ -122,7 +149,8 @@ class BittensorChain(Chain):
             Neuron(uid=int(n.uid), hotkey=n.hotkey, coldkey=n.coldkey, stake=_amount(n.total_stake),
                    validator_permit=bool(n.validator_permit), incentive=float(n.incentive),
                    # LastUpdate: bumped by weights (or their commit, under commit-reveal) and by registration.
-                   last_weights_block=int(n.last_update) or None)
+                   last_weights_block=int(n.last_update) or None,
+                   endpoint=_served(getattr(n, "axon", None)))
             for n in graph.neurons)
         return Metagraph(block=int(graph.block), neurons=neurons)
 
@@ -227,6 +255,26 @@ class BittensorChain(Chain):
         with self._sdk(what):
             intent = SetWeights(netuid=self.netuid, uids=list(normalized), weights=list(normalized.values()))
             self.subtensor.execute(intent, self.wallet).raise_for_failure()
+
+    def serve(self, hotkey: str, endpoint: str, signature: bytes) -> None:
+        what = "serve"
+        self._own_hotkey(hotkey, what)
+        check_endpoint(endpoint, what)
+        verify_signature(hotkey, serve_payload(hotkey, endpoint), signature, what)
+        host, _, port = endpoint.rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ChainError(f"{what}: {host!r} is a hostname, but Bittensor's serve_axon stores an IP address: "
+                             f"advertise the service's public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)") from None
+        if ip.is_unspecified:   # the chain stores "no axon" as IP 0: it would read back as serving nothing
+            raise ChainError(f"{what}: {ip} is a bind address, not one peers can reach: advertise the service's "
+                             f"public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)")
+        from bittensor.intents.serving import ServeAxon
+
+        with self._sdk(what):
+            self.subtensor.execute(ServeAxon(netuid=self.netuid, ip=str(ip), port=int(port)),
+                                   self.wallet).raise_for_failure()
 
     def weights(self) -> dict[int, dict[int, float]]:
         with self._sdk("reading weights"):

@@ -13,12 +13,15 @@ Keys, under `key_prefix` (default `moe:chain:`):
     neurons             hash    uid -> json {hotkey, coldkey, registered_block}
     stake               hash    uid -> stake (float)
     weights             hash    validator uid -> json {uids, weights (normalized), block}
+    endpoints           hash    uid -> json {endpoint, block}       (where the hotkey serves)
     commit:<round>      hash    hotkey -> json {digest, block}      (expires after KEEP_ROUNDS)
     reveal:<round>      hash    hotkey -> json {data, block}        (expires after KEEP_ROUNDS)
 
 Rules it enforces (each refusal is a ChainError saying which rule):
-- only registered hotkeys commit, reveal or set weights, each with a valid sr25519 signature
-  of the payload from `subnet.chain.signing`;
+- only registered hotkeys commit, reveal, set weights or serve, each with a valid sr25519
+  signature of the payload from `subnet.chain.signing`;
+- an endpoint is `host:port` (`rules.check_endpoint`); serving again replaces it. The metagraph
+  shows an unreadable stored endpoint as "" instead of failing: miners can write this Redis;
 - a hotkey holds a validator permit while its stake is > 0 (Bittensor gives permits to the
   top-K stakes; here any staked hotkey may validate), and only permit holders set weights;
 - commit for round r only in r's commit window (its train and commit phases), once per round;
@@ -27,7 +30,7 @@ Rules it enforces (each refusal is a ChainError saying which rule):
   at least one block after its commit. A repeated valid reveal is a no-op.
 
 Incentive is the stake-weighted median of the weights (`subnet.chain.weights.incentives`).
-Not a blockchain: no consensus, no history, no fees; Redis is trusted.
+Not a blockchain: no consensus, no history, no fees; Redis is trusted (but for endpoints, above).
 """
 
 from __future__ import annotations
@@ -40,8 +43,21 @@ from collections.abc import Callable, Iterator
 import redis
 
 from subnet.chain.base import Chain, ChainError, Commitment, Hyperparameters, Metagraph, Neuron
-from subnet.chain.rules import check_commit_block, check_digest, check_reveal_block, check_reveal_matches
-from subnet.chain.signing import check_hotkey, commit_payload, reveal_payload, verify_signature, weights_payload
+from subnet.chain.rules import (
+    check_commit_block,
+    check_digest,
+    check_endpoint,
+    check_reveal_block,
+    check_reveal_matches,
+)
+from subnet.chain.signing import (
+    check_hotkey,
+    commit_payload,
+    reveal_payload,
+    serve_payload,
+    verify_signature,
+    weights_payload,
+)
 from subnet.chain.weights import incentives, normalize_weights
 from subnet.rounds import RoundSchedule
 
@@ -151,11 +167,13 @@ class LocalChain(Chain):
             pipe.hgetall(self._key("neurons"))
             pipe.hgetall(self._key("stake"))
             pipe.hgetall(self._key("weights"))
-            neurons_raw, stake_raw, weights_raw = pipe.execute()
+            pipe.hgetall(self._key("endpoints"))
+            neurons_raw, stake_raw, weights_raw, endpoints_raw = pipe.execute()
         # int(), float() and json.loads() take bytes and str alike, whatever the client decodes.
         records = {int(k): json.loads(v) for k, v in neurons_raw.items()}
         stakes = {int(k): float(v) for k, v in stake_raw.items()}
         rows = {int(k): json.loads(v) for k, v in weights_raw.items()}
+        endpoints = _endpoints(endpoints_raw)
         uids = sorted(records)
         # Weights of a validator whose stake has since dropped to 0 no longer count.
         incentive = incentives({v: dict(zip(r["uids"], r["weights"])) for v, r in rows.items()}, stakes, uids)
@@ -165,8 +183,18 @@ class LocalChain(Chain):
             stake = stakes.get(uid, 0.0)
             neurons.append(Neuron(uid=uid, hotkey=record["hotkey"], coldkey=record.get("coldkey", ""), stake=stake,
                                   validator_permit=stake > 0, incentive=incentive[uid],
-                                  last_weights_block=rows[uid]["block"] if uid in rows else None))
+                                  last_weights_block=rows[uid]["block"] if uid in rows else None,
+                                  endpoint=endpoints.get(uid, "")))
         return Metagraph(block=block, neurons=tuple(neurons))
+
+    def serve(self, hotkey: str, endpoint: str, signature: bytes) -> None:
+        what = "serve"
+        uid = self._uid(hotkey, what)
+        check_endpoint(endpoint, what)
+        verify_signature(hotkey, serve_payload(hotkey, endpoint), signature, what)
+        record = json.dumps({"endpoint": endpoint, "block": self.block()})
+        with self._redis():
+            self.redis.hset(self._key("endpoints"), str(uid), record)
 
     # Commitments ----------------------------------------------------------------------------
 
@@ -255,6 +283,18 @@ class LocalChain(Chain):
     def close(self) -> None:
         """Closes the Redis client it was given."""
         self.redis.close()
+
+
+def _endpoints(raw: dict) -> dict[int, str]:
+    """{uid: endpoint} of the endpoints hash, without the entries serve() could not have written."""
+    out = {}
+    for key, value in raw.items():
+        # RecursionError: json.loads of a deeply nested array a hostile writer stored.
+        with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError, ChainError):
+            endpoint = json.loads(value)["endpoint"]
+            check_endpoint(endpoint, "stored endpoint")
+            out[int(key)] = endpoint
+    return out
 
 
 def _check_stake(stake: float) -> None:

@@ -1,9 +1,10 @@
-"""The commit-reveal rules every chain implementation applies, in one place so that LocalChain
-(which enforces them on write) and BittensorChain (which checks them before sending and on
-reading) refuse the same things with the same messages."""
+"""The rules every chain implementation applies (commit-reveal, endpoints), in one place so that
+LocalChain (which enforces them on write) and BittensorChain (which checks them before sending
+and on reading) refuse the same things with the same messages."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from subnet.chain.base import ChainError
@@ -11,6 +12,10 @@ from subnet.chain.signing import digest_of
 from subnet.rounds import RoundSchedule
 
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+ENDPOINT_MAX_CHARS = 300
+# Narrower than "printable ASCII": no '/', '@', ':' or '%' that a gRPC target or URL would read
+# as something other than a host.
+_HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def check_digest(digest: str, what: str) -> None:
@@ -38,6 +43,30 @@ def check_reveal_matches(data: str, digest: str, what: str) -> None:
     if digest_of(data) != digest:
         raise ChainError(f"{what}: revealed data does not match the commitment: sha256(data) is "
                          f"{digest_of(data)}, committed digest is {digest}")
+
+
+def check_endpoint(endpoint: str, what: str) -> None:
+    """ChainError unless `endpoint` is `host:port`: a hostname or IPv4 address, or a bracketed
+    IPv6 address (`[::1]:50051`), and a port 1..65535."""
+    if not isinstance(endpoint, str):
+        raise ChainError(f"{what}: endpoint must be a 'host:port' string, got {type(endpoint).__name__}")
+    if len(endpoint) > ENDPOINT_MAX_CHARS:
+        raise ChainError(f"{what}: endpoint is {len(endpoint)} characters long, at most {ENDPOINT_MAX_CHARS} "
+                         f"allowed: {endpoint[:40]!r}...")
+    host, _, port = endpoint.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+            valid_host = True
+        except ValueError:
+            valid_host = False
+    else:
+        valid_host = bool(_HOSTNAME.fullmatch(host))
+    valid_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+    if not (valid_host and valid_port):
+        raise ChainError(f"{what}: endpoint must be 'host:port' (a hostname or IPv4 address, or [IPv6 address], "
+                         f"and a port 1..65535), e.g. 'expert-0:50051', '10.0.0.1:50051' or '[::1]:50051'; "
+                         f"got {endpoint!r}")
 
 
 def _check_round(round: int, what: str) -> None:

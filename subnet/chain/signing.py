@@ -9,7 +9,9 @@ from the same arguments:
 Each payload names its operation and the hotkey, so a signature for one operation (or one
 hotkey) never verifies for another. Commit and reveal payloads carry the round, and a round
 takes one commitment, so replaying them achieves nothing. A weights payload carries no nonce:
-replaying an old one resets a validator's weights to what it once signed.
+replaying an old one resets a validator's weights to what it once signed. Nor does a serve
+payload: replaying an old one points the hotkey back at an old endpoint (on Bittensor the
+extrinsic's own nonce prevents that; LocalChain trusts whoever can reach its Redis anyway).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def weights_payload(hotkey: str, uids: Sequence[int], weights: Sequence[float]) 
     if not all(math.isfinite(w) for w in floats):
         raise ChainError("weights must be finite numbers")
     return _canonical("weights", hotkey, [int(u) for u in uids], floats)
+
+
+def serve_payload(hotkey: str, endpoint: str) -> bytes:
+    return _canonical("serve", hotkey, endpoint)
 
 
 def _canonical(op: str, *fields) -> bytes:

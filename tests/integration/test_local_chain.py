@@ -23,7 +23,7 @@ from services.validator.submissions import round_submissions
 from subnet.chain.base import ChainError
 from subnet.chain.config import ChainConfig, open_chain
 from subnet.chain.local import LocalChain
-from subnet.chain.signing import commit_payload, digest_of, reveal_payload, weights_payload
+from subnet.chain.signing import commit_payload, digest_of, reveal_payload, serve_payload, weights_payload
 from subnet.envconfig import from_env
 from subnet.rounds import RoundSchedule
 
@@ -352,3 +352,69 @@ def test_open_chain_from_env_config_reaches_the_local_chain(redis_server, redis_
         chain.close()
         for key in redis_client.scan_iter(match=prefix + "*"):
             redis_client.delete(key)
+
+
+def serve(chain, key, endpoint):
+    chain.serve(key.ss58_address, endpoint, key.sign(serve_payload(key.ss58_address, endpoint)))
+
+
+def endpoints(chain):
+    return {n.hotkey: n.endpoint for n in chain.metagraph().neurons}
+
+
+def test_serve_publishes_the_endpoint_of_that_neuron_and_serving_again_replaces_it(chain):
+    a, b = KEYS[0].ss58_address, KEYS[1].ss58_address
+    chain.register(a)
+    chain.register(b)
+    assert endpoints(chain) == {a: "", b: ""}
+    serve(chain, KEYS[0], "expert-0:50051")
+    assert endpoints(chain) == {a: "expert-0:50051", b: ""}
+    serve(chain, KEYS[0], "[::1]:50052")
+    assert endpoints(chain) == {a: "[::1]:50052", b: ""}
+
+
+def test_serve_is_refused_without_a_valid_signature_or_registration(chain):
+    a = KEYS[0].ss58_address
+    chain.register(a)
+    serve(chain, KEYS[0], "10.0.0.1:50051")
+    forged = KEYS[1].sign(serve_payload(a, "10.6.6.6:50051"))              # another identity's signature
+    with pytest.raises(ChainError, match="serve: bad signature"):
+        chain.serve(a, "10.6.6.6:50051", forged)
+    other_endpoint = KEYS[0].sign(serve_payload(a, "10.0.0.2:50051"))      # signed for another endpoint
+    with pytest.raises(ChainError, match="serve: bad signature"):
+        chain.serve(a, "10.6.6.6:50051", other_endpoint)
+    with pytest.raises(ChainError, match="serve: signature must be bytes"):
+        chain.serve(a, "10.6.6.6:50051", "not bytes")
+    with pytest.raises(ChainError, match="serve: hotkey .* is not registered"):
+        serve(chain, KEYS[3], "10.0.0.3:50051")
+    assert endpoints(chain) == {a: "10.0.0.1:50051"}
+
+
+@pytest.mark.parametrize("endpoint", ["", "nohost", ":50051", "host:", "host:0", "host:70000", "host:12a", "host:+1",
+                                      "host:١٢", "a b:1", "user@host:1", "host/x:1", "::1:50051", "[nothex]:1",
+                                      "[::1:50051", "h" * 295 + ":50051", None, 50051])
+def test_malformed_endpoints_are_refused(chain, endpoint):
+    a = KEYS[0].ss58_address
+    chain.register(a)
+    signature = KEYS[0].sign(serve_payload(a, endpoint)) if isinstance(endpoint, str) else b"x" * 64
+    with pytest.raises(ChainError, match="serve: endpoint "):
+        chain.serve(a, endpoint, signature)
+    assert endpoints(chain) == {a: ""}
+
+
+@pytest.mark.parametrize("endpoint", ["[::1]:50051", "10.0.0.1:50051", "expert-0:50051", "a:65535",
+                                      "expert-0.experts.moe.svc.cluster.local:1", "h" * 294 + ":50051"])
+def test_well_formed_endpoints_are_accepted(chain, endpoint):
+    chain.register(KEYS[0].ss58_address)
+    serve(chain, KEYS[0], endpoint)
+    assert endpoints(chain) == {KEYS[0].ss58_address: endpoint}
+
+
+@pytest.mark.parametrize("stored", [b"not json", b"\xff\xfe", b"[]", b"\"expert-0:1\"", b"{}", b"{\"endpoint\": 5}",
+                                    b"{\"endpoint\": \"a b:1\"}", b"[" * 100_000])
+def test_garbage_in_the_endpoints_hash_reads_as_no_endpoint(chain, redis_client, prefix, stored):
+    """Miners can write the chain's Redis: what one stores there by hand must not break everyone's metagraph."""
+    a, b = (chain.register(k.ss58_address) for k in KEYS[:2])
+    serve(chain, KEYS[1], "expert-1:50051")
+    redis_client.hset(prefix + "endpoints", mapping={str(a): stored, "not-a-uid": b"{\"endpoint\": \"x:1\"}"})
+    assert endpoints(chain) == {KEYS[0].ss58_address: "", KEYS[1].ss58_address: "expert-1:50051"}

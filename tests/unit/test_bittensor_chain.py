@@ -13,6 +13,7 @@ import sys
 
 import bittensor as bt
 import pytest
+from bittensor.intents.serving import ServeAxon
 from bittensor.intents.weights import SetWeights
 from bittensor.reads.subnets import SubnetInfo
 from bittensor_wallet import Keypair
@@ -25,7 +26,7 @@ from services.router.rounds import RouterRounds
 from subnet.chain.base import ChainError, Hyperparameters, Neuron
 from subnet.chain.bittensor_chain import BittensorChain, commitment_info, decode_commitment, encode_commitment
 from subnet.chain.config import ChainConfig, open_chain, signing_wallet
-from subnet.chain.signing import commit_payload, digest_of, reveal_payload, weights_payload
+from subnet.chain.signing import commit_payload, digest_of, reveal_payload, serve_payload, weights_payload
 from subnet.envconfig import ConfigError, from_env
 from subnet.identity import create_dev_wallet, load_identity
 from subnet.rounds import RoundSchedule
@@ -37,13 +38,13 @@ OTHER = Keypair.create_from_seed("0x" + "32" * 32)
 DATA = "manifests/miner/round-1.json"
 
 
-def neuron(uid, hotkey, stake, permit, incentive, last_update):
+def neuron(uid, hotkey, stake, permit, incentive, last_update, axon=None):
     zero = bt.Balance.from_rao(0)
     return bt.MetagraphNeuron(
         uid=uid, hotkey=hotkey, coldkey=f"cold-{uid}", active=True, validator_permit=permit, last_update=last_update,
         block_at_registration=1, rank=0.0, trust=0.0, consensus=0.0, incentive=incentive, dividends=0.0,
         pruning_score=0.0, emission=zero, alpha_stake=zero, tao_stake=zero, total_stake=bt.Balance.from_tao(stake),
-        axon=None, identity=None, commitment=None)
+        axon=axon, identity=None, commitment=None)
 
 
 def metagraph(block, neurons):
@@ -270,6 +271,52 @@ def test_set_weights_goes_through_the_sdk_intent_with_normalized_weights():
         chain.set_weights(HOT.ss58_address, uids, weights, HOT.sign(weights_payload(HOT.ss58_address, uids, weights)))
     with pytest.raises(ChainError, match="bad signature"):
         chain.set_weights(HOT.ss58_address, uids, weights, HOT.sign(weights_payload(HOT.ss58_address, uids, [1.0])))
+
+
+def serve(chain, endpoint, key=HOT):
+    chain.serve(key.ss58_address, endpoint, key.sign(serve_payload(key.ss58_address, endpoint)))
+
+
+def test_serve_publishes_the_axon_through_the_sdk_intent():
+    fake = RecordingSubtensor()
+    chain = make(fake)
+    serve(chain, "10.0.0.1:50051")
+    serve(chain, "[2001:db8::1]:8091")
+    intents = [(intent, wallet) for name, (intent, wallet), _ in fake.calls if name == "execute"]
+    assert all(isinstance(intent, ServeAxon) and wallet is HOT for intent, wallet in intents)
+    assert [(i.netuid, i.ip, i.port) for i, _ in intents] == [(NETUID, "10.0.0.1", 50051),
+                                                              (NETUID, "2001:db8::1", 8091)]
+    fake.result = bt.ExtrinsicResult(success=False, message="rate limited", error=bt.ChainError("ServingRateLimit"))
+    with pytest.raises(ChainError, match="serve failed: ChainError: ServingRateLimit"):
+        serve(chain, "10.0.0.1:50051")
+
+
+def test_serve_is_refused_before_sending_when_the_chain_could_not_store_it():
+    fake = RecordingSubtensor()
+    chain = make(fake)
+    hint = (r"'expert-0' is a hostname, but Bittensor's serve_axon stores an IP address: "
+            r"advertise the service's public IP \(EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>\)")
+    with pytest.raises(ChainError, match=hint):
+        serve(chain, "expert-0:50051")
+    for unspecified in ("0.0.0.0:50051", "[::]:50051"):
+        with pytest.raises(ChainError, match="is a bind address"):
+            serve(chain, unspecified)
+    with pytest.raises(ChainError, match="serve: endpoint must be 'host:port'"):
+        serve(chain, "10.0.0.1:0")
+    with pytest.raises(ChainError, match="serve: bad signature"):
+        chain.serve(HOT.ss58_address, "10.0.0.1:50051", HOT.sign(serve_payload(HOT.ss58_address, "10.0.0.2:50051")))
+    with pytest.raises(ChainError, match="serve: bad signature"):
+        chain.serve(HOT.ss58_address, "10.0.0.1:50051", OTHER.sign(serve_payload(HOT.ss58_address, "10.0.0.1:50051")))
+    with pytest.raises(ChainError, match="serve: this chain signs with hotkey .*, not "):
+        serve(chain, "10.0.0.1:50051", key=OTHER)
+    assert [c for c in fake.calls if c[0] == "execute"] == []
+
+
+def test_metagraph_maps_the_axon_to_the_endpoint():
+    axons = [None, "10.0.0.1:50051", "[2001:db8::1]:8091", "0.0.0.0:0", "garbage", "", 12345]
+    graph = metagraph(10, [neuron(uid, f"hk-{uid}", 0.0, False, 0.0, 0, axon=axon) for uid, axon in enumerate(axons)])
+    got = [n.endpoint for n in make(RecordingSubtensor(graph=graph)).metagraph().neurons]
+    assert got == ["", "10.0.0.1:50051", "[2001:db8::1]:8091", "", "", "", ""]
 
 
 def test_close_closes_only_a_subtensor_it_opened():

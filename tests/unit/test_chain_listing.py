@@ -1,0 +1,72 @@
+"""EXPERT_SERVE_ON_CHAIN's listing: published once, signed by the service's hotkey, not re-sent
+while the chain already lists it, and retried while the chain refuses (a stand-in chain: the
+real LocalChain path runs in tests/integration/test_chain_discovery.py)."""
+
+import asyncio
+
+from services.expert.chain_listing import ChainListing
+from subnet.chain.base import ChainError, Metagraph, Neuron
+from subnet.chain.signing import serve_payload
+from subnet.identity import Identity, verify_signature
+
+ME = Identity.generate()
+
+
+class Chain:
+    def __init__(self, endpoint: str = "", refusals: int = 0):
+        self.endpoint, self.refusals, self.served = endpoint, refusals, []
+
+    def metagraph(self):
+        return Metagraph(block=1, neurons=(Neuron(0, ME.hotkey, endpoint=self.endpoint),))
+
+    def serve(self, hotkey, endpoint, signature):
+        if self.refusals:
+            self.refusals -= 1
+            raise ChainError(f"hotkey {hotkey} is not registered")
+        assert verify_signature(hotkey, serve_payload(hotkey, endpoint), signature)
+        self.served.append((hotkey, endpoint))
+        self.endpoint = endpoint
+
+
+def test_publishes_a_signed_listing_once():
+    chain = Chain()
+    listing = ChainListing(chain, ME, "10.0.0.5:50051")
+    assert listing.publish_once() and listing.published
+    assert chain.served == [(ME.hotkey, "10.0.0.5:50051")]
+    assert ChainListing(chain, ME, "10.0.0.5:50051").publish_once()
+    assert len(chain.served) == 1   # already listed: no second extrinsic (Bittensor charges and rate-limits)
+
+
+def test_a_moved_service_publishes_its_new_endpoint():
+    chain = Chain(endpoint="10.0.0.5:50051")
+    ChainListing(chain, ME, "10.0.0.6:50051").publish_once()
+    assert chain.served == [(ME.hotkey, "10.0.0.6:50051")]
+
+
+def test_retries_while_the_chain_refuses_and_logs_it(caplog):
+    chain = Chain(refusals=2)
+    listing = ChainListing(chain, ME, "10.0.0.5:50051", retry_s=0.01)
+    with caplog.at_level("WARNING"):
+        asyncio.run(asyncio.wait_for(listing.run(), 10))
+    assert listing.published and chain.served == [(ME.hotkey, "10.0.0.5:50051")]
+    assert "not registered" in caplog.text and caplog.text.count("could not publish") == 1   # throttled
+
+
+def test_the_service_refuses_to_start_with_a_listing_it_could_never_publish(tmp_path):
+    """Found out at start, with what to set, instead of retried every 30 s for ever."""
+    import pytest
+
+    from services.expert.config import ExpertConfig
+    from services.expert.server import ExpertServer, StartupError
+    from subnet.envconfig import from_env
+
+    base = {"EXPERT_UIDS": "0.0", "EXPERT_DIM": "8", "EXPERT_INTER_DIM": "16", "EXPERT_PORT": "0",
+            "EXPERT_SERVE_ON_CHAIN": "1", "AUTH_ALLOWLIST": ME.hotkey, "CHAIN": "local",
+            "CHAIN_REDIS_URL": "redis://127.0.0.1:1/0"}
+    cases = [({"AUTH_MODE": "off"}, None, "needs AUTH_MODE=on"),
+             ({"EXPERT_HOST": "0.0.0.0"}, ME, "set EXPERT_ADVERTISE_ENDPOINT"),
+             ({"EXPERT_ADVERTISE_ENDPOINT": "expert 0:50051"}, ME, "endpoint must be 'host:port'")]
+    for env, identity, message in cases:
+        server = ExpertServer(from_env(ExpertConfig, {**base, **env}), identity=identity)
+        with pytest.raises(StartupError, match=message):
+            asyncio.run(server.start())
