@@ -17,8 +17,10 @@ Every process has its own development wallet under `<STACK_RUN_DIR>/wallets` (un
 made by `subnet.identity.create_dev_wallet`), registered on the local chain (in the stack's
 Redis; router, validator and scorer with stake, so they hold validator permits): the miners
 accept the router (allow-list) and validators (chain), the router accepts the stack's client
-hotkey, which signs Generate. The miners reach Redis as the ACL user `miner` (subnet/redis_acl.py:
-the registry, the nonces and the local chain, not the validators' queue or the scores). An embedded
+hotkey, which signs Generate. Each miner publishes its endpoint on the local chain and the router
+finds it there (STACK_DISCOVERY=chain, the default; `registry` for the Redis heartbeats). The miners
+reach Redis as the ACL user `miner` (subnet/redis_acl.py: the registry, the nonces and the local
+chain, not the validators' queue or the scores). An embedded
 S3 server (SeaweedFS) holds the checkpoints (services/stack/subnet_layer.py); its data is a
 temporary directory, removed at the end.
 """
@@ -92,8 +94,9 @@ def _router_env(cfg, redis_url: str, wallets, subnet_env: dict[str, str]) -> dic
     return {"ROUTER_PORT": str(cfg.router_port), "REDIS_URL": redis_url, "ROUTER_THREADS": str(cfg.router_threads),
             "ROUTER_METRICS_PORT": str(cfg.metrics_port(0)), "ROUTER_WIRE_DTYPE": cfg.wire_dtype,
             "ROUTER_EXPERT_TIMEOUT_S": str(cfg.expert_timeout_s),
-            # Every miner is registered before the router starts: route to registered hotkeys only.
-            "ROUTER_REGISTERED_EXPERTS_ONLY": "1",
+            # Every miner is registered before the router starts: route to registered hotkeys only
+            # (implied by ROUTER_DISCOVERY=chain, which lists registered neurons only).
+            "ROUTER_DISCOVERY": cfg.discovery, "ROUTER_REGISTERED_EXPERTS_ONLY": "1",
             **wallets.env("stack-router", allow=wallets.client.hotkey), **subnet_env}
 
 

@@ -26,6 +26,10 @@ class StackConfig:
     s3_port: int = env("STACK_S3_PORT", 8333, "embedded S3 server (SeaweedFS) port; its other ports are picked free")
     metrics_base_port: int = env("STACK_METRICS_BASE_PORT", 9100,
                                  "router metrics here, expert services on the next ports; 0 = off")
+    discovery: str = env("STACK_DISCOVERY", "chain",
+                         "how the router finds the miners: `chain` (each publishes its endpoint on the local chain, "
+                         "ROUTER_DISCOVERY=chain; the miners write no registry entry) or `registry` (their Redis "
+                         "heartbeats)")
     wire_dtype: str = env("STACK_WIRE_DTYPE", "fp32", "activations on the wire: fp32, bf16, fp16 or int8")
     expert_timeout_s: float = env("STACK_EXPERT_TIMEOUT_S", 10.0, "router's deadline per layer of expert calls")
     router_threads: int = env("STACK_ROUTER_THREADS", 2, "torch threads of the router process")
@@ -36,6 +40,8 @@ class StackConfig:
     def __post_init__(self):
         if self.preset not in ("tiny", "small", "base"):
             raise ValueError(f"STACK_PRESET={self.preset!r}: choose tiny, small or base")
+        if self.discovery not in ("chain", "registry"):
+            raise ValueError(f"STACK_DISCOVERY={self.discovery!r}: choose chain or registry")
         if not self.expert_ports:
             raise ValueError("STACK_EXPERT_PORTS is empty: give at least one port, e.g. 15061,15062")
         if self.expert_timeout_s <= 0 or self.train_minutes <= 0:

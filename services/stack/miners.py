@@ -45,6 +45,8 @@ def miner_env(miner: Miner, index: int, cfg, lm_cfg, redis_url: str, checkpoint:
            "EXPERT_RESUME": "0", **subnet_env,
            # The local chain is in the same Redis; the miner reaches it as the restricted user too.
            "CHAIN_REDIS_URL": redis_url}
+    if cfg.discovery == "chain":   # the router finds it on the chain: no registry entry to write
+        env.update({"EXPERT_SERVE_ON_CHAIN": "1", "REDIS_URL": ""})
     if miner.adversary:
         env.update({"EXPERT_ADVERSARY": miner.adversary, "EXPERT_ALLOW_ADVERSARY": "1"})
     return env

@@ -26,10 +26,12 @@ def test_every_redis_url_a_miner_gets_is_the_miner_users(tmp_path: Path):
     admin_url = with_credentials(PLAIN, "", users["default"][0])
     miner_url = with_credentials(PLAIN, MINER_USER, users[MINER_USER][0])
     subnet_env = {"CHAIN": "local", "CHAIN_REDIS_URL": admin_url}   # what SubnetLayer.env() gives everyone
-    cfg = from_env(StackConfig, {})
-    for i, miner in enumerate(plan_miners([15061, 15062], ("lazy",))):
-        env = miner_env(miner, i, cfg, preset("tiny"), miner_url, tmp_path / "experts.safetensors",
-                        tmp_path, StackWallets(tmp_path), subnet_env)
-        redis_urls = {k: v for k, v in env.items() if "REDIS" in k}
-        assert redis_urls == {"REDIS_URL": miner_url, "CHAIN_REDIS_URL": miner_url}
-        assert not any(users["default"][0] in value for value in env.values())
+    for discovery, registry_url in (("registry", miner_url), ("chain", "")):   # chain: no registry entries
+        cfg = from_env(StackConfig, {"STACK_DISCOVERY": discovery})
+        for i, miner in enumerate(plan_miners([15061, 15062], ("lazy",))):
+            env = miner_env(miner, i, cfg, preset("tiny"), miner_url, tmp_path / "experts.safetensors",
+                            tmp_path, StackWallets(tmp_path), subnet_env)
+            redis_urls = {k: v for k, v in env.items() if "REDIS" in k}
+            assert redis_urls == {"REDIS_URL": registry_url, "CHAIN_REDIS_URL": miner_url}
+            assert not any(users["default"][0] in value for value in env.values())
+            assert env.get("EXPERT_SERVE_ON_CHAIN", "0") == ("1" if discovery == "chain" else "0")
