@@ -17,7 +17,10 @@ Costs: one Info per serving neuron per refresh (ROUTER_REGISTRY_REFRESH_S), in p
 bounded by `timeout_s`; a refresh waits for the slowest, in the ReplicaSet's background thread,
 never in a routing decision. A neuron that does not answer or answers nonsense is left out of
 that refresh (counted per reason by `on_skip`); the ReplicaSet keeps what it saw for
-ROUTER_REGISTRY_GRACE_S. Before the first metagraph read nothing is routable (fail closed).
+ROUTER_REGISTRY_GRACE_S. Before the first metagraph read nothing is routable (fail closed), and
+while nothing is routable the metagraph is read every AUTH_CHAIN_RETRY_S instead of every
+AUTH_CHAIN_REFRESH_S: a router that starts before its miners have listed finds them in seconds.
+New miners otherwise appear within AUTH_CHAIN_REFRESH_S.
 
     directory = ChainDirectory(ChainPolicy(chain, require_validator_permit=False).start(), probe)
     ReplicaSet(directory, ...)
@@ -81,6 +84,8 @@ class ChainDirectory:
         if failures:
             self._log.warning(log, "left out %d endpoint(s) listed on the chain this refresh, e.g. %s",
                               len(failures), failures[0])
+        if not out:   # nothing routable: look again within retry_s, not refresh_s (miners list once serving)
+            self.policy.want_read()
         return out
 
     def _ask(self, endpoint: str, hotkeys: list[str]) -> tuple[list[Replica], list[str]]:

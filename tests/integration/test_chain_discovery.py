@@ -156,6 +156,20 @@ def test_directory_takes_what_each_listed_hotkey_answers_and_leaves_out_the_rest
     assert sorted(skipped) == ["malformed", "unreachable"]
 
 
+def test_directory_asks_for_an_early_metagraph_read_while_nothing_is_routable():
+    """A router started before its miners listed (none yet in the metagraph) must not wait
+    AUTH_CHAIN_REFRESH_S to find them; once something is routable it does not ask."""
+    hotkey = Identity.generate().hotkey
+    policy = _Policy(Metagraph(block=1, neurons=(Neuron(0, hotkey),)))   # registered, not listed yet
+    directory = ChainDirectory(policy, lambda *args: _answer("0.0"))
+    try:
+        assert directory.all_replicas() == {} and policy.asked == 1
+        policy.metagraph = Metagraph(block=2, neurons=(Neuron(0, hotkey, endpoint="10.0.0.1:1"),))
+        assert list(directory.all_replicas()) == ["0.0"] and policy.asked == 1
+    finally:
+        directory.stop()
+
+
 @pytest.mark.parametrize("experts, why", [
     ([expert_pb2.ExpertInfo(uid="")], "empty"),
     ([expert_pb2.ExpertInfo(uid="x" * 65)], "longer than 64"),
