@@ -4,7 +4,8 @@ able to fill the log.
 
     throttle = LogThrottle(10.0)
     throttle.warning(log, "refused %s from %s", method, peer)
-    # logs "refused ... from ..." at most every 10 s, then with " (12 more not logged in the last 10 s)"
+    # logs "refused ... from ..." at most every 10 s; a line after some were left out ends
+    # " (12 more not logged since the last one; one line per 10 s at most)"
 
 `due()` is the bare decision, for callers that do more than log.
 """
@@ -48,4 +49,5 @@ class LogThrottle:
 
     def left_out(self, suppressed: int) -> str:
         """The suffix of a logged line: how many like it were not logged ("" when none)."""
-        return f" ({suppressed} more not logged in the last {self.interval_s:g} s)" if suppressed else ""
+        return (f" ({suppressed} more not logged since the last one; one line per {self.interval_s:g} s at most)"
+                if suppressed else "")

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import redis
 
+from subnet.chain.base import ChainError
+from subnet.chain.rules import check_endpoint
 from subnet.identity import verify_signature
 
 log = logging.getLogger(__name__)
@@ -245,6 +247,10 @@ def _parse(raw: dict) -> Replica | str:
     for name, limit in _MAX_CHARS.items():   # what a reader keeps (and caches) stays small
         if len(h.get(name, "")) > limit:
             return f"{name!r} is longer than {limit} characters"
+    try:   # the router dials it: "unix:/run/x.sock" would reach a socket on the router's own host
+        check_endpoint(h["endpoint"], "registry entry")
+    except ChainError:
+        return "'endpoint' is not host:port"
     numbers = {}
     for name in ("load", "version", "updated_ms"):
         try:

@@ -1,11 +1,13 @@
 """EXPERT_SERVE_ON_CHAIN=1: publish on the chain where this service serves (Bittensor's
 `serve_axon`), so that routers with ROUTER_DISCOVERY=chain find it without the Redis registry.
 
-Only this service's hotkey can change its listing, so no other miner can delete or redirect it.
-The endpoint is published once it answers (after SERVING), and again only when the chain lists
-another one for this hotkey: Bittensor rate-limits `serve_axon` and charges for it. While the chain
-is unreachable or the hotkey is not registered yet (a Kubernetes Job may register it a minute
-later), the service keeps serving and tries again every `retry_s`.
+On Bittensor only this service's hotkey can change its listing, so no other miner can delete or
+redirect it (on the local chain, whoever reaches its Redis can). At start, once the service answers
+(after SERVING), the endpoint is published unless the chain already lists it for this hotkey:
+Bittensor rate-limits `serve_axon` and charges for it. It is not watched afterwards. While the
+chain is unreachable or the hotkey is not registered yet (a Kubernetes Job may register it a
+minute later), the service keeps serving and tries again every `retry_s`; what can never be
+published (a hostname on Bittensor, a bind address) fails the start instead (ExpertServer).
 
     listing = ChainListing(chain, identity, "10.0.0.5:50051")
     task = asyncio.create_task(listing.run())
@@ -32,9 +34,9 @@ class ChainListing:
         self.published = False   # the chain lists `endpoint` for this hotkey (by us or before us)
         self._failures = LogThrottle(300.0)
 
-    def publish_once(self) -> bool:
-        """Publish unless the chain already lists this endpoint; True once it does. Raises what the
-        chain raises (ChainError: not registered, refused, unreachable)."""
+    def publish_once(self) -> None:
+        """Publish unless the chain already lists this endpoint; `published` afterwards. Raises what
+        the chain raises (ChainError: not registered, refused, unreachable)."""
         hotkey = self.identity.hotkey
         neuron = self.chain.metagraph().by_hotkey(hotkey)
         if neuron is not None and neuron.endpoint == self.endpoint:
@@ -43,7 +45,6 @@ class ChainListing:
             self.chain.serve(hotkey, self.endpoint, self.identity.sign(serve_payload(hotkey, self.endpoint)))
             log.info("published %s on the chain for hotkey %s", self.endpoint, hotkey)
         self.published = True
-        return True
 
     async def run(self) -> None:
         """Try until published (the chain's calls run in a thread: they block)."""

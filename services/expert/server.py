@@ -47,7 +47,7 @@ from subnet.auth import ServerAuth, build_server_auth, service_identity
 from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
 from subnet.chain.config import open_chain, signing_wallet
-from subnet.chain.rules import check_endpoint
+from subnet.chain.rules import axon_address, check_endpoint
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.decode_guard import DecodeGuard
 from subnet.envconfig import ConfigError
@@ -147,6 +147,8 @@ class ExpertServer:
         host = c.host
         if host in ("0.0.0.0", "::", ""):
             host = socket.gethostbyname(socket.gethostname())
+        if ":" in host:   # an IPv6 address: "::1:50051" would not parse as host and port
+            host = f"[{host}]"
         return f"{host}:{self.port}"
 
     async def start(self) -> None:
@@ -244,15 +246,26 @@ class ExpertServer:
             raise StartupError(str(e)) from None
 
     def _check_listing(self) -> None:
-        """What EXPERT_SERVE_ON_CHAIN needs, found out at start rather than retried for ever."""
+        """What EXPERT_SERVE_ON_CHAIN needs, found out at start (ChainError, IdentityError) rather than
+        retried every 30 s for ever; opens the chain, so an unreachable one fails the start too."""
         c = self.config
         if self.identity is None:
             raise StartupError("EXPERT_SERVE_ON_CHAIN=1 needs AUTH_MODE=on: the listing is signed by the hotkey")
-        if c.advertise_endpoint:
-            check_endpoint(c.advertise_endpoint, "EXPERT_ADVERTISE_ENDPOINT")
-        elif c.host in ("0.0.0.0", "::", ""):
+        if not c.advertise_endpoint and c.host in ("0.0.0.0", "::", ""):
             raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: set EXPERT_ADVERTISE_ENDPOINT "
                                f"to the address routers should dial (`<public ip>:<port>`)")
+        # The endpoint to publish, with a stand-in port when EXPERT_PORT=0 picks one at bind.
+        host = c.host if ":" not in c.host else f"[{c.host}]"
+        endpoint = c.advertise_endpoint or f"{host}:{c.port or 1}"
+        what = "EXPERT_ADVERTISE_ENDPOINT" if c.advertise_endpoint else "EXPERT_HOST:EXPERT_PORT"
+        if c.chain.chain == "bittensor":
+            axon_address(endpoint, what)   # an IP address peers can reach
+        else:
+            check_endpoint(endpoint, what)
+            if endpoint.rpartition(":")[0].strip("[]") in ("0.0.0.0", "::"):
+                raise StartupError(f"{what}={endpoint!r} is a bind address, not one routers can dial: set "
+                                   f"EXPERT_ADVERTISE_ENDPOINT to this service's address")
+        self._chain()
 
     def _chain(self) -> Chain:
         if self.chain is None:

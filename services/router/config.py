@@ -69,11 +69,16 @@ class RouterConfig:
     discovery: str = env("ROUTER_DISCOVERY", "registry",
                          "where expert replicas are found: `registry` (the Redis registry the expert services "
                          "heartbeat to) or `chain` (the endpoints registered miners publish on the chain, "
-                         "EXPERT_SERVE_ON_CHAIN, each asked what it hosts with a signed Info; miners need no "
-                         "Redis and cannot touch each other's listing; registered hotkeys only, as with "
-                         "ROUTER_REGISTERED_EXPERTS_ONLY)")
+                         "EXPERT_SERVE_ON_CHAIN, each asked what it hosts with an Info signed for its hotkey; "
+                         "miners need no Redis, and on Bittensor none can touch another's listing; registered "
+                         "hotkeys only, as with ROUTER_REGISTERED_EXPERTS_ONLY; needs AUTH_MODE=on)")
     discovery_timeout_s: float = env("ROUTER_DISCOVERY_TIMEOUT_S", 2.0,
-                                     "ROUTER_DISCOVERY=chain: each Info to a listed endpoint gives up after this")
+                                     "ROUTER_DISCOVERY=chain: each Info to a listed endpoint gives up after this, "
+                                     "a whole refresh after 3 times this")
+    discovery_private: bool = env("ROUTER_DISCOVERY_PRIVATE", False,
+                                  "ROUTER_DISCOVERY=chain: also ask listed endpoints whose address is loopback, "
+                                  "private or link-local (the local stack; a private network of your own); off, "
+                                  "a registered hotkey cannot make the router call into its own network")
     registered_only: bool = env("ROUTER_REGISTERED_EXPERTS_ONLY", False,
                                 "1 = route only to replicas whose hotkey is registered on the chain (CHAIN_*; the "
                                 "metagraph is re-read every AUTH_CHAIN_REFRESH_S, and AUTH_CHAIN_RETRY_S after an "
@@ -155,6 +160,9 @@ class RouterConfig:
                              f"and {self.k_min}")
         if self.discovery not in ("registry", "chain"):
             raise ValueError(f"ROUTER_DISCOVERY={self.discovery!r} must be `registry` or `chain`")
+        if self.discovery == "chain" and not self.auth.enabled:
+            raise ValueError("ROUTER_DISCOVERY=chain needs AUTH_MODE=on: unsigned, any listing naming another "
+                             "miner's endpoint would be believed")
         if self.discovery_timeout_s <= 0:
             raise ValueError(f"ROUTER_DISCOVERY_TIMEOUT_S must be positive, got {self.discovery_timeout_s}")
         if self.training not in ("sync", "async"):

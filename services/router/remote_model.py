@@ -22,6 +22,7 @@ from moe.experts import ROUTED_EXPERT_KEY, expert_uid
 from moe.train.checkpoint import load_weights, resolve_checkpoint
 from services.router.chain_directory import ChainDirectory
 from services.router.config import RouterConfig
+from services.router.info_probe import InfoProbe
 from services.router.metrics import RouterMetrics
 from services.router.registered import RegisteredReplicas
 from services.router.remote_experts import RemoteExpertGroup
@@ -48,9 +49,10 @@ class RemoteParts:
     metrics: RouterMetrics
     tracer: ExpertCallTracer
     identity: Identity | None = None
-    # ROUTER_REGISTERED_EXPERTS_ONLY's filter or ROUTER_DISCOVERY=chain's directory (each has a metagraph thread)
-    registered: RegisteredReplicas | ChainDirectory | None = None
-    probes: ExpertClientPool | None = None          # the directory's Info calls
+    # ROUTER_REGISTERED_EXPERTS_ONLY's filter or ROUTER_DISCOVERY=chain's directory: the replica
+    # source that runs a metagraph thread of its own (stopped by close()).
+    chain_source: RegisteredReplicas | ChainDirectory | None = None
+    discovery: str = "registry"   # ROUTER_DISCOVERY
 
     @classmethod
     def connect(cls, config: RouterConfig, metrics: RouterMetrics | None = None,
@@ -67,36 +69,41 @@ class RemoteParts:
 
         # With signed calls, signed entries: nobody can list endpoints in another hotkey's name.
         registry = ExpertRegistry(client, require_signed=config.auth.enabled, on_skip=count_skipped)
-        source, registered, probes = registry, None, None
-        if config.discovery == "chain" or config.registered_only:
-            policy = ChainPolicy(open_chain(config.chain, config.rounds.schedule()), require_validator_permit=False,
-                                 refresh_s=config.auth.chain_refresh_s, retry_s=config.auth.chain_retry_s).start()
-            if config.discovery == "chain":   # services/router/chain_directory.py
-                probes = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity)
-                source = registered = ChainDirectory(
-                    policy, lambda endpoint, hotkey, timeout_s: probes.get(endpoint, hotkey).info(timeout_s=timeout_s),
-                    timeout_s=config.discovery_timeout_s,
-                    on_skip=lambda reason: metrics.chain_endpoints_skipped.labels(reason).inc())
-            else:   # only hotkeys registered on the chain (services/router/registered.py)
-                source = registered = RegisteredReplicas(registry, policy, on_skip=count_skipped)
-        replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
-                              suspect_s=config.suspect_s,
-                              scores=RedisScores(client, config.scores_prefix + "ema", config.scores_prefix + "banned")
-                              if config.follow_scores else None,
-                              min_ema=config.min_ema, grace_s=config.registry_grace_s,
-                              explore=config.explore).start()
-        clients = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity,
-                                   hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
-        if config.metrics_port:
-            metrics.serve(config.metrics_port, addr=config.host)
-        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity, registered, probes)
+        source, chain_source, replicas = registry, None, None
+        try:
+            if config.discovery == "chain" or config.registered_only:
+                policy = ChainPolicy(open_chain(config.chain, config.rounds.schedule()),
+                                     require_validator_permit=False, refresh_s=config.auth.chain_refresh_s,
+                                     retry_s=config.auth.chain_retry_s).start()
+                if config.discovery == "chain":   # services/router/chain_directory.py
+                    source = chain_source = ChainDirectory(
+                        policy, InfoProbe(identity), timeout_s=config.discovery_timeout_s,
+                        on_skip=lambda reason: metrics.chain_endpoints_skipped.labels(reason).inc(),
+                        private_addresses=config.discovery_private)
+                else:   # only hotkeys registered on the chain (services/router/registered.py)
+                    source = chain_source = RegisteredReplicas(registry, policy, on_skip=count_skipped)
+            replicas = ReplicaSet(source, policy=config.replica_policy, refresh_s=config.registry_refresh_s,
+                                  suspect_s=config.suspect_s,
+                                  scores=RedisScores(client, config.scores_prefix + "ema",
+                                                     config.scores_prefix + "banned") if config.follow_scores else None,
+                                  min_ema=config.min_ema, grace_s=config.registry_grace_s,
+                                  explore=config.explore).start()
+            clients = ExpertClientPool(ChannelSettings(max_message_mb=config.max_message_mb), identity=identity,
+                                       hotkeys=replicas.hotkey, shm=config.shm, frames=config.frames == "auto")
+            if config.metrics_port:
+                metrics.serve(config.metrics_port, addr=config.host)
+        except BaseException:   # e.g. the metrics port is taken: stop the threads started so far
+            if replicas is not None:
+                replicas.stop()
+            if chain_source is not None:
+                chain_source.stop()
+            raise
+        return cls(registry, replicas, clients, metrics, ExpertCallTracer(), identity, chain_source, config.discovery)
 
     def close(self) -> None:
         self.replicas.stop()
-        if self.registered is not None:
-            self.registered.stop()
-        if self.probes is not None:
-            self.probes.close()
+        if self.chain_source is not None:
+            self.chain_source.stop()
         self.clients.close()
 
 

@@ -65,9 +65,11 @@ def wait_for_experts(parts: RemoteParts, uids: list[str], timeout_s: float) -> N
         if not missing:
             return
         if time.monotonic() > deadline:
+            how = ("EXPERT_UIDS and EXPERT_SERVE_ON_CHAIN=1 (this router finds them on the chain)"
+                   if parts.discovery == "chain" else "EXPERT_UIDS and REDIS_URL")
             raise RuntimeError(f"no expert service registered {len(missing)} of the {len(uids)} experts the "
                                f"model needs (e.g. {', '.join(missing[:6])}) within {timeout_s:.0f}s; start "
-                               f"services hosting them with EXPERT_UIDS and REDIS_URL")
+                               f"services hosting them with {how}")
         time.sleep(0.2)
 
 

@@ -97,6 +97,7 @@ def _router_env(cfg, redis_url: str, wallets, subnet_env: dict[str, str]) -> dic
             # Every miner is registered before the router starts: route to registered hotkeys only
             # (implied by ROUTER_DISCOVERY=chain, which lists registered neurons only).
             "ROUTER_DISCOVERY": cfg.discovery, "ROUTER_REGISTERED_EXPERTS_ONLY": "1",
+            "ROUTER_DISCOVERY_PRIVATE": "1",   # the miners listen on 127.0.0.1
             **wallets.env("stack-router", allow=wallets.client.hotkey), **subnet_env}
 
 

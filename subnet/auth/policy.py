@@ -21,6 +21,8 @@ from subnet.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
+MAX_TRACKED_HOTKEYS = 4096   # denied hotkeys remembered per read (a flood of fresh ones must not grow memory)
+
 
 class Policy(Protocol):
     def denial(self, hotkey: str) -> str | None:
@@ -83,7 +85,9 @@ class ChainPolicy:
     was denied (it may have registered since the last read). Otherwise a miner registered a
     moment after the router's read would get no traffic, and a validator registered after the
     expert's read would be refused, for up to `refresh_s`. A flood of unknown hotkeys costs at
-    most one metagraph read per `retry_s`; `denial()` itself still never waits on the chain.
+    most one metagraph read per `retry_s`; `denial()` itself still never waits on the chain. A
+    hotkey that such an early read denied again (a pruned miner still heartbeating, a caller that
+    never registers) asks for no more early reads until the next scheduled one.
     """
 
     def __init__(self, chain: Chain, require_validator_permit: bool, refresh_s: float = 60.0,
@@ -102,6 +106,9 @@ class ChainPolicy:
         self._last_read = float("-inf")
         self._failed = False
         self._wanted = False                   # a hotkey was denied since the last read
+        self._hotkeys_lock = threading.Lock()
+        self._asking: set[str] = set()         # hotkeys denied since the last read, which asked for it
+        self._asked: set[str] = set()          # denied again by an early read: no more asking until a scheduled one
         self._wake = threading.Event()         # set by stop() and by the first denial after a read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,10 +117,15 @@ class ChainPolicy:
     def refresh(self) -> bool:
         """Read the metagraph now; False (and the last sets kept) when the chain fails."""
         self.reads += 1
+        early = self._wanted
         self._last_read, self._wanted = self._clock(), False
+        with self._hotkeys_lock:
+            asking, self._asking = self._asking, set()
         try:
             metagraph = self.chain.metagraph()
         except Exception as e:  # the chain is remote and may fail in any way; requests must not
+            with self._hotkeys_lock:
+                self._asking |= asking   # still unanswered: they ask again after the retry
             self._failed = True
             self._failure_log.warning(log, "metagraph read failed (keeping the last one, retrying every %.0f s): %s",
                                       self.retry_s, e)
@@ -123,6 +135,11 @@ class ChainPolicy:
         self._validators = metagraph.validator_hotkeys
         self._registered = metagraph.hotkeys
         self.metagraph = metagraph
+        with self._hotkeys_lock:
+            if early and len(self._asked) < MAX_TRACKED_HOTKEYS:
+                self._asked |= asking
+            else:   # a scheduled read: every hotkey may ask once more
+                self._asked.clear()
         return True
 
     def start(self) -> ChainPolicy:
@@ -165,12 +182,21 @@ class ChainPolicy:
             self.want_read()
             return "cannot be checked: the metagraph has not been read yet"
         if hotkey not in registered:
-            self.want_read()
+            self._ask_for(hotkey)
             return "is not registered on the subnet"
         if self.require_validator_permit and hotkey not in self._validators:
-            self.want_read()
+            self._ask_for(hotkey)
             return "has no validator permit"
         return None
+
+    def _ask_for(self, hotkey: str) -> None:
+        """An early read for a denied hotkey, unless an early read already denied it again."""
+        with self._hotkeys_lock:
+            if hotkey in self._asked:
+                return
+            if len(self._asking) < MAX_TRACKED_HOTKEYS:
+                self._asking.add(hotkey)
+        self.want_read()
 
     def __repr__(self) -> str:
         return f"ChainPolicy(validator_permit={self.require_validator_permit})"

@@ -34,12 +34,12 @@ The SDK is imported on first use only: importing it takes most of a second.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
 from subnet.chain.base import Chain, ChainError, Commitment, Hyperparameters, Metagraph, Neuron
 from subnet.chain.rules import (
+    axon_address,
     check_commit_block,
     check_digest,
     check_endpoint,
@@ -261,19 +261,11 @@ class BittensorChain(Chain):
         self._own_hotkey(hotkey, what)
         check_endpoint(endpoint, what)
         verify_signature(hotkey, serve_payload(hotkey, endpoint), signature, what)
-        host, _, port = endpoint.rpartition(":")
-        try:
-            ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-        except ValueError:
-            raise ChainError(f"{what}: {host!r} is a hostname, but Bittensor's serve_axon stores an IP address: "
-                             f"advertise the service's public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)") from None
-        if ip.is_unspecified:   # the chain stores "no axon" as IP 0: it would read back as serving nothing
-            raise ChainError(f"{what}: {ip} is a bind address, not one peers can reach: advertise the service's "
-                             f"public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)")
+        ip, port = axon_address(endpoint, what)
         from bittensor.intents.serving import ServeAxon
 
         with self._sdk(what):
-            self.subtensor.execute(ServeAxon(netuid=self.netuid, ip=str(ip), port=int(port)),
+            self.subtensor.execute(ServeAxon(netuid=self.netuid, ip=ip, port=port),
                                    self.wallet).raise_for_failure()
 
     def weights(self) -> dict[int, dict[int, float]]:

@@ -16,6 +16,9 @@ ENDPOINT_MAX_CHARS = 300
 # Narrower than "printable ASCII": no '/', '@', ':' or '%' that a gRPC target or URL would read
 # as something other than a host.
 _HOSTNAME = re.compile(r"[A-Za-z0-9._-]+")
+# gRPC reads "<scheme>:<rest>" as a target URI when it knows the scheme: "unix:50051" would dial a
+# unix socket on the router's host, not a host named "unix".
+_GRPC_SCHEMES = frozenset({"unix", "unix-abstract", "dns", "ipv4", "ipv6", "vsock", "xds", "google-c2p"})
 
 
 def check_digest(digest: str, what: str) -> None:
@@ -61,14 +64,30 @@ def check_endpoint(endpoint: str, what: str) -> None:
         except ValueError:
             valid_host = False
     else:
-        valid_host = bool(_HOSTNAME.fullmatch(host))
+        valid_host = bool(_HOSTNAME.fullmatch(host)) and host.lower() not in _GRPC_SCHEMES
     valid_port = port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
     if not (valid_host and valid_port):
         raise ChainError(f"{what}: endpoint must be 'host:port' (a hostname or IPv4 address, or [IPv6 address], "
-                         f"and a port 1..65535), e.g. 'expert-0:50051', '10.0.0.1:50051' or '[::1]:50051'; "
-                         f"got {endpoint!r}")
+                         f"and a port 1..65535; not a gRPC scheme such as 'unix:'), e.g. 'expert-0:50051', "
+                         f"'10.0.0.1:50051' or '[::1]:50051'; got {endpoint!r}")
 
 
 def _check_round(round: int, what: str) -> None:
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ChainError(f"{what}: round must be an integer >= 0, got {round!r}")
+
+
+def axon_address(endpoint: str, what: str) -> tuple[str, int]:
+    """(ip, port) of a checked endpoint as Bittensor's serve_axon stores it: an IP address that peers
+    can reach. ChainError for a hostname or a bind address (0.0.0.0, ::), saying what to set."""
+    check_endpoint(endpoint, what)
+    host, _, port = endpoint.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise ChainError(f"{what}: {host!r} is a hostname, but Bittensor's serve_axon stores an IP address: "
+                         f"advertise the service's public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)") from None
+    if ip.is_unspecified:   # the chain stores "no axon" as IP 0: it would read back as serving nothing
+        raise ChainError(f"{what}: {ip} is a bind address, not one peers can reach: advertise the service's "
+                         f"public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)")
+    return str(ip), int(port)

@@ -87,12 +87,27 @@ def test_a_router_finds_and_uses_experts_through_the_chain_alone(redis_server):
 
         parts = RemoteParts.connect(from_env(RouterConfig, {
             "REDIS_URL": redis_server.url, "ROUTER_DISCOVERY": "chain", "ROUTER_FOLLOW_SCORES": "0",
-            "ROUTER_REGISTRY_REFRESH_S": "0.2", **chain_env}), identity=router)
+            "ROUTER_REGISTRY_REFRESH_S": "0.2", "ROUTER_DISCOVERY_PRIVATE": "1", **chain_env}), identity=router)
         _wait_for(lambda: parts.replicas.replicas("0.1"), "the router to find expert 0.1")
         for uid in ("0.0", "0.1"):
             assert [(r.endpoint, r.hotkey) for r in parts.replicas.replicas(uid)] == [(server.endpoint, miner.hotkey)]
         skipped = parts.metrics.chain_endpoints_skipped.labels("unreachable")
         _wait_for(lambda: skipped._value.get() >= 1, "the squatter's probe to be counted")
+        # Refreshes from two threads at once (start-up's wait for experts does that beside the
+        # background refresh), each probing the one endpoint for both hotkeys in parallel: the
+        # squatter is never credited with the miner's answer.
+        seen = []
+
+        def refresh_many():
+            for _ in range(5):
+                seen.extend((r.uid, r.hotkey) for reps in parts.chain_source.all_replicas().values() for r in reps)
+
+        threads = [threading.Thread(target=refresh_many) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert seen and {hotkey for _, hotkey in seen} == {miner.hotkey}
 
         group = RemoteExpertGroup(0, 2, DIM, parts.replicas, timeout_s=30.0, clients=parts.clients)
         x = {0: torch.randn(3, DIM), 1: torch.randn(5, DIM)}
@@ -145,7 +160,8 @@ def test_directory_takes_what_each_listed_hotkey_answers_and_leaves_out_the_rest
         return answer
 
     skipped = []
-    directory = ChainDirectory(_Policy(graph), probe, timeout_s=1.0, on_skip=skipped.append)
+    directory = ChainDirectory(_Policy(graph), probe, timeout_s=1.0, on_skip=skipped.append,
+                               private_addresses=True)
     try:
         replicas = directory.all_replicas()
     finally:
@@ -161,7 +177,7 @@ def test_directory_asks_for_an_early_metagraph_read_while_nothing_is_routable():
     AUTH_CHAIN_REFRESH_S to find them; once something is routable it does not ask."""
     hotkey = Identity.generate().hotkey
     policy = _Policy(Metagraph(block=1, neurons=(Neuron(0, hotkey),)))   # registered, not listed yet
-    directory = ChainDirectory(policy, lambda *args: _answer("0.0"))
+    directory = ChainDirectory(policy, lambda *args: _answer("0.0"), private_addresses=True)
     try:
         assert directory.all_replicas() == {} and policy.asked == 1
         policy.metagraph = Metagraph(block=2, neurons=(Neuron(0, hotkey, endpoint="10.0.0.1:1"),))
@@ -183,7 +199,7 @@ def test_directory_refuses_hostile_info_answers(experts, why, caplog):
     graph = Metagraph(block=1, neurons=(Neuron(0, hotkey, endpoint="10.0.0.1:1"),))
     skipped = []
     directory = ChainDirectory(_Policy(graph), lambda *args: expert_pb2.InfoResponse(experts=experts),
-                               on_skip=skipped.append)
+                               on_skip=skipped.append, private_addresses=True)
     try:
         with caplog.at_level("WARNING"):
             assert directory.all_replicas() == {}
@@ -202,30 +218,72 @@ def test_directory_fails_closed_before_the_metagraph_is_read():
     assert policy.asked == 1   # and asks for a read soon
 
 
-def test_a_hotkey_listing_anothers_endpoint_is_asked_in_its_own_name(redis_server):
-    """Two hotkeys naming one endpoint are probed one after the other, each request addressed to
-    its own hotkey: the directory never credits one hotkey with the other's answer."""
+def test_each_hotkey_listing_an_endpoint_is_credited_only_with_its_own_answer():
+    """Two hotkeys naming one endpoint: each probe names the hotkey it is for, and what a probe for
+    one returns is never credited to the other (the real probe signs for, and checks the answer of,
+    exactly that hotkey: InfoProbe)."""
     a, b = Identity.generate().hotkey, Identity.generate().hotkey
     graph = Metagraph(block=1, neurons=(Neuron(0, a, endpoint="10.0.0.1:1"), Neuron(1, b, endpoint="10.0.0.1:1")))
-    in_flight, overlaps = [], []
 
     def probe(endpoint, hotkey, timeout_s):
-        if in_flight:
-            overlaps.append((in_flight[-1], hotkey))
-        in_flight.append(hotkey)
-        time.sleep(0.05)
-        in_flight.pop()
+        time.sleep(0.02)   # both probes in flight at once
         if hotkey != a:
-            raise PermissionError(f"this service is {a}, not {hotkey}")
+            raise PermissionError(f"the answer is signed by {a}, not by {hotkey}")
         return _answer("0.0")
 
-    directory = ChainDirectory(_Policy(graph), probe, workers=4)
+    directory = ChainDirectory(_Policy(graph), probe, workers=4, private_addresses=True)
     try:
-        replicas = directory.all_replicas()
+        for _ in range(5):
+            assert [(r.endpoint, r.hotkey) for r in directory.all_replicas()["0.0"]] == [("10.0.0.1:1", a)]
     finally:
         directory.stop()
-    assert overlaps == []
-    assert [(r.endpoint, r.hotkey) for r in replicas["0.0"]] == [("10.0.0.1:1", a)]
+
+
+def test_private_addresses_are_not_asked_unless_allowed():
+    """A registered hotkey listing 169.254.169.254 or 10.x must not make the router call into its
+    own network; a hostname (the local chain only) is not resolved here and is asked."""
+    hotkeys = [Identity.generate().hotkey for _ in range(5)]
+    endpoints = ["169.254.169.254:80", "10.0.0.1:50051", "[::1]:50051", "8.8.8.8:50051", "expert-0:50051"]
+    graph = Metagraph(block=1, neurons=tuple(Neuron(i, h, endpoint=e)
+                                             for i, (h, e) in enumerate(zip(hotkeys, endpoints))))
+    for allowed, expect in ((False, {"8.8.8.8:50051", "expert-0:50051"}), (True, set(endpoints))):
+        asked, skipped = [], []
+
+        def probe(endpoint, hotkey, timeout_s, asked=asked):
+            asked.append(endpoint)
+            return _answer(f"0.{len(asked)}")
+
+        directory = ChainDirectory(_Policy(graph), probe, on_skip=skipped.append, private_addresses=allowed)
+        try:
+            directory.all_replicas()
+        finally:
+            directory.stop()
+        assert set(asked) == expect and skipped == ["private"] * (5 - len(expect))
+
+
+def test_a_refresh_ends_by_its_deadline_whatever_the_endpoints_do():
+    """Silent endpoints queue behind the workers: the refresh gives up on them at its deadline
+    (3 probe timeouts) instead of waiting for every one."""
+    hotkeys = [Identity.generate().hotkey for _ in range(6)]
+    graph = Metagraph(block=1, neurons=tuple(Neuron(i, h, endpoint=f"10.0.0.{i}:1") for i, h in enumerate(hotkeys)))
+    release = threading.Event()
+
+    def probe(endpoint, hotkey, timeout_s):
+        release.wait(5.0)   # a black hole: answers only when the test lets it
+        return _answer("0.0")
+
+    skipped = []
+    directory = ChainDirectory(_Policy(graph), probe, timeout_s=0.2, workers=2, on_skip=skipped.append,
+                               private_addresses=True)
+    try:
+        started = time.monotonic()
+        assert directory.all_replicas() == {}
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        directory.stop()
+    assert skipped == ["unreachable"] * 6
+    assert took < 5.0   # it did not wait for the black holes (the bound, not a speed goal)
 
 
 def test_chain_policy_keeps_the_metagraph_it_read():

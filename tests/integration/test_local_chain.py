@@ -392,7 +392,8 @@ def test_serve_is_refused_without_a_valid_signature_or_registration(chain):
 
 @pytest.mark.parametrize("endpoint", ["", "nohost", ":50051", "host:", "host:0", "host:70000", "host:12a", "host:+1",
                                       "host:١٢", "a b:1", "user@host:1", "host/x:1", "::1:50051", "[nothex]:1",
-                                      "[::1:50051", "h" * 295 + ":50051", None, 50051])
+                                      "[::1:50051", "h" * 295 + ":50051", None, 50051,
+                                      "unix:50051", "UNIX-abstract:4242", "dns:50051", "vsock:1"])   # gRPC schemes
 def test_malformed_endpoints_are_refused(chain, endpoint):
     a = KEYS[0].ss58_address
     chain.register(a)

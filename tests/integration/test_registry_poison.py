@@ -83,7 +83,7 @@ def test_many_new_bad_entries_cost_a_bounded_number_of_lines(registry, redis_cli
 def test_router_sees_new_experts_despite_a_bad_entry(registry, redis_client, caplog):
     caplog.set_level(logging.INFO, logger="subnet.registry")
     caplog.set_level(logging.INFO, logger="services.router.replicas")
-    registry.register("0.0", "h:0")
+    registry.register("0.0", "h:2")
     replicas = ReplicaSet(registry)
     replicas.refresh()
     redis_client.set(registry.prefix + "zz", "x")
@@ -92,7 +92,7 @@ def test_router_sees_new_experts_despite_a_bad_entry(registry, redis_client, cap
     for _ in range(3):
         replicas.refresh()
     assert replicas.choose("0.1").endpoint == "h:1"
-    assert replicas.choose("0.0").endpoint == "h:0"
+    assert replicas.choose("0.0").endpoint == "h:2"
     assert len(caplog.records) == 2 and all(r.exc_info is None for r in caplog.records)
 
 
@@ -146,3 +146,14 @@ def test_a_bad_entry_still_there_is_logged_again_after_the_interval(registry, re
     for _ in range(2):
         assert endpoints(registry) == {}
     assert len([r for r in caplog.records if r.name == "subnet.registry"]) == 2
+
+
+@pytest.mark.parametrize("endpoint", ["unix:50051", "unix-abstract:4242", "dns:50051", "h:0", "h", "a b:1",
+                                      "x/y:1"])
+def test_entries_whose_endpoint_is_not_host_and_port_are_skipped(registry, endpoint):
+    """The router dials what an entry says: "unix:50051" would reach a unix socket on the router's
+    own host. Such entries are skipped like any malformed one; the rest are still read."""
+    registry.register("0.0", "h:2")
+    registry.register("0.1", endpoint)
+    assert {uid: [r.endpoint for r in reps] for uid, reps in registry.all_replicas().items()} == {"0.0": ["h:2"]}
+    assert registry.skipped == 1

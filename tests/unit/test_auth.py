@@ -248,6 +248,25 @@ def test_chain_policy_reads_again_soon_after_a_denial_or_a_failure_but_never_soo
     assert chain.calls == 4
 
 
+def test_a_hotkey_an_early_read_denied_again_asks_for_no_more_until_a_scheduled_read():
+    """A pruned miner that keeps heartbeating (or a caller that never registers) must not make
+    every router and expert read the chain every retry_s for ever."""
+    chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="m"),)))
+    clock = ManualClock()
+    policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=60.0, retry_s=5.0, clock=clock)
+    assert policy.refresh()
+    assert policy.denial("pruned") is not None and policy.next_read_in() == 5.0   # asks once
+    clock.now += 5.0
+    assert policy.refresh()                                       # the early read: still not registered
+    assert policy.denial("pruned") is not None and policy.next_read_in() == 60.0  # no more asking
+    assert policy.denial("newcomer") is not None and policy.next_read_in() == 5.0   # others still ask
+    clock.now += 5.0
+    assert policy.refresh()                                       # early (for the newcomer)
+    clock.now += 60.0
+    assert policy.next_read_in() == 0.0 and policy.refresh()      # scheduled: everyone may ask again
+    assert policy.denial("pruned") is not None and policy.next_read_in() == 5.0
+
+
 def test_chain_policy_thread_reads_again_when_an_unknown_hotkey_is_denied():
     """The background thread, for real: a hotkey registered after the policy's read is admitted
     without waiting for refresh_s (an hour here); a thousand denials cost a handful of reads."""
@@ -268,8 +287,9 @@ def test_chain_policy_thread_reads_again_when_an_unknown_hotkey_is_denied():
         elapsed = time.monotonic() - flood_started
         assert chain.calls - reads_before <= elapsed / 0.05 + 2     # at most one read per retry_s
     finally:
+        thread = policy._thread
         policy.stop()
-    assert policy._thread is None
+    assert not thread.is_alive()
 
 
 # ---- identity ---------------------------------------------------------------------------------

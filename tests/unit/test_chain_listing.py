@@ -31,9 +31,10 @@ class Chain:
 def test_publishes_a_signed_listing_once():
     chain = Chain()
     listing = ChainListing(chain, ME, "10.0.0.5:50051")
-    assert listing.publish_once() and listing.published
+    listing.publish_once()
+    assert listing.published
     assert chain.served == [(ME.hotkey, "10.0.0.5:50051")]
-    assert ChainListing(chain, ME, "10.0.0.5:50051").publish_once()
+    ChainListing(chain, ME, "10.0.0.5:50051").publish_once()
     assert len(chain.served) == 1   # already listed: no second extrinsic (Bittensor charges and rate-limits)
 
 
@@ -65,8 +66,19 @@ def test_the_service_refuses_to_start_with_a_listing_it_could_never_publish(tmp_
             "CHAIN_REDIS_URL": "redis://127.0.0.1:1/0"}
     cases = [({"AUTH_MODE": "off"}, None, "needs AUTH_MODE=on"),
              ({"EXPERT_HOST": "0.0.0.0"}, ME, "set EXPERT_ADVERTISE_ENDPOINT"),
-             ({"EXPERT_ADVERTISE_ENDPOINT": "expert 0:50051"}, ME, "endpoint must be 'host:port'")]
+             ({"EXPERT_ADVERTISE_ENDPOINT": "expert 0:50051"}, ME, "endpoint must be 'host:port'"),
+             ({"EXPERT_ADVERTISE_ENDPOINT": "unix:50051"}, ME, "not a gRPC scheme"),
+             ({"EXPERT_ADVERTISE_ENDPOINT": "0.0.0.0:50051"}, ME, "bind address"),
+             # Bittensor stores IP addresses: a hostname could never be published there.
+             ({"CHAIN": "bittensor", "CHAIN_NETUID": "7", "EXPERT_ADVERTISE_ENDPOINT": "expert-0:50051"}, ME,
+              "is a hostname")]
+    async def start_and_stop(server):   # a start that wrongly succeeds must not leave a server running
+        try:
+            await server.start()
+        finally:
+            await server.stop(grace_s=0)
+
     for env, identity, message in cases:
         server = ExpertServer(from_env(ExpertConfig, {**base, **env}), identity=identity)
         with pytest.raises(StartupError, match=message):
-            asyncio.run(server.start())
+            asyncio.run(start_and_stop(server))

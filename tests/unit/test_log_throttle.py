@@ -31,7 +31,7 @@ def test_one_line_per_interval_and_the_next_one_counts_what_was_left_out(caplog)
     assert not any(logged)
     assert [r.getMessage() for r in caplog.records] == [
         "refused Forward from peer-0",
-        "refused Backward from peer-x (1001 more not logged in the last 10 s)",
+        "refused Backward from peer-x (1001 more not logged since the last one; one line per 10 s at most)",
         "refused Forward from quiet",   # nothing was left out since the last line
     ]
 
@@ -42,4 +42,5 @@ def test_due_is_the_bare_decision():
     assert throttle.due() == 0 and throttle.due() is None and throttle.due() is None
     clock.now = 1.5
     assert throttle.due() == 2
-    assert throttle.left_out(2) == " (2 more not logged in the last 1.5 s)" and throttle.left_out(0) == ""
+    assert throttle.left_out(2) == " (2 more not logged since the last one; one line per 1.5 s at most)"
+    assert throttle.left_out(0) == ""
