@@ -251,13 +251,18 @@ class ExpertServer:
         c = self.config
         if self.identity is None:
             raise StartupError("EXPERT_SERVE_ON_CHAIN=1 needs AUTH_MODE=on: the listing is signed by the hotkey")
-        if not c.advertise_endpoint and c.host in ("0.0.0.0", "::", ""):
-            raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: set EXPERT_ADVERTISE_ENDPOINT "
-                               f"to the address routers should dial (`<public ip>:<port>`)")
-        # The endpoint to publish, with a stand-in port when EXPERT_PORT=0 picks one at bind.
-        host = c.host if ":" not in c.host else f"[{c.host}]"
+        # The endpoint to publish (as `endpoint` will say), with a stand-in port when EXPERT_PORT=0
+        # picks one at bind.
+        host = c.host
+        if not c.advertise_endpoint and host in ("0.0.0.0", "::", ""):
+            host = socket.gethostbyname(socket.gethostname())   # a pod's own IP in Kubernetes
+            if host.startswith("127."):
+                raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: this host's name resolves "
+                                   f"to {host}, which other hosts cannot dial; set EXPERT_ADVERTISE_ENDPOINT to "
+                                   f"the address routers should dial (`<ip>:<port>`)")
+        host = host if ":" not in host else f"[{host}]"
         endpoint = c.advertise_endpoint or f"{host}:{c.port or 1}"
-        what = "EXPERT_ADVERTISE_ENDPOINT" if c.advertise_endpoint else "EXPERT_HOST:EXPERT_PORT"
+        what = "EXPERT_ADVERTISE_ENDPOINT" if c.advertise_endpoint else "the endpoint from EXPERT_HOST and EXPERT_PORT"
         if c.chain.chain == "bittensor":
             axon_address(endpoint, what)   # an IP address peers can reach
         else:

@@ -189,15 +189,18 @@ def test_the_compose_redis_command_runs_and_keeps_miners_off_the_scores(tmp_path
                     assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
                     time.sleep(0.05)
 
-        miner, scorer = client("expert-0"), client("scorer")
-        miner.hset("moe:expert:0.0:expert-0:50051", "uid", "0.0")
+        # The miners publish their endpoints on the local chain (ROUTER_DISCOVERY=chain): no REDIS_URL.
+        assert "REDIS_URL" not in redis_urls(config["services"]["expert-0"])
+        miner, scorer = client("expert-0", "CHAIN_REDIS_URL"), client("scorer")
+        miner.hset("moe:chain:endpoints", "3", '{"endpoint": "expert-0:50051", "block": 1}')
         assert client("expert-0", "AUTH_REDIS_URL").set("moe:auth:nonce:x", 1, nx=True)
-        assert client("expert-0", "CHAIN_REDIS_URL").get("moe:chain:genesis") is None
+        assert miner.get("moe:chain:genesis") is None
         scorer.hset("moe:scores:ema", "5Fminer", "0.1")
         with pytest.raises(redis.exceptions.NoPermissionError):
             miner.hset("moe:scores:ema", "5Fminer", "1.0")
         assert scorer.hget("moe:scores:ema", "5Fminer") == b"0.1"
-        assert client("router").hgetall("moe:expert:0.0:expert-0:50051") == {b"uid": b"0.0"}
+        assert client("router", "CHAIN_REDIS_URL").hget("moe:chain:endpoints", "3") == \
+            b'{"endpoint": "expert-0:50051", "block": 1}'
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(port=port).ping()
         # What miners write is bounded, and past the bound writes fail instead of evicting the scores.
@@ -341,3 +344,22 @@ def test_prometheus_scrapes_the_configured_metrics_ports():
         aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
         assert f"{name}:{port}" in targets or any(n in aliases and p == port for n, p in names), \
             f"{name} serves metrics on {port}; job {job['job_name']} scrapes {targets or names}"
+
+
+def test_the_router_finds_every_expert_through_the_chain():
+    """ROUTER_DISCOVERY=chain: every expert service publishes an endpoint the chain accepts and the
+    router dials (its own name on the compose network), and writes no registry entry."""
+    from subnet.chain.rules import check_endpoint
+
+    config = compose()
+    experts = {n: s for n, (m, s) in our_services(config).items() if m == "services.expert"}
+    routers = [s for n, (m, s) in our_services(config).items()
+               if m == "services.router" and "init" not in command_args(s["command"])]
+    assert experts and routers
+    for router in routers:
+        assert environment(router).get("ROUTER_DISCOVERY") == "chain"
+    for name, service in experts.items():
+        env = environment(service)
+        assert env.get("EXPERT_SERVE_ON_CHAIN") == "1", name
+        check_endpoint(env["EXPERT_ADVERTISE_ENDPOINT"], name)
+        assert not env.get("REDIS_URL"), f"{name}: a miner with REDIS_URL writes registry entries nobody reads"

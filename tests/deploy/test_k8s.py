@@ -534,3 +534,20 @@ def test_the_kubectl_example_creates_every_key_and_fills_each_url_with_its_passw
         for key, form in forms.items():
             expected = fill_form(form, literals)
             assert literals[key] == expected, f"{path.name}: {key}={literals[key]}, the form says {expected}"
+
+
+def test_the_router_finds_every_expert_pod_through_the_chain():
+    """ROUTER_DISCOVERY=chain: every expert container publishes its endpoint (its pod IP, a private
+    address, which the router is allowed to call) and writes no registry entry."""
+    ours = our_containers()
+    routers = [o for o in ours if o.module == "services.router"]
+    experts = [o for o in ours if o.module == "services.expert"]
+    assert routers and experts
+    for o in routers:
+        assert o.env.get("ROUTER_DISCOVERY") == "chain", o.where
+        assert o.env.get("ROUTER_DISCOVERY_PRIVATE") == "1", f"{o.where}: pod IPs are private addresses"
+    for o in experts:
+        assert o.env.get("EXPERT_SERVE_ON_CHAIN") == "1", o.where
+        assert not o.env.get("REDIS_URL"), f"{o.where}: a miner with REDIS_URL writes registry entries nobody reads"
+        assert o.env.get("EXPERT_HOST") == "0.0.0.0" and not o.env.get("EXPERT_ADVERTISE_ENDPOINT"), \
+            f"{o.where}: publishes the pod's own IP (its hostname resolved)"

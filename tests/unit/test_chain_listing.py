@@ -53,9 +53,15 @@ def test_retries_while_the_chain_refuses_and_logs_it(caplog):
     assert "not registered" in caplog.text and caplog.text.count("could not publish") == 1   # throttled
 
 
-def test_the_service_refuses_to_start_with_a_listing_it_could_never_publish(tmp_path):
+def test_the_service_refuses_to_start_with_a_listing_it_could_never_publish(tmp_path, monkeypatch):
     """Found out at start, with what to set, instead of retried every 30 s for ever."""
+    import socket
+
     import pytest
+
+    # A bind-all EXPERT_HOST publishes the address this host's name resolves to: here, as on many
+    # a laptop, a loopback one.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
 
     from services.expert.config import ExpertConfig
     from services.expert.server import ExpertServer, StartupError
