@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import pytest
 
 from subnet.health import wait_serving
 from subnet.identity import WalletConfig, load_identity
-from subnet.processes import die_with_parent, free_port, port_in_use
+from subnet.processes import die_with_parent, port_in_use
 from subnet.tensor_codec import encode
 from subnet.wire.v1 import expert_pb2
 
@@ -36,22 +37,27 @@ TRAIN_MINUTES = 2.5
 
 
 def _port_block(n: int) -> int:
-    """The first of `n` consecutive free ports (the stack puts the adversaries after the honest miners)."""
-    for _ in range(50):
-        base = free_port()
-        if base + n < 65535 and not any(port_in_use(base + i) for i in range(n)):
+    """The first of `n` consecutive free ports (the stack puts the adversaries after the honest miners),
+    below Linux's ephemeral range (32768 and up): a port in it can become the local end of any
+    outgoing connection before the service that should listen there starts (in CI a miner found
+    its port taken that way)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        if not any(port_in_use(base + i) for i in range(n)):
             return base
-    raise RuntimeError("no block of free ports")
+    raise RuntimeError("no block of free ports between 20000 and 32000")
 
 
 @pytest.fixture(scope="module")
 def stack_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("e2e") / "run"
-    miners = _port_block(2 + len(ADVERSARIES))
+    miners = _port_block(2 + len(ADVERSARIES) + 3)   # the miners, then Redis, the router and S3
+    redis_port, router_port, s3_port = (miners + 2 + len(ADVERSARIES) + i for i in range(3))
     env = {**os.environ, "STACK_RUN_DIR": str(run), "STACK_PRESET": "tiny", "STACK_TRAIN_MINUTES": str(TRAIN_MINUTES),
            "STACK_ADVERSARIES": ",".join(ADVERSARIES), "STACK_EXPERT_PORTS": f"{miners},{miners + 1}",
-           "STACK_REDIS_PORT": str(free_port()), "STACK_ROUTER_PORT": str(free_port()),
-           "STACK_S3_PORT": str(free_port()), "STACK_METRICS_BASE_PORT": "0", "STACK_MAX_NEW_TOKENS": "8",
+           "STACK_REDIS_PORT": str(redis_port), "STACK_ROUTER_PORT": str(router_port),
+           "STACK_S3_PORT": str(s3_port), "STACK_METRICS_BASE_PORT": "0", "STACK_MAX_NEW_TOKENS": "8",
            "CHAIN_BLOCK_S": "0.5", "PYTHONUNBUFFERED": "1", "GRPC_ENABLE_FORK_SUPPORT": "0"}
     log_path = run.parent / "stack.log"
     with open(log_path, "wb") as log:
