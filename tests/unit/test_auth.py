@@ -35,6 +35,7 @@ from subnet.envconfig import ConfigError, from_env
 from subnet.identity import Identity, IdentityError, WalletConfig, create_dev_wallet, load_identity, verify_signature
 from subnet.identity import main as identity_main
 from subnet.wire.v1 import expert_pb2
+from tests.manual_clock import ManualClock
 
 METHOD = "/moe.v1.Expert/Forward"
 NOW_S = 1_700_000_000.0
@@ -216,17 +217,9 @@ def test_chain_policy_reads_a_cached_metagraph_and_keeps_it_when_the_chain_fails
         any_registered.stop()
 
 
-class ManualClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_chain_policy_reads_again_soon_after_a_denial_or_a_failure_but_never_sooner_than_retry_s():
     chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="m"),)))
-    clock = ManualClock()
+    clock = ManualClock(100.0)
     policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=60.0, retry_s=5.0, clock=clock)
     assert policy.refresh() and policy.next_read_in() == 60.0      # nothing denied: the full interval
     clock.now += 2.0
@@ -252,7 +245,7 @@ def test_a_hotkey_an_early_read_denied_again_asks_for_no_more_until_a_scheduled_
     """A pruned miner that keeps heartbeating (or a caller that never registers) must not make
     every router and expert read the chain every retry_s for ever."""
     chain = FakeChain(Metagraph(block=1, neurons=(Neuron(uid=0, hotkey="m"),)))
-    clock = ManualClock()
+    clock = ManualClock(100.0)
     policy = ChainPolicy(chain, require_validator_permit=False, refresh_s=60.0, retry_s=5.0, clock=clock)
     assert policy.refresh()
     assert policy.denial("pruned") is not None and policy.next_read_in() == 5.0   # asks once

@@ -4,20 +4,13 @@ line says how many were left out."""
 import logging
 
 from subnet.log_throttle import LogThrottle
+from tests.manual_clock import ManualClock
 
 log = logging.getLogger("test.log_throttle")
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_one_line_per_interval_and_the_next_one_counts_what_was_left_out(caplog):
-    clock = Clock()
+    clock = ManualClock()
     throttle = LogThrottle(10.0, clock=clock)
     with caplog.at_level(logging.WARNING, logger="test.log_throttle"):
         assert throttle.warning(log, "refused %s from %s", "Forward", "peer-0")
@@ -37,7 +30,7 @@ def test_one_line_per_interval_and_the_next_one_counts_what_was_left_out(caplog)
 
 
 def test_due_is_the_bare_decision():
-    clock = Clock()
+    clock = ManualClock()
     throttle = LogThrottle(1.5, clock=clock)
     assert throttle.due() == 0 and throttle.due() is None and throttle.due() is None
     clock.now = 1.5
