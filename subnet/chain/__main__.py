@@ -1,6 +1,6 @@
 """Look at (and, on the local chain, change) the chain the environment points at.
 
-    python -m subnet.chain status                                  # block, round, phase, metagraph
+    python -m subnet.chain status                                  # block, round, phase, metagraph, endpoints
     python -m subnet.chain register --hotkey 5F... --stake 10     # local: register (idempotent)
     python -m subnet.chain stake --hotkey 5F... --stake 0         # local: change a stake
     python -m subnet.chain weights                                 # the weights validators set
@@ -29,12 +29,13 @@ def format_status(graph: Metagraph, schedule: RoundSchedule) -> str:
     lines = [f"block {graph.block}  round {at.round}  phase {at.phase} "
              f"({at.blocks_left_in_phase} blocks left; block {at.block_in_round} of {schedule.tempo_blocks} "
              f"in the round)",
-             f"{'uid':>4}  {'hotkey':<13}  {'role':<9}  {'stake':>12}  {'incentive':>9}  {'weights set at':>14}"]
+             f"{'uid':>4}  {'hotkey':<13}  {'role':<9}  {'stake':>12}  {'incentive':>9}  {'weights set at':>14}  "
+             f"endpoint"]
     for n in graph.neurons:
         role = "validator" if n.validator_permit else "miner"
         weights_at = "-" if n.last_weights_block is None else str(n.last_weights_block)
         lines.append(f"{n.uid:>4}  {short(n.hotkey):<13}  {role:<9}  {n.stake:>12.3f}  {n.incentive:>9.4f}  "
-                     f"{weights_at:>14}")
+                     f"{weights_at:>14}  {n.endpoint or '-'}")
     if not graph.neurons:
         lines.append("(no neurons registered)")
     return "\n".join(lines)
