@@ -314,12 +314,16 @@ def test_cli_registers_and_shows_the_metagraph(redis_server, redis_client, prefi
         assert cli("register", "--hotkey", validator, "--stake", "12.5", env=env).stdout.strip() == \
             f"{validator} has uid 0"
         assert cli("register", "--hotkey", miner, env=env).returncode == 0
+        LocalChain(redis_client, SCHEDULE, block_s=1000, key_prefix=prefix).serve(
+            miner, "10.0.0.7:50051", KEYS[1].sign(serve_payload(miner, "10.0.0.7:50051")))
         status = cli("status", env=env)
         assert status.returncode == 0, status.stderr
         lines = status.stdout.splitlines()
         assert lines[0].startswith("block 0  round 0  phase train")
-        assert lines[2].split() == ["0", f"{validator[:6]}…{validator[-5:]}", "validator", "12.500", "0.0000", "-"]
-        assert lines[3].split()[2] == "miner"
+        assert lines[1].split()[-1] == "endpoint"
+        assert lines[2].split() == ["0", f"{validator[:6]}…{validator[-5:]}", "validator", "12.500", "0.0000", "-",
+                                    "-"]   # weights never set, nothing served
+        assert lines[3].split()[2] == "miner" and lines[3].split()[-1] == "10.0.0.7:50051"
         assert cli("stake", "--hotkey", miner, "--stake", "1", env=env).returncode == 0
         assert cli("weights", env=env).stdout.strip() == "(no weights set)"
     finally:
