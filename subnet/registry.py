@@ -34,8 +34,7 @@ from dataclasses import dataclass
 
 import redis
 
-from subnet.chain.base import ChainError
-from subnet.chain.rules import check_endpoint
+from subnet.chain.rules import ENDPOINT_MAX_CHARS, is_endpoint
 from subnet.identity import verify_signature
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,8 @@ _SHOW_ENTRIES = 10           # new bad entries logged one per line per read; the
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 _VERIFIED_CACHE = 4096       # (key, signature) pairs remembered as checked: an unchanged entry is verified once
 DEFAULT_MAX_AGE_S = 60.0     # a signed entry refreshed less recently is skipped (clocks may differ by seconds)
-_MAX_CHARS = {"uid": 64, "endpoint": 300, "hotkey": 64, "sig": 128}   # an sr25519 signature is 128 hex digits
+# An sr25519 signature is 128 hex digits.
+_MAX_CHARS = {"uid": 64, "endpoint": ENDPOINT_MAX_CHARS, "hotkey": 64, "sig": 128}
 
 
 @dataclass(frozen=True)
@@ -247,9 +247,7 @@ def _parse(raw: dict) -> Replica | str:
     for name, limit in _MAX_CHARS.items():   # what a reader keeps (and caches) stays small
         if len(h.get(name, "")) > limit:
             return f"{name!r} is longer than {limit} characters"
-    try:   # the router dials it: "unix:/run/x.sock" would reach a socket on the router's own host
-        check_endpoint(h["endpoint"], "registry entry")
-    except ChainError:
+    if not is_endpoint(h["endpoint"]):   # the router dials it: "unix:50051" would reach a socket on its own host
         return "'endpoint' is not host:port"
     numbers = {}
     for name in ("load", "version", "updated_ms"):

@@ -66,6 +66,7 @@ from subnet.wire.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = expert_pb2.DESCRIPTOR.services_by_name["Expert"].full_name  # "moe.v1.Expert"
+BIND_ALL = ("0.0.0.0", "::", "")   # EXPERT_HOST values that listen everywhere: the endpoint names this host instead
 OPEN_METHODS = frozenset({f"/{SERVICE_NAME}/Info"})  # probes and routers read Info unsigned
 # The calls that carry tensors, also served over moe-frames/1 (subnet/frames) when EXPERT_FRAMES_PORT >= 0.
 FRAMES_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in EXPERT_RPCS)
@@ -140,16 +141,19 @@ class ExpertServer:
 
     @property
     def endpoint(self) -> str:
-        """The `host:port` routers dial (and the registry advertises)."""
+        """The `host:port` routers dial (and the registry and the chain list)."""
+        return self._endpoint_at(self.port)
+
+    def _endpoint_at(self, port: int) -> str:
         c = self.config
         if c.advertise_endpoint:
             return c.advertise_endpoint
         host = c.host
-        if host in ("0.0.0.0", "::", ""):
-            host = socket.gethostbyname(socket.gethostname())
+        if host in BIND_ALL:
+            host = socket.gethostbyname(socket.gethostname())   # a pod's own IP in Kubernetes
         if ":" in host:   # an IPv6 address: "::1:50051" would not parse as host and port
             host = f"[{host}]"
-        return f"{host}:{self.port}"
+        return f"{host}:{port}"
 
     async def start(self) -> None:
         """Bind, serve health (NOT_SERVING), load weights, then SERVING and register."""
@@ -251,23 +255,18 @@ class ExpertServer:
         c = self.config
         if self.identity is None:
             raise StartupError("EXPERT_SERVE_ON_CHAIN=1 needs AUTH_MODE=on: the listing is signed by the hotkey")
-        # The endpoint to publish (as `endpoint` will say), with a stand-in port when EXPERT_PORT=0
-        # picks one at bind.
-        host = c.host
-        if not c.advertise_endpoint and host in ("0.0.0.0", "::", ""):
-            host = socket.gethostbyname(socket.gethostname())   # a pod's own IP in Kubernetes
-            if host.startswith("127."):
-                raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: this host's name resolves "
-                                   f"to {host}, which other hosts cannot dial; set EXPERT_ADVERTISE_ENDPOINT to "
-                                   f"the address routers should dial (`<ip>:<port>`)")
-        host = host if ":" not in host else f"[{host}]"
-        endpoint = c.advertise_endpoint or f"{host}:{c.port or 1}"
+        # The endpoint to publish, with a stand-in port when EXPERT_PORT=0 picks one at bind.
+        endpoint = self._endpoint_at(c.port or 1)
+        if not c.advertise_endpoint and c.host in BIND_ALL and endpoint.startswith("127."):
+            raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: this host's name resolves to "
+                               f"{endpoint.rpartition(':')[0]}, which other hosts cannot dial; set "
+                               f"EXPERT_ADVERTISE_ENDPOINT to the address routers should dial (`<ip>:<port>`)")
         what = "EXPERT_ADVERTISE_ENDPOINT" if c.advertise_endpoint else "the endpoint from EXPERT_HOST and EXPERT_PORT"
         if c.chain.chain == "bittensor":
             axon_address(endpoint, what)   # an IP address peers can reach
         else:
             check_endpoint(endpoint, what)
-            if endpoint.rpartition(":")[0].strip("[]") in ("0.0.0.0", "::"):
+            if endpoint.rpartition(":")[0].strip("[]") in BIND_ALL:
                 raise StartupError(f"{what}={endpoint!r} is a bind address, not one routers can dial: set "
                                    f"EXPERT_ADVERTISE_ENDPOINT to this service's address")
         self._chain()

@@ -42,9 +42,9 @@ from subnet.chain.rules import (
     axon_address,
     check_commit_block,
     check_digest,
-    check_endpoint,
     check_reveal_block,
     check_reveal_matches,
+    is_endpoint,
 )
 from subnet.chain.signing import (
     commit_payload,
@@ -84,11 +84,7 @@ def commitment_info(text: str) -> dict:
 def _served(axon: Any) -> str:
     """Neuron.endpoint of an SDK neuron's `axon`: "" unless it is a valid endpoint (an axon
     published by other software may hold anything, port 0 included)."""
-    try:
-        check_endpoint(axon or "", "axon")
-    except ChainError:
-        return ""
-    return axon
+    return axon if is_endpoint(axon) else ""
 
 
 def _amount(balance: Any) -> float:
@@ -259,9 +255,8 @@ class BittensorChain(Chain):
     def serve(self, hotkey: str, endpoint: str, signature: bytes) -> None:
         what = "serve"
         self._own_hotkey(hotkey, what)
-        check_endpoint(endpoint, what)
+        ip, port = axon_address(endpoint, what)   # check_endpoint first: the payload needs a str
         verify_signature(hotkey, serve_payload(hotkey, endpoint), signature, what)
-        ip, port = axon_address(endpoint, what)
         from bittensor.intents.serving import ServeAxon
 
         with self._sdk(what):

@@ -49,6 +49,7 @@ from subnet.chain.rules import (
     check_endpoint,
     check_reveal_block,
     check_reveal_matches,
+    is_endpoint,
 )
 from subnet.chain.signing import (
     check_hotkey,
@@ -290,10 +291,10 @@ def _endpoints(raw: dict) -> dict[int, str]:
     out = {}
     for key, value in raw.items():
         # RecursionError: json.loads of a deeply nested array a hostile writer stored.
-        with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError, ChainError):
+        with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
             endpoint = json.loads(value)["endpoint"]
-            check_endpoint(endpoint, "stored endpoint")
-            out[int(key)] = endpoint
+            if is_endpoint(endpoint):
+                out[int(key)] = endpoint
     return out
 
 

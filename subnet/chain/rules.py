@@ -72,6 +72,15 @@ def check_endpoint(endpoint: str, what: str) -> None:
                          f"'10.0.0.1:50051' or '[::1]:50051'; got {endpoint!r}")
 
 
+def is_endpoint(value) -> bool:
+    """Whether `check_endpoint` takes `value`: for readers that skip what a hostile writer stored."""
+    try:
+        check_endpoint(value, "endpoint")
+    except ChainError:
+        return False
+    return True
+
+
 def _check_round(round: int, what: str) -> None:
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ChainError(f"{what}: round must be an integer >= 0, got {round!r}")
