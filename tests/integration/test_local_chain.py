@@ -26,6 +26,7 @@ from subnet.chain.local import LocalChain
 from subnet.chain.signing import commit_payload, digest_of, reveal_payload, serve_payload, weights_payload
 from subnet.envconfig import from_env
 from subnet.rounds import RoundSchedule
+from tests.manual_clock import ManualClock
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +36,6 @@ KEYS = [Keypair.create_from_seed("0x" + f"{i + 1:02x}" * 32) for i in range(5)]
 DATA = "manifests/miner-0/round-0.json"
 
 
-class Clock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
 @pytest.fixture
 def prefix():
     return f"test:chain:{uuid.uuid4().hex[:8]}:"
@@ -50,7 +43,7 @@ def prefix():
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return ManualClock(1_000_000.0)
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def chain(redis_client, prefix, clock):
 
 def goto(chain, clock, block):
     """Move the fake clock to the middle of `block`."""
-    clock.t = chain.genesis() + (block + 0.5) * BLOCK_S
+    clock.now = chain.genesis() + (block + 0.5) * BLOCK_S
     assert chain.block() == block
 
 
@@ -269,11 +262,11 @@ def test_two_chain_objects_over_one_redis_agree(chain, clock, redis_server, pref
     # Another "process": its own client (decoding replies to str, unlike the fixture's), its own
     # clock that started much later; it must still find the first one's genesis and state.
     other_client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    other_clock = Clock(clock.t + 500.0)
+    other_clock = ManualClock(clock.now + 500.0)
     other = LocalChain(other_client, SCHEDULE, block_s=BLOCK_S, key_prefix=prefix, clock=other_clock)
     try:
         assert other.genesis() == chain.genesis()
-        other_clock.t = clock.t = chain.genesis() + 13.5 * BLOCK_S
+        other_clock.now = clock.now = chain.genesis() + 13.5 * BLOCK_S
         assert chain.block() == other.block() == 13
         uid = chain.register(KEYS[0].ss58_address)
         assert other.register(KEYS[0].ss58_address) == uid
@@ -281,7 +274,7 @@ def test_two_chain_objects_over_one_redis_agree(chain, clock, redis_server, pref
         commit(other, KEYS[0], 1)
         with pytest.raises(ChainError, match="already committed"):
             commit(chain, KEYS[0], 1)
-        other_clock.t = clock.t = chain.genesis() + 16.5 * BLOCK_S
+        other_clock.now = clock.now = chain.genesis() + 16.5 * BLOCK_S
         reveal(chain, KEYS[0], 1)
         set_weights(other, KEYS[1], [uid], [1.0])
         assert chain.commitments(1) == other.commitments(1)

@@ -21,20 +21,13 @@ from subnet.redis_acl import MINER_USER, miner_rules
 from subnet.registry import ExpertRegistry
 from subnet.rounds import RoundSchedule
 from subnet.validation_results import DEFAULT_PREFIX as VALIDATION_PREFIX
+from tests.manual_clock import ManualClock
 
 pytestmark = pytest.mark.integration
 
 SCHEDULE = RoundSchedule.of(train=4, commit=2, reveal=2, validate=1, merge=1)
 BLOCK_S = 0.05
 MINER_KEY = Keypair.create_from_seed("0x" + "07" * 32)
-
-
-class Clock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +73,15 @@ def test_a_miner_keeps_its_nonces(server, admin):
 
 
 def test_a_miner_commits_and_reveals_on_the_local_chain(miner, admin):
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     owner = LocalChain(admin, SCHEDULE, block_s=BLOCK_S, clock=clock)   # the stack's side: genesis, registration
     owner.genesis()
     owner.register(MINER_KEY.ss58_address)
     chain = LocalChain(miner, SCHEDULE, block_s=BLOCK_S, clock=clock)
     hotkey, data = MINER_KEY.ss58_address, "manifests/miner/round-0.json"
-    clock.t = chain.genesis() + 0.5 * BLOCK_S
+    clock.now = chain.genesis() + 0.5 * BLOCK_S
     chain.commit(hotkey, 0, digest_of(data), MINER_KEY.sign(commit_payload(hotkey, 0, digest_of(data))))
-    clock.t = chain.genesis() + 6.5 * BLOCK_S    # the reveal phase of round 0
+    clock.now = chain.genesis() + 6.5 * BLOCK_S    # the reveal phase of round 0
     chain.reveal(hotkey, 0, data, MINER_KEY.sign(reveal_payload(hotkey, 0, data)))
     assert [(c.hotkey, c.revealed) for c in owner.commitments(0)] == [(hotkey, data)]
     assert hotkey in {n.hotkey for n in chain.metagraph().neurons}

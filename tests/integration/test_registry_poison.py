@@ -14,6 +14,7 @@ import subnet.registry
 from services.router.replicas import REGISTRY_DOWN_LOG_S, ReplicaSet
 from subnet.dev.redis_server import RedisServer
 from subnet.registry import ExpertRegistry
+from tests.manual_clock import ManualClock
 
 pytestmark = pytest.mark.integration
 
@@ -96,21 +97,13 @@ def test_router_sees_new_experts_despite_a_bad_entry(registry, redis_client, cap
     assert len(caplog.records) == 2 and all(r.exc_info is None for r in caplog.records)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_router_logs_a_redis_outage_once_keeps_routing_and_says_when_it_is_back(caplog):
     caplog.set_level(logging.INFO, logger="services.router.replicas")
     server = RedisServer(port=0).start()
     # No client retries: each refresh of the outage fails at once (the logging is under test).
     client = redis.Redis.from_url(server.url, socket_timeout=2.0, socket_connect_timeout=2.0,
                                   retry=Retry(NoBackoff(), 0))
-    clock = Clock()
+    clock = ManualClock(1000.0)
     try:
         registry = ExpertRegistry(client, ttl_s=60.0)
         registry.register("0.1", "h:1")

@@ -12,6 +12,7 @@ from subnet.chain.signing import digest_of
 from subnet.identity import Identity
 from subnet.round_participant import RoundParticipant
 from subnet.rounds import RoundSchedule
+from tests.manual_clock import ManualClock
 
 pytestmark = pytest.mark.integration
 
@@ -19,18 +20,10 @@ BLOCK_S = 1.0
 SCHEDULE = RoundSchedule.of(train=4, commit=2, reveal=2, validate=1, merge=1)  # round r: blocks 10r..10r+9
 
 
-class Clock:
-    def __init__(self):
-        self.t = 5_000_000.0
-
-    def __call__(self):
-        return self.t
-
-
 @pytest.fixture
 def chain_and_clock(redis_client):
     prefix = f"test:participant:{uuid.uuid4().hex[:8]}:"
-    clock = Clock()
+    clock = ManualClock(5_000_000.0)
     chain = LocalChain(redis_client, SCHEDULE, block_s=BLOCK_S, key_prefix=prefix, clock=clock)
     chain.genesis()
     yield chain, clock
@@ -39,7 +32,7 @@ def chain_and_clock(redis_client):
 
 
 def at_block(clock, block):
-    clock.t = 5_000_000.0 + block * BLOCK_S + 0.5
+    clock.now = 5_000_000.0 + block * BLOCK_S + 0.5
 
 
 def test_publish_commit_reveal_each_round_once(chain_and_clock):

@@ -30,6 +30,7 @@ from subnet.identity import load_identity
 from subnet.processes import die_with_parent
 from subnet.rounds import RoundConfig
 from subnet.validation_results import RESULT_GROUP, ValidationResult
+from tests.manual_clock import ManualClock
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +42,11 @@ MINERS = [Keypair.create_from_seed("0x" + f"{i + 0x41:02x}" * 32).ss58_address f
 ALPHA = 0.3
 
 
-class Clock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
 @pytest.fixture
 def env(redis_client, tmp_path, dev_wallets):
     """Prefixes, a staked validator, four registered miners, and a scorer factory."""
     tag = uuid.uuid4().hex[:8]
-    clock = Clock()
+    clock = ManualClock(1_000_000.0)
     chain = LocalChain(redis_client, ROUNDS.schedule(), block_s=BLOCK_S, key_prefix=f"test:scorer:{tag}:chain:",
                        clock=clock)
     chain.genesis()
@@ -77,7 +70,7 @@ def env(redis_client, tmp_path, dev_wallets):
         return Scorer(c, validator, chain, redis_client)
 
     def goto(block):
-        clock.t = chain.genesis() + (block + 0.5) * BLOCK_S
+        clock.now = chain.genesis() + (block + 0.5) * BLOCK_S
         assert chain.block() == block
 
     def write(r: ValidationResult):

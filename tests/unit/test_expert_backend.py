@@ -17,17 +17,10 @@ from services.expert.backend import (
     StepNow,
     UnknownExpert,
 )
+from tests.manual_clock import ManualClock
 
 torch.set_num_threads(1)
 DIM, INTER = 16, 32
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 def _make(n_experts=1, seed=0, **kwargs):
@@ -311,7 +304,7 @@ def test_unknown_expert_names_the_hosted_ones():
 
 
 def test_activation_cache_expires_entries_after_ttl():
-    clock = FakeClock()
+    clock = ManualClock()
     cache = ActivationCache(max_bytes=10**6, ttl_s=5.0, clock=clock)
     t = torch.zeros(4, 4)
     cache.put(("0.0", "a"), t, t, t)
@@ -340,7 +333,7 @@ def test_activation_cache_evicts_oldest_to_stay_under_its_bound():
 
 
 def test_backend_memory_stays_bounded_when_backwards_never_come():
-    clock = FakeClock()
+    clock = ManualClock()
     _, backend = _make(activation_cache_mb=0.05, activation_ttl_s=10.0, clock=clock)
     for i in range(200):  # a router that died: forwards, never a backward
         backend.forward("0.0", _randn(8, DIM, seed=i), call_id=str(i))

@@ -6,6 +6,7 @@ import pytest
 
 from services.router.replicas import ReplicaSet
 from subnet.registry import Replica
+from tests.manual_clock import ManualClock
 
 
 class FakeRegistry:
@@ -23,20 +24,12 @@ class FakeRegistry:
         return {uid: list(reps) for uid, reps in self.entries.items()}
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def rep(uid: str, endpoint: str, load: int = 0) -> Replica:
     return Replica(uid=uid, endpoint=endpoint, hotkey="hk", load=load, version=0, updated_ms=0)
 
 
 def make(entries, **kw):
-    registry, clock = FakeRegistry(entries), Clock()
+    registry, clock = FakeRegistry(entries), ManualClock(1000.0)
     kw.setdefault("refresh_s", 2.0)
     kw.setdefault("suspect_s", 5.0)
     return ReplicaSet(registry, clock=clock, **kw), registry, clock
