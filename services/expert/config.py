@@ -50,6 +50,10 @@ class ExpertConfig:
                                "1 = publish the endpoint on the chain (CHAIN_*; Bittensor's serve_axon, which needs "
                                "an IP address) once serving, for routers with ROUTER_DISCOVERY=chain; needs "
                                "AUTH_MODE=on (the hotkey signs it). Retried every 30 s while it fails")
+    listing_check_s: float = env("EXPERT_LISTING_CHECK_S", 300.0,
+                                 "with EXPERT_SERVE_ON_CHAIN=1: seconds between checks that the chain still lists "
+                                 "this service's endpoint for its hotkey; published again when it does not "
+                                 "(deleted or redirected); 0 = never check")
     device: str = env("EXPERT_DEVICE", "cpu", "torch device of the weights: `cpu`, `cuda`, `cuda:1`")
     wire_dtypes: str = env("EXPERT_WIRE_DTYPES", "fp32,bf16,fp16,int8", "wire dtypes accepted in requests")
     max_batch_tokens: int = env("EXPERT_MAX_BATCH_TOKENS", 8192,
@@ -152,7 +156,8 @@ class ExpertConfig:
                         "EXPERT_MAX_STALENESS": self.max_staleness,
                         "EXPERT_THREADS": self.threads, "EXPERT_GRACE_S": self.grace_s,
                         "EXPERT_INJECT_DELAY_MS": self.inject_delay_ms,
-                        "EXPERT_CHECKPOINT_EVERY_S": self.checkpoint_every_s}
+                        "EXPERT_CHECKPOINT_EVERY_S": self.checkpoint_every_s,
+                        "EXPERT_LISTING_CHECK_S": self.listing_check_s}
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")

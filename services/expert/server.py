@@ -222,7 +222,9 @@ class ExpertServer:
         if self.rounds is not None:
             self._start_rounds()
         if c.serve_on_chain:   # after SERVING: a router that finds the endpoint can use it at once
-            self.listing = ChainListing(self._chain(), self.identity, self.endpoint)
+            self.listing = ChainListing(self._chain(), self.identity, self.endpoint, check_s=c.listing_check_s,
+                                        on_listed=lambda listed: self.metrics.chain_listed.set(int(listed)),
+                                        on_published=self.metrics.chain_listings_published.inc)
             self._listing_task = asyncio.create_task(self.listing.run(), name="chain-listing")
         self._ready.set()
         log.info("expert service ready on %s: experts %s, dim %d, inter_dim %d, device %s, hotkey %s, "

@@ -19,9 +19,10 @@ Costs and bounds: one Info per listed (endpoint, hotkey) per refresh (ROUTER_REG
 `workers` at a time, each bounded by `timeout_s`, and the whole refresh by DEADLINE_FACTOR x
 `timeout_s`: what has not answered by then is left out (the ReplicaSet keeps what it saw for
 ROUTER_REGISTRY_GRACE_S) and counted per reason by `on_skip`. Endpoints that are IP addresses
-outside the public internet (loopback, private, link-local) are not asked unless
-`private_addresses` (ROUTER_DISCOVERY_PRIVATE=1; the local stack sets it): otherwise any
-registered hotkey could make the router call into its own network every refresh. Refreshes run one
+outside the public internet (loopback, private, link-local) or hostnames (which may resolve to
+such addresses) are not asked unless `private_addresses` (ROUTER_DISCOVERY_PRIVATE=1; the local
+stack, compose and k8s set it): otherwise any registered hotkey could make the router call into
+its own network every refresh. Refreshes run one
 at a time, in the ReplicaSet's background thread, never in a routing decision.
 
 Before the first metagraph read nothing is routable (fail closed), and while nothing is
@@ -65,7 +66,7 @@ class ChainDirectory:
                  on_skip: Callable[[str], None] = lambda reason: None, private_addresses: bool = False,
                  log_interval_s: float = 60.0):
         """`on_skip(reason)`: once per (endpoint, hotkey) left out per refresh; reasons `unreachable`,
-        `malformed`, `private`. `probe` may have `retain(endpoints)` (InfoProbe), called after each
+        `malformed`, `private`, `hostname`. `probe` may have `retain(endpoints)` (InfoProbe), called after each
         refresh with the endpoints still listed."""
         if timeout_s <= 0 or workers < 1:
             raise ValueError(f"timeout_s must be > 0 and workers >= 1, got {timeout_s} and {workers}")
@@ -88,9 +89,10 @@ class ChainDirectory:
         failures: list[str] = []
         asked = []
         for endpoint, hotkey in listed:
-            if not self.private_addresses and _private(endpoint):
-                self.on_skip("private")
-                failures.append(f"{endpoint!r} ({hotkey[:16]}...): not a public address (ROUTER_DISCOVERY_PRIVATE=0)")
+            why_not = None if self.private_addresses else _not_public(endpoint)
+            if why_not is not None:
+                self.on_skip(why_not)
+                failures.append(f"{endpoint!r} ({hotkey[:16]}...): {_NOT_PUBLIC[why_not]} (ROUTER_DISCOVERY_PRIVATE=0)")
             else:
                 asked.append((endpoint, hotkey, self._pool.submit(self._ask, endpoint, hotkey)))
         wait_all([task for *_, task in asked], timeout=DEADLINE_FACTOR * self.timeout_s)
@@ -140,14 +142,20 @@ class ChainDirectory:
             close()
 
 
-def _private(endpoint: str) -> bool:
-    """An IP address outside the public internet (loopback, private, link-local, ...). A hostname
-    is not resolved here (only the local chain stores hostnames; Bittensor stores addresses)."""
+_NOT_PUBLIC = {"private": "not a public address",
+               "hostname": "a hostname, which could resolve into the router's own network"}
+
+
+def _not_public(endpoint: str) -> str | None:
+    """`private` for an IP address outside the public internet (loopback, private, link-local, ...),
+    `hostname` for a name: it is not resolved here, since it could resolve to such an address, and
+    again to another one when gRPC dials it (only the local chain stores names; Bittensor stores
+    IP addresses). None for a public IP address."""
     host = endpoint.rpartition(":")[0].strip("[]")
     try:
-        return not ipaddress.ip_address(host).is_global
+        return None if ipaddress.ip_address(host).is_global else "private"
     except ValueError:
-        return False
+        return "hostname"
 
 
 def _malformed(answer) -> str | None:

@@ -77,8 +77,9 @@ class RouterConfig:
                                      "a whole refresh after 3 times this")
     discovery_private: bool = env("ROUTER_DISCOVERY_PRIVATE", False,
                                   "ROUTER_DISCOVERY=chain: also ask listed endpoints whose address is loopback, "
-                                  "private or link-local (the local stack; a private network of your own); off, "
-                                  "a registered hotkey cannot make the router call into its own network")
+                                  "private or link-local, or a hostname (the local stack, compose, k8s; a private "
+                                  "network of your own); off, only public IP addresses are asked, so a registered "
+                                  "hotkey cannot make the router call into its own network")
     registered_only: bool = env("ROUTER_REGISTERED_EXPERTS_ONLY", False,
                                 "1 = route only to replicas whose hotkey is registered on the chain (CHAIN_*; the "
                                 "metagraph is re-read every AUTH_CHAIN_REFRESH_S, and AUTH_CHAIN_RETRY_S after an "

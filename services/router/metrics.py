@@ -62,7 +62,8 @@ class RouterMetrics:
         self.chain_endpoints_skipped = Counter(
             "router_chain_endpoints_skipped",
             "ROUTER_DISCOVERY=chain: endpoints listed on the chain left out of a refresh, once per endpoint "
-            "and hotkey and refresh, by why: unreachable (no signed Info answer in time), malformed.",
+            "and hotkey and refresh, by why: unreachable (no signed Info answer in time), malformed, "
+            "private or hostname (not asked: ROUTER_DISCOVERY_PRIVATE=0).",
             ["reason"], registry=self.registry)
         self.auth_rejections = Counter(
             "router_auth_rejections", "Generate/Logits requests refused by signature checks, by reason.",

@@ -358,6 +358,8 @@ def test_the_router_finds_every_expert_through_the_chain():
     assert experts and routers
     for router in routers:
         assert environment(router).get("ROUTER_DISCOVERY") == "chain"
+        # The experts list names on the compose network; without this the router asks none of them.
+        assert environment(router).get("ROUTER_DISCOVERY_PRIVATE") == "1"
     for name, service in experts.items():
         env = environment(service)
         assert env.get("EXPERT_SERVE_ON_CHAIN") == "1", name

@@ -1,5 +1,6 @@
 """EXPERT_SERVE_ON_CHAIN's listing: published once, signed by the service's hotkey, not re-sent
-while the chain already lists it, and retried while the chain refuses (a stand-in chain: the
+while the chain already lists it, retried while the chain refuses, and published again when a
+later check finds it gone (a stand-in chain: the
 real LocalChain path runs in tests/integration/test_chain_discovery.py)."""
 
 import asyncio
@@ -46,11 +47,74 @@ def test_a_moved_service_publishes_its_new_endpoint():
 
 def test_retries_while_the_chain_refuses_and_logs_it(caplog):
     chain = Chain(refusals=2)
-    listing = ChainListing(chain, ME, "10.0.0.5:50051", retry_s=0.01)
+    listing = ChainListing(chain, ME, "10.0.0.5:50051", retry_s=0.01, check_s=0)   # check_s=0: run() returns
     with caplog.at_level("WARNING"):
         asyncio.run(asyncio.wait_for(listing.run(), 10))
     assert listing.published and chain.served == [(ME.hotkey, "10.0.0.5:50051")]
     assert "not registered" in caplog.text and caplog.text.count("could not publish") == 1   # throttled
+
+
+class Unreadable(Chain):
+    """The chain's metagraph read fails `failures` times, then works."""
+
+    def __init__(self, failures: int, **kwargs):
+        super().__init__(**kwargs)
+        self.failures = failures
+
+    def metagraph(self):
+        if self.failures:
+            self.failures -= 1
+            raise ChainError("chain unreachable")
+        return super().metagraph()
+
+
+def test_a_deleted_or_redirected_listing_is_published_again_at_the_next_check(caplog):
+    for found, expect in (("", "it lists no endpoint"), ("10.9.9.9:1", "it lists '10.9.9.9:1'")):
+        chain, states = Chain(), []
+        listing = ChainListing(chain, ME, "10.0.0.5:50051", check_s=3600, on_listed=states.append)
+        listing.publish_once()
+        assert listing.check_once() and listing.published   # still listed: nothing sent
+        chain.endpoint = found   # a writer of the local chain's Redis deleted or redirected it
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert not listing.check_once()
+        assert not listing.published and expect in caplog.text
+        listing.publish_once()
+        assert chain.endpoint == "10.0.0.5:50051"
+        assert chain.served == [(ME.hotkey, "10.0.0.5:50051")] * 2
+        assert states == [True, True, False, True]
+
+
+def test_run_keeps_watching_and_survives_unreadable_checks():
+    """run() publishes, then checks every check_s: a failed read changes nothing, a lost listing is
+    published again, and the loop never ends by itself."""
+    chain = Unreadable(failures=0)
+    published = []
+    listing = ChainListing(chain, ME, "10.0.0.5:50051", retry_s=0.01, check_s=0.01,
+                           on_published=lambda: published.append(chain.endpoint))
+
+    async def scenario():
+        task = asyncio.create_task(listing.run())
+        while not listing.published:
+            await asyncio.sleep(0.005)
+        chain.failures = 3          # three checks cannot read the chain: the listing is kept
+        while chain.failures:
+            await asyncio.sleep(0.005)
+        assert listing.published and len(chain.served) == 1
+        chain.endpoint = ""         # deleted
+        while len(chain.served) < 2:
+            await asyncio.sleep(0.005)
+        assert not task.done()
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert chain.served == [(ME.hotkey, "10.0.0.5:50051")] * 2 and len(published) == 2
+
+
+def test_check_s_0_publishes_and_stops_watching():
+    chain = Chain()
+    asyncio.run(asyncio.wait_for(ChainListing(chain, ME, "10.0.0.5:50051", check_s=0).run(), 10))
+    assert chain.served == [(ME.hotkey, "10.0.0.5:50051")]
 
 
 def test_the_service_refuses_to_start_with_a_listing_it_could_never_publish(tmp_path, monkeypatch):
