@@ -177,3 +177,77 @@ def test_a_merged_global_model_is_not_worse_than_its_best_honest_replica(stack_r
             checked += 1
             assert merge["merged_loss"] <= min(losses) * 1.01, merge
     assert checked, f"no merge used an honest replica: {report['merges']}"
+
+
+def test_make_serve_serves_the_model_the_demo_trained(stack_run):
+    """`make serve` (`python -m services.stack serve`) on the demo's run directory: two miners
+    load the saved expert weights, publish their endpoints on the chain, and the router serves the
+    latest trunk checkpoint. Its Logits equal the in-process model assembled from the same files,
+    a signed Generate streams the tokens asked for, and Ctrl-C stops every process."""
+    import signal
+
+    import torch
+    from safetensors.torch import load_model
+
+    from moe.config import LMConfig
+    from moe.experts import expert_uid
+    from moe.lm import MoELM
+    from moe.train.checkpoint import WEIGHTS_FILE, read_config, resolve_checkpoint
+    from services.stack.wallets import StackWallets
+    from subnet.auth import SigningChannel
+    from subnet.expert_weights import load_expert_weights
+    from subnet.tensor_codec import decode
+    from subnet.wire.v1 import router_pb2, router_pb2_grpc
+
+    run, _, _ = stack_run
+    base = _port_block(5)   # two miners, Redis, the router, S3
+    router = f"127.0.0.1:{base + 3}"
+    env = {**os.environ, "STACK_RUN_DIR": str(run), "STACK_EXPERT_PORTS": f"{base},{base + 1}",
+           "STACK_REDIS_PORT": str(base + 2), "STACK_ROUTER_PORT": str(base + 3), "STACK_S3_PORT": str(base + 4),
+           "STACK_METRICS_BASE_PORT": "0", "STACK_WIRE_DTYPE": "fp32", "STACK_ADVERSARIES": "", "PYTHONUNBUFFERED": "1",
+           "GRPC_ENABLE_FORK_SUPPORT": "0"}
+    log_path = run.parent / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "services.stack", "serve"], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    try:
+        deadline = time.monotonic() + 300
+        while "serving moe.v1.Router" not in log_path.read_text(errors="replace"):
+            assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "make serve did not come up in 300 s"
+            time.sleep(0.5)
+
+        # The model `make serve` should be serving, assembled in this process: the run's latest trunk
+        # checkpoint (the router's part) and the experts the demo saved (what the miners load).
+        ckpt = resolve_checkpoint(run)
+        model = MoELM(LMConfig.from_dict(read_config(ckpt)["lm_config"])).eval()
+        # load_model, not load_state_dict: the head shares its weight with the embedding (stored once).
+        missing, unexpected = load_model(model, str(ckpt / WEIGHTS_FILE), strict=False)
+        assert not unexpected and missing and all(".experts." in name for name in missing), missing
+        experts = load_expert_weights(run / "experts.safetensors")
+        for layer, block in enumerate(model.blocks):
+            if block.is_moe:
+                for i, module in enumerate(block.ffn.experts):
+                    module.load_state_dict(experts[expert_uid(layer, i)])
+        wallets = StackWallets(run)
+        tokens = torch.randint(0, model.cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+        with grpc.insecure_channel(router) as channel:
+            stub = router_pb2_grpc.RouterStub(SigningChannel(channel, wallets.client, wallets.router.hotkey))
+            served = stub.Logits(router_pb2.LogitsRequest(tokens=tokens), timeout=120)
+            replies = list(stub.Generate(router_pb2.GenerateRequest(prompt="The ", max_new_tokens=12, temperature=0.0),
+                                         timeout=120))
+        assert served.masked_calls == 0
+        with torch.no_grad():
+            expected = model(torch.tensor([tokens]))[0][0]
+        torch.testing.assert_close(decode(served.logits), expected, rtol=1e-4, atol=1e-4)
+        assert 1 <= len(replies) <= 12 and all(r.masked_calls == 0 for r in replies)
+
+        process.send_signal(signal.SIGINT)
+        process.wait(120)
+        output = log_path.read_text(errors="replace")
+        assert process.returncode == 130, output[-3000:]
+        assert "all processes stopped" in output and "Traceback" not in output, output[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
