@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e bench lint protos clean
+.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose bench lint protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-integration: $(STAMP)  ## integration tests only (real servers on loopback)
 
 test-e2e: $(STAMP)  ## the whole stack with adversarial miners for several rounds: cheaters lose (~6 min)
 	$(BIN)/python -m pytest -q -s tests/e2e
+
+test-compose: $(STAMP)  ## docker-compose.yml's services run without Docker, one network namespace each (root; ~3 min)
+	$(BIN)/python -m pytest -q tests/deploy/test_compose_rehearsal.py
 
 test-chaos: $(STAMP)  ## fault injection: kill, pause and restart experts, Redis and the router mid-training (~3 min)
 	$(BIN)/python -m pytest -q tests/chaos

@@ -16,7 +16,6 @@ the test fails.
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from subnet.dev.redis_server import RedisServer
 from subnet.processes import die_with_parent
 from tests.integration.conftest import ROOT, ExpertServiceHandle
 from tests.integration.test_remote_experts import train_pass, wait_registered
+from tests.netns import free_subnet, kill_processes_in, sh, skip_when_refused
 
 pytestmark = [
     pytest.mark.integration,
@@ -48,10 +48,6 @@ PORT = 50051                   # each namespace has its own ports
 RATE = "20mbit"
 TIMEOUT_S = 2.0                # the router's deadline per layer of expert calls
 BIG_TOKENS = 4096              # one Forward of 1 MiB each way: 0.84 s at 20 Mbit/s
-
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=30)
 
 
 @dataclass
@@ -94,38 +90,21 @@ class Lab:
     def remove(self) -> list[str]:
         """Delete what exists of the lab; returns what is still there afterwards."""
         for link in self.links.values():
-            for pid in sh("ip", "netns", "pids", link.netns, check=False).stdout.split():
-                try:  # only our services run there; a leftover is killed by its pid
-                    os.kill(int(pid), 9)
-                except ProcessLookupError:
-                    pass
+            kill_processes_in(link.netns)
             sh("ip", "link", "del", link.host_dev, check=False)   # deletes the pair
             sh("ip", "netns", "del", link.netns, check=False)
         names = sh("ip", "netns", "list", check=False).stdout + sh("ip", "-br", "link", check=False).stdout
         return [n for link in self.links.values() for n in (link.netns, link.host_dev) if n in names]
 
 
-def free_subnet() -> str:
-    """10.231.X with no address or route of this machine in it (another run may hold one)."""
-    used = sh("ip", "-o", "-4", "addr").stdout + sh("ip", "-4", "route").stdout
-    for x in random.sample(range(256), 256):
-        if f"10.231.{x}." not in used:
-            return f"10.231.{x}"
-    raise RuntimeError("no free 10.231.X.0/24")
-
-
 @pytest.fixture
 def lab():
     lab = Lab(secrets.token_hex(3))
     try:
-        try:
-            subnet = free_subnet()
+        with skip_when_refused():
+            subnet = free_subnet("10.231")
             lab.add("a", subnet, 0)
             lab.add("b", subnet, 4)
-        except subprocess.CalledProcessError as e:
-            if "Operation not permitted" in e.stderr or "Permission denied" in e.stderr:
-                pytest.skip(f"cannot create network namespaces here: {e.stderr.strip()}")
-            raise
         yield lab
     finally:
         left = lab.remove()

@@ -1,0 +1,119 @@
+"""docker-compose.yml's `cpu` profile, run as compose would run it but without Docker (see
+tests/deploy/compose_rehearsal.py for what stands in for what): the one-shots finish, the expert
+services publish their compose names on the local chain, the router finds them there, trains
+through them and serves a Generate from outside, the validator publishes global version 0 to the
+bucket, Prometheus (where installed) scrapes the router, the validator and the scorer by their
+compose names, and every service stops cleanly on SIGTERM without having logged a traceback.
+
+`make test-compose` (about 3 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
+set to 0.5 in the .env it reads (the file's default is 5); everything else is .env.example's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.request
+
+import grpc
+import pytest
+import redis
+from minio import Minio
+
+from moe.train.checkpoint import resolve_checkpoint
+from subnet.chain.local import LocalChain
+from subnet.envconfig import from_env
+from subnet.health import wait_serving
+from subnet.rounds import RoundConfig
+from subnet.wire.v1 import router_pb2, router_pb2_grpc
+from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
+from tests.deploy.files import environment
+from tests.netns import skip_when_refused
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
+    pytest.mark.skipif(not shutil.which("ip"), reason="needs iproute2 (`ip`)"),
+]
+
+LONG_RUNNING = ("expert-0", "expert-1", "router", "validator", "scorer", *([PROMETHEUS] if PROMETHEUS else []))
+TRAIN_MINUTES = 0.5
+
+
+@pytest.fixture
+def rehearsal(tmp_path):
+    stage = Rehearsal(tmp_path, {"TRAIN_MINUTES": str(TRAIN_MINUTES)})
+    try:
+        with skip_when_refused():
+            stage.open()
+        yield stage
+    finally:
+        left = stage.close()
+    assert not left, f"left behind: {left}"
+
+
+def _wait(condition, what: str, timeout_s: float, stage: Rehearsal) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        stage.check_alive(LONG_RUNNING)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(1200)
+def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
+    stage = rehearsal
+    stage.start_infra()
+    stage.run_to_end(ONE_SHOTS, timeout_s=600)
+    for name in LONG_RUNNING:
+        stage.start(name)
+
+    # The experts publish the names compose gives them; read the chain as the router would.
+    router_env = environment(stage.config["services"]["router"])
+    chain_client = redis.Redis.from_url(router_env["CHAIN_REDIS_URL"].replace("@redis:", f"@{stage.bridge_address}:"))
+    chain = LocalChain(chain_client, from_env(RoundConfig, {}).schedule())
+
+    def listed() -> set[str]:
+        return {n.endpoint for n in chain.metagraph().neurons if n.endpoint}
+
+    _wait(lambda: listed() == {"expert-0:50051", "expert-1:50051"}, "both experts on the chain", 120, stage)
+
+    # The router trains for TRAIN_MINUTES through them, then serves on its compose port.
+    router = f"{stage.services['router'].address}:50050"
+    wait_serving(router, TRAIN_MINUTES * 60 + 300, check_alive=lambda: stage.check_alive(LONG_RUNNING),
+                 what="router")
+    with grpc.insecure_channel(router) as channel:   # ROUTER_OPEN_GENERATE=1: no signature needed
+        replies = list(router_pb2_grpc.RouterStub(channel).Generate(
+            router_pb2.GenerateRequest(prompt="The ", max_new_tokens=8, temperature=0.0), timeout=60))
+    assert 1 <= len(replies) <= 8 and sum(r.masked_calls for r in replies) == 0
+    trained = resolve_checkpoint(stage.folder / "volumes" / "checkpoints" / "run")
+    assert int(trained.name.rsplit("-", 1)[1]) > 0, f"the router served {trained.name}, not a trained checkpoint"
+
+    # The validator bootstraps the bucket with model-init's checkpoint as global version 0.
+    s3 = Minio(stage.s3.endpoint, access_key=stage.s3.access_key, secret_key=stage.s3.secret_key, secure=False)
+    bucket = environment(stage.config["services"]["validator"])["S3_BUCKET"]
+    _wait(lambda: any(True for _ in s3.list_objects(bucket, prefix="checkpoints/global/", recursive=True)),
+          "global version 0 in the bucket", 120, stage)
+
+    if PROMETHEUS:
+        # Prometheus scrapes the static targets of deploy/prometheus/prometheus.yml by their compose
+        # names (the experts' job finds them by a DNS query for `experts`, which has no server here).
+        def up_jobs() -> set[str]:
+            url = f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/targets"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                targets = json.load(answer)["data"]["activeTargets"]
+            return {t["labels"]["job"] for t in targets if t["health"] == "up"}
+
+        _wait(lambda: {"router", "validator", "scorer", "prometheus"} <= up_jobs(),
+              "Prometheus to scrape the router, the validator and the scorer", 60, stage)
+
+    stage.check_alive(LONG_RUNNING)
+    codes = stage.stop(LONG_RUNNING)
+    logs = {name: stage.services[name].log() for name in (*ONE_SHOTS, *LONG_RUNNING)}
+    for name, code in codes.items():
+        assert code == 0, f"{name} ended with {code} on SIGTERM:\n{logs[name][-3000:]}"
+    for name, text in logs.items():
+        assert "Traceback" not in text, f"{name} logged a traceback:\n{text[-4000:]}"
+    chain_client.close()
