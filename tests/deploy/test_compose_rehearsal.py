@@ -3,7 +3,8 @@ tests/deploy/compose_rehearsal.py for what stands in for what): the one-shots fi
 services publish their compose names on the local chain, the router finds them there, trains
 through them and serves a Generate from outside, the validator publishes global version 0 to the
 bucket, Prometheus (where installed) scrapes the router, the validator and the scorer by their
-compose names, and every service stops cleanly on SIGTERM without having logged a traceback.
+compose names (with the alert rules loaded), no expert refuses a signed request, and every
+service stops cleanly on SIGTERM without having logged a traceback.
 
 `make test-compose` (about 3 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
 set to 0.5 in the .env it reads (the file's default is 5); everything else is .env.example's.
@@ -108,6 +109,10 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
 
         _wait(lambda: {"router", "validator", "scorer", "prometheus"} <= up_jobs(),
               "Prometheus to scrape the router, the validator and the scorer", 60, stage)
+        # rules.yml, named relative to the config file, is found where compose mounts it.
+        with urllib.request.urlopen(f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/rules",
+                                    timeout=5) as answer:
+            assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)
@@ -116,4 +121,9 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
         assert code == 0, f"{name} ended with {code} on SIGTERM:\n{logs[name][-3000:]}"
     for name, text in logs.items():
         assert "Traceback" not in text, f"{name} logged a traceback:\n{text[-4000:]}"
+    # Wired right, no service refuses another's signed requests (a name resolving to the wrong
+    # service, a wallet or an ACL that does not match, shows here first).
+    for name in ("expert-0", "expert-1"):
+        refused = [line for line in logs[name].splitlines() if "subnet.auth.server: rejected" in line]
+        assert not refused, f"{name} refused signed requests:\n" + "\n".join(refused[:5])
     chain_client.close()
