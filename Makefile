@@ -38,7 +38,7 @@ test-integration: $(STAMP)  ## integration tests only (real servers on loopback)
 test-e2e: $(STAMP)  ## the whole stack with adversarial miners for several rounds: cheaters lose (~6 min)
 	$(BIN)/python -m pytest -q -s tests/e2e
 
-test-compose: $(STAMP)  ## docker-compose.yml's services run without Docker, one network namespace each (root; ~3 min)
+test-compose: $(STAMP)  ## docker-compose.yml's services run without Docker, one network namespace each (root; ~2 min)
 	$(BIN)/python -m pytest -q tests/deploy/test_compose_rehearsal.py
 
 test-chaos: $(STAMP)  ## fault injection: kill, pause and restart experts, Redis and the router mid-training (~3 min)

@@ -12,8 +12,11 @@ address) fails the start instead (ExpertServer).
 Once published, the listing is checked every `check_s` (EXPERT_LISTING_CHECK_S; 0 = never) and
 published again when the chain lists something else for this hotkey or nothing: a listing deleted
 or redirected through the local chain's Redis, a hotkey pruned and registered again (its axon is
-gone). Another service publishing under the same hotkey would take the listing back and forth
-every `check_s`; each change is logged with what the chain listed, so that the operator sees it.
+gone). Endpoints are compared as addresses (`rules.same_endpoint`): Bittensor reads an IPv6
+address back in its short form, which must not count as a change (each `serve_axon` is paid for).
+Another service publishing under the same hotkey would take the listing back and forth every
+`check_s`; the changes are logged with what the chain listed (at most one line per 300 s), so that
+the operator sees it.
 
     listing = ChainListing(chain, identity, "10.0.0.5:50051")
     task = asyncio.create_task(listing.run())
@@ -26,6 +29,7 @@ import logging
 from collections.abc import Callable
 
 from subnet.chain.base import Chain
+from subnet.chain.rules import same_endpoint
 from subnet.chain.signing import serve_payload
 from subnet.identity import Identity
 from subnet.log_throttle import LogThrottle
@@ -37,15 +41,17 @@ class ChainListing:
     def __init__(self, chain: Chain, identity: Identity, endpoint: str, retry_s: float = 30.0,
                  check_s: float = 300.0, on_listed: Callable[[bool], None] = lambda listed: None,
                  on_published: Callable[[], None] = lambda: None):
-        """`on_listed(listed)` after every publication and check (the service's `expert_chain_listed`
-        gauge); `on_published()` after every `serve` sent to the chain."""
+        """`on_listed(listed)` (the service's `expert_chain_listed` gauge): True after a publication or a
+        check that finds the listing, False after a failed publication or a check that finds it gone;
+        not called when a check cannot read the chain. `on_published()` after every `serve` sent."""
         if retry_s <= 0 or check_s < 0:
             raise ValueError(f"retry_s must be positive and check_s >= 0, got {retry_s} and {check_s}")
         self.chain, self.identity, self.endpoint = chain, identity, endpoint
         self.retry_s, self.check_s = retry_s, check_s
         self.on_listed, self.on_published = on_listed, on_published
         self.published = False   # the chain lists `endpoint` for this hotkey (by us or before us), as last seen
-        self._failures = LogThrottle(300.0)
+        self._publish_failures = LogThrottle(300.0)
+        self._check_failures = LogThrottle(300.0)
         self._changes = LogThrottle(300.0)
 
     def publish_once(self) -> None:
@@ -53,7 +59,7 @@ class ChainListing:
         the chain raises (ChainError: not registered, refused, unreachable)."""
         hotkey = self.identity.hotkey
         neuron = self.chain.metagraph().by_hotkey(hotkey)
-        if neuron is not None and neuron.endpoint == self.endpoint:
+        if neuron is not None and same_endpoint(neuron.endpoint, self.endpoint):
             log.info("the chain already lists %s for hotkey %s", self.endpoint, hotkey)
         else:
             self.chain.serve(hotkey, self.endpoint, self.identity.sign(serve_payload(hotkey, self.endpoint)))
@@ -67,7 +73,7 @@ class ChainListing:
         instead and clears `published`, so that `run` publishes again. Raises what the chain raises."""
         hotkey = self.identity.hotkey
         neuron = self.chain.metagraph().by_hotkey(hotkey)
-        if neuron is not None and neuron.endpoint == self.endpoint:
+        if neuron is not None and same_endpoint(neuron.endpoint, self.endpoint):
             self.on_listed(True)
             return True
         # repr: on the local chain the stored endpoint is whatever a writer of its Redis put there.
@@ -90,8 +96,9 @@ class ChainListing:
                     await asyncio.to_thread(self.publish_once)
                 except Exception as e:  # the chain is remote: any failure means "try again later", never a crash
                     self.on_listed(False)
-                    self._failures.warning(log, "could not publish %s on the chain (trying again every %.0f s): %s: %s",
-                                           self.endpoint, self.retry_s, type(e).__name__, str(e)[:300])
+                    self._publish_failures.warning(
+                        log, "could not publish %s on the chain (trying again every %.0f s): %s: %s",
+                        self.endpoint, self.retry_s, type(e).__name__, str(e)[:300])
                     await asyncio.sleep(self.retry_s)
                     continue
             if not self.check_s:
@@ -100,5 +107,6 @@ class ChainListing:
             try:
                 await asyncio.to_thread(self.check_once)
             except Exception as e:  # an unreadable chain says nothing about the listing: keep it, look again later
-                self._failures.warning(log, "could not read the chain to check the listing of %s (looking again in "
-                                       "%.0f s): %s: %s", self.endpoint, self.check_s, type(e).__name__, str(e)[:300])
+                self._check_failures.warning(
+                    log, "could not read the chain to check the listing of %s (looking again in %.0f s): %s: %s",
+                    self.endpoint, self.check_s, type(e).__name__, str(e)[:300])

@@ -15,8 +15,9 @@ servers in one test process do not collide.
     expert_frames_connections               open moe-frames connections (subnet/frames)
     expert_frames_refused_total{reason}     frames refused before their call ran: busy, protocol, shutting_down
     expert_frames_sessions_total            authenticated sessions opened on moe-frames connections (subnet.auth)
-    expert_chain_listed                     1 while the chain lists this service's endpoint for its hotkey, as
-                                            last published or checked (EXPERT_SERVE_ON_CHAIN)
+    expert_chain_listed                     1 when the last publication or check found this service's endpoint
+                                            listed for its hotkey, 0 after a failed one (EXPERT_SERVE_ON_CHAIN;
+                                            0 in a service that does not publish)
     expert_chain_listings_published_total   endpoints sent to the chain (serve_axon), the first and every republication
     expert_round, expert_round_phase, expert_checkpoints_published_total, expert_commitments_total{result}
                                             rounds (subnet.round_metrics)
@@ -65,8 +66,9 @@ class ExpertMetrics(MetricsHttp):
                                        "connections (one signed key exchange each)", registry=r)
         self.frames_refused = Counter("expert_frames_refused", "moe-frames frames refused before their call ran, "
                                       "by reason (busy, protocol, shutting_down)", ["reason"], registry=r)
-        self.chain_listed = Gauge("expert_chain_listed", "1 while the chain lists this service's endpoint for its "
-                                  "hotkey, as last published or checked (EXPERT_SERVE_ON_CHAIN)", registry=r)
+        self.chain_listed = Gauge("expert_chain_listed", "1 when the last publication or check found this service's "
+                                  "endpoint listed on the chain for its hotkey, 0 after a failed one "
+                                  "(EXPERT_SERVE_ON_CHAIN; 0 in a service that does not publish)", registry=r)
         self.chain_listings_published = Counter("expert_chain_listings_published", "endpoints sent to the chain "
                                                 "(serve_axon): the first and every republication", registry=r)
         self.rounds = RoundMetrics(

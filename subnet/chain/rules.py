@@ -81,6 +81,22 @@ def is_endpoint(value) -> bool:
     return True
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two `host:port` endpoints name the same place: IP addresses compared as addresses
+    (Bittensor reads `[2001:DB8:0::1]` back as `[2001:db8::1]`, an IPv4-mapped address in another
+    spelling still), hostnames without regard to case."""
+    if a == b:
+        return True
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    if port_a != port_b:
+        return False
+    host_a, host_b = host_a.removeprefix("[").removesuffix("]"), host_b.removeprefix("[").removesuffix("]")
+    try:
+        return ipaddress.ip_address(host_a) == ipaddress.ip_address(host_b)
+    except ValueError:
+        return host_a.lower() == host_b.lower()
+
+
 def _check_round(round: int, what: str) -> None:
     if isinstance(round, bool) or not isinstance(round, int) or round < 0:
         raise ChainError(f"{what}: round must be an integer >= 0, got {round!r}")

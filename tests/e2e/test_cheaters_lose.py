@@ -247,6 +247,8 @@ def test_make_serve_serves_the_model_the_demo_trained(stack_run):
         output = log_path.read_text(errors="replace")
         assert process.returncode == 130, output[-3000:]
         assert "all processes stopped" in output and "Traceback" not in output, output[-3000:]
+        listening = [port for port in range(base, base + 5) if port_in_use(port)]
+        assert not listening, f"ports {listening} still served after make serve stopped"
     finally:
         if process.poll() is None:
             process.kill()

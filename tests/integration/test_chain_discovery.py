@@ -147,14 +147,13 @@ def test_a_listing_deleted_or_redirected_through_redis_is_published_again(redis_
 
     try:
         loop.run(server.start())
-        _wait_for(lambda: listed() == server.endpoint, "the first listing")
-        assert published._value.get() == 1
+        _wait_for(lambda: listed() == server.endpoint and published._value.get() == 1, "the first listing")
         client.hdel(prefix + "endpoints", str(uid))   # deleted
         _wait_for(lambda: listed() == server.endpoint and published._value.get() == 2, "the listing to come back")
         # Redirected: a stored record that names another endpoint (a write serve() would refuse).
         client.hset(prefix + "endpoints", str(uid), json.dumps({"endpoint": "10.9.9.9:1", "block": 1}))
-        _wait_for(lambda: listed() == server.endpoint and published._value.get() == 3, "the listing to come back")
-        assert server.metrics.chain_listed._value.get() == 1
+        _wait_for(lambda: listed() == server.endpoint and published._value.get() == 3
+                  and server.metrics.chain_listed._value.get() == 1, "the listing to come back")
     finally:
         loop.run(server.stop(grace_s=0))
         loop.close()

@@ -5,6 +5,8 @@ real LocalChain path runs in tests/integration/test_chain_discovery.py)."""
 
 import asyncio
 
+import pytest
+
 from services.expert.chain_listing import ChainListing
 from subnet.chain.base import ChainError, Metagraph, Neuron
 from subnet.chain.signing import serve_payload
@@ -15,12 +17,15 @@ ME = Identity.generate()
 
 class Chain:
     def __init__(self, endpoint: str = "", refusals: int = 0):
-        self.endpoint, self.refusals, self.served = endpoint, refusals, []
+        self.endpoint, self.refusals, self.served, self.registered = endpoint, refusals, [], True
 
     def metagraph(self):
-        return Metagraph(block=1, neurons=(Neuron(0, ME.hotkey, endpoint=self.endpoint),))
+        neurons = (Neuron(0, ME.hotkey, endpoint=self.endpoint),) if self.registered else ()
+        return Metagraph(block=1, neurons=neurons)
 
     def serve(self, hotkey, endpoint, signature):
+        if not self.registered:
+            raise ChainError(f"hotkey {hotkey} is not registered")
         if self.refusals:
             self.refusals -= 1
             raise ChainError(f"hotkey {hotkey} is not registered")
@@ -85,22 +90,51 @@ def test_a_deleted_or_redirected_listing_is_published_again_at_the_next_check(ca
         assert states == [True, True, False, True]
 
 
+def test_a_pruned_hotkey_is_listed_again_once_registered_again(caplog):
+    chain, states = Chain(), []
+    listing = ChainListing(chain, ME, "10.0.0.5:50051", check_s=3600, on_listed=states.append)
+    listing.publish_once()
+    chain.registered, chain.endpoint = False, ""   # pruned: the neuron and its axon are gone
+    with caplog.at_level("WARNING"):
+        assert not listing.check_once()
+    assert "the hotkey is not registered" in caplog.text and states[-1] is False
+    with pytest.raises(ChainError, match="not registered"):   # run() retries this every retry_s
+        listing.publish_once()
+    chain.registered = True
+    listing.publish_once()
+    assert chain.served == [(ME.hotkey, "10.0.0.5:50051")] * 2 and states[-1] is True
+
+
+def test_the_chains_own_spelling_of_an_address_is_no_change():
+    """Bittensor stores the IP as a number and reads it back in its short form: that is the same
+    listing, not one to publish again (each serve_axon is paid for and rate-limited)."""
+    chain = Chain()
+    listing = ChainListing(chain, ME, "[2001:DB8:0:0::1]:50051", check_s=3600)
+    listing.publish_once()
+    chain.endpoint = "[2001:db8::1]:50051"
+    assert listing.check_once()
+    ChainListing(chain, ME, "[2001:DB8:0:0::1]:50051").publish_once()
+    assert len(chain.served) == 1
+
+
 def test_run_keeps_watching_and_survives_unreadable_checks():
     """run() publishes, then checks every check_s: a failed read changes nothing, a lost listing is
     published again, and the loop never ends by itself."""
     chain = Unreadable(failures=0)
-    published = []
+    published, states = [], []
     listing = ChainListing(chain, ME, "10.0.0.5:50051", retry_s=0.01, check_s=0.01,
-                           on_published=lambda: published.append(chain.endpoint))
+                           on_published=lambda: published.append(chain.endpoint), on_listed=states.append)
 
     async def scenario():
         task = asyncio.create_task(listing.run())
         while not listing.published:
             await asyncio.sleep(0.005)
         chain.failures = 3          # three checks cannot read the chain: the listing is kept
+        seen = len(states)
         while chain.failures:
             await asyncio.sleep(0.005)
         assert listing.published and len(chain.served) == 1
+        assert False not in states[seen:]   # an unreadable chain says nothing about the listing
         chain.endpoint = ""         # deleted
         while len(chain.served) < 2:
             await asyncio.sleep(0.005)
