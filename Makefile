@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose bench lint protos clean
+.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose test-k8s bench lint protos clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test-e2e: $(STAMP)  ## the whole stack with adversarial miners for several round
 
 test-compose: $(STAMP)  ## docker-compose.yml's services run without Docker, one network namespace each (root; ~2 min)
 	$(BIN)/python -m pytest -q tests/deploy/test_compose_rehearsal.py
+
+test-k8s: $(STAMP)  ## deploy/k8s's cpu manifests run without a cluster, one network namespace per pod (root; ~2 min)
+	$(BIN)/python -m pytest -q tests/deploy/test_k8s_rehearsal.py
 
 test-chaos: $(STAMP)  ## fault injection: kill, pause and restart experts, Redis and the router mid-training (~3 min)
 	$(BIN)/python -m pytest -q tests/chaos

@@ -47,11 +47,10 @@ from pathlib import Path
 
 import yaml
 
-from subnet.dev.redis_server import redis_server_binary
 from subnet.dev.s3_server import S3Server
-from subnet.processes import die_with_parent, port_in_use
+from subnet.processes import die_with_parent
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
-from tests.netns import free_subnet, kill_processes_in, sh
+from tests.deploy.rehearsal import Cleanup, OnBridge, kill
 
 ROOT = COMPOSE_FILE.parent
 OURS = ("chain-init", "model-init", "expert-0", "expert-1", "router", "validator", "scorer")
@@ -83,7 +82,8 @@ class Service:
 
 
 @dataclass
-class Rehearsal:
+class Rehearsal(OnBridge):
+    BRIDGE_PREFIX = "mb"
     folder: Path
     overrides: dict[str, str]
     tag: str = field(default_factory=lambda: secrets.token_hex(3))
@@ -95,22 +95,10 @@ class Rehearsal:
     _links: list[str] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
 
-    @property
-    def bridge(self) -> str:
-        return f"mb{self.tag}"
-
-    @property
-    def bridge_address(self) -> str:
-        return f"{self.subnet}.1"
-
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
         self.config = compose_with(self.overrides)
-        self.subnet = free_subnet("10.232")
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        self._links.append(self.bridge)
-        sh("ip", "addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
-        sh("ip", "link", "set", self.bridge, "up")
+        self.make_bridge("10.232")
         hosts = ["127.0.0.1 localhost", *(f"127.0.0.1 {name}" for name in NOT_HERE),
                  f"{self.bridge_address} redis minio"]
         aliases = {name: ((self.config["services"][name].get("networks") or {}).get("default") or {}).get("aliases", [])
@@ -128,21 +116,8 @@ class Rehearsal:
         return self
 
     def _prepare(self, name: str, address: str, hosts: str) -> Service:
-        index = len(self.services)
-        netns, host_dev, ns_dev = f"moe-rh-{self.tag}-{name}", f"mr{self.tag}{index}h", f"mr{self.tag}{index}n"
-        sh("ip", "netns", "add", netns)
-        self._namespaces.append(netns)
-        sh("ip", "link", "add", host_dev, "type", "veth", "peer", "name", ns_dev)
-        self._links.append(host_dev)
-        sh("ip", "link", "set", host_dev, "master", self.bridge)
-        sh("ip", "link", "set", host_dev, "up")
-        sh("ip", "link", "set", ns_dev, "netns", netns)
-        sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", ns_dev)
-        sh("ip", "-n", netns, "link", "set", ns_dev, "up")
-        sh("ip", "-n", netns, "link", "set", "lo", "up")
-        etc = Path("/etc/netns") / netns
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(hosts)
+        netns = f"moe-rh-{self.tag}-{name}"
+        self.add_namespace(netns, f"mr{self.tag}{len(self.services)}", address, hosts)
 
         spec = self.config["services"][name]
         volumes = {}
@@ -154,57 +129,30 @@ class Rehearsal:
                 host = self.folder / "volumes" / source
                 host.mkdir(parents=True, exist_ok=True)
             volumes[target] = str(host)
-        env = {k: _on_host(v, volumes) for k, v in environment(spec).items()}
+        env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
         home = self.folder / "home" / name
         home.mkdir(parents=True, exist_ok=True)
         env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home),
                     "MPLCONFIGDIR": str(home / "matplotlib"), "GRPC_ENABLE_FORK_SUPPORT": "0"})
         command = spec["command"]
-        argv = [_on_host(word, volumes) for word in (command if isinstance(command, list) else command.split())]
+        argv = [on_host(word, volumes) for word in (command if isinstance(command, list) else command.split())]
         if name == PROMETHEUS:   # the image's entrypoint is the server; its command, the flags
             argv = [shutil.which("prometheus"), *argv]
         return Service(name, netns, address, argv, env, self.folder / "logs" / f"{name}.log",
                        _seconds(spec.get("stop_grace_period", "10s")))
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
-        """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket."""
-        for port in (6379, 9000):
-            if port_in_use(port, self.bridge_address):
-                raise RuntimeError(f"port {port} on {self.bridge_address} is in use")
-        redis_spec = self.config["services"]["redis"]
+        """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
+        as minio-buckets' `mc mb` makes it, from its own MC_HOST_local URL."""
         data = self.folder / "volumes" / "redis-data"
         data.mkdir(parents=True, exist_ok=True)
-        (self.folder / "logs").mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "logs" / "redis.log", "wb") as log:
-            self.redis = subprocess.Popen(
-                [redis_server_binary(), *redis_spec["command"][1:], "--bind", self.bridge_address,
-                 "--port", "6379", "--dir", str(data)],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         minio = environment(self.config["services"]["minio"])
-        self.s3 = S3Server(port=9000, host=self.bridge_address, access_key=minio["MINIO_ROOT_USER"],
-                           secret_key=minio["MINIO_ROOT_PASSWORD"], data_dir=self.folder / "volumes" / "minio-data",
-                           start_timeout_s=timeout_s).start()
-        self._make_bucket()
-        deadline = time.monotonic() + timeout_s
-        while not port_in_use(6379, self.bridge_address):
-            if self.redis.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis did not start: " + (self.folder / "logs" / "redis.log").read_text())
-            time.sleep(0.05)
-
-    def _make_bucket(self) -> None:
-        """minio-buckets' `mc mb` with its own MC_HOST_local URL (credentials and bucket from the file)."""
-        from urllib.parse import urlsplit
-
-        from minio import Minio
-
-        spec = self.config["services"]["minio-buckets"]
-        url = urlsplit(environment(spec)["MC_HOST_local"])
-        bucket = spec["command"][-1].split("/", 1)[1]
-        client = Minio(f"{self.bridge_address}:{url.port}", access_key=url.username, secret_key=url.password,
-                       secure=False)
-        if not client.bucket_exists(bucket):
-            client.make_bucket(bucket)
+        buckets = self.config["services"]["minio-buckets"]
+        self.start_stand_ins([*self.config["services"]["redis"]["command"][1:], "--dir", str(data)],
+                             (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]),
+                             self.folder / "volumes" / "minio-data", environment(buckets)["MC_HOST_local"],
+                             buckets["command"][-1].split("/", 1)[1], self.folder / "logs", timeout_s)
 
     def start(self, name: str) -> Service:
         service = self.services[name]
@@ -256,37 +204,16 @@ class Rehearsal:
     def close(self) -> list[str]:
         """Stop what runs and remove what was created, each step whatever the others did; returns
         what is still there afterwards (and what failed to stop)."""
-        problems: list[str] = []
-
-        def attempt(what: str, step) -> None:
-            try:
-                step()
-            except Exception as e:  # clean-up goes on: a stuck process must not leave namespaces behind
-                problems.append(f"{what}: {type(e).__name__}: {e}")
-
-        def kill(process: subprocess.Popen | None) -> None:
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait(10)
-
+        cleanup = Cleanup()
         for service in self.services.values():
-            attempt(f"kill {service.name}", lambda service=service: kill(service.process))
-        for netns in self._namespaces:
-            attempt(f"kill what runs in {netns}", lambda netns=netns: kill_processes_in(netns))
-        attempt("stop redis", lambda: kill(self.redis))
+            cleanup.attempt(f"kill {service.name}", lambda service=service: kill(service.process))
+        cleanup.attempt("stop redis", lambda: kill(self.redis))
         if self.s3 is not None:
-            attempt("stop the S3 server", self.s3.stop)
-        for link in self._links:
-            attempt(f"delete {link}", lambda link=link: sh("ip", "link", "del", link, check=False))
-        for netns in self._namespaces:
-            attempt(f"delete {netns}", lambda netns=netns: sh("ip", "netns", "del", netns, check=False))
-            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
-        names = sh("ip", "netns", "list", check=False).stdout + sh("ip", "-br", "link", check=False).stdout
-        return problems + [n for n in (*self._namespaces, *self._links) if n in names] + \
-            [str(p) for p in (Path("/etc/netns") / n for n in self._namespaces) if p.exists()]
+            cleanup.attempt("stop the S3 server", self.s3.stop)
+        return cleanup.network(self._namespaces, self._links)
 
 
-def _on_host(text: str, volumes: dict[str, str]) -> str:
+def on_host(text: str, volumes: dict[str, str]) -> str:
     """`text` with each container path of a volume, where it stands as a whole path (after a start,
     space, `=`, `:`, `,` or quote; before an end, `/`, space, `;`, `:`, `,` or quote), replaced by its
     host folder, in one pass: what was put in is never matched again."""

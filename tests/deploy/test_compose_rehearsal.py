@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import urllib.request
 
 import grpc
@@ -31,7 +30,7 @@ from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
 from tests.deploy.files import environment
-from tests.netns import skip_when_refused
+from tests.deploy.rehearsal import staged, wait_until
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -44,23 +43,12 @@ TRAIN_MINUTES = 0.5
 
 @pytest.fixture
 def rehearsal(tmp_path):
-    stage = Rehearsal(tmp_path, {"TRAIN_MINUTES": str(TRAIN_MINUTES)})
-    try:
-        with skip_when_refused():
-            stage.open()
+    with staged(Rehearsal(tmp_path, {"TRAIN_MINUTES": str(TRAIN_MINUTES)})) as stage:
         yield stage
-    finally:
-        left = stage.close()
-    assert not left, f"left behind: {left}"
 
 
 def _wait(condition, what: str, timeout_s: float, stage: Rehearsal) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        stage.check_alive(LONG_RUNNING)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.5)
+    wait_until(condition, what, timeout_s, lambda: stage.check_alive(LONG_RUNNING))
 
 
 INFRA = ("redis", "minio", "minio-buckets")   # started (stand-ins) and ready before anything else

