@@ -35,11 +35,15 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   expansion and its `$$` escape.
 - Init containers run one after the other to completion before the pod's containers; a container
   that exits is started again as its pod's restartPolicy says (Always: any exit; OnFailure: a
-  non-zero exit; Jobs up to backoffLimit), after a short backoff (1 s doubling to 8 s, where the
-  kubelet's starts at 10 s), and its restarts are counted.
-- Stopping sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default).
+  non-zero exit; Jobs up to backoffLimit; a Job with restartPolicy Never, which a cluster would
+  retry with new pods, fails at once: none here has it), after a short backoff (1 s doubling to
+  8 s, where the kubelet's starts at 10 s and resets after 10 minutes of running), and its
+  restarts are counted.
+- `stop()` sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default);
+  `close()` kills at once.
 - Not here: Prometheus (50-prometheus.yaml: kubernetes_sd_configs needs an API server), the
-  Redis and MinIO images (stand-ins), `exec` probes (redis-cli), securityContext (the processes
+  Redis and MinIO images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
+  read-only root filesystems (a write a cluster refuses succeeds here), securityContext (the processes
   run as root), resources, affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
@@ -191,7 +195,12 @@ class K8sRehearsal(OnBridge):
         wallets = self.folder / "wallets"
         makers = [subprocess.Popen([sys.executable, "-m", "subnet.identity", "dev-wallet", "--path", str(wallets),
                                     "--name", name], stdout=subprocess.DEVNULL) for name in WALLETS]
-        assert all(p.wait(120) == 0 for p in makers), "dev-wallet failed"
+        try:
+            codes = [p.wait(120) for p in makers]
+        finally:
+            for p in makers:
+                kill(p)
+        assert codes == [0] * len(makers), f"dev-wallet exited with {codes}"
         self.secrets = filled_secrets(wallets)
         self.configmaps = {d["metadata"]["name"]: {k: str(v) for k, v in d["data"].items()}
                            for d in self.objects("ConfigMap")}
@@ -211,14 +220,19 @@ class K8sRehearsal(OnBridge):
             else:
                 named.append((f"{name}-{secrets.token_hex(3)[:5]}", owner))
         addresses = {pod: f"{self.subnet}.{10 + i}" for i, (pod, _) in enumerate(named)}
+        owners_by_pod = {pod: owner for pod, owner in named}
+        owners_by_pod.update({d["metadata"]["name"]: d for d in self.objects("StatefulSet")
+                              if d["metadata"]["name"] in STAND_INS})
         labels = {pod: owner["spec"]["template"]["metadata"].get("labels") or {} for pod, owner in named}
-        labels.update({s: {"app.kubernetes.io/name": s} for s in STAND_INS})
+        labels.update({d["metadata"]["name"]: d["spec"]["template"]["metadata"].get("labels") or {}
+                       for d in self.objects("StatefulSet") if d["metadata"]["name"] in STAND_INS})
         addresses.update({s: self.bridge_address for s in STAND_INS})
         services = {}
         for service in self.objects("Service"):
             selector = service["spec"].get("selector") or {}
             chosen = [p for p, ls in labels.items() if selector and selector.items() <= ls.items()]
             if len(chosen) == 1:   # several pods (`experts`): not writable in a hosts file (see above)
+                self._check_service_ports(service, owners_by_pod[chosen[0]])
                 services.setdefault(addresses[chosen[0]], []).append(service["metadata"]["name"])
         for i, (pod, owner) in enumerate(named):
             lines = ["127.0.0.1 localhost"]
@@ -268,19 +282,37 @@ class K8sRehearsal(OnBridge):
             raise NotImplementedError(f"volume {volume}")
         return host
 
-    def _container(self, c: dict, pod: str, owner: dict, volumes: dict[str, Path]) -> Container:
-        env = container_environment(c, self.configmaps, self.secrets)
-        for item in c.get("env") or []:   # what container_environment cannot know: the pod, $(VAR)
+    def environment(self, c: dict, pod: str) -> dict[str, str]:
+        """A container's variables as the kubelet makes them: every envFrom key first, then the env
+        list in order, each literal value's $(VAR) expanded against what is defined before it."""
+        resolved = container_environment(c, self.configmaps, self.secrets)   # references' values
+        from_env_from = container_environment({"envFrom": c.get("envFrom") or []}, self.configmaps, self.secrets)
+        defined = dict(from_env_from)
+        for item in c.get("env") or []:
             ref = item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
-            if ref == "metadata.name":
-                env[item["name"]] = pod
+            if "value" in item:
+                defined[item["name"]] = expand(str(item["value"]), defined)
+            elif ref == "metadata.name":
+                defined[item["name"]] = pod
             elif ref is not None:
                 raise NotImplementedError(f"fieldRef {ref}")
-        literal = {item["name"] for item in c.get("env") or [] if "value" in item}
-        defined: dict[str, str] = {}
-        for key, value in env.items():   # $(VAR) in an env value: the variables defined before it
-            defined[key] = expand(value, defined) if key in literal else value
-        env = defined
+            else:
+                defined[item["name"]] = resolved[item["name"]]
+        return defined
+
+    @staticmethod
+    def _check_service_ports(service: dict, owner: dict) -> None:
+        """Here a Service name resolves to its pod's address, past the Service's port mapping: each
+        port must reach the same port of the pod (a named targetPort must be one of its ports)."""
+        ports = {p.get("name"): p["containerPort"] for c in pod_spec(owner)["containers"] for p in c.get("ports") or []}
+        for port in service["spec"].get("ports") or []:
+            target = port.get("targetPort", port["port"])
+            number = ports.get(target) if isinstance(target, str) else target
+            assert number == port["port"], (f"Service {service['metadata']['name']}: port {port['port']} goes to "
+                                            f"{target!r} ({number}) of its pod; the rehearsal dials the pod directly")
+
+    def _container(self, c: dict, pod: str, owner: dict, volumes: dict[str, Path]) -> Container:
+        env = self.environment(c, pod)
         argv = [expand(word, env) for word in (c.get("command") or []) + (c.get("args") or [])]
         for old, new in self.argv_rewrites.get((owner["metadata"]["name"], c["name"]), {}).items():
             assert any(old in word for word in argv), f"{old!r} is not in {c['name']}'s command"
@@ -305,7 +337,7 @@ class K8sRehearsal(OnBridge):
         minio-buckets Job's `mc mb --ignore-existing local/<bucket>` makes it, with its own MC_HOST_local."""
         redis_set = next(d for d in self.objects("StatefulSet") if d["metadata"]["name"] == "redis")
         c = pod_spec(redis_set)["containers"][0]
-        env = container_environment(c, self.configmaps, self.secrets)
+        env = self.environment(c, "redis-0")
         data = self.folder / "pvc" / "data-redis-0"
         data.mkdir(parents=True, exist_ok=True)
         mounts = {m["mountPath"]: str(data) for m in c["volumeMounts"]}
@@ -316,11 +348,11 @@ class K8sRehearsal(OnBridge):
         minio = container_environment(pod_spec(minio_set)["containers"][0], self.configmaps, self.secrets)
         job = next(d for d in self.objects("Job") if d["metadata"]["name"] == "minio-buckets")
         job_container = pod_spec(job)["containers"][0]
-        job_env = container_environment(job_container, self.configmaps, self.secrets)
+        job_env = self.environment(job_container, "minio-buckets")
         alias, bucket = job_container["command"][-1].split("/", 1)
         assert alias == "local", alias
         self.start_stand_ins(argv[1:], (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]),
-                             self.folder / "pvc" / "data-minio-0", expand(job_env["MC_HOST_local"], job_env),
+                             self.folder / "pvc" / "data-minio-0", job_env["MC_HOST_local"],
                              bucket, self.folder / "logs", timeout_s)
 
     def start(self, names: list[str] | None = None) -> None:
@@ -338,6 +370,8 @@ class K8sRehearsal(OnBridge):
             if pod.stopping:
                 return None
             with open(pod.log_path(container.name), "ab") as log:
+                # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
+                # when the forking thread ends, and this thread always waits for its child first.
                 pod.process = subprocess.Popen(
                     ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "sh", "-c",
                      'hostname "$0" && exec "$@"', pod.name, *container.argv],
