@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from subnet.chain.base import Chain
+from subnet.chain.base import Chain, Neuron
 from subnet.chain.rules import same_endpoint
 from subnet.chain.signing import serve_payload
 from subnet.identity import Identity
@@ -54,12 +54,16 @@ class ChainListing:
         self._check_failures = LogThrottle(300.0)
         self._changes = LogThrottle(300.0)
 
+    def _listed(self) -> tuple[bool, Neuron | None]:
+        """(whether the chain lists this endpoint for this hotkey, the hotkey's neuron)."""
+        neuron = self.chain.metagraph().by_hotkey(self.identity.hotkey)
+        return neuron is not None and same_endpoint(neuron.endpoint, self.endpoint), neuron
+
     def publish_once(self) -> None:
         """Publish unless the chain already lists this endpoint; `published` afterwards. Raises what
         the chain raises (ChainError: not registered, refused, unreachable)."""
         hotkey = self.identity.hotkey
-        neuron = self.chain.metagraph().by_hotkey(hotkey)
-        if neuron is not None and same_endpoint(neuron.endpoint, self.endpoint):
+        if self._listed()[0]:
             log.info("the chain already lists %s for hotkey %s", self.endpoint, hotkey)
         else:
             self.chain.serve(hotkey, self.endpoint, self.identity.sign(serve_payload(hotkey, self.endpoint)))
@@ -71,9 +75,8 @@ class ChainListing:
     def check_once(self) -> bool:
         """Whether the chain still lists this endpoint for this hotkey; when not, logs what it lists
         instead and clears `published`, so that `run` publishes again. Raises what the chain raises."""
-        hotkey = self.identity.hotkey
-        neuron = self.chain.metagraph().by_hotkey(hotkey)
-        if neuron is not None and same_endpoint(neuron.endpoint, self.endpoint):
+        listed, neuron = self._listed()
+        if listed:
             self.on_listed(True)
             return True
         # repr: on the local chain the stored endpoint is whatever a writer of its Redis put there.
@@ -81,7 +84,7 @@ class ChainListing:
                  else f"it lists {neuron.endpoint[:300]!r}" if neuron.endpoint else "it lists no endpoint")
         self._changes.warning(log, "the chain no longer lists %s for hotkey %s (%s); publishing it again. "
                               "Another service under this hotkey, a re-registration or, on the local chain, a "
-                              "writer of its Redis changed it", self.endpoint, hotkey, found)
+                              "writer of its Redis changed it", self.endpoint, self.identity.hotkey, found)
         self.published = False
         self.on_listed(False)
         return False

@@ -47,7 +47,7 @@ from subnet.auth import ServerAuth, build_server_auth, service_identity
 from subnet.auth.sessions import SESSION_METHOD
 from subnet.chain.base import Chain, ChainError
 from subnet.chain.config import open_chain, signing_wallet
-from subnet.chain.rules import axon_address, check_endpoint
+from subnet.chain.rules import axon_address, check_endpoint, split_endpoint
 from subnet.checkpoints import CheckpointVerificationError
 from subnet.decode_guard import DecodeGuard
 from subnet.envconfig import ConfigError
@@ -261,14 +261,14 @@ class ExpertServer:
         endpoint = self._endpoint_at(c.port or 1)
         if not c.advertise_endpoint and c.host in BIND_ALL and endpoint.startswith("127."):
             raise StartupError(f"EXPERT_SERVE_ON_CHAIN=1 with EXPERT_HOST={c.host!r}: this host's name resolves to "
-                               f"{endpoint.rpartition(':')[0]}, which other hosts cannot dial; set "
+                               f"{split_endpoint(endpoint)[0]}, which other hosts cannot dial; set "
                                f"EXPERT_ADVERTISE_ENDPOINT to the address routers should dial (`<ip>:<port>`)")
         what = "EXPERT_ADVERTISE_ENDPOINT" if c.advertise_endpoint else "the endpoint from EXPERT_HOST and EXPERT_PORT"
         if c.chain.chain == "bittensor":
             axon_address(endpoint, what)   # an IP address peers can reach
         else:
             check_endpoint(endpoint, what)
-            if endpoint.rpartition(":")[0].strip("[]") in BIND_ALL:
+            if split_endpoint(endpoint)[0] in BIND_ALL:
                 raise StartupError(f"{what}={endpoint!r} is a bind address, not one routers can dial: set "
                                    f"EXPERT_ADVERTISE_ENDPOINT to this service's address")
         self._chain()

@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 
 from subnet.auth.policy import ChainPolicy
+from subnet.chain.rules import split_endpoint
 from subnet.log_throttle import LogThrottle
 from subnet.registry import Replica
 from subnet.wire.v1 import expert_pb2
@@ -151,7 +152,7 @@ def _not_public(endpoint: str) -> str | None:
     `hostname` for a name: it is not resolved here, since it could resolve to such an address, and
     again to another one when gRPC dials it (only the local chain stores names; Bittensor stores
     IP addresses). None for a public IP address."""
-    host = endpoint.rpartition(":")[0].strip("[]")
+    host, _ = split_endpoint(endpoint)
     try:
         return None if ipaddress.ip_address(host).is_global else "private"
     except ValueError:

@@ -81,16 +81,21 @@ def is_endpoint(value) -> bool:
     return True
 
 
+def split_endpoint(endpoint: str) -> tuple[str, str]:
+    """(host, port) of a `host:port` endpoint, an IPv6 host without its brackets."""
+    host, _, port = endpoint.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
 def same_endpoint(a: str, b: str) -> bool:
     """Whether two `host:port` endpoints name the same place: IP addresses compared as addresses
     (Bittensor reads `[2001:DB8:0::1]` back as `[2001:db8::1]`, an IPv4-mapped address in another
     spelling still), hostnames without regard to case."""
     if a == b:
         return True
-    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    (host_a, port_a), (host_b, port_b) = split_endpoint(a), split_endpoint(b)
     if port_a != port_b:
         return False
-    host_a, host_b = host_a.removeprefix("[").removesuffix("]"), host_b.removeprefix("[").removesuffix("]")
     try:
         return ipaddress.ip_address(host_a) == ipaddress.ip_address(host_b)
     except ValueError:
@@ -106,9 +111,9 @@ def axon_address(endpoint: str, what: str) -> tuple[str, int]:
     """(ip, port) of a checked endpoint as Bittensor's serve_axon stores it: an IP address that peers
     can reach. ChainError for a hostname or a bind address (0.0.0.0, ::), saying what to set."""
     check_endpoint(endpoint, what)
-    host, _, port = endpoint.rpartition(":")
+    host, port = split_endpoint(endpoint)
     try:
-        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        ip = ipaddress.ip_address(host)
     except ValueError:
         raise ChainError(f"{what}: {host!r} is a hostname, but Bittensor's serve_axon stores an IP address: "
                          f"advertise the service's public IP (EXPERT_ADVERTISE_ENDPOINT=<ip>:<port>)") from None

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -47,10 +45,9 @@ from pathlib import Path
 
 import yaml
 
-from subnet.dev.s3_server import S3Server
 from subnet.processes import die_with_parent
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
-from tests.deploy.rehearsal import Cleanup, OnBridge, kill
+from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
 
 ROOT = COMPOSE_FILE.parent
 OURS = ("chain-init", "model-init", "expert-0", "expert-1", "router", "validator", "scorer")
@@ -86,14 +83,8 @@ class Rehearsal(OnBridge):
     BRIDGE_PREFIX = "mb"
     folder: Path
     overrides: dict[str, str]
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
     config: dict = field(default_factory=dict)   # the compose file as read, once open()
     services: dict[str, Service] = field(default_factory=dict)
-    subnet: str = ""
-    redis: subprocess.Popen | None = None
-    s3: S3Server | None = None
-    _links: list[str] = field(default_factory=list)
-    _namespaces: list[str] = field(default_factory=list)
 
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
@@ -184,22 +175,8 @@ class Rehearsal(OnBridge):
     def stop(self, names: tuple[str, ...]) -> dict[str, int | None]:
         """SIGTERM, as `docker compose stop` sends it, then SIGKILL after the service's stop_grace_period;
         returns the exit codes (None: killed)."""
-        codes: dict[str, int | None] = {}
-        for name in names:
-            process = self.services[name].process
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for name in names:
-            service = self.services[name]
-            if service.process is None:
-                continue
-            try:
-                codes[name] = service.process.wait(service.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait(10)
-                codes[name] = None
-        return codes
+        return terminate({name: (self.services[name].process, self.services[name].stop_grace_s)
+                          for name in names if self.services[name].process is not None})
 
     def close(self) -> list[str]:
         """Stop what runs and remove what was created, each step whatever the others did; returns

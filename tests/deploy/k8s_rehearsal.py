@@ -55,7 +55,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -65,11 +64,10 @@ from pathlib import Path
 
 import yaml
 
-from subnet.dev.s3_server import S3Server
 from subnet.processes import die_with_parent
 from tests.deploy.compose_rehearsal import on_host
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
-from tests.deploy.rehearsal import Cleanup, OnBridge, kill
+from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
 STAND_INS = ("redis", "minio")   # StatefulSets whose images are not here: run by the stand-ins
@@ -175,16 +173,10 @@ class K8sRehearsal(OnBridge):
     # Rewrites of a container's argv words, (pod owner, container) -> {word: replacement}.
     argv_rewrites: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     backoff_s: tuple[float, float] = (1.0, 8.0)
-    tag: str = field(default_factory=lambda: secrets.token_hex(3))
     documents: list[dict] = field(default_factory=list)
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)
-    subnet: str = ""
-    redis: subprocess.Popen | None = None
-    s3: S3Server | None = None
-    _links: list[str] = field(default_factory=list)
-    _namespaces: list[str] = field(default_factory=list)
 
     def objects(self, kind: str) -> list[dict]:
         return [d for d in self.documents if d["kind"] == kind]
@@ -424,22 +416,14 @@ class K8sRehearsal(OnBridge):
     def stop(self, names: list[str]) -> dict[str, int | None]:
         """SIGTERM, as the kubelet sends it, then SIGKILL after terminationGracePeriodSeconds; returns
         the exit codes of the containers running then (None: killed)."""
-        codes: dict[str, int | None] = {}
+        running: dict[str, tuple[subprocess.Popen, float]] = {}
         for name in names:
             pod = self.pods[name]
-            with pod.lock:
+            with pod.lock:   # no container starts after this
                 pod.stopping = True
-                running = pod.process if pod.running else None
-            if running is not None:
-                running.send_signal(signal.SIGTERM)
-                codes[name] = running   # type: ignore[assignment]
-        for name, process in list(codes.items()):
-            try:
-                codes[name] = process.wait(self.pods[name].grace_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-                codes[name] = None
+                if pod.running:
+                    running[name] = (pod.process, pod.grace_s)
+        codes = terminate(running)
         for name in names:
             if self.pods[name].thread is not None:
                 self.pods[name].thread.join(15)

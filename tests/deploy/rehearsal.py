@@ -5,10 +5,13 @@ services stay alive, and a clean-up that runs every step whatever the others rai
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from subnet.dev.redis_server import redis_server_binary
@@ -39,18 +42,20 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float, check
         time.sleep(0.5)
 
 
+@dataclass(kw_only=True)
 class OnBridge:
     """The bridge a rehearsal's namespaces hang off (`BRIDGE_PREFIX` + tag) and its address
-    `<subnet>.1`, where the stand-ins for Redis and MinIO listen; one namespace per service on it.
-    The stage (a dataclass) has `tag`, `subnet`, `_links` and `_namespaces`."""
+    `<subnet>.1`, where the stand-ins for Redis and MinIO listen; one namespace per service on it,
+    and what clean-up must remove (`_links`, `_namespaces`). A base of the rehearsals' dataclasses:
+    its fields are keyword-only, after theirs."""
 
     BRIDGE_PREFIX = "rb"
-    tag: str
-    subnet: str
-    _links: list[str]
-    _namespaces: list[str]
-    redis: subprocess.Popen | None
-    s3: S3Server | None
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    subnet: str = ""
+    redis: subprocess.Popen | None = None
+    s3: S3Server | None = None
+    _links: list[str] = field(default_factory=list)
+    _namespaces: list[str] = field(default_factory=list)
 
     @property
     def bridge(self) -> str:
@@ -124,6 +129,22 @@ def kill(process: subprocess.Popen | None) -> None:
     if process is not None and process.poll() is None:
         process.kill()
         process.wait(10)
+
+
+def terminate(processes: dict[str, tuple[subprocess.Popen, float]]) -> dict[str, int | None]:
+    """SIGTERM to every process still running, as `docker compose stop` and the kubelet send it, then
+    for each its exit code, or None when it was SIGKILLed after its grace period."""
+    for process, _ in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    codes: dict[str, int | None] = {}
+    for name, (process, grace_s) in processes.items():
+        try:
+            codes[name] = process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            kill(process)
+            codes[name] = None
+    return codes
 
 
 class Cleanup:
