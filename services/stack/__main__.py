@@ -187,6 +187,19 @@ def _start_subnet(cfg, redis_url: str, wallets, miners_planned):
     return subnet
 
 
+def stack_ports(cfg, planned: list, demo: bool) -> dict[str, int]:
+    """Every port the mode's processes take, by process (0 = off); ValueError if two share one."""
+    from services.stack.processes import check_ports_distinct
+
+    # Metrics ports in the order cfg.metrics_port numbers them: router, miners, validator, scorer.
+    metrics_users = ["router", *(m.name for m in planned), *(("validator", "scorer") if demo else ())]
+    ports = {"redis": cfg.redis_port, "router": cfg.router_port, "s3": cfg.s3_port,
+             **{m.name: m.port for m in planned},
+             **{f"{who} metrics": cfg.metrics_port(i) for i, who in enumerate(metrics_users)}}
+    check_ports_distinct(ports)
+    return ports
+
+
 def run_stack(mode: str, cfg) -> int:
     from moe.config import LMConfig
     from moe.data import CorpusConfig
@@ -205,11 +218,7 @@ def run_stack(mode: str, cfg) -> int:
     run = Path(cfg.run_dir)
     demo = mode == "demo"
     planned = plan_miners(cfg.ports, cfg.adversaries if demo else ())
-    n_metrics = 1 + len(planned) + (2 if demo else 0)
-    ports = {"redis": cfg.redis_port, "router": cfg.router_port, "s3": cfg.s3_port,
-             **{m.name: m.port for m in planned},
-             **{f"metrics {i}": cfg.metrics_port(i) for i in range(n_metrics) if cfg.metrics_base_port}}
-    check_ports_free(ports)
+    check_ports_free(stack_ports(cfg, planned, demo))
     if demo:
         _prepare_run_dir(run)
         defaults = PRESET_TRAIN_DEFAULTS[cfg.preset]

@@ -56,10 +56,13 @@ class StackConfig:
         unknown = [a for a in self.adversaries if a not in MODES]
         if unknown:
             raise ValueError(f"STACK_ADVERSARIES: unknown {unknown}; choose from {', '.join(MODES)}")
-        everything = [self.redis_port, self.router_port, self.s3_port, *ports,
-                      *range(max(ports) + 1, max(ports) + 1 + len(self.adversaries))]
-        if len(set(everything)) != len(everything) or not all(0 < p < 65536 for p in everything):
-            raise ValueError(f"stack ports must be distinct and in 1..65535, got {everything}")
+        # Only the range here: which ports must differ depends on the mode (`serve` starts no
+        # adversary, validator or scorer), so run_stack checks that on the ports it will use.
+        everything = [self.redis_port, self.router_port, self.s3_port, *ports]
+        if not all(0 < p < 65536 for p in everything):
+            raise ValueError(f"stack ports must be in 1..65535, got {everything}")
+        if self.metrics_base_port < 0:
+            raise ValueError(f"STACK_METRICS_BASE_PORT={self.metrics_base_port} must be 0 (off) or a port")
         if self.train_minutes <= 0 or self.max_new_tokens <= 0:
             raise ValueError("STACK_TRAIN_MINUTES and STACK_MAX_NEW_TOKENS must be positive")
 

@@ -63,6 +63,22 @@ class ProcessGroup:
         self.children.clear()
 
 
+def check_ports_distinct(ports: dict[str, int]) -> None:
+    """ValueError naming every port that two or more of the processes to start were given."""
+    users: dict[int, list[str]] = {}
+    for name, port in ports.items():
+        if port:
+            users.setdefault(port, []).append(name)
+    shared = [f"port {port} for {' and '.join(names)}" for port, names in users.items() if len(names) > 1]
+    if shared:
+        raise ValueError(f"the same port twice: {'; '.join(shared)}. Choose distinct STACK_REDIS_PORT, "
+                         f"STACK_ROUTER_PORT, STACK_S3_PORT, STACK_EXPERT_PORTS (adversaries take the "
+                         f"ports after the last one) and STACK_METRICS_BASE_PORT (and the ports after it)")
+    too_high = [f"{name} port {port}" for name, port in ports.items() if port > 65535]
+    if too_high:
+        raise ValueError(f"ports above 65535: {', '.join(too_high)}")
+
+
 def check_ports_free(ports: dict[str, int]) -> None:
     """RuntimeError naming every configured port that is already taken (before anything starts)."""
     taken = [f"{name} port {port}" for name, port in ports.items() if port and port_in_use(port)]
