@@ -104,8 +104,17 @@ def load_experts_from_url(url: str, store: ObjectStore, uids: Iterable[str], dim
                           trusted_hotkeys: str | Collection[str], expected_config_hash: str | None = None,
                           max_bytes: int | None = None) -> dict[str, SwiGLU]:
     """SwiGLU modules for `uids` from the verified checkpoint at `url` (an expert service's start-up)."""
+    return load_experts_and_manifest(url, store, uids, dim, inter_dim, trusted_hotkeys=trusted_hotkeys,
+                                     expected_config_hash=expected_config_hash, max_bytes=max_bytes)[0]
+
+
+def load_experts_and_manifest(url: str, store: ObjectStore, uids: Iterable[str], dim: int, inter_dim: int, *,
+                              trusted_hotkeys: str | Collection[str], expected_config_hash: str | None = None,
+                              max_bytes: int | None = None) -> tuple[dict[str, SwiGLU], VerifiedCheckpoint]:
+    """load_experts_from_url, with the verified checkpoint they came from (which `latest` named, its
+    manifest's digest and signer), so that the caller can say what it loaded."""
     verified = read_checkpoint_url(url, store, trusted_hotkeys=trusted_hotkeys,
                                    expected_config_hash=expected_config_hash, max_bytes=max_bytes)
     uids = list(uids)
     states = load_verified_experts(verified, uids, dim, inter_dim)
-    return experts_from_states(states, uids, dim, inter_dim, source=url)
+    return experts_from_states(states, uids, dim, inter_dim, source=url), verified

@@ -25,7 +25,7 @@ from services.expert.metrics import ExpertMetrics
 from services.expert.publisher import ExpertPublisher, load_own_checkpoint, open_round
 from services.expert.recovery_files import recovery_key
 from subnet.chain.base import Chain
-from subnet.checkpoint_loading import load_experts_from_url, load_verified_experts
+from subnet.checkpoint_loading import load_experts_and_manifest, load_verified_experts
 from subnet.checkpoints import GLOBAL_EXPERTS_FILE, latest_global_version, read_latest_global
 from subnet.object_store import ObjectNotFoundError, ObjectStore, StoreError
 from subnet.round_participant import RoundParticipant
@@ -70,8 +70,8 @@ class ExpertRounds:
                 return experts
         if c.checkpoint.startswith("s3://"):
             try:
-                experts = load_experts_from_url(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
-                                                trusted_hotkeys=self.trusted_signers())
+                experts, verified = load_experts_and_manifest(c.checkpoint, self.store, c.uids, c.dim, c.inter_dim,
+                                                              trusted_hotkeys=self.trusted_signers())
             except ObjectNotFoundError as e:
                 if not c.checkpoint.endswith("/global/latest"):
                     raise
@@ -79,8 +79,11 @@ class ExpertRounds:
                                           f"publishes version 0 when it starts, from VALIDATOR_INIT_CHECKPOINT); "
                                           f"start this service after it, or let it be restarted") from None
             self.start_source = c.checkpoint
-            if c.checkpoint.endswith("/global/latest"):
-                self.global_version = latest_global_version(self.store)
+            manifest = verified.manifest
+            if manifest.kind == "global":   # the version `latest` named when read, not a second read of it
+                self.global_version = manifest.version
+            log.info("loaded %d experts from %s: %s (manifest sha256 %s, signed by %s)", len(experts),
+                     c.checkpoint, verified.manifest_key, verified.manifest_sha256, manifest.hotkey)
             return experts
         return None
 

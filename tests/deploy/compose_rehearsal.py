@@ -15,9 +15,10 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
 
 - Service names resolve through /etc/netns/<namespace>/hosts, which `ip netns exec` mounts over
   /etc/hosts: the compose names and the network aliases of one service each, as compose's DNS would
-  answer them (an alias several services share, `experts`, cannot be written there for gRPC's
-  resolver; only Prometheus uses it). `redis` and `minio` name the bridge's address, where the
-  stand-ins listen.
+  answer them. `redis` and `minio` name the bridge's address, where the stand-ins listen. An alias
+  several services share (`experts`) cannot be written there for gRPC's resolver; only Prometheus
+  asks for it, by DNS queries of its own: a DNS server on the bridge's address answers it with
+  every address (tests/deploy/dns_stand_in.py), and Prometheus's /etc/resolv.conf names that server.
 - Services whose images are not here (grafana, otel-collector, jaeger) resolve to
   127.0.0.1 in each namespace, where nothing listens: a connection to them is refused at once.
 - Named volumes become directories under the rehearsal's folder, bind mounts the repository's
@@ -46,6 +47,7 @@ from pathlib import Path
 import yaml
 
 from subnet.processes import die_with_parent
+from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
 from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
 
@@ -85,6 +87,7 @@ class Rehearsal(OnBridge):
     overrides: dict[str, str]
     config: dict = field(default_factory=dict)   # the compose file as read, once open()
     services: dict[str, Service] = field(default_factory=dict)
+    name_server: NameServer | None = None   # the shared aliases, for Prometheus's DNS discovery
 
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
@@ -94,12 +97,17 @@ class Rehearsal(OnBridge):
                  f"{self.bridge_address} redis minio"]
         aliases = {name: ((self.config["services"][name].get("networks") or {}).get("default") or {}).get("aliases", [])
                    for name in OURS}
+        shared: dict[str, list[str]] = {}
         for i, name in enumerate(OURS):
             # An alias that several services share (`experts`, for Prometheus) is left out: compose's DNS
             # answers it with every address, but gRPC's resolver (c-ares) merges hosts-file lines that
-            # share a name, so `expert-1` would then resolve to expert-0's address first.
+            # share a name, so `expert-1` would then resolve to expert-0's address first. The name
+            # server answers it instead.
             unique = [a for a in aliases[name] if sum(a in other for other in aliases.values()) == 1]
             hosts.append(" ".join([f"{self.subnet}.{10 + i}", name, *unique]))
+            for alias in set(aliases[name]) - set(unique):
+                shared.setdefault(alias, []).append(f"{self.subnet}.{10 + i}")
+        self.name_server = NameServer(self.bridge_address, shared).start()
         if PROMETHEUS:
             hosts.append(f"{self.subnet}.{10 + len(OURS)} prometheus")
         for i, name in enumerate((*OURS, *([PROMETHEUS] if PROMETHEUS else []))):
@@ -130,6 +138,8 @@ class Rehearsal(OnBridge):
         argv = [on_host(word, volumes) for word in (command if isinstance(command, list) else command.split())]
         if name == PROMETHEUS:   # the image's entrypoint is the server; its command, the flags
             argv = [shutil.which("prometheus"), *argv]
+            # Its DNS discovery asks the name server (`ip netns exec` mounts this over /etc/resolv.conf).
+            (Path("/etc/netns") / netns / "resolv.conf").write_text(f"nameserver {self.bridge_address}\n")
         return Service(name, netns, address, argv, env, self.folder / "logs" / f"{name}.log",
                        _seconds(spec.get("stop_grace_period", "10s")))
 
@@ -187,6 +197,8 @@ class Rehearsal(OnBridge):
         cleanup.attempt("stop redis", lambda: kill(self.redis))
         if self.s3 is not None:
             cleanup.attempt("stop the S3 server", self.s3.stop)
+        if self.name_server is not None:
+            cleanup.attempt("stop the name server", self.name_server.stop)
         return cleanup.network(self._namespaces, self._links)
 
 

@@ -3,8 +3,9 @@ tests/deploy/compose_rehearsal.py for what stands in for what): the one-shots fi
 services publish their compose names on the local chain, the router finds them there, trains
 through them and serves a Generate from outside, the validator publishes global version 0 to the
 bucket, Prometheus (where installed) scrapes the router, the validator and the scorer by their
-compose names (with the alert rules loaded), no expert refuses a signed request, and every
-service stops cleanly on SIGTERM without having logged a traceback.
+compose names and both experts through a DNS query for their shared alias (with the alert rules
+loaded), no expert refuses a signed request, and every service stops cleanly on SIGTERM without
+having logged a traceback.
 
 `make test-compose` (about 2 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
 set to 0.5 in the .env it reads (the file's default is 5); everything else is .env.example's.
@@ -103,15 +104,21 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
 
     if PROMETHEUS:
         # Prometheus scrapes the static targets of deploy/prometheus/prometheus.yml by their compose
-        # names (the experts' job finds them by a DNS query for `experts`, which has no server here).
-        def up_jobs() -> set[str]:
+        # names, and both experts, found by a DNS query for their shared alias `experts`.
+        def up_targets() -> set[tuple[str, str]]:
             url = f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/targets"
             with urllib.request.urlopen(url, timeout=5) as answer:
                 targets = json.load(answer)["data"]["activeTargets"]
-            return {t["labels"]["job"] for t in targets if t["health"] == "up"}
+            return {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
 
-        _wait(lambda: {"router", "validator", "scorer", "prometheus"} <= up_jobs(),
-              "Prometheus to scrape the router, the validator and the scorer", 60, stage)
+        experts = {("expert", f"{stage.services[name].address}:9100") for name in ("expert-0", "expert-1")}
+        try:
+            _wait(lambda: {"router", "validator", "scorer", "prometheus"} <= {job for job, _ in up_targets()}
+                  and experts <= up_targets(), "Prometheus to scrape the router, the validator, the scorer "
+                  "and both experts", 60, stage)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; up: {sorted(up_targets())}; DNS queries: "
+                                 f"{sorted(set(stage.name_server.queries))}") from None
         # rules.yml, named relative to the config file, is found where compose mounts it.
         with urllib.request.urlopen(f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/rules",
                                     timeout=5) as answer:

@@ -13,7 +13,9 @@ Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import time
 import urllib.request
@@ -152,14 +154,25 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
     s3 = Minio(stage.s3.endpoint, access_key=stage.s3.access_key, secret_key=stage.s3.secret_key, secure=False)
     bucket = stage.configmaps["validator-env"]["S3_BUCKET"]
     assert any(True for _ in s3.list_objects(bucket, prefix="checkpoints/global/", recursive=True))
-    # (No line says where the weights came from; with EXPERT_CHECKPOINT=s3://.../global/latest a pod
-    # serves only once it has loaded them from S3: every earlier run exited, saying there was none yet.)
+    # Every earlier run of a pod exited, saying there was none yet; the one serving names the global
+    # version it loaded and its manifest's digest, which is the digest of that manifest in the bucket.
     for expert in experts:
         assert stage.configmaps["expert-env"]["EXPERT_CHECKPOINT"].endswith("/global/latest")
         text = expert.log()
         assert "expert service ready" in text and expert.running == "expert", f"{expert.name}:\n{text[-3000:]}"
         assert all(code != 0 for code in expert.exits.get("expert", [])), expert.exits
         assert text.count("no global version has been published yet") == len(expert.exits.get("expert", [])), text
+        loaded = re.findall(r"loaded \d+ experts from s3://\S+/global/latest: (checkpoints/global/\d+/manifest\.json) "
+                            r"\(manifest sha256 ([0-9a-f]{64}), signed by (\w+)\)", text)
+        assert len(loaded) == 1, f"{expert.name} did not say once which global version it loaded:\n{text[-3000:]}"
+        key, digest, signer = loaded[0]
+        manifest = s3.get_object(bucket, key)
+        try:
+            assert hashlib.sha256(manifest.read()).hexdigest() == digest, f"{expert.name} loaded another {key}"
+        finally:
+            manifest.close()
+            manifest.release_conn()
+        assert signer == load_identity(WalletConfig(name="validator", path=str(wallets))).hotkey, signer
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts):
