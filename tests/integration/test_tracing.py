@@ -10,12 +10,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
-from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -23,7 +20,6 @@ import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -52,45 +48,12 @@ from subnet.telemetry import PROPAGATOR, TracingConfig, tracer_provider
 from subnet.tensor_codec import encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.integration.test_remote_experts import OwnEndpoints, inputs, train_pass, wait_registered
+from tests.otlp_receiver import Receiver
 
 pytestmark = pytest.mark.integration
 LAYER, DIM, INTER, N_EXPERTS = 13, 32, 64, 4
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 ERROR = trace_pb2.Status.STATUS_CODE_ERROR
-
-
-@dataclass(frozen=True)
-class Span:
-    service: str
-    name: str
-    kind: int
-    trace_id: str
-    span_id: str
-    parent_id: str
-    status: int
-    grpc_code: int | None
-    rpc_system: str = ""
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace collector that keeps every span it is sent."""
-
-    def __init__(self):
-        self.spans: list[Span] = []
-        self._lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self._lock:
-            for resource_spans in request.resource_spans:
-                attrs = {a.key: a.value for a in resource_spans.resource.attributes}
-                service = attrs["service.name"].string_value
-                for scope in resource_spans.scope_spans:
-                    for s in scope.spans:
-                        code = next((a.value.int_value for a in s.attributes if a.key == "rpc.grpc.status_code"), None)
-                        system = next((a.value.string_value for a in s.attributes if a.key == "rpc.system"), "")
-                        self.spans.append(Span(service, s.name, s.kind, s.trace_id.hex(), s.span_id.hex(),
-                                               s.parent_span_id.hex(), s.status.code, code, system))
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 class _NoRegistry:
@@ -108,14 +71,9 @@ class _Letters:
 
 @pytest.fixture
 def receiver():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    servicer.url = f"http://127.0.0.1:{port}"
+    servicer = Receiver().start()
     yield servicer
-    server.stop(0)
+    servicer.stop()
 
 
 def test_one_training_step_is_one_trace_across_router_and_experts(expert_service_factory, redis_server,
