@@ -33,14 +33,14 @@ gradients often are, so with an fp16 activation wire they go as bf16 (the expert
 grad_inputs in the dtype of grad_outputs); the expert must accept bf16 then.
 
 This class does not gate, sort or combine tokens (the MoE layer does), and does not
-choose replicas itself (`ReplicaSet` does).
+choose replicas itself (`ReplicaSet` does). The calls it sends, one class per RPC, are in
+`services.router.expert_calls`; this module sends them, retries and masks them, and drives steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
@@ -55,25 +55,22 @@ import torch
 from moe.boundary import ExpertGroup, OptimizerSettings
 from moe.experts import expert_uid
 from services.router.call_inbox import CallInbox
+from services.router.expert_calls import (
+    ApplyStepCall,
+    BackwardCall,
+    Call,
+    ForwardCall,
+    ForwardManyCall,
+    GradNormCall,
+    grad_wire_dtype,
+)
 from services.router.metrics import RouterMetrics
 from services.router.replicas import ReplicaSet
 from services.router.tracing import ExpertCallTracer
 from subnet.auth.client import AnswerRefused
-from subnet.expert_client import ExpertClient, ExpertClientPool, InlineCall
-from subnet.shm import ShmError, ShmRegion
-from subnet.shm_link import ShmLink
-from subnet.tensor_codec import (
-    RESEND_INPUTS_HINT,
-    SHM_INLINE_HINT,
-    SHM_WIRE_DTYPES,
-    WIRE_DTYPES,
-    TensorError,
-    decode,
-    encode_view,
-    shm_dtype,
-    shm_tensor,
-)
-from subnet.wire.v1 import expert_pb2, tensor_pb2
+from subnet.expert_client import ExpertClientPool, InlineCall
+from subnet.tensor_codec import WIRE_DTYPES, TensorError
+from subnet.wire.v1 import expert_pb2
 
 log = logging.getLogger(__name__)
 
@@ -86,349 +83,9 @@ _ENDPOINT_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.Statu
                 grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-def grad_wire_dtype(wire_dtype: str) -> str:
-    """The wire dtype of gradients (grad_outputs, hence grad_inputs) when activations travel in
-    `wire_dtype`: bf16 for fp16, whose range (down to 6e-8) is too short for gradients; the
-    others already have fp32's range (int8 through its fp32 block scales), so they stay."""
-    return "bf16" if wire_dtype == "fp16" else wire_dtype
-
-
-class _Call:
-    """One logical RPC to one expert. The engine (`RemoteExpertGroup._gather`) sends it,
-    perhaps again, until it succeeds (`accept`) or is given up (`failed` stays set)."""
-
-    rpc = ""
-
-    def __init__(self, uid: str, tokens: int, endpoint: str | None = None):
-        self.uid = uid
-        self.tokens = tokens
-        self.endpoint = endpoint
-        self.attempts = 0
-        self.attempt_budget_s: float | None = None   # the most one attempt may take; None = all that is left
-        self.retry_pause_s = 0.0   # waited before another attempt (see _StepCall)
-        self.failed_at: set[str] = set()   # endpoints an attempt failed at (and made suspect)
-        self.failed: tuple[str, str] | None = None  # (reason, details) once given up
-
-    @property
-    def uids(self) -> tuple[str, ...]:
-        """The experts this call is for (several for a ForwardMany)."""
-        return (self.uid,)
-
-    def target(self, replicas: ReplicaSet) -> str | None:
-        """Endpoint of the next attempt; None = nowhere to send it."""
-        return self.endpoint if self.attempts == 0 else None
-
-    def send(self, client: ExpertClient, timeout_s: float, metadata) -> Future:
-        raise NotImplementedError
-
-    def accept(self, response) -> None:
-        """Take the response; raises TensorError when it cannot be used."""
-
-    def hand_over(self) -> None:
-        """After `accept`, before `settle`: outputs go to whoever takes them as they arrive (streaming)."""
-
-    def again(self, code: grpc.StatusCode, details: str = "") -> bool:
-        """Whether to send another attempt after this status."""
-        return False
-
-    def settle(self, ok: bool) -> None:
-        """An attempt ended (`ok`: answered and accepted); release what it held."""
-
-    def blames_endpoint(self, code: grpc.StatusCode) -> bool:
-        """Whether this failure makes the endpoint suspect for the call's experts."""
-        return True
-
-
-class _ShmCall(_Call):
-    """A call whose tensor may go through shared memory (subnet/shm_link.py): when the endpoint shares
-    this host's memory, each attempt writes its tensor into a region of its own and the expert writes
-    the answer into the same region; gRPC carries only where. The answer is copied out (decode), then
-    the region goes back to the pool; an attempt that failed or timed out discards its region, since
-    the expert may still write into it. A refusal ("cannot attach") resends the call inline."""
-
-    def __init__(self, uid: str, tokens: int, endpoint: str | None = None):
-        super().__init__(uid, tokens, endpoint)
-        self._link: ShmLink | None = None
-        self._region: ShmRegion | None = None
-        self.shm_refused = False
-
-    def _shm_request(self, client: ExpertClient, x: torch.Tensor, wire_dtype: str, dim: int):
-        """(tensor message, reply area) in shared memory for this attempt, or (None, None) for inline."""
-        link = client.shm
-        if link is None or self.shm_refused or wire_dtype not in SHM_WIRE_DTYPES or \
-                x.numel() * x.element_size() < link.config.min_kb * 1024 or not link.usable(client.endpoint):
-            return None, None
-        dtype = shm_dtype(wire_dtype)
-        self._link = link
-        try:
-            self._region = link.acquire()
-            req = self._region.write_request(x, output_nbytes=self.tokens * dim * dtype.itemsize, dtype=dtype)
-        except ShmError as e:   # e.g. the tmpfs is full: this attempt goes inline
-            log.warning("expert %s: no shared memory for this call (%s); sending it inline", self.uid, e)
-            self.settle(False)
-            return None, None
-        except Exception:
-            self.settle(False)
-            raise
-        tensor = shm_tensor(wire_dtype, x.shape, self._region.name, req.input_offset, req.input_nbytes)
-        return tensor, tensor_pb2.ShmReply(region=self._region.name, offset=req.output_offset,
-                                           capacity=req.output_capacity)
-
-    def _read_reply(self, region: str, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        """decode's reader of the answer: only this attempt's region."""
-        if self._region is None or region != self._region.name:
-            raise ShmError(f"the answer points at region {region!r}, not this call's")
-        return self._region.view(offset, nbytes, dtype, shape)
-
-    def _refused_shm(self, code: grpc.StatusCode, details: str) -> bool:
-        """Whether this failure says "shared memory does not work here" (then the next attempt is inline)."""
-        if code is not grpc.StatusCode.FAILED_PRECONDITION or SHM_INLINE_HINT not in details or self.shm_refused:
-            return False
-        self.shm_refused = True
-        if self._link is not None and self.endpoint is not None:
-            self._link.refused(self.endpoint)
-        return True
-
-    def settle(self, ok: bool) -> None:
-        if self._region is not None:
-            (self._link.release if ok else self._link.discard)(self._region)
-            self._region = None
-
-
-class _Forward(_ShmCall):
-    rpc = "Forward"
-
-    def __init__(self, uid: str, x: torch.Tensor, wire_dtype: str, dim: int, call_id: str, step: int,
-                 training: bool, retries: int, expert: int = -1,
-                 on_answer: Callable[[_Forward], None] | None = None):
-        """`expert`: its index in the layer; `on_answer`: called with this Forward once its answer is
-        accepted (RemoteExpertGroup.run_streaming)."""
-        super().__init__(uid, x.shape[0])
-        self._x, self._wire_dtype, self._encoded = x, wire_dtype, None
-        self.dim, self.call_id, self.step, self.training = dim, call_id, step, training
-        self.retries = retries
-        self.tried: set[str] = set()
-        self.first: str | None = None   # where the first attempt goes, when chosen already
-        self.outputs: torch.Tensor | None = None
-        self.answered = False   # outputs accepted (they may have been handed over and dropped since)
-        self.expert, self.on_answer = expert, on_answer
-        self.outputs_view = False   # the outputs view memory they do not own (the response's bytes)
-
-    def target(self, replicas: ReplicaSet) -> str | None:
-        if self.attempts == 0 and self.first is not None:
-            return self.first
-        replica = replicas.choose(self.uid, exclude=self.tried, by_score=not self.training)
-        return None if replica is None else replica.endpoint
-
-    @property
-    def inputs(self):
-        # Encoded when first sent, not up front: the first expert starts computing while the
-        # router still encodes the tensors of the others.
-        if self._encoded is None:
-            self._encoded = encode_view(self._x, self._wire_dtype)
-        return self._encoded
-
-    def send(self, client, timeout_s, metadata):
-        self.tried.add(client.endpoint)
-        inputs, reply = self._shm_request(client, self._x, self._wire_dtype, self.dim)
-        # A new call id per attempt: an abandoned attempt may still hold activations under the old one.
-        return client.forward(self.uid, self.inputs if inputs is None else inputs,
-                              call_id=f"{self.call_id}/{self.attempts}", step=self.step, training=self.training,
-                              timeout_s=timeout_s, metadata=metadata, reply_shm=reply, inline=True)
-
-    @property
-    def served_call_id(self) -> str:
-        return f"{self.call_id}/{self.attempts}"  # the last attempt sent is the one that succeeded
-
-    def accept(self, response):
-        out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim,
-                     name="outputs", shm=self._read_reply)
-        if out.shape[0] != self.tokens:
-            raise TensorError(grpc.StatusCode.INTERNAL,
-                              f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
-        self.outputs, self.answered = out, True
-        self.outputs_view = _views_message(response.outputs)
-
-    def hand_over(self):
-        if self.on_answer is not None:
-            self.on_answer(self)
-
-    def owned_outputs(self, like: torch.Tensor) -> torch.Tensor:
-        """The outputs in `like`'s dtype and device, in memory of their own: outputs that view the read-only
-        response bytes are copied (autograd may write in place); those decoded into memory of their own
-        (out of shared memory, from bf16) are handed over as they are."""
-        return self.outputs.to(dtype=like.dtype, device=like.device, copy=self.outputs_view)
-
-    def again(self, code, details=""):
-        if self._refused_shm(code, details):
-            self.tried.discard(self.endpoint)   # the same replica may serve it, inline
-            return True
-        # INVALID_ARGUMENT: the request is wrong, every replica would say the same.
-        return code is not grpc.StatusCode.INVALID_ARGUMENT and self.attempts <= self.retries
-
-
-class _ForwardMany(_Call):
-    """The serving Forwards of one layer that went to the same endpoint, as one ForwardMany call
-    (inline; their tensors are small). It is never retried as a whole: when it fails, each of its
-    Forwards is sent again on its own (`RemoteExpertGroup._serve`)."""
-    rpc = "ForwardMany"
-
-    def __init__(self, forwards: Sequence[_Forward], endpoint: str, wire_dtype: str, dim: int, step: int):
-        super().__init__(",".join(f.uid for f in forwards), sum(f.tokens for f in forwards), endpoint)
-        self.forwards, self.wire_dtype, self.dim, self.step = list(forwards), wire_dtype, dim, step
-
-    @property
-    def uids(self) -> tuple[str, ...]:
-        return tuple(f.uid for f in self.forwards)
-
-    def send(self, client, timeout_s, metadata):
-        x = torch.cat([f._x for f in self.forwards])
-        return client.forward_many(self.uids, [f.tokens for f in self.forwards], encode_view(x, self.wire_dtype),
-                                   step=self.step, timeout_s=timeout_s, metadata=metadata, inline=True)
-
-    def accept(self, response):
-        out = decode(response.outputs, expected_dim=self.dim, max_elements=self.tokens * self.dim, name="outputs")
-        if out.shape[0] != self.tokens:
-            raise TensorError(grpc.StatusCode.INTERNAL, f"outputs have {out.shape[0]} rows for {self.tokens} tokens")
-        views = _views_message(response.outputs)   # one message: the same for every Forward's rows
-        for forward, rows in zip(self.forwards, torch.split(out, [f.tokens for f in self.forwards])):
-            forward.outputs, forward.endpoint, forward.answered = rows, self.endpoint, True
-            forward.outputs_view = views
-
-    def hand_over(self):
-        for forward in self.forwards:
-            forward.hand_over()
-
-    def blames_endpoint(self, code):
-        return code is not grpc.StatusCode.UNIMPLEMENTED   # an older service: its Forwards work
-
-
-class _Backward(_ShmCall):
-    rpc = "Backward"
-
-    def __init__(self, forward: _Forward, grad_outputs: torch.Tensor, wire_dtype: str, session_id: str,
-                 apply_now: expert_pb2.ApplyNow | None = None):
-        super().__init__(forward.uid, forward.tokens, forward.endpoint)
-        self.forward, self._grad, self.session_id = forward, grad_outputs, session_id
-        self.apply_now = apply_now   # asynchronous training: the expert steps on this call's gradients
-        self._wire_dtype, self._encoded = wire_dtype, None
-        self.with_inputs = False
-        self.grad_inputs: torch.Tensor | None = None
-
-    def target(self, replicas):
-        return self.endpoint  # only the replica that served the Forward holds its activations
-
-    def send(self, client, timeout_s, metadata):
-        f = self.forward
-        grad, reply = self._shm_request(client, self._grad, self._wire_dtype, f.dim)
-        if grad is None:
-            if self._encoded is None:
-                self._encoded = encode_view(self._grad, self._wire_dtype)
-            grad = self._encoded
-        return client.backward(self.uid, grad, call_id=f.served_call_id, step=f.step,
-                               inputs=f.inputs if self.with_inputs else None, timeout_s=timeout_s,
-                               session_id=self.session_id, metadata=metadata, reply_shm=reply, inline=True,
-                               apply_now=self.apply_now)
-
-    def accept(self, response):
-        grad = decode(response.grad_inputs, expected_dim=self.forward.dim,
-                      max_elements=self.tokens * self.forward.dim, name="grad_inputs", shm=self._read_reply)
-        if grad.shape[0] != self.tokens:
-            raise TensorError(grpc.StatusCode.INTERNAL,
-                              f"grad_inputs have {grad.shape[0]} rows for {self.tokens} tokens")
-        # A view of the response's read-only bytes is copied (autograd may add into it in place); a
-        # tensor decoded into memory of its own (out of shared memory, from bf16) is used as it is.
-        self.grad_inputs = grad.clone() if _views_message(response.grad_inputs) else grad
-
-    def again(self, code, details=""):
-        if self._refused_shm(code, details):
-            return True   # refused before any gradient was accumulated: the same call, inline
-        if code is grpc.StatusCode.FAILED_PRECONDITION and RESEND_INPUTS_HINT in details and not self.with_inputs:
-            self.with_inputs = True  # the expert lost the activations: send the inputs to recompute
-            return True
-        return False   # a step conflict or overflowing gradients would be refused again
-
-
-class _StepCall(_Call):
-    """GradNorm or ApplyStep: the end of a step on the one replica that holds its gradients. Both may be
-    sent again there: GradNorm only reads, and an expert applies (or skips) a (session, step) once, so a
-    second ApplyStep after a first that did arrive finds no gradients and changes nothing. A failure that
-    may pass (the connection, a deadline, a full queue) gets up to `retries` more attempts within the
-    budget, which is split evenly between the attempts: a first attempt that hangs leaves time for the
-    next. Without this, one lost ApplyStep left that replica a step behind the others for good."""
-
-    RETRY_ON = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                          grpc.StatusCode.RESOURCE_EXHAUSTED})
-    # The retry goes to the same endpoint. gRPC fails a reset connection's calls before its channel
-    # stops picking that connection, so an attempt sent at once can land on the dying connection and
-    # fail too ("Stream removed: Broken pipe"; seen in CI). A short pause lets the channel move on.
-    RETRY_PAUSE_S = 0.05
-
-    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int, budget_s: float | None):
-        """`budget_s`: what all attempts may take together (None: each may take what is left)."""
-        super().__init__(uid, 0, endpoint)
-        self.step, self.session_id, self.retries = step, session_id, retries
-        self.attempt_budget_s = None if budget_s is None else budget_s / (retries + 1)
-        self.retry_pause_s = self.RETRY_PAUSE_S if budget_s is None else min(self.RETRY_PAUSE_S,
-                                                                              self.attempt_budget_s / 10)
-
-    def target(self, replicas):
-        return self.endpoint if self.attempts <= self.retries else None
-
-    def again(self, code, details=""):
-        return code in self.RETRY_ON and self.attempts <= self.retries
-
-    @property
-    def wait_for_ready(self) -> bool:
-        """A second attempt waits for the channel to reconnect (within its budget) instead of failing at
-        once while gRPC backs off after the first one's broken connection."""
-        return self.attempts > 1
-
-
-class _GradNorm(_StepCall):
-    rpc = "GradNorm"
-
-    def __init__(self, uid: str, endpoint: str, step: int, session_id: str, retries: int = 0,
-                 budget_s: float | None = None):
-        super().__init__(uid, endpoint, step, session_id, retries, budget_s)
-        self.sq_norm = 0.0
-        self.usable = False
-
-    def send(self, client, timeout_s, metadata):
-        return client.grad_norm(self.uid, step=self.step, timeout_s=timeout_s, session_id=self.session_id,
-                                metadata=metadata, wait_for_ready=self.wait_for_ready)
-
-    def accept(self, response):
-        sq = float(response.sq_norm)
-        if sq < 0:
-            raise TensorError(grpc.StatusCode.INTERNAL, f"sq_norm {sq} is negative")
-        # Inf/NaN: real overflow of this replica's gradients (not a fault of the endpoint). It must not
-        # stall everyone's step: this replica's step is skipped (RemoteExpertGroup._end_step), the
-        # others and the trunk go on.
-        self.usable = math.isfinite(sq)
-        self.sq_norm = sq if self.usable else 0.0
-
-
-class _ApplyStep(_StepCall):
-    rpc = "ApplyStep"
-
-    def __init__(self, uid: str, endpoint: str, step: int, lr: float, grad_scale: float,
-                 settings: OptimizerSettings, session_id: str, skip: bool = False, retries: int = 0,
-                 budget_s: float | None = None):
-        super().__init__(uid, endpoint, step, session_id, retries, budget_s)
-        self.lr, self.grad_scale, self.settings, self.skip = lr, grad_scale, settings, skip
-
-    def send(self, client, timeout_s, metadata):
-        s = self.settings
-        return client.apply_step(self.uid, step=self.step, lr=self.lr, grad_scale=self.grad_scale,
-                                 weight_decay=s.weight_decay, beta1=s.beta1, beta2=s.beta2, eps=s.eps,
-                                 timeout_s=timeout_s, session_id=self.session_id, skip=self.skip,
-                                 metadata=metadata, wait_for_ready=self.wait_for_ready)
-
-
 @dataclass
 class _Attempt:
-    call: _Call
+    call: Call
     endpoint: str
     future: Future | None = None
 
@@ -438,7 +95,7 @@ class _TrainingPass:
     """What backward needs from one training `run`: the Forward calls and the input layouts."""
 
     group: RemoteExpertGroup
-    forwards: list[_Forward]
+    forwards: list[ForwardCall]
 
 
 class _RemoteExperts(torch.autograd.Function):
@@ -465,17 +122,11 @@ class _RemoteExperts(torch.autograd.Function):
         return (None, *out)
 
 
-def _views_message(msg: tensor_pb2.Tensor) -> bool:
-    """Whether `decode(msg)` returns a view of the message's own bytes (fp32 inline) rather than a tensor
-    with memory of its own (copied out of shared memory, or converted from another wire dtype)."""
-    return not msg.HasField("shm") and msg.dtype == tensor_pb2.DTYPE_FLOAT32
-
-
 class _Coverage:
     """hivemind's straggler rule: the layer has enough once every token has answers from `k_min`
     of its experts (from all it has, when capacity left it fewer)."""
 
-    def __init__(self, forwards: Mapping[int, _Forward], token_ids: Mapping[int, torch.Tensor], k_min: int):
+    def __init__(self, forwards: Mapping[int, ForwardCall], token_ids: Mapping[int, torch.Tensor], k_min: int):
         self.forwards, self.token_ids = forwards, token_ids
         self.n_tokens = int(max(int(ids.max()) for ids in token_ids.values())) + 1
         self.need = torch.bincount(torch.cat(list(token_ids.values())), minlength=self.n_tokens).clamp_max(k_min)
@@ -575,7 +226,7 @@ class RemoteExpertGroup(ExpertGroup):
         still out. Inference only: no autograd graph is built. An answer in shared memory is handed over
         as a copy of its own, never read in place: the expert shares that region and could rewrite it
         after its answer passed the finiteness check."""
-        def hand_over(forward: _Forward) -> None:
+        def hand_over(forward: ForwardCall) -> None:
             on_output(forward.expert, forward.outputs)
             forward.outputs = None   # combined: nothing keeps it
 
@@ -583,8 +234,8 @@ class RemoteExpertGroup(ExpertGroup):
         return tuple(sorted(i for i, forward in forwards.items() if not forward.answered))
 
     def _forwards(self, batches: Mapping[int, torch.Tensor], token_ids: Mapping[int, torch.Tensor] | None,
-                  training: bool, on_answer: Callable[[_Forward], None] | None = None,
-                  meanwhile: Callable[[], None] | None = None) -> dict[int, _Forward]:
+                  training: bool, on_answer: Callable[[ForwardCall], None] | None = None,
+                  meanwhile: Callable[[], None] | None = None) -> dict[int, ForwardCall]:
         """The Forward calls of one `run`, sent and collected (each `answered`, or given up); `on_answer`:
         called with each Forward as its answer is accepted; `meanwhile`: see `run_meanwhile` (called at
         most once)."""
@@ -594,7 +245,7 @@ class RemoteExpertGroup(ExpertGroup):
                                  f"({self.n_experts} experts)")
             if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] < 1:
                 raise ValueError(f"expert {i}: expected (tokens >= 1, {self.dim}), got {tuple(x.shape)}")
-        forwards = {i: _Forward(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
+        forwards = {i: ForwardCall(expert_uid(self.layer, i), x.detach(), self.wire_dtype, self.dim,
                                 f"{self.session_id}:{next(self._call_numbers)}", self._step, training,
                                 self.retries, expert=i, on_answer=on_answer)
                     for i, x in batches.items()}
@@ -622,7 +273,7 @@ class RemoteExpertGroup(ExpertGroup):
         """The squared norm over the replicas that answered with a usable one; the others (failed,
         timed out, not finite) are left out of it and get skip=true at the end of the step, since the
         clip factor never saw their gradients."""
-        calls = [_GradNorm(uid, endpoint, self._step, self.session_id, self.retries, self.step_timeout_s)
+        calls = [GradNormCall(uid, endpoint, self._step, self.session_id, self.retries, self.step_timeout_s)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
         for c in calls:
@@ -643,7 +294,7 @@ class RemoteExpertGroup(ExpertGroup):
     def _end_step(self, lr: float, grad_scale: float, settings: OptimizerSettings, skip: bool) -> None:
         with self._lock:
             unnormed = set(self._unnormed)
-        calls = [_ApplyStep(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id,
+        calls = [ApplyStepCall(uid, endpoint, self._step, lr, grad_scale, settings, self.session_id,
                             skip or (uid, endpoint) in unnormed, self.retries, self.step_timeout_s)
                  for uid, endpoint in self._participants()]
         self._gather(calls, self.step_timeout_s)
@@ -661,14 +312,14 @@ class RemoteExpertGroup(ExpertGroup):
         with self._lock:
             return sorted(self._stepped)
 
-    def _backward(self, forwards: Sequence[_Forward], grad_outputs) -> list[torch.Tensor | None]:
+    def _backward(self, forwards: Sequence[ForwardCall], grad_outputs) -> list[torch.Tensor | None]:
         """Backward for one training pass; zero gradient for an expert whose call fails."""
         with self._lock:
             apply_now = self._apply_now
         if self.apply_on_backward and apply_now is None:
             raise RuntimeError(f"layer {self.layer}: asynchronous training needs the step's learning rate before "
                                f"backward: call step_settings(lr, settings, grad_clip) after begin_step")
-        calls = [None if g is None else _Backward(f, g.detach(), self.grad_wire_dtype, self.session_id, apply_now)
+        calls = [None if g is None else BackwardCall(f, g.detach(), self.grad_wire_dtype, self.session_id, apply_now)
                  for f, g in zip(forwards, grad_outputs)]
         self._gather([c for c in calls if c is not None], self.timeout_s)
         grads = []
@@ -684,7 +335,7 @@ class RemoteExpertGroup(ExpertGroup):
                 grads.append(call.grad_inputs)
         return grads
 
-    def _serve(self, forwards: list[_Forward], covered: Callable[[], bool] | None = None,
+    def _serve(self, forwards: list[ForwardCall], covered: Callable[[], bool] | None = None,
                meanwhile: Callable[[], None] | None = None) -> None:
         """Serving Forwards: those bound for the same endpoint go as one ForwardMany when they are
         small together (a decode step sends a few tokens to most experts of a layer: per call, not
@@ -692,8 +343,8 @@ class RemoteExpertGroup(ExpertGroup):
         what is left of the budget, to other replicas as a failed Forward would be (or to the same
         endpoint, when it only lacks ForwardMany)."""
         deadline = time.monotonic() + self.timeout_s
-        by_endpoint: dict[str, list[_Forward]] = {}
-        calls: list[_Call] = []
+        by_endpoint: dict[str, list[ForwardCall]] = {}
+        calls: list[Call] = []
         for forward in forwards:
             endpoint = forward.target(self.replicas)
             with self._lock:
@@ -708,11 +359,11 @@ class RemoteExpertGroup(ExpertGroup):
                     forward.first = endpoint
                 calls.extend(group)
             else:
-                calls.append(_ForwardMany(group, endpoint, self.wire_dtype, self.dim, self._step))
+                calls.append(ForwardManyCall(group, endpoint, self.wire_dtype, self.dim, self._step))
         self._gather(calls, self.timeout_s, phase="Forward", covered=covered, meanwhile=meanwhile)
-        again: list[_Forward] = []
+        again: list[ForwardCall] = []
         for call in calls:
-            if not isinstance(call, _ForwardMany) or call.failed is None:
+            if not isinstance(call, ForwardManyCall) or call.failed is None:
                 continue
             if call.failed[0] in ("straggler", "deadline_exceeded"):   # out of time: no second try
                 for forward in call.forwards:
@@ -737,7 +388,7 @@ class RemoteExpertGroup(ExpertGroup):
             for forward in again:
                 self._give_up(forward, "deadline_exceeded", "no time left to send it again on its own")
 
-    def _gather(self, calls: Sequence[_Call], timeout_s: float, phase: str | None = None,
+    def _gather(self, calls: Sequence[Call], timeout_s: float, phase: str | None = None,
                 covered: Callable[[], bool] | None = None, meanwhile: Callable[[], None] | None = None) -> None:
         """Send every call at once and collect them, under one `moe.layer/<phase>` span (default: the
         calls' RPC) whose children are the call spans (and, through the `traceparent` they send, the
@@ -750,7 +401,7 @@ class RemoteExpertGroup(ExpertGroup):
             if failed:
                 span.set_attribute("moe.given_up", failed)
 
-    def _send_and_collect(self, calls: Sequence[_Call], timeout_s: float, covered: Callable[[], bool] | None = None,
+    def _send_and_collect(self, calls: Sequence[Call], timeout_s: float, covered: Callable[[], bool] | None = None,
                           meanwhile: Callable[[], None] | None = None) -> None:
         """Retries and give-ups happen here. Returns by the deadline (+ GRACE_S at worst); afterwards
         each call has succeeded or has `failed` set. `covered()` True (checked after each answer):
@@ -762,7 +413,7 @@ class RemoteExpertGroup(ExpertGroup):
         finally:
             done.close()
 
-    def _collect(self, calls: Sequence[_Call], timeout_s: float, covered: Callable[[], bool] | None,
+    def _collect(self, calls: Sequence[Call], timeout_s: float, covered: Callable[[], bool] | None,
                  done: CallInbox, meanwhile: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
         cut: float | None = None   # the straggler deadline, once covered
@@ -775,7 +426,7 @@ class RemoteExpertGroup(ExpertGroup):
             attempts[key].future.cancel()
             attempts[key].call.settle(False)
 
-        def launch(call: _Call) -> bool:
+        def launch(call: Call) -> bool:
             endpoint = call.target(self.replicas)
             remaining = deadline - time.monotonic()
             if endpoint is None or remaining < MIN_ATTEMPT_S:
@@ -888,9 +539,9 @@ class RemoteExpertGroup(ExpertGroup):
         self.tracer.end(span, code, details)
         done.put((key, response, code, details, refused))
 
-    def _give_up(self, call: _Call, reason: str, details: str) -> None:
+    def _give_up(self, call: Call, reason: str, details: str) -> None:
         call.failed = (reason, details)
-        if isinstance(call, _ForwardMany):   # not a mask: its Forwards are decided in `_serve`
+        if isinstance(call, ForwardManyCall):   # not a mask: its Forwards are decided in `_serve`
             log.info("layer %d experts %s: ForwardMany at %s failed with %s: %s", self.layer, call.uid,
                      call.endpoint or "-", reason.upper(), details)
             return

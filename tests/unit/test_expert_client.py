@@ -91,7 +91,7 @@ def test_a_failed_call_raises_its_rpc_error_from_the_future():
 
 
 def test_a_step_call_sent_again_waits_for_the_channel_only_when_asked():
-    """GradNorm/ApplyStep retries (services.router.remote_experts._StepCall) wait for a reconnecting
+    """GradNorm/ApplyStep retries (services.router.expert_calls.StepCall) wait for a reconnecting
     channel; every other call keeps gRPC's fail-fast default."""
     channel = _Channel()
     with ThreadPoolExecutor(1) as calls:

@@ -1,11 +1,11 @@
-"""services.router.remote_experts without sockets: the gradients' wire dtype, GradNorm answers
+"""services.router.expert_calls without sockets: the gradients' wire dtype, GradNorm answers
 that cannot be a squared norm, and which refused Backwards are resent with their inputs."""
 
 import grpc
 import pytest
 import torch
 
-from services.router.remote_experts import _Backward, _Forward, _GradNorm, grad_wire_dtype
+from services.router.expert_calls import BackwardCall, ForwardCall, GradNormCall, grad_wire_dtype
 from subnet.tensor_codec import RESEND_INPUTS_HINT, WIRE_DTYPES, TensorError
 from subnet.wire.v1 import expert_pb2
 
@@ -19,25 +19,25 @@ def test_gradients_never_travel_in_fp16():
 
 
 def test_a_negative_squared_norm_is_a_bad_answer_and_a_non_finite_one_is_not_usable():
-    call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+    call = GradNormCall("0.0", "127.0.0.1:1", step=0, session_id="s")
     with pytest.raises(TensorError) as info:
         call.accept(expert_pb2.GradNormResponse(sq_norm=-1.0, backward_calls=1))
     assert info.value.code == grpc.StatusCode.INTERNAL and "negative" in info.value.message
     # Overflow: left out of the norm, and that replica skips its step (RemoteExpertGroup._end_step),
     # so one miner's Inf does not skip everyone's step.
     for bad in (float("inf"), float("nan")):
-        call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+        call = GradNormCall("0.0", "127.0.0.1:1", step=0, session_id="s")
         call.accept(expert_pb2.GradNormResponse(sq_norm=bad, backward_calls=1))
         assert not call.usable and call.sq_norm == 0.0
-    call = _GradNorm("0.0", "127.0.0.1:1", step=0, session_id="s")
+    call = GradNormCall("0.0", "127.0.0.1:1", step=0, session_id="s")
     call.accept(expert_pb2.GradNormResponse(sq_norm=2.5, backward_calls=1))
     assert call.usable and call.sq_norm == 2.5
 
 
 def _backward_call():
-    forward = _Forward("0.0", torch.zeros(2, 4), "fp32", dim=4, call_id="c", step=0, training=True, retries=0)
+    forward = ForwardCall("0.0", torch.zeros(2, 4), "fp32", dim=4, call_id="c", step=0, training=True, retries=0)
     forward.endpoint = "127.0.0.1:1"
-    return _Backward(forward, torch.zeros(2, 4), "fp32", session_id="s")
+    return BackwardCall(forward, torch.zeros(2, 4), "fp32", session_id="s")
 
 
 def test_a_backward_is_resent_with_its_inputs_only_when_the_expert_lost_the_activations():
