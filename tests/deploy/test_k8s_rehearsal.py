@@ -4,10 +4,11 @@ for what stands in for what): every pod started at once, the Secrets filled in a
 says; the Jobs and init containers finish; the expert pods, restarted until the validator has
 published global version 0, load it from S3 and publish `<pod ip>:50051` on the local chain; the
 router trains through them and answers a Generate signed by a registered hotkey (the manifests
-keep Generate closed: no ROUTER_OPEN_GENERATE); every gRPC and HTTP probe of the manifests
-answers; Prometheus (where Debian's server is installed) scrapes every pod of ours, found by DNS
-as in a cluster; no expert refuses a signed request; every pod stops with 0 on SIGTERM within its
-terminationGracePeriodSeconds, without having logged a traceback.
+keep Generate closed: no ROUTER_OPEN_GENERATE), and its spans and the expert pods' reach `jaeger`
+in shared traces; every gRPC and HTTP probe of the manifests answers; Prometheus (where Debian's
+server is installed) scrapes every pod of ours, found by DNS as in a cluster; no expert refuses a
+signed request; every pod stops with 0 on SIGTERM within its terminationGracePeriodSeconds,
+without having logged a traceback.
 
 Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 """
@@ -149,6 +150,17 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
                                                                                          max_new_tokens=2), timeout=30))
         assert unsigned.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert 1 <= len(replies) <= 8 and sum(r.masked_calls for r in replies) == 0
+    # The router and the expert pods export their spans to the `jaeger` Service, in shared traces.
+    def joined_traces() -> set[str]:
+        services_of: dict[str, set[str]] = {}
+        for span in stage.traces.snapshot():
+            services_of.setdefault(span.trace_id, set()).add(span.service)
+        return {trace for trace, services in services_of.items() if {"router", "expert"} <= services}
+
+    try:
+        _wait(lambda: bool(joined_traces()), "a trace with the router's and an expert pod's spans", 60, stage)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; spans came from {sorted({s.service for s in stage.traces.snapshot()})}") from None
     trained = resolve_checkpoint(stage.folder / "pvc" / "router-checkpoints" / "run")
     assert int(trained.name.rsplit("-", 1)[1]) > 0, f"the router served {trained.name}, not a trained checkpoint"
 
