@@ -48,9 +48,10 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   restarts are counted.
 - `stop()` sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default);
   `close()` kills at once.
-- Not here: the Redis, MinIO and Jaeger images (stand-ins), `exec` probes (redis-cli), `readOnly` volume mounts and
-  read-only root filesystems (a write a cluster refuses succeeds here), securityContext (the processes
-  run as root), resources, affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
+- Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
+  probes (redis-cli), `readOnly` volume mounts and read-only root filesystems (a write a cluster
+  refuses succeeds here), securityContext (the processes run as root), resources, affinity,
+  PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
 name and is removed by `close()`, also after a failure.
@@ -83,7 +84,9 @@ WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
 # redis and minio (see start_infra), and the Deployment jaeger (an OTLP trace receiver on 4317).
 STAND_INS = ("redis", "minio", "jaeger")
 OTLP_PORT = 4317   # of OTEL_EXPORTER_OTLP_ENDPOINT in the ConfigMaps
-NOT_HERE = () if PROMETHEUS else ("prometheus",)   # Deployments left out: Debian's server is not installed
+# Deployments left out: Grafana (no server here; 56-grafana.yaml is checked by tests/deploy/test_k8s.py)
+# and Prometheus where Debian's server is not installed.
+NOT_HERE = ("grafana",) if PROMETHEUS else ("grafana", "prometheus")
 CLUSTER_DOMAIN = "cluster.local"
 # The image's ENV (Dockerfile), container paths mapped like the rest.
 IMAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "MPLCONFIGDIR": "/tmp/matplotlib",

@@ -551,3 +551,35 @@ def test_the_router_finds_every_expert_pod_through_the_chain():
         assert not o.env.get("REDIS_URL"), f"{o.where}: a miner with REDIS_URL writes registry entries nobody reads"
         assert o.env.get("EXPERT_HOST") == "0.0.0.0" and not o.env.get("EXPERT_ADVERTISE_ENDPOINT"), \
             f"{o.where}: publishes the pod's own IP (its hostname resolved)"
+
+
+def test_grafana_in_the_cluster_carries_the_compose_dashboard_and_data_sources():
+    grafana = ROOT / "deploy" / "grafana"
+    provisioning = by_kind("ConfigMap")["grafana-provisioning"]["data"]
+    assert provisioning["datasources.yml"] == (grafana / "provisioning/datasources/datasources.yml").read_text(), \
+        "56-grafana.yaml: copy deploy/grafana/provisioning/datasources/datasources.yml into the ConfigMap"
+    assert provisioning["dashboards.yml"] == (grafana / "provisioning/dashboards/dashboards.yml").read_text(), \
+        "56-grafana.yaml: copy deploy/grafana/provisioning/dashboards/dashboards.yml into the ConfigMap"
+    dashboards = by_kind("ConfigMap")["grafana-dashboards"]["data"]
+    assert dashboards == {"moe-subnet.json": (grafana / "dashboards/moe-subnet.json").read_text()}, \
+        "56-grafana.yaml: copy deploy/grafana/dashboards/moe-subnet.json into the ConfigMap"
+    # The data sources name Services of the namespace, on the ports those Services expose.
+    services = by_kind("Service")
+    for source in yaml.safe_load(provisioning["datasources.yml"])["datasources"]:
+        url = urlsplit(source["url"])
+        assert url.port in {p["port"] for p in services[url.hostname]["spec"]["ports"]}, source["url"]
+    # The files land where the provider and the home dashboard path look for them.
+    spec = pod_spec(by_kind("Deployment")["grafana"])
+    [(_, container)] = containers(spec)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    provider = yaml.safe_load(provisioning["dashboards.yml"])["providers"][0]
+    assert mounts["dashboards"] == provider["options"]["path"]
+    assert volumes["dashboards"]["configMap"]["name"] == "grafana-dashboards"
+    assert mounts["provisioning"] == "/etc/grafana/provisioning"
+    assert {i["path"] for i in volumes["provisioning"]["configMap"]["items"]} == \
+        {"datasources/datasources.yml", "dashboards/dashboards.yml"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]["value"] == f"{provider['options']['path']}/moe-subnet.json"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == \
+        {"name": SECRET, "key": "GRAFANA_ADMIN_PASSWORD"}
