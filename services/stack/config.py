@@ -19,7 +19,7 @@ class StackConfig:
     router_port: int = env("STACK_ROUTER_PORT", 15050, "router gRPC port")
     expert_ports: tuple[str, ...] = env("STACK_EXPERT_PORTS", ("15061", "15062"),
                                         "one port per honest miner; each hosts every routed expert (replicas); "
-                                        "the adversaries take the ports after the last one")
+                                        "the adversaries take the ports after the highest one")
     adversaries: tuple[str, ...] = env("STACK_ADVERSARIES", ("lazy", "copycat"),
                                        "adversarial test miners the demo adds (lazy, noisy, copycat, liar; empty = "
                                        "none), to show that cheaters lose")

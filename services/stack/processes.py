@@ -73,7 +73,7 @@ def check_ports_distinct(ports: dict[str, int]) -> None:
     if shared:
         raise ValueError(f"the same port twice: {'; '.join(shared)}. Choose distinct STACK_REDIS_PORT, "
                          f"STACK_ROUTER_PORT, STACK_S3_PORT, STACK_EXPERT_PORTS (adversaries take the "
-                         f"ports after the last one) and STACK_METRICS_BASE_PORT (and the ports after it)")
+                         f"ports after the highest one) and STACK_METRICS_BASE_PORT (and the ports after it)")
     too_high = [f"{name} port {port}" for name, port in ports.items() if port > 65535]
     if too_high:
         raise ValueError(f"ports above 65535: {', '.join(too_high)}")

@@ -4,20 +4,26 @@ to a network alias several containers share (`experts`): an A record per contain
 A hosts file cannot say that for gRPC's resolver (see compose_rehearsal.py), and Prometheus's DNS
 service discovery does not read hosts files at all: it sends its own queries to the servers in
 /etc/resolv.conf. This answers A queries over UDP for the names it is given, NXDOMAIN for any other
-name, an empty answer for other record types of a known name, and drops what it cannot parse.
+name, an empty answer for other record types of a known name, and drops what it cannot parse or
+what is not a standard query.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
+import time
 
 _HEADER = struct.Struct("!6H")      # id, flags, questions, answers, authorities, additionals
 _QR, _AA, _RD, _RA = 0x8000, 0x0400, 0x0100, 0x0080
 _NXDOMAIN = 3
 _TYPE_A, _TYPE_ANY, _CLASS_IN = 1, 255, 1
 _TTL_S = 5
+_OPCODE = 0x7800                    # flag bits of the opcode; 0 = a standard query
+
+log = logging.getLogger(__name__)
 
 
 def parse_question(query: bytes) -> tuple[str, int, int, int] | None:
@@ -26,7 +32,7 @@ def parse_question(query: bytes) -> tuple[str, int, int, int] | None:
     if len(query) < _HEADER.size:
         return None
     _, flags, questions, *_ = _HEADER.unpack_from(query)
-    if flags & _QR or questions != 1:
+    if flags & (_QR | _OPCODE) or questions != 1:
         return None
     labels, at = [], _HEADER.size
     while True:
@@ -45,8 +51,9 @@ def parse_question(query: bytes) -> tuple[str, int, int, int] | None:
     return ".".join(labels), qtype, qclass, at + 5
 
 
-def answer(query: bytes, records: dict[str, list[str]]) -> bytes | None:
-    """The response to `query` from `records` (name -> IPv4 addresses), None to drop it."""
+def answer(query: bytes, records: dict[str, list[str]]) -> tuple[str, bytes] | None:
+    """(the name asked, the response) to `query` from `records` (name -> IPv4 addresses); None to
+    drop it."""
     question = parse_question(query)
     if question is None:
         return None
@@ -60,7 +67,7 @@ def answer(query: bytes, records: dict[str, list[str]]) -> bytes | None:
     rows = b"".join(struct.pack("!HHHIH", 0xC000 | _HEADER.size, _TYPE_A, _CLASS_IN, _TTL_S, 4) +
                     socket.inet_aton(address) for address in addresses)
     header = _HEADER.pack(query_id, _QR | _AA | _RA | (flags & _RD) | rcode, 1, len(addresses), 0, 0)
-    return header + query[_HEADER.size:end] + rows
+    return name, header + query[_HEADER.size:end] + rows
 
 
 class NameServer:
@@ -75,9 +82,15 @@ class NameServer:
         self._stopping = threading.Event()
 
     def start(self) -> NameServer:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._socket.bind((self.address, self.port))
-        self._socket.settimeout(0.2)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.address, self.port))
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(f"the DNS stand-in cannot listen on {self.address}:{self.port}/udp: {e} "
+                               f"(a DNS server of this host bound to every address?)") from None
+        sock.settimeout(0.2)
+        self._socket = sock
         self._thread = threading.Thread(target=self._serve, name="dns-stand-in", daemon=True)
         self._thread.start()
         return self
@@ -91,12 +104,22 @@ class NameServer:
         while not self._stopping.is_set():
             try:
                 query, peer = self._socket.recvfrom(4096)
-            except (TimeoutError, OSError):
+            except TimeoutError:
                 continue
-            response = answer(query, self.records)
-            if response is not None:
-                self.queries.append((parse_question(query) or ("?",))[0])
+            except OSError as e:   # closed by stop(), or broken: do not spin on it
+                if not self._stopping.is_set():
+                    log.warning("DNS stand-in: %s", e)
+                    time.sleep(0.2)
+                continue
+            answered = answer(query, self.records)
+            if answered is None:
+                continue
+            name, response = answered
+            self.queries.append(name)
+            try:
                 self._socket.sendto(response, peer)
+            except OSError as e:   # one lost answer: the resolver asks again
+                log.warning("DNS stand-in: answering %s: %s", peer, e)
 
     def stop(self) -> None:
         self._stopping.set()

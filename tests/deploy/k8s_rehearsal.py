@@ -28,9 +28,10 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   gRPC's resolver (c-ares) merges hosts-file lines that share a name; nothing of ours dials it.
 - Prometheus (50-prometheus.yaml, Debian's server where installed) finds its targets by DNS
   queries for the headless Services `router-metrics`, `experts`, ... (prometheus-k8s.yml): a DNS
-  server on the bridge (tests/deploy/dns_stand_in.py) answers every Service's cluster name,
-  `<service>.<namespace>.svc.cluster.local`, with the addresses of the pods it selects, and the
-  Prometheus pod's /etc/resolv.conf names it with a cluster's search path and `ndots:5`.
+  server on the bridge (tests/deploy/dns_stand_in.py) answers every headless Service's cluster
+  name, `<service>.<namespace>.svc.cluster.local`, with the addresses of the pods it selects (a
+  ClusterIP Service's name is not answered), and the Prometheus pod's /etc/resolv.conf names it
+  with a cluster's search path and `ndots:5`.
 - Volumes become folders: a PersistentVolumeClaim one folder shared by every pod that claims it
   (router-checkpoints: the router's and, read-only in the manifest, the validator's), a
   volumeClaimTemplate one per pod, an emptyDir one per pod, a Secret (or ConfigMap) volume one per
@@ -245,8 +246,14 @@ class K8sRehearsal(OnBridge):
             for pod in chosen:
                 self._check_service_ports(service, owners_by_pod[pod])
             meta = service["metadata"]
-            cluster_names[f"{meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}"] = \
-                sorted({addresses[pod] for pod in chosen})
+            # Only a headless Service's name lists its pods' addresses; a ClusterIP Service's names one
+            # virtual address that forwards only the Service's ports, which no stand-in here imitates:
+            # left out (NXDOMAIN), so that a scrape through it fails here as it would in a cluster.
+            # (Which pods a headless Service lists, ready or not: tests/deploy/test_k8s.py requires
+            # publishNotReadyAddresses of the ones Prometheus asks for.)
+            if service["spec"].get("clusterIP") == "None":
+                cluster_names[f"{meta['name']}.{meta['namespace']}.svc.{CLUSTER_DOMAIN}"] = \
+                    sorted({addresses[pod] for pod in chosen})
             if len(chosen) == 1:   # several pods (`experts`): not writable in a hosts file (see above)
                 services.setdefault(addresses[chosen[0]], []).append(meta["name"])
         self.name_server = NameServer(self.bridge_address, cluster_names).start()

@@ -4,6 +4,7 @@ chain; a SIGKILLed service restarts from its own newest checkpoint (weights and 
 and loses at most EXPERT_CHECKPOINT_EVERY_S of training; a validator's probe for a committed round is answered
 with exactly the weights published for it, while the live ones train on."""
 
+import hashlib
 import json
 import time
 import uuid
@@ -222,3 +223,8 @@ def test_a_service_starting_from_the_global_version_exits_until_there_is_one(exp
             got = decode(client.forward(uid, encode(probe), call_id="", step=0, training=False,
                                         timeout_s=10).result().outputs)
             torch.testing.assert_close(got, experts[uid](probe).detach(), rtol=1e-5, atol=1e-6)
+    # It says which version it loaded: the manifest `latest` named, that object's digest, its signer.
+    key = "checkpoints/global/0/manifest.json"
+    digest = hashlib.sha256(store.get_bytes(key)).hexdigest()
+    assert (f"loaded {len(UIDS)} experts from s3://{bucket}/checkpoints/global/latest: {key} (manifest sha256 "
+            f"{digest}, signed by {validator.ss58_address})") in service.log(), service.log()[-2000:]

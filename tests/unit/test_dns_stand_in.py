@@ -15,8 +15,9 @@ def query(name: str, qtype: int = 1, query_id: int = 0x1234, edns: bool = False)
     return struct.pack("!6H", query_id, 0x0100, 1, 0, 0, 1 if edns else 0) + labels + struct.pack("!HH", qtype, 1) + opt
 
 
-def parse(response: bytes) -> tuple[int, int, list[str]]:
+def parse(answered: tuple[str, bytes] | bytes) -> tuple[int, int, list[str]]:
     """(id, rcode, A addresses) of a response with one question."""
+    response = answered[1] if isinstance(answered, tuple) else answered
     query_id, flags, questions, answers, _, _ = struct.unpack_from("!6H", response)
     assert flags & 0x8000 and questions == 1
     at = 12
@@ -37,6 +38,7 @@ RECORDS = {"experts": ["10.232.7.12", "10.232.7.13"]}
 
 
 def test_a_shared_alias_gets_every_address_and_the_query_id_back():
+    assert answer(query("Experts."), RECORDS)[0] == "experts"
     assert parse(answer(query("experts.", edns=True), RECORDS)) == (0x1234, 0, ["10.232.7.12", "10.232.7.13"])
     assert parse(answer(query("EXPERTS", query_id=7), RECORDS)) == (7, 0, ["10.232.7.12", "10.232.7.13"])
 
@@ -48,7 +50,8 @@ def test_other_names_are_nxdomain_and_other_types_empty():
 
 @pytest.mark.parametrize("bad", [b"", b"\0" * 11, query("experts")[:-3],
                                  query("experts")[:12] + b"\xc0\x0c" + b"\0\1\0\1",   # a pointer in the question
-                                 struct.pack("!6H", 1, 0x8100, 1, 0, 0, 0) + query("experts")[12:]])  # a response
+                                 struct.pack("!6H", 1, 0x8100, 1, 0, 0, 0) + query("experts")[12:],  # a response
+                                 struct.pack("!6H", 1, 0x2100, 1, 0, 0, 0) + query("experts")[12:]])  # opcode UPDATE
 def test_what_is_not_one_question_is_dropped(bad):
     assert answer(bad, RECORDS) is None
 
@@ -66,3 +69,12 @@ def test_it_answers_over_udp_until_stopped():
     finally:
         server.stop()
     assert not server._thread.is_alive()
+
+
+def test_a_port_taken_is_a_clear_error_and_leaks_no_socket():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        server = NameServer("127.0.0.1", RECORDS, port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="cannot listen on 127.0.0.1:.*/udp"):
+            server.start()
+        assert server._socket is None
