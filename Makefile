@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose test-k8s bench lint protos clean
+.PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose test-k8s bench lint protos k8s-configmaps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ bench: $(STAMP)  ## benchmarks -> bench/results/latest.json and latest.md
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check moe subnet services tests bench
+
+k8s-configmaps: $(STAMP)  ## copy deploy/prometheus and deploy/grafana files into the k8s ConfigMaps that carry them
+	$(BIN)/python -m subnet.dev.configmaps
 
 protos: $(STAMP)  ## regenerate Python code from protos/ into subnet/wire/v1/
 	$(BIN)/python -m subnet.dev.protogen

@@ -368,9 +368,9 @@ def test_every_service_of_the_rounds_reaches_the_same_checkpoint_store():
 def test_prometheus_in_the_cluster_scrapes_what_the_services_expose():
     config_map = by_kind("ConfigMap")["prometheus-config"]["data"]
     assert config_map["prometheus.yml"] == (PROMETHEUS_DIR / "prometheus-k8s.yml").read_text(), \
-        "50-prometheus.yaml: copy deploy/prometheus/prometheus-k8s.yml into the ConfigMap"
+        "50-prometheus.yaml: run `make k8s-configmaps` to copy deploy/prometheus/prometheus-k8s.yml into the ConfigMap"
     assert config_map["rules.yml"] == (PROMETHEUS_DIR / "rules.yml").read_text(), \
-        "50-prometheus.yaml: copy deploy/prometheus/rules.yml into the ConfigMap"
+        "50-prometheus.yaml: run `make k8s-configmaps` to copy deploy/prometheus/rules.yml into the ConfigMap"
     prom = yaml.safe_load(config_map["prometheus.yml"])
     services = by_kind("Service")
     metrics_ports: dict[str, set[int]] = {}
@@ -557,12 +557,12 @@ def test_grafana_in_the_cluster_carries_the_compose_dashboard_and_data_sources()
     grafana = ROOT / "deploy" / "grafana"
     provisioning = by_kind("ConfigMap")["grafana-provisioning"]["data"]
     assert provisioning["datasources.yml"] == (grafana / "provisioning/datasources/datasources.yml").read_text(), \
-        "56-grafana.yaml: copy deploy/grafana/provisioning/datasources/datasources.yml into the ConfigMap"
+        "56-grafana.yaml: stale datasources.yml; run `make k8s-configmaps`"
     assert provisioning["dashboards.yml"] == (grafana / "provisioning/dashboards/dashboards.yml").read_text(), \
-        "56-grafana.yaml: copy deploy/grafana/provisioning/dashboards/dashboards.yml into the ConfigMap"
+        "56-grafana.yaml: stale dashboards.yml; run `make k8s-configmaps`"
     dashboards = by_kind("ConfigMap")["grafana-dashboards"]["data"]
     assert dashboards == {"moe-subnet.json": (grafana / "dashboards/moe-subnet.json").read_text()}, \
-        "56-grafana.yaml: copy deploy/grafana/dashboards/moe-subnet.json into the ConfigMap"
+        "56-grafana.yaml: stale moe-subnet.json; run `make k8s-configmaps`"
     # The data sources name Services of the namespace, on the ports those Services expose.
     services = by_kind("Service")
     for source in yaml.safe_load(provisioning["datasources.yml"])["datasources"]:
