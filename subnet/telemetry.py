@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -64,6 +66,19 @@ class TracingConfig:
                              f"http://host:4317 (plaintext) or https://host:4317 (TLS)")
 
 
+class UnseededIds(IdGenerator):
+    """Trace and span ids from the operating system's generator. The SDK's default draws them from
+    Python's `random`, whose state training restores after every evaluation (moe.train.rng keeps
+    runs reproducible): the router's spans after an evaluation then got the ids its first spans
+    had, and Jaeger merged a training step into an evaluation's trace."""
+
+    def generate_span_id(self) -> int:
+        return secrets.randbits(64) or 1      # 0 is the invalid id
+
+    def generate_trace_id(self) -> int:
+        return secrets.randbits(128) or 1
+
+
 def tracer_provider(config: TracingConfig, default_service_name: str) -> TracerProvider | None:
     """A provider exporting as configured, not installed globally; None when nothing is configured."""
     exporters = []
@@ -76,7 +91,7 @@ def tracer_provider(config: TracingConfig, default_service_name: str) -> TracerP
     if not exporters:
         return None
     name = config.service_name or default_service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": name}), id_generator=UnseededIds())
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

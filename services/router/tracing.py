@@ -2,7 +2,8 @@
 
 Each expert RPC attempt gets a CLIENT span, a child of whatever span is current in the
 router: the layer span (`layer`, one per MoE layer and phase: Forward, Backward, GradNorm,
-ApplyStep) inside a generate request or a training step. The W3C `traceparent` of the call
+ApplyStep) inside a generate request or a training step (`training_step`, the root of one
+step's trace). The W3C `traceparent` of the call
 span goes out as gRPC metadata, and the expert service's SERVER span continues the trace
 (`subnet.telemetry.AioServerTracing`).
 
@@ -56,6 +57,19 @@ class ExpertCallTracer:
             return
         with self._tracer.start_as_current_span(f"moe.layer/{rpc}", attributes={
                 "moe.layer": layer, "rpc.method": rpc, "moe.calls": calls}) as span:
+            yield span
+
+    @contextmanager
+    def training_step(self, step: int, lr: float) -> Iterator[trace.Span]:
+        """The current span of training step `step`: a trace's root, parent of every layer span of
+        the step (forward, backward through autograd, GradNorm, ApplyStep), so that one step is
+        one trace. The caller may add `moe.loss` once it is known."""
+        if not spans_recorded(self._provider):
+            yield trace.INVALID_SPAN
+            return
+        # A root whatever is current: steps follow each other, none is part of another's trace.
+        with self._tracer.start_as_current_span("moe.train/step", context=trace.set_span_in_context(
+                trace.INVALID_SPAN), attributes={"moe.step": step, "moe.lr": lr}) as span:
             yield span
 
     @staticmethod

@@ -32,6 +32,7 @@ from services.router.remote_model import (
     load_trunk,
     required_expert_uids,
 )
+from services.router.tracing import ExpertCallTracer
 from services.router.trunk_publisher import TrunkSnapshots, trunk_files
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class RemoteTrainer(Trainer):
     """The Trainer, plus the router's Prometheus gauges after every step, and trunk snapshots
     for the round publisher taken between steps (`snapshots`, set when S3 is configured)."""
 
-    def __init__(self, *args, metrics, **kwargs):
+    def __init__(self, *args, metrics, tracer: ExpertCallTracer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.router_metrics = metrics
+        self.tracer = tracer or ExpertCallTracer()
         self.snapshots: TrunkSnapshots | None = None
 
     def enable_snapshots(self) -> TrunkSnapshots:
@@ -89,11 +91,13 @@ class RemoteTrainer(Trainer):
 
     def train_step(self) -> float:
         started = time.perf_counter()
-        if self.snapshots is None:
-            loss = super().train_step()
-        else:
-            with self.snapshots.step_lock:  # a round's snapshot waits for this step, never the reverse
+        with self.tracer.training_step(self.step, self.lr_for(self.step)) as span:
+            if self.snapshots is None:
                 loss = super().train_step()
+            else:
+                with self.snapshots.step_lock:  # a round's snapshot waits for this step, never the reverse
+                    loss = super().train_step()
+            span.set_attribute("moe.loss", loss)
         tokens = self.cfg.batch_size * self.model.cfg.block_size
         self.router_metrics.training_loss.set(loss)
         self.router_metrics.tokens_per_second.set(tokens / max(time.perf_counter() - started, 1e-9))
@@ -115,5 +119,5 @@ def build_remote_trainer(init: str | Path, out: str | Path, config: RouterConfig
     model = build_remote_lm(lm_cfg, parts, config)
     load_trunk(model, ckpt)
     trainer = RemoteTrainer(model, corpus, train_cfg, out, corpus_config=corpus_cfg, progress=progress,
-                            metrics=parts.metrics)
+                            metrics=parts.metrics, tracer=parts.tracer)
     return trainer, parts, corpus

@@ -27,17 +27,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from moe import MoELM, preset
 from moe.boundary import OptimizerSettings
-from moe.data import CorpusConfig
+from moe.data import CorpusConfig, build_corpus
 from moe.experts import expert_uid
 from moe.train import TrainConfig
 from services.router.config import RouterConfig
 from services.router.metrics import RouterMetrics
 from services.router.remote_experts import RemoteExpertGroup
+from services.router.remote_model import RemoteParts
 from services.router.replicas import ReplicaSet
 from services.router.server import RouterServer, router_auth
 from services.router.servicer import RouterServicer
 from services.router.tracing import ExpertCallTracer
-from services.router.train import prepare_initial_checkpoint
+from services.router.train import build_remote_trainer, prepare_initial_checkpoint
 from services.stack.placement import deal_experts
 from subnet.auth import AuthConfig, SigningChannel
 from subnet.expert_client import ExpertClientPool
@@ -48,6 +49,7 @@ from subnet.telemetry import PROPAGATOR, TracingConfig, tracer_provider
 from subnet.tensor_codec import encode
 from subnet.wire.v1 import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.integration.test_remote_experts import OwnEndpoints, inputs, train_pass, wait_registered
+from tests.integration.test_remote_training import _init, _private_db, _router_config
 from tests.otlp_receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -257,3 +259,50 @@ def test_router_rpcs_get_server_spans_and_a_rejected_one_too(client_identity):
     assert generate.status.status_code == trace.StatusCode.UNSET and generate.attributes["rpc.grpc.status_code"] == 0
     assert logits.status.status_code == trace.StatusCode.ERROR
     assert logits.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+
+@pytest.fixture(scope="module")
+def corpus_cfg(tmp_path_factory):
+    cfg = CorpusConfig(vocab_size=512, max_bytes_per_domain=150_000, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    build_corpus(cfg)
+    return cfg
+
+
+def test_each_training_step_is_one_trace_from_its_step_span_to_the_experts(tmp_path, corpus_cfg, expert_service_factory,
+                                                                           redis_server, dev_wallets, receiver):
+    """RemoteTrainer: each step is the root span `moe.train/step` of a trace holding every layer span
+    of that step (Forward, Backward, GradNorm, ApplyStep) and the expert services' spans they caused."""
+    steps = 2
+    ckpt, experts, lm_cfg, _ = _init(tmp_path, corpus_cfg, steps=steps)
+    redis_url = _private_db(redis_server, 6)
+    env = {"REDIS_URL": redis_url, "EXPERT_CHECKPOINT": str(experts), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    services = [expert_service_factory(uids, lm_cfg.dim, lm_cfg.moe_inter_dim, env=env)
+                for uids in deal_experts(lm_cfg.moe_layers(), lm_cfg.n_experts, 2)]
+    config = _router_config(redis_url, dev_wallets.router)
+    provider = tracer_provider(TracingConfig(otlp_endpoint=receiver.url), "router")
+    parts = RemoteParts.connect(config)
+    parts.tracer = ExpertCallTracer(provider)
+    try:
+        trainer, parts, _ = build_remote_trainer(ckpt, tmp_path / "run", config, progress=False, parts=parts)
+        trainer.train()
+    finally:
+        provider.shutdown()
+        parts.close()
+        for service in services:
+            assert service.terminate() == 0
+
+    spans = receiver.snapshot()
+    roots = [s for s in spans if s.name == "moe.train/step"]
+    assert len(roots) == steps and all(s.service == "router" and s.parent_id == "" for s in roots)
+    assert len({s.trace_id for s in roots}) == steps
+    n_layers = len(lm_cfg.moe_layers())
+    for root in roots:
+        in_trace = [s for s in spans if s.trace_id == root.trace_id]
+        layers = [s for s in in_trace if s.name.startswith("moe.layer/")]
+        assert Counter(s.name for s in layers) == {f"moe.layer/{rpc}": n_layers
+                                                    for rpc in ("Forward", "Backward", "GradNorm", "ApplyStep")}
+        assert all(s.parent_id == root.span_id for s in layers)
+        served = Counter(s.name for s in in_trace if s.service == "expert")
+        assert {"moe.v1.Expert/Forward", "moe.v1.Expert/Backward", "moe.v1.Expert/GradNorm",
+                "moe.v1.Expert/ApplyStep"} <= set(served), served

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from subnet.envconfig import ConfigError, from_env
 from subnet.telemetry import TracingConfig, tracer_provider
@@ -69,3 +72,23 @@ def test_without_a_provider_the_router_sends_no_trace_header(monkeypatch):
     assert metadata == () and not span.is_recording()
     with tracer.layer(1, "Forward", 2) as layer_span:
         assert not layer_span.is_recording()
+
+
+def test_span_ids_do_not_repeat_when_training_restores_pythons_random_state(capsys):
+    """moe.train.rng restores `random`'s state after each evaluation; the SDK's default ids come from
+    it and repeat (first half), the services' providers' do not (second half)."""
+    def ids_across_a_restore(provider):
+        tracer = provider.get_tracer("test")
+        state = random.getstate()
+        first = tracer.start_span("evaluation")
+        random.setstate(state)
+        second = tracer.start_span("training step")
+        for span in (first, second):
+            span.end()
+        provider.shutdown()
+        return [(s.get_span_context().trace_id, s.get_span_context().span_id) for s in (first, second)]
+
+    first, second = ids_across_a_restore(TracerProvider())
+    assert first == second
+    first, second = ids_across_a_restore(tracer_provider(TracingConfig(console=True), "router"))
+    assert first[0] != second[0] and first[1] != second[1]
