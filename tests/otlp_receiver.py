@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -48,6 +49,20 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     def snapshot(self) -> list[Span]:
         with self._lock:
             return list(self.spans)
+
+    def traces_joining(self, services: set[str]) -> set[str]:
+        """The trace ids that hold spans of every one of `services` (their context crossed the calls)."""
+        services_of: dict[str, set[str]] = {}
+        for span in self.snapshot():
+            services_of.setdefault(span.trace_id, set()).add(span.service)
+        return {trace for trace, present in services_of.items() if services <= present}
+
+    def wait_for_joined_trace(self, services: set[str], wait: Callable[[Callable[[], bool], str], None]) -> None:
+        """`wait(condition, what)` until a trace joins `services`; its failure names who sent spans."""
+        try:
+            wait(lambda: bool(self.traces_joining(services)), f"a trace with spans of {sorted(services)}")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; spans came from {sorted({s.service for s in self.snapshot()})}") from None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> Receiver:
         """Serve on host:port (0 = a free port); `url` is what OTEL_EXPORTER_OTLP_ENDPOINT takes."""

@@ -96,16 +96,7 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
     assert 1 <= len(replies) <= 8 and sum(r.masked_calls for r in replies) == 0
     # Both kinds of service export their spans to otel-collector:4317, and the expert services' spans
     # join the router's traces (the trace context crosses the calls).
-    def joined_traces() -> set[str]:
-        services_of: dict[str, set[str]] = {}
-        for span in stage.traces.snapshot():
-            services_of.setdefault(span.trace_id, set()).add(span.service)
-        return {trace for trace, services in services_of.items() if {"router", "expert"} <= services}
-
-    try:
-        _wait(lambda: bool(joined_traces()), "a trace with the router's and an expert service's spans", 60, stage)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; spans came from {sorted({s.service for s in stage.traces.snapshot()})}") from None
+    stage.traces.wait_for_joined_trace({"router", "expert"}, lambda condition, what: _wait(condition, what, 60, stage))
     trained = resolve_checkpoint(stage.folder / "volumes" / "checkpoints" / "run")
     assert int(trained.name.rsplit("-", 1)[1]) > 0, f"the router served {trained.name}, not a trained checkpoint"
 

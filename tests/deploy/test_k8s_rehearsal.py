@@ -151,16 +151,7 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         assert unsigned.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert 1 <= len(replies) <= 8 and sum(r.masked_calls for r in replies) == 0
     # The router and the expert pods export their spans to the `jaeger` Service, in shared traces.
-    def joined_traces() -> set[str]:
-        services_of: dict[str, set[str]] = {}
-        for span in stage.traces.snapshot():
-            services_of.setdefault(span.trace_id, set()).add(span.service)
-        return {trace for trace, services in services_of.items() if {"router", "expert"} <= services}
-
-    try:
-        _wait(lambda: bool(joined_traces()), "a trace with the router's and an expert pod's spans", 60, stage)
-    except AssertionError as e:
-        raise AssertionError(f"{e}; spans came from {sorted({s.service for s in stage.traces.snapshot()})}") from None
+    stage.traces.wait_for_joined_trace({"router", "expert"}, lambda condition, what: _wait(condition, what, 60, stage))
     trained = resolve_checkpoint(stage.folder / "pvc" / "router-checkpoints" / "run")
     assert int(trained.name.rsplit("-", 1)[1]) > 0, f"the router served {trained.name}, not a trained checkpoint"
 
