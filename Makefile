@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.setup-done
 .PHONY: help setup demo serve test test-unit test-integration test-chaos test-e2e test-compose test-k8s bench lint protos k8s-configmaps clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)

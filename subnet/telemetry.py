@@ -66,7 +66,7 @@ class TracingConfig:
                              f"http://host:4317 (plaintext) or https://host:4317 (TLS)")
 
 
-class UnseededIds(IdGenerator):
+class OsRandomIds(IdGenerator):
     """Trace and span ids from the operating system's generator. The SDK's default draws them from
     Python's `random`, whose state training restores after every evaluation (moe.train.rng keeps
     runs reproducible): the router's spans after an evaluation then got the ids its first spans
@@ -91,7 +91,7 @@ def tracer_provider(config: TracingConfig, default_service_name: str) -> TracerP
     if not exporters:
         return None
     name = config.service_name or default_service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}), id_generator=UnseededIds())
+    provider = TracerProvider(resource=Resource.create({"service.name": name}), id_generator=OsRandomIds())
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

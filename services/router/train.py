@@ -91,16 +91,21 @@ class RemoteTrainer(Trainer):
 
     def train_step(self) -> float:
         started = time.perf_counter()
-        with self.tracer.training_step(self.step, self.lr_for(self.step)) as span:
-            if self.snapshots is None:
-                loss = super().train_step()
-            else:
-                with self.snapshots.step_lock:  # a round's snapshot waits for this step, never the reverse
-                    loss = super().train_step()
-            span.set_attribute("moe.loss", loss)
+        if self.snapshots is None:
+            loss = self._traced_step()
+        else:
+            with self.snapshots.step_lock:  # a round's snapshot waits for this step, never the reverse
+                loss = self._traced_step()
         tokens = self.cfg.batch_size * self.model.cfg.block_size
         self.router_metrics.training_loss.set(loss)
         self.router_metrics.tokens_per_second.set(tokens / max(time.perf_counter() - started, 1e-9))
+        return loss
+
+    def _traced_step(self) -> float:
+        """One step under its root span (inside the snapshot lock: the span times the step, not the wait)."""
+        with self.tracer.training_step(self.step, self.lr_for(self.step)) as span:
+            loss = super().train_step()
+            span.set_attribute("moe.loss", loss)
         return loss
 
 

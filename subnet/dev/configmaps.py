@@ -11,6 +11,7 @@ scalars of a ConfigMap (tests/deploy/test_k8s.py checks they are equal). After c
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -26,19 +27,42 @@ SYNCED = (
 KEY_INDENT, BODY_INDENT = "  ", "    "   # `data:` entries and their block's lines
 
 
+def _lines(text: str) -> list[str]:
+    """`text` split after each newline only (str.splitlines also splits on \\r, form feeds, ...)."""
+    return re.split(r"(?<=\n)", text)[:-1] if text.endswith("\n") else re.split(r"(?<=\n)", text)
+
+
+def check_content(key: str, content: str) -> None:
+    """ValueError unless `content` comes back unchanged from a `|` block indented by BODY_INDENT."""
+    lines = _lines(content)
+    if not content.endswith("\n") or content.endswith("\n\n"):
+        raise ValueError(f"{key}: a `|` block keeps exactly one final newline; the file must end with one")
+    if "\r" in content:
+        raise ValueError(f"{key}: carriage returns (CRLF line ends?) do not survive a YAML block; use \\n")
+    if any(line.strip(" \t\n") == "" and line != "\n" for line in lines):
+        raise ValueError(f"{key}: a line of only spaces or tabs; empty it (YAML would not keep it as is)")
+    first = next((line for line in lines if line != "\n"), None)
+    if first is None:
+        raise ValueError(f"{key}: the file is empty")
+    if first[0] in " \t":
+        raise ValueError(f"{key}: the first non-empty line is indented; YAML takes a block's indent from it")
+
+
 def with_block(manifest: str, key: str, content: str) -> str:
-    """`manifest` with the literal block of `<key>: |` (at the ConfigMap data's indent) holding `content`."""
-    lines = manifest.splitlines(keepends=True)
+    """`manifest` with the literal block of `<key>: |` (at the ConfigMap data's indent) holding `content`;
+    blank lines after the block, and everything else, as they were."""
+    check_content(key, content)
+    lines = _lines(manifest)
     header = f"{KEY_INDENT}{key}: |\n"
     if lines.count(header) != 1:
         raise ValueError(f"expected one line {header.strip()!r} in the manifest, found {lines.count(header)}")
     start = lines.index(header) + 1
     end = start
-    while end < len(lines) and (not lines[end].strip() or lines[end].startswith(BODY_INDENT)):
+    while end < len(lines) and (lines[end] == "\n" or lines[end].startswith(BODY_INDENT)):
         end += 1
-    if not content.endswith("\n") or content.endswith("\n\n"):
-        raise ValueError(f"{key}: a `|` block keeps exactly one final newline; the file must end with one")
-    body = "".join(BODY_INDENT + line if line.strip() else "\n" for line in content.splitlines(keepends=True))
+    while end > start and lines[end - 1] == "\n":   # blank lines between this block and what follows
+        end -= 1
+    body = "".join(line if line == "\n" else BODY_INDENT + line for line in _lines(content))
     return "".join(lines[:start]) + body + "".join(lines[end:])
 
 

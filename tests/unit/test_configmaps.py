@@ -45,6 +45,39 @@ def test_a_changed_source_is_found_stale_and_rewritten_to_equal_it(copy_of_deplo
         assert other_objects(changed[manifest]) == other_objects((root / manifest).read_text())
 
 
+MANIFEST = """data:
+  first.yml: |
+    old: 1
+
+  second.yml: |
+    kept: 2
+---
+kind: Other
+"""
+
+
+def test_only_the_block_changes_byte_for_byte_and_blank_lines_around_it_stay():
+    new = with_block(MANIFEST, "first.yml", "a:\n\n  b: 1\n")
+    assert new == MANIFEST.replace("    old: 1\n", "    a:\n\n      b: 1\n")
+    assert yaml.safe_load(new.split("---")[0])["data"] == {"first.yml": "a:\n\n  b: 1\n", "second.yml": "kept: 2\n"}
+    last = with_block(MANIFEST, "second.yml", "x\n")
+    assert last == MANIFEST.replace("    kept: 2\n", "    x\n")
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("a:\n   \n  b: 1\n", "only spaces"),            # YAML would read the line back empty
+    ("  a: 1\nb: 2\n", "indented"),                  # YAML takes the block's indent from it
+    ("\n  a\n", "indented"),
+    ("a: 1\r\nb: 2\r\n", "carriage returns"),
+    ("a: 1", "final newline"),
+    ("a: 1\n\n", "final newline"),
+    ("\n", "empty"),
+])
+def test_content_a_block_cannot_hold_as_is_is_refused(content, why):
+    with pytest.raises(ValueError, match=why):
+        with_block(MANIFEST, "first.yml", content)
+
+
 def test_every_synced_block_exists_once_and_a_bad_source_is_refused():
     for manifest, key, _ in SYNCED:
         assert f"  {key}: |\n" in (ROOT / manifest).read_text()

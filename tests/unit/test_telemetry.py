@@ -76,7 +76,9 @@ def test_without_a_provider_the_router_sends_no_trace_header(monkeypatch):
 
 def test_span_ids_do_not_repeat_when_training_restores_pythons_random_state(capsys):
     """moe.train.rng restores `random`'s state after each evaluation; the SDK's default ids come from
-    it and repeat (first half), the services' providers' do not (second half)."""
+    it and repeat (first half: an assumption about the SDK 1.x this pins, kept to show why the
+    second half matters; a later SDK that stops drawing from `random` would fail it alone), the
+    services' providers' do not (second half)."""
     def ids_across_a_restore(provider):
         tracer = provider.get_tracer("test")
         state = random.getstate()
