@@ -64,12 +64,24 @@ class ExpertCallTracer:
         """The current span of training step `step`: a trace's root, parent of every layer span of
         the step (forward, backward through autograd, GradNorm, ApplyStep), so that one step is
         one trace. The caller may add `moe.loss` once it is known."""
+        with self._root("moe.train/step", {"moe.step": step, "moe.lr": lr}) as span:
+            yield span
+
+    @contextmanager
+    def evaluation(self, step: int) -> Iterator[trace.Span]:
+        """The current span of the validation pass after step `step`: one trace for all its forwards."""
+        with self._root("moe.train/evaluate", {"moe.step": step}) as span:
+            yield span
+
+    @contextmanager
+    def _root(self, name: str, attributes: dict) -> Iterator[trace.Span]:
         if not spans_recorded(self._provider):
             yield trace.INVALID_SPAN
             return
-        # A root whatever is current: steps follow each other, none is part of another's trace.
-        with self._tracer.start_as_current_span("moe.train/step", context=trace.set_span_in_context(
-                trace.INVALID_SPAN), attributes={"moe.step": step, "moe.lr": lr}) as span:
+        # A root whatever is current: steps and evaluations follow each other, none is part of
+        # another's trace.
+        with self._tracer.start_as_current_span(name, context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                                attributes=attributes) as span:
             yield span
 
     @staticmethod

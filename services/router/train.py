@@ -101,6 +101,12 @@ class RemoteTrainer(Trainer):
         self.router_metrics.tokens_per_second.set(tokens / max(time.perf_counter() - started, 1e-9))
         return loss
 
+    def _evaluate_and_save(self) -> dict:
+        with self.tracer.evaluation(self.step) as span:
+            row = super()._evaluate_and_save()
+            span.set_attribute("moe.val_loss", row["val_loss"])
+        return row
+
     def _traced_step(self) -> float:
         """One step under its root span (inside the snapshot lock: the span times the step, not the wait)."""
         with self.tracer.training_step(self.step, self.lr_for(self.step)) as span:

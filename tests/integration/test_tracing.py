@@ -268,10 +268,11 @@ def corpus_cfg(tmp_path_factory):
     return cfg
 
 
-def test_each_training_step_is_one_trace_from_its_step_span_to_the_experts(tmp_path, corpus_cfg, expert_service_factory,
-                                                                           redis_server, dev_wallets, receiver):
+def test_each_training_step_and_evaluation_is_one_trace_from_its_root_to_the_experts(
+        tmp_path, corpus_cfg, expert_service_factory, redis_server, dev_wallets, receiver):
     """RemoteTrainer: each step is the root span `moe.train/step` of a trace holding every layer span
-    of that step (Forward, Backward, GradNorm, ApplyStep) and the expert services' spans they caused."""
+    of that step (Forward, Backward, GradNorm, ApplyStep) and the expert services' spans they caused;
+    each validation pass is the root `moe.train/evaluate` of its forwards."""
     steps = 2
     ckpt, experts, lm_cfg, _ = _init(tmp_path, corpus_cfg, steps=steps)
     redis_url = _private_db(redis_server, 6)
@@ -293,6 +294,13 @@ def test_each_training_step_is_one_trace_from_its_step_span_to_the_experts(tmp_p
             assert service.terminate() == 0
 
     spans = receiver.snapshot()
+    # Every layer span of the router has a root above it: a step or an evaluation (before step 0 and
+    # after the last), each a trace of its own.
+    evaluations = [s for s in spans if s.name == "moe.train/evaluate"]
+    assert len(evaluations) == 2 and all(s.parent_id == "" for s in evaluations)
+    assert all(s.parent_id for s in spans if s.name.startswith("moe.layer/"))
+    assert {s.trace_id for s in spans if s.name.startswith("moe.layer/Forward") and s.parent_id in
+            {e.span_id for e in evaluations}} == {e.trace_id for e in evaluations}
     roots = [s for s in spans if s.name == "moe.train/step"]
     assert len(roots) == steps and all(s.service == "router" and s.parent_id == "" for s in roots)
     assert len({s.trace_id for s in roots}) == steps
