@@ -2,8 +2,8 @@
 
 Each expert RPC attempt gets a CLIENT span, a child of whatever span is current in the
 router: the layer span (`layer`, one per MoE layer and phase: Forward, Backward, GradNorm,
-ApplyStep) inside a generate request or a training step (`training_step`, the root of one
-step's trace). The W3C `traceparent` of the call
+ApplyStep) inside a generate request, a training step (`training_step`, the root of one
+step's trace) or a validation pass during training (`evaluation`). The W3C `traceparent` of the call
 span goes out as gRPC metadata, and the expert service's SERVER span continues the trace
 (`subnet.telemetry.AioServerTracing`).
 
