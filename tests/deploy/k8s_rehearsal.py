@@ -49,9 +49,12 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   restarts are counted.
 - `stop()` sends SIGTERM and waits the pod's terminationGracePeriodSeconds (30 s by default);
   `close()` kills at once.
+- A container's read-only volumes (`readOnly` mounts, claims marked `readOnly`, every Secret and
+  ConfigMap volume) are read-only bind mounts in its mount namespace: a write there fails as in a
+  cluster, even as root.
 - Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
-  probes (redis-cli), `readOnly` volume mounts and read-only root filesystems (a write a cluster
-  refuses succeeds here), securityContext (the processes run as root), resources, affinity,
+  probes (redis-cli), read-only root filesystems (a write a cluster refuses succeeds here outside
+  the volumes), securityContext (the processes run as root), resources, affinity,
   PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
@@ -63,6 +66,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,6 +109,13 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _K8S_VAR.sub(substitute, text)
 
 
+def read_only_volumes(spec: dict) -> set[str]:
+    """The pod's volumes the kubelet mounts read-only whatever the mount says: Secrets and ConfigMaps
+    (read-only since Kubernetes 1.10), and claims marked `readOnly`."""
+    return {v["name"] for v in spec.get("volumes") or []
+            if "secret" in v or "configMap" in v or (v.get("persistentVolumeClaim") or {}).get("readOnly")}
+
+
 def applied_documents() -> list[dict]:
     """`kubectl apply -f deploy/k8s -l 'moe-subnet.io/optional!=gpu-experts'`, then `-f deploy/k8s/cpu`."""
     main = [doc for _, doc in k8s_documents("")
@@ -141,6 +152,7 @@ class Container:
     argv: list[str]
     env: dict[str, str]
     spec: dict
+    read_only: list[str] = field(default_factory=list)   # host folders mounted read-only for it
 
 
 @dataclass
@@ -286,7 +298,7 @@ class K8sRehearsal(OnBridge):
         for kind in ("initContainers", "containers"):
             for c in spec.get(kind) or []:
                 getattr(pod, "init" if kind == "initContainers" else "containers").append(
-                    self._container(c, name, owner, volumes))
+                    self._container(c, name, owner, volumes, read_only_volumes(spec)))
         return pod
 
     def _volume(self, volume: dict, pod: str, folder: Path) -> Path:
@@ -339,7 +351,8 @@ class K8sRehearsal(OnBridge):
             assert number == port["port"], (f"Service {service['metadata']['name']}: port {port['port']} goes to "
                                             f"{target!r} ({number}) of its pod; the rehearsal dials the pod directly")
 
-    def _container(self, c: dict, pod: str, owner: dict, volumes: dict[str, Path]) -> Container:
+    def _container(self, c: dict, pod: str, owner: dict, volumes: dict[str, Path],
+                   read_only: set[str]) -> Container:
         env = self.environment(c, pod)
         argv = [expand(word, env) for word in (c.get("command") or []) + (c.get("args") or [])]
         for old, new in self.argv_rewrites.get((owner["metadata"]["name"], c["name"]), {}).items():
@@ -358,7 +371,9 @@ class K8sRehearsal(OnBridge):
             argv[0] = sys.executable
         if owner["metadata"]["name"] == "prometheus" and not c.get("command"):   # the image's entrypoint
             argv = [shutil.which(PROMETHEUS), *argv]
-        return Container(c["name"], argv, full, c)
+        mounted_read_only = sorted({str(volumes[m["name"]]) for m in c.get("volumeMounts") or []
+                                    if m.get("readOnly") or m["name"] in read_only})
+        return Container(c["name"], argv, full, c, mounted_read_only)
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -404,9 +419,15 @@ class K8sRehearsal(OnBridge):
             with open(pod.log_path(container.name), "ab") as log:
                 # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
                 # when the forking thread ends, and this thread always waits for its child first.
+                # `ip netns exec` runs it in a mount namespace of its own (host mounts propagate in,
+                # its own do not leak out): there its read-only volumes become read-only bind mounts,
+                # which refuse writes even from root, as the kubelet's do.
+                read_only = "".join(f" && mount --bind {shlex.quote(path)} {shlex.quote(path)}"
+                                    f" && mount -o remount,bind,ro {shlex.quote(path)}"
+                                    for path in container.read_only)
                 pod.process = subprocess.Popen(
                     ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "sh", "-c",
-                     'hostname "$0" && exec "$@"', pod.name, *container.argv],
+                     f'hostname "$0"{read_only} && exec "$@"', pod.name, *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,
                     preexec_fn=die_with_parent)

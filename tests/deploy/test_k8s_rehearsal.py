@@ -6,9 +6,9 @@ published global version 0, load it from S3 and publish `<pod ip>:50051` on the 
 router trains through them and answers a Generate signed by a registered hotkey (the manifests
 keep Generate closed: no ROUTER_OPEN_GENERATE), and its spans and the expert pods' reach `jaeger`
 in shared traces; every gRPC and HTTP probe of the manifests answers; Prometheus (where Debian's
-server is installed) scrapes every pod of ours, found by DNS as in a cluster; no expert refuses a
-signed request; every pod stops with 0 on SIGTERM within its terminationGracePeriodSeconds,
-without having logged a traceback.
+server is installed) scrapes every pod of ours, found by DNS as in a cluster; read-only volumes
+are read-only in each pod and refuse a write; no expert refuses a signed request; every pod stops
+with 0 on SIGTERM within its terminationGracePeriodSeconds, without having logged a traceback.
 
 Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 """
@@ -20,8 +20,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -104,6 +106,15 @@ def _passes_in_time(pod: Pod, kind: str, stage: K8sRehearsal, cap_s: float) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"{pod.name}'s {kind} still fails after {allowed:.0f} s: {failure}")
         time.sleep(1)
+
+
+def _mount_options(pid: int) -> dict[str, set[str]]:
+    """Mount point -> its per-mount options, in the mount namespace of process `pid`."""
+    options: dict[str, set[str]] = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
+    return options
 
 
 @pytest.mark.timeout(1200)
@@ -200,6 +211,21 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
                                  f"{sorted(set(stage.name_server.queries))}") from None
         with urllib.request.urlopen(f"{address}/api/v1/rules", timeout=5) as answer:
             assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+
+    # Read-only volumes are read-only where each container sees them: its Secrets, ConfigMaps and the
+    # validator's read-only claim of the router's checkpoints (which the router itself writes).
+    for pod in (router, validator, scorer, *experts, *prometheus):
+        container = pod.containers[0]
+        assert container.read_only or pod in prometheus, f"{pod.name}: no read-only volume (its wallet?)"
+        mounts = _mount_options(pod.process.pid)
+        for path in container.read_only:
+            assert "ro" in mounts.get(path, ()), f"{pod.name}: {path} is not mounted read-only: {mounts.get(path)}"
+    checkpoints = str(stage.folder / "pvc" / "router-checkpoints")
+    assert checkpoints in validator.containers[0].read_only and checkpoints not in router.containers[0].read_only
+    write = subprocess.run(["nsenter", "-t", str(validator.process.pid), "-m", "touch", f"{checkpoints}/written"],
+                           capture_output=True, text=True)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+    assert not os.path.exists(f"{checkpoints}/written")
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):
