@@ -29,6 +29,8 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
 - Named volumes become directories under the rehearsal's folder, bind mounts the repository's
   files: each service's container paths (its `volumes:` targets) are replaced by them in its
   command and environment.
+- A service's `:ro` volumes are read-only bind mounts in its mount namespace (`ip netns exec` makes
+  one per process): a write there fails as with Docker, even as root.
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,6 +84,7 @@ class Service:
     env: dict[str, str]
     log_path: Path
     stop_grace_s: float
+    read_only: list[str] = field(default_factory=list)   # host paths of its `:ro` volumes
     process: subprocess.Popen | None = None
 
     def log(self) -> str:
@@ -127,15 +131,17 @@ class Rehearsal(OnBridge):
         self.add_namespace(netns, f"mr{self.tag}{len(self.services)}", address, hosts)
 
         spec = self.config["services"][name]
-        volumes = {}
+        volumes, read_only = {}, []
         for volume in spec.get("volumes") or []:
-            source, target = volume.split(":")[:2]
+            source, target, *mode = volume.split(":")
             if source.startswith(("./", "/")):   # a bind mount of a file or folder of the repository
                 host = (ROOT / source).resolve()
             else:                                 # a named volume
                 host = self.folder / "volumes" / source
                 host.mkdir(parents=True, exist_ok=True)
             volumes[target] = str(host)
+            if "ro" in mode:
+                read_only.append(str(host))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
         home = self.folder / "home" / name
         home.mkdir(parents=True, exist_ok=True)
@@ -149,7 +155,7 @@ class Rehearsal(OnBridge):
             # Its DNS discovery asks the name server (`ip netns exec` mounts this over /etc/resolv.conf).
             (Path("/etc/netns") / netns / "resolv.conf").write_text(f"nameserver {self.bridge_address}\n")
         return Service(name, netns, address, argv, env, self.folder / "logs" / f"{name}.log",
-                       _seconds(spec.get("stop_grace_period", "10s")))
+                       _seconds(spec.get("stop_grace_period", "10s")), read_only)
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
@@ -168,8 +174,13 @@ class Rehearsal(OnBridge):
         service = self.services[name]
         service.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(service.log_path, "wb") as log:
+            # `ip netns exec` gives it a mount namespace of its own: there its `:ro` volumes become
+            # read-only bind mounts, which refuse writes even from root, as Docker's do.
+            mounts = "".join(f"mount --bind {shlex.quote(path)} {shlex.quote(path)} && "
+                             f"mount -o remount,bind,ro {shlex.quote(path)} && " for path in service.read_only)
             service.process = subprocess.Popen(
-                ["ip", "netns", "exec", service.netns, *service.argv], env=service.env, cwd=service.env["HOME"],
+                ["ip", "netns", "exec", service.netns, "sh", "-c", f'{mounts}exec "$@"', service.name, *service.argv],
+                env=service.env, cwd=service.env["HOME"],
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return service
 

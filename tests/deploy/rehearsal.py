@@ -42,6 +42,24 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float, check
         time.sleep(0.5)
 
 
+def mount_options(pid: int) -> dict[str, set[str]]:
+    """Mount point -> its per-mount options, in the mount namespace of process `pid`."""
+    options: dict[str, set[str]] = {}
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
+    return options
+
+
+def write_refused(pid: int, folder: str) -> None:
+    """A file written into `folder` from the mount namespace of process `pid` fails, read-only, and
+    nothing appears there."""
+    write = subprocess.run(["nsenter", "-t", str(pid), "-m", "touch", f"{folder}/written"],
+                           capture_output=True, text=True)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+    assert not (Path(folder) / "written").exists()
+
+
 @dataclass(kw_only=True)
 class OnBridge:
     """The bridge a rehearsal's namespaces hang off (`BRIDGE_PREFIX` + tag) and its address

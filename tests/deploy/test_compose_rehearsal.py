@@ -4,9 +4,9 @@ services publish their compose names on the local chain, the router finds them t
 through them and serves a Generate from outside, their spans reach otel-collector's address in
 shared traces, the validator publishes global version 0 to the bucket, Prometheus (where
 installed) scrapes the router, the validator and the scorer by their compose names and both
-experts through a DNS query for their shared alias (with the alert rules loaded), no expert
-refuses a signed request, and every service stops cleanly on SIGTERM without having logged a
-traceback.
+experts through a DNS query for their shared alias (with the alert rules loaded), `:ro` volumes
+are read-only and refuse a write, no expert refuses a signed request, and every service stops
+cleanly on SIGTERM without having logged a traceback.
 
 `make test-compose` (about 2 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
 set to 0.5 in the .env it reads (the file's default is 5); everything else is .env.example's.
@@ -32,7 +32,7 @@ from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
 from tests.deploy.files import environment
-from tests.deploy.rehearsal import staged, wait_until
+from tests.deploy.rehearsal import mount_options, staged, wait_until, write_refused
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -127,6 +127,17 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
         with urllib.request.urlopen(f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/rules",
                                     timeout=5) as answer:
             assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+
+    # `:ro` volumes are read-only where each service sees them: the wallets chain-init wrote, the
+    # Prometheus files.
+    for name in LONG_RUNNING:
+        service = stage.services[name]
+        mounts = mount_options(service.process.pid)
+        for path in service.read_only:
+            assert "ro" in mounts.get(path, ()), f"{name}: {path} is not mounted read-only: {mounts.get(path)}"
+    wallets = stage.folder / "volumes" / "wallets"
+    assert str(wallets) in stage.services["expert-0"].read_only
+    write_refused(stage.services["expert-0"].process.pid, str(wallets))
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)

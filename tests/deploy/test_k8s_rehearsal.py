@@ -20,10 +20,8 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -40,7 +38,7 @@ from subnet.identity import WalletConfig, load_identity
 from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.k8s_rehearsal import K8sRehearsal, Pod
-from tests.deploy.rehearsal import staged, wait_until
+from tests.deploy.rehearsal import mount_options, staged, wait_until, write_refused
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -106,15 +104,6 @@ def _passes_in_time(pod: Pod, kind: str, stage: K8sRehearsal, cap_s: float) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"{pod.name}'s {kind} still fails after {allowed:.0f} s: {failure}")
         time.sleep(1)
-
-
-def _mount_options(pid: int) -> dict[str, set[str]]:
-    """Mount point -> its per-mount options, in the mount namespace of process `pid`."""
-    options: dict[str, set[str]] = {}
-    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
-        fields = line.split()
-        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
-    return options
 
 
 @pytest.mark.timeout(1200)
@@ -217,15 +206,12 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
     for pod in (router, validator, scorer, *experts, *prometheus):
         container = pod.containers[0]
         assert container.read_only or pod in prometheus, f"{pod.name}: no read-only volume (its wallet?)"
-        mounts = _mount_options(pod.process.pid)
+        mounts = mount_options(pod.process.pid)
         for path in container.read_only:
             assert "ro" in mounts.get(path, ()), f"{pod.name}: {path} is not mounted read-only: {mounts.get(path)}"
     checkpoints = str(stage.folder / "pvc" / "router-checkpoints")
     assert checkpoints in validator.containers[0].read_only and checkpoints not in router.containers[0].read_only
-    write = subprocess.run(["nsenter", "-t", str(validator.process.pid), "-m", "touch", f"{checkpoints}/written"],
-                           capture_output=True, text=True)
-    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
-    assert not os.path.exists(f"{checkpoints}/written")
+    write_refused(validator.process.pid, checkpoints)
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):
