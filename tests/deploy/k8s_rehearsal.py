@@ -52,10 +52,12 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
 - A container's read-only volumes (`readOnly` mounts, claims marked `readOnly`, every Secret and
   ConfigMap volume) are read-only bind mounts in its mount namespace: a write there fails as in a
   cluster, even as root.
+- A container with `readOnlyRootFilesystem` sees the root file system read-only but for its
+  writable volumes (and /dev/shm, /proc, which are mounts of their own); its TMPDIR names its /tmp
+  volume's folder, since paths outside its command and environment are not rewritten.
 - Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
-  probes (redis-cli), read-only root filesystems (a write a cluster refuses succeeds here outside
-  the volumes), securityContext (the processes run as root), resources, affinity,
-  PodDisruptionBudgets, the Namespace's Pod Security admission.
+  probes (redis-cli), the rest of securityContext (the processes run as root), resources,
+  affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
 name and is removed by `close()`, also after a failure.
@@ -116,6 +118,23 @@ def read_only_volumes(spec: dict) -> set[str]:
             if "secret" in v or "configMap" in v or (v.get("persistentVolumeClaim") or {}).get("readOnly")}
 
 
+def _mounts(container: Container) -> str:
+    """The shell commands (each after `&&`) that give a container its file system as the kubelet
+    would. `ip netns exec` runs it in a mount namespace of its own (host mounts propagate in, its own
+    do not leak out), where these are bind mounts and per-mount flags, refused writes even as root:
+    with readOnlyRootFilesystem the root mount is read-only but for its writable volumes (bound
+    first, so they stay writable mounts of their own; /dev/shm and /proc are mounts of their own
+    too), and its read-only volumes are read-only."""
+    q = shlex.quote
+    steps = []
+    if container.read_only_root:
+        steps += [f"mount --bind {q(path)} {q(path)}" for path in container.writable]
+        steps.append("mount -o remount,bind,ro /")
+    for path in container.read_only:
+        steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
+    return "".join(f" && {step}" for step in steps)
+
+
 def applied_documents() -> list[dict]:
     """`kubectl apply -f deploy/k8s -l 'moe-subnet.io/optional!=gpu-experts'`, then `-f deploy/k8s/cpu`."""
     main = [doc for _, doc in k8s_documents("")
@@ -153,6 +172,9 @@ class Container:
     env: dict[str, str]
     spec: dict
     read_only: list[str] = field(default_factory=list)   # host folders mounted read-only for it
+    # readOnlyRootFilesystem: everything but its writable volumes (`writable`) is read-only for it
+    read_only_root: bool = False
+    writable: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -373,7 +395,11 @@ class K8sRehearsal(OnBridge):
             argv = [shutil.which(PROMETHEUS), *argv]
         mounted_read_only = sorted({str(volumes[m["name"]]) for m in c.get("volumeMounts") or []
                                     if m.get("readOnly") or m["name"] in read_only})
-        return Container(c["name"], argv, full, c, mounted_read_only)
+        writable = sorted(set(mounts.values()) - set(mounted_read_only))
+        read_only_root = (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is True
+        if read_only_root and "/tmp" in mounts:   # its /tmp is a volume; tempfile must find it
+            full["TMPDIR"] = mounts["/tmp"]
+        return Container(c["name"], argv, full, c, mounted_read_only, read_only_root, writable)
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -419,15 +445,9 @@ class K8sRehearsal(OnBridge):
             with open(pod.log_path(container.name), "ab") as log:
                 # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
                 # when the forking thread ends, and this thread always waits for its child first.
-                # `ip netns exec` runs it in a mount namespace of its own (host mounts propagate in,
-                # its own do not leak out): there its read-only volumes become read-only bind mounts,
-                # which refuse writes even from root, as the kubelet's do.
-                read_only = "".join(f" && mount --bind {shlex.quote(path)} {shlex.quote(path)}"
-                                    f" && mount -o remount,bind,ro {shlex.quote(path)}"
-                                    for path in container.read_only)
                 pod.process = subprocess.Popen(
                     ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "sh", "-c",
-                     f'hostname "$0"{read_only} && exec "$@"', pod.name, *container.argv],
+                     f'hostname "$0"{_mounts(container)} && exec "$@"', pod.name, *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,
                     preexec_fn=die_with_parent)

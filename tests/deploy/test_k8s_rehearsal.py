@@ -7,8 +7,9 @@ router trains through them and answers a Generate signed by a registered hotkey 
 keep Generate closed: no ROUTER_OPEN_GENERATE), and its spans and the expert pods' reach `jaeger`
 in shared traces; every gRPC and HTTP probe of the manifests answers; Prometheus (where Debian's
 server is installed) scrapes every pod of ours, found by DNS as in a cluster; read-only volumes
-are read-only in each pod and refuse a write; no expert refuses a signed request; every pod stops
-with 0 on SIGTERM within its terminationGracePeriodSeconds, without having logged a traceback.
+and read-only root file systems are read-only in each pod and refuse a write; no expert refuses a
+signed request; every pod stops with 0 on SIGTERM within its terminationGracePeriodSeconds,
+without having logged a traceback.
 
 Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 """
@@ -212,6 +213,12 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
     checkpoints = str(stage.folder / "pvc" / "router-checkpoints")
     assert checkpoints in validator.containers[0].read_only and checkpoints not in router.containers[0].read_only
     write_refused(validator.process.pid, checkpoints)
+    # readOnlyRootFilesystem (every container of ours): outside its volumes nothing is writable, so
+    # each service above ran writing only where the manifests give it a volume.
+    for pod in (router, validator, scorer, *experts, *prometheus):
+        assert pod.containers[0].read_only_root, f"{pod.name}: no readOnlyRootFilesystem"
+        assert "ro" in mount_options(pod.process.pid)["/"], pod.name
+    write_refused(router.process.pid, str(stage.folder))
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):
