@@ -29,8 +29,8 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
 - Named volumes become directories under the rehearsal's folder, bind mounts the repository's
   files: each service's container paths (its `volumes:` targets) are replaced by them in its
   command and environment.
-- A service's `:ro` volumes are read-only bind mounts in its mount namespace (`ip netns exec` makes
-  one per process): a write there fails as with Docker, even as root.
+- A service's `:ro` volumes are read-only bind mounts in a mount namespace of its own (private
+  propagation): a write there fails as with Docker, even as root.
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
@@ -140,7 +140,7 @@ class Rehearsal(OnBridge):
                 host = self.folder / "volumes" / source
                 host.mkdir(parents=True, exist_ok=True)
             volumes[target] = str(host)
-            if "ro" in mode:
+            if mode and "ro" in mode[0].split(","):
                 read_only.append(str(host))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
         home = self.folder / "home" / name
@@ -174,12 +174,14 @@ class Rehearsal(OnBridge):
         service = self.services[name]
         service.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(service.log_path, "wb") as log:
-            # `ip netns exec` gives it a mount namespace of its own: there its `:ro` volumes become
-            # read-only bind mounts, which refuse writes even from root, as Docker's do.
+            # A mount namespace of its own with private propagation, so that nothing mounted there
+            # reaches the host: there its `:ro` volumes become read-only bind mounts, which refuse
+            # writes even from root, as Docker's do.
             mounts = "".join(f"mount --bind {shlex.quote(path)} {shlex.quote(path)} && "
                              f"mount -o remount,bind,ro {shlex.quote(path)} && " for path in service.read_only)
             service.process = subprocess.Popen(
-                ["ip", "netns", "exec", service.netns, "sh", "-c", f'{mounts}exec "$@"', service.name, *service.argv],
+                ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", f'{mounts}exec "$@"', service.name, *service.argv],
                 env=service.env, cwd=service.env["HOME"],
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return service

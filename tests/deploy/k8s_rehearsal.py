@@ -52,9 +52,10 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
 - A container's read-only volumes (`readOnly` mounts, claims marked `readOnly`, every Secret and
   ConfigMap volume) are read-only bind mounts in its mount namespace: a write there fails as in a
   cluster, even as root.
-- A container with `readOnlyRootFilesystem` sees the root file system read-only but for its
-  writable volumes (and /dev/shm, /proc, which are mounts of their own); its TMPDIR names its /tmp
-  volume's folder, since paths outside its command and environment are not rewritten.
+- A container with `readOnlyRootFilesystem` sees the root mount read-only (and the mount holding the
+  rehearsal's folders, where that is another, e.g. a tmpfs /tmp) but for its writable volumes;
+  other mounts of the host (/dev/shm, a separate /home, ...) keep their flags. Its TMPDIR names its
+  /tmp volume's folder, since paths outside its command and environment are not rewritten.
 - Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
   probes (redis-cli), the rest of securityContext (the processes run as root), resources,
   affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
@@ -83,7 +84,7 @@ from subnet.processes import die_with_parent
 from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
-from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
+from tests.deploy.rehearsal import Cleanup, OnBridge, kill, mount_point_of, terminate
 from tests.otlp_receiver import Receiver
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
@@ -118,18 +119,19 @@ def read_only_volumes(spec: dict) -> set[str]:
             if "secret" in v or "configMap" in v or (v.get("persistentVolumeClaim") or {}).get("readOnly")}
 
 
-def _mounts(container: Container) -> str:
+def _mounts(container: Container, root_mounts: list[str]) -> str:
     """The shell commands (each after `&&`) that give a container its file system as the kubelet
-    would. `ip netns exec` runs it in a mount namespace of its own (host mounts propagate in, its own
-    do not leak out), where these are bind mounts and per-mount flags, refused writes even as root:
-    with readOnlyRootFilesystem the root mount is read-only but for its writable volumes (bound
-    first, so they stay writable mounts of their own; /dev/shm and /proc are mounts of their own
-    too), and its read-only volumes are read-only."""
+    would. It runs in a mount namespace of its own with private propagation (`unshare --mount`, in
+    the one `ip netns exec` makes), so these bind mounts and per-mount flags never reach the host;
+    they refuse writes even as root: with readOnlyRootFilesystem the `root_mounts` (`/`, and the
+    mount holding the rehearsal's folders where that is another) are read-only but for its writable
+    volumes (bound first, so they stay writable mounts of their own), and its read-only volumes are
+    read-only. Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags."""
     q = shlex.quote
     steps = []
     if container.read_only_root:
         steps += [f"mount --bind {q(path)} {q(path)}" for path in container.writable]
-        steps.append("mount -o remount,bind,ro /")
+        steps += [f"mount -o remount,bind,ro {q(point)}" for point in root_mounts]
     for path in container.read_only:
         steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
     return "".join(f" && {step}" for step in steps)
@@ -229,6 +231,7 @@ class K8sRehearsal(OnBridge):
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     pods: dict[str, Pod] = field(default_factory=dict)
     name_server: NameServer | None = None   # the Services' cluster names, for Prometheus's DNS discovery
+    root_mounts: list[str] = field(default_factory=list)   # what readOnlyRootFilesystem makes read-only
     traces: Receiver | None = None          # the spans the services export to `jaeger`
 
     def objects(self, kind: str) -> list[dict]:
@@ -251,6 +254,7 @@ class K8sRehearsal(OnBridge):
                            for d in self.objects("ConfigMap")}
 
         self.make_bridge("10.233")
+        self.root_mounts = sorted({"/", mount_point_of(self.folder)})
 
         owners = [d for d in self.documents if d["kind"] in ("Deployment", "StatefulSet", "Job")
                   and d["metadata"]["name"] not in (*STAND_INS, *NOT_HERE, "minio-buckets")]
@@ -446,8 +450,9 @@ class K8sRehearsal(OnBridge):
                 # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
                 # when the forking thread ends, and this thread always waits for its child first.
                 pod.process = subprocess.Popen(
-                    ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "sh", "-c",
-                     f'hostname "$0"{_mounts(container)} && exec "$@"', pod.name, *container.argv],
+                    ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "--mount", "--propagation", "private",
+                     "sh", "-c", f'hostname "$0"{_mounts(container, self.root_mounts)} && exec "$@"', pod.name,
+                     *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,
                     preexec_fn=die_with_parent)

@@ -5,6 +5,8 @@ services stay alive, and a clean-up that runs every step whatever the others rai
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,19 +45,29 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float, check
 
 
 def mount_options(pid: int) -> dict[str, set[str]]:
-    """Mount point -> its per-mount options, in the mount namespace of process `pid`."""
+    """Mount point -> its per-mount options, in the mount namespace of process `pid` (the topmost
+    mount where several share a point)."""
     options: dict[str, set[str]] = {}
     for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         fields = line.split()
-        options[fields[4].replace("\\040", " ")] = set(fields[5].split(","))
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])   # \040 is a space, ...
+        options[point] = set(fields[5].split(","))
     return options
+
+
+def mount_point_of(path: Path) -> str:
+    """The mount point of the file system `path` is on."""
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return str(path)
 
 
 def write_refused(pid: int, folder: str) -> None:
     """A file written into `folder` from the mount namespace of process `pid` fails, read-only, and
     nothing appears there."""
     write = subprocess.run(["nsenter", "-t", str(pid), "-m", "touch", f"{folder}/written"],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert write.returncode != 0 and "Read-only file system" in write.stderr, write
     assert not (Path(folder) / "written").exists()
 

@@ -37,6 +37,7 @@ from tests.deploy.rehearsal import mount_options, staged, wait_until, write_refu
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
     pytest.mark.skipif(not shutil.which("ip"), reason="needs iproute2 (`ip`)"),
+    pytest.mark.skipif(not shutil.which("unshare"), reason="needs util-linux's `unshare`"),
 ]
 
 LONG_RUNNING = ("expert-0", "expert-1", "router", "validator", "scorer", *([PROMETHEUS] if PROMETHEUS else []))
