@@ -5,6 +5,7 @@ services stay alive, and a clean-up that runs every step whatever the others rai
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,31 @@ def mount_point_of(path: Path) -> str:
     while not os.path.ismount(path):
         path = path.parent
     return str(path)
+
+
+def assert_mounted_read_only(name: str, pid: int, paths: list[str]) -> None:
+    """Each of `paths` is a read-only mount where process `pid` (of `name`) sees it."""
+    mounts = mount_options(pid)
+    for path in paths:
+        assert "ro" in mounts.get(path, ()), f"{name}: {path} is not mounted read-only: {mounts.get(path)}"
+
+
+def prometheus_scrapes(address: str, wanted: set[tuple[str, str]], wait: Callable[[Callable[[], bool], str], None],
+                       dns_queries: Callable[[], list[str]]) -> None:
+    """`wait(condition, what)` until the Prometheus at `address` (host:port) has every (job, instance) of
+    `wanted` up, then require its alert rules loaded; a timeout names what was up and what the DNS
+    stand-in was asked."""
+    def up() -> set[tuple[str, str]]:
+        with urllib.request.urlopen(f"http://{address}/api/v1/targets", timeout=5) as answer:
+            targets = json.load(answer)["data"]["activeTargets"]
+        return {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
+
+    try:
+        wait(lambda: wanted <= up(), f"Prometheus to scrape {sorted(wanted)}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; up: {sorted(up())}; DNS queries: {sorted(set(dns_queries()))}") from None
+    with urllib.request.urlopen(f"http://{address}/api/v1/rules", timeout=5) as answer:
+        assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
 
 
 def write_refused(pid: int, folder: str) -> None:

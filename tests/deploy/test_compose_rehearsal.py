@@ -14,10 +14,8 @@ set to 0.5 in the .env it reads (the file's default is 5); everything else is .e
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import urllib.request
 
 import grpc
 import pytest
@@ -32,7 +30,7 @@ from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
 from tests.deploy.files import environment
-from tests.deploy.rehearsal import mount_options, staged, wait_until, write_refused
+from tests.deploy.rehearsal import assert_mounted_read_only, prometheus_scrapes, staged, wait_until, write_refused
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -109,33 +107,19 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
 
     if PROMETHEUS:
         # Prometheus scrapes the static targets of deploy/prometheus/prometheus.yml by their compose
-        # names, and both experts, found by a DNS query for their shared alias `experts`.
-        def up_targets() -> set[tuple[str, str]]:
-            url = f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/targets"
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                targets = json.load(answer)["data"]["activeTargets"]
-            return {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
-
-        experts = {("expert", f"{stage.services[name].address}:9100") for name in ("expert-0", "expert-1")}
-        try:
-            _wait(lambda: {"router", "validator", "scorer", "prometheus"} <= {job for job, _ in up_targets()}
-                  and experts <= up_targets(), "Prometheus to scrape the router, the validator, the scorer "
-                  "and both experts", 60, stage)
-        except AssertionError as e:
-            raise AssertionError(f"{e}; up: {sorted(up_targets())}; DNS queries: "
-                                 f"{sorted(set(stage.name_server.queries))}") from None
-        # rules.yml, named relative to the config file, is found where compose mounts it.
-        with urllib.request.urlopen(f"http://{stage.services[PROMETHEUS].address}:9090/api/v1/rules",
-                                    timeout=5) as answer:
-            assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+        # names, and both experts, found by a DNS query for their shared alias `experts`; rules.yml,
+        # named relative to the config file, is found where compose mounts it.
+        wanted = {("router", "router:9100"), ("validator", "validator:9100"), ("scorer", "scorer:9100"),
+                  ("prometheus", "localhost:9090"),
+                  *(("expert", f"{stage.services[name].address}:9100") for name in ("expert-0", "expert-1"))}
+        prometheus_scrapes(f"{stage.services[PROMETHEUS].address}:9090", wanted,
+                           lambda condition, what: _wait(condition, what, 60, stage),
+                           lambda: stage.name_server.queries)
 
     # `:ro` volumes are read-only where each service sees them: the wallets chain-init wrote, the
     # Prometheus files.
     for name in LONG_RUNNING:
-        service = stage.services[name]
-        mounts = mount_options(service.process.pid)
-        for path in service.read_only:
-            assert "ro" in mounts.get(path, ()), f"{name}: {path} is not mounted read-only: {mounts.get(path)}"
+        assert_mounted_read_only(name, stage.services[name].process.pid, stage.services[name].read_only)
     wallets = stage.folder / "volumes" / "wallets"
     assert str(wallets) in stage.services["expert-0"].read_only
     write_refused(stage.services["expert-0"].process.pid, str(wallets))

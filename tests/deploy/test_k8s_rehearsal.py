@@ -17,7 +17,6 @@ Root, iproute2 and util-linux's `unshare` (skipped otherwise); about 2 minutes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -39,7 +38,14 @@ from subnet.identity import WalletConfig, load_identity
 from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.k8s_rehearsal import K8sRehearsal, Pod
-from tests.deploy.rehearsal import mount_options, staged, wait_until, write_refused
+from tests.deploy.rehearsal import (
+    assert_mounted_read_only,
+    mount_options,
+    prometheus_scrapes,
+    staged,
+    wait_until,
+    write_refused,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -184,32 +190,18 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
     if prometheus:
         # Prometheus (prometheus-k8s.yml) finds every pod of ours through DNS queries for the headless
         # Services, as in a cluster, and scrapes them all; its alert rules come from the ConfigMap.
-        address = f"http://{prometheus[0].address}:9090"
-
-        def up_targets() -> set[tuple[str, str]]:
-            with urllib.request.urlopen(f"{address}/api/v1/targets", timeout=5) as answer:
-                targets = json.load(answer)["data"]["activeTargets"]
-            return {(t["labels"]["job"], t["labels"]["instance"]) for t in targets if t["health"] == "up"}
-
         wanted = {("router", f"{router.address}:9100"), ("validator", f"{validator.address}:9100"),
                   ("scorer", f"{scorer.address}:9100"), ("prometheus", "localhost:9090"),
                   *(("expert", f"{e.address}:9100") for e in experts)}
-        try:
-            _wait(lambda: wanted <= up_targets(), "Prometheus to scrape every pod of ours", 90, stage)
-        except AssertionError as e:
-            raise AssertionError(f"{e}; up: {sorted(up_targets())}; DNS queries: "
-                                 f"{sorted(set(stage.name_server.queries))}") from None
-        with urllib.request.urlopen(f"{address}/api/v1/rules", timeout=5) as answer:
-            assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+        prometheus_scrapes(f"{prometheus[0].address}:9090", wanted,
+                           lambda condition, what: _wait(condition, what, 90, stage), lambda: stage.name_server.queries)
 
     # Read-only volumes are read-only where each container sees them: its Secrets, ConfigMaps and the
     # validator's read-only claim of the router's checkpoints (which the router itself writes).
     for pod in (router, validator, scorer, *experts, *prometheus):
         container = pod.containers[0]
         assert container.read_only or pod in prometheus, f"{pod.name}: no read-only volume (its wallet?)"
-        mounts = mount_options(pod.process.pid)
-        for path in container.read_only:
-            assert "ro" in mounts.get(path, ()), f"{pod.name}: {path} is not mounted read-only: {mounts.get(path)}"
+        assert_mounted_read_only(pod.name, pod.process.pid, container.read_only)
     checkpoints = str(stage.folder / "pvc" / "router-checkpoints")
     assert checkpoints in validator.containers[0].read_only and checkpoints not in router.containers[0].read_only
     write_refused(validator.process.pid, checkpoints)
