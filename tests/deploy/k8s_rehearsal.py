@@ -56,9 +56,17 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   rehearsal's folders, where that is another, e.g. a tmpfs /tmp) but for its writable volumes;
   other mounts of the host (/dev/shm, a separate /home, ...) keep their flags. Its TMPDIR names its
   /tmp volume's folder, since paths outside its command and environment are not rewritten.
+- Each container runs as the user its securityContext names (`runAsUser`, `runAsGroup`, with the
+  pod's `fsGroup` and `supplementalGroups` as supplementary groups; `setpriv`), with no capability
+  left when it drops ALL and no_new_privs without `allowPrivilegeEscalation`. Its volumes are owned
+  as the kubelet leaves them: an emptyDir mode 0777; with an fsGroup, every volume's files group-owned
+  by it, group-readable (and group-writable but for Secrets, ConfigMaps and read-only claims), its
+  folders setgid; without one, a claim stays root's (0755) and a Secret's files keep their mode. So a
+  service that writes where its user may not, or a Secret its user cannot read, fails here as in a
+  cluster. The rehearsal's own folders are made searchable (o+x) down from /.
 - Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
-  probes (redis-cli), the rest of securityContext (the processes run as root), resources,
-  affinity, PodDisruptionBudgets, the Namespace's Pod Security admission.
+  probes (redis-cli), the rest of securityContext (seccomp), resources, affinity,
+  PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
 name and is removed by `close()`, also after a failure.
@@ -83,7 +91,7 @@ import yaml
 from subnet.processes import die_with_parent
 from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
 from tests.deploy.dns_stand_in import NameServer
-from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
+from tests.deploy.files import K8S_DIR, ROOT, container_environment, k8s_documents, pod_spec
 from tests.deploy.rehearsal import Cleanup, OnBridge, kill, mount_point_of, terminate
 from tests.otlp_receiver import Receiver
 
@@ -119,22 +127,109 @@ def read_only_volumes(spec: dict) -> set[str]:
             if "secret" in v or "configMap" in v or (v.get("persistentVolumeClaim") or {}).get("readOnly")}
 
 
-def _mounts(container: Container, root_mounts: list[str]) -> str:
+def _mounts(container: Container, root_mounts: list[str], interpreter: list[str]) -> str:
     """The shell commands (each after `&&`) that give a container its file system as the kubelet
     would. It runs in a mount namespace of its own with private propagation (`unshare --mount`, in
     the one `ip netns exec` makes), so these bind mounts and per-mount flags never reach the host;
     they refuse writes even as root: with readOnlyRootFilesystem the `root_mounts` (`/`, and the
     mount holding the rehearsal's folders where that is another) are read-only but for its writable
     volumes (bound first, so they stay writable mounts of their own), and its read-only volumes are
-    read-only. Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags."""
+    read-only. Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags. `interpreter`
+    (interpreter_mounts) come first."""
     q = shlex.quote
-    steps = []
+    steps = list(interpreter)
     if container.read_only_root:
         steps += [f"mount --bind {q(path)} {q(path)}" for path in container.writable]
         steps += [f"mount -o remount,bind,ro {q(point)}" for point in root_mounts]
     for path in container.read_only:
         steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
     return "".join(f" && {step}" for step in steps)
+
+
+def _hidden_by(path: Path) -> Path | None:
+    """The highest folder above `path` that others may not search (no o+x), or None."""
+    return next((folder for folder in reversed(path.parents) if not folder.stat().st_mode & 0o001), None)
+
+
+def interpreter_mounts(stage: Path) -> list[str]:
+    """Shell commands that let a container's (non-root) user reach this Python, its virtual environment
+    and the repository, as an image's user reaches /opt/venv, where a folder above them is closed to
+    others on this host (pyenv's Python under /root, 0700): in the container's mount namespace that
+    folder becomes an empty read-only tmpfs (mode 0711) holding only read-only bind mounts of the
+    entries leading to them, staged through `stage` (an empty folder). Nothing changes on the host."""
+    needed = [Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).resolve(), ROOT]
+    entries: dict[Path, set[str]] = {}
+    for path in needed:
+        folder = _hidden_by(path)
+        if folder is not None:
+            entries.setdefault(folder, set()).add(path.relative_to(folder).parts[0])
+    q = shlex.quote
+    steps = []
+    for i, (folder, names) in enumerate(sorted(entries.items())):
+        staged = stage / str(i)
+        staged.mkdir(parents=True, exist_ok=True)
+        steps += [f"mount --bind {q(str(folder))} {q(str(staged))}",
+                  f"mount -t tmpfs -o mode=0711,size=64k moe-rehearsal {q(str(folder))}"]
+        for name in sorted(names):
+            target, source = q(str(folder / name)), q(str(staged / name))
+            steps += [f"{'mkdir' if (folder / name).is_dir() else 'touch'} {target}",
+                      f"mount --bind {source} {target}", f"mount -o remount,bind,ro {target}"]
+        steps += [f"umount {q(str(staged))}", f"mount -o remount,ro {q(str(folder))}"]
+    return steps
+
+
+def _setpriv(container: Container) -> str:
+    """The `setpriv` command (its words, ending with `--`) that drops root for a container's process as
+    its securityContext says."""
+    words = ["setpriv", f"--reuid={container.uid}", f"--regid={container.gid}",
+             f"--groups={','.join(map(str, container.groups))}" if container.groups else "--clear-groups",
+             "--inh-caps=-all"]
+    if container.drop_all_capabilities:
+        words.append("--bounding-set=-all")
+    if container.no_new_privs:
+        words.append("--no-new-privs")
+    return " ".join(words + ["--"])
+
+
+def run_as(pod_context: dict, container_context: dict, where: str) -> tuple[int, int, list[int]]:
+    """(uid, gid, supplementary groups) of a container: its own runAsUser and runAsGroup over its pod's, and
+    the pod's fsGroup and supplementalGroups, which the kubelet adds to every container's groups."""
+    def pick(key: str) -> int | None:
+        value = container_context.get(key, pod_context.get(key))
+        return None if value is None else int(value)
+    uid, gid = pick("runAsUser"), pick("runAsGroup")
+    # Without them a cluster takes the image's USER; the rehearsal has no image to read it from.
+    assert uid is not None and gid is not None, f"{where}: no runAsUser/runAsGroup in its securityContext"
+    groups = ([int(pod_context["fsGroup"])] if "fsGroup" in pod_context else []) + \
+        [int(g) for g in pod_context.get("supplementalGroups") or []]
+    return uid, gid, sorted(set(groups))
+
+
+def own_volume(root: Path, fs_group: int | None, read_only: bool, kind: str) -> None:
+    """A volume's files as the kubelet leaves them for its pod (its volume ownership management): an
+    emptyDir is created mode 0777; with an fsGroup every file and folder is chowned to that group and
+    gets group read (and write, unless the volume is read-only: Secrets, ConfigMaps, read-only claims),
+    folders also group search and setgid, so what the pod creates there stays in the group. Without an
+    fsGroup a claim is left as its provisioner made it (here: root's, 0755) and a Secret's or
+    ConfigMap's files keep their mode."""
+    if kind == "emptyDir":
+        root.chmod(0o777)
+    if fs_group is None:
+        return
+    mask = 0o440 if read_only else 0o660
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, -1, fs_group, follow_symlinks=False)
+        extra = mask | (0o2110 if path.is_dir() else 0)
+        path.chmod(path.stat().st_mode & 0o7777 | extra)
+
+
+def searchable(path: Path) -> None:
+    """`path` and every folder above it searchable by others (o+x), so that a container's user reaches
+    its volumes (pytest's base temporary folder is 0700, root's)."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            folder.chmod(mode | 0o001)
 
 
 def applied_documents() -> list[dict]:
@@ -177,6 +272,12 @@ class Container:
     # readOnlyRootFilesystem: everything but its writable volumes (`writable`) is read-only for it
     read_only_root: bool = False
     writable: list[str] = field(default_factory=list)
+    # who it runs as (securityContext; `run_as`), and what it may not gain
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    drop_all_capabilities: bool = False
+    no_new_privs: bool = False
 
 
 @dataclass
@@ -317,10 +418,18 @@ class K8sRehearsal(OnBridge):
         folder = self.folder / "pods" / name
         pod = Pod(name, owner, spec, owner["spec"]["template"]["metadata"].get("labels") or {}, netns, address, folder)
         volumes = {v["name"]: self._volume(v, name, folder) for v in spec.get("volumes") or []}
+        kinds = {v["name"]: next(k for k in ("persistentVolumeClaim", "emptyDir", "secret", "configMap") if k in v)
+                 for v in spec.get("volumes") or []}
         for claim in owner["spec"].get("volumeClaimTemplates") or []:
             host = self.folder / "pvc" / f"{claim['metadata']['name']}-{name}"
             host.mkdir(parents=True, exist_ok=True)
             volumes[claim["metadata"]["name"]] = host
+            kinds[claim["metadata"]["name"]] = "persistentVolumeClaim"
+        fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+        for volume, host in volumes.items():
+            searchable(host)
+            own_volume(host, None if fs_group is None else int(fs_group), volume in read_only_volumes(spec),
+                       kinds[volume])
         for kind in ("initContainers", "containers"):
             for c in spec.get(kind) or []:
                 getattr(pod, "init" if kind == "initContainers" else "containers").append(
@@ -387,9 +496,6 @@ class K8sRehearsal(OnBridge):
         mounts = {m["mountPath"]: str(volumes[m["name"]]) for m in c.get("volumeMounts") or []}
         full = {**IMAGE_ENV, **env}
         full = {k: on_host(v, mounts) for k, v in full.items()}
-        for path in (full["HOME"], full["MPLCONFIGDIR"]):
-            if path.startswith(str(self.folder)):
-                Path(path).mkdir(parents=True, exist_ok=True)
         full.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                      "GRPC_ENABLE_FORK_SUPPORT": "0"})
         argv = [on_host(word, mounts) for word in argv]
@@ -400,10 +506,14 @@ class K8sRehearsal(OnBridge):
         mounted_read_only = sorted({str(volumes[m["name"]]) for m in c.get("volumeMounts") or []
                                     if m.get("readOnly") or m["name"] in read_only})
         writable = sorted(set(mounts.values()) - set(mounted_read_only))
-        read_only_root = (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is True
+        context = c.get("securityContext") or {}
+        read_only_root = context.get("readOnlyRootFilesystem") is True
         if read_only_root and "/tmp" in mounts:   # its /tmp is a volume; tempfile must find it
             full["TMPDIR"] = mounts["/tmp"]
-        return Container(c["name"], argv, full, c, mounted_read_only, read_only_root, writable)
+        uid, gid, groups = run_as(pod_spec(owner).get("securityContext") or {}, context, f"{pod}/{c['name']}")
+        return Container(c["name"], argv, full, c, mounted_read_only, read_only_root, writable, uid, gid, groups,
+                         drop_all_capabilities="ALL" in ((context.get("capabilities") or {}).get("drop") or []),
+                         no_new_privs=context.get("allowPrivilegeEscalation") is False)
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -449,10 +559,11 @@ class K8sRehearsal(OnBridge):
             with open(pod.log_path(container.name), "ab") as log:
                 # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
                 # when the forking thread ends, and this thread always waits for its child first.
+                mounts = _mounts(container, self.root_mounts, interpreter_mounts(pod.folder / "host"))
+                script = f'hostname "$0"{mounts} && exec {_setpriv(container)} "$@"'
                 pod.process = subprocess.Popen(
                     ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "--mount", "--propagation", "private",
-                     "sh", "-c", f'hostname "$0"{_mounts(container, self.root_mounts)} && exec "$@"', pod.name,
-                     *container.argv],
+                     "sh", "-c", script, pod.name, *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,
                     preexec_fn=die_with_parent)

@@ -90,6 +90,26 @@ def prometheus_scrapes(address: str, wanted: set[tuple[str, str]], wait: Callabl
         assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
 
 
+def process_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a dict (Uid, Gid, Groups, CapEff, CapBnd, NoNewPrivs, ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def assert_runs_as(name: str, pid: int, uid: int, gid: int, groups: list[int], no_capabilities: bool,
+                   no_new_privs: bool) -> None:
+    """Process `pid` (pod `name`'s container) runs as `uid`:`gid` (real, effective, saved and file system
+    ids) with exactly `groups` as supplementary groups, no effective capability, none in its bounding set
+    when `no_capabilities`, and no_new_privs set when `no_new_privs`."""
+    status = process_status(pid)
+    assert status["Uid"].split() == [str(uid)] * 4, f"{name} runs as uid {status['Uid']}, not {uid}"
+    assert status["Gid"].split() == [str(gid)] * 4, f"{name} runs as gid {status['Gid']}, not {gid}"
+    assert sorted(int(g) for g in status["Groups"].split()) == sorted(groups), f"{name}: groups {status['Groups']}"
+    assert int(status["CapEff"], 16) == 0, f"{name} holds capabilities {status['CapEff']}"
+    assert not no_capabilities or int(status["CapBnd"], 16) == 0, f"{name}: bounding set {status['CapBnd']}"
+    assert not no_new_privs or status["NoNewPrivs"].strip() == "1", f"{name}: no_new_privs not set"
+
+
 def write_refused(pid: int, folder: str) -> None:
     """A file written into `folder` from the mount namespace of process `pid` fails, read-only, and
     nothing appears there."""

@@ -7,7 +7,8 @@ router trains through them and answers a Generate signed by a registered hotkey 
 keep Generate closed: no ROUTER_OPEN_GENERATE), and its spans and the expert pods' reach `jaeger`
 in shared traces; every gRPC and HTTP probe of the manifests answers; Prometheus (where Debian's
 server is installed) scrapes every pod of ours, found by DNS as in a cluster; read-only volumes
-and read-only root file systems are read-only in each pod and refuse a write; no expert refuses a
+and read-only root file systems are read-only in each pod and refuse a write; every service runs as
+the non-root user and groups its securityContext names, without capabilities; no expert refuses a
 signed request; every pod stops with 0 on SIGTERM within its terminationGracePeriodSeconds,
 without having logged a traceback.
 
@@ -40,6 +41,7 @@ from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.k8s_rehearsal import K8sRehearsal, Pod
 from tests.deploy.rehearsal import (
     assert_mounted_read_only,
+    assert_runs_as,
     mount_options,
     prometheus_scrapes,
     staged,
@@ -211,6 +213,12 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         assert pod.containers[0].read_only_root, f"{pod.name}: no readOnlyRootFilesystem"
         assert "ro" in mount_options(pod.process.pid)["/"], pod.name
     write_refused(router.process.pid, str(stage.folder))
+    # Each service ran as the user its securityContext names (none as root), with its pod's fsGroup and
+    # no capability: so its volumes were writable and its Secrets readable to that user, as in a cluster.
+    for pod in (router, validator, scorer, *experts, *prometheus):
+        c = pod.containers[0]
+        assert c.uid != 0 and c.gid != 0, f"{pod.name} runs as root"
+        assert_runs_as(pod.name, pod.process.pid, c.uid, c.gid, c.groups, c.drop_all_capabilities, c.no_new_privs)
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):
