@@ -34,7 +34,14 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
-  output); they run as root from a working directory of their own.
+  output), from a working directory of their own (their HOME), and run as the image's user: ours as
+  the Dockerfile's `USER` (uid and gid 10001), Prometheus as its image's `nobody` (`setpriv`). A named
+  volume is owned as Docker leaves it on first use: like the image's folder at its mount path where
+  the image has one (the Dockerfile's `chown app:app` folders are the user's, prom/prometheus's
+  /prometheus is nobody's), else root's, 0755. So a service that writes where its user may not fails
+  here as under Docker. The rehearsal's folders are made searchable (o+x) down from /, and this host's
+  Python, where a folder closed to others holds it, is reached as in the Kubernetes rehearsal
+  (rehearsal.interpreter_mounts).
 
 Needs root and iproute2. Everything it creates has a random tag in its name and is removed by
 `close()`, also after a failure.
@@ -57,7 +64,7 @@ import yaml
 from subnet.processes import die_with_parent
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
-from tests.deploy.rehearsal import Cleanup, OnBridge, kill, terminate
+from tests.deploy.rehearsal import Cleanup, OnBridge, interpreter_mounts, kill, searchable, terminate
 from tests.otlp_receiver import Receiver
 
 ROOT = COMPOSE_FILE.parent
@@ -67,6 +74,25 @@ ONE_SHOTS = ("chain-init", "model-init")
 PROMETHEUS = "prometheus" if shutil.which("prometheus") else None
 NOT_HERE = tuple(n for n in ("prometheus", "grafana", "jaeger") if n != PROMETHEUS)
 OTLP_PORT = 4317   # the port of OTEL_EXPORTER_OTLP_ENDPOINT in the compose file
+DOCKERFILE = ROOT / "Dockerfile"
+# prom/prometheus runs as nobody and its image owns /prometheus (its data volume) to that user.
+PROMETHEUS_USER, PROMETHEUS_OWNS = (65534, 65534), ("/prometheus",)
+
+
+def image_user() -> tuple[int, int]:
+    """The uid and gid of the Dockerfile's final `USER uid:gid`."""
+    found = re.findall(r"^USER\s+(\d+):(\d+)\s*$", DOCKERFILE.read_text(), re.M)
+    assert found, f"{DOCKERFILE} has no numeric `USER uid:gid`"
+    return int(found[-1][0]), int(found[-1][1])
+
+
+def image_owned_folders() -> set[str]:
+    """The folders the Dockerfile gives its user (`chown app:app <folders>`), and the user's home."""
+    text = DOCKERFILE.read_text()
+    folders = {word for line in re.findall(r"chown app:app ([^\\&\n]+)", text) for word in line.split()}
+    home = re.search(r"--home-dir (\S+)", text)
+    assert folders and home, f"{DOCKERFILE}: no `chown app:app` folders or user home found"
+    return folders | {home.group(1)}
 
 
 def compose_with(overrides: dict[str, str]) -> dict:
@@ -86,6 +112,7 @@ class Service:
     stop_grace_s: float
     read_only: list[str] = field(default_factory=list)   # host paths of its `:ro` volumes
     process: subprocess.Popen | None = None
+    user: tuple[int, int] = (0, 0)   # uid, gid it runs as (the image's user)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -131,6 +158,8 @@ class Rehearsal(OnBridge):
         self.add_namespace(netns, f"mr{self.tag}{len(self.services)}", address, hosts)
 
         spec = self.config["services"][name]
+        user, owned = (PROMETHEUS_USER, PROMETHEUS_OWNS) if name == PROMETHEUS else (image_user(),
+                                                                                  image_owned_folders())
         volumes, read_only = {}, []
         for volume in spec.get("volumes") or []:
             source, target, *mode = volume.split(":")
@@ -138,13 +167,20 @@ class Rehearsal(OnBridge):
                 host = (ROOT / source).resolve()
             else:                                 # a named volume
                 host = self.folder / "volumes" / source
-                host.mkdir(parents=True, exist_ok=True)
+                if not host.exists():   # on first use Docker copies the image's folder there, owner included
+                    host.mkdir(parents=True)
+                    host.chmod(0o755)
+                    if target in owned:
+                        os.chown(host, *user)
+                searchable(host)
             volumes[target] = str(host)
             if mode and "ro" in mode[0].split(","):
                 read_only.append(str(host))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
-        home = self.folder / "home" / name
+        home = self.folder / "home" / name   # the image's WORKDIR and HOME, its user's
         home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, *user)
+        searchable(home)
         env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home),
                     "MPLCONFIGDIR": str(home / "matplotlib"), "GRPC_ENABLE_FORK_SUPPORT": "0"})
@@ -155,7 +191,7 @@ class Rehearsal(OnBridge):
             # Its DNS discovery asks the name server (`ip netns exec` mounts this over /etc/resolv.conf).
             (Path("/etc/netns") / netns / "resolv.conf").write_text(f"nameserver {self.bridge_address}\n")
         return Service(name, netns, address, argv, env, self.folder / "logs" / f"{name}.log",
-                       _seconds(spec.get("stop_grace_period", "10s")), read_only)
+                       _seconds(spec.get("stop_grace_period", "10s")), read_only, user=user)
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
@@ -177,11 +213,17 @@ class Rehearsal(OnBridge):
             # A mount namespace of its own with private propagation, so that nothing mounted there
             # reaches the host: there its `:ro` volumes become read-only bind mounts, which refuse
             # writes even from root, as Docker's do.
-            mounts = "".join(f"mount --bind {shlex.quote(path)} {shlex.quote(path)} && "
-                             f"mount -o remount,bind,ro {shlex.quote(path)} && " for path in service.read_only)
+            # Then it runs as its image's user, with that user's group and no capability.
+            steps = interpreter_mounts(self.folder / "host" / service.name)
+            for path in service.read_only:
+                steps += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}",
+                          f"mount -o remount,bind,ro {shlex.quote(path)}"]
+            uid, gid = service.user
+            setpriv = f"setpriv --reuid={uid} --regid={gid} --groups={gid} --inh-caps=-all --"
+            script = "".join(f"{step} && " for step in steps) + f'exec {setpriv} "$@"'
             service.process = subprocess.Popen(
                 ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--propagation", "private",
-                 "sh", "-c", f'{mounts}exec "$@"', service.name, *service.argv],
+                 "sh", "-c", script, service.name, *service.argv],
                 env=service.env, cwd=service.env["HOME"],
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return service

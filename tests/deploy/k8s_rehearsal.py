@@ -91,8 +91,8 @@ import yaml
 from subnet.processes import die_with_parent
 from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
 from tests.deploy.dns_stand_in import NameServer
-from tests.deploy.files import K8S_DIR, ROOT, container_environment, k8s_documents, pod_spec
-from tests.deploy.rehearsal import Cleanup, OnBridge, kill, mount_point_of, terminate
+from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
+from tests.deploy.rehearsal import Cleanup, OnBridge, interpreter_mounts, kill, mount_point_of, searchable, terminate
 from tests.otlp_receiver import Receiver
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
@@ -146,38 +146,6 @@ def _mounts(container: Container, root_mounts: list[str], interpreter: list[str]
     return "".join(f" && {step}" for step in steps)
 
 
-def _hidden_by(path: Path) -> Path | None:
-    """The highest folder above `path` that others may not search (no o+x), or None."""
-    return next((folder for folder in reversed(path.parents) if not folder.stat().st_mode & 0o001), None)
-
-
-def interpreter_mounts(stage: Path) -> list[str]:
-    """Shell commands that let a container's (non-root) user reach this Python, its virtual environment
-    and the repository, as an image's user reaches /opt/venv, where a folder above them is closed to
-    others on this host (pyenv's Python under /root, 0700): in the container's mount namespace that
-    folder becomes an empty read-only tmpfs (mode 0711) holding only read-only bind mounts of the
-    entries leading to them, staged through `stage` (an empty folder). Nothing changes on the host."""
-    needed = [Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).resolve(), ROOT]
-    entries: dict[Path, set[str]] = {}
-    for path in needed:
-        folder = _hidden_by(path)
-        if folder is not None:
-            entries.setdefault(folder, set()).add(path.relative_to(folder).parts[0])
-    q = shlex.quote
-    steps = []
-    for i, (folder, names) in enumerate(sorted(entries.items())):
-        staged = stage / str(i)
-        staged.mkdir(parents=True, exist_ok=True)
-        steps += [f"mount --bind {q(str(folder))} {q(str(staged))}",
-                  f"mount -t tmpfs -o mode=0711,size=64k moe-rehearsal {q(str(folder))}"]
-        for name in sorted(names):
-            target, source = q(str(folder / name)), q(str(staged / name))
-            steps += [f"{'mkdir' if (folder / name).is_dir() else 'touch'} {target}",
-                      f"mount --bind {source} {target}", f"mount -o remount,bind,ro {target}"]
-        steps += [f"umount {q(str(staged))}", f"mount -o remount,ro {q(str(folder))}"]
-    return steps
-
-
 def _setpriv(container: Container) -> str:
     """The `setpriv` command (its words, ending with `--`) that drops root for a container's process as
     its securityContext says."""
@@ -221,15 +189,6 @@ def own_volume(root: Path, fs_group: int | None, read_only: bool, kind: str) -> 
         os.chown(path, -1, fs_group, follow_symlinks=False)
         extra = mask | (0o2110 if path.is_dir() else 0)
         path.chmod(path.stat().st_mode & 0o7777 | extra)
-
-
-def searchable(path: Path) -> None:
-    """`path` and every folder above it searchable by others (o+x), so that a container's user reaches
-    its volumes (pytest's base temporary folder is 0700, root's)."""
-    for folder in [path, *path.parents]:
-        mode = folder.stat().st_mode & 0o7777
-        if not mode & 0o001:
-            folder.chmod(mode | 0o001)
 
 
 def applied_documents() -> list[dict]:

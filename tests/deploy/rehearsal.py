@@ -9,9 +9,11 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pathlib import Path
 from subnet.dev.redis_server import redis_server_binary
 from subnet.dev.s3_server import S3Server
 from subnet.processes import die_with_parent, port_in_use
+from tests.deploy.declared import ROOT
 from tests.netns import free_subnet, kill_processes_in, sh, skip_when_refused
 
 
@@ -88,6 +91,47 @@ def prometheus_scrapes(address: str, wanted: set[tuple[str, str]], wait: Callabl
         raise AssertionError(f"{e}; up: {sorted(up())}; DNS queries: {sorted(set(dns_queries()))}") from None
     with urllib.request.urlopen(f"http://{address}/api/v1/rules", timeout=5) as answer:
         assert json.load(answer)["data"]["groups"], "Prometheus loaded no alert rules"
+
+
+def _hidden_by(path: Path) -> Path | None:
+    """The highest folder above `path` that others may not search (no o+x), or None."""
+    return next((folder for folder in reversed(path.parents) if not folder.stat().st_mode & 0o001), None)
+
+
+def interpreter_mounts(stage: Path) -> list[str]:
+    """Shell commands that let a container's (non-root) user reach this Python, its virtual environment
+    and the repository, as an image's user reaches /opt/venv, where a folder above them is closed to
+    others on this host (pyenv's Python under /root, 0700): in the container's mount namespace that
+    folder becomes an empty read-only tmpfs (mode 0711) holding only read-only bind mounts of the
+    entries leading to them, staged through `stage` (an empty folder). Nothing changes on the host."""
+    needed = [Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).resolve(), ROOT]
+    entries: dict[Path, set[str]] = {}
+    for path in needed:
+        folder = _hidden_by(path)
+        if folder is not None:
+            entries.setdefault(folder, set()).add(path.relative_to(folder).parts[0])
+    q = shlex.quote
+    steps = []
+    for i, (folder, names) in enumerate(sorted(entries.items())):
+        staged = stage / str(i)
+        staged.mkdir(parents=True, exist_ok=True)
+        steps += [f"mount --bind {q(str(folder))} {q(str(staged))}",
+                  f"mount -t tmpfs -o mode=0711,size=64k moe-rehearsal {q(str(folder))}"]
+        for name in sorted(names):
+            target, source = q(str(folder / name)), q(str(staged / name))
+            steps += [f"{'mkdir' if (folder / name).is_dir() else 'touch'} {target}",
+                      f"mount --bind {source} {target}", f"mount -o remount,bind,ro {target}"]
+        steps += [f"umount {q(str(staged))}", f"mount -o remount,ro {q(str(folder))}"]
+    return steps
+
+
+def searchable(path: Path) -> None:
+    """`path` and every folder above it searchable by others (o+x), so that a container's user reaches
+    its volumes (pytest's base temporary folder is 0700, root's)."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode & 0o7777
+        if not mode & 0o001:
+            folder.chmod(mode | 0o001)
 
 
 def process_status(pid: int) -> dict[str, str]:

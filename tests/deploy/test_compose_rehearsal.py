@@ -5,7 +5,8 @@ through them and serves a Generate from outside, their spans reach otel-collecto
 shared traces, the validator publishes global version 0 to the bucket, Prometheus (where
 installed) scrapes the router, the validator and the scorer by their compose names and both
 experts through a DNS query for their shared alias (with the alert rules loaded), `:ro` volumes
-are read-only and refuse a write, no expert refuses a signed request, and every service stops
+are read-only and refuse a write, every service runs as its image's (non-root) user, no expert
+refuses a signed request, and every service stops
 cleanly on SIGTERM without having logged a traceback.
 
 `make test-compose` (about 2 minutes; root and iproute2, skipped otherwise). TRAIN_MINUTES is
@@ -30,7 +31,14 @@ from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
 from tests.deploy.files import environment
-from tests.deploy.rehearsal import assert_mounted_read_only, prometheus_scrapes, staged, wait_until, write_refused
+from tests.deploy.rehearsal import (
+    assert_mounted_read_only,
+    assert_runs_as,
+    prometheus_scrapes,
+    staged,
+    wait_until,
+    write_refused,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and veth pairs need root"),
@@ -123,6 +131,13 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
     wallets = stage.folder / "volumes" / "wallets"
     assert str(wallets) in stage.services["expert-0"].read_only
     write_refused(stage.services["expert-0"].process.pid, str(wallets))
+    # Each ran as its image's user (ours 10001, Prometheus nobody), none as root, without capabilities:
+    # the named volumes it wrote were writable to that user, as Docker leaves them.
+    for name in LONG_RUNNING:
+        uid, gid = stage.services[name].user
+        assert uid != 0, f"{name} runs as root"
+        assert_runs_as(name, stage.services[name].process.pid, uid, gid, [gid], no_capabilities=False,
+                       no_new_privs=False)
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)

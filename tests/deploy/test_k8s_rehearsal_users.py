@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from tests.deploy.k8s_rehearsal import Container, _setpriv, own_volume, run_as, searchable
-from tests.deploy.rehearsal import assert_runs_as
+from tests.deploy.k8s_rehearsal import Container, _setpriv, own_volume, run_as
+from tests.deploy.rehearsal import assert_runs_as, searchable
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown and setpriv to another user need root")
 
