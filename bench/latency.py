@@ -14,7 +14,9 @@ STEPS timed. Logits of the two are compared at every step; fp32 on the wire must
 float rounding or the part fails.
 
 `one_call_p50_ms`: the floor under those expert calls, one signed one-token Forward to one service,
-back to back (see `_one_call`).
+back to back (see `_one_call`). `loopback_round_trip_*`: the floor under that, the same bytes to
+another process over loopback TCP and back with nothing done at either end, both on one CPU and on
+two (bench/loopback_echo.py).
 
 `cpu_ms_per_step`: after the timed steps, CPU_STEPS more steps of each model alone, with the CPU
 each process spent on them (/proc): this process ("router"; for "inproc" the whole model, on its
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from bench.loopback_echo import round_trip_us
 from bench.remote_layer import ROUTER_THREADS, process_cpu_s
 from bench.stack import BenchStack
 from bench.timing import percentiles
@@ -83,6 +86,7 @@ def run(rounds: int = 5) -> dict:   # `rounds` unused: STEPS samples per side gi
             freeze_startup_objects()   # as the router and expert services do once started
             out = measure(models, tokens, n_threads, len(deals))
             out.update(_one_call(stacks["remote"], deals[0][0], cfg.dim))
+            out.update(round_trip_us())
             out["cpu_ms_per_step"] = _cpu_per_step(models, tokens, {name: stack.service_pids()
                                                                     for name, stack in stacks.items()}, call_counts)
             return out
