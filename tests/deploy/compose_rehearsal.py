@@ -30,7 +30,11 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
   files: each service's container paths (its `volumes:` targets) are replaced by them in its
   command and environment.
 - A service's `:ro` volumes are read-only bind mounts in a mount namespace of its own (private
-  propagation): a write there fails as with Docker, even as root.
+  propagation): a write there fails as with Docker, even as root. `tmpfs:` paths become folders of
+  their own (mode 1777), and a service with `read_only: true` sees the root mount (and the mount
+  holding the rehearsal's folders, where that is another) read-only but for its writable volumes
+  and tmpfs folders, with TMPDIR naming its /tmp one. `cap_drop: [ALL]` empties the bounding set,
+  `no-new-privileges:true` sets no_new_privs.
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
@@ -51,7 +55,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -64,7 +67,17 @@ import yaml
 from subnet.processes import die_with_parent
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
-from tests.deploy.rehearsal import Cleanup, OnBridge, interpreter_mounts, kill, searchable, terminate
+from tests.deploy.rehearsal import (
+    Cleanup,
+    OnBridge,
+    container_mounts,
+    interpreter_mounts,
+    kill,
+    mount_point_of,
+    searchable,
+    setpriv,
+    terminate,
+)
 from tests.otlp_receiver import Receiver
 
 ROOT = COMPOSE_FILE.parent
@@ -77,6 +90,7 @@ OTLP_PORT = 4317   # the port of OTEL_EXPORTER_OTLP_ENDPOINT in the compose file
 DOCKERFILE = ROOT / "Dockerfile"
 # prom/prometheus runs as nobody and its image owns /prometheus (its data volume) to that user.
 PROMETHEUS_USER, PROMETHEUS_OWNS = (65534, 65534), ("/prometheus",)
+IMAGE_HOME = "/home/app"   # the Dockerfile's HOME and WORKDIR
 
 
 def image_user() -> tuple[int, int]:
@@ -113,6 +127,10 @@ class Service:
     read_only: list[str] = field(default_factory=list)   # host paths of its `:ro` volumes
     process: subprocess.Popen | None = None
     user: tuple[int, int] = (0, 0)   # uid, gid it runs as (the image's user)
+    read_only_root: bool = False     # `read_only: true`: all but `writable` is read-only for it
+    writable: list[str] = field(default_factory=list)   # host paths of its writable volumes and tmpfs mounts
+    drop_all_capabilities: bool = False   # cap_drop: [ALL]
+    no_new_privs: bool = False            # security_opt: no-new-privileges:true
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -126,12 +144,14 @@ class Rehearsal(OnBridge):
     config: dict = field(default_factory=dict)   # the compose file as read, once open()
     services: dict[str, Service] = field(default_factory=dict)
     name_server: NameServer | None = None   # the shared aliases, for Prometheus's DNS discovery
+    root_mounts: list[str] = field(default_factory=list)   # what `read_only: true` makes read-only
     traces: Receiver | None = None          # the spans the services export to otel-collector
 
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
         self.config = compose_with(self.overrides)
         self.make_bridge("10.232")
+        self.root_mounts = sorted({"/", mount_point_of(self.folder)})
         hosts = ["127.0.0.1 localhost", *(f"127.0.0.1 {name}" for name in NOT_HERE),
                  f"{self.bridge_address} redis minio otel-collector"]
         aliases = {name: ((self.config["services"][name].get("networks") or {}).get("default") or {}).get("aliases", [])
@@ -176,22 +196,40 @@ class Rehearsal(OnBridge):
             volumes[target] = str(host)
             if mode and "ro" in mode[0].split(","):
                 read_only.append(str(host))
+        tmpfs = spec.get("tmpfs") or []
+        for target in [tmpfs] if isinstance(tmpfs, str) else tmpfs:
+            host = self.folder / "tmpfs" / name / target.strip("/").replace("/", "-")
+            host.mkdir(parents=True, exist_ok=True)
+            host.chmod(0o1777)   # Docker's tmpfs mode when none is given
+            searchable(host)
+            volumes[target] = str(host)
+        writable = sorted(set(volumes.values()) - set(read_only))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
         home = self.folder / "home" / name   # the image's WORKDIR and HOME, its user's
         home.mkdir(parents=True, exist_ok=True)
         os.chown(home, *user)
         searchable(home)
+        image_home = on_host(IMAGE_HOME, volumes)   # a mount at HOME (a tmpfs) replaces the image's
+        home = Path(image_home) if image_home != IMAGE_HOME else home
         env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home),
-                    "MPLCONFIGDIR": str(home / "matplotlib"), "GRPC_ENABLE_FORK_SUPPORT": "0"})
+                    "MPLCONFIGDIR": on_host("/tmp/matplotlib", volumes) if "/tmp" in volumes
+                    else str(home / "matplotlib"), "GRPC_ENABLE_FORK_SUPPORT": "0"})
+        read_only_root = spec.get("read_only") is True
+        if read_only_root and "/tmp" in volumes:   # its /tmp is a tmpfs; tempfile must find it
+            env["TMPDIR"] = volumes["/tmp"]
         command = spec["command"]
         argv = [on_host(word, volumes) for word in (command if isinstance(command, list) else command.split())]
         if name == PROMETHEUS:   # the image's entrypoint is the server; its command, the flags
             argv = [shutil.which("prometheus"), *argv]
             # Its DNS discovery asks the name server (`ip netns exec` mounts this over /etc/resolv.conf).
             (Path("/etc/netns") / netns / "resolv.conf").write_text(f"nameserver {self.bridge_address}\n")
+        options = spec.get("security_opt") or []
         return Service(name, netns, address, argv, env, self.folder / "logs" / f"{name}.log",
-                       _seconds(spec.get("stop_grace_period", "10s")), read_only, user=user)
+                       _seconds(spec.get("stop_grace_period", "10s")), read_only, user=user,
+                       read_only_root=read_only_root, writable=writable,
+                       drop_all_capabilities="ALL" in (spec.get("cap_drop") or []),
+                       no_new_privs=any(o in ("no-new-privileges", "no-new-privileges:true") for o in options))
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
@@ -213,14 +251,13 @@ class Rehearsal(OnBridge):
             # A mount namespace of its own with private propagation, so that nothing mounted there
             # reaches the host: there its `:ro` volumes become read-only bind mounts, which refuse
             # writes even from root, as Docker's do.
-            # Then it runs as its image's user, with that user's group and no capability.
-            steps = interpreter_mounts(self.folder / "host" / service.name)
-            for path in service.read_only:
-                steps += [f"mount --bind {shlex.quote(path)} {shlex.quote(path)}",
-                          f"mount -o remount,bind,ro {shlex.quote(path)}"]
+            # With `read_only: true` the root is read-only there too but for its writable volumes and
+            # tmpfs folders. Then it runs as its image's user, with that user's group and no capability.
+            steps = interpreter_mounts(self.folder / "host" / service.name) + container_mounts(
+                service.read_only, service.read_only_root, service.writable, self.root_mounts)
             uid, gid = service.user
-            setpriv = f"setpriv --reuid={uid} --regid={gid} --groups={gid} --inh-caps=-all --"
-            script = "".join(f"{step} && " for step in steps) + f'exec {setpriv} "$@"'
+            drop = setpriv(uid, gid, [gid], service.drop_all_capabilities, service.no_new_privs)
+            script = "".join(f"{step} && " for step in steps) + f'exec {drop} "$@"'
             service.process = subprocess.Popen(
                 ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--propagation", "private",
                  "sh", "-c", script, service.name, *service.argv],

@@ -77,7 +77,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shlex
 import shutil
 import subprocess
 import sys
@@ -92,7 +91,17 @@ from subnet.processes import die_with_parent
 from tests.deploy.compose_rehearsal import PROMETHEUS, on_host
 from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
-from tests.deploy.rehearsal import Cleanup, OnBridge, interpreter_mounts, kill, mount_point_of, searchable, terminate
+from tests.deploy.rehearsal import (
+    Cleanup,
+    OnBridge,
+    container_mounts,
+    interpreter_mounts,
+    kill,
+    mount_point_of,
+    searchable,
+    setpriv,
+    terminate,
+)
 from tests.otlp_receiver import Receiver
 
 WALLETS = ("router", "validator", "scorer", "expert-0", "expert-1")
@@ -128,35 +137,18 @@ def read_only_volumes(spec: dict) -> set[str]:
 
 
 def _mounts(container: Container, root_mounts: list[str], interpreter: list[str]) -> str:
-    """The shell commands (each after `&&`) that give a container its file system as the kubelet
-    would. It runs in a mount namespace of its own with private propagation (`unshare --mount`, in
-    the one `ip netns exec` makes), so these bind mounts and per-mount flags never reach the host;
-    they refuse writes even as root: with readOnlyRootFilesystem the `root_mounts` (`/`, and the
-    mount holding the rehearsal's folders where that is another) are read-only but for its writable
-    volumes (bound first, so they stay writable mounts of their own), and its read-only volumes are
-    read-only. Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags. `interpreter`
-    (interpreter_mounts) come first."""
-    q = shlex.quote
-    steps = list(interpreter)
-    if container.read_only_root:
-        steps += [f"mount --bind {q(path)} {q(path)}" for path in container.writable]
-        steps += [f"mount -o remount,bind,ro {q(point)}" for point in root_mounts]
-    for path in container.read_only:
-        steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
+    """The shell commands (each after `&&`) that give a container its file system as the kubelet would
+    (rehearsal.container_mounts), `interpreter` (interpreter_mounts) first."""
+    steps = interpreter + container_mounts(container.read_only, container.read_only_root, container.writable,
+                                           root_mounts)
     return "".join(f" && {step}" for step in steps)
 
 
 def _setpriv(container: Container) -> str:
     """The `setpriv` command (its words, ending with `--`) that drops root for a container's process as
-    its securityContext says."""
-    words = ["setpriv", f"--reuid={container.uid}", f"--regid={container.gid}",
-             f"--groups={','.join(map(str, container.groups))}" if container.groups else "--clear-groups",
-             "--inh-caps=-all"]
-    if container.drop_all_capabilities:
-        words.append("--bounding-set=-all")
-    if container.no_new_privs:
-        words.append("--no-new-privs")
-    return " ".join(words + ["--"])
+    its securityContext says (rehearsal.setpriv)."""
+    return setpriv(container.uid, container.gid, container.groups, container.drop_all_capabilities,
+                   container.no_new_privs)
 
 
 def run_as(pod_context: dict, container_context: dict, where: str) -> tuple[int, int, list[int]]:

@@ -134,6 +134,38 @@ def searchable(path: Path) -> None:
             folder.chmod(mode | 0o001)
 
 
+def container_mounts(read_only: list[str], read_only_root: bool, writable: list[str],
+                     root_mounts: list[str]) -> list[str]:
+    """Shell commands that give a container its file system as Docker or the kubelet would. It runs in
+    a mount namespace of its own with private propagation (`unshare --mount`, in the one `ip netns
+    exec` makes), so these bind mounts and per-mount flags never reach the host; they refuse writes
+    even as root: with a read-only root file system the `root_mounts` (`/`, and the mount holding the
+    rehearsal's folders where that is another) are read-only but for its `writable` folders (bound
+    first, so they stay writable mounts of their own), and its `read_only` volumes are read-only.
+    Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags."""
+    q = shlex.quote
+    steps = []
+    if read_only_root:
+        steps += [f"mount --bind {q(path)} {q(path)}" for path in writable]
+        steps += [f"mount -o remount,bind,ro {q(point)}" for point in root_mounts]
+    for path in read_only:
+        steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
+    return steps
+
+
+def setpriv(uid: int, gid: int, groups: list[int], drop_all_capabilities: bool, no_new_privs: bool) -> str:
+    """The `setpriv` command (its words, ending with `--`) that runs what follows as `uid`:`gid` with
+    `groups`, no inheritable capability, an empty bounding set when `drop_all_capabilities`, and
+    no_new_privs when asked."""
+    words = ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+             f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups", "--inh-caps=-all"]
+    if drop_all_capabilities:
+        words.append("--bounding-set=-all")
+    if no_new_privs:
+        words.append("--no-new-privs")
+    return " ".join(words + ["--"])
+
+
 def process_status(pid: int) -> dict[str, str]:
     """/proc/<pid>/status as a dict (Uid, Gid, Groups, CapEff, CapBnd, NoNewPrivs, ...)."""
     with open(f"/proc/{pid}/status") as f:

@@ -272,6 +272,21 @@ def test_wallets_are_mounted_read_only_where_the_services_look():
     assert checked >= 5  # router, validator, scorer, two experts
 
 
+def test_our_containers_are_hardened_as_the_kubernetes_pods():
+    """Every container of ours (services and one-shot tools, both profiles) has a read-only root file
+    system with tmpfs for /tmp and HOME, no capabilities and no privilege escalation; what it writes
+    lies on a volume or one of those (test_paths_lie_on_mounted_volumes_and_volumes_exist, and the
+    rehearsal, which runs them so)."""
+    config = compose()
+    ours = our_services(config, tools=True)
+    assert {"chain-init", "model-init", "router", "validator", "scorer", "expert-0", "expert-0-gpu"} <= set(ours)
+    for name, (_, service) in ours.items():
+        assert service.get("read_only") is True, f"{name}: read_only: true"
+        assert {"/tmp", "/home/app"} <= set(service.get("tmpfs") or []), f"{name}: tmpfs for /tmp and HOME"
+        assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop: [ALL]"
+        assert "no-new-privileges:true" in (service.get("security_opt") or []), f"{name}: no-new-privileges"
+
+
 def test_experts_load_what_model_init_writes_and_cover_the_model():
     config = compose()
     init_words = command_args(config["services"]["model-init"]["command"])

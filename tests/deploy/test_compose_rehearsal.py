@@ -5,7 +5,8 @@ through them and serves a Generate from outside, their spans reach otel-collecto
 shared traces, the validator publishes global version 0 to the bucket, Prometheus (where
 installed) scrapes the router, the validator and the scorer by their compose names and both
 experts through a DNS query for their shared alias (with the alert rules loaded), `:ro` volumes
-are read-only and refuse a write, every service runs as its image's (non-root) user, no expert
+are read-only and refuse a write, every service runs as its image's (non-root) user, ours with a
+read-only root file system, no capabilities and no-new-privileges, no expert
 refuses a signed request, and every service stops
 cleanly on SIGTERM without having logged a traceback.
 
@@ -34,6 +35,7 @@ from tests.deploy.files import environment
 from tests.deploy.rehearsal import (
     assert_mounted_read_only,
     assert_runs_as,
+    mount_options,
     prometheus_scrapes,
     staged,
     wait_until,
@@ -132,12 +134,18 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
     assert str(wallets) in stage.services["expert-0"].read_only
     write_refused(stage.services["expert-0"].process.pid, str(wallets))
     # Each ran as its image's user (ours 10001, Prometheus nobody), none as root, without capabilities:
-    # the named volumes it wrote were writable to that user, as Docker leaves them.
+    # the named volumes it wrote were writable to that user, as Docker leaves them. Ours are hardened
+    # (read-only root, cap_drop ALL, no-new-privileges): outside its volumes and tmpfs mounts nothing
+    # was writable to it, so each ran writing only there.
     for name in LONG_RUNNING:
-        uid, gid = stage.services[name].user
-        assert uid != 0, f"{name} runs as root"
-        assert_runs_as(name, stage.services[name].process.pid, uid, gid, [gid], no_capabilities=False,
-                       no_new_privs=False)
+        service = stage.services[name]
+        assert service.user[0] != 0, f"{name} runs as root"
+        assert_runs_as(name, service.process.pid, *service.user, [service.user[1]],
+                       no_capabilities=service.drop_all_capabilities, no_new_privs=service.no_new_privs)
+        if name != PROMETHEUS:
+            assert service.read_only_root and service.drop_all_capabilities and service.no_new_privs, name
+            assert "ro" in mount_options(service.process.pid)["/"], name
+    write_refused(stage.services["router"].process.pid, str(stage.folder))
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)
