@@ -34,7 +34,8 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
   their own (mode 1777), and a service with `read_only: true` sees the root mount (and the mount
   holding the rehearsal's folders, where that is another) read-only but for its writable volumes
   and tmpfs folders, with TMPDIR naming its /tmp one. `cap_drop: [ALL]` empties the bounding set,
-  `no-new-privileges:true` sets no_new_privs.
+  `no-new-privileges:true` sets no_new_privs. A `mem_limit` is the limit of a memory cgroup of the
+  service's own (rehearsal.MemoryLimits), as Docker sets it.
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
@@ -69,7 +70,9 @@ from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import COMPOSE_FILE, ENV_EXAMPLE, environment, interpolate, read_env_file
 from tests.deploy.rehearsal import (
     Cleanup,
+    MemoryLimits,
     OnBridge,
+    compose_bytes,
     container_mounts,
     interpreter_mounts,
     kill,
@@ -131,6 +134,7 @@ class Service:
     writable: list[str] = field(default_factory=list)   # host paths of its writable volumes and tmpfs mounts
     drop_all_capabilities: bool = False   # cap_drop: [ALL]
     no_new_privs: bool = False            # security_opt: no-new-privileges:true
+    memory_limit: int | None = None       # mem_limit, bytes
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -145,12 +149,14 @@ class Rehearsal(OnBridge):
     services: dict[str, Service] = field(default_factory=dict)
     name_server: NameServer | None = None   # the shared aliases, for Prometheus's DNS discovery
     root_mounts: list[str] = field(default_factory=list)   # what `read_only: true` makes read-only
+    memory: MemoryLimits | None = None   # each service's mem_limit, as a cgroup
     traces: Receiver | None = None          # the spans the services export to otel-collector
 
     def open(self) -> Rehearsal:
         """The network, the stand-ins for Redis and MinIO, and every service prepared (not started)."""
         self.config = compose_with(self.overrides)
         self.make_bridge("10.232")
+        self.memory = MemoryLimits(self.tag)
         self.root_mounts = sorted({"/", mount_point_of(self.folder)})
         hosts = ["127.0.0.1 localhost", *(f"127.0.0.1 {name}" for name in NOT_HERE),
                  f"{self.bridge_address} redis minio otel-collector"]
@@ -229,7 +235,8 @@ class Rehearsal(OnBridge):
                        _seconds(spec.get("stop_grace_period", "10s")), read_only, user=user,
                        read_only_root=read_only_root, writable=writable,
                        drop_all_capabilities="ALL" in (spec.get("cap_drop") or []),
-                       no_new_privs=any(o in ("no-new-privileges", "no-new-privileges:true") for o in options))
+                       no_new_privs=any(o in ("no-new-privileges", "no-new-privileges:true") for o in options),
+                       memory_limit=None if "mem_limit" not in spec else compose_bytes(spec["mem_limit"]))
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
@@ -258,11 +265,15 @@ class Rehearsal(OnBridge):
             uid, gid = service.user
             drop = setpriv(uid, gid, [gid], service.drop_all_capabilities, service.no_new_privs)
             script = "".join(f"{step} && " for step in steps) + f'exec {drop} "$@"'
+            # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own.
+            group = None if service.memory_limit is None or self.memory is None else \
+                self.memory.group(service.name, service.memory_limit)
+            join = MemoryLimits.joiner(group)
             service.process = subprocess.Popen(
                 ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--propagation", "private",
                  "sh", "-c", script, service.name, *service.argv],
                 env=service.env, cwd=service.env["HOME"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: (die_with_parent(), join()))
         return service
 
     def run_to_end(self, names: tuple[str, ...], timeout_s: float) -> None:
@@ -302,6 +313,8 @@ class Rehearsal(OnBridge):
             cleanup.attempt("stop the name server", self.name_server.stop)
         if self.traces is not None:
             cleanup.attempt("stop the trace receiver", self.traces.stop)
+        if self.memory is not None:
+            cleanup.attempt("remove the memory cgroups", self.memory.close)
         return cleanup.network(self._namespaces, self._links)
 
 

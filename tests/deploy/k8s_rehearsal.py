@@ -64,8 +64,11 @@ pod is started at once, as `kubectl apply` does, and restarted as the kubelet wo
   folders setgid; without one, a claim stays root's (0755) and a Secret's files keep their mode. So a
   service that writes where its user may not, or a Secret its user cannot read, fails here as in a
   cluster. The rehearsal's own folders are made searchable (o+x) down from /.
+- Each container's `resources.limits.memory` is the limit of a memory cgroup of its own
+  (rehearsal.MemoryLimits: cgroup v1 here), which it joins before it starts: over it the kernel
+  OOM-kills it, as in a cluster.
 - Not here: Grafana (56-grafana.yaml), the Redis, MinIO and Jaeger images (stand-ins), `exec`
-  probes (redis-cli), the rest of securityContext (seccomp), resources, affinity,
+  probes (redis-cli), the rest of securityContext (seccomp), CPU limits and requests, affinity,
   PodDisruptionBudgets, the Namespace's Pod Security admission.
 
 Needs root, iproute2 and util-linux's `unshare`. Everything it creates has a random tag in its
@@ -93,9 +96,11 @@ from tests.deploy.dns_stand_in import NameServer
 from tests.deploy.files import K8S_DIR, container_environment, k8s_documents, pod_spec
 from tests.deploy.rehearsal import (
     Cleanup,
+    MemoryLimits,
     OnBridge,
     container_mounts,
     interpreter_mounts,
+    k8s_bytes,
     kill,
     mount_point_of,
     searchable,
@@ -229,6 +234,7 @@ class Container:
     groups: list[int] = field(default_factory=list)
     drop_all_capabilities: bool = False
     no_new_privs: bool = False
+    memory_limit: int | None = None   # bytes (resources.limits.memory)
 
 
 @dataclass
@@ -285,6 +291,7 @@ class K8sRehearsal(OnBridge):
     name_server: NameServer | None = None   # the Services' cluster names, for Prometheus's DNS discovery
     root_mounts: list[str] = field(default_factory=list)   # what readOnlyRootFilesystem makes read-only
     traces: Receiver | None = None          # the spans the services export to `jaeger`
+    memory: MemoryLimits | None = None      # each container's resources.limits.memory, as a cgroup
 
     def objects(self, kind: str) -> list[dict]:
         return [d for d in self.documents if d["kind"] == kind]
@@ -306,6 +313,7 @@ class K8sRehearsal(OnBridge):
                            for d in self.objects("ConfigMap")}
 
         self.make_bridge("10.233")
+        self.memory = MemoryLimits(self.tag)
         self.root_mounts = sorted({"/", mount_point_of(self.folder)})
 
         owners = [d for d in self.documents if d["kind"] in ("Deployment", "StatefulSet", "Job")
@@ -462,9 +470,11 @@ class K8sRehearsal(OnBridge):
         if read_only_root and "/tmp" in mounts:   # its /tmp is a volume; tempfile must find it
             full["TMPDIR"] = mounts["/tmp"]
         uid, gid, groups = run_as(pod_spec(owner).get("securityContext") or {}, context, f"{pod}/{c['name']}")
+        memory = ((c.get("resources") or {}).get("limits") or {}).get("memory")
         return Container(c["name"], argv, full, c, mounted_read_only, read_only_root, writable, uid, gid, groups,
                          drop_all_capabilities="ALL" in ((context.get("capabilities") or {}).get("drop") or []),
-                         no_new_privs=context.get("allowPrivilegeEscalation") is False)
+                         no_new_privs=context.get("allowPrivilegeEscalation") is False,
+                         memory_limit=None if memory is None else k8s_bytes(memory))
 
     # --- running -----------------------------------------------------------------------------------
 
@@ -512,12 +522,16 @@ class K8sRehearsal(OnBridge):
                 # when the forking thread ends, and this thread always waits for its child first.
                 mounts = _mounts(container, self.root_mounts, interpreter_mounts(pod.folder / "host"))
                 script = f'hostname "$0"{mounts} && exec {_setpriv(container)} "$@"'
+                # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own.
+                group = None if container.memory_limit is None or self.memory is None else \
+                    self.memory.group(f"{pod.name}.{container.name}", container.memory_limit)
+                join = MemoryLimits.joiner(group)
                 pod.process = subprocess.Popen(
                     ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "--mount", "--propagation", "private",
                      "sh", "-c", script, pod.name, *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=die_with_parent)
+                    preexec_fn=lambda: (die_with_parent(), join()))
             pod.running = container.name
         code = pod.process.wait()
         with pod.lock:
@@ -595,6 +609,8 @@ class K8sRehearsal(OnBridge):
             cleanup.attempt("stop the name server", self.name_server.stop)
         if self.traces is not None:
             cleanup.attempt("stop the trace receiver", self.traces.stop)
+        if self.memory is not None:
+            cleanup.attempt("remove the memory cgroups", self.memory.close)
         left = cleanup.network(self._namespaces, self._links)
         alive = [p.name for p in self.pods.values() if p.thread is not None and p.thread.is_alive()]
         return left + [f"kubelet of {n}" for n in alive]

@@ -166,6 +166,101 @@ def setpriv(uid: int, gid: int, groups: list[int], drop_all_capabilities: bool, 
     return " ".join(words + ["--"])
 
 
+_K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_COMPOSE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def k8s_bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (`4Gi`, `512Mi`, `1G`, `1048576`) in bytes."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(quantity).strip())
+    assert m and m.group(2) in _K8S_UNITS, f"memory quantity {quantity!r} is not one the rehearsal reads"
+    return int(m.group(1)) * _K8S_UNITS[m.group(2)]
+
+
+def compose_bytes(size: str | int) -> int:
+    """A compose byte size (`4g`, `512m`, `1024k`, `1073741824`) in bytes."""
+    m = re.fullmatch(r"(\d+)([bkmgBKMG]?)", str(size).strip())
+    assert m, f"byte size {size!r} is not one the rehearsal reads"
+    return int(m.group(1)) * _COMPOSE_UNITS[m.group(2).lower()]
+
+
+class MemoryLimits:
+    """Containers' memory limits as a container runtime sets them: one cgroup of the memory controller
+    per container under `moe-rehearsal-<tag>`, its limit set before the container starts; the container's
+    first process joins it before exec (`joiner`, for preexec_fn) and what it starts stays in it, restarts
+    included. Over its limit the kernel reclaims its page cache, then OOM-kills it, as in a cluster.
+
+    cgroup v1's memory controller (what this machine mounts at /sys/fs/cgroup/memory); where there is
+    none, `enforced` is False and nothing is limited."""
+
+    V1 = Path("/sys/fs/cgroup/memory")
+
+    def __init__(self, tag: str):
+        self.root: Path | None = None
+        self.groups: dict[str, Path] = {}
+        if (self.V1 / "memory.limit_in_bytes").exists() and os.access(self.V1, os.W_OK):
+            self.root = self.V1 / f"moe-rehearsal-{tag}"
+            self.root.mkdir()
+
+    @property
+    def enforced(self) -> bool:
+        return self.root is not None
+
+    def group(self, name: str, limit_bytes: int) -> Path | None:
+        """The cgroup of container `name` (made at its first start) with `limit_bytes`; None if not enforced."""
+        if self.root is None:
+            return None
+        if name not in self.groups:
+            path = self.root / name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            self.groups[name] = path
+        return self.groups[name]
+
+    @staticmethod
+    def joiner(group: Path | None) -> Callable[[], None]:
+        """A preexec_fn step: the forked child joins `group` before it execs (nothing if None)."""
+        def join() -> None:
+            if group is not None:
+                with open(group / "cgroup.procs", "w") as f:
+                    f.write(str(os.getpid()))
+        return join
+
+    def oom_kills(self) -> dict[str, int]:
+        """OOM kills so far in each container's cgroup."""
+        out = {}
+        for name, path in self.groups.items():
+            fields = dict(line.split() for line in (path / "memory.oom_control").read_text().splitlines())
+            out[name] = int(fields.get("oom_kill", 0))
+        return out
+
+    def close(self, wait_s: float = 5.0) -> None:
+        """Remove the cgroups, once their processes have ended (a killed one leaves its cgroup as soon as
+        it is reaped; up to `wait_s` for that)."""
+        deadline = time.monotonic() + wait_s
+        for path in [*self.groups.values(), *([self.root] if self.root is not None else [])]:
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except OSError:   # EBUSY: a process is still in it
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+    def member(self, name: str, pid: int) -> bool:
+        """Whether process `pid` is in container `name`'s cgroup."""
+        with open(f"/proc/{pid}/cgroup") as f:
+            paths = [line.rstrip("\n").split(":", 2)[2] for line in f if line.split(":", 2)[1] == "memory"]
+        return bool(paths) and self.root is not None and paths[0] == f"/{self.root.name}/{name}"
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most memory process `pid` has had resident (VmHWM)."""
+    return int(process_status(pid)["VmHWM"].split()[0]) * 1024
+
+
 def process_status(pid: int) -> dict[str, str]:
     """/proc/<pid>/status as a dict (Uid, Gid, Groups, CapEff, CapBnd, NoNewPrivs, ...)."""
     with open(f"/proc/{pid}/status") as f:

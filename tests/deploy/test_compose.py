@@ -32,9 +32,12 @@ from tests.deploy.files import (
     environment,
     healthcheck_words,
     interpolated_names,
+    k8s_documents,
+    pod_spec,
     read_env_file,
     run,
 )
+from tests.deploy.rehearsal import compose_bytes, k8s_bytes
 
 # Images without any program to run a healthcheck with (distroless); dependents wait for them to start.
 NO_HEALTHCHECK = {"otel-collector": "distroless image: no shell, no wget"}
@@ -285,6 +288,33 @@ def test_our_containers_are_hardened_as_the_kubernetes_pods():
         assert {"/tmp", "/home/app"} <= set(service.get("tmpfs") or []), f"{name}: tmpfs for /tmp and HOME"
         assert service.get("cap_drop") == ["ALL"], f"{name}: cap_drop: [ALL]"
         assert "no-new-privileges:true" in (service.get("security_opt") or []), f"{name}: no-new-privileges"
+
+
+# Each compose service of ours and the Kubernetes container doing the same work:
+# (folder of deploy/k8s, workload name, container name).
+K8S_COUNTERPART = {
+    "chain-init": ("", "local-chain-register", "register"),
+    "model-init": ("", "router", "model-init"),
+    "expert-0": ("cpu", "expert", "expert"), "expert-1": ("cpu", "expert", "expert"),
+    "expert-0-gpu": ("", "expert", "expert"), "expert-1-gpu": ("", "expert", "expert"),
+    "router": ("", "router", "router"), "validator": ("", "validator", "validator"),
+    "scorer": ("", "scorer", "scorer"),
+}
+
+
+def test_memory_limits_are_the_kubernetes_containers_limits():
+    """Every container of ours has a mem_limit, the same as the Kubernetes container doing that work
+    (both rehearsals run the services under theirs: tests/deploy/rehearsal.MemoryLimits)."""
+    ours = our_services(compose(), tools=True)
+    assert set(ours) == set(K8S_COUNTERPART), sorted(ours)
+    for name, (_, service) in ours.items():
+        folder, workload, container = K8S_COUNTERPART[name]
+        spec = next(pod_spec(doc) for _, doc in k8s_documents(folder)
+                    if pod_spec(doc) and doc["metadata"]["name"] == workload)
+        c = next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == container)
+        assert "mem_limit" in service, f"{name}: no mem_limit"
+        assert compose_bytes(service["mem_limit"]) == k8s_bytes(c["resources"]["limits"]["memory"]), \
+            f"{name}: mem_limit {service['mem_limit']} but {workload}/{container} has {c['resources']['limits']}"
 
 
 def test_experts_load_what_model_init_writes_and_cover_the_model():

@@ -6,7 +6,8 @@ shared traces, the validator publishes global version 0 to the bucket, Prometheu
 installed) scrapes the router, the validator and the scorer by their compose names and both
 experts through a DNS query for their shared alias (with the alert rules loaded), `:ro` volumes
 are read-only and refuse a write, every service runs as its image's (non-root) user, ours with a
-read-only root file system, no capabilities and no-new-privileges, no expert
+read-only root file system, no capabilities and no-new-privileges, each held to its mem_limit
+without an OOM kill, no expert
 refuses a signed request, and every service stops
 cleanly on SIGTERM without having logged a traceback.
 
@@ -36,6 +37,7 @@ from tests.deploy.rehearsal import (
     assert_mounted_read_only,
     assert_runs_as,
     mount_options,
+    peak_rss_bytes,
     prometheus_scrapes,
     staged,
     wait_until,
@@ -146,6 +148,16 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
             assert service.read_only_root and service.drop_all_capabilities and service.no_new_privs, name
             assert "ro" in mount_options(service.process.pid)["/"], name
     write_refused(stage.services["router"].process.pid, str(stage.folder))
+    # Memory: each of ours ran in a cgroup limited to its mem_limit, none was OOM-killed (peaks printed).
+    for name in LONG_RUNNING:
+        service = stage.services[name]
+        if name != PROMETHEUS:
+            assert service.memory_limit, f"{name}: no mem_limit"
+            assert not stage.memory.enforced or stage.memory.member(name, service.process.pid), name
+            print(f"{name}: peak resident {peak_rss_bytes(service.process.pid) / 2**20:.0f} MiB of its "
+                  f"{service.memory_limit / 2**20:.0f} MiB limit")
+    if stage.memory.enforced:
+        assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)

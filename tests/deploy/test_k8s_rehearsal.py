@@ -8,7 +8,8 @@ keep Generate closed: no ROUTER_OPEN_GENERATE), and its spans and the expert pod
 in shared traces; every gRPC and HTTP probe of the manifests answers; Prometheus (where Debian's
 server is installed) scrapes every pod of ours, found by DNS as in a cluster; read-only volumes
 and read-only root file systems are read-only in each pod and refuse a write; every service runs as
-the non-root user and groups its securityContext names, without capabilities; no expert refuses a
+the non-root user and groups its securityContext names, without capabilities, in a memory cgroup
+limited as its resources say, without an OOM kill; no expert refuses a
 signed request; every pod stops with 0 on SIGTERM within its terminationGracePeriodSeconds,
 without having logged a traceback.
 
@@ -43,6 +44,7 @@ from tests.deploy.rehearsal import (
     assert_mounted_read_only,
     assert_runs_as,
     mount_options,
+    peak_rss_bytes,
     prometheus_scrapes,
     staged,
     wait_until,
@@ -219,6 +221,18 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         c = pod.containers[0]
         assert c.uid != 0 and c.gid != 0, f"{pod.name} runs as root"
         assert_runs_as(pod.name, pod.process.pid, c.uid, c.gid, c.groups, c.drop_all_capabilities, c.no_new_privs)
+
+    # Memory: each container ran in a cgroup limited to its resources.limits.memory, and none was
+    # OOM-killed (its peak resident memory, for sizing, is printed: -rP shows it).
+    if stage.memory.enforced:
+        for pod in (router, validator, scorer, *experts, *prometheus):
+            assert stage.memory.member(f"{pod.name}.{pod.containers[0].name}", pod.process.pid), pod.name
+        assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
+    for pod in (router, validator, scorer, *experts, *prometheus):
+        limit = pod.containers[0].memory_limit
+        assert limit, f"{pod.name}: no memory limit"
+        print(f"{pod.name}: peak resident {peak_rss_bytes(pod.process.pid) / 2**20:.0f} MiB of its "
+              f"{limit / 2**20:.0f} MiB limit")
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):

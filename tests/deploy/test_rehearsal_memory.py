@@ -1,0 +1,63 @@
+"""Memory limits in the rehearsals (tests/deploy/rehearsal.py): the sizes the manifests and the compose
+file write, and the cgroups that hold each container to its limit."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.deploy.rehearsal import MemoryLimits, compose_bytes, k8s_bytes, peak_rss_bytes
+
+
+def test_kubernetes_quantities():
+    assert k8s_bytes("4Gi") == 4 << 30 and k8s_bytes("512Mi") == 512 << 20 and k8s_bytes("64Ki") == 64 << 10
+    assert k8s_bytes("1G") == 10**9 and k8s_bytes("1500M") == 1.5e9 and k8s_bytes(1024) == 1024
+    for bad in ("4GB", "4 Gi", "-1Gi", "1.5Gi", ""):
+        with pytest.raises(AssertionError, match="not one the rehearsal reads"):
+            k8s_bytes(bad)
+
+
+def test_compose_sizes():
+    assert compose_bytes("4g") == 4 << 30 and compose_bytes("512M") == 512 << 20
+    assert compose_bytes("1024k") == 1 << 20 and compose_bytes("100b") == 100 and compose_bytes(7) == 7
+    for bad in ("4gb", "4Gi", "1.5g", ""):
+        with pytest.raises(AssertionError, match="not one the rehearsal reads"):
+            compose_bytes(bad)
+
+
+def _run_in(group, allocate_mib: int) -> subprocess.Popen:
+    """A Python process in `group` that fills `allocate_mib` MiB (bytearray touches every page), says so,
+    then waits to be killed."""
+    code = f"import sys, time; b = bytearray({allocate_mib} << 20); print('filled', flush=True); time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=MemoryLimits.joiner(group))
+
+
+def test_a_container_over_its_limit_is_oom_killed_and_one_under_it_runs():
+    memory = MemoryLimits(secrets.token_hex(3))
+    if not memory.enforced:
+        pytest.skip("no writable cgroup v1 memory controller here (not root, or another cgroup layout)")
+    try:
+        under = _run_in(memory.group("under", 256 << 20), 32)
+        over = _run_in(memory.group("over", 96 << 20), 512)
+        try:
+            assert under.stdout.readline().strip() == "filled"
+            assert memory.member("under", under.pid) and not memory.member("over", under.pid)
+            assert 32 << 20 <= peak_rss_bytes(under.pid) < 256 << 20
+            assert over.wait(60) == -9, "a process over its cgroup's limit was not killed"
+            deadline = time.monotonic() + 5   # the counter may trail the kill by a moment
+            while memory.oom_kills()["over"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert memory.oom_kills() == {"under": 0, "over": 1}
+            assert under.poll() is None
+        finally:
+            for p in (under, over):
+                p.kill()
+                p.wait()
+    finally:
+        memory.close()
+    assert not memory.root.exists()
