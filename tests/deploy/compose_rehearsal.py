@@ -289,6 +289,8 @@ class Rehearsal(OnBridge):
             assert code == 0, f"{service.name} exited with {code}:\n{service.log()[-3000:]}"
 
     def check_alive(self, names: tuple[str, ...]) -> None:
+        if self.memory is not None:
+            self.memory.check()
         for name in names:
             process = self.services[name].process
             if process is not None and process.poll() is not None:

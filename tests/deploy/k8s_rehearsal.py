@@ -570,6 +570,8 @@ class K8sRehearsal(OnBridge):
             backoff = min(backoff * 2, self.backoff_s[1])
 
     def check_alive(self, names: list[str] | None = None) -> None:
+        if self.memory is not None:
+            self.memory.check()
         for name in names or list(self.pods):
             pod = self.pods[name]
             if pod.failed:

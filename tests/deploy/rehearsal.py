@@ -199,6 +199,7 @@ class MemoryLimits:
     def __init__(self, tag: str):
         self.root: Path | None = None
         self.groups: dict[str, Path] = {}
+        self.limits: dict[str, int] = {}
         if (self.V1 / "memory.limit_in_bytes").exists() and os.access(self.V1, os.W_OK):
             self.root = self.V1 / f"moe-rehearsal-{tag}"
             self.root.mkdir()
@@ -215,7 +216,7 @@ class MemoryLimits:
             path = self.root / name
             path.mkdir()
             (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            self.groups[name] = path
+            self.groups[name], self.limits[name] = path, limit_bytes
         return self.groups[name]
 
     @staticmethod
@@ -234,6 +235,14 @@ class MemoryLimits:
             fields = dict(line.split() for line in (path / "memory.oom_control").read_text().splitlines())
             out[name] = int(fields.get("oom_kill", 0))
         return out
+
+    def check(self) -> None:
+        """AssertionError naming every container OOM-killed so far, with its limit (a rehearsal's
+        check_alive calls this, so that a wait fails at once with the cause, not at its timeout)."""
+        killed = {name: n for name, n in self.oom_kills().items() if n}
+        if killed:
+            raise AssertionError("OOM-killed under its memory limit: " + ", ".join(
+                f"{name} {n} time(s) (limit {self.limits[name] / 2**20:.0f} MiB)" for name, n in killed.items()))
 
     def close(self, wait_s: float = 5.0) -> None:
         """Remove the cgroups, once their processes have ended (a killed one leaves its cgroup as soon as

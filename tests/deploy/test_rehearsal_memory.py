@@ -53,6 +53,9 @@ def test_a_container_over_its_limit_is_oom_killed_and_one_under_it_runs():
             while memory.oom_kills()["over"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert memory.oom_kills() == {"under": 0, "over": 1}
+            with pytest.raises(AssertionError, match=r"OOM-killed under its memory limit: over 1 time\(s\) "
+                                                     r"\(limit 96 MiB\)"):
+                memory.check()
             assert under.poll() is None
         finally:
             for p in (under, over):
