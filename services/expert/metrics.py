@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from subnet.metric_children import Children
 from subnet.metrics_http import MetricsHttp
+from subnet.process_metrics import register_process_metrics
 from subnet.round_metrics import RoundMetrics
 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
@@ -41,6 +42,7 @@ class ExpertMetrics(MetricsHttp):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_process_metrics(self.registry)
         r = self.registry
         self.rpc_latency = Histogram("expert_rpc_latency_seconds", "RPC latency", ["rpc"],
                                      buckets=_LATENCY_BUCKETS, registry=r)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 from subnet.metric_children import Children
+from subnet.process_metrics import register_process_metrics
 from subnet.round_metrics import RoundMetrics
 
 # Expert calls on loopback take a few ms; across a WAN with a GPU queue, seconds.
@@ -24,6 +25,8 @@ class RouterMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:   # a registry passed in is the caller's, with its own process metrics or none
+            register_process_metrics(self.registry)
         self.expert_call_seconds = Histogram(
             "router_expert_call_seconds", "Latency of one expert RPC attempt, by MoE layer and RPC.",
             ["layer", "rpc"], buckets=CALL_SECONDS_BUCKETS, registry=self.registry)

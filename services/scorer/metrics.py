@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from subnet.metrics_http import MetricsHttp
+from subnet.process_metrics import register_process_metrics
 
 OUTCOMES = ("scored", "zero", "duplicate", "late", "invalid")
 
@@ -24,6 +25,7 @@ class ScorerMetrics(MetricsHttp):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_process_metrics(self.registry)
         r = self.registry
         self.score = Gauge("scorer_score", "composite score of the last submitted round", ["hotkey"], registry=r)
         self.ema = Gauge("scorer_ema", "EMA of the composite score", ["hotkey"], registry=r)

@@ -20,6 +20,7 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from subnet.metrics_http import MetricsHttp
+from subnet.process_metrics import register_process_metrics
 from subnet.rounds import RoundPhase
 from subnet.validation_results import ValidationResult
 
@@ -31,6 +32,7 @@ class ValidatorMetrics(MetricsHttp):
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        register_process_metrics(r)
         self.round = Gauge("validator_round", "round the chain is in", registry=r)
         self.phase = Gauge("validator_round_phase", "phase: 0 train, 1 commit, 2 reveal, 3 validate, 4 merge",
                            registry=r)

@@ -260,17 +260,19 @@ class Rehearsal(OnBridge):
             # writes even from root, as Docker's do.
             # With `read_only: true` the root is read-only there too but for its writable volumes and
             # tmpfs folders. Then it runs as its image's user, with that user's group and no capability.
-            steps = interpreter_mounts(self.folder / "host" / service.name) + container_mounts(
-                service.read_only, service.read_only_root, service.writable, self.root_mounts)
-            uid, gid = service.user
-            drop = setpriv(uid, gid, [gid], service.drop_all_capabilities, service.no_new_privs)
-            script = "".join(f"{step} && " for step in steps) + f'exec {drop} "$@"'
-            # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own.
+            # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own; it sees
+            # the group as its cgroup namespace's root, mounted at /sys/fs/cgroup/memory.
             group = None if service.memory_limit is None or self.memory is None else \
                 self.memory.group(service.name, service.memory_limit)
             join = MemoryLimits.joiner(group)
+            steps = interpreter_mounts(self.folder / "host" / service.name) + \
+                (MemoryLimits.visible_steps() if group else []) + \
+                container_mounts(service.read_only, service.read_only_root, service.writable, self.root_mounts)
+            uid, gid = service.user
+            drop = setpriv(uid, gid, [gid], service.drop_all_capabilities, service.no_new_privs)
+            script = "".join(f"{step} && " for step in steps) + f'exec {drop} "$@"'
             service.process = subprocess.Popen(
-                ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--propagation", "private",
+                ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--cgroup", "--propagation", "private",
                  "sh", "-c", script, service.name, *service.argv],
                 env=service.env, cwd=service.env["HOME"],
                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: (die_with_parent(), join()))

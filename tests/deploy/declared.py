@@ -184,6 +184,13 @@ def _literal(node: ast.AST | None):
         return None
 
 
+# What prometheus_client's collectors register when a file calls them (name, kind), as they name them.
+COLLECTOR_SERIES = {"ProcessCollector": (
+    ("process_virtual_memory_bytes", "Gauge"), ("process_resident_memory_bytes", "Gauge"),
+    ("process_start_time_seconds", "Gauge"), ("process_cpu_seconds_total", "Counter"),
+    ("process_open_fds", "Gauge"), ("process_max_fds", "Gauge"))}
+
+
 def metric_definitions_in_source(source: str, where: str = "<source>") -> list[MetricDef]:
     """Metrics constructed with literal names in one Python file (names imported from prometheus_client only)."""
     tree = ast.parse(source)
@@ -192,7 +199,7 @@ def metric_definitions_in_source(source: str, where: str = "<source>") -> list[M
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "prometheus_client":
             for alias in node.names:
-                if alias.name in _METRIC_TYPES:
+                if alias.name in _METRIC_TYPES or alias.name in COLLECTOR_SERIES:
                     local_names[alias.asname or alias.name] = alias.name
         elif isinstance(node, ast.Import):
             module_aliases.update(a.asname or a.name for a in node.names if a.name == "prometheus_client")
@@ -207,6 +214,10 @@ def metric_definitions_in_source(source: str, where: str = "<source>") -> list[M
               and func.value.id in module_aliases and func.attr in _METRIC_TYPES):
             kind = func.attr
         if kind is None:
+            continue
+        if kind in COLLECTOR_SERIES:
+            found += [MetricDef(name, metric_kind, (), f"{where}:{node.lineno}")
+                      for name, metric_kind in COLLECTOR_SERIES[kind]]
             continue
         kwargs = {k.arg: k.value for k in node.keywords if k.arg}
         name = _literal(node.args[0] if node.args else kwargs.get("name"))

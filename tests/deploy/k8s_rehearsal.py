@@ -520,14 +520,17 @@ class K8sRehearsal(OnBridge):
             with open(pod.log_path(container.name), "ab") as log:
                 # Started from this pod's kubelet thread, not the main one: die_with_parent's signal fires
                 # when the forking thread ends, and this thread always waits for its child first.
-                mounts = _mounts(container, self.root_mounts, interpreter_mounts(pod.folder / "host"))
-                script = f'hostname "$0"{mounts} && exec {_setpriv(container)} "$@"'
-                # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own.
+                # Its memory cgroup is joined before `ip netns exec`, which mounts a /sys of its own; it sees
+                # the group as its cgroup namespace's root, mounted at /sys/fs/cgroup/memory.
                 group = None if container.memory_limit is None or self.memory is None else \
                     self.memory.group(f"{pod.name}.{container.name}", container.memory_limit)
                 join = MemoryLimits.joiner(group)
+                first = interpreter_mounts(pod.folder / "host") + (MemoryLimits.visible_steps() if group else [])
+                mounts = _mounts(container, self.root_mounts, first)
+                script = f'hostname "$0"{mounts} && exec {_setpriv(container)} "$@"'
                 pod.process = subprocess.Popen(
-                    ["ip", "netns", "exec", pod.netns, "unshare", "--uts", "--mount", "--propagation", "private",
+                    ["ip", "netns", "exec", pod.netns,
+                     "unshare", "--uts", "--mount", "--cgroup", "--propagation", "private",
                      "sh", "-c", script, pod.name, *container.argv],
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
                     stdout=log, stderr=subprocess.STDOUT,

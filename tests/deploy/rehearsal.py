@@ -220,6 +220,14 @@ class MemoryLimits:
         return self.groups[name]
 
     @staticmethod
+    def visible_steps() -> list[str]:
+        """Shell commands, for a container started with `unshare --cgroup` after joining its group, that
+        show it its memory cgroup as a container runtime does (`ip netns exec` mounts a /sys of its own,
+        without cgroups): the memory hierarchy read-only at /sys/fs/cgroup/memory, rooted at its group."""
+        return ["mount -t tmpfs -o mode=755,size=64k cgroup /sys/fs/cgroup", "mkdir /sys/fs/cgroup/memory",
+                "mount -t cgroup -o memory,ro cgroup /sys/fs/cgroup/memory"]
+
+    @staticmethod
     def joiner(group: Path | None) -> Callable[[], None]:
         """A preexec_fn step: the forked child joins `group` before it execs (nothing if None)."""
         def join() -> None:
@@ -263,6 +271,15 @@ class MemoryLimits:
         with open(f"/proc/{pid}/cgroup") as f:
             paths = [line.rstrip("\n").split(":", 2)[2] for line in f if line.split(":", 2)[1] == "memory"]
         return bool(paths) and self.root is not None and paths[0] == f"/{self.root.name}/{name}"
+
+
+def exported_memory_limit(address: str) -> float | None:
+    """process_memory_limit_bytes on the /metrics page at `address` (host:port), or None if not there."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("process_memory_limit_bytes "):
+                return float(line.split()[1])
+    return None
 
 
 def peak_rss_bytes(pid: int) -> int:

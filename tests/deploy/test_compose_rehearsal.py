@@ -36,6 +36,7 @@ from tests.deploy.files import environment
 from tests.deploy.rehearsal import (
     assert_mounted_read_only,
     assert_runs_as,
+    exported_memory_limit,
     mount_options,
     peak_rss_bytes,
     prometheus_scrapes,
@@ -156,6 +157,8 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
             assert not stage.memory.enforced or stage.memory.member(name, service.process.pid), name
             print(f"{name}: peak resident {peak_rss_bytes(service.process.pid) / 2**20:.0f} MiB of its "
                   f"{service.memory_limit / 2**20:.0f} MiB limit")
+            if stage.memory.enforced:   # each service reads its limit from its cgroup, for the dashboard
+                assert exported_memory_limit(f"{service.address}:9100") == service.memory_limit, name
     if stage.memory.enforced:
         assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
 

@@ -43,6 +43,7 @@ from tests.deploy.k8s_rehearsal import K8sRehearsal, Pod
 from tests.deploy.rehearsal import (
     assert_mounted_read_only,
     assert_runs_as,
+    exported_memory_limit,
     mount_options,
     peak_rss_bytes,
     prometheus_scrapes,
@@ -233,6 +234,8 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         assert limit, f"{pod.name}: no memory limit"
         print(f"{pod.name}: peak resident {peak_rss_bytes(pod.process.pid) / 2**20:.0f} MiB of its "
               f"{limit / 2**20:.0f} MiB limit")
+        if stage.memory.enforced and pod not in prometheus:   # each service reads its limit from its cgroup
+            assert exported_memory_limit(f"{pod.address}:9100") == limit, f"{pod.name}: limit not on /metrics"
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):

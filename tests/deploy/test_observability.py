@@ -79,6 +79,9 @@ d = Tally("not_a_metric")
                      "depth": ("Gauge", ())}
     counter = next(m for m in metric_definitions_in_source(source) if m.kind == "Counter")
     assert set(counter.series()) == {"jobs_total", "jobs_created"}
+    collected = metric_definitions_in_source("from prometheus_client import ProcessCollector\nProcessCollector()\n")
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_max_fds"} <= \
+        {m.name for m in collected}
 
 
 def test_scanner_finds_what_the_metrics_classes_register():
@@ -89,7 +92,8 @@ def test_scanner_finds_what_the_metrics_classes_register():
     registered = {(family.name, family.type) for registry in (ExpertMetrics().registry, RouterMetrics().registry)
                   for family in registry.collect()}
     scanned = {(m.name.removesuffix("_total") if m.kind == "Counter" else m.name, m.kind.lower())
-               for m in metric_definitions() if m.where.startswith(("services/expert/", "services/router/"))}
+               for m in metric_definitions()
+               if m.where.startswith(("services/expert/", "services/router/", "subnet/process_metrics.py"))}
     assert registered <= scanned
 
 
@@ -154,3 +158,5 @@ def test_dashboard_shows_what_the_issue_asks_for():
     assert has("router_round_phase") and has("expert_round_phase") and has("expert_round")     # rounds
     assert has("expert_checkpoints_published_total") and has("expert_commitments_total")
     assert has("router_checkpoints_published_total") and has("router_commitments_total")
+    assert has("process_resident_memory_bytes") and has("process_memory_limit_bytes")          # memory vs limit
+    assert has("process_open_fds") and has("process_cpu_seconds_total")

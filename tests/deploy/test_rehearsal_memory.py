@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from subnet.process_metrics import cgroup_memory_limit
 from tests.deploy.rehearsal import MemoryLimits, compose_bytes, k8s_bytes, peak_rss_bytes
 
 
@@ -64,3 +65,31 @@ def test_a_container_over_its_limit_is_oom_killed_and_one_under_it_runs():
     finally:
         memory.close()
     assert not memory.root.exists()
+
+
+def test_a_service_reads_the_memory_limit_of_its_cgroup():
+    """subnet.process_metrics reads the limit a runtime set (here the rehearsal's cgroup) and exports it."""
+    memory = MemoryLimits(secrets.token_hex(3))
+    if not memory.enforced:
+        pytest.skip("no writable cgroup v1 memory controller here (not root, or another cgroup layout)")
+    code = ("from prometheus_client import CollectorRegistry, generate_latest\n"
+            "from subnet.process_metrics import register_process_metrics\n"
+            "r = CollectorRegistry(); register_process_metrics(r)\n"
+            "print(generate_latest(r).decode())")
+    try:
+        limited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                 preexec_fn=MemoryLimits.joiner(memory.group("limited", 300 << 20)))
+        free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    finally:
+        memory.close()
+
+    def limit(text: str) -> float | None:
+        values = [float(line.split()[1]) for line in text.splitlines()
+                  if line.startswith("process_memory_limit_bytes ")]
+        return values[0] if values else None
+
+    assert limited.returncode == 0 and free.returncode == 0, limited.stderr + free.stderr
+    assert limit(limited.stdout) == 300 << 20
+    assert "process_resident_memory_bytes" in limited.stdout
+    assert limit(free.stdout) == cgroup_memory_limit()   # this test's own cgroup's (None: unlimited)
+
