@@ -1,7 +1,7 @@
 """The transport's floor under an expert call: one small message to another process over loopback TCP
 and back, both ends blocking in the kernel between messages as the router and an expert service do.
 
-    python -m bench.loopback_echo PORT     # the echo end (started by `round_trip_us`)
+    python -m bench.loopback_echo FD     # the echo end, on the listening socket FD (started by `round_trip_us`)
 
 `round_trip_us` starts the echo end as a child process, sends a one-token Forward's worth of bytes
 (ROUND_TRIP_BYTES) and waits for it back, ROUND_TRIPS times, and returns the p50 and p99 in
@@ -44,13 +44,13 @@ def round_trip_us() -> dict[str, float]:
 
 def _pinned_round_trips(own_cpu: int, echo_cpu: int) -> dict[str, float]:
     os.sched_setaffinity(0, {own_cpu})
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()   # the child binds it again; a lost race fails the connect below with a clear error
-    child = subprocess.Popen([sys.executable, "-m", "bench.loopback_echo", str(port)], preexec_fn=die_with_parent)
+    with socket.create_server(("127.0.0.1", 0)) as listener:   # handed to the child: no port to race for
+        child = subprocess.Popen([sys.executable, "-m", "bench.loopback_echo", str(listener.fileno())],
+                                 pass_fds=(listener.fileno(),), preexec_fn=die_with_parent)
+        port = listener.getsockname()[1]
     os.sched_setaffinity(child.pid, {echo_cpu})
     try:
-        conn = _connect(port)
+        conn = _connect(port, child)
         with conn:
             message, answer = b"x" * ROUND_TRIP_BYTES, bytearray(ROUND_TRIP_BYTES)
             samples = []
@@ -68,19 +68,17 @@ def _pinned_round_trips(own_cpu: int, echo_cpu: int) -> dict[str, float]:
     return {k: v * 1e6 for k, v in percentiles(samples, (50, 99)).items()}
 
 
-def _connect(port: int) -> socket.socket:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            conn = socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the loopback echo process did not listen on port {port} "
-                                   f"within {START_TIMEOUT_S:.0f} s") from None
-            time.sleep(0.05)
-            continue
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+def _connect(port: int, child: subprocess.Popen) -> socket.socket:
+    """A connection to the echo end (the listening socket is open from the start: the connect waits in
+    its backlog until the child accepts), blocking with no timeout, as the services' sockets are: a
+    socket with a timeout polls before every send and receive."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=START_TIMEOUT_S)
+    conn.settimeout(None)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if child.poll() is not None:
+        conn.close()
+        raise RuntimeError(f"the loopback echo process exited with {child.returncode}")
+    return conn
 
 
 def _read_exactly(conn: socket.socket, view: memoryview) -> None:
@@ -92,8 +90,8 @@ def _read_exactly(conn: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _echo(port: int) -> None:
-    with socket.create_server(("127.0.0.1", port)) as listener:
+def _echo(listener_fd: int) -> None:
+    with socket.socket(fileno=listener_fd) as listener:
         conn, _ = listener.accept()
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

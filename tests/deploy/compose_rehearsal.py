@@ -31,11 +31,12 @@ its `depends_on` allows (the test checks its order against them; healthchecks ar
   command and environment.
 - A service's `:ro` volumes are read-only bind mounts in a mount namespace of its own (private
   propagation): a write there fails as with Docker, even as root. `tmpfs:` paths become folders of
-  their own (mode 1777), and a service with `read_only: true` sees the root mount (and the mount
-  holding the rehearsal's folders, where that is another) read-only but for its writable volumes
-  and tmpfs folders, with TMPDIR naming its /tmp one. `cap_drop: [ALL]` empties the bounding set,
-  `no-new-privileges:true` sets no_new_privs. A `mem_limit` is the limit of a memory cgroup of the
-  service's own (rehearsal.MemoryLimits), as Docker sets it.
+  their own (mode 1777, bound nosuid, nodev and noexec, as Docker mounts tmpfs), and a service with
+  `read_only: true` sees the root mount (and the mount holding the rehearsal's folders, where that is
+  another) read-only but for its writable volumes and tmpfs folders, with TMPDIR naming its /tmp
+  one. `cap_drop: [ALL]` empties the bounding set, `no-new-privileges:true` sets no_new_privs. A
+  `mem_limit` is the limit of a memory cgroup of the service's own (rehearsal.MemoryLimits), as
+  Docker sets it.
 - All of it runs on one host, so the router finds that it shares /dev/shm with the experts and
   sends tensors through shared memory; containers have a /dev/shm each and use moe-frames.
 - The processes get what the image's ENV sets (PATH with the Python that runs this, unbuffered
@@ -77,6 +78,7 @@ from tests.deploy.rehearsal import (
     interpreter_mounts,
     kill,
     mount_point_of,
+    restore_modes,
     searchable,
     setpriv,
     terminate,
@@ -135,6 +137,7 @@ class Service:
     drop_all_capabilities: bool = False   # cap_drop: [ALL]
     no_new_privs: bool = False            # security_opt: no-new-privileges:true
     memory_limit: int | None = None       # mem_limit, bytes
+    tmpfs: list[str] = field(default_factory=list)   # host folders standing for its tmpfs mounts
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -198,23 +201,24 @@ class Rehearsal(OnBridge):
                     host.chmod(0o755)
                     if target in owned:
                         os.chown(host, *user)
-                searchable(host)
+                searchable(host, self._opened)
             volumes[target] = str(host)
             if mode and "ro" in mode[0].split(","):
                 read_only.append(str(host))
-        tmpfs = spec.get("tmpfs") or []
-        for target in [tmpfs] if isinstance(tmpfs, str) else tmpfs:
+        tmpfs_targets, tmpfs = spec.get("tmpfs") or [], []
+        for target in [tmpfs_targets] if isinstance(tmpfs_targets, str) else tmpfs_targets:
             host = self.folder / "tmpfs" / name / target.strip("/").replace("/", "-")
             host.mkdir(parents=True, exist_ok=True)
             host.chmod(0o1777)   # Docker's tmpfs mode when none is given
-            searchable(host)
+            searchable(host, self._opened)
             volumes[target] = str(host)
+            tmpfs.append(str(host))
         writable = sorted(set(volumes.values()) - set(read_only))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
         home = self.folder / "home" / name   # the image's WORKDIR and HOME, its user's
         home.mkdir(parents=True, exist_ok=True)
         os.chown(home, *user)
-        searchable(home)
+        searchable(home, self._opened)
         image_home = on_host(IMAGE_HOME, volumes)   # a mount at HOME (a tmpfs) replaces the image's
         home = Path(image_home) if image_home != IMAGE_HOME else home
         env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
@@ -236,7 +240,8 @@ class Rehearsal(OnBridge):
                        read_only_root=read_only_root, writable=writable,
                        drop_all_capabilities="ALL" in (spec.get("cap_drop") or []),
                        no_new_privs=any(o in ("no-new-privileges", "no-new-privileges:true") for o in options),
-                       memory_limit=None if "mem_limit" not in spec else compose_bytes(spec["mem_limit"]))
+                       memory_limit=None if "mem_limit" not in spec else compose_bytes(spec["mem_limit"]),
+                       tmpfs=tmpfs)
 
     def start_infra(self, timeout_s: float = 30.0) -> None:
         """Redis with the compose service's arguments; the S3 stand-in with its credentials; the bucket
@@ -264,18 +269,19 @@ class Rehearsal(OnBridge):
             # the group as its cgroup namespace's root, mounted at /sys/fs/cgroup/memory.
             group = None if service.memory_limit is None or self.memory is None else \
                 self.memory.group(service.name, service.memory_limit)
-            join = MemoryLimits.joiner(group)
             steps = interpreter_mounts(self.folder / "host" / service.name) + \
                 (MemoryLimits.visible_steps() if group else []) + \
-                container_mounts(service.read_only, service.read_only_root, service.writable, self.root_mounts)
+                container_mounts(service.read_only, service.read_only_root, service.writable, self.root_mounts,
+                                 service.tmpfs)
             uid, gid = service.user
             drop = setpriv(uid, gid, [gid], service.drop_all_capabilities, service.no_new_privs)
             script = "".join(f"{step} && " for step in steps) + f'exec {drop} "$@"'
             service.process = subprocess.Popen(
-                ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--cgroup", "--propagation", "private",
-                 "sh", "-c", script, service.name, *service.argv],
+                MemoryLimits.joined(group, ["ip", "netns", "exec", service.netns, "unshare", "--mount", "--cgroup",
+                                            "--propagation", "private", "sh", "-c", script, service.name,
+                                            *service.argv]),
                 env=service.env, cwd=service.env["HOME"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: (die_with_parent(), join()))
+                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         return service
 
     def run_to_end(self, names: tuple[str, ...], timeout_s: float) -> None:
@@ -317,9 +323,9 @@ class Rehearsal(OnBridge):
             cleanup.attempt("stop the name server", self.name_server.stop)
         if self.traces is not None:
             cleanup.attempt("stop the trace receiver", self.traces.stop)
-        if self.memory is not None:
-            cleanup.attempt("remove the memory cgroups", self.memory.close)
-        return cleanup.network(self._namespaces, self._links)
+        return cleanup.network(self._namespaces, self._links, after_kill=(
+            *(((self.memory.close, "remove the memory cgroups"),) if self.memory is not None else ()),
+            (lambda: restore_modes(self._opened), "restore the modes of the folders made searchable")))
 
 
 def on_host(text: str, volumes: dict[str, str]) -> str:

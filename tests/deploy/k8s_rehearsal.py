@@ -103,6 +103,7 @@ from tests.deploy.rehearsal import (
     k8s_bytes,
     kill,
     mount_point_of,
+    restore_modes,
     searchable,
     setpriv,
     terminate,
@@ -165,7 +166,8 @@ def run_as(pod_context: dict, container_context: dict, where: str) -> tuple[int,
     uid, gid = pick("runAsUser"), pick("runAsGroup")
     # Without them a cluster takes the image's USER; the rehearsal has no image to read it from.
     assert uid is not None and gid is not None, f"{where}: no runAsUser/runAsGroup in its securityContext"
-    groups = ([int(pod_context["fsGroup"])] if "fsGroup" in pod_context else []) + \
+    # containerd puts the primary group among the supplementary ones too (since CVE-2023-25173's fix).
+    groups = [gid] + ([int(pod_context["fsGroup"])] if "fsGroup" in pod_context else []) + \
         [int(g) for g in pod_context.get("supplementalGroups") or []]
     return uid, gid, sorted(set(groups))
 
@@ -184,6 +186,8 @@ def own_volume(root: Path, fs_group: int | None, read_only: bool, kind: str) -> 
     mask = 0o440 if read_only else 0o660
     for path in [root, *root.rglob("*")]:
         os.chown(path, -1, fs_group, follow_symlinks=False)
+        if path.is_symlink():   # a link's own mode means nothing; its target is walked on its own
+            continue
         extra = mask | (0o2110 if path.is_dir() else 0)
         path.chmod(path.stat().st_mode & 0o7777 | extra)
 
@@ -382,11 +386,12 @@ class K8sRehearsal(OnBridge):
         for claim in owner["spec"].get("volumeClaimTemplates") or []:
             host = self.folder / "pvc" / f"{claim['metadata']['name']}-{name}"
             host.mkdir(parents=True, exist_ok=True)
+            host.chmod(0o755)   # as a provisioner makes it (root's), whatever this process's umask
             volumes[claim["metadata"]["name"]] = host
             kinds[claim["metadata"]["name"]] = "persistentVolumeClaim"
         fs_group = (spec.get("securityContext") or {}).get("fsGroup")
         for volume, host in volumes.items():
-            searchable(host)
+            searchable(host, self._opened)
             own_volume(host, None if fs_group is None else int(fs_group), volume in read_only_volumes(spec),
                        kinds[volume])
         for kind in ("initContainers", "containers"):
@@ -398,7 +403,9 @@ class K8sRehearsal(OnBridge):
     def _volume(self, volume: dict, pod: str, folder: Path) -> Path:
         if "persistentVolumeClaim" in volume:
             host = self.folder / "pvc" / volume["persistentVolumeClaim"]["claimName"]
-            host.mkdir(parents=True, exist_ok=True)
+            if not host.exists():   # shared by the pods that claim it: made once, as a provisioner makes it
+                host.mkdir(parents=True)
+                host.chmod(0o755)
             return host
         host = folder / "volumes" / volume["name"]
         host.mkdir(parents=True, exist_ok=True)
@@ -524,17 +531,15 @@ class K8sRehearsal(OnBridge):
                 # the group as its cgroup namespace's root, mounted at /sys/fs/cgroup/memory.
                 group = None if container.memory_limit is None or self.memory is None else \
                     self.memory.group(f"{pod.name}.{container.name}", container.memory_limit)
-                join = MemoryLimits.joiner(group)
                 first = interpreter_mounts(pod.folder / "host") + (MemoryLimits.visible_steps() if group else [])
                 mounts = _mounts(container, self.root_mounts, first)
                 script = f'hostname "$0"{mounts} && exec {_setpriv(container)} "$@"'
                 pod.process = subprocess.Popen(
-                    ["ip", "netns", "exec", pod.netns,
-                     "unshare", "--uts", "--mount", "--cgroup", "--propagation", "private",
-                     "sh", "-c", script, pod.name, *container.argv],
+                    MemoryLimits.joined(group, ["ip", "netns", "exec", pod.netns,
+                                                "unshare", "--uts", "--mount", "--cgroup", "--propagation", "private",
+                                                "sh", "-c", script, pod.name, *container.argv]),
                     env=container.env, cwd=home if os.path.isdir(home := container.env["HOME"]) else pod.folder,
-                    stdout=log, stderr=subprocess.STDOUT,
-                    preexec_fn=lambda: (die_with_parent(), join()))
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
             pod.running = container.name
         code = pod.process.wait()
         with pod.lock:
@@ -614,8 +619,8 @@ class K8sRehearsal(OnBridge):
             cleanup.attempt("stop the name server", self.name_server.stop)
         if self.traces is not None:
             cleanup.attempt("stop the trace receiver", self.traces.stop)
-        if self.memory is not None:
-            cleanup.attempt("remove the memory cgroups", self.memory.close)
-        left = cleanup.network(self._namespaces, self._links)
+        left = cleanup.network(self._namespaces, self._links, after_kill=(
+            *(((self.memory.close, "remove the memory cgroups"),) if self.memory is not None else ()),
+            (lambda: restore_modes(self._opened), "restore the modes of the folders made searchable")))
         alive = [p.name for p in self.pods.values() if p.thread is not None and p.thread.is_alive()]
         return left + [f"kubelet of {n}" for n in alive]

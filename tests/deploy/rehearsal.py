@@ -125,28 +125,41 @@ def interpreter_mounts(stage: Path) -> list[str]:
     return steps
 
 
-def searchable(path: Path) -> None:
+def searchable(path: Path, opened: list[tuple[Path, int]]) -> None:
     """`path` and every folder above it searchable by others (o+x), so that a container's user reaches
-    its volumes (pytest's base temporary folder is 0700, root's)."""
+    its volumes (pytest's base temporary folder is 0700, root's); each folder changed is added to
+    `opened` with its mode before, for `restore_modes`."""
     for folder in [path, *path.parents]:
         mode = folder.stat().st_mode & 0o7777
         if not mode & 0o001:
+            opened.append((folder, mode))
             folder.chmod(mode | 0o001)
 
 
+def restore_modes(opened: list[tuple[Path, int]]) -> None:
+    """Give the folders `searchable` opened their modes back (those still there), last opened first."""
+    while opened:
+        folder, mode = opened.pop()
+        with contextlib.suppress(FileNotFoundError):
+            folder.chmod(mode)
+
+
 def container_mounts(read_only: list[str], read_only_root: bool, writable: list[str],
-                     root_mounts: list[str]) -> list[str]:
+                     root_mounts: list[str], tmpfs: list[str] = ()) -> list[str]:
     """Shell commands that give a container its file system as Docker or the kubelet would. It runs in
     a mount namespace of its own with private propagation (`unshare --mount`, in the one `ip netns
     exec` makes), so these bind mounts and per-mount flags never reach the host; they refuse writes
     even as root: with a read-only root file system the `root_mounts` (`/`, and the mount holding the
     rehearsal's folders where that is another) are read-only but for its `writable` folders (bound
     first, so they stay writable mounts of their own), and its `read_only` volumes are read-only.
-    Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags."""
+    `tmpfs` folders (among `writable`) stand for Docker's tmpfs mounts: nosuid, nodev and noexec, as
+    Docker mounts them. Other mounts (/dev/shm, /proc, a separate /home, ...) keep their flags."""
     q = shlex.quote
     steps = []
+    bound = set(writable) if read_only_root else set()
+    steps += [f"mount --bind {q(path)} {q(path)}" for path in sorted(bound | set(tmpfs))]
+    steps += [f"mount -o remount,bind,nosuid,nodev,noexec {q(path)}" for path in tmpfs]
     if read_only_root:
-        steps += [f"mount --bind {q(path)} {q(path)}" for path in writable]
         steps += [f"mount -o remount,bind,ro {q(point)}" for point in root_mounts]
     for path in read_only:
         steps += [f"mount --bind {q(path)} {q(path)}", f"mount -o remount,bind,ro {q(path)}"]
@@ -168,7 +181,7 @@ def setpriv(uid: int, gid: int, groups: list[int], drop_all_capabilities: bool, 
 
 _K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_COMPOSE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+_COMPOSE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
 
 
 def k8s_bytes(quantity: str | int) -> int:
@@ -179,17 +192,18 @@ def k8s_bytes(quantity: str | int) -> int:
 
 
 def compose_bytes(size: str | int) -> int:
-    """A compose byte size (`4g`, `512m`, `1024k`, `1073741824`) in bytes."""
-    m = re.fullmatch(r"(\d+)([bkmgBKMG]?)", str(size).strip())
-    assert m, f"byte size {size!r} is not one the rehearsal reads"
+    """A compose byte size (`4g`, `4gb`, `512m`, `1024k`, `100b`, `1073741824`) in bytes."""
+    m = re.fullmatch(r"(\d+)([A-Za-z]*)", str(size).strip())
+    assert m and m.group(2).lower() in _COMPOSE_UNITS, f"byte size {size!r} is not one the rehearsal reads"
     return int(m.group(1)) * _COMPOSE_UNITS[m.group(2).lower()]
 
 
 class MemoryLimits:
     """Containers' memory limits as a container runtime sets them: one cgroup of the memory controller
-    per container under `moe-rehearsal-<tag>`, its limit set before the container starts; the container's
-    first process joins it before exec (`joiner`, for preexec_fn) and what it starts stays in it, restarts
-    included. Over its limit the kernel reclaims its page cache, then OOM-kills it, as in a cluster.
+    per container under `moe-rehearsal-<tag>`, its limit set before the container starts (no swap beyond
+    it, where swap is accounted); the container's first process joins it before exec (`joined`) and
+    what it starts stays in it, restarts included. Over its limit the kernel reclaims its page cache,
+    then OOM-kills it, as in a cluster.
 
     cgroup v1's memory controller (what this machine mounts at /sys/fs/cgroup/memory); where there is
     none, `enforced` is False and nothing is limited."""
@@ -216,6 +230,9 @@ class MemoryLimits:
             path = self.root / name
             path.mkdir()
             (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            swap = path / "memory.memsw.limit_in_bytes"   # where swap is accounted: none beyond the limit
+            if swap.exists():
+                swap.write_text(str(limit_bytes))
             self.groups[name], self.limits[name] = path, limit_bytes
         return self.groups[name]
 
@@ -228,13 +245,12 @@ class MemoryLimits:
                 "mount -t cgroup -o memory,ro cgroup /sys/fs/cgroup/memory"]
 
     @staticmethod
-    def joiner(group: Path | None) -> Callable[[], None]:
-        """A preexec_fn step: the forked child joins `group` before it execs (nothing if None)."""
-        def join() -> None:
-            if group is not None:
-                with open(group / "cgroup.procs", "w") as f:
-                    f.write(str(os.getpid()))
-        return join
+    def joined(group: Path | None, argv: list[str]) -> list[str]:
+        """`argv` run by a shell that first joins `group` (unchanged if None); a shell rather than a
+        preexec_fn, which must not do file I/O in the fork of a process with threads."""
+        if group is None:
+            return argv
+        return ["sh", "-c", f'echo $$ > {shlex.quote(str(group / "cgroup.procs"))} && exec "$@"', "join", *argv]
 
     def oom_kills(self) -> dict[str, int]:
         """OOM kills so far in each container's cgroup."""
@@ -252,19 +268,28 @@ class MemoryLimits:
             raise AssertionError("OOM-killed under its memory limit: " + ", ".join(
                 f"{name} {n} time(s) (limit {self.limits[name] / 2**20:.0f} MiB)" for name, n in killed.items()))
 
-    def close(self, wait_s: float = 5.0) -> None:
-        """Remove the cgroups, once their processes have ended (a killed one leaves its cgroup as soon as
-        it is reaped; up to `wait_s` for that)."""
+    def close(self, wait_s: float = 10.0) -> None:
+        """Kill what is still in the cgroups (what a container started and its kill did not reach) and
+        remove them, each whatever the others did; OSError naming those left, after `wait_s`."""
         deadline = time.monotonic() + wait_s
+        left = []
         for path in [*self.groups.values(), *([self.root] if self.root is not None else [])]:
             while True:
+                for pid in (path / "cgroup.procs").read_text().split() if path.exists() else []:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
                 try:
                     path.rmdir()
                     break
-                except OSError:   # EBUSY: a process is still in it
+                except FileNotFoundError:
+                    break
+                except OSError as e:   # EBUSY: a killed process is not reaped yet
                     if time.monotonic() > deadline:
-                        raise
+                        left.append(f"{path}: {e}")
+                        break
                     time.sleep(0.1)
+        if left:
+            raise OSError("memory cgroups left: " + "; ".join(left))
 
     def member(self, name: str, pid: int) -> bool:
         """Whether process `pid` is in container `name`'s cgroup."""
@@ -330,6 +355,7 @@ class OnBridge:
     s3: S3Server | None = None
     _links: list[str] = field(default_factory=list)
     _namespaces: list[str] = field(default_factory=list)
+    _opened: list[tuple[Path, int]] = field(default_factory=list)   # folders made searchable (searchable)
 
     @property
     def bridge(self) -> str:
@@ -433,11 +459,15 @@ class Cleanup:
         except Exception as e:  # clean-up goes on: a stuck process must not leave namespaces behind
             self.problems.append(f"{what}: {type(e).__name__}: {e}")
 
-    def network(self, namespaces: list[str], links: list[str]) -> list[str]:
-        """Kill what still runs in `namespaces`, delete them, their /etc/netns folders and `links`;
-        returns the problems and whatever is still there."""
+    def network(self, namespaces: list[str], links: list[str],
+                after_kill: tuple[tuple[Callable[[], object], str], ...] = ()) -> list[str]:
+        """Kill what still runs in `namespaces`, run `after_kill` ((step, what) each: what needs those
+        processes gone), delete the namespaces, their /etc/netns folders and `links`; returns the
+        problems and whatever is still there."""
         for netns in namespaces:
             self.attempt(f"kill what runs in {netns}", lambda netns=netns: kill_processes_in(netns))
+        for step, what in after_kill:
+            self.attempt(what, step)
         for link in links:
             self.attempt(f"delete {link}", lambda link=link: sh("ip", "link", "del", link, check=False))
         for netns in namespaces:

@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 import urllib.request
+import warnings
 
 import grpc
 import pytest
@@ -229,6 +230,8 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
         for pod in (router, validator, scorer, *experts, *prometheus):
             assert stage.memory.member(f"{pod.name}.{pod.containers[0].name}", pod.process.pid), pod.name
         assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
+    else:
+        warnings.warn("memory limits not enforced: no writable cgroup v1 memory controller here", stacklevel=1)
     for pod in (router, validator, scorer, *experts, *prometheus):
         limit = pod.containers[0].memory_limit
         assert limit, f"{pod.name}: no memory limit"

@@ -25,7 +25,8 @@ def test_kubernetes_quantities():
 def test_compose_sizes():
     assert compose_bytes("4g") == 4 << 30 and compose_bytes("512M") == 512 << 20
     assert compose_bytes("1024k") == 1 << 20 and compose_bytes("100b") == 100 and compose_bytes(7) == 7
-    for bad in ("4gb", "4Gi", "1.5g", ""):
+    assert compose_bytes("4gb") == 4 << 30 and compose_bytes("2MB") == 2 << 20
+    for bad in ("4Gi", "4gib", "1.5g", ""):
         with pytest.raises(AssertionError, match="not one the rehearsal reads"):
             compose_bytes(bad)
 
@@ -34,17 +35,18 @@ def _run_in(group, allocate_mib: int) -> subprocess.Popen:
     """A Python process in `group` that fills `allocate_mib` MiB (bytearray touches every page), says so,
     then waits to be killed."""
     code = f"import sys, time; b = bytearray({allocate_mib} << 20); print('filled', flush=True); time.sleep(60)"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=MemoryLimits.joiner(group))
+    return subprocess.Popen(MemoryLimits.joined(group, [sys.executable, "-c", code]), stdout=subprocess.PIPE,
+                            text=True)
 
 
 def test_a_container_over_its_limit_is_oom_killed_and_one_under_it_runs():
     memory = MemoryLimits(secrets.token_hex(3))
     if not memory.enforced:
         pytest.skip("no writable cgroup v1 memory controller here (not root, or another cgroup layout)")
+    started: list[subprocess.Popen] = []
     try:
-        under = _run_in(memory.group("under", 256 << 20), 32)
-        over = _run_in(memory.group("over", 96 << 20), 512)
+        started.append(under := _run_in(memory.group("under", 256 << 20), 32))
+        started.append(over := _run_in(memory.group("over", 96 << 20), 512))
         try:
             assert under.stdout.readline().strip() == "filled"
             assert memory.member("under", under.pid) and not memory.member("over", under.pid)
@@ -59,10 +61,14 @@ def test_a_container_over_its_limit_is_oom_killed_and_one_under_it_runs():
                 memory.check()
             assert under.poll() is None
         finally:
-            for p in (under, over):
+            for p in started:
                 p.kill()
                 p.wait()
     finally:
+        for p in started:   # one that started before the other failed to
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         memory.close()
     assert not memory.root.exists()
 
@@ -77,8 +83,8 @@ def test_a_service_reads_the_memory_limit_of_its_cgroup():
             "r = CollectorRegistry(); register_process_metrics(r)\n"
             "print(generate_latest(r).decode())")
     try:
-        limited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                                 preexec_fn=MemoryLimits.joiner(memory.group("limited", 300 << 20)))
+        limited = subprocess.run(MemoryLimits.joined(memory.group("limited", 300 << 20), [sys.executable, "-c", code]),
+                                 capture_output=True, text=True, timeout=60)
         free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     finally:
         memory.close()
