@@ -215,12 +215,13 @@ class Rehearsal(OnBridge):
             tmpfs.append(str(host))
         writable = sorted(set(volumes.values()) - set(read_only))
         env = {k: on_host(v, volumes) for k, v in environment(spec).items()}
-        home = self.folder / "home" / name   # the image's WORKDIR and HOME, its user's
-        home.mkdir(parents=True, exist_ok=True)
-        os.chown(home, *user)
-        searchable(home, self._opened)
-        image_home = on_host(IMAGE_HOME, volumes)   # a mount at HOME (a tmpfs) replaces the image's
-        home = Path(image_home) if image_home != IMAGE_HOME else home
+        if IMAGE_HOME in volumes:   # a mount at HOME (a tmpfs) replaces the image's
+            home = Path(volumes[IMAGE_HOME])
+        else:                       # the image's WORKDIR and HOME, its user's
+            home = self.folder / "home" / name
+            home.mkdir(parents=True, exist_ok=True)
+            os.chown(home, *user)
+            searchable(home, self._opened)
         env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(home),
                     "MPLCONFIGDIR": on_host("/tmp/matplotlib", volumes) if "/tmp" in volumes

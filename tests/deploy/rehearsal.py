@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +306,23 @@ def exported_memory_limit(address: str) -> float | None:
             if line.startswith("process_memory_limit_bytes "):
                 return float(line.split()[1])
     return None
+
+
+def assert_held_to_memory_limits(memory: MemoryLimits, running: dict[str, tuple[int, int, str | None]]) -> None:
+    """Each running container, cgroup name -> (pid, limit in bytes, its /metrics address or None): in its
+    cgroup, showing its limit on /metrics where it has one, and no container OOM-killed (where `memory` is
+    enforced; a warning where not). Prints each one's peak resident memory (`pytest -rP` shows it)."""
+    for name, (pid, limit, metrics) in running.items():
+        assert limit, f"{name}: no memory limit"
+        print(f"{name}: peak resident {peak_rss_bytes(pid) / 2**20:.0f} MiB of its {limit / 2**20:.0f} MiB limit")
+        if memory.enforced:
+            assert memory.member(name, pid), f"{name} is not in its memory cgroup"
+            if metrics is not None:   # the service reads its limit from its cgroup, for the dashboard
+                assert exported_memory_limit(metrics) == limit, f"{name}: its limit is not on /metrics"
+    if memory.enforced:
+        memory.check()
+    else:
+        warnings.warn("memory limits not enforced: no writable cgroup v1 memory controller here", stacklevel=2)
 
 
 def peak_rss_bytes(pid: int) -> int:

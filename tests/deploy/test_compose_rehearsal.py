@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 
 import grpc
 import pytest
@@ -35,11 +34,10 @@ from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.compose_rehearsal import ONE_SHOTS, PROMETHEUS, Rehearsal
 from tests.deploy.files import environment
 from tests.deploy.rehearsal import (
+    assert_held_to_memory_limits,
     assert_mounted_read_only,
     assert_runs_as,
-    exported_memory_limit,
     mount_options,
-    peak_rss_bytes,
     prometheus_scrapes,
     staged,
     wait_until,
@@ -154,19 +152,9 @@ def test_the_cpu_profile_comes_up_trains_serves_and_stops(rehearsal):
                 f"{name}: tmpfs folders not mounted as Docker's tmpfs: {[mounted.get(p) for p in service.tmpfs]}"
     write_refused(stage.services["router"].process.pid, str(stage.folder))
     # Memory: each of ours ran in a cgroup limited to its mem_limit, none was OOM-killed (peaks printed).
-    for name in LONG_RUNNING:
-        service = stage.services[name]
-        if name != PROMETHEUS:
-            assert service.memory_limit, f"{name}: no mem_limit"
-            assert not stage.memory.enforced or stage.memory.member(name, service.process.pid), name
-            print(f"{name}: peak resident {peak_rss_bytes(service.process.pid) / 2**20:.0f} MiB of its "
-                  f"{service.memory_limit / 2**20:.0f} MiB limit")
-            if stage.memory.enforced:   # each service reads its limit from its cgroup, for the dashboard
-                assert exported_memory_limit(f"{service.address}:9100") == service.memory_limit, name
-    if stage.memory.enforced:
-        assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
-    else:
-        warnings.warn("memory limits not enforced: no writable cgroup v1 memory controller here", stacklevel=1)
+    assert_held_to_memory_limits(stage.memory, {
+        name: (s.process.pid, s.memory_limit, f"{s.address}:9100")
+        for name, s in stage.services.items() if name in LONG_RUNNING and name != PROMETHEUS})
 
     stage.check_alive(LONG_RUNNING)
     codes = stage.stop(LONG_RUNNING)

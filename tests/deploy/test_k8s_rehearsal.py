@@ -24,7 +24,6 @@ import re
 import shutil
 import time
 import urllib.request
-import warnings
 
 import grpc
 import pytest
@@ -42,11 +41,10 @@ from subnet.rounds import RoundConfig
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 from tests.deploy.k8s_rehearsal import K8sRehearsal, Pod
 from tests.deploy.rehearsal import (
+    assert_held_to_memory_limits,
     assert_mounted_read_only,
     assert_runs_as,
-    exported_memory_limit,
     mount_options,
-    peak_rss_bytes,
     prometheus_scrapes,
     staged,
     wait_until,
@@ -226,19 +224,10 @@ def test_the_cpu_manifests_come_up_train_serve_and_stop(rehearsal):
 
     # Memory: each container ran in a cgroup limited to its resources.limits.memory, and none was
     # OOM-killed (its peak resident memory, for sizing, is printed: -rP shows it).
-    if stage.memory.enforced:
-        for pod in (router, validator, scorer, *experts, *prometheus):
-            assert stage.memory.member(f"{pod.name}.{pod.containers[0].name}", pod.process.pid), pod.name
-        assert not any(stage.memory.oom_kills().values()), f"OOM kills: {stage.memory.oom_kills()}"
-    else:
-        warnings.warn("memory limits not enforced: no writable cgroup v1 memory controller here", stacklevel=1)
-    for pod in (router, validator, scorer, *experts, *prometheus):
-        limit = pod.containers[0].memory_limit
-        assert limit, f"{pod.name}: no memory limit"
-        print(f"{pod.name}: peak resident {peak_rss_bytes(pod.process.pid) / 2**20:.0f} MiB of its "
-              f"{limit / 2**20:.0f} MiB limit")
-        if stage.memory.enforced and pod not in prometheus:   # each service reads its limit from its cgroup
-            assert exported_memory_limit(f"{pod.address}:9100") == limit, f"{pod.name}: limit not on /metrics"
+    assert_held_to_memory_limits(stage.memory, {
+        f"{pod.name}.{pod.containers[0].name}": (pod.process.pid, pod.containers[0].memory_limit,
+                                                 None if pod in prometheus else f"{pod.address}:9100")
+        for pod in (router, validator, scorer, *experts, *prometheus)})
 
     # Every probe of the manifests passes now that the services are up.
     for pod in (router, validator, scorer, *experts, *prometheus):
