@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,15 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """The most characters of text one token stands for (so a text of n characters is at least
+        n / max_token_chars tokens long), or None when a normalizer may shorten the text first.
+        Byte-level: each character of a vocabulary entry is one byte, and a byte at most one character."""
+        if self._tok.normalizer is not None:
+            return None
+        return max(len(token) for token in self._tok.get_vocab(with_added_tokens=True))
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -52,6 +52,16 @@ def _number(body: dict, name: str, default, kinds: tuple[type, ...]):
     return value
 
 
+def _float(body: dict, name: str, default: float) -> float:
+    """A number field as a float; an integer too large for one (JSON allows 1000 digits) is refused as
+    not finite, as 1e400 is, instead of failing the request with an OverflowError."""
+    value = _number(body, name, default, (int, float))
+    try:
+        return float(value)
+    except OverflowError:
+        raise RequestError(f"{name} must be a finite number, got an integer of {len(str(value))} digits") from None
+
+
 def parse_request(body: object, max_new_tokens: int) -> CompletionRequest:
     """The request in `body` (parsed JSON), checked against the router's limits; RequestError else."""
     if not isinstance(body, dict):
@@ -82,7 +92,7 @@ def parse_request(body: object, max_new_tokens: int) -> CompletionRequest:
         raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them")
     default_tokens = min(DEFAULT_MAX_TOKENS, max_new_tokens)   # OpenAI's default, within this router's limit
     params = GenerateParams(max_new_tokens=_number(body, "max_tokens", default_tokens, (int,)),
-                            temperature=float(_number(body, "temperature", 1.0, (int, float))),
+                            temperature=_float(body, "temperature", 1.0),
                             top_k=_number(body, "top_k", 0, (int,)),
                             seed=_number(body, "seed", None, (int,)))
     check_params(params, max_new_tokens, _NAMES)

@@ -108,7 +108,8 @@ class RouterConfig:
                           "ROUTER_OPEN_GENERATE=1, else closed (403)")
     http_max_body_kb: int = env("ROUTER_HTTP_MAX_BODY_KB", 64, "larger HTTP request bodies are refused (413)")
     http_timeout_s: float = env("ROUTER_HTTP_TIMEOUT_S", 30.0,
-                                "HTTP socket reads and writes, and each wait for the model, give up after this")
+                                "HTTP socket reads and writes, reading a whole request (line, headers, body: 408 "
+                                "after), and each wait for the model, give up after this")
     max_new_tokens: int = env("ROUTER_MAX_NEW_TOKENS", 512, "upper limit of Generate's max_new_tokens")
     max_batch: int = env("ROUTER_MAX_BATCH", 64,
                          "Generate streams the decode loop advances together (continuous batching); more wait "

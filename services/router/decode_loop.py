@@ -61,6 +61,11 @@ class StreamFailed(RuntimeError):
     """Computing a stream's next token failed (its pass, or its own sampling); the stream ended."""
 
 
+class ShuttingDown(RuntimeError):
+    """The loop is closed (the router is stopping): nothing new is taken, and waiting or active
+    streams end with this."""
+
+
 END = object()   # the last item of a stream's queue after its final token
 # One warning at most per this many seconds for streams whose sampling failed: a request that makes
 # sampling fail on purpose must not flood the log.
@@ -181,7 +186,7 @@ class DecodeLoop:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the router is shutting down")
+            raise ShuttingDown("the router is shutting down; try another router or again later")
 
     def _start(self) -> None:
         if self._thread is None:
@@ -208,7 +213,7 @@ class DecodeLoop:
                 except Exception as e:   # a bug here must end the streams, not the thread serving them
                     log.exception("the decode loop failed; ending its streams")
                     self._fail_active(StreamFailed(f"generation failed: {e}"))
-        self._fail_all(RuntimeError("the router is shutting down"))
+        self._fail_all(ShuttingDown("the router is shutting down; try another router or again later"))
 
     def _run_job(self, job: _Job) -> None:
         if job.cancelled.is_set() or _expired(job.deadline, time.monotonic()):

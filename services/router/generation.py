@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import queue
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ INT64 = 2**63
 # The lowest temperature that samples (0 is greedy). Below it sampling is all but greedy anyway, and
 # one that is 0 in float32 (1e-46) made every logit NaN and the sampling raise.
 MIN_TEMPERATURE = 0.01
+# gRPC carries the temperature as a float32, in which 0.01 is 0.0099999998: MIN_TEMPERATURE itself
+# must pass that way too.
+_MIN_TEMPERATURE_F32 = struct.unpack("f", struct.pack("f", MIN_TEMPERATURE))[0]
 
 
 class RequestError(ValueError):
@@ -76,7 +80,7 @@ def check_params(params: GenerateParams, max_new_tokens: int, names: Mapping[str
         raise RequestError(f"{field('max_new_tokens')} must be in 1..{max_new_tokens} (ROUTER_MAX_NEW_TOKENS), "
                            f"got {params.max_new_tokens}")
     temperature = params.temperature
-    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= _MIN_TEMPERATURE_F32)):
         raise RequestError(f"{field('temperature')} must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
                            f"got {temperature:.4g}")
     if params.top_k < 0:
@@ -125,8 +129,18 @@ class RouterEngine:
         if text and len(tokens):
             raise RequestError("give prompt or prompt_tokens, not both")
         if text:
+            self._check_length(text)
             return self.tokens(self.tokenizer.encode(text), "prompt (tokenized)")
         return self.tokens(tokens, "prompt_tokens" if len(tokens) else "prompt")
+
+    def _check_length(self, text: str) -> None:
+        """Refuse, before tokenizing it, a text too long for the context whatever its tokens: a gRPC
+        prompt may be 64 MB, which takes the tokenizer about a minute."""
+        per_token = getattr(self.tokenizer, "max_token_chars", None)
+        block = self.model.cfg.block_size
+        if per_token and len(text) > block * per_token:
+            raise RequestError(f"prompt has {len(text)} characters, more than the model's context of {block} "
+                               f"tokens can hold (a token is at most {per_token} characters): shorten it")
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

@@ -19,11 +19,13 @@ front of it. /health and /model_info are open, like gRPC Health and Info.
 Errors are JSON, `{"error": {"message": ..., "type": ...}}`: 400 for a request the gRPC API
 would refuse too (same checks, same limits) or a body too deeply nested to parse, 404 for
 another path, 405 (with `Allow`) for another method (HEAD gets GET's status and headers),
+408 for a request not read whole within ROUTER_HTTP_TIMEOUT_S (services/router/http_deadlines.py),
 411/413 for a missing or too large body, 503 when the model stays busy longer than
-ROUTER_HTTP_TIMEOUT_S. Each connection has its own thread (at most MAX_CONNECTIONS; more get
-503) and carries one request; a client that stops reading blocks only its own thread, and only
-until the socket timeout. A client that goes away before its answer stops the generation for it,
-and is logged at debug level only.
+ROUTER_HTTP_TIMEOUT_S, when the queue is full or while the router stops; the standard library's
+own refusals (malformed request line or headers, unknown method, HTTP/2) are JSON too. Each
+connection has its own thread (at most MAX_CONNECTIONS; more get 503) and carries one request; a
+client that stops reading blocks only its own thread, and only until the socket timeout. A client
+that goes away before its answer stops the generation for it, and is logged at debug level only.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.router import completions
-from services.router.decode_loop import StreamFailed
+from services.router.decode_loop import ShuttingDown, StreamFailed
 from services.router.generation import Overloaded, RequestError, RouterEngine
+from services.router.http_deadlines import ReadDeadlines
 from subnet.telemetry import PROPAGATOR
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,9 @@ _BUSY_BODY = json.dumps({"error": {"message": "too many connections to the route
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
          b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
-                413: "invalid_request_error", 503: "server_error"}
+                404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                411: "invalid_request_error", 413: "invalid_request_error", 414: "invalid_request_error",
+                431: "invalid_request_error", 503: "server_error"}
 _METHODS = {"/v1/completions": "POST", "/health": "GET", "/model_info": "GET"}   # each route's `Allow`
 _ROUTES = ", ".join(f"{method} {path}" for path, method in _METHODS.items())    # for "no route" answers
 
@@ -96,6 +100,7 @@ class HttpApi:
         self.engine, self.model_name = engine, model_name
         self.access = access if access is not None else HttpAccess(open=True)
         self.max_body_bytes, self.timeout_s = max_body_bytes, timeout_s
+        self.deadlines = ReadDeadlines(timeout_s)   # the whole request must be in within timeout_s
         try:
             self._server = _Server((host, port), _Handler, max_connections)
         except OSError as e:
@@ -112,6 +117,7 @@ class HttpApi:
         return self._serving.is_set()
 
     def start(self) -> HttpApi:
+        self.deadlines.start()
         self._thread = threading.Thread(target=self._server.serve_forever, name="router-http", daemon=True)
         self._thread.start()
         self._serving.set()
@@ -126,6 +132,7 @@ class HttpApi:
             self._thread.join()
             self._thread = None
         self._server.server_close()
+        self.deadlines.stop()
 
     def reject(self, reason: str) -> None:
         self.engine.metrics.auth_rejections.labels(reason=reason).inc()
@@ -171,6 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
     _answered = False   # status line sent: an error can no longer be answered with a status
     _head = False       # a HEAD request: answers carry GET's headers and no body
     _poller = None      # select.poll on the connection, made when first asked whether the client is gone
+    read_expired = False   # set by ReadDeadlines: the request was not in within the API's timeout_s
 
     @property
     def api(self) -> HttpApi:
@@ -179,6 +187,38 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.api.timeout_s   # socket reads and writes: a silent client frees its thread
         super().setup()
+        self.api.deadlines.watch(self)      # and the whole request: a trickling one does too
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.api.deadlines.done(self)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a malformed request line or header, a line over 64 KiB,
+        an unknown method, another HTTP version) as the same JSON errors as ours, not its HTML page."""
+        self.api.deadlines.done(self)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":   # not parsed that far: an error answer still gets a status line
+            self.request_version = self.protocol_version
+        if self.read_expired:
+            return self._timed_out()
+        text = message or self.responses.get(code, ("error",))[0]
+        self._error(code, f"{text}: {explain}" if explain else text)
+
+    def _read_in_time(self) -> bool:
+        """The request is read: its deadline is off. False (and 408 answered) when it was cut off."""
+        self.api.deadlines.done(self)
+        if self.read_expired:
+            self._timed_out()
+            return False
+        return True
+
+    def _timed_out(self) -> None:
+        self.close_connection = True
+        self._error(408, f"the request was not received whole within {self.api.timeout_s:g} s "
+                         f"(ROUTER_HTTP_TIMEOUT_S); send the request line, headers and body at once")
 
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         log.debug("%s %s", self.address_string(), format % args)
@@ -186,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---- routes -------------------------------------------------------------------------------
 
     def do_GET(self):
+        if not self._read_in_time():
+            return
         path = self.path.split("?", 1)[0]
         if path == "/health":  # no span: probes every few seconds would bury the traces worth reading
             return self._health()
@@ -198,6 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, f"no route {path}: try {_ROUTES}")
 
     def do_POST(self):
+        if self.read_expired:   # the headers were cut off: the body is not worth waiting for
+            return self._read_in_time()
         path = self.path.split("?", 1)[0]
         with self._span(path):
             if path != "/v1/completions":
@@ -218,6 +262,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         with self._span(path):
             self._drain(self._length())   # an unread body would reset the connection before the answer
+            if not self._read_in_time():
+                return
             allowed = _METHODS.get(path)
             if allowed is None:
                 return self._error(404, f"no route {self.command} {path}: try {_ROUTES}")
@@ -247,10 +293,14 @@ class _Handler(BaseHTTPRequestHandler):
         api = self.api
         length = self._length()
         if length is None:
+            self.api.deadlines.done(self)
             return self._error(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
         if length > api.max_body_bytes:
-            return self._too_large(length, drain=True)
+            self._too_large(length, drain=True)
+            return
         raw = self.rfile.read(length)
+        if not self._read_in_time():
+            return
         refusal = api.access.refusal(self.headers.get("Authorization"))
         if refusal is not None:
             status, reason, message = refusal
@@ -273,13 +323,15 @@ class _Handler(BaseHTTPRequestHandler):
             tokens = api.engine.generate(idx, request.params, wait_s=api.timeout_s, active=active)
         except RequestError as e:
             return self._error(400, str(e))
+        except (Overloaded, ShuttingDown) as e:   # the queue is full, or the router is stopping: not a bug
+            return self._error(503, str(e))
         answer = _Answer(completions.new_id(), int(time.time()), api.model_name, idx.shape[1],
                          completions.TextAssembler(api.engine.decode, request.stop))
         if request.stream:
             return self._stream(tokens, answer, gone)
         try:
             text = "".join(answer.pieces(tokens))
-        except Overloaded as e:
+        except (Overloaded, ShuttingDown) as e:
             return self._error(503, str(e))
         except StreamFailed as e:   # logged by the decode loop already (rate-limited)
             return self._error(500, f"{e}; see the router's log")
@@ -306,11 +358,11 @@ class _Handler(BaseHTTPRequestHandler):
                         self._event(answer.chunk(piece))
                 self._event(answer.chunk("", answer.text.finish))
                 self._event("[DONE]")
-            except (Overloaded, StreamFailed) as e:
+            except (Overloaded, StreamFailed, ShuttingDown) as e:
                 self._event({"error": {"message": str(e), "type": "server_error"}})
         except OSError as e:  # the client went away or stopped reading: stop computing for it
             gone.set()
-            log.info("streamed completion cut short by the client (%s)", e.__class__.__name__)
+            log.debug("streamed completion cut short by the client (%s)", e.__class__.__name__)
         finally:
             tokens.close()
 
@@ -357,6 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _too_large(self, length: int, drain: bool) -> None:
         if drain:
             self._drain(length)
+        self.api.deadlines.done(self)
         self._error(413, f"the body has {length} bytes; the limit is {self.api.max_body_bytes} "
                          f"(ROUTER_HTTP_MAX_BODY_KB)")
 

@@ -15,7 +15,7 @@ import time
 import grpc
 
 from moe import MoELM
-from services.router.decode_loop import StreamFailed
+from services.router.decode_loop import ShuttingDown, StreamFailed
 from services.router.generation import (
     DeadlineExceeded,
     GenerateParams,
@@ -25,15 +25,21 @@ from services.router.generation import (
 )
 from services.router.metrics import RouterMetrics
 from services.router.replicas import ReplicaSet
+from subnet.log_throttle import LogThrottle
 from subnet.tensor_codec import encode
 from subnet.wire.v1 import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 # StreamFailed: the decode loop already logged it (rate-limited); answered INTERNAL here, so gRPC
-# does not log its own traceback per failed stream.
+# does not log its own traceback per failed stream. ShuttingDown: the client should go elsewhere.
 _CODES = {RequestError: grpc.StatusCode.INVALID_ARGUMENT, DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, StreamFailed: grpc.StatusCode.INTERNAL}
+          Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED, StreamFailed: grpc.StatusCode.INTERNAL,
+          ShuttingDown: grpc.StatusCode.UNAVAILABLE}
+_ANSWERED = tuple(_CODES)
+# A Logits pass that fails (a bug, or a broken model) is logged with its traceback at most this often:
+# a client can repeat the request at will.
+_FAILED_PASSES = LogThrottle(10.0)
 
 
 def _deadline(context) -> float | None:
@@ -62,15 +68,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             tokens = self.engine.generate(idx, params, deadline=_deadline(context), active=context.is_active)
             for token in tokens:
                 yield router_pb2.GenerateResponse(token=token.id, text=token.text, masked_calls=token.masked_calls)
-        except (RequestError, DeadlineExceeded, Overloaded, StreamFailed) as e:
+        except _ANSWERED as e:
             _abort(context, e)
 
     def Logits(self, request, context):
         try:
             idx = self.engine.tokens(request.tokens, "tokens")
             logits, masked = self.engine.logits(idx, deadline=_deadline(context))
-        except (RequestError, DeadlineExceeded, Overloaded) as e:
+        except _ANSWERED as e:
             _abort(context, e)
+        except Exception:   # the model pass itself failed: INTERNAL, not gRPC's UNKNOWN and a traceback per call
+            suppressed = _FAILED_PASSES.due()
+            if suppressed is not None:
+                log.exception("Logits: the model pass failed%s",
+                              f" ({suppressed} more since the last one logged)" if suppressed else "")
+            context.abort(grpc.StatusCode.INTERNAL, "the model pass failed inside the router; see its log")
         return router_pb2.LogitsResponse(logits=encode(logits, "fp32"), masked_calls=masked)
 
     def Info(self, request, context):
