@@ -59,14 +59,15 @@ class ReadDeadlines:
     def _run(self) -> None:
         while not self._stopped.wait(self.tick_s):
             now = time.monotonic()
+            # Under the lock, so that a handler's `done` comes either before (its request is in: it is
+            # left alone) or after (it finds `read_expired` set): never between, with its socket shut
+            # for reading while it serves the request (its client would look gone).
             with self._lock:
-                late = [handler for handler, due in self._due.items() if due <= now]
-                for handler in late:
+                for handler in [handler for handler, due in self._due.items() if due <= now]:
                     del self._due[handler]
-            for handler in late:
-                self.expired += 1
-                handler.read_expired = True
-                try:
-                    handler.connection.shutdown(socket.SHUT_RD)
-                except OSError:   # already closed by its thread
-                    pass
+                    self.expired += 1
+                    handler.read_expired = True
+                    try:
+                        handler.connection.shutdown(socket.SHUT_RD)
+                    except OSError:   # already closed by its thread
+                        pass
