@@ -10,6 +10,8 @@ import pytest
 
 from services.router.http_deadlines import ReadDeadlines
 
+pytestmark = pytest.mark.integration
+
 
 class _Handler:
     def __init__(self):
