@@ -135,7 +135,7 @@ class RouterEngine:
 
     def _check_length(self, text: str) -> None:
         """Refuse, before tokenizing it, a text too long for the context whatever its tokens: a gRPC
-        prompt may be 64 MB, which takes the tokenizer about a minute."""
+        prompt may be 64 MB, which takes the tokenizer tens of seconds (0.4-1 s a MB here)."""
         per_token = getattr(self.tokenizer, "max_token_chars", None)
         block = self.model.cfg.block_size
         if per_token and len(text) > block * per_token:
