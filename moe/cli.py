@@ -63,6 +63,26 @@ _positive_float = _number(float, True, "a positive number", "a positive number")
 _nonnegative_float = _number(float, False, "a number >= 0", "a number >= 0")
 
 
+def seed_arg(text: str) -> int:
+    """An argparse type: an integer seed in [0, 2**32) (numpy and the data loader take no other)."""
+    from moe.train.config import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
+
+
+def path_arg(text: str) -> str:
+    """An argparse type: a path, not empty (an empty one would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty; give a path")
+    return text
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -231,38 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=_positive_float,
                    help="training wall-clock budget (evaluations included, corpus building not); alone it sets "
                         "the schedule length from the measured speed, with --steps it only caps the run")
-    t.add_argument("--data", nargs="+", metavar="PATH", help="extra .txt/.jsonl files or folders (domain 'user')")
+    t.add_argument("--data", nargs="+", metavar="PATH", type=path_arg,
+                   help="extra .txt/.jsonl files or folders (domain 'user')")
     t.add_argument("--batch-size", type=_positive_int, help="sequences per step (default: per preset)")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per preset)")
     t.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warmup steps (default: per preset)")
     t.add_argument("--grad-clip", type=_nonnegative_float, help="max global gradient norm, 0 = off (default 1.0)")
     t.add_argument("--eval-every", type=_positive_int, help="steps between evaluations and checkpoints (default 100)")
-    t.add_argument("--seed", type=int, help="model init and batch order (default 0)")
+    t.add_argument("--seed", type=seed_arg, help="model init and batch order (default 0)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default 8192)")
     t.add_argument("--max-bytes-per-domain", type=_positive_int, help="cap on each domain's text (default 8 MB)")
-    t.add_argument("--cache-dir", default=".cache/moe-data", help="tokenized corpus cache (default .cache/moe-data)")
-    t.add_argument("--out", required=True, help="run directory: metrics.jsonl, checkpoints/, plots/")
-    t.add_argument("--resume", metavar="DIR", help="continue from a run directory or checkpoint")
+    t.add_argument("--cache-dir", type=path_arg, default=".cache/moe-data",
+                   help="tokenized corpus cache (default .cache/moe-data)")
+    t.add_argument("--out", type=path_arg, required=True, help="run directory: metrics.jsonl, checkpoints/, plots/")
+    t.add_argument("--resume", type=path_arg, metavar="DIR", help="continue from a run directory or checkpoint")
     t.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
-    g.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
+    g.add_argument("--ckpt", type=path_arg, required=True, help="run directory or checkpoint directory")
     g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=200)
     g.add_argument("--temperature", type=_nonnegative_float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plots", help="draw a run's plots into RUN/plots/")
-    p.add_argument("--run", required=True, help="run directory (holds metrics.jsonl)")
+    p.add_argument("--run", type=path_arg, required=True, help="run directory (holds metrics.jsonl)")
     p.set_defaults(func=cmd_plots)
 
     c = sub.add_parser("classify-demo", help="MoEClassifier on clustered data: do experts specialize?")
     c.add_argument("--steps", type=_positive_int, default=400)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=seed_arg, default=0)
     c.set_defaults(func=cmd_classify_demo)
     return parser
 

@@ -5,9 +5,33 @@ One frozen dataclass per thing; every default carries the reason it was chosen.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 OVERFLOW_POLICIES = ("drop", "reroute")
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def checked_fields(cls, data: object, what: str) -> dict:
+    """`data` (parsed JSON, e.g. a checkpoint's config.json) as keyword arguments for the dataclass
+    `cls`: an object of its fields, each of its default's kind (an int where an int is, a number where a
+    float is). ValueError naming the field otherwise, rather than a TypeError from deep in __post_init__."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be an object of {cls.__name__} fields, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    for name, value in data.items():
+        kind = type(known[name].default)
+        if known[name].default is MISSING or kind not in _KINDS:
+            continue
+        if isinstance(value, bool) and kind is not bool:
+            ok = False
+        else:
+            ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok:
+            raise ValueError(f"{what}.{name} must be {_KINDS[kind]}, got {value!r}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -95,11 +119,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown LMConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "lm_config"))
 
     def with_(self, **changes) -> LMConfig:
         return replace(self, **changes)

@@ -60,6 +60,9 @@ def expert_weights_bytes(experts: Mapping[str, SwiGLU | Mapping[str, torch.Tenso
 
 def load_expert_weights(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """{uid: {"w1.weight": ..., "w2.weight": ..., "w3.weight": ...}} from `path` (float32, CPU)."""
+    if Path(path).is_dir():
+        raise CheckpointError(f"expert checkpoint {path} is a directory; give the .safetensors file in it "
+                              f"(e.g. {Path(path) / 'experts.safetensors'})")
     try:
         tensors = load_file(str(path))
     except FileNotFoundError:

@@ -48,6 +48,8 @@ class WalletConfig:
     path: str = env("WALLET_PATH", DEFAULT_WALLET_PATH, "directory holding the wallets (btcli's `--wallet.path`)")
 
     def __post_init__(self) -> None:
+        if not self.path.strip():   # an empty path would silently mean the current directory
+            raise ValueError(f"WALLET_PATH must not be empty; give the wallets' directory, e.g. {DEFAULT_WALLET_PATH}")
         # Both name files under WALLET_PATH: "../x" or "a/b" would read (or create) keys elsewhere.
         for var, value in (("WALLET_NAME", self.name), ("WALLET_HOTKEY", self.hotkey)):
             if not _FILE_NAME.fullmatch(value) or value in (".", ".."):

@@ -51,6 +51,13 @@ class S3Config:
         if "://" in self.endpoint or "/" in self.endpoint:
             raise ValueError(f"S3_ENDPOINT={self.endpoint!r} must be host:port without scheme or path "
                              f"(use S3_SECURE=1 for HTTPS)")
+        if self.endpoint.startswith("["):   # [IPv6]:port
+            rest = self.endpoint.partition("]")[2]
+            port = rest[1:] if rest.startswith(":") else None
+        else:
+            port = self.endpoint.rpartition(":")[2] if ":" in self.endpoint else None
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"S3_ENDPOINT={self.endpoint!r}: the port {port!r} must be a number in 1..65535")
         if bool(self.access_key) != bool(self.secret_key):
             raise ValueError("S3_ACCESS_KEY and S3_SECRET_KEY must be set together (or both empty)")
         if self.max_object_mb <= 0:

@@ -73,7 +73,11 @@ class BPETokenizer:
             p = p / TOKENIZER_FILE
         if not p.is_file():
             raise FileNotFoundError(f"no tokenizer file at {p}")
-        return cls(Tokenizer.from_file(str(p)))
+        try:
+            tokenizer = Tokenizer.from_file(str(p))
+        except Exception as e:   # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{p} is not a tokenizer file ({e}); copy it again from the run that trained it") from None
+        return cls(tokenizer)
 
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -111,7 +112,7 @@ def read_config(ckpt: str | os.PathLike) -> dict:
         config = json.loads((ckpt / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {ckpt / CONFIG_FILE}: {e}") from None
-    if config.get("format") != FORMAT or "lm_config" not in config:
+    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("lm_config"), dict):
         raise CheckpointError(f"{ckpt / CONFIG_FILE} is not a {FORMAT} config")
     return config
 
@@ -122,7 +123,13 @@ def load_weights(model: torch.nn.Module, ckpt: str | os.PathLike, skip=None) -> 
     `skip(name)` marks checkpoint entries the model is expected not to have (a router's model
     has no in-process routed experts); every other mismatch is a CheckpointError.
     """
-    missing, unexpected = load_model(model, str(Path(ckpt) / WEIGHTS_FILE), strict=False)
+    path = Path(ckpt) / WEIGHTS_FILE
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); save the checkpoint again") from None
+    except RuntimeError as e:   # load_state_dict: a tensor of another shape
+        raise CheckpointError(f"weights in {ckpt} do not fit the model: {str(e).splitlines()[-1].strip()}") from None
     if skip is not None:
         unexpected = [name for name in unexpected if not skip(name)]
     if missing or unexpected:

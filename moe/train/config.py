@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from moe.boundary import OptimizerSettings
+from moe.config import checked_fields
+
+MAX_SEED = 2**32   # numpy's and the data loader's seeds are below this
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class TrainConfig:
             (self.eval_every > 0, f"eval_every must be positive, got {self.eval_every}"),
             (self.eval_batches > 0, f"eval_batches must be positive, got {self.eval_batches}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (0 <= self.seed < MAX_SEED, f"seed must be in [0, 2**32), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -58,11 +62,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        return cls(**data)
+        return cls(**checked_fields(cls, data, "train_config"))
 
     def with_(self, **changes) -> TrainConfig:
         return replace(self, **changes)

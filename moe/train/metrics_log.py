@@ -61,7 +61,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):   # what the trainer writes; anything else is not a metrics row
+                rows.append(row)
     return rows

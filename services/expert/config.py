@@ -174,6 +174,13 @@ class ExpertConfig:
                                  "to confirm")
             if self.adversary in ("noisy", "copycat") and not self.s3.enabled:
                 raise ValueError(f"EXPERT_ADVERSARY={self.adversary} cheats in what it publishes: set S3_ENDPOINT")
+        if self.advertise_endpoint:   # the registry and the chain hand it to routers as it is
+            from subnet.chain.base import ChainError
+            from subnet.chain.rules import check_endpoint
+            try:
+                check_endpoint(self.advertise_endpoint, "EXPERT_ADVERTISE_ENDPOINT")
+            except ChainError as e:
+                raise ValueError(str(e)) from None
         try:
             parse_wire_dtypes(self.wire_dtypes)
         except ValueError as e:

@@ -325,6 +325,9 @@ class ExpertServer:
     def _load_experts(self) -> dict[str, SwiGLU]:
         c = self.config
         if c.save_path:   # found out at SIGTERM, the trained weights would be lost
+            if os.path.isdir(c.save_path) or c.save_path.endswith(os.sep):
+                raise StartupError(f"EXPERT_SAVE_PATH={c.save_path!r} is a directory; give the file to write, "
+                                   f"e.g. {os.path.join(c.save_path, 'experts.safetensors')}")
             folder = os.path.dirname(os.path.abspath(c.save_path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
                 raise StartupError(f"EXPERT_SAVE_PATH={c.save_path!r}: {folder} is not a writable directory; "

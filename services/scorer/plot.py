@@ -11,14 +11,24 @@ from pathlib import Path
 
 
 def load_history(path: Path) -> dict[str, dict[int, float]]:
-    """{label: {round: ema}}; a round written twice (a scorer restarted mid-write) keeps the last line."""
+    """{label: {round: ema}}; a round written twice (a scorer restarted mid-write) keeps the last line,
+    and a torn last line (a scorer killed mid-write) is skipped. ValueError naming the line for any
+    other that is not a row the scorer writes."""
     series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        label = f"uid {row.get('uid', -1)} {row['hotkey'][:8]}"
-        series.setdefault(label, {})[int(row["round"])] = float(row["ema"])
+        try:
+            row = json.loads(line)
+            label = f"uid {int(row.get('uid', -1))} {str(row['hotkey'])[:8]}"
+            point = int(row["round"]), float(row["ema"])
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            if number == len(lines):
+                continue
+            raise ValueError(f"{path}:{number} is not a row of the scorer's EMA history ({e.__class__.__name__}: "
+                             f"{e}); each line is {{\"round\", \"uid\", \"hotkey\", \"ema\"}}") from None
+        series.setdefault(label, {})[point[0]] = point[1]
     return series
 
 
@@ -54,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"services.scorer.plot: {history} does not exist; the scorer writes it under SCORER_RUN_DIR",
               file=sys.stderr)
         return 2
-    print(plot_ema(history, run_dir / "scores.png"))
+    try:
+        print(plot_ema(history, run_dir / "scores.png"))
+    except ValueError as e:
+        print(f"services.scorer.plot: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

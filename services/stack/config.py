@@ -65,6 +65,18 @@ class StackConfig:
             raise ValueError(f"STACK_METRICS_BASE_PORT={self.metrics_base_port} must be 0 (off) or a port")
         if self.train_minutes <= 0 or self.max_new_tokens <= 0:
             raise ValueError("STACK_TRAIN_MINUTES and STACK_MAX_NEW_TOKENS must be positive")
+        # Checked here, not by the router and experts that take them: those start only after the
+        # corpus is built and the initial model trained, minutes into a demo.
+        from subnet.tensor_codec import WIRE_DTYPES
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"STACK_WIRE_DTYPE={self.wire_dtype!r}: choose one of {', '.join(WIRE_DTYPES)}")
+        if self.router_threads < 1 or self.expert_threads < 1:
+            raise ValueError(f"STACK_ROUTER_THREADS={self.router_threads} and STACK_EXPERT_THREADS="
+                             f"{self.expert_threads} must be at least 1")
+        if not self.prompt:
+            raise ValueError("STACK_PROMPT is empty: give the text the demo's Generate request continues")
+        if not self.run_dir.strip():
+            raise ValueError("STACK_RUN_DIR is empty: give the run's directory, e.g. runs/demo")
 
     @property
     def ports(self) -> list[int]:

@@ -345,6 +345,17 @@ def test_server_runs_in_process_with_its_lifecycle_methods(client_identity):
     torch.testing.assert_close(asyncio.run(scenario()), module(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+def _start_and_stop(config) -> None:
+    """Start an in-process service with `config` (raising what its start raises), then stop it."""
+    async def start():
+        server = ExpertServer(config)
+        try:
+            await server.start()
+        finally:
+            await server.stop(grace_s=0)
+    asyncio.run(start())
+
+
 def test_a_save_path_in_a_missing_directory_stops_the_start(tmp_path):
     """Found out at SIGTERM instead, the trained weights would be lost with the traceback."""
     from services.expert.server import StartupError
@@ -353,12 +364,20 @@ def test_a_save_path_in_a_missing_directory_stops_the_start(tmp_path):
                                      "EXPERT_PORT": "0", "EXPERT_FRAMES_PORT": "-1", "AUTH_MODE": "off",
                                      "EXPERT_SAVE_PATH": str(tmp_path / "missing" / "experts.safetensors")})
 
-    async def start():
-        server = ExpertServer(config)
-        try:
-            await server.start()
-        finally:
-            await server.stop(grace_s=0)
-
     with pytest.raises(StartupError, match=r"EXPERT_SAVE_PATH=.*missing is not a writable directory"):
-        asyncio.run(start())
+        _start_and_stop(config)
+
+
+@pytest.mark.parametrize("name", ["weights", "weights/"])
+def test_a_save_path_that_names_a_directory_stops_the_start(tmp_path, name):
+    """Writing the weights over a directory fails at SIGTERM (and loses them): refused at start instead."""
+    from services.expert.server import StartupError
+
+    (tmp_path / "weights").mkdir()
+    config = from_env(ExpertConfig, {"EXPERT_UIDS": "0.0", "EXPERT_DIM": "8", "EXPERT_INTER_DIM": "16",
+                                     "EXPERT_PORT": "0", "EXPERT_FRAMES_PORT": "-1", "AUTH_MODE": "off",
+                                     "EXPERT_SAVE_PATH": f"{tmp_path}/{name}"})
+
+    with pytest.raises(StartupError, match=r"EXPERT_SAVE_PATH=.*weights/?' is a directory; give the file to write"):
+        _start_and_stop(config)
+    assert list((tmp_path / "weights").iterdir()) == [] and not (tmp_path / "weights.tmp").exists()
