@@ -217,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _timed_out(self) -> None:
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":   # a request line cut to two words reads as HTTP/0.9
+            self.request_version = self.protocol_version
         self._error(408, f"the request was not received whole within {self.api.timeout_s:g} s "
                          f"(ROUTER_HTTP_TIMEOUT_S); send the request line, headers and body at once")
 

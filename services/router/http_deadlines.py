@@ -35,6 +35,7 @@ class ReadDeadlines:
         self._thread: threading.Thread | None = None
 
     def start(self) -> ReadDeadlines:
+        self._stopped.clear()
         self._thread = threading.Thread(target=self._run, name="http-read-deadlines", daemon=True)
         self._thread.start()
         return self

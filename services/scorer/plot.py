@@ -12,20 +12,20 @@ from pathlib import Path
 
 def load_history(path: Path) -> dict[str, dict[int, float]]:
     """{label: {round: ema}}; a round written twice (a scorer restarted mid-write) keeps the last line,
-    and a torn last line (a scorer killed mid-write) is skipped. ValueError naming the line for any
-    other that is not a row the scorer writes."""
+    and a torn line (a scorer killed mid-write: not JSON) is skipped. ValueError naming the line for a
+    JSON line that is not a row the scorer writes."""
     series: dict[str, dict[int, float]] = {}
-    lines = path.read_text(errors="replace").splitlines()
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        try:
             label = f"uid {int(row.get('uid', -1))} {str(row['hotkey'])[:8]}"
             point = int(row["round"]), float(row["ema"])
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            if number == len(lines):
-                continue
             raise ValueError(f"{path}:{number} is not a row of the scorer's EMA history ({e.__class__.__name__}: "
                              f"{e}); each line is {{\"round\", \"uid\", \"hotkey\", \"ema\"}}") from None
         series.setdefault(label, {})[point[0]] = point[1]

@@ -75,6 +75,11 @@ class Scoreboard:
 
     def append_history(self, round: int, ema: Mapping[str, float], registered: Mapping[str, int]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.history_path, "a+b") as f:
+            # A scorer killed mid-write left a line without its newline: end it, so this round's rows
+            # start on lines of their own instead of continuing the torn one.
+            if f.tell() and (f.seek(-1, 2), f.read(1))[1] != b"\n":
+                f.write(b"\n")
         with open(self.history_path, "a") as f:
             for hotkey, value in sorted(ema.items()):
                 f.write(json.dumps({"round": round, "hotkey": hotkey, "uid": registered.get(hotkey, -1),

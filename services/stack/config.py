@@ -70,9 +70,9 @@ class StackConfig:
         from subnet.tensor_codec import WIRE_DTYPES
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"STACK_WIRE_DTYPE={self.wire_dtype!r}: choose one of {', '.join(WIRE_DTYPES)}")
-        if self.router_threads < 1 or self.expert_threads < 1:
+        if self.router_threads < 0 or self.expert_threads < 0:
             raise ValueError(f"STACK_ROUTER_THREADS={self.router_threads} and STACK_EXPERT_THREADS="
-                             f"{self.expert_threads} must be at least 1")
+                             f"{self.expert_threads} must be >= 0 (0 = torch's default)")
         if not self.prompt:
             raise ValueError("STACK_PROMPT is empty: give the text the demo's Generate request continues")
         if not self.run_dir.strip():
