@@ -60,7 +60,7 @@ def _number(parse, strict: bool, expected: str, bound: str):
 _positive_int = _number(int, True, "a positive integer", "a positive integer")
 _nonnegative_int = _number(int, False, "an integer >= 0", ">= 0")
 _positive_float = _number(float, True, "a positive number", "a positive number")
-_nonnegative_float = _number(float, False, "a number >= 0", "a number >= 0")
+nonnegative_float_arg = _number(float, False, "a number >= 0", "a number >= 0")
 
 
 def seed_arg(text: str) -> int:
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, help="sequences per step (default: per preset)")
     t.add_argument("--lr", type=_positive_float, help="peak learning rate (default: per preset)")
     t.add_argument("--warmup-steps", type=_nonnegative_int, help="linear warmup steps (default: per preset)")
-    t.add_argument("--grad-clip", type=_nonnegative_float, help="max global gradient norm, 0 = off (default 1.0)")
+    t.add_argument("--grad-clip", type=nonnegative_float_arg, help="max global gradient norm, 0 = off (default 1.0)")
     t.add_argument("--eval-every", type=_positive_int, help="steps between evaluations and checkpoints (default 100)")
     t.add_argument("--seed", type=seed_arg, help="model init and batch order (default 0)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default 8192)")
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt", type=path_arg, required=True, help="run directory or checkpoint directory")
     g.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    g.add_argument("--temperature", type=_nonnegative_float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--temperature", type=nonnegative_float_arg, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k likeliest tokens")
     g.add_argument("--seed", type=seed_arg, default=0)
     g.set_defaults(func=cmd_generate)

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 
 import torch
 
-from moe.cli import path_arg, seed_arg
+from moe.cli import nonnegative_float_arg, path_arg, seed_arg
 from subnet.allocator import reuse_freed_memory
 from subnet.envconfig import ConfigError, from_env, markdown_table
 from subnet.fd_limits import raise_fd_limit
@@ -152,17 +151,6 @@ def cmd_serve(args, config) -> int:
     return _serve(model, load_tokenizer(ckpt), parts, config, step=int(saved.get("step", 0)))
 
 
-def _wait_s(text: str) -> float:
-    """An argparse type: seconds to wait, a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.router", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", type=path_arg, required=True, help="checkpoint written by `init`")
     t.add_argument("--out", type=path_arg, required=True, help="run directory: metrics.jsonl, checkpoints/, plots/")
     t.add_argument("--serve", action="store_true", help="after training, serve moe.v1.Router with the model")
-    t.add_argument("--wait-s", type=_wait_s, default=60.0, help="how long to wait for every expert to register")
+    t.add_argument("--wait-s", type=nonnegative_float_arg, default=60.0,
+                   help="how long to wait for every expert to register")
     t.add_argument("--quiet", action="store_true")
     s = sub.add_parser("serve", help="serve moe.v1.Router from ROUTER_CHECKPOINT")
-    s.add_argument("--wait-s", type=_wait_s, default=60.0, help="how long to wait for every expert to register")
+    s.add_argument("--wait-s", type=nonnegative_float_arg, default=60.0,
+                   help="how long to wait for every expert to register")
     return parser
 
 

@@ -200,8 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         an unknown method, another HTTP version) as the same JSON errors as ours, not its HTML page."""
         self.api.deadlines.done(self)
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":   # not parsed that far: an error answer still gets a status line
-            self.request_version = self.protocol_version
+        self._answer_with_status_line()
         if self.read_expired:
             return self._timed_out()
         text = message or self.responses.get(code, ("error",))[0]
@@ -215,10 +214,15 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _answer_with_status_line(self) -> None:
+        """A request the standard library refused before it parsed its version, or one whose request line
+        was cut to two words, reads as HTTP/0.9, whose answers have no status line: give this one ours."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version
+
     def _timed_out(self) -> None:
         self.close_connection = True
-        if self.request_version == "HTTP/0.9":   # a request line cut to two words reads as HTTP/0.9
-            self.request_version = self.protocol_version
+        self._answer_with_status_line()
         self._error(408, f"the request was not received whole within {self.api.timeout_s:g} s "
                          f"(ROUTER_HTTP_TIMEOUT_S); send the request line, headers and body at once")
 
